@@ -1,0 +1,5 @@
+import sys
+
+from gguflm.cli import main
+
+sys.exit(main())

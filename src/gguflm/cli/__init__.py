@@ -1,0 +1,70 @@
+"""The `gguflm` command. Thin: each subcommand is a module of this package with
+``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``; it delegates to the
+library. Errors a user can cause print one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from gguflm.errors import GGUFError, TemplateError
+
+# Order shown in --help follows the data flow.
+COMMANDS = ["inspect", "tokenize", "run", "chat", "verify", "perplexity", "bench", "serve"]
+
+
+class UserError(Exception):
+    """A problem with what the user asked for (bad flag combination, missing model...)."""
+
+
+def _available():
+    for name in COMMANDS:
+        try:
+            yield name, importlib.import_module(f"gguflm.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"gguflm.cli.{name}":
+                raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gguflm import __version__
+
+    p = argparse.ArgumentParser(
+        prog="gguflm",
+        description="Run, inspect and verify GGUF language models (llama.cpp's format) from Python.",
+    )
+    p.add_argument("--version", action="version", version=f"gguflm {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, mod in _available():
+        sp = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(sp)
+        sp.set_defaults(_run=mod.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (GGUFError, TemplateError, UserError) as e:
+        print(f"gguflm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        msg = f"{e.strerror}: {e.filename}" if e.filename else str(e)
+        print(f"gguflm {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
