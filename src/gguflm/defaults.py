@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -16,13 +17,15 @@ def default_model_path() -> Path | None:
     env = os.environ.get("GGUFLM_MODEL")
     if env:
         return Path(env)
-    try:
-        from importlib.resources import files
-
-        p = Path(str(files(DEFAULT_PACKAGE) / DEFAULT_FILE))
-    except (ModuleNotFoundError, TypeError):
+    # find_spec locates the package without importing it (its __init__ needs `llm`).
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         return None
-    return p if p.is_file() else None
+    for folder in spec.submodule_search_locations:
+        p = Path(folder) / DEFAULT_FILE
+        if p.is_file():
+            return p
+    return None
 
 
 def resolve_model(path: str | os.PathLike | None) -> Path:
