@@ -176,7 +176,6 @@ class GGUFFile:
     # -- parsing ---------------------------------------------------------------------------
     def _parse(self, buf: memoryview) -> None:
         cur = _Cursor(buf)
-        cur.need(4, "magic")
         magic = bytes(buf[0:4])
         if magic != GGUF_MAGIC:
             raise GGUFError(f"bad magic {magic!r}: not a GGUF file (expected {GGUF_MAGIC!r})")
