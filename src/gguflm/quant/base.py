@@ -1,0 +1,254 @@
+"""The registry of GGML tensor types and the block view every dequantizer reads.
+
+Each supported type is one subclass of :class:`QuantType`, declared as
+``class Q4_0(QuantType, ggml_type=GGMLType.Q4_0)``; ``__init_subclass__`` files it in
+the registry and attaches the type's block layout from ``gguflm.gguf.types.LAYOUTS``.
+A subclass implements one thing, :meth:`QuantType.dequantize_blocks`, written with
+torch ops only so that it runs unchanged on any device.
+
+Float rules shared by all types (ggml-quants.c compiles for baseline x86-64, no FMA):
+every ``a*b + c`` is two roundings, done here as two torch ops, never fused; F16
+scales are widened with ggml's exact conversion (:func:`f16_bits_to_f32`), NaN
+payloads included.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from gguflm.errors import GGUFError
+from gguflm.gguf.types import LAYOUTS, GGMLType, Layout, type_name
+
+if sys.byteorder != "little":  # pragma: no cover - GGUF blocks are viewed in native order
+    raise ImportError("gguflm.quant needs a little-endian machine")
+
+_REGISTRY: dict[GGMLType, type[QuantType]] = {}
+
+
+# ---------------------------------------------------------------------------------------
+# Exact float conversions
+# ---------------------------------------------------------------------------------------
+
+def _f16_table_bits(device: torch.device) -> torch.Tensor:
+    """float32 bit patterns of all 65536 half-precision values, as ggml widens them.
+
+    normal (exp 1..30):  sign | (exp + 112) << 23 | man << 13
+    subnormal (exp 0):   sign | bits(man * 2**-24)        (exact in float32)
+    inf/NaN (exp 31):    sign | 0x7F800000 | man << 13 | (man != 0) << 22
+    The last line is what ggml's ``fp32_from_bits(...) * 0x1p-112f`` gives on x86:
+    the multiply keeps the payload and sets the quiet bit of a signalling NaN.
+    """
+    h = torch.arange(65536, dtype=torch.int32, device=device)
+    sign = (h & 0x8000) << 16
+    exp = (h >> 10) & 0x1F
+    man = h & 0x3FF
+    normal = ((exp + 112) << 23) | (man << 13)
+    subnormal = (man.to(torch.float32) * 2.0**-24).view(torch.int32)
+    infnan = 0x7F800000 | (man << 13) | ((man != 0).to(torch.int32) << 22)
+    bits = torch.where(exp == 0x1F, infnan, torch.where(exp == 0, subnormal, normal))
+    return sign | bits
+
+
+@functools.cache
+def _f16_table(device: torch.device) -> torch.Tensor:
+    return _f16_table_bits(device).view(torch.float32)
+
+
+def f16_bits_to_f32(bits: torch.Tensor) -> torch.Tensor:
+    """ggml's GGML_FP16_TO_FP32 on a tensor of raw half bit patterns (any int dtype).
+
+    Implemented as a lookup in the 65536-entry table above (one gather), so it is exact
+    on every device, independent of how torch converts float16 (its scalar and vector
+    CPU paths disagree on NaN payloads).
+    """
+    idx = bits.to(torch.int32) & 0xFFFF
+    return _f16_table(bits.device)[idx]
+
+
+def bf16_bits_to_f32(bits: torch.Tensor) -> torch.Tensor:
+    """ggml's GGML_BF16_TO_FP32: the 16 bits become the top half of a float32."""
+    return ((bits.to(torch.int32) & 0xFFFF) << 16).view(torch.float32)
+
+
+def combine_like_c(prod: torch.Tensor, other: torch.Tensor, scale: torch.Tensor,
+                   subtract: bool = False) -> torch.Tensor:
+    """``prod + other`` (or ``prod - other``) in place of ``prod``, with C's NaN payload.
+
+    On x86 an SSE add/sub whose two operands are both NaN returns the first operand's
+    NaN (ggml writes ``x*d + m``, ``d1*q - m1``); torch's CPU kernels return the second's.
+    ``prod`` (n, ...) can only be NaN in blocks whose ``scale`` (n, ...) has a non-finite
+    entry, so only those blocks (none in a sane file) are redone with the product's NaN.
+    """
+    rows = ~torch.isfinite(scale).flatten(1).all(dim=1)  # (n,)
+    saved = prod[rows] if bool(rows.any()) else None  # copy of the few suspicious blocks
+    if subtract:
+        prod.sub_(other)
+    else:
+        prod.add_(other)
+    if saved is not None:
+        prod[rows] = torch.where(torch.isnan(saved), saved, prod[rows])
+    return prod
+
+
+def table(values: Sequence[float | int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant lookup table on ``device`` (cached)."""
+    return _table(tuple(values), dtype, device)
+
+
+@functools.cache
+def _table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------
+# Block view
+# ---------------------------------------------------------------------------------------
+
+# layout dtype -> (torch dtype to view the bytes as, widening applied after the view)
+_FIELD_VIEWS: dict[str, torch.dtype] = {
+    "u1": torch.uint8,
+    "i1": torch.int8,
+    "<i2": torch.int16,
+    "<u2": torch.int16,  # widened to int32 & 0xFFFF below
+    "<f2": torch.int16,  # widened with f16_bits_to_f32 below
+    "<f4": torch.float32,
+}
+
+
+class Blocks:
+    """``n`` blocks of one type as a ``(n, type_size)`` uint8 tensor, read by field name.
+
+    ``field(name)`` returns a ``(n, count)`` tensor: ``u1`` as uint8, ``i1`` as int8,
+    ``<i2`` as int16, ``<u2`` as int32 (zero-extended), ``<f2`` as float32 (ggml's exact
+    widening), ``<f4`` as float32.
+    """
+
+    def __init__(self, data: torch.Tensor, layout: Layout):
+        self.data = data  # (n, type_size) uint8
+        self.layout = layout
+        self.n = data.shape[0]
+        self._offsets = layout.offsets
+
+    def bytes(self, name: str) -> torch.Tensor:
+        """The raw bytes of field ``name``: (n, nbytes) uint8."""
+        off = self._offsets[name]
+        return self.data[:, off:off + self.layout.field(name).nbytes]
+
+    def field(self, name: str) -> torch.Tensor:
+        f = self.layout.field(name)
+        raw = self.bytes(name)
+        view_dtype = _FIELD_VIEWS[f.dtype]
+        if view_dtype.itemsize > 1:
+            try:
+                raw = raw.view(view_dtype)
+            except RuntimeError:  # field offset not a multiple of its size: copy, then view
+                raw = raw.contiguous().view(view_dtype)
+        else:
+            raw = raw.view(view_dtype)
+        if f.dtype == "<u2":
+            return raw.to(torch.int32) & 0xFFFF
+        if f.dtype == "<f2":
+            return f16_bits_to_f32(raw)
+        return raw
+
+
+# ---------------------------------------------------------------------------------------
+# Registered types
+# ---------------------------------------------------------------------------------------
+
+class QuantType(ABC):
+    """One GGML tensor type. Subclass with ``ggml_type=`` to register it."""
+
+    ggml_type: ClassVar[GGMLType]
+    layout: ClassVar[Layout]
+
+    def __init_subclass__(cls, ggml_type: GGMLType, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if ggml_type in _REGISTRY:
+            raise TypeError(f"{type_name(ggml_type)} registered twice ({_REGISTRY[ggml_type].__name__}, {cls.__name__})")
+        cls.ggml_type = GGMLType(ggml_type)
+        cls.layout = LAYOUTS[cls.ggml_type]
+        _REGISTRY[cls.ggml_type] = cls
+
+    @staticmethod
+    @abstractmethod
+    def dequantize_blocks(b: Blocks) -> torch.Tensor:
+        """(n, block_size) float32 values of the ``n`` blocks in ``b``."""
+
+
+def quant_type(ggml_type: int) -> type[QuantType]:
+    """The registered class of a type id; GGUFError naming the type otherwise."""
+    try:
+        gt = GGMLType(ggml_type)
+    except ValueError:
+        raise GGUFError(f"unknown ggml type id {ggml_type}") from None
+    cls = _REGISTRY.get(gt)
+    if cls is None:
+        raise GGUFError(f"ggml type {gt.name} (id {int(gt)}) cannot be dequantized: "
+                        "libggml has no to_float for it")
+    return cls
+
+
+def supported_types() -> tuple[GGMLType, ...]:
+    """Every type :func:`dequantize` accepts."""
+    return tuple(sorted(_REGISTRY))
+
+
+def _as_byte_tensor(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(raw, torch.Tensor):
+        if raw.dtype != torch.uint8:
+            raise TypeError(f"raw must be uint8, got {raw.dtype}")
+        return raw.reshape(-1)
+    arr = np.asarray(raw)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"raw must be uint8, got {arr.dtype}")
+    arr = arr.reshape(-1)
+    if not arr.flags.writeable:
+        # Zero-copy view of a read-only mmap: torch warns that it cannot guard the
+        # memory against writes; nothing here writes to it.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(arr)
+    return torch.from_numpy(arr)
+
+
+def dequantize(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: Sequence[int],
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """Dequantize one tensor, bit-identical to libggml's ``to_float``.
+
+    ``raw``: the tensor's bytes (uint8 numpy array or torch tensor, e.g. the zero-copy
+    ``GGUFFile.tensor_data`` view); ``shape``: ggml order, ``ne0`` (the contiguous row
+    length) first. Returns float32 of shape ``tuple(reversed(shape))`` on ``device``
+    (default: where ``raw`` lives). Byte count or row length inconsistent with the
+    type's blocks -> GGUFError.
+    """
+    cls = quant_type(ggml_type)
+    lay = cls.layout
+    dims = tuple(int(d) for d in shape)
+    name = cls.ggml_type.name
+    if not dims or any(d < 0 for d in dims):
+        raise GGUFError(f"{name} tensor has invalid shape {dims}")
+    if dims[0] % lay.block_size:
+        raise GGUFError(f"{name} tensor row length ne0={dims[0]} is not a multiple of its block size {lay.block_size}")
+    n_elements = math.prod(dims)
+    n_blocks = n_elements // lay.block_size
+    data = _as_byte_tensor(raw)
+    if data.numel() != n_blocks * lay.type_size:
+        raise GGUFError(f"{name} tensor of shape {dims} needs {n_blocks * lay.type_size} bytes "
+                        f"({n_blocks} blocks of {lay.type_size}), got {data.numel()}")
+    if device is not None:
+        data = data.to(device)
+    out_shape = tuple(reversed(dims))
+    if n_blocks == 0:
+        return torch.empty(out_shape, dtype=torch.float32, device=data.device)
+    values = cls.dequantize_blocks(Blocks(data.view(n_blocks, lay.type_size), lay))
+    return values.reshape(out_shape)
