@@ -1,0 +1,56 @@
+"""`gguflm serve`: the OpenAI-compatible server and chat page."""
+
+from __future__ import annotations
+
+import argparse
+
+from gguflm.cli import UserError
+from gguflm.defaults import resolve_model
+
+HELP = "serve a model over an OpenAI-compatible HTTP API, with a chat page"
+DESCRIPTION = """\
+Serve a GGUF model over HTTP: POST /v1/chat/completions and /v1/completions (streamed
+or not), GET /v1/models, GET /health, and a chat page at /. Concurrent requests are
+decoded together (continuous batching); requests beyond --parallel wait their turn.
+
+  gguflm serve -m model.gguf --port 8080 --parallel 8
+  then point an OpenAI client at http://127.0.0.1:8080/v1 (any API key)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--parallel", "-np", type=int, default=4,
+                   help="requests decoded together; each holds a KV cache slot (default: %(default)s)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="context tokens of each slot (default: the model's training context, at most 4096)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--max-body", type=int, default=1 << 20,
+                   help="largest accepted request body in bytes (default: %(default)s)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 1 <= args.parallel <= 256:
+        raise UserError("--parallel must lie in [1, 256]")
+    if not 0 <= args.port <= 65535:
+        raise UserError("--port must lie in [0, 65535]")
+    if args.ctx_size is not None and args.ctx_size < 2:
+        raise UserError("-c must be at least 2")
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be at least 1")
+    if args.max_body < 1:
+        raise UserError("--max-body must be positive")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available")
+    from gguflm.server import serve
+
+    serve(resolve_model(args.model), args.host, args.port, args.device, args.parallel, args.ctx_size,
+          args.threads, args.max_body, args.log_level)
+    return 0

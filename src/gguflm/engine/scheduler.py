@@ -1,0 +1,368 @@
+"""Continuous batching: many generation requests share one model, one KV cache and one
+worker thread.
+
+Each admitted request owns a slot of a :class:`KVCache` (``n_slots`` of them). The worker
+loop repeats one *step*:
+
+1. drop cancelled requests (their slots are free again at once) and admit waiting ones
+   into free slots, first come first served; the rest keep waiting (never dropped);
+2. prefill: feed prompt chunks of ``prefill_chunk`` tokens (chunk ``i`` always covers
+   prompt positions ``[i*chunk, (i+1)*chunk)``, whoever else is running) of the requests
+   still reading their prompt, at most ``prefill_budget`` tokens a step; a request whose
+   prompt is complete samples its first token from the last chunk's logits;
+3. decode: every request that has a sampled token not yet in the cache feeds it, all of
+   them together in ONE batched forward (``tokens [B, 1]`` at their own positions in
+   their own slots); each row is sampled with its request's own parameters, history and
+   random generator, so a request's tokens do not depend on who else is in the batch
+   (up to float rounding of a batched matmul).
+
+Requests join and leave between steps. Results go out through each request's ``emit``
+callback, called on the worker thread, as :class:`Piece`, then one :class:`Done` or
+:class:`Failed`. Text is assembled per request with the engine's :class:`TextAssembler`
+(whole UTF-8 characters only; stop strings cut and never emitted).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Union
+
+import torch
+
+from gguflm.engine.generate import ContextLengthError, GenerationError, TextAssembler
+from gguflm.engine.kv_cache import KVCache
+from gguflm.engine.sampling import SamplingParams, sample
+
+if TYPE_CHECKING:
+    from gguflm.model.model import Model
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to generate. ``max_tokens=None``: until end of generation or a full context.
+    ``top_logprobs=None``: no log-probabilities; ``k >= 0``: the sampled token's
+    log-probability and the ``k`` most likely alternatives at each step."""
+
+    prompt: tuple[int, ...]
+    params: SamplingParams = SamplingParams()
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    top_logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: ``logprob = log_softmax(logits)[id]`` of the model's raw
+    logits (before penalties and filters), and the ``top`` alternatives ``(id, logprob)``,
+    most likely first."""
+
+    id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """New text, and the tokens generated since the previous piece (when logprobs were
+    asked for; the text of a token may be held back until a later piece)."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Done:
+    """The request finished: ``finish_reason`` "stop" (end-of-generation token or stop
+    string) or "length" (max_tokens or a full context)."""
+
+    finish_reason: str
+    n_prompt: int
+    n_completion: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request could not be completed (model error, shutdown)."""
+
+    message: str
+
+
+Event = Union[Piece, Done, Failed]
+Emit = Callable[[Event], None]
+
+
+class QueueFullError(GenerationError):
+    """Too many requests are already waiting."""
+
+
+class Ticket:
+    """A submitted job; ``cancel()`` (any thread) stops it and frees its slot at the next step."""
+
+    def __init__(self, job: Job, emit: Emit, scheduler: Scheduler):
+        self.job, self.emit, self._scheduler = job, emit, scheduler
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self._scheduler.cancel(self)
+
+
+@dataclass
+class _Seq:
+    """A running request: the slot it owns and where it stands."""
+
+    ticket: Ticket
+    slot: int
+    todo: list[int]                 # prompt tokens not yet in the cache
+    history: list[int]              # prompt + generated tokens (the penalties' window)
+    generator: torch.Generator
+    text: TextAssembler
+    n_past: int = 0                 # positions of the slot filled
+    last: int | None = None         # sampled token waiting to be fed
+    n_gen: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet emitted
+
+
+class Scheduler:
+    """The worker loop (see the module docstring). ``min_rows`` pads every decode batch to
+    at least that many rows (padding rows write nothing): a BLAS may take another code
+    path for a one-row matmul than for a wider one, so a fixed minimum keeps a request's
+    arithmetic the same alone and in company."""
+
+    def __init__(self, model: Model, n_slots: int, n_ctx: int | None = None, *,
+                 prefill_chunk: int = 256, prefill_budget: int = 512, max_waiting: int = 1024,
+                 min_rows: int = 4):
+        if n_slots < 1:
+            raise ValueError("n_slots must be >= 1")
+        if prefill_chunk < 1 or prefill_budget < 1 or max_waiting < 0 or min_rows < 1:
+            raise ValueError("prefill_chunk, prefill_budget and min_rows must be >= 1, max_waiting >= 0")
+        self.model = model
+        self.cache: KVCache = model.new_cache(n_slots, n_ctx)
+        self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_budget
+        self.max_waiting, self.min_rows = max_waiting, min_rows
+        self._eog = frozenset(model.tokenizer.eog_ids)
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._free = list(range(n_slots))
+        self._active: list[_Seq] = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="gguflm-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- any thread -------------------------------------------------------------------
+    @property
+    def n_slots(self) -> int:
+        return self.cache.n_slots
+
+    @property
+    def n_ctx(self) -> int:
+        return self.cache.n_ctx
+
+    def stats(self) -> dict[str, int]:
+        """Slots busy and idle, requests waiting."""
+        with self._cond:
+            busy = self.n_slots - len(self._free)
+            return {"slots_total": self.n_slots, "slots_processing": busy,
+                    "slots_idle": self.n_slots - busy, "requests_waiting": len(self._waiting)}
+
+    def check(self, job: Job) -> None:
+        """Raise :class:`GenerationError` (or its :class:`ContextLengthError`) if ``job``
+        cannot run: empty prompt, prompt that fills the context, ids outside the vocabulary,
+        negative max_tokens."""
+        n_vocab = self.model.config.n_vocab
+        if not job.prompt:
+            raise GenerationError("the prompt is empty: nothing to continue from")
+        if len(job.prompt) >= self.n_ctx:
+            raise ContextLengthError(f"the prompt has {len(job.prompt)} tokens but the context holds "
+                                     f"{self.n_ctx}; shorten it or raise the context size")
+        if not all(0 <= t < n_vocab for t in job.prompt):
+            raise GenerationError(f"prompt token ids must lie in [0, {n_vocab})")
+        if job.max_tokens is not None and job.max_tokens < 0:
+            raise GenerationError("max_tokens must be >= 0")
+        if job.top_logprobs is not None and not 0 <= job.top_logprobs <= n_vocab:
+            raise GenerationError(f"top_logprobs must lie in [0, {n_vocab}]")
+
+    def submit(self, job: Job, emit: Emit) -> Ticket:
+        """Queue ``job`` (checked first); ``emit`` receives its events on the worker thread."""
+        self.check(job)
+        ticket = Ticket(job, emit, self)
+        with self._cond:
+            if self._stopping:
+                raise GenerationError("the scheduler is shut down")
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting; try again later")
+            self._waiting.append(ticket)
+            self._cond.notify()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Stop ``ticket``'s request; it gets no further events. No-op once finished."""
+        with self._cond:
+            ticket.cancelled = True
+            self._cond.notify()
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop the worker; running and waiting requests receive :class:`Failed`."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # ---- worker thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._waiting or self._active):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                self._reap_and_admit()
+            try:
+                self._step()
+            except Exception as e:  # a model failure must not kill the server: fail who was running
+                traceback.print_exc()
+                for seq in list(self._active):
+                    self._finish(seq, Failed(f"generation failed: {type(e).__name__}: {e}"))
+        with self._cond:
+            left = [s.ticket for s in self._active] + list(self._waiting)
+            self._active.clear()
+            self._waiting.clear()
+        for ticket in left:
+            if not ticket.cancelled:
+                ticket.emit(Failed("the server is shutting down"))
+
+    def _reap_and_admit(self) -> None:
+        """(Lock held.) Free the slots of cancelled requests; move waiting ones into free slots."""
+        for seq in [s for s in self._active if s.ticket.cancelled]:
+            self._active.remove(seq)
+            self._free.append(seq.slot)
+        self._waiting = collections.deque(t for t in self._waiting if not t.cancelled)
+        while self._waiting and self._free:
+            ticket = self._waiting.popleft()
+            job = ticket.job
+            gen = torch.Generator()
+            if job.params.seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(job.params.seed)
+            seq = _Seq(ticket, self._free.pop(0), list(job.prompt), list(job.prompt), gen, TextAssembler(job.stop))
+            self._active.append(seq)
+            if job.max_tokens == 0:
+                self._finish(seq, Done("length", len(job.prompt), 0), locked=True)
+
+    def _step(self) -> None:
+        device = self.cache.k.device
+        budget = self.prefill_budget
+        for seq in [s for s in self._active if s.todo and not s.ticket.cancelled]:
+            if budget <= 0:
+                break
+            chunk = seq.todo[:self.prefill_chunk]
+            T = len(chunk)
+            logits = self.model.forward(torch.tensor([chunk], device=device),
+                                        torch.arange(seq.n_past, seq.n_past + T, device=device)[None],
+                                        self.cache, torch.tensor([seq.slot], device=device),
+                                        last_only=True)                           # [1, V]
+            seq.n_past += T
+            del seq.todo[:T]
+            budget -= T
+            if not seq.todo:
+                self._accept(seq, logits[0])
+        ready = [s for s in self._active if s.last is not None and not s.ticket.cancelled]
+        if not ready:
+            return
+        B = max(len(ready), self.min_rows)
+        pad = B - len(ready)
+        tokens = torch.tensor([[s.last] for s in ready] + [[0]] * pad, device=device)         # [B, 1]
+        positions = torch.tensor([[s.n_past] for s in ready] + [[-1]] * pad, device=device)   # [B, 1]
+        slots = torch.tensor([s.slot for s in ready] + [ready[0].slot] * pad, device=device)  # [B]
+        logits = self.model.forward(tokens, positions, self.cache, slots, last_only=True)      # [B, V]
+        for i, seq in enumerate(ready):
+            seq.n_past += 1
+            seq.last = None
+            self._accept(seq, logits[i])
+
+    def _accept(self, seq: _Seq, logits: torch.Tensor) -> None:
+        """Sample the next token of ``seq`` from ``logits`` (Float32[V]) and emit what follows."""
+        job = seq.ticket.job
+        tok = sample(logits, job.params, seq.history, seq.generator)
+        if tok in self._eog:
+            self._finish(seq, Done("stop", len(job.prompt), seq.n_gen))
+            return
+        seq.history.append(tok)
+        seq.n_gen += 1
+        if job.top_logprobs is not None:
+            seq.logprobs.append(_logprob(logits, tok, job.top_logprobs))
+        text, stopped = seq.text.push(self.model.tokenizer.token_to_piece(tok))
+        if stopped:
+            self._emit_piece(seq, text)
+            self._finish(seq, Done("stop", len(job.prompt), seq.n_gen))
+        elif seq.n_gen == job.max_tokens or seq.n_past >= self.n_ctx:
+            self._emit_piece(seq, text + seq.text.flush())
+            self._finish(seq, Done("length", len(job.prompt), seq.n_gen))
+        else:
+            if text:
+                self._emit_piece(seq, text)
+            seq.last = tok
+
+    def _emit_piece(self, seq: _Seq, text: str) -> None:
+        if text or seq.logprobs:
+            self._send(seq.ticket, Piece(text, tuple(seq.logprobs)))
+            seq.logprobs.clear()
+
+    def _finish(self, seq: _Seq, event: Done | Failed, locked: bool = False) -> None:
+        """Release ``seq``'s slot and send its last event."""
+        if locked:
+            self._release(seq)
+        else:
+            with self._cond:
+                self._release(seq)
+        self._send(seq.ticket, event)
+
+    def _release(self, seq: _Seq) -> None:
+        if seq in self._active:
+            self._active.remove(seq)
+            self._free.append(seq.slot)
+
+    @staticmethod
+    def _send(ticket: Ticket, event: Event) -> None:
+        if ticket.cancelled:
+            return
+        try:
+            ticket.emit(event)
+        except Exception:  # the receiver is gone (closed event loop...): treat as cancelled
+            traceback.print_exc()
+            ticket.cancelled = True
+
+
+def _logprob(logits: torch.Tensor, tok: int, k: int) -> TokenLogprob:
+    """The log-probability of ``tok`` and the ``k`` best under softmax(logits) (Float32[V])."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top: tuple[tuple[int, float], ...] = ()
+    if k > 0:
+        vals, ids = torch.topk(lp, k)
+        top = tuple((int(i), float(v)) for i, v in zip(ids.tolist(), vals.tolist()))
+    return TokenLogprob(tok, float(lp[tok]), top)
+
+
+def run_jobs(scheduler: Scheduler, jobs: Sequence[Job], timeout: float = 300.0) -> list[list[Event]]:
+    """Submit ``jobs`` at once and block until each has finished; returns each job's events.
+    (For scripts and tests; a server consumes events as they come.)"""
+    done = threading.Semaphore(0)
+    events: list[list[Event]] = [[] for _ in jobs]
+
+    def collector(i: int) -> Emit:
+        def emit(ev: Event) -> None:
+            events[i].append(ev)
+            if not isinstance(ev, Piece):
+                done.release()
+        return emit
+
+    for i, job in enumerate(jobs):
+        scheduler.submit(job, collector(i))
+    for _ in jobs:
+        if not done.acquire(timeout=timeout):
+            raise TimeoutError("jobs did not finish in time")
+    return events

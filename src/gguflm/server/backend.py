@@ -1,0 +1,102 @@
+"""The glue between the HTTP side (asyncio) and the scheduler (one worker thread).
+
+A request becomes a prompt (chat template + tokenizer), is checked against the context,
+and is submitted as a :class:`Job`; its events come back through an ``asyncio.Queue``
+filled from the worker thread with ``loop.call_soon_threadsafe``. Cancelling a
+:class:`Generation` frees its KV-cache slot at the scheduler's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gguflm.engine.generate import ContextLengthError, GenerationError
+from gguflm.engine.scheduler import Done, Event, Failed, Job, QueueFullError, Scheduler
+from gguflm.errors import TemplateError
+from gguflm.server.errors import APIError, invalid
+from gguflm.server.schemas import ChatCompletionRequest, CompletionRequest
+
+if TYPE_CHECKING:
+    from gguflm.model.model import Model
+
+
+class Generation:
+    """One submitted job seen from the event loop: iterate ``events()`` until its
+    :class:`Done` or :class:`Failed`; ``cancel()`` at any time."""
+
+    def __init__(self, scheduler: Scheduler, job: Job):
+        loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._ticket = scheduler.submit(job, lambda ev: loop.call_soon_threadsafe(self._queue.put_nowait, ev))
+
+    async def next(self, timeout: float | None = None) -> Event:
+        """The next event; raises TimeoutError after ``timeout`` seconds without one."""
+        return await asyncio.wait_for(self._queue.get(), timeout)
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            ev = await self._queue.get()
+            yield ev
+            if isinstance(ev, (Done, Failed)):
+                return
+
+    def cancel(self) -> None:
+        self._ticket.cancel()
+
+
+class Backend:
+    """A loaded model and its scheduler, as the API sees them."""
+
+    def __init__(self, model: Model, scheduler: Scheduler, model_id: str | None = None):
+        self.model, self.scheduler = model, scheduler
+        self.model_id = model_id or Path(str(model.file.path)).name
+        self.created = int(time.time())
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        """The messages rendered by the model's chat template, tokenized (special tokens parsed)."""
+        template = self.model.chat_template
+        if template is None:
+            raise invalid("this model has no chat template; use /v1/completions", "messages")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = template.render(messages, add_generation_prompt=True)
+        except TemplateError as e:
+            raise invalid(f"the chat template failed on these messages: {e}", "messages") from None
+        return self.model.encode_prompt(text)
+
+    def completion_prompt(self, req: CompletionRequest) -> list[int]:
+        """The prompt text tokenized (BOS as the model wants it), or the given token ids."""
+        return self.model.encode_prompt(req.prompt_value())
+
+    def job(self, req: ChatCompletionRequest | CompletionRequest, prompt: list[int]) -> Job:
+        """The scheduler job of a validated request; 400 when it cannot run."""
+        param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+        try:
+            params = req.sampling_params()
+        except ValueError as e:
+            raise invalid(str(e)) from None
+        job = Job(tuple(prompt), params, req.token_limit(), req.stop_strings(), req.n_top_logprobs())
+        try:
+            self.scheduler.check(job)
+        except ContextLengthError:
+            n_ctx = self.scheduler.n_ctx
+            raise invalid(f"This model's maximum context length is {n_ctx} tokens. However, your "
+                          f"{param} resulted in {len(prompt)} tokens (at least one must be left to generate). "
+                          f"Please shorten them, or start the server with a larger -c.",
+                          param, "context_length_exceeded", n_prompt_tokens=len(prompt), n_ctx=n_ctx) from None
+        except GenerationError as e:
+            raise invalid(str(e), param) from None
+        return job
+
+    def start(self, job: Job) -> Generation:
+        """Submit; 503 when the waiting queue is full."""
+        try:
+            return Generation(self.scheduler, job)
+        except QueueFullError as e:
+            raise APIError(503, str(e), "server_error", None, "server_busy") from None
+        except GenerationError as e:
+            raise APIError(503, str(e), "server_error", None, "unavailable") from None
