@@ -1,0 +1,12 @@
+"""The model: config from metadata, architectures as data, the decoder as small modules.
+
+Follow a token: :func:`load` (model.py) -> :class:`ModelConfig` (config.py, key table) ->
+:func:`build_transformer` (loader.py, tensor names from arch.py) -> :class:`Transformer`
+(layers.py: embedding, blocks of RMSNorm/Attention+RoPE/FeedForward, output).
+"""
+
+from gguflm.model.arch import ARCHS, ArchSpec, RopeStyle
+from gguflm.model.config import ModelConfig
+from gguflm.model.model import Model, load
+
+__all__ = ["load", "Model", "ModelConfig", "ArchSpec", "ARCHS", "RopeStyle"]

@@ -1,0 +1,173 @@
+"""ModelConfig: the hyperparameters of a Llama-like decoder, read from GGUF metadata
+through one key table (the keys llama.cpp's ``llama_model::load_hparams`` reads).
+
+Every value is untrusted: integers must be in range, floats finite, and the combination
+consistent (heads divide, RoPE dims even, ...). A missing required key raises a
+:class:`GGUFError` that names the key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gguflm.errors import GGUFError
+from gguflm.gguf.reader import GGUFFile
+from gguflm.model.arch import ArchSpec, RopeStyle, arch_spec
+
+# Bounds on untrusted sizes, generous for any Llama-family model that fits in memory.
+MAX_LAYERS = 512
+MAX_WIDTH = 1 << 17
+MAX_HEADS = 1024
+MAX_CTX = 1 << 24
+MAX_VOCAB = 1 << 22
+
+
+@dataclass(frozen=True)
+class Key:
+    """One row of the key table: ``field`` <- metadata ``template`` (``{arch}`` substituted)."""
+
+    field: str
+    template: str
+    kind: type  # int, float or str
+    required: bool = False
+    default: Any = None
+    limit: int = 0  # for ints: inclusive upper bound (lower bound is 1)
+
+
+KEY_TABLE: tuple[Key, ...] = (
+    Key("n_layer", "{arch}.block_count", int, required=True, limit=MAX_LAYERS),
+    Key("n_embd", "{arch}.embedding_length", int, required=True, limit=MAX_WIDTH),
+    Key("n_ff", "{arch}.feed_forward_length", int, required=True, limit=4 * MAX_WIDTH),
+    Key("n_head", "{arch}.attention.head_count", int, required=True, limit=MAX_HEADS),
+    Key("n_head_kv", "{arch}.attention.head_count_kv", int, limit=MAX_HEADS),      # default n_head
+    Key("head_dim", "{arch}.attention.key_length", int, limit=MAX_WIDTH),          # default n_embd/n_head
+    Key("head_dim_v", "{arch}.attention.value_length", int, limit=MAX_WIDTH),      # default n_embd/n_head
+    Key("n_rot", "{arch}.rope.dimension_count", int, limit=MAX_WIDTH),             # default head_dim
+    Key("n_ctx_train", "{arch}.context_length", int, required=True, limit=MAX_CTX),
+    Key("rms_eps", "{arch}.attention.layer_norm_rms_epsilon", float, required=True),
+    Key("rope_freq_base", "{arch}.rope.freq_base", float, default=10000.0),
+    Key("rope_scaling_type", "{arch}.rope.scaling.type", str, default="linear"),
+    Key("rope_scaling_factor", "{arch}.rope.scaling.factor", float, default=0.0),
+    Key("rope_scale_linear", "{arch}.rope.scale_linear", float, default=0.0),      # older name
+    Key("rope_attn_factor", "{arch}.rope.scaling.attn_factor", float, default=1.0),
+    Key("vocab_size", "{arch}.vocab_size", int, limit=MAX_VOCAB),
+)
+
+# RoPE scaling types this engine implements (llama.cpp: "none" and "linear" differ only in
+# whether the factor applies; "yarn" and "longrope" need more than a scale).
+SUPPORTED_ROPE_SCALING = ("none", "linear")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of one model. ``rope_freq_scale`` is 1/factor (1.0 = unscaled);
+    ``tied_output`` means the output projection reuses ``token_embd``."""
+
+    arch: str
+    rope_style: RopeStyle
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_rot: int
+    n_ctx_train: int
+    n_vocab: int
+    rms_eps: float
+    rope_freq_base: float
+    rope_freq_scale: float
+    rope_attn_factor: float
+    tied_output: bool
+    has_rope_freqs: bool
+
+    @property
+    def n_gqa(self) -> int:
+        """Query heads per KV head."""
+        return self.n_head // self.n_head_kv
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> ModelConfig:
+        """Read and validate the config of ``f``; raises GGUFError naming the problem."""
+        spec = arch_spec(f.architecture)
+        if not f.tensors:
+            raise GGUFError(f"{f.path}: has no tensors (a vocabulary-only file?); it cannot run")
+        raw = read_keys(f.metadata, spec.name)
+        return cls._build(spec, raw, f)
+
+    @classmethod
+    def _build(cls, spec: ArchSpec, raw: dict[str, Any], f: GGUFFile) -> ModelConfig:
+        n_embd, n_head = raw["n_embd"], raw["n_head"]
+        n_head_kv = raw["n_head_kv"] or n_head
+        head_dim = raw["head_dim"] or n_embd // n_head
+        head_dim_v = raw["head_dim_v"] or n_embd // n_head
+        n_rot = raw["n_rot"] or head_dim
+        if n_head % n_head_kv:
+            raise GGUFError(f"head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+        if head_dim_v != head_dim:
+            raise GGUFError(f"key_length {head_dim} != value_length {head_dim_v} (unsupported)")
+        if n_rot != head_dim or n_rot % 2:
+            raise GGUFError(f"rope.dimension_count {n_rot} must equal the head size {head_dim} and be even")
+        scaling = raw["rope_scaling_type"]
+        if scaling not in SUPPORTED_ROPE_SCALING:
+            raise GGUFError(f"RoPE scaling type {scaling!r} is not supported "
+                            f"(supported: {', '.join(SUPPORTED_ROPE_SCALING)})")
+        if raw["rope_freq_base"] <= 0:
+            raise GGUFError(f"rope.freq_base {raw['rope_freq_base']} must be positive")
+        factor = raw["rope_scaling_factor"] or raw["rope_scale_linear"]
+        freq_scale = 1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor
+
+        embd = spec.tensor_name("token_embd")
+        if embd not in f.tensors:
+            raise GGUFError(f"missing tensor {embd!r}")
+        n_vocab = f.tensors[embd].shape[-1]
+        if raw["vocab_size"] is not None and raw["vocab_size"] != n_vocab:
+            raise GGUFError(f"{spec.name}.vocab_size {raw['vocab_size']} != {n_vocab} rows of {embd!r}")
+        if not 1 <= n_vocab <= MAX_VOCAB:
+            raise GGUFError(f"vocabulary size {n_vocab} out of range")
+        tied = spec.tensor_name("output") not in f.tensors
+        if tied and not spec.tied_output_fallback:
+            raise GGUFError(f"missing tensor {spec.tensor_name('output')!r}")
+        return cls(
+            arch=spec.name, rope_style=spec.rope,
+            n_layer=raw["n_layer"], n_embd=n_embd, n_ff=raw["n_ff"], n_head=n_head, n_head_kv=n_head_kv,
+            head_dim=head_dim, n_rot=n_rot, n_ctx_train=raw["n_ctx_train"], n_vocab=n_vocab,
+            rms_eps=raw["rms_eps"], rope_freq_base=raw["rope_freq_base"], rope_freq_scale=freq_scale,
+            rope_attn_factor=raw["rope_attn_factor"], tied_output=tied,
+            has_rope_freqs=spec.tensor_name("rope_freqs") in f.tensors,
+        )
+
+
+def read_keys(metadata: Mapping[str, Any], arch: str) -> dict[str, Any]:
+    """Every KEY_TABLE field from ``metadata``: checked values, defaults, or GGUFError."""
+    out: dict[str, Any] = {}
+    for k in KEY_TABLE:
+        key = k.template.format(arch=arch)
+        if key not in metadata:
+            if k.required:
+                raise GGUFError(f"missing metadata key {key!r}")
+            out[k.field] = k.default
+            continue
+        out[k.field] = _check(key, metadata[key], k)
+    return out
+
+
+def _check(key: str, value: Any, k: Key) -> Any:
+    if k.kind is int:
+        if isinstance(value, list):  # per-layer arrays (llama.cpp get_key_or_arr): uniform only
+            if not value or any(v != value[0] for v in value):
+                raise GGUFError(f"{key!r}: per-layer values {value[:8]}... are not supported")
+            value = value[0]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= k.limit:
+            raise GGUFError(f"{key!r} = {value!r}: expected an integer in [1, {k.limit}]")
+        return value
+    if k.kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise GGUFError(f"{key!r} = {value!r}: expected a finite non-negative number")
+        return float(value)
+    if not isinstance(value, str):
+        raise GGUFError(f"{key!r} = {value!r}: expected a string")
+    return value

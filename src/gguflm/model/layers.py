@@ -1,0 +1,159 @@
+"""The pieces of a Llama-like decoder block, as llama.cpp's ``llama`` graph computes them.
+
+Shapes: B batch rows, T new tokens per row, S cached positions a row attends to,
+E = n_embd, H query heads, Hkv key/value heads, D head size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gguflm.engine.kv_cache import KVCache
+from gguflm.model.arch import RopeStyle
+from gguflm.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """``y = x / sqrt(mean(x^2) + eps) * w`` over the last dim (ggml_rms_norm then mul)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [E]
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., E] -> [..., E]
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_angles(n_ctx: int, n_rot: int, freq_base: float, freq_scale: float,
+                freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 angles ``theta[p, i] = freq_scale * p * base^(-2i/n_rot) / ff[i]``, [n_ctx, n_rot/2].
+
+    Computed as ggml's CPU rope does: ``theta_scale = powf(base, -2/n_rot)`` in float32 and
+    the angle of pair ``i`` obtained from pair ``i-1`` by one float32 multiplication.
+    """
+    theta_scale = np.float32(np.power(np.float32(freq_base), np.float32(-2.0 / n_rot)))
+    theta = np.arange(n_ctx, dtype=np.float32)                     # [n_ctx]
+    out = np.empty((n_ctx, n_rot // 2), dtype=np.float32)
+    for i in range(n_rot // 2):
+        out[:, i] = theta
+        theta = theta * theta_scale
+    angles = torch.from_numpy(out)
+    if freq_factors is not None:
+        angles = angles / freq_factors.float()
+    return angles * np.float32(freq_scale)
+
+
+class Rope(nn.Module):
+    """Rotary position embedding from a precomputed cos/sin table.
+
+    NORM rotates adjacent pairs ``(x[2i], x[2i+1])`` by ``theta[p, i]``; NEOX rotates
+    ``(x[i], x[i + D/2])``. ``mscale`` scales cos and sin (llama.cpp's attn_factor).
+    """
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int, freq_factors: torch.Tensor | None,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        theta = rope_angles(n_ctx, cfg.n_rot, cfg.rope_freq_base, cfg.rope_freq_scale, freq_factors)
+        mscale = np.float32(cfg.rope_attn_factor)
+        self.register_buffer("cos", (torch.cos(theta) * mscale).to(device), persistent=False)  # [n_ctx, D/2]
+        self.register_buffer("sin", (torch.sin(theta) * mscale).to(device), persistent=False)
+        self.style = cfg.rope_style
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [B, nh, T, D], positions: [B, T] (>= 0) -> [B, nh, T, D]
+        cos = self.cos[positions][:, None]  # [B, 1, T, D/2]
+        sin = self.sin[positions][:, None]
+        if self.style is RopeStyle.NORM:
+            x0, x1 = x[..., 0::2], x[..., 1::2]
+            return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+        half = x.shape[-1] // 2
+        x0, x1 = x[..., :half], x[..., half:]
+        return torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention over the KV cache; query head h reads KV head
+    ``h // (H / Hkv)``; scores scaled by 1/sqrt(D)."""
+
+    def __init__(self, cfg: ModelConfig, wq: nn.Module, wk: nn.Module, wv: nn.Module, wo: nn.Module):
+        super().__init__()
+        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+        self.n_head, self.n_head_kv, self.head_dim = cfg.n_head, cfg.n_head_kv, cfg.head_dim
+
+    def forward(self, x: torch.Tensor, rope: Rope, positions: torch.Tensor, blocked: torch.Tensor,
+                cache: KVCache, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, E]; positions: [B, T] (< 0 = padding);
+        # blocked: Bool[B, 1, 1, T, S], True where a query may not see a key -> [B, T, E]
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # [B, H, T, D]
+        k = self.wk(x).view(B, T, self.n_head_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.wv(x).view(B, T, self.n_head_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        rope_pos = positions.clamp(min=0)
+        q, k = rope(q, rope_pos), rope(k, rope_pos)
+        keys, values = cache.update(layer, slots, positions, k, v)                 # [B, Hkv, S, D]
+        g = self.n_head // self.n_head_kv
+        q = q.reshape(B, self.n_head_kv, g * T, self.head_dim)                     # heads of a KV group
+        scores = (q @ keys.transpose(-1, -2)) * self.head_dim ** -0.5              # [B, Hkv, g*T, S]
+        scores = scores.view(B, self.n_head_kv, g, T, -1).masked_fill(blocked, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(B, self.n_head_kv, g * T, -1)
+        out = (probs @ values).view(B, self.n_head, T, self.head_dim)             # [B, H, T, D]
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module):
+        super().__init__()
+        self.gate, self.up, self.down = gate, up, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., E] -> [..., E]
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: ``h = x + attn(norm(x))``; ``out = h + ffn(norm(h))``."""
+
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, ffn_norm: RMSNorm, ffn: FeedForward):
+        super().__init__()
+        self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
+
+    def forward(self, x: torch.Tensor, rope: Rope, positions: torch.Tensor, blocked: torch.Tensor,
+                cache: KVCache, layer: int, slots: torch.Tensor) -> torch.Tensor:  # [B, T, E]
+        h = x + self.attn(self.attn_norm(x), rope, positions, blocked, cache, layer, slots)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Token embedding, blocks, final norm, output projection."""
+
+    def __init__(self, cfg: ModelConfig, embedding: torch.Tensor, blocks: list[Block],
+                 output_norm: RMSNorm, output: nn.Module, rope: Rope):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = embedding  # [n_vocab, E], possibly a view of the tied output weight
+        self.blocks = nn.ModuleList(blocks)
+        self.output_norm, self.output, self.rope = output_norm, output, rope
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                slots: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits of ``tokens`` [B, T] at ``positions`` [B, T] for sequences in cache
+        ``slots`` [B]. Padding (position < 0) must sit at the right end of a row.
+        Returns float32 [B, T, n_vocab], or [B, n_vocab] for each row's last real token.
+        """
+        x = self.embedding[tokens.clamp(min=0)]                       # [B, T, E]
+        q_pos = positions.clamp(min=0)                                # padding attends to 0 only
+        n_seen = int(positions.max()) + 1
+        key_pos = torch.arange(n_seen, device=positions.device)
+        blocked = (key_pos[None, None, :] > q_pos[:, :, None])[:, None, None]  # [B, 1, 1, T, S]
+        for layer, block in enumerate(self.blocks):
+            x = block(x, self.rope, positions, blocked, cache, layer, slots)
+        if last_only:
+            last = (positions >= 0).sum(1) - 1                        # [B]
+            x = x[torch.arange(x.shape[0], device=x.device), last]    # [B, E]
+        return self.output(self.output_norm(x))
