@@ -127,22 +127,19 @@ class _Seq:
 
 
 class Scheduler:
-    """The worker loop (see the module docstring). ``min_rows`` pads every decode batch to
-    at least that many rows (padding rows write nothing): a BLAS may take another code
-    path for a one-row matmul than for a wider one, so a fixed minimum keeps a request's
-    arithmetic the same alone and in company."""
+    """The worker loop (see the module docstring) over a cache of ``n_slots`` slots of
+    ``n_ctx`` positions (default: the model's context)."""
 
     def __init__(self, model: Model, n_slots: int, n_ctx: int | None = None, *,
-                 prefill_chunk: int = 256, prefill_budget: int = 512, max_waiting: int = 1024,
-                 min_rows: int = 4):
+                 prefill_chunk: int = 256, prefill_budget: int = 512, max_waiting: int = 1024):
         if n_slots < 1:
             raise ValueError("n_slots must be >= 1")
-        if prefill_chunk < 1 or prefill_budget < 1 or max_waiting < 0 or min_rows < 1:
-            raise ValueError("prefill_chunk, prefill_budget and min_rows must be >= 1, max_waiting >= 0")
+        if prefill_chunk < 1 or prefill_budget < 1 or max_waiting < 0:
+            raise ValueError("prefill_chunk and prefill_budget must be >= 1, max_waiting >= 0")
         self.model = model
         self.cache: KVCache = model.new_cache(n_slots, n_ctx)
         self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_budget
-        self.max_waiting, self.min_rows = max_waiting, min_rows
+        self.max_waiting = max_waiting
         self._eog = frozenset(model.tokenizer.eog_ids)
         self._cond = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
@@ -273,11 +270,9 @@ class Scheduler:
         ready = [s for s in self._active if s.last is not None and not s.ticket.cancelled]
         if not ready:
             return
-        B = max(len(ready), self.min_rows)
-        pad = B - len(ready)
-        tokens = torch.tensor([[s.last] for s in ready] + [[0]] * pad, device=device)         # [B, 1]
-        positions = torch.tensor([[s.n_past] for s in ready] + [[-1]] * pad, device=device)   # [B, 1]
-        slots = torch.tensor([s.slot for s in ready] + [ready[0].slot] * pad, device=device)  # [B]
+        tokens = torch.tensor([[s.last] for s in ready], device=device)         # [B, 1]
+        positions = torch.tensor([[s.n_past] for s in ready], device=device)   # [B, 1]
+        slots = torch.tensor([s.slot for s in ready], device=device)           # [B]
         logits = self.model.forward(tokens, positions, self.cache, slots, last_only=True)      # [B, V]
         for i, seq in enumerate(ready):
             seq.n_past += 1

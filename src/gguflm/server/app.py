@@ -7,8 +7,8 @@ the OpenAI shape (see :mod:`gguflm.server.errors`): 400 for a malformed or inval
 the queue is full, 500 for a failure of the model; the server keeps serving after each.
 
 Streams are server-sent events. A client that goes away is noticed at once (the app
-listens for the disconnect while it streams, and polls for it while it computes a
-non-streamed answer) and its request is cancelled, which frees its KV-cache slot.
+listens for the disconnect while it computes an answer, streamed or not) and its request
+is cancelled, which frees its KV-cache slot.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from gguflm.server.formats import SSE_DONE, ChatFormat, CompletionFormat, sse
 from gguflm.server.schemas import ChatCompletionRequest, CompletionRequest, parse
 
 DEFAULT_MAX_BODY = 1 << 20   # bytes of a request body
-DISCONNECT_POLL = 0.2        # seconds between disconnect checks of a non-streamed request
 
 
 class BodyTooLarge(Exception):
@@ -166,23 +165,29 @@ async def _answer(request: Request, backend: Backend, req: ChatCompletionRequest
     with_logprobs = job.top_logprobs is not None
     if req.stream:
         return EventStream(_stream(gen, fmt, with_logprobs))
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, gen))
+    pieces: list[Piece] = []
     try:
-        pieces: list[Piece] = []
-        while True:
-            try:
-                ev = await gen.next(DISCONNECT_POLL)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return Response(status_code=499)  # nobody is listening; the slot is freed below
-                continue
+        async for ev in gen.events():
             if isinstance(ev, Piece):
                 pieces.append(ev)
             elif isinstance(ev, Done):
                 return JSONResponse(fmt.response(pieces, ev, with_logprobs))
+            elif watcher.done():
+                return Response(status_code=499)  # the client left; nobody reads this
             else:
                 raise APIError(500, ev.message, "server_error")
+        raise AssertionError("events() ends with Done or Failed")
     finally:
+        watcher.cancel()
         gen.cancel()
+
+
+async def _cancel_on_disconnect(request: Request, gen: Generation) -> None:
+    """Cancel ``gen`` as soon as the client of ``request`` (body already read) disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    gen.cancel()
 
 
 async def _stream(gen: Generation, fmt: ChatFormat | CompletionFormat, with_logprobs: bool) -> AsyncIterator[bytes]:

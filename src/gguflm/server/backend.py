@@ -26,16 +26,12 @@ if TYPE_CHECKING:
 
 class Generation:
     """One submitted job seen from the event loop: iterate ``events()`` until its
-    :class:`Done` or :class:`Failed`; ``cancel()`` at any time."""
+    :class:`Done` or :class:`Failed`; ``cancel()`` at any time (on the loop's thread)."""
 
     def __init__(self, scheduler: Scheduler, job: Job):
         loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._ticket = scheduler.submit(job, lambda ev: loop.call_soon_threadsafe(self._queue.put_nowait, ev))
-
-    async def next(self, timeout: float | None = None) -> Event:
-        """The next event; raises TimeoutError after ``timeout`` seconds without one."""
-        return await asyncio.wait_for(self._queue.get(), timeout)
 
     async def events(self) -> AsyncIterator[Event]:
         while True:
@@ -45,7 +41,10 @@ class Generation:
                 return
 
     def cancel(self) -> None:
-        self._ticket.cancel()
+        """(On the event loop.) Stop the job; a waiting ``events()`` ends with ``Failed``."""
+        if not self._ticket.cancelled:
+            self._ticket.cancel()
+            self._queue.put_nowait(Failed("cancelled"))
 
 
 class Backend:

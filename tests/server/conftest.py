@@ -1,0 +1,130 @@
+"""One `gguflm serve` process per test session (SmolLM2, 16 slots, loopback only), an
+OpenAI client pointed at it, and helpers shared by the server tests."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PARALLEL = 16
+N_CTX = 512
+HOST = "127.0.0.1"  # every request of these tests goes to this machine's loopback only
+
+QUESTIONS = [
+    "What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+    "Who wrote Hamlet?", "Explain gravity in one sentence.", "What is 2+2?", "Name a color.",
+    "Tell me a joke.", "Translate 'hello' to Spanish.", "What is Python?", "Describe a cat.",
+    "How many legs does a spider have?", "What is the boiling point of water?",
+    "Give me a synonym for happy.", "What day comes after Monday?", "Say hi.",
+]
+
+
+@dataclass
+class Server:
+    """A running server: its base URL and process."""
+
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def api(self) -> str:
+        return self.url + "/v1"
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server process (Linux /proc)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS line")
+
+    def health(self) -> dict:
+        import httpx
+
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+    def wait_idle(self, timeout: float = 10.0) -> dict:
+        """Poll /health until no slot is busy and nothing waits; returns the last answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            h = self.health()
+            if (h["slots_processing"] == 0 and h["requests_waiting"] == 0) or time.monotonic() > deadline:
+                return h
+            time.sleep(0.05)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _start(model: Path, log: Path, timeout: float = 240.0) -> Server:
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "gguflm", "serve", "-m", str(model), "--host", HOST, "--port", str(port),
+           "--parallel", str(PARALLEL), "-c", str(N_CTX), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    server = Server(f"http://{HOST}:{port}", proc, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"gguflm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"gguflm serve did not answer /health within {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    pytest.importorskip("fastapi", reason="the server needs .[server]")
+    pytest.importorskip("uvicorn", reason="the server needs .[server]")
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    srv = _start(smollm2_path, log)
+    try:
+        yield srv
+    finally:
+        srv.proc.terminate()
+        try:
+            srv.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            srv.proc.kill()
+            srv.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def client(server: Server):
+    openai = pytest.importorskip("openai", reason="the real OpenAI client is the test driver; install .[dev]")
+    return openai.OpenAI(base_url=server.api, api_key="not-needed", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def questions() -> list[str]:
+    return list(QUESTIONS)
+
+
+@pytest.fixture(scope="session")
+def greedy_alone(client) -> dict[str, str]:
+    """Greedy answers (16 tokens) of the first 4 questions, each run alone on the server,
+    and the wall time of those 4 sequential requests (key "__seconds__")."""
+    out: dict[str, str] = {}
+    t0 = time.perf_counter()
+    for q in QUESTIONS[:4]:
+        r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": q}],
+                                           max_tokens=16, temperature=0)
+        out[q] = r.choices[0].message.content
+    out["__seconds__"] = str(time.perf_counter() - t0)
+    return out
