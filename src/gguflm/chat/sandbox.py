@@ -198,15 +198,15 @@ def text_bound(value: Any, limit: int, per_node: int = 0, per_level: int = 0) ->
         elif isinstance(v, int):
             total += v.bit_length() // 3 + 2
         elif isinstance(v, dict):
-            total += 2
-            for k, item in v.items():
-                total += 4
-                stack.append((k, depth + 1))
-                stack.append((item, depth + 1))
+            total += 2 + 4 * len(v)
+            if total <= limit:
+                for k, item in v.items():
+                    stack.append((k, depth + 1))
+                    stack.append((item, depth + 1))
         elif isinstance(v, (list, tuple, set, frozenset, KeysView, ValuesView, ItemsView)):
-            total += 16
-            stack.extend((item, depth + 1) for item in v)
-            total += 2 * len(v)
+            total += 16 + 2 * len(v)
+            if total <= limit:
+                stack.extend((item, depth + 1) for item in v)
         elif isinstance(v, jinja2.utils.Namespace):
             total += 16
             stack.append((object.__getattribute__(v, "_Namespace__attrs"), depth))
