@@ -75,3 +75,9 @@ def requantized(smollm2_path):
         return quantize_with_llama_cpp(smollm2_path, ftype)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def llama_quantize():
+    """quantize_with_llama_cpp(src, ftype, dst=None) for tests that quantize files they wrote."""
+    return quantize_with_llama_cpp
