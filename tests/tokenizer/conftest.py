@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import gguflm
+from gguflm.tokenizer.vocab import load_vocab
 
 class LlamaVocab:
     """A vocabulary loaded by llama.cpp (vocab only)."""
@@ -129,9 +130,9 @@ def vocab_path(request):
 class Pair:
     """Our tokenizer and llama.cpp's for the same file, loaded once per session."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, ours: gguflm.Tokenizer | None = None):
         self.path = path
-        self.ours = gguflm.Tokenizer.from_gguf(path)
+        self.ours = ours or gguflm.Tokenizer.from_gguf(path)
         self.llama = LlamaVocab(path)
 
 
@@ -169,23 +170,40 @@ def write_gguf(path: Path, metadata: dict, types: dict) -> Path:
 
 @pytest.fixture(scope="session")
 def variant(tmp_path_factory, vocab_path):
-    """variant(base_name, **changes) -> path of a copy of a vocabulary with some metadata
-    keys changed (value None removes the key); cached for the session."""
-    cache: dict[tuple, Path] = {}
+    """variant(base_name, **changes) -> Pair for a copy of a vocabulary with some metadata
+    keys changed (``tokenizer__ggml__pre=(value, type)``; value None removes the key).
+    Ours is built from the same metadata that is written; cached for the session."""
+    cache: dict[tuple, Pair] = {}
+    bases: dict[str, tuple[dict, dict]] = {}
     root = tmp_path_factory.mktemp("vocab-variants")
 
-    def make(base: str, **changes) -> Path:
+    def make(base: str, **changes) -> Pair:
         key = (base, tuple(sorted((k, repr(v)) for k, v in changes.items())))
         if key not in cache:
-            f = gguflm.GGUFFile(vocab_path(base))
-            meta, types = dict(f.metadata), dict(f.metadata_types)
+            if base not in bases:
+                with gguflm.GGUFFile(vocab_path(base)) as f:
+                    bases[base] = f.metadata, f.metadata_types
+            meta, types = dict(bases[base][0]), dict(bases[base][1])
             for k, (value, vtype) in changes.items():
                 k = k.replace("__", ".")
                 if value is None:
                     meta.pop(k, None)
                 else:
                     meta[k], types[k] = value, vtype
-            cache[key] = write_gguf(root / f"{base}-{len(cache)}.gguf", meta, types)
+            path = write_gguf(root / f"{base}-{len(cache)}.gguf", meta, types)
+            cache[key] = Pair(path, gguflm.Tokenizer(load_vocab(meta, types)))
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def gguf_writer():
+    """write_gguf(path, metadata, types) -> path (see write_gguf)."""
+    return write_gguf
+
+
+@pytest.fixture(scope="session")
+def llama_loader():
+    """LlamaVocab(path): llama.cpp's vocab-only load (RuntimeError when it refuses)."""
+    return LlamaVocab
