@@ -197,6 +197,15 @@ def test_long_conversation_renders_within_the_default_limits(hf_render, shared_d
     assert err is None and len(text) > 600_000
 
 
+def test_big_tool_output_through_tojson(hf_render, shared_dir: Path):
+    """Llama 3.1 prints tool results with |tojson: 300k characters of it stay within the bounds."""
+    template = ChatTemplate((shared_dir / "templates" / "meta-llama-Llama-3.1-8B-Instruct.jinja").read_text())
+    output = "line with \"quotes\", tabs\tand newlines\n" * 8000
+    messages = CONVERSATIONS["tool_calls"][:2] + [{"role": "tool", "content": output}]
+    text, err = both(hf_render, template, messages, tools=TOOLS)
+    assert err is None and len(text) > len(output)
+
+
 def test_input_objects_are_rebuilt_as_plain_data(hf_render):
     """Message objects with methods of their own never reach the template (as in transformers)."""
     class Role(str):

@@ -4,14 +4,19 @@ Then each bound on its own, at its edge, with small limits."""
 
 from __future__ import annotations
 
+import json
+import pprint
 import threading
 import time
 import tracemalloc
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gguflm
 from gguflm.chat import ChatTemplate, TemplateLimits
+from gguflm.chat.sandbox import text_bound
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -62,6 +67,7 @@ LEAK_MARKERS = ("<class", "<function", "<built-in", "<module", "object at 0x", "
                 "root:", "globals", "<bound", "<method", "<frame")
 
 # Runaways: each must raise TemplateError.
+SHARED = ", ".join(["s"] * 1000)  # a list literal of 1000 references to one big string
 RUNAWAYS = {
     "range_huge": "{% for i in range(10**9) %}{% endfor %}",
     "range_list": "{{ range(10**7)|list|length }}",
@@ -102,6 +108,15 @@ RUNAWAYS = {
     "concat_shared_list": "{% set s = 'x' * 1000000 %}{{ 'a' ~ ([s] * 1000) }}",
     "string_shared_list": "{% set s = 'x' * 1000000 %}{{ ([s] * 1000)|string|length }}",
     "tojson_shared_list": "{% set s = 'x' * 1000000 %}{{ ([s] * 1000)|tojson|length }}",
+    "upper_of_list_literal": "{% set s = 'x' * 1000000 %}{{ [" + SHARED + "]|upper|length }}",
+    "safe_of_list_literal": "{% set s = 'x' * 1000000 %}{{ [" + SHARED + "]|safe|length }}",
+    "trim_of_list_literal": "{% set s = 'x' * 1000000 %}{{ [" + SHARED + "]|trim|length }}",
+    "format_of_list_literal": "{% set s = '%s' * 500000 %}{{ [" + SHARED + "]|format('a')|length }}",
+    "lower_test_of_list_literal": "{% set s = 'x' * 1000000 %}{{ [" + SHARED + "] is lower }}",
+    "raise_exception_of_list_literal": "{% set s = 'x' * 1000000 %}{{ raise_exception([" + SHARED + "]) }}",
+    "strftime_expansion": "{{ strftime_now('%c' * 500000)|length }}",
+    "string_of_dict_literal": "{% set s = 'x' * 1000000 %}{{ {" + ", ".join(f"{i}: s" for i in range(1000))
+                              + "}|string|length }}",
     "self_referencing_namespace": "{% set ns = namespace() %}{% set ns.me = [ns] * 100000 %}{{ ns }}",
     "macro_recursion": "{% macro m(n) %}{{ m(n + 1) }}{% endmacro %}{{ m(0) }}",
     "call_block_recursion": "{% macro m() %}{{ caller() }}{% call m() %}x{% endcall %}{% endmacro %}"
@@ -173,6 +188,28 @@ def test_runaway_templates_stop_quickly_with_little_memory(name: str):
     assert seconds < 2, err
     assert threading.active_count() == threads  # nothing left running
     assert peak_memory_mb(RUNAWAYS[name]) < 160, err
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=300),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    | st.tuples(inner, inner), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES, st.sampled_from([None, 0, 2, "\t"]))
+def test_size_bounds_hold_for_what_python_prints(value, indent):
+    """The bounds the sandbox checks before stringifying must cover what str(), repr(), pprint
+    and json.dumps actually produce."""
+    limit = 10**9
+    assert len(str(value)) <= text_bound(value, limit)
+    assert len(repr(value)) <= text_bound(value, limit, quote_top=True)
+    assert len(pprint.pformat(value)) <= 2 * text_bound(value, limit, per_node=2, per_level=1, quote_top=True)
+    for ascii_only in (False, True):
+        out = json.dumps(value, ensure_ascii=ascii_only, indent=indent)
+        per_level = indent if isinstance(indent, int) else len(indent or "")
+        assert len(out) <= text_bound(value, limit, per_node=5, per_level=per_level, ascii_only=ascii_only,
+                                      quote_top=True)
 
 
 def render(source: str, **limits) -> str:

@@ -20,9 +20,10 @@ wall-clock deadline         every loop iteration, call, operator, filter, concat
 loop iterations             each ``for`` iterates through a guard (the compiler wraps ``iter``)
 call depth (recursion)      every call made by template code: macros, ``loop()``, blocks
 ``range()`` length          the ``range`` global
-size of one value           *before* each operation that can grow a value: ``*`` ``+`` ``%``
-                            ``**`` ``~``, the growing ``str`` methods, ``str.format``, the
-                            growing filters, macro/block buffers, printed values
+size of one value           *before* each operation that can grow a value or turn one into
+                            text: ``*`` ``+`` ``%`` ``**`` ``~``, the growing ``str`` methods,
+                            ``str.format``, filters and tests that build text, macro/block
+                            buffers, printed values
 bytes allocated             every new value is charged to a per-render budget
 rendered output             the output stream
 ==========================  ===================================================================
@@ -178,21 +179,44 @@ def _scope(limits: TemplateLimits) -> Iterator[_Budget]:
 
 # -- size estimates -----------------------------------------------------------------------
 
-def text_bound(value: Any, limit: int, per_node: int = 0, per_level: int = 0) -> int:
+_PLAIN_WHITESPACE = str.maketrans("", "", "\n\t\r")
+
+
+def quoted_len(s: str, ascii_only: bool = False) -> int:
+    """An upper bound of ``len(repr(s))`` and ``len(json.dumps(s, ensure_ascii=ascii_only))``:
+    each quote, backslash, newline, tab and return escapes to 2 characters; a string holding
+    any other non-printable character is charged the worst case, 10 characters each
+    (``\\U0001xxxx``), as is every character when ASCII-only JSON is asked for (a surrogate
+    pair, ``\\ud83d\\ude00``)."""
+    if ascii_only and not s.isascii():
+        return 12 * len(s) + 2
+    if not s.translate(_PLAIN_WHITESPACE).isprintable():
+        return 10 * len(s) + 2
+    return len(s) + 2 + sum(s.count(c) for c in "\\'\"\n\t\r")
+
+
+def text_bound(value: Any, limit: int, per_node: int = 0, per_level: int = 0, ascii_only: bool = False,
+               quote_top: bool = False) -> int:
     """An upper bound of the length of ``str(value)``, ``repr``, ``json.dumps`` or ``pprint`` of
     ``value``, computed without building it; stops counting once past ``limit``.
 
-    A string at the top counts as itself; nested strings as their worst-case escaped repr
-    (``\\U0001xxxx``: 10 characters per character, plus quotes). ``per_node`` and ``per_level``
-    add layout: each nested value costs ``per_node + depth * per_level`` more (``indent``).
+    A string at the top counts as itself (unless ``quote_top``), nested strings as their
+    :func:`quoted_len`, each string once however often it is referenced. ``per_node`` and
+    ``per_level`` add layout: each nested value costs ``per_node + depth * per_level`` more.
     """
     total = 0
+    quoted: dict[int, int] = {}
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack and total <= limit:
         v, depth = stack.pop()
         total += per_node + depth * per_level
         if isinstance(v, str):
-            total += len(v) if depth == 0 else 10 * len(v) + 2
+            if depth == 0 and not quote_top:
+                total += len(v)
+            else:
+                if id(v) not in quoted:
+                    quoted[id(v)] = quoted_len(v, ascii_only)
+                total += quoted[id(v)]
         elif v is None or isinstance(v, (bool, float)):
             total += 24
         elif isinstance(v, int):
@@ -315,12 +339,14 @@ def _data_kind(receiver: Any) -> type | None:
     return None
 
 
-def _check_method(budget: _Budget, obj: Any, args: tuple, kwargs: dict) -> tuple:
+def _check_method(budget: _Budget, obj: Any, args: tuple, kwargs: dict) -> tuple[tuple, bool]:
     """Refuse methods of plain values that are not listed; bound the growing ones. Returns the
-    arguments, with iterators (lazy filter results) turned into lists so they can be measured."""
+    arguments, with iterators (lazy filter results) turned into lists so they can be measured,
+    and whether the result is a new value to charge: methods of containers and numbers return
+    parts or views of what exists (``d.get``, ``d.items``), only strings make new text."""
     kind = _data_kind(getattr(obj, "__self__", None))
     if kind is None:
-        return args
+        return args, True
     name = getattr(obj, "__name__", "?")
     args = tuple(list(a) if isinstance(a, Iterator) else a for a in args)
     grow = _GROWING_STR_METHODS.get(name) if kind is str else None
@@ -330,7 +356,7 @@ def _check_method(budget: _Budget, obj: Any, args: tuple, kwargs: dict) -> tuple
                            f"str.{name}()")
     elif name not in _PLAIN_METHODS[kind]:
         raise TemplateError(f"chat template called {kind.__name__}.{name}(), which templates may not call")
-    return args
+    return args, kind is str
 
 
 # -- filters --------------------------------------------------------------------------------
@@ -348,8 +374,8 @@ def _indent_len(indent: Any) -> int:
 def _tojson_bound(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
                   sort_keys: bool = False, *, limit: int) -> int:
     sep = sum(len(s) for s in separators if isinstance(s, str)) if isinstance(separators, (list, tuple)) else 4
-    top = 10 * len(x) + 2 if isinstance(x, str) else 0  # a string at the top is quoted too
-    return top + text_bound(x, limit, per_node=sep + 1, per_level=max(_indent_len(indent), 0))
+    return text_bound(x, limit, per_node=sep + 1, per_level=max(_indent_len(indent), 0),
+                      ascii_only=bool(ensure_ascii), quote_top=True)
 
 
 def _urlize_bound(value: Any, trim_url_limit: Any = None, nofollow: bool = False, target: Any = None,
@@ -357,6 +383,16 @@ def _urlize_bound(value: Any, trim_url_limit: Any = None, nofollow: bool = False
     n = _s(value, limit)
     extra = sum(len(a) for a in (target, rel) if isinstance(a, str))
     return 3 * n + (n // 2 + 1) * (80 + extra)
+
+
+def _format_filter_bound(value: Any, *args: Any, limit: int, **kwargs: Any) -> int:
+    """``value|format(...)`` is ``str(value) % args``: bound str(value) before building it."""
+    if not isinstance(value, str):
+        size = text_bound(value, limit)
+        if size > limit:
+            return size
+        value = str(value)
+    return _percent_bound(value, kwargs or args, limit)
 
 
 def _sum_bound(iterable: Any, attribute: Any = None, start: Any = 0, *, limit: int) -> int:
@@ -367,13 +403,22 @@ def _sum_bound(iterable: Any, attribute: Any = None, start: Any = 0, *, limit: i
     return total * max(len(items), 1)  # sum() of sequences copies the partial result each step
 
 
-# Filters that can return more than they are given: name -> bound of the result's size, with
-# the filter's own signature (value first) plus the keyword ``limit``.
-_GROWING_FILTERS: dict[str, Callable[..., int]] = {
+# Filters that build text (from a value that may not be text yet) or can return more than they
+# are given: name -> bound of the result's size, with the filter's own signature (value first)
+# plus the keyword ``limit``. Case mappings can triple a string ("ΐ".upper() is 3 characters).
+_FILTER_BOUNDS: dict[str, Callable[..., int]] = {
+    "upper": lambda s, *, limit: 3 * _s(s, limit),
+    "lower": lambda s, *, limit: 3 * _s(s, limit),
+    "title": lambda s, *, limit: 3 * _s(s, limit),
+    "capitalize": lambda s, *, limit: 3 * _s(s, limit),
+    "trim": lambda value, chars=None, *, limit: _s(value, limit),
+    "striptags": lambda value, *, limit: _s(value, limit),
+    "safe": lambda value, *, limit: _s(value, limit),
+    "wordcount": lambda s, *, limit: _s(s, limit),
     "center": lambda value, width=80, *, limit: max(_s(value, limit), width if type(width) is int else 0),
     "indent": lambda s, width=4, first=False, blank=False, *, limit: (
         _s(s, limit) * (1 + max(_indent_len(width), 0)) + max(_indent_len(width), 0)),
-    "format": lambda value, *args, limit, **kwargs: _percent_bound(str(value), kwargs or args, limit),
+    "format": _format_filter_bound,
     "join": lambda value, d="", attribute=None, *, limit: _join_bound(d, value, limit=limit),
     "replace": lambda s, old, new, count=None, *, limit: _replace_bound(
         s, old, new, -1 if count is None else count, limit=limit),
@@ -382,7 +427,8 @@ _GROWING_FILTERS: dict[str, Callable[..., int]] = {
     "truncate": lambda s, length=255, killwords=False, end="...", leeway=None, *, limit: (
         _s(s, limit) + _s(end, limit)),
     "string": lambda value, *, limit: text_bound(value, limit),
-    "pprint": lambda value, *, limit: text_bound(value, limit, per_node=2, per_level=1),
+    # pprint splits long strings into quoted pieces of a line each: at most twice the repr
+    "pprint": lambda value, *, limit: 2 * text_bound(value, limit, per_node=2, per_level=1, quote_top=True),
     "tojson": _tojson_bound,
     "urlize": _urlize_bound,
     "xmlattr": lambda d, autospace=True, *, limit: 6 * text_bound(d, limit),
@@ -397,8 +443,8 @@ _GROWING_FILTERS: dict[str, Callable[..., int]] = {
 
 
 def _guard_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a filter: deadline, a size bound before it runs (for growing filters), a charge after."""
-    bound = _GROWING_FILTERS.get(name)
+    """Wrap a filter: deadline, a size bound before it runs (if it has one), a charge after."""
+    bound = _FILTER_BOUNDS.get(name)
     skip = 1 if getattr(fn, "jinja_pass_arg", None) is not None else 0  # context/env goes first
 
     @functools.wraps(fn)
@@ -411,6 +457,25 @@ def _guard_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             budget.allow_chars(bound(*args[skip:], **kwargs, limit=budget.limits.max_string_chars),
                                f"the '{name}' filter")
         return budget.charge(fn(*args, **kwargs))
+
+    return guarded
+
+
+# Tests that turn their value into text: name -> bound of that text's size.
+_TEST_BOUNDS: dict[str, Callable[..., int]] = {
+    "lower": lambda value, *, limit: _s(value, limit),
+    "upper": lambda value, *, limit: _s(value, limit),
+}
+
+
+def _guard_test(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    bound = _TEST_BOUNDS[name]
+
+    @functools.wraps(fn)
+    def guarded(value: Any) -> Any:
+        budget = _budget()
+        budget.allow_chars(bound(value, limit=budget.limits.max_string_chars), f"the '{name}' test")
+        return fn(value)
 
     return guarded
 
@@ -438,10 +503,15 @@ def _finalize(value: Any) -> Any:
 
 def _raise_exception(message: Any) -> None:
     """The template's own error (e.g. "roles must alternate"): its message, unchanged."""
+    budget = _budget()
+    budget.allow_chars(_s(message, budget.limits.max_string_chars), "raise_exception()")
     raise TemplateError(str(message))
 
 
 def _strftime_now(format: str) -> str:
+    budget = _budget()
+    if isinstance(format, str):  # "%c" (2 characters) writes 24 and more, depending on the locale
+        budget.allow_chars(16 * len(format), "strftime_now()")
     return datetime.now().strftime(format)
 
 
@@ -578,6 +648,7 @@ class SandboxEnvironment(ImmutableSandboxedEnvironment):
         self.filters["tojson"] = _tojson
         self.filters = {name: _guard_filter(name, fn) for name, fn in self.filters.items()}
         self.filters[_LOOP_GUARD] = _loop_guard
+        self.tests.update({name: _guard_test(name, self.tests[name]) for name in _TEST_BOUNDS})
         del self.globals["lipsum"]
         self.globals.update(range=_range, dict=_DictFactory(), namespace=_Namespace,
                             raise_exception=_raise_exception, strftime_now=_strftime_now)
@@ -585,7 +656,7 @@ class SandboxEnvironment(ImmutableSandboxedEnvironment):
     def call(self, context: jinja2.runtime.Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         budget = _budget()
         budget.tick()
-        args = _check_method(budget, obj, args, kwargs)
+        args, new_value = _check_method(budget, obj, args, kwargs)
         if isinstance(obj, LoopContext) and args:  # loop(children) in a recursive loop
             args = (budget.iterate(args[0]), *args[1:])
         budget.enter_call()
@@ -593,7 +664,7 @@ class SandboxEnvironment(ImmutableSandboxedEnvironment):
             result = super().call(context, obj, *args, **kwargs)
         finally:
             budget.depth -= 1
-        return budget.charge(result)
+        return budget.charge(result) if new_value else result
 
     def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
         budget = _budget()
