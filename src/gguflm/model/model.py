@@ -34,8 +34,8 @@ class Model:
 
     @property
     def chat_template(self) -> Any:
-        """The file's ChatTemplate (None if the file has none), built on first use."""
-        if self._chat_template is None and "tokenizer.chat_template" in self.file.metadata:
+        """The file's ChatTemplate (a built-in format if the file has none), built on first use."""
+        if self._chat_template is None:
             from gguflm.chat import ChatTemplate
 
             self._chat_template = ChatTemplate.from_gguf(self.file)

@@ -1,0 +1,50 @@
+"""`python -m gguflm.demo` (what `make demo` runs): a real generation with the default model.
+
+Loads SmolLM2-135M-Instruct, asks it two questions through its chat template and streams
+the answers: the first greedily (temperature 0, reproducible), the second sampled with
+llama.cpp's default settings and a fixed seed. Says what it runs as it goes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import gguflm
+from gguflm.defaults import INSTALL_HINT, default_model_path
+from gguflm.engine import SamplingParams, generate_text
+
+RUNS = (
+    ("Is Paris the capital of France?", dict(temperature=0.0), 64),
+    ("Write one sentence about the sea.", dict(temperature=0.8, seed=42), 48),
+)
+
+
+def main() -> int:
+    path = default_model_path()
+    if path is None:
+        print(f"demo: {INSTALL_HINT}", file=sys.stderr)
+        return 1
+    print(f"Loading {path.name} ...")
+    t0 = time.perf_counter()
+    model = gguflm.load(path)
+    c = model.config
+    print(f"  {c.arch}: {c.n_layer} layers, {c.n_embd} wide, {c.n_head}/{c.n_head_kv} heads, "
+          f"vocab {c.n_vocab}; loaded in {time.perf_counter() - t0:.1f} s\n")
+    for question, sampling, n in RUNS:
+        settings = ", ".join(f"{k}={v}" for k, v in sampling.items())
+        print(f"user> {question}    [chat template; {settings}; at most {n} tokens]")
+        prompt = model.chat_template.render([{"role": "user", "content": question}])
+        stream = model.stream_tokens(prompt, n, SamplingParams(**sampling))
+        print("assistant> ", end="", flush=True)
+        for piece in generate_text(stream):
+            print(piece, end="", flush=True)
+        r = stream.result
+        speed = r.n_generated / r.decode_seconds if r.decode_seconds else float("nan")
+        print(f"\n  ({r.n_prompt} prompt tokens, {r.n_generated} generated at {speed:.1f} tok/s, "
+              f"finish: {r.finish_reason})\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
