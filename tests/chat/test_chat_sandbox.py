@@ -10,13 +10,16 @@ import threading
 import time
 import tracemalloc
 
+import jinja2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jinja2.filters import FILTERS
+from jinja2.nodes import EvalContext
 
 import gguflm
 from gguflm.chat import ChatTemplate, TemplateLimits
-from gguflm.chat.sandbox import text_bound
+from gguflm.chat.sandbox import _FILTER_BOUNDS, text_bound
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -210,6 +213,33 @@ def test_size_bounds_hold_for_what_python_prints(value, indent):
         per_level = indent if isinstance(indent, int) else len(indent or "")
         assert len(out) <= text_bound(value, limit, per_node=5, per_level=per_level, ascii_only=ascii_only,
                                       quote_top=True)
+
+
+TEXT = st.text(alphabet=st.sampled_from("ab -\n\t&<>\"'%é😀"), max_size=200)
+
+
+@settings(max_examples=300, deadline=None)
+@given(TEXT, TEXT.filter(bool), st.integers(1, 30), st.sampled_from([None, "", "<br>"]), st.integers(-1, 5))
+def test_filter_bounds_hold_for_jinjas_own_filters(text, other, width, wrapstring, count):
+    """Each size bound checked before a filter runs covers what Jinja's own filter returns."""
+    env = jinja2.Environment()
+    cases = [
+        ("center", (text, width), FILTERS["center"](text, width)),
+        ("indent", (text, width, True, True), FILTERS["indent"](text, width, True, True)),
+        ("wordwrap", (text, width, True, wrapstring), FILTERS["wordwrap"](env, text, width, True, wrapstring)),
+        ("replace", (text, other, text, count), FILTERS["replace"](EvalContext(env), text, other, text, count)),
+        ("replace", (text, "", other), FILTERS["replace"](EvalContext(env), text, "", other)),
+        ("truncate", (text, width + len(other), False, other),
+         FILTERS["truncate"](env, text, width + len(other), False, other)),
+        ("join", ([text, other, text], other), FILTERS["join"](EvalContext(env), [text, other, text], other)),
+        ("format", ("%s|%5s|%r" + text.replace("%", ""), other, width, text),
+         FILTERS["format"]("%s|%5s|%r" + text.replace("%", ""), other, width, text)),
+        ("urlize", (text + " http://a.b/" + other,), FILTERS["urlize"](EvalContext(env), text + " http://a.b/" + other)),
+        ("xmlattr", ({"k": text, "v": other},), FILTERS["xmlattr"](EvalContext(env), {"k": text, "v": other})),
+        ("urlencode", ({"k": text, "v": [other]},), FILTERS["urlencode"]({"k": text, "v": [other]})),
+    ]
+    for name, args, result in cases:
+        assert len(result) <= _FILTER_BOUNDS[name](*args, limit=10**9), (name, args)
 
 
 def render(source: str, **limits) -> str:

@@ -385,6 +385,23 @@ def _urlize_bound(value: Any, trim_url_limit: Any = None, nofollow: bool = False
     return 3 * n + (n // 2 + 1) * (80 + extra)
 
 
+def _lines(s: Any, limit: int) -> int:
+    """Upper bound of the number of lines in str(s)."""
+    return s.count("\n") + 1 if isinstance(s, str) else _s(s, limit) + 1
+
+
+def _indent_bound(s: Any, width: Any = 4, first: bool = False, blank: bool = False, *, limit: int) -> int:
+    return _s(s, limit) + _lines(s, limit) * max(_indent_len(width), 0)
+
+
+def _wordwrap_bound(s: Any, width: Any = 79, break_long_words: bool = True, wrapstring: Any = None,
+                    break_on_hyphens: bool = True, *, limit: int) -> int:
+    """Lines of ``width`` hold at least half their width, or end a paragraph."""
+    n = _s(s, limit)
+    lines = 2 * n // max(width if type(width) is int else 1, 1) + _lines(s, limit)
+    return n + lines * (len(wrapstring) if isinstance(wrapstring, str) else 1)
+
+
 def _format_filter_bound(value: Any, *args: Any, limit: int, **kwargs: Any) -> int:
     """``value|format(...)`` is ``str(value) % args``: bound str(value) before building it."""
     if not isinstance(value, str):
@@ -403,27 +420,29 @@ def _sum_bound(iterable: Any, attribute: Any = None, start: Any = 0, *, limit: i
     return total * max(len(items), 1)  # sum() of sequences copies the partial result each step
 
 
-# Filters that build text (from a value that may not be text yet) or can return more than they
-# are given: name -> bound of the result's size, with the filter's own signature (value first)
-# plus the keyword ``limit``. Case mappings can triple a string ("ΐ".upper() is 3 characters).
+# Filters that turn their value into text or can return more than they are given: name ->
+# bound of the result's size, with the filter's own signature (value first) plus the keyword
+# ``limit``. Growth by a small constant factor of text that already exists (case mapping up to
+# 3x, HTML escaping up to 6x) is left to the size check on the result.
 _FILTER_BOUNDS: dict[str, Callable[..., int]] = {
-    "upper": lambda s, *, limit: 3 * _s(s, limit),
-    "lower": lambda s, *, limit: 3 * _s(s, limit),
-    "title": lambda s, *, limit: 3 * _s(s, limit),
-    "capitalize": lambda s, *, limit: 3 * _s(s, limit),
+    "upper": lambda s, *, limit: _s(s, limit),
+    "lower": lambda s, *, limit: _s(s, limit),
+    "title": lambda s, *, limit: _s(s, limit),
+    "capitalize": lambda s, *, limit: _s(s, limit),
     "trim": lambda value, chars=None, *, limit: _s(value, limit),
     "striptags": lambda value, *, limit: _s(value, limit),
     "safe": lambda value, *, limit: _s(value, limit),
     "wordcount": lambda s, *, limit: _s(s, limit),
+    "escape": lambda value, *, limit: _s(value, limit),
+    "e": lambda value, *, limit: _s(value, limit),
+    "forceescape": lambda value, *, limit: _s(value, limit),
     "center": lambda value, width=80, *, limit: max(_s(value, limit), width if type(width) is int else 0),
-    "indent": lambda s, width=4, first=False, blank=False, *, limit: (
-        _s(s, limit) * (1 + max(_indent_len(width), 0)) + max(_indent_len(width), 0)),
+    "indent": _indent_bound,
     "format": _format_filter_bound,
     "join": lambda value, d="", attribute=None, *, limit: _join_bound(d, value, limit=limit),
     "replace": lambda s, old, new, count=None, *, limit: _replace_bound(
         s, old, new, -1 if count is None else count, limit=limit),
-    "wordwrap": lambda s, width=79, break_long_words=True, wrapstring=None, break_on_hyphens=True, *, limit: (
-        _s(s, limit) * (1 + len(wrapstring) if isinstance(wrapstring, str) else 2)),
+    "wordwrap": _wordwrap_bound,
     "truncate": lambda s, length=255, killwords=False, end="...", leeway=None, *, limit: (
         _s(s, limit) + _s(end, limit)),
     "string": lambda value, *, limit: text_bound(value, limit),
@@ -433,9 +452,6 @@ _FILTER_BOUNDS: dict[str, Callable[..., int]] = {
     "urlize": _urlize_bound,
     "xmlattr": lambda d, autospace=True, *, limit: 6 * text_bound(d, limit),
     "urlencode": lambda value, *, limit: 12 * text_bound(value, limit),
-    "escape": lambda value, *, limit: 6 * _s(value, limit),
-    "e": lambda value, *, limit: 6 * _s(value, limit),
-    "forceescape": lambda value, *, limit: 6 * _s(value, limit),
     "batch": lambda value, linecount, fill_with=None, *, limit: 0 if fill_with is None else 16 * linecount,
     "slice": lambda value, slices, fill_with=None, *, limit: 64 * slices,
     "sum": _sum_bound,
