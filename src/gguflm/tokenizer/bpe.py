@@ -10,8 +10,9 @@ With ``ignore_merges`` a word that is already a token is emitted whole.
 
 from __future__ import annotations
 
-import heapq
+from itertools import chain
 
+from gguflm.tokenizer.merge import merge
 from gguflm.tokenizer.pretokenize import PreTokenizer
 from gguflm.tokenizer.unicode import BYTE_ENCODE
 from gguflm.tokenizer.vocab import Vocab
@@ -27,22 +28,25 @@ class BPEEncoder:
         self.setting = vocab.setting
         self.pre = PreTokenizer(vocab.setting.pre_type)
         self.ids = vocab.token_to_id
-        self.ranks = vocab.ranks
+        self.ranks = vocab.ranks                 # "left right" -> rank
         self.ignore_merges = vocab.ignore_merges
         self._cache: dict[str, tuple[int, ...]] = {}
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one text fragment (no special-token handling, no BOS/EOS)."""
-        out: list[int] = []
+        words = self.pre.split(text)
         cache = self._cache
-        for word in self.pre.split(text):
-            ids = cache.get(word)
-            if ids is None:
-                if len(cache) >= CACHE_LIMIT:
-                    cache.clear()
-                ids = cache[word] = self._encode_word(word)
-            out.extend(ids)
-        return out
+        found = list(map(cache.get, words))    # (n_words,) cached ids or None
+        if None in found:
+            for i, ids in enumerate(found):
+                if ids is None:
+                    ids = cache.get(words[i])
+                    if ids is None:
+                        if len(cache) >= CACHE_LIMIT:
+                            cache.clear()
+                        ids = cache[words[i]] = self._encode_word(words[i])
+                    found[i] = ids
+        return list(chain.from_iterable(found))
 
     def _encode_word(self, word: str) -> tuple[int, ...]:
         setting, ids = self.setting, self.ids
@@ -53,7 +57,7 @@ class BPEEncoder:
                                   (setting.whole_newline_words and not word.strip("\n"))):
             return (whole,)
         out: list[int] = []
-        for sym in self._merge(list(word)):
+        for sym in merge(list(word), self.ranks, " "):
             tid = ids.get(sym)
             if tid is not None:
                 out.append(tid)
@@ -66,36 +70,3 @@ class BPEEncoder:
                 if tid is not None:
                     out.append(tid)
         return tuple(out)
-
-    def _merge(self, syms: list[str]) -> list[str]:
-        """The symbols left after applying the merges to ``syms`` (one per code point)."""
-        n = len(syms)
-        if n < 2:
-            return syms
-        ranks = self.ranks
-        nxt = list(range(1, n + 1))
-        nxt[-1] = -1
-        prv = list(range(-1, n - 1))
-        heap: list[tuple[int, int, int, str]] = []  # (rank, left, right, merged text)
-
-        def candidate(left: int, right: int) -> None:
-            rank = ranks.get((syms[left], syms[right]))
-            if rank is not None:
-                heapq.heappush(heap, (rank, left, right, syms[left] + syms[right]))
-
-        for i in range(n - 1):
-            candidate(i, i + 1)
-        while heap:
-            _, left, right, text = heapq.heappop(heap)
-            a, b = syms[left], syms[right]
-            if not a or not b or a + b != text:
-                continue                          # one side changed since: stale
-            syms[left], syms[right] = text, ""
-            after = nxt[left] = nxt[right]
-            if after >= 0:
-                prv[after] = left
-            if prv[left] >= 0:
-                candidate(prv[left], left)
-            if after >= 0:
-                candidate(left, after)
-        return [s for s in syms if s]

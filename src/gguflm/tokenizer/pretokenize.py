@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from itertools import accumulate
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -96,6 +97,7 @@ class Regex:
     """One regex of llama.cpp's table, as written there (ECMAScript dialect)."""
 
     pattern: str
+    tiling = None  # matches leave gaps in general
 
     @cached_property
     def view(self) -> str:
@@ -109,15 +111,25 @@ class Regex:
 
 @dataclass(frozen=True)
 class Custom:
-    """A hand-written llama.cpp splitter, reproduced as ``build()`` on ``view``."""
+    """A hand-written llama.cpp splitter, reproduced on ``view`` either by a regex whose
+    matches tile any text (``pattern``) or by a split function (``splitter``)."""
 
     name: str
     view: str
-    build: Callable[[], SplitFn]
+    pattern: Callable[[], re.Pattern[str]] | None = None
+    splitter: Callable[[], SplitFn] | None = None
+
+    @cached_property
+    def tiling(self) -> re.Pattern[str] | None:
+        """The regex whose matches cover every character (no gaps), if any."""
+        return self.pattern() if self.pattern else None
 
     @cached_property
     def split(self) -> SplitFn:
-        return self.build()
+        if self.splitter is not None:
+            return self.splitter()
+        assert self.tiling is not None
+        return _split_with(self.tiling)
 
 
 Step = Regex | Custom
@@ -131,29 +143,26 @@ _CONTRACTION_CI = r"'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD]"
 _SPACES = rf"[{_WS}]*[\r\n]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+"
 
 
-def _gpt2() -> SplitFn:
+def _gpt2() -> re.Pattern[str]:
     # 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S), where a lone
     # space/tab/newline before a non-space becomes its own word (llama.cpp's \s+ fallback).
-    return _split_with(re.compile(
-        rf"{_CONTRACTION_CS}| ?[{_L}]+| ?[{_N}]+| ?[^{_WS}{_L}{_N}]+"
-        rf"|[{_WS}]+(?![^{_WS}])|[{_WS}]+"))
+    return re.compile(rf"{_CONTRACTION_CS}| ?[{_L}]+| ?[{_N}]+| ?[^{_WS}{_L}{_N}]+"
+                      rf"|[{_WS}]+(?![^{_WS}])|[{_WS}]+")
 
 
-def _llama3_like(numbers: str, letters: str, others_excluded: str) -> Callable[[], SplitFn]:
-    def build() -> SplitFn:
-        return _split_with(re.compile(
-            rf"(?:{_CONTRACTION_CI})|[^\r\n{_L}{_N}]?[{letters}]+|{numbers}"
-            rf"| ?[^{_WS}{others_excluded}]+[\r\n]*|{_SPACES}"))
+def _llama3_like(numbers: str, letters: str, others_excluded: str) -> Callable[[], re.Pattern[str]]:
+    def build() -> re.Pattern[str]:
+        return re.compile(rf"(?:{_CONTRACTION_CI})|[^\r\n{_L}{_N}]?[{letters}]+|{numbers}"
+                          rf"| ?[^{_WS}{others_excluded}]+[\r\n]*|{_SPACES}")
     return build
 
 
-def _kimi() -> SplitFn:
+def _kimi() -> re.Pattern[str]:
     # Han runs first; letter words exclude Han; a Han code point that is not a letter
     # (an unassigned one in the Han blocks) still counts as "other" inside symbol runs.
     han, all_letters = "\xd6\xd7", _L + "\xd6"
-    return _split_with(re.compile(
-        rf"[{han}]+|[^\r\n{all_letters}{_N}]?[{_L}]+(?:{_CONTRACTION_CI})?|[{_N}]{{1,3}}"
-        rf"| ?[^{_WS}{all_letters}{_N}]+[\r\n]*|{_SPACES}"))
+    return re.compile(rf"[{han}]+|[^\r\n{all_letters}{_N}]?[{_L}]+(?:{_CONTRACTION_CI})?"
+                      rf"|[{_N}]{{1,3}}| ?[^{_WS}{all_letters}{_N}]+[\r\n]*|{_SPACES}")
 
 
 def _digit_groups() -> SplitFn:
@@ -175,17 +184,17 @@ def _digit_groups() -> SplitFn:
     return split
 
 
-def _newline_runs() -> SplitFn:
-    return _split_with(re.compile(r"[^\n]+|\n+"))
+def _newline_runs() -> re.Pattern[str]:
+    return re.compile(r"[^\n]+|\n+")
 
 
-GPT2 = Custom("gpt2", "collapse", _gpt2)
-LLAMA3 = Custom("llama3", "collapse", _llama3_like(rf"[{_N}]{{1,3}}", _L, _L + _N))
-QWEN2 = Custom("qwen2", "collapse", _llama3_like(rf"[{_N}]", _L, _L + _N))
-QWEN35 = Custom("qwen35", "collapse", _llama3_like(rf"[{_N}]", _L + _M, _L + _M + _N))
-KIMI_K2 = Custom("kimi-k2", "kimi", _kimi)
-DIGIT_GROUPS = Custom("digit-groups", "collapse", _digit_groups)
-NEWLINES = Custom("newlines", "text", _newline_runs)
+GPT2 = Custom("gpt2", "collapse", pattern=_gpt2)
+LLAMA3 = Custom("llama3", "collapse", pattern=_llama3_like(rf"[{_N}]{{1,3}}", _L, _L + _N))
+QWEN2 = Custom("qwen2", "collapse", pattern=_llama3_like(rf"[{_N}]", _L, _L + _N))
+QWEN35 = Custom("qwen35", "collapse", pattern=_llama3_like(rf"[{_N}]", _L + _M, _L + _M + _N))
+KIMI_K2 = Custom("kimi-k2", "kimi", pattern=_kimi)
+DIGIT_GROUPS = Custom("digit-groups", "collapse", splitter=_digit_groups)
+NEWLINES = Custom("newlines", "text", pattern=_newline_runs)
 
 # -- llama.cpp's regexes (the models' tokenizer.json patterns, adapted by llama.cpp) ---
 _CI = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
@@ -377,21 +386,43 @@ class PreTokenizer:
     def __init__(self, pre_type: str):
         self.pre_type = pre_type
         self.steps = PRE_TYPES[pre_type]
-        self._single = self.steps[0] if len(self.steps) == 1 else None
 
     def split(self, text: str) -> list[str]:
         """The words of ``text`` (concatenated, they give ``text`` back)."""
         if not text:
             return []
         views: dict[str, str] = {}
-        spans: list[Span] = [(0, len(text))]
-        for step in self.steps:
+
+        def view_of(step: Step) -> str:
             view = views.get(step.view)
             if view is None:
                 view = views[step.view] = _VIEWS[step.view](text)
-            out: list[Span] = []
-            fn = step.split
+            return view
+
+        spans: list[Span] = [(0, len(text))]
+        *head, last = self.steps
+        for step in head:
+            view, out, fn = view_of(step), [], step.split
             for start, end in spans:
                 fn(view, start, end, out)
             spans = out
-        return [text[a:b] for a, b in spans]
+        view = view_of(last)
+        if last.tiling is None:
+            out = []
+            for start, end in spans:
+                last.split(view, start, end, out)
+            return [text[a:b] for a, b in out]
+        # Fast path: the last step's matches tile each span, so findall gives the words
+        # (or, on a translated view, their lengths).
+        findall = last.tiling.findall
+        if len(spans) == 1 and view is text:
+            return findall(text)
+        words: list[str] = []
+        for start, end in spans:
+            pieces = findall(view[start:end])
+            if view is text:
+                words += pieces
+            else:  # same lengths as in the text: cut the text at the running offsets
+                cuts = list(accumulate(map(len, pieces), initial=start))
+                words += map(text.__getitem__, map(slice, cuts, cuts[1:]))
+        return words

@@ -3,7 +3,7 @@
 The text (spaces already escaped to U+2581 "▁") starts as one symbol per code point.
 Every adjacent pair whose concatenation is a token is a candidate; repeatedly the
 candidate with the highest token score (ties: leftmost) is merged, and the pairs it
-forms with its neighbours become candidates. A final symbol that is a token is
+forms with its neighbours become candidates (:func:`merge`). A final symbol that is a token is
 emitted as that token, otherwise as its UTF-8 bytes through the byte tokens
 ``<0xXX>`` (byte fallback).
 
@@ -15,10 +15,10 @@ word-like chunks, each encoded once and cached.
 
 from __future__ import annotations
 
-import heapq
 import re
 
 from gguflm.errors import GGUFError
+from gguflm.tokenizer.merge import merge
 from gguflm.tokenizer.vocab import Vocab
 
 SPACE = "\u2581"
@@ -30,7 +30,7 @@ class SPMEncoder:
 
     def __init__(self, vocab: Vocab):
         self.ids = vocab.token_to_id
-        self.scores = vocab.scores
+        self._priority = {text: -score for text, score in zip(vocab.texts, vocab.scores)}
         glue = {t[i] for t in vocab.texts for i in range(len(t) - 1) if t[i + 1] == SPACE}
         lookbehind = f"(?<![{re.escape(''.join(sorted(glue)))}])" if glue else ""
         self._cut = re.compile(f"{lookbehind}(?={SPACE})")
@@ -59,43 +59,13 @@ class SPMEncoder:
         return tid
 
     def _encode_chunk(self, chunk: str) -> tuple[int, ...]:
-        syms = list(chunk)                       # (n,) current symbol texts; "" once merged away
-        n = len(syms)
-        nxt = list(range(1, n + 1))
-        nxt[-1:] = [-1]
-        prv = list(range(-1, n - 1))
-        ids, scores = self.ids, self.scores
-        heap: list[tuple[float, int, int, int]] = []  # (-score, left, right, merged length)
-
-        def candidate(left: int, right: int) -> None:
-            text = syms[left] + syms[right]
-            tid = ids.get(text)
-            if tid is not None:
-                heapq.heappush(heap, (-scores[tid], left, right, len(text)))
-
-        for i in range(n - 1):
-            candidate(i, i + 1)
-        while heap:
-            _, left, right, size = heapq.heappop(heap)
-            a, b = syms[left], syms[right]
-            if not a or not b or len(a) + len(b) != size:
-                continue                          # one side changed since: stale
-            syms[left], syms[right] = a + b, ""
-            after = nxt[left] = nxt[right]
-            if after >= 0:
-                prv[after] = left
-            if prv[left] >= 0:
-                candidate(prv[left], left)
-            if after >= 0:
-                candidate(left, after)
-
+        ids = self.ids
         out: list[int] = []
-        i = 0 if n else -1
-        while i >= 0:
-            tid = ids.get(syms[i])
+        for sym in merge(list(chunk), self._priority, ""):
+            tid = ids.get(sym)
             if tid is not None:
                 out.append(tid)
             else:
-                out.extend(self.byte_token(b) for b in syms[i].encode("utf-8"))
-            i = nxt[i]
+                out.extend(self.byte_token(b) for b in sym.encode("utf-8"))
         return tuple(out)
+

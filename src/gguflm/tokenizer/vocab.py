@@ -140,7 +140,7 @@ class Vocab:
     scores: list[float]
     attrs: list[int]
     token_to_id: dict[str, int]
-    ranks: dict[tuple[str, str], int]  # BPE merges: (left, right) -> rank
+    ranks: dict[str, int]             # BPE merge rule "left right" -> rank
     special: dict[str, int | None]    # bos, eos, eot, eom, unk, sep, pad, mask, fim_*
     add_bos: bool
     add_eos: bool
@@ -222,15 +222,16 @@ def load_vocab(meta: Mapping[str, Any], types: Mapping[str, tuple]) -> Vocab:
         token_to_id[text] = i
     attrs = [TOKEN_TYPE_ATTR.get(t, Attr.UNDEFINED) for t in token_types]
 
-    ranks: dict[tuple[str, str], int] = {}
+    ranks: dict[str, int] = {}
     if kind == "bpe":
         merges = _get(meta, types, "tokenizer.ggml.merges")
         if merges is None and pre != "kimi-k2":
             raise GGUFError("missing metadata key tokenizer.ggml.merges (needed by a BPE vocabulary)")
-        for rank, merge in enumerate(merges or ()):
-            cut = merge.find(" ", 1)
-            pair = (merge[:cut], merge[cut + 1:]) if cut >= 0 else ("", "")
-            ranks.setdefault(pair, rank)
+        # llama.cpp splits a rule at its first space after position 0 and keeps the first
+        # rank of a pair; since symbols never contain spaces, keying by the rule text is
+        # the same (a rule with no such space, or with two, can never apply).
+        for rank, rule in enumerate(merges or ()):
+            ranks.setdefault(rule, rank)
 
     for slot, key in SPECIAL_ID_KEYS:
         if special[slot] is not None and special[slot] >= n:
