@@ -15,8 +15,7 @@ import torch
 
 from gguflm.gguf.types import GGMLType
 from gguflm.quant import tables
-from gguflm.quant.base import Blocks, QuantType, f16_bits_to_f32, table
-from gguflm.quant.legacy import to_f32
+from gguflm.quant.base import Blocks, QuantType, f16_bits_to_f32, lookup, reinterpret, table
 
 
 @functools.cache
@@ -40,18 +39,18 @@ def apply_signs(y: torch.Tensor, sign_bytes: torch.Tensor, seven_bit: bool) -> t
     ``seven_bit``: the bytes are ksigns_iq2xs indices rather than sign bytes.
     """
     rows = _ksign_rows(y.device) if seven_bit else _sign_rows(y.device)
-    y.view(torch.int32).bitwise_xor_(rows[sign_bytes.to(torch.int32)])
+    y.view(torch.int32).bitwise_xor_(lookup(rows, sign_bytes))
     return y
 
 
-def grid(g: tables._Grid, idx: torch.Tensor) -> torch.Tensor:
+def grid(g: tables.Grid, idx: torch.Tensor) -> torch.Tensor:
     """(...) row indices -> (..., width) float32 codebook values."""
-    return tables.grid_f32(g, idx.device)[idx.to(torch.int32)]
+    return lookup(tables.grid_f32(g, idx.device), idx)
 
 
 def u32_words(b: torch.Tensor) -> torch.Tensor:
     """(..., 4k) uint8 -> (..., k) int32 holding the little-endian uint32 bit patterns."""
-    return b.contiguous().view(torch.int32)
+    return reinterpret(b, torch.int32)
 
 
 def half_scales(scales: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -59,7 +58,7 @@ def half_scales(scales: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     d * (0.5 + nibble) * 0.25 for the low nibble (first 16 values), then the high."""
     n = scales.shape[0]
     nib = torch.stack((scales & 15, scales >> 4), dim=-1).view(n, 16)
-    return to_f32(nib).add_(0.5).mul_(d).mul_(0.25)
+    return (nib + 0.5).mul_(d).mul_(0.25)
 
 
 class IQ2_XXS(QuantType, ggml_type=GGMLType.IQ2_XXS):
@@ -73,7 +72,7 @@ class IQ2_XXS(QuantType, ggml_type=GGMLType.IQ2_XXS):
         q = b.bytes("qs").reshape(n, 8, 8)  # (n, sub-block, byte)
         w = u32_words(q[:, :, 4:8]).reshape(n, 8, 1)  # (n, 8, 1)
         sidx = (w >> table(range(0, 28, 7), torch.int32, q.device)) & 127  # (n, 8, 4)
-        db = to_f32((w.squeeze(-1) >> 28) & 15).add_(0.5).mul_(b.field("d")).mul_(0.25)  # (n, 8)
+        db = (((w.squeeze(-1) >> 28) & 15) + 0.5).mul_(b.field("d")).mul_(0.25)  # (n, 8)
         y = grid(tables.IQ2XXS_GRID, q[:, :, 0:4]).mul_(db.view(n, 8, 1, 1))  # (n, 8, 4, 8)
         return apply_signs(y, sidx, seven_bit=True).view(n, 256)
 
@@ -119,7 +118,7 @@ class IQ3_XXS(QuantType, ggml_type=GGMLType.IQ3_XXS):
         qs = b.field("qs")  # (n, 96)
         w = u32_words(qs[:, 64:96]).view(n, 8, 1)  # (n, 8, 1)
         sidx = (w >> table(range(0, 28, 7), torch.int32, qs.device)) & 127  # (n, 8, 4)
-        db = to_f32((w.squeeze(-1) >> 28) & 15).add_(0.5).mul_(b.field("d")).mul_(0.5)  # (n, 8)
+        db = (((w.squeeze(-1) >> 28) & 15) + 0.5).mul_(b.field("d")).mul_(0.5)  # (n, 8)
         y = grid(tables.IQ3XXS_GRID, qs[:, :64]).view(n, 8, 4, 8).mul_(db.view(n, 8, 1, 1))
         return apply_signs(y, sidx, seven_bit=True).view(n, 256)
 
@@ -137,7 +136,7 @@ class IQ3_S(QuantType, ggml_type=GGMLType.IQ3_S):
         rows = qs.to(torch.int32) | (high.to(torch.int32) << 8)
         sc = b.field("scales")  # (n, 4)
         nib = torch.stack((sc & 15, sc >> 4), dim=-1).view(n, 8).to(torch.int32)
-        db = to_f32(1 + 2 * nib).mul_(b.field("d"))  # (n, 8)
+        db = torch.mul(1 + 2 * nib, b.field("d"))  # (n, 8)
         y = grid(tables.IQ3S_GRID, rows).view(n, 8, 4, 8).mul_(db.view(n, 8, 1, 1))
         return apply_signs(y, b.field("signs").view(n, 8, 4), seven_bit=False).view(n, 256)
 
@@ -153,7 +152,7 @@ class IQ1_S(QuantType, ggml_type=GGMLType.IQ1_S):
         h = b.field("qh").view(n, 8, 1)  # (n, 8, 1) int32
         high = (h >> table(range(0, 12, 3), torch.int32, h.device)) & 7  # (n, 8, 4)
         rows = b.field("qs").view(n, 8, 4).to(torch.int32) | (high << 8)
-        dl = to_f32(2 * ((h >> 12) & 7) + 1).mul_(b.field("d").view(n, 1, 1))  # (n, 8, 1)
+        dl = torch.mul(2 * ((h >> 12) & 7) + 1, b.field("d").view(n, 1, 1))  # (n, 8, 1)
         delta = torch.where((h & 0x8000) != 0, -tables.IQ1_DELTA, tables.IQ1_DELTA)  # (n, 8, 1)
         y = grid(tables.IQ1S_GRID, rows).add_(delta.view(n, 8, 1, 1))  # (n, 8, 4, 8)
         return y.mul_(dl.view(n, 8, 1, 1)).view(n, 256)
@@ -170,7 +169,7 @@ class IQ1_M(QuantType, ggml_type=GGMLType.IQ1_M):
     @staticmethod
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         n = b.n
-        sc = b.bytes("scales").contiguous().view(torch.int16).to(torch.int32) & 0xFFFF  # (n, 4)
+        sc = reinterpret(b.bytes("scales"), torch.int16).to(torch.int32) & 0xFFFF  # (n, 4)
         d_bits = (sc[:, 0] >> 12) | ((sc[:, 1] >> 8) & 0xF0) | ((sc[:, 2] >> 4) & 0xF00) | (sc[:, 3] & 0xF000)
         d = f16_bits_to_f32(d_bits).view(n, 1, 1)
         qh = b.field("qh")  # (n, 16)
@@ -178,7 +177,7 @@ class IQ1_M(QuantType, ggml_type=GGMLType.IQ1_M):
         rows = b.field("qs").view(n, 8, 4).to(torch.int32) | ((v & 7) << 8)
         delta = torch.where((v & 8) != 0, -tables.IQ1_DELTA, tables.IQ1_DELTA)  # (n, 8, 4)
         k3 = (sc.view(n, 4, 1) >> table(range(0, 12, 3), torch.int32, sc.device)) & 7  # (n, 4, 4)
-        dl = to_f32(2 * k3.view(n, 8, 2) + 1).mul_(d)  # (n, ib, k)
+        dl = torch.mul(2 * k3.view(n, 8, 2) + 1, d)  # (n, ib, k)
         y = grid(tables.IQ1S_GRID, rows).add_(delta.unsqueeze(-1))  # (n, 8, 4, 8)
         return y.view(n, 8, 2, 16).mul_(dl.unsqueeze(-1)).view(n, 256)
 
@@ -190,8 +189,8 @@ class IQ4_NL(QuantType, ggml_type=GGMLType.IQ4_NL):
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         qs = b.field("qs")  # (n, 16)
         kv = table(tables.KVALUES_IQ4NL, torch.float32, qs.device)
-        q = torch.cat((qs & 15, qs >> 4), dim=-1).to(torch.int32)  # (n, 32)
-        return kv[q].mul_(b.field("d"))
+        q = torch.cat((qs & 15, qs >> 4), dim=-1)  # (n, 32)
+        return lookup(kv, q).mul_(b.field("d"))
 
 
 class IQ4_XS(QuantType, ggml_type=GGMLType.IQ4_XS):
@@ -205,8 +204,8 @@ class IQ4_XS(QuantType, ggml_type=GGMLType.IQ4_XS):
         sl = b.field("scales_l")  # (n, 4)
         low = torch.stack((sl & 15, sl >> 4), dim=-1).view(n, 8).to(torch.int32)
         high = (b.field("scales_h") >> table(range(0, 16, 2), torch.int32, sl.device)) & 3  # (n, 8)
-        dl = to_f32((low | (high << 4)) - 32).mul_(b.field("d"))  # (n, 8)
+        dl = torch.mul((low | (high << 4)) - 32, b.field("d"))  # (n, 8)
         qs = b.field("qs").view(n, 8, 16)
-        q = torch.cat((qs & 15, qs >> 4), dim=-1).to(torch.int32)  # (n, 8, 32)
+        q = torch.cat((qs & 15, qs >> 4), dim=-1)  # (n, 8, 32)
         kv = table(tables.KVALUES_IQ4NL, torch.float32, qs.device)
-        return kv[q].mul_(dl.unsqueeze(-1)).view(n, 256)
+        return lookup(kv, q).mul_(dl.unsqueeze(-1)).view(n, 256)

@@ -12,7 +12,6 @@ import torch
 
 from gguflm.gguf.types import GGMLType
 from gguflm.quant.base import Blocks, QuantType, combine_like_c, table
-from gguflm.quant.legacy import to_f32
 
 
 def _shifts(values: range, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -76,9 +75,9 @@ class Q2_K(QuantType, ggml_type=GGMLType.Q2_K):
     @staticmethod
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         n, sc = b.n, b.field("scales")  # (n, 16)
-        dl = to_f32(sc & 15).mul_(b.field("d"))  # (n, 16)
-        ml = to_f32(sc >> 4).mul_(b.field("dmin"))  # (n, 16)
-        y = to_f32(two_bit_planes(b.field("qs")).view(n, 16, 16)).mul_(dl.unsqueeze(-1))
+        dl = torch.mul(sc & 15, b.field("d"))  # (n, 16)
+        ml = torch.mul(sc >> 4, b.field("dmin"))  # (n, 16)
+        y = torch.mul(two_bit_planes(b.field("qs")).view(n, 16, 16), dl.unsqueeze(-1))
         return combine_like_c(y, ml.unsqueeze(-1), dl, subtract=True).view(n, 256)
 
 
@@ -90,10 +89,10 @@ class Q3_K(QuantType, ggml_type=GGMLType.Q3_K):
     @staticmethod
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         n = b.n
-        dl = to_f32(scales_q3_k(b.field("scales"))).mul_(b.field("d"))  # (n, 16)
+        dl = torch.mul(scales_q3_k(b.field("scales")), b.field("d"))  # (n, 16)
         hbit = bit_planes(b.field("hmask"), 8)  # (n, 256): plane 4c + j, byte l
         q = (two_bit_planes(b.field("qs")) | (hbit << 2)).view(torch.int8) - 4  # (n, 256)
-        return to_f32(q.view(n, 16, 16)).mul_(dl.unsqueeze(-1)).view(n, 256)
+        return torch.mul(q.view(n, 16, 16), dl.unsqueeze(-1)).view(n, 256)
 
 
 class Q4_K(QuantType, ggml_type=GGMLType.Q4_K):
@@ -104,9 +103,9 @@ class Q4_K(QuantType, ggml_type=GGMLType.Q4_K):
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         n = b.n
         sc, mn = scale_min_k4(b.field("scales"))  # (n, 8) each
-        d1 = to_f32(sc).mul_(b.field("d"))
-        m1 = to_f32(mn).mul_(b.field("dmin"))
-        y = to_f32(nibble_planes(b.field("qs")).view(n, 8, 32)).mul_(d1.unsqueeze(-1))
+        d1 = torch.mul(sc, b.field("d"))
+        m1 = torch.mul(mn, b.field("dmin"))
+        y = torch.mul(nibble_planes(b.field("qs")).view(n, 8, 32), d1.unsqueeze(-1))
         return combine_like_c(y, m1.unsqueeze(-1), d1, subtract=True).view(n, 256)
 
 
@@ -118,10 +117,10 @@ class Q5_K(QuantType, ggml_type=GGMLType.Q5_K):
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         n = b.n
         sc, mn = scale_min_k4(b.field("scales"))  # (n, 8) each
-        d1 = to_f32(sc).mul_(b.field("d"))
-        m1 = to_f32(mn).mul_(b.field("dmin"))
+        d1 = torch.mul(sc, b.field("d"))
+        m1 = torch.mul(mn, b.field("dmin"))
         q = nibble_planes(b.field("qs")) | (bit_planes(b.field("qh"), 8) << 4)  # (n, 256)
-        y = to_f32(q.view(n, 8, 32)).mul_(d1.unsqueeze(-1))
+        y = torch.mul(q.view(n, 8, 32), d1.unsqueeze(-1))
         return combine_like_c(y, m1.unsqueeze(-1), d1, subtract=True).view(n, 256)
 
 
@@ -138,8 +137,8 @@ class Q6_K(QuantType, ggml_type=GGMLType.Q6_K):
         qh = b.field("qh").reshape(n, 2, 1, 32)  # (n, h, -, l)
         high = (qh >> _shifts(range(0, 8, 2), (1, 1, 4, 1), qh.device)) & 3  # (n, h, p, l)
         q = (low | (high << 4)).view(torch.int8) - 32
-        dl = to_f32(b.field("scales")).mul_(b.field("d"))  # (n, 16)
-        return to_f32(q.view(n, 16, 16)).mul_(dl.unsqueeze(-1)).view(n, 256)
+        dl = torch.mul(b.field("scales"), b.field("d"))  # (n, 16)
+        return torch.mul(q.view(n, 16, 16), dl.unsqueeze(-1)).view(n, 256)
 
 
 class Q8_K(QuantType, ggml_type=GGMLType.Q8_K):
@@ -148,4 +147,4 @@ class Q8_K(QuantType, ggml_type=GGMLType.Q8_K):
 
     @staticmethod
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
-        return to_f32(b.field("qs")).mul_(b.field("d"))  # (n, 256)
+        return b.field("qs").to(torch.float32).mul_(b.field("d"))  # (n, 256)

@@ -3,9 +3,9 @@
 Element order inside a 32-block with 16 ``qs`` bytes: element ``j`` is the low nibble
 of ``qs[j]``, element ``j + 16`` its high nibble (:func:`nibbles_f32`).
 
-The float work is done in place on one freshly allocated output (conversion by
-``copy_`` into it, then ``mul_``/``add_``): each extra temporary of output size costs
-more than the arithmetic on a CPU.
+Integer codes become float32 exactly, are multiplied by their scale (``torch.mul`` of an
+integer and a float tensor converts, then multiplies) and get a minimum added in place:
+each extra output-sized temporary costs more than the arithmetic on a CPU.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from gguflm.quant.base import Blocks, QuantType, combine_like_c, table
 
 def nibbles_f32(qs: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """(n, k) uint8 -> (n, 2k) float32: ``nibble + offset`` of the k low nibbles, then
-    of the k high nibbles."""
+    of the k high nibbles. The strided field is made contiguous first (byte ops on it
+    are several times slower), and the values are converted straight into the output."""
     n, k = qs.shape
-    out = torch.empty((n, 2, k), dtype=torch.float32, device=qs.device)
+    qs = qs.contiguous()
     lo, hi = qs & 0x0F, qs >> 4
     if offset:
         lo, hi = lo.view(torch.int8) + offset, hi.view(torch.int8) + offset
+    out = torch.empty((n, 2, k), dtype=torch.float32, device=qs.device)
     out[:, 0].copy_(lo)
     out[:, 1].copy_(hi)
     return out.view(n, 2 * k)
@@ -39,12 +41,8 @@ def bits_lsb_first(b: torch.Tensor, width: int = 1) -> torch.Tensor:
 def five_bit(qs: torch.Tensor, qh: torch.Tensor) -> torch.Tensor:
     """(n, 16) nibbles + (n, 4) high bits -> (n, 32) uint8 5-bit values: bit i of the
     little-endian uint32 ``qh`` is the fifth bit of element i (ggml's xh_0/xh_1)."""
+    qs = qs.contiguous()
     return torch.cat((qs & 0x0F, qs >> 4), dim=-1) | (bits_lsb_first(qh) << 4)
-
-
-def to_f32(q: torch.Tensor) -> torch.Tensor:
-    """A fresh float32 copy of an integer tensor."""
-    return torch.empty(q.shape, dtype=torch.float32, device=q.device).copy_(q)
 
 
 class Q4_0(QuantType, ggml_type=GGMLType.Q4_0):
@@ -70,7 +68,7 @@ class Q5_0(QuantType, ggml_type=GGMLType.Q5_0):
     @staticmethod
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         q = five_bit(b.field("qs"), b.field("qh")).view(torch.int8) - 16  # (n, 32)
-        return to_f32(q).mul_(b.field("d"))
+        return torch.mul(q, b.field("d"))
 
 
 class Q5_1(QuantType, ggml_type=GGMLType.Q5_1):
@@ -79,8 +77,8 @@ class Q5_1(QuantType, ggml_type=GGMLType.Q5_1):
     @staticmethod
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         d = b.field("d")  # (n, 1)
-        q = to_f32(five_bit(b.field("qs"), b.field("qh")))  # (n, 32)
-        return combine_like_c(q.mul_(d), b.field("m"), d)
+        q = five_bit(b.field("qs"), b.field("qh"))  # (n, 32)
+        return combine_like_c(torch.mul(q, d), b.field("m"), d)
 
 
 class Q8_0(QuantType, ggml_type=GGMLType.Q8_0):
@@ -88,7 +86,7 @@ class Q8_0(QuantType, ggml_type=GGMLType.Q8_0):
 
     @staticmethod
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
-        return to_f32(b.field("qs")).mul_(b.field("d"))  # (n, 32)
+        return b.field("qs").to(torch.float32).mul_(b.field("d"))  # (n, 32)
 
 
 class Q1_0(QuantType, ggml_type=GGMLType.Q1_0):
@@ -107,4 +105,4 @@ class Q2_0(QuantType, ggml_type=GGMLType.Q2_0):
     @staticmethod
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         q = bits_lsb_first(b.field("qs"), 2).view(torch.int8) - 1  # (n, 64)
-        return to_f32(q).mul_(b.field("d"))
+        return torch.mul(q, b.field("d"))

@@ -10,8 +10,7 @@ import torch
 
 from gguflm.gguf.types import GGMLType
 from gguflm.quant import tables
-from gguflm.quant.base import Blocks, QuantType, table
-from gguflm.quant.legacy import to_f32
+from gguflm.quant.base import Blocks, QuantType, lookup, table
 
 
 def e8m0_half_bits(e: torch.Tensor) -> torch.Tensor:
@@ -39,7 +38,7 @@ _UE4M3_HALF = tuple(ue4m3_half(x) for x in range(256))
 def fp4_pairs(qs: torch.Tensor) -> torch.Tensor:
     """(..., k) uint8 -> (..., 2k) float32 kvalues_fp4 of the k low nibbles, then the k high."""
     kv = table(tables.KVALUES_FP4, torch.float32, qs.device)
-    return kv[torch.cat((qs & 15, qs >> 4), dim=-1).to(torch.int32)]
+    return lookup(kv, torch.cat((qs & 15, qs >> 4), dim=-1))
 
 
 class MXFP4(QuantType, ggml_type=GGMLType.MXFP4):
@@ -60,6 +59,6 @@ class NVFP4(QuantType, ggml_type=GGMLType.NVFP4):
     @staticmethod
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         n = b.n
-        scale = table(_UE4M3_HALF, torch.float32, b.data.device)[b.field("d").to(torch.int32)]  # (n, 4)
+        scale = lookup(table(_UE4M3_HALF, torch.float32, b.data.device), b.field("d"))  # (n, 4)
         y = fp4_pairs(b.field("qs").view(n, 4, 8))  # (n, 4, 16)
         return y.mul_(scale.unsqueeze(-1)).view(n, 64)

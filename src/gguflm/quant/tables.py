@@ -33,7 +33,7 @@ IQ1_DELTA = 0.125
 
 
 @dataclass(frozen=True)
-class _Grid:
+class Grid:
     rows: int
     width: int
     values: tuple[int, ...]
@@ -47,7 +47,7 @@ def ksigns() -> list[int]:
 
 
 @functools.cache
-def grid_f32(grid: _Grid, device: torch.device) -> torch.Tensor:
+def grid_f32(grid: Grid, device: torch.device) -> torch.Tensor:
     """(rows, width) float32 values of a grid on ``device`` (decoded once, cached)."""
     raw = torch.frombuffer(bytearray(base64.b64decode("".join(grid.packed))), dtype=torch.uint8)
     shifts = torch.arange(0, 8, grid.bits, dtype=torch.uint8)
@@ -58,7 +58,7 @@ def grid_f32(grid: _Grid, device: torch.device) -> torch.Tensor:
     return values[idx].reshape(grid.rows, grid.width).to(device)
 
 
-IQ2XXS_GRID = _Grid(
+IQ2XXS_GRID = Grid(
     rows=256, width=8, values=(8, 25, 43), bits=2,
     packed=(
         "AAACAAUACAAKABEAFAAgACIAKAAqAEEARABQAFgAYQBkAIAAggCKAKIAAQEEARABFQFAAYQBmAEAAgICIgKCAgEEBAQQBCEE"
@@ -72,7 +72,7 @@ IQ2XXS_GRID = _Grid(
     ),
 )
 
-IQ2XS_GRID = _Grid(
+IQ2XS_GRID = Grid(
     rows=512, width=8, values=(8, 25, 43), bits=2,
     packed=(
         "AAACAAUACAAKABEAFAAWABkAIAAiACUAKABBAEQARgBJAFAAUgBVAFgAYQBkAIAAggCFAIgAkQCUAJkAoAABAQQBBgEJARAB"
@@ -93,7 +93,7 @@ IQ2XS_GRID = _Grid(
     ),
 )
 
-IQ2S_GRID = _Grid(
+IQ2S_GRID = Grid(
     rows=1024, width=8, values=(8, 25, 43), bits=2,
     packed=(
         "AAACAAUACAAKABEAFAAWABkAIAAiACUAKABBAEQARgBJAFAAUgBVAFgAYQBkAGYAaQCAAIIAhQCIAJEAlACgAKUAqgABAQQB"
@@ -128,7 +128,7 @@ IQ2S_GRID = _Grid(
     ),
 )
 
-IQ3XXS_GRID = _Grid(
+IQ3XXS_GRID = Grid(
     rows=256, width=4, values=(4, 12, 20, 28, 36, 44, 52, 62), bits=4,
     packed=(
         "AAACAAQAEQATABcAIAAiADEAQgBzAHUAAQEDARABEgEhASUBMAEyAUEBVAFwAQACAgIEAhECIAIiAjECMwI3AlECVwJ1AgED"
@@ -142,7 +142,7 @@ IQ3XXS_GRID = _Grid(
     ),
 )
 
-IQ3S_GRID = _Grid(
+IQ3S_GRID = Grid(
     rows=512, width=4, values=(1, 3, 5, 7, 9, 11, 13, 15), bits=4,
     packed=(
         "AAABAAIABQAHABAAEQASABQAFgAgACEAJQAzAEAAQgBFAEcAUQBTAGAAYgBxAHQAdwAAAQEBAgEEARABEQEVASABIwEnATEB"
@@ -163,7 +163,7 @@ IQ3S_GRID = _Grid(
     ),
 )
 
-IQ1S_GRID = _Grid(
+IQ1S_GRID = Grid(
     rows=2048, width=8, values=(-1, 0, 1), bits=2,
     packed=(
         "AAACAAUACAAKABEAFQAgACIAKAAqAEUAUQBUAFYAZQCAAIIAiACKAJUAoACiAKgAqgAEAQUBEQEUARYBGQEaASUBQQFGAUkB"

@@ -7,7 +7,6 @@ import torch
 from gguflm.gguf.types import GGMLType
 from gguflm.quant.base import Blocks, QuantType, table
 from gguflm.quant.kquants import two_bit_planes
-from gguflm.quant.legacy import to_f32
 
 _POW3 = (1, 3, 9, 27, 81, 243)
 
@@ -31,7 +30,7 @@ class TQ1_0(QuantType, ggml_type=GGMLType.TQ1_0):
         qs, qh = b.field("qs"), b.field("qh")  # (n, 48), (n, 4)
         t = torch.cat((trits(qs[:, :32], 5).view(n, 160), trits(qs[:, 32:], 5).view(n, 80),
                        trits(qh, 4).view(n, 16)), dim=1)  # (n, 256)
-        return to_f32(t - 1).mul_(b.field("d"))
+        return torch.mul(t - 1, b.field("d"))
 
 
 class TQ2_0(QuantType, ggml_type=GGMLType.TQ2_0):
@@ -41,4 +40,4 @@ class TQ2_0(QuantType, ggml_type=GGMLType.TQ2_0):
     @staticmethod
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         q = two_bit_planes(b.field("qs")).view(torch.int8) - 1  # (n, 256)
-        return to_f32(q).mul_(b.field("d"))
+        return torch.mul(q, b.field("d"))

@@ -1,0 +1,79 @@
+"""A whole decoder block in one C++ call, for the decode step on the CPU.
+
+In a decode step every matrix product is a few microseconds of work on a 135M model, so
+the ~40 torch ops of an eager Llama block (norms, RoPE, cache writes, softmax, SiLU,
+residuals) and their Python dispatch cost as much as the products themselves.
+:class:`FusedBlock` wraps the model's block and, for steps of at most
+``ops().fused_max_m()`` rows, runs ``torch.ops.gguflm_cpu.block_step``, which computes
+
+    h   = x + Wo . attn(rope(Wq . n1(x)), rope(Wk . n1(x)), Wv . n1(x))
+    out = h + Wd . (silu(Wg . n2(h)) * (Wu . n2(h)))
+
+with n1, n2 the RMSNorms ``x / sqrt(mean(x^2) + eps) * w``, the quantized products of
+:mod:`gguflm.quant.cpu` (fused dequantize x dot, float32 accumulation), RoPE from the
+model's own cos/sin table (NORM or NEOX pairs), this step's keys/values written into the
+model's KV cache before attention, and causal grouped-query attention (query head h reads
+KV head ``h // (H / Hkv)``, keys at positions ``0..p``, scores scaled by ``D^-1/2``).
+That is the block's own definition (``gguflm.model.layers.Block``), which stays the
+plain-torch twin: bigger steps (prefill) and anything the C++ does not cover run it.
+
+The block is read duck-typed (attribute names of ``gguflm.model.layers``), so this module
+does not import the model package that builds on it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gguflm.quant.cpu import QuantLinear
+from gguflm.quant.cpu.build import ops
+
+_ROLES = (("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("attn", "wo"),
+          ("ffn", "gate"), ("ffn", "up"), ("ffn", "down"))  # block_step's weight order
+
+
+class FusedBlock(nn.Module):
+    """``block`` (a Llama pre-norm block whose seven linears are :class:`QuantLinear`) with
+    its forward done in one C++ call when the step has few rows; see the module doc."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        linears = [getattr(getattr(block, part), name) for part, name in _ROLES]
+        if not all(isinstance(m, QuantLinear) for m in linears):
+            raise TypeError("FusedBlock needs every linear of the block to be a QuantLinear")
+        attn = block.attn
+        self.n_head, self.n_head_kv, self.head_dim = attn.n_head, attn.n_head_kv, attn.head_dim
+        self.n_ff = block.ffn.gate.out_features
+        self.eps = float(block.attn_norm.eps)
+        if float(block.ffn_norm.eps) != self.eps:
+            raise ValueError("the two norms of a block must share eps")
+        self._weights = [m.weight.raw for m in linears]
+        self._types = [int(m.weight.ggml_type) for m in linears]
+        self._biases = [m.bias for m in linears]
+        self._max_rows = int(ops().fused_max_m())
+
+    @staticmethod
+    def eligible(block: nn.Module) -> bool:
+        """True when ``block`` has the Llama block's parts with quantized linears."""
+        try:
+            return all(isinstance(getattr(getattr(block, part), name), QuantLinear) for part, name in _ROLES) \
+                and block.attn.n_head % block.attn.n_head_kv == 0
+        except AttributeError:
+            return False
+
+    def forward(self, x: torch.Tensor, rope: nn.Module, positions: torch.Tensor, blocked: torch.Tensor,
+                cache, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, E]; positions: [B, T] (< 0 = padding); slots: [B] -> [B, T, E]
+        B, T, E = x.shape
+        k, v = cache.k[layer], cache.v[layer]                          # [n_slots, Hkv, n_ctx, D]
+        if (B * T > self._max_rows or x.dtype != torch.float32 or k.dtype != torch.float32
+                or rope.cos.shape[1] * 2 != self.head_dim or x.device.type != "cpu"):
+            return self.block(x, rope, positions, blocked, cache, layer, slots)
+        out = ops().block_step(
+            x.reshape(B * T, E).contiguous(), positions.reshape(-1), slots.repeat_interleave(T), k, v,
+            rope.cos, rope.sin, self.block.attn_norm.weight, self.block.ffn_norm.weight, self.eps,
+            self._weights, self._types, self._biases, self.n_head, self.n_head_kv, self.n_ff,
+            rope.style.value == "neox")                                 # [B*T, E]
+        return out.view(B, T, E)

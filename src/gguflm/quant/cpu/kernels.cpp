@@ -1,0 +1,831 @@
+// Fused CPU kernels for GGUF block-quantized weights (built by gguflm/quant/cpu/build.py).
+//
+// Every op reads the weight in its GGUF encoding, a [N rows, K] matrix stored row by row,
+// each row K / QK blocks of BYTES bytes (ggml-common.h's block_* structs; the Python side
+// checks (QK, BYTES) of every type below against gguflm.gguf.types.LAYOUTS at load time).
+//
+//   qmatmul(x [M, K] f32, w uint8, type, N, K) -> y [M, N] f32,  y = x @ W^T
+//     M <= kFusedMaxM: fused dequantize x dot, W never materialized. Each block is written
+//       w[j] = d * q[j] + m (d, m per group of 32, or d per 16 for Q6_K) and contributes
+//       d * sum_j q[j] x[j] + m * sum_j x[j], accumulated in float32: the real values of
+//       the encoded weights, no rounding of the weights at all.
+//     M >  kFusedMaxM: rows of W dequantized tile by tile into float32 (bit-identical to
+//       libggml's to_float) and multiplied with at::mm (MKL/oneDNN sgemm).
+//   dequantize_rows(w, type, N, K, rows int64 [R]) -> [R, K] f32, bit-identical to
+//     libggml's to_float (the embedding lookup, and the tiles above).
+//
+// Two code paths with one result contract: AVX-512 (chosen at run time when the CPU has
+// avx512f/bw/vl) and portable C++ (any CPU). The file is compiled with -ffp-contract=off:
+// every a*b+c in a dequantizer is two roundings, as in ggml-quants.c; the dot products use
+// explicit FMA intrinsics.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define GGUFLM_X86 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kFusedMaxM = 8;          // batch rows up to which the fused kernel wins
+constexpr int64_t kTileElems = 1 << 21;    // float32 elements of one dequantized tile (8 MiB)
+constexpr int64_t kGrainElems = 1 << 14;   // weights per thread below which a GEMV stays serial
+
+bool g_use_simd = true;
+
+inline uint16_t rd16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+inline uint32_t rd32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
+
+// ggml's GGML_FP16_TO_FP32 (exact for every finite half; NaN keeps its payload, quieted).
+float f16_bits_to_f32(uint32_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0) {
+    float v = static_cast<float>(man) * 0x1p-24f;  // subnormal (or zero): exact
+    std::memcpy(&bits, &v, 4);
+    bits |= sign;
+  } else if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13) | (man ? 0x400000u : 0u);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+// All 65536 halves widened once (256 KiB): in the kernels a scale is one load, which is
+// cheaper than F16C's scalar convert (a lane insert plus a convert per value).
+struct F16Table {
+  float v[65536];
+  F16Table() { for (uint32_t h = 0; h < 65536; ++h) v[h] = f16_bits_to_f32(h); }
+};
+const F16Table kF16;
+
+inline float f16(const uint8_t* p) { return kF16.v[rd16(p)]; }
+
+// The 6-bit scale and min of group j (0..7) of a Q4_K/Q5_K super-block (12 packed bytes).
+inline void scale_min_k4(int j, const uint8_t* s, int* sc, int* mn) {
+  if (j < 4) {
+    *sc = s[j] & 63;
+    *mn = s[j + 4] & 63;
+  } else {
+    *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-type block traits. QK elements in BYTES bytes. MIN: the block has an additive term
+// (w = d*q + m). SPLIT: the two 16-element halves of a 32-group have their own d (Q6_K).
+// dequant(): the scalar reference, libggml's dequantize_row_* formula for one block.
+// ---------------------------------------------------------------------------------------
+
+struct Q4_0 {
+  static constexpr int64_t ID = 2, QK = 32, BYTES = 2 + 16;
+  static constexpr bool MIN = false, SPLIT = false;
+  static void dequant(const uint8_t* b, float* y) {  // y = (q - 8) * d
+    const float d = f16(b);
+    for (int j = 0; j < 16; ++j) {
+      y[j] = static_cast<float>((b[2 + j] & 0xF) - 8) * d;
+      y[j + 16] = static_cast<float>((b[2 + j] >> 4) - 8) * d;
+    }
+  }
+};
+
+struct Q4_1 {
+  static constexpr int64_t ID = 3, QK = 32, BYTES = 2 + 2 + 16;
+  static constexpr bool MIN = true, SPLIT = false;
+  static void dequant(const uint8_t* b, float* y) {  // y = q * d + m
+    const float d = f16(b), m = f16(b + 2);
+    for (int j = 0; j < 16; ++j) {
+      y[j] = static_cast<float>(b[4 + j] & 0xF) * d + m;
+      y[j + 16] = static_cast<float>(b[4 + j] >> 4) * d + m;
+    }
+  }
+};
+
+struct Q5_0 {
+  static constexpr int64_t ID = 6, QK = 32, BYTES = 2 + 4 + 16;
+  static constexpr bool MIN = false, SPLIT = false;
+  static void dequant(const uint8_t* b, float* y) {  // y = (q - 16) * d, q = nibble | qh bit << 4
+    const float d = f16(b);
+    const uint32_t qh = rd32(b + 2);
+    for (int j = 0; j < 16; ++j) {
+      const int h0 = ((qh >> j) & 1) << 4, h1 = ((qh >> (j + 16)) & 1) << 4;
+      y[j] = static_cast<float>(((b[6 + j] & 0xF) | h0) - 16) * d;
+      y[j + 16] = static_cast<float>(((b[6 + j] >> 4) | h1) - 16) * d;
+    }
+  }
+};
+
+struct Q5_1 {
+  static constexpr int64_t ID = 7, QK = 32, BYTES = 2 + 2 + 4 + 16;
+  static constexpr bool MIN = true, SPLIT = false;
+  static void dequant(const uint8_t* b, float* y) {  // y = q * d + m
+    const float d = f16(b), m = f16(b + 2);
+    const uint32_t qh = rd32(b + 4);
+    for (int j = 0; j < 16; ++j) {
+      const int h0 = ((qh >> j) & 1) << 4, h1 = ((qh >> (j + 16)) & 1) << 4;
+      y[j] = static_cast<float>((b[8 + j] & 0xF) | h0) * d + m;
+      y[j + 16] = static_cast<float>((b[8 + j] >> 4) | h1) * d + m;
+    }
+  }
+};
+
+struct Q8_0 {
+  static constexpr int64_t ID = 8, QK = 32, BYTES = 2 + 32;
+  static constexpr bool MIN = false, SPLIT = false;
+  static void dequant(const uint8_t* b, float* y) {  // y = q * d
+    const float d = f16(b);
+    for (int j = 0; j < 32; ++j) y[j] = static_cast<float>(static_cast<int8_t>(b[2 + j])) * d;
+  }
+};
+
+struct Q4_K {
+  static constexpr int64_t ID = 12, QK = 256, BYTES = 2 + 2 + 12 + 128;
+  static constexpr bool MIN = true, SPLIT = false;
+  static void dequant(const uint8_t* b, float* y) {  // group g: y = (d*sc_g) * q - dmin*mn_g
+    const float d = f16(b), dmin = f16(b + 2);
+    const uint8_t* q = b + 16;
+    for (int j = 0; j < 4; ++j, q += 32, y += 64) {
+      int sc, mn;
+      scale_min_k4(2 * j, b + 4, &sc, &mn);
+      const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(mn);
+      scale_min_k4(2 * j + 1, b + 4, &sc, &mn);
+      const float d2 = d * static_cast<float>(sc), m2 = dmin * static_cast<float>(mn);
+      for (int l = 0; l < 32; ++l) y[l] = d1 * static_cast<float>(q[l] & 0xF) - m1;
+      for (int l = 0; l < 32; ++l) y[l + 32] = d2 * static_cast<float>(q[l] >> 4) - m2;
+    }
+  }
+};
+
+struct Q5_K {
+  static constexpr int64_t ID = 13, QK = 256, BYTES = 2 + 2 + 12 + 32 + 128;
+  static constexpr bool MIN = true, SPLIT = false;
+  static void dequant(const uint8_t* b, float* y) {  // as Q4_K, q = nibble + 16 * qh bit
+    const float d = f16(b), dmin = f16(b + 2);
+    const uint8_t* qh = b + 16;
+    const uint8_t* q = b + 48;
+    for (int j = 0; j < 4; ++j, q += 32, y += 64) {
+      int sc, mn;
+      scale_min_k4(2 * j, b + 4, &sc, &mn);
+      const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(mn);
+      scale_min_k4(2 * j + 1, b + 4, &sc, &mn);
+      const float d2 = d * static_cast<float>(sc), m2 = dmin * static_cast<float>(mn);
+      const int u1 = 1 << (2 * j), u2 = 2 << (2 * j);
+      for (int l = 0; l < 32; ++l) y[l] = d1 * static_cast<float>((q[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - m1;
+      for (int l = 0; l < 32; ++l) y[l + 32] = d2 * static_cast<float>((q[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
+    }
+  }
+};
+
+struct Q6_K {
+  static constexpr int64_t ID = 14, QK = 256, BYTES = 128 + 64 + 16 + 2;
+  static constexpr bool MIN = false, SPLIT = true;
+  static void dequant(const uint8_t* b, float* y) {  // y = (d * sc) * (q - 32), q 6-bit
+    const float d = f16(b + 208);
+    const uint8_t* ql = b;
+    const uint8_t* qh = b + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    for (int n = 0; n < 2; ++n, ql += 64, qh += 32, sc += 8, y += 128) {
+      for (int l = 0; l < 32; ++l) {
+        const int is = l / 16;
+        const int q1 = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+        const int q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+        const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+        const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+        y[l] = d * static_cast<float>(sc[is]) * static_cast<float>(q1);
+        y[l + 32] = d * static_cast<float>(sc[is + 2]) * static_cast<float>(q2);
+        y[l + 64] = d * static_cast<float>(sc[is + 4]) * static_cast<float>(q3);
+        y[l + 96] = d * static_cast<float>(sc[is + 6]) * static_cast<float>(q4);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Portable path: dequantize one block exactly, then dot it with the activations.
+// ---------------------------------------------------------------------------------------
+
+// y[m, n] for rows n in [n0, n1): x [M, K], y [M, N].
+template <class T>
+void gemv_rows_generic(const uint8_t* w, const float* x, int64_t M, int64_t K, int64_t N,
+                       int64_t n0, int64_t n1, float* y) {
+  const int64_t nb = K / T::QK;
+  float blk[T::QK];
+  std::vector<float> acc(M);
+  for (int64_t n = n0; n < n1; ++n) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    const uint8_t* row = w + n * nb * T::BYTES;
+    for (int64_t i = 0; i < nb; ++i) {
+      T::dequant(row + i * T::BYTES, blk);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = x + m * K + i * T::QK;
+        float s = 0.0f;
+        for (int64_t j = 0; j < T::QK; ++j) s += blk[j] * xm[j];
+        acc[m] += s;
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = acc[m];
+  }
+}
+
+template <class T>
+void dequant_rows_generic(const uint8_t* w, int64_t K, const int64_t* rows, int64_t R, float* out) {
+  const int64_t nb = K / T::QK;
+  for (int64_t r = 0; r < R; ++r) {
+    const uint8_t* row = w + rows[r] * nb * T::BYTES;
+    for (int64_t i = 0; i < nb; ++i) T::dequant(row + i * T::BYTES, out + r * K + i * T::QK);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// AVX-512 path. groups(block, f) calls f(g, qlo, qhi, dlo, dhi, m) for each 32-element
+// group g of the block: qlo/qhi the integer codes of elements 0..15 / 16..31 as floats,
+// w = dlo * qlo + m (dhi for the upper half), with exactly the float32 d and m libggml uses.
+// ---------------------------------------------------------------------------------------
+#ifdef GGUFLM_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+
+inline __m512i u8x16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m512 ps(__m512i v) { return _mm512_cvtepi32_ps(v); }
+
+template <class T> struct Simd;
+
+// Codes to floats by table lookup: vpermps reads only the low 4 bits of each index lane,
+// so a nibble needs no masking; a 5th bit selects a second table with a masked vpermps.
+inline __m512 iota_ps(float first) {
+  return _mm512_add_ps(_mm512_set1_ps(first),
+                       _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+}
+inline __m512 lut(__m512i idx, __m512 table) { return _mm512_permutexvar_ps(idx, table); }
+inline __m512 lut5(__m512i idx, __mmask16 bit4, __m512 lo_table) {  // + 16 where bit4
+  const __m512 v = lut(idx, lo_table);
+  return _mm512_mask_add_ps(v, bit4, v, _mm512_set1_ps(16.0f));
+}
+
+template <> struct Simd<Q4_0> {
+  template <class F> static inline void groups(const uint8_t* b, F&& f) {
+    const __m512i v = u8x16(b + 2);
+    const __m512 t = iota_ps(-8.0f);
+    const float d = f16(b);
+    f(0, lut(v, t), lut(_mm512_srli_epi32(v, 4), t), d, d, 0.0f);
+  }
+};
+
+template <> struct Simd<Q4_1> {
+  template <class F> static inline void groups(const uint8_t* b, F&& f) {
+    const __m512i v = u8x16(b + 4);
+    const __m512 t = iota_ps(0.0f);
+    const float d = f16(b);
+    f(0, lut(v, t), lut(_mm512_srli_epi32(v, 4), t), d, d, f16(b + 2));
+  }
+};
+
+template <> struct Simd<Q5_0> {
+  template <class F> static inline void groups(const uint8_t* b, F&& f) {
+    const uint32_t qh = rd32(b + 2);
+    const __m512i v = u8x16(b + 6);
+    const __m512 t0 = iota_ps(-16.0f);
+    const float d = f16(b);
+    f(0, lut5(v, static_cast<__mmask16>(qh), t0), lut5(_mm512_srli_epi32(v, 4), static_cast<__mmask16>(qh >> 16), t0),
+      d, d, 0.0f);
+  }
+};
+
+template <> struct Simd<Q5_1> {
+  template <class F> static inline void groups(const uint8_t* b, F&& f) {
+    const uint32_t qh = rd32(b + 4);
+    const __m512i v = u8x16(b + 8);
+    const __m512 t0 = iota_ps(0.0f);
+    const float d = f16(b);
+    f(0, lut5(v, static_cast<__mmask16>(qh), t0), lut5(_mm512_srli_epi32(v, 4), static_cast<__mmask16>(qh >> 16), t0),
+      d, d, f16(b + 2));
+  }
+};
+
+template <> struct Simd<Q8_0> {
+  template <class F> static inline void groups(const uint8_t* b, F&& f) {
+    const float d = f16(b);
+    const __m512 lo = ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2))));
+    const __m512 hi = ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18))));
+    f(0, lo, hi, d, d, 0.0f);
+  }
+};
+
+// The eight (d * scale, -(dmin * min)) pairs of a Q4_K/Q5_K super-block, as libggml computes
+// them (float32 products of the F16 scale and the 6-bit integers of scale_min_k4).
+inline void k4_scales(const uint8_t* b, float* dg, float* mg) {
+  uint8_t sc[8], mn[8];
+  for (int j = 0; j < 8; ++j) {
+    int s, m;
+    scale_min_k4(j, b + 4, &s, &m);
+    sc[j] = static_cast<uint8_t>(s);
+    mn[j] = static_cast<uint8_t>(m);
+  }
+  const __m256 d = _mm256_set1_ps(f16(b)), dmin = _mm256_set1_ps(f16(b + 2));
+  const __m256 s8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc))));
+  const __m256 m8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn))));
+  _mm256_storeu_ps(dg, _mm256_mul_ps(d, s8));
+  _mm256_storeu_ps(mg, _mm256_xor_ps(_mm256_mul_ps(dmin, m8), _mm256_set1_ps(-0.0f)));  // exact negation
+}
+
+template <> struct Simd<Q4_K> {
+  template <class F> static inline void groups(const uint8_t* b, F&& f) {
+    alignas(32) float dg[8], mg[8];
+    k4_scales(b, dg, mg);
+    const __m512 t = iota_ps(0.0f);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const uint8_t* q = b + 16 + 32 * j;
+      const __m512i v0 = u8x16(q), v1 = u8x16(q + 16);
+      f(2 * j, lut(v0, t), lut(v1, t), dg[2 * j], dg[2 * j], mg[2 * j]);
+      f(2 * j + 1, lut(_mm512_srli_epi32(v0, 4), t), lut(_mm512_srli_epi32(v1, 4), t), dg[2 * j + 1], dg[2 * j + 1],
+        mg[2 * j + 1]);
+    }
+  }
+};
+
+template <> struct Simd<Q5_K> {
+  template <class F> static inline void groups(const uint8_t* b, F&& f) {
+    alignas(32) float dg[8], mg[8];
+    k4_scales(b, dg, mg);
+    const __m512 t0 = iota_ps(0.0f);
+    const __m512i h0 = u8x16(b + 16), h1 = u8x16(b + 32);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const uint8_t* q = b + 48 + 32 * j;
+      const __m512i v0 = u8x16(q), v1 = u8x16(q + 16);
+      const __m512i bit_lo = _mm512_set1_epi32(1 << (2 * j)), bit_hi = _mm512_set1_epi32(2 << (2 * j));
+      f(2 * j, lut5(v0, _mm512_test_epi32_mask(h0, bit_lo), t0), lut5(v1, _mm512_test_epi32_mask(h1, bit_lo), t0),
+        dg[2 * j], dg[2 * j], mg[2 * j]);
+      f(2 * j + 1, lut5(_mm512_srli_epi32(v0, 4), _mm512_test_epi32_mask(h0, bit_hi), t0),
+        lut5(_mm512_srli_epi32(v1, 4), _mm512_test_epi32_mask(h1, bit_hi), t0), dg[2 * j + 1], dg[2 * j + 1],
+        mg[2 * j + 1]);
+    }
+  }
+};
+
+template <> struct Simd<Q6_K> {
+  // Half n (elements 128n..128n+127) in two 64-byte vectors of signed codes q - 32:
+  // elements 0..63 of the half take the low nibbles of ql[64n..64n+63] and bits (0,1) / (2,3)
+  // of qh[32n + l] for l < 32 / l >= 32; elements 64..127 the high nibbles and bits (4,5) / (6,7).
+  // 16-element group e/16 has the scale d * sc[8n + e/16].
+  template <class F> static inline void groups(const uint8_t* b, F&& f) {
+    alignas(64) float ds[16];
+    _mm512_store_ps(ds, _mm512_mul_ps(_mm512_set1_ps(f16(b + 208)),
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192))))));
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(3), c32 = _mm512_set1_epi8(32);
+    const __m512i sh_lo = _mm512_set_epi64(0x0002000200020002, 0x0002000200020002, 0x0002000200020002, 0x0002000200020002, 0, 0, 0, 0);
+    const __m512i sh_hi = _mm512_add_epi16(sh_lo, _mm512_set1_epi16(4));
+#pragma GCC unroll 2
+    for (int n = 0; n < 2; ++n) {
+      const __m512i L = _mm512_loadu_si512(b + 64 * n);
+      const __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * n)));
+      const __m512i c0 = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(L, m4),
+          _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(H, sh_lo), m2), 4)), c32);
+      const __m512i c1 = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4),
+          _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(H, sh_hi), m2), 4)), c32);
+      const float* d = ds + 8 * n;
+      f(4 * n + 0, ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(c0))), ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c0, 1))), d[0], d[1], 0.0f);
+      f(4 * n + 1, ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c0, 2))), ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c0, 3))), d[2], d[3], 0.0f);
+      f(4 * n + 2, ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(c1))), ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c1, 1))), d[4], d[5], 0.0f);
+      f(4 * n + 3, ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c1, 2))), ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c1, 3))), d[6], d[7], 0.0f);
+    }
+  }
+};
+
+// y[m * N] = sum over the row of w * x[m], for M (1..4) activation rows sharing one
+// decode of the weight row. xs[m * K/32 + g]: sum of x[m] over 32-group g (MIN types).
+template <class T, int M>
+void dot_row_avx512(const uint8_t* row, const float* x, const float* xs, int64_t K, float* y, int64_t N) {
+  // Two accumulators per activation row, alternating between consecutive 32-groups, so the
+  // loop-carried FMA latency is spread over two chains.
+  __m512 acc[2][M];
+  float macc[2][M];
+  for (int m = 0; m < M; ++m) { acc[0][m] = acc[1][m] = _mm512_setzero_ps(); macc[0][m] = macc[1][m] = 0.0f; }
+  const int64_t nb = K / T::QK, G = K / 32;
+  auto block = [&](int64_t i, int parity) {
+    const int64_t e0 = i * T::QK;
+    Simd<T>::groups(row + i * T::BYTES, [&](int g, __m512 qlo, __m512 qhi, float dlo, float dhi, float mg) {
+      const int64_t e = e0 + 32 * g;
+      const int a = (parity + g) & 1;
+      for (int m = 0; m < M; ++m) {
+        const float* xm = x + m * K + e;
+        if constexpr (T::SPLIT) {
+          acc[a][m] = _mm512_fmadd_ps(_mm512_set1_ps(dlo), _mm512_mul_ps(qlo, _mm512_loadu_ps(xm)), acc[a][m]);
+          acc[a][m] = _mm512_fmadd_ps(_mm512_set1_ps(dhi), _mm512_mul_ps(qhi, _mm512_loadu_ps(xm + 16)), acc[a][m]);
+        } else {
+          const __m512 t = _mm512_fmadd_ps(qhi, _mm512_loadu_ps(xm + 16), _mm512_mul_ps(qlo, _mm512_loadu_ps(xm)));
+          acc[a][m] = _mm512_fmadd_ps(_mm512_set1_ps(dlo), t, acc[a][m]);
+        }
+        if constexpr (T::MIN) macc[a][m] += mg * xs[m * G + e / 32];
+      }
+    });
+  };
+  int64_t i = 0;
+  for (; i + 1 < nb; i += 2) {
+    block(i, 0);
+    block(i + 1, 1);
+  }
+  if (i < nb) block(i, 0);
+  for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + (macc[0][m] + macc[1][m]);
+}
+
+template <class T>
+void gemv_rows_avx512(const uint8_t* w, const float* x, const float* xs, int64_t M, int64_t K, int64_t N,
+                      int64_t n0, int64_t n1, float* y) {
+  const int64_t row_bytes = K / T::QK * T::BYTES, G = K / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    for (int64_t m = 0; m < M; m += 4) {
+      const float* xm = x + m * K;
+      const float* xsm = xs + m * G;
+      float* ym = y + m * N + n;
+      switch (std::min<int64_t>(4, M - m)) {
+        case 1: dot_row_avx512<T, 1>(row, xm, xsm, K, ym, N); break;
+        case 2: dot_row_avx512<T, 2>(row, xm, xsm, K, ym, N); break;
+        case 3: dot_row_avx512<T, 3>(row, xm, xsm, K, ym, N); break;
+        default: dot_row_avx512<T, 4>(row, xm, xsm, K, ym, N); break;
+      }
+    }
+  }
+}
+
+// Bit-identical to T::dequant: the same float32 products and sums, one rounding each.
+template <class T>
+void dequant_rows_avx512(const uint8_t* w, int64_t K, const int64_t* rows, int64_t R, float* out) {
+  const int64_t nb = K / T::QK;
+  for (int64_t r = 0; r < R; ++r) {
+    const uint8_t* row = w + rows[r] * nb * T::BYTES;
+    for (int64_t i = 0; i < nb; ++i) {
+      float* y = out + r * K + i * T::QK;
+      Simd<T>::groups(row + i * T::BYTES, [&](int g, __m512 qlo, __m512 qhi, float dlo, float dhi, float mg) {
+        __m512 lo = _mm512_mul_ps(qlo, _mm512_set1_ps(dlo)), hi = _mm512_mul_ps(qhi, _mm512_set1_ps(dhi));
+        if constexpr (T::MIN) {
+          lo = _mm512_add_ps(lo, _mm512_set1_ps(mg));
+          hi = _mm512_add_ps(hi, _mm512_set1_ps(mg));
+        }
+        _mm512_storeu_ps(y + 32 * g, lo);
+        _mm512_storeu_ps(y + 32 * g + 16, hi);
+      });
+    }
+  }
+}
+
+#pragma GCC pop_options
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#else
+bool cpu_has_avx512() { return false; }
+#endif
+
+bool simd_active() {
+  static const bool has = cpu_has_avx512();
+  return has && g_use_simd;
+}
+
+// ---------------------------------------------------------------------------------------
+// Type dispatch and matrix products.
+// ---------------------------------------------------------------------------------------
+
+template <class F> auto with_type(int64_t type, F&& f) {
+  switch (type) {
+    case Q4_0::ID: return f(Q4_0{});
+    case Q4_1::ID: return f(Q4_1{});
+    case Q5_0::ID: return f(Q5_0{});
+    case Q5_1::ID: return f(Q5_1{});
+    case Q8_0::ID: return f(Q8_0{});
+    case Q4_K::ID: return f(Q4_K{});
+    case Q5_K::ID: return f(Q5_K{});
+    case Q6_K::ID: return f(Q6_K{});
+    default: TORCH_CHECK(false, "gguflm CPU kernels: no kernel for ggml type id ", type);
+  }
+}
+
+// A quantized [N, K] weight: N rows of K / QK blocks.
+struct QW {
+  const uint8_t* data;
+  int64_t type, N, K;
+};
+
+QW make_qw(const at::Tensor& w, int64_t type, int64_t N, int64_t K) {
+  with_type(type, [&](auto t) {
+    using T = decltype(t);
+    TORCH_CHECK(N >= 0 && K > 0 && K % T::QK == 0, "row length ", K, " is not a multiple of ", T::QK);
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous(), "weight must be contiguous CPU uint8");
+    TORCH_CHECK(w.numel() == N * (K / T::QK) * T::BYTES, "weight has ", w.numel(), " bytes, expected ",
+                N * (K / T::QK) * T::BYTES);
+    return 0;
+  });
+  return QW{w.data_ptr<uint8_t>(), type, N, K};
+}
+
+void rows_kernel(const QW& w, const float* x, const float* xs, int64_t M, int64_t n0, int64_t n1, float* y) {
+  with_type(w.type, [&](auto t) {
+    using T = decltype(t);
+#ifdef GGUFLM_X86
+    if (simd_active()) { gemv_rows_avx512<T>(w.data, x, xs, M, w.K, w.N, n0, n1, y); return 0; }
+#endif
+    gemv_rows_generic<T>(w.data, x, M, w.K, w.N, n0, n1, y);
+    return 0;
+  });
+}
+
+// Fused products for few rows: ys[i] [M, N_i] = x [M, K] @ W_i^T for weights sharing K.
+// The rows of all the weights are split among the threads in one parallel region.
+void gemv_multi(const float* x, int64_t M, std::initializer_list<std::pair<QW, float*>> outs) {
+  const int64_t K = outs.begin()->first.K, G = K / 32;
+  std::vector<float> xs(M * G);  // sum of x over each 32-group (the m * sum(x) term)
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.0f;
+      for (int j = 0; j < 32; ++j) s += x[m * K + 32 * g + j];
+      xs[m * G + g] = s;
+    }
+  int64_t total = 0;
+  for (const auto& o : outs) { TORCH_CHECK(o.first.K == K, "weights of one product must share K"); total += o.first.N; }
+  at::parallel_for(0, total, std::max<int64_t>(1, kGrainElems / K), [&](int64_t b, int64_t e) {
+    int64_t off = 0;
+    for (const auto& o : outs) {
+      const int64_t n0 = std::max(b, off) - off, n1 = std::min(e, off + o.first.N) - off;
+      if (n0 < n1) rows_kernel(o.first, x, xs.data(), M, n0, n1, o.second);
+      off += o.first.N;
+    }
+  });
+}
+
+// rows [n0, n1) of W, dequantized into out [n1 - n0, K]; threads split the rows.
+void dequant_range(const QW& w, int64_t n0, int64_t n1, float* out) {
+  const int64_t K = w.K;
+  at::parallel_for(n0, n1, std::max<int64_t>(1, kGrainElems / K), [&](int64_t a, int64_t b) {
+    std::vector<int64_t> rows(b - a);
+    for (int64_t r = a; r < b; ++r) rows[r - a] = r;
+    with_type(w.type, [&](auto t) {
+      using T = decltype(t);
+#ifdef GGUFLM_X86
+      if (simd_active()) { dequant_rows_avx512<T>(w.data, K, rows.data(), b - a, out + (a - n0) * K); return 0; }
+#endif
+      dequant_rows_generic<T>(w.data, K, rows.data(), b - a, out + (a - n0) * K);
+      return 0;
+    });
+  });
+}
+
+// y [M, N] = x [M, K] @ W^T: fused for M <= kFusedMaxM, else exact float tiles into sgemm.
+at::Tensor matmul(const at::Tensor& x, const QW& w) {
+  const int64_t M = x.size(0), N = w.N, K = w.K;
+  if (M > kFusedMaxM) {
+    const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(N, kTileElems / K));
+    at::Tensor buf = at::empty({tile, K}, x.options());
+    if (tile == N) {
+      dequant_range(w, 0, N, buf.data_ptr<float>());
+      return at::mm(x, buf.t());
+    }
+    at::Tensor y = at::empty({M, N}, x.options());
+    for (int64_t n0 = 0; n0 < N; n0 += tile) {
+      const int64_t t = std::min(tile, N - n0);
+      dequant_range(w, n0, n0 + t, buf.data_ptr<float>());
+      y.narrow(1, n0, t).copy_(at::mm(x, buf.narrow(0, 0, t).t()));
+    }
+    return y;
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  gemv_multi(x.data_ptr<float>(), M, {{w, y.data_ptr<float>()}});
+  return y;
+}
+
+void check_x(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == K &&
+              x.is_contiguous(), "x must be a contiguous float32 [M, ", K, "] CPU tensor");
+}
+
+// ---------------------------------------------------------------------------------------
+// One decoder block for a few rows (decode): the whole Llama block in one call.
+// ---------------------------------------------------------------------------------------
+
+// y = x / sqrt(mean(x^2) + eps) * w, as (x * r) * w with r = 1 / sqrt(mean + eps).
+void rms_norm(const float* x, const float* w, int64_t E, float eps, float* y) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < E; ++i) ss += x[i] * x[i];
+  const float r = 1.0f / std::sqrt(ss / static_cast<float>(E) + eps);
+  for (int64_t i = 0; i < E; ++i) y[i] = (x[i] * r) * w[i];
+}
+
+// Rotate the D-wide head vectors of one row by position p: NORM pairs (2i, 2i+1), NEOX
+// pairs (i, i + D/2); cos/sin rows [D/2] of the table (they carry the attention factor).
+void rope(float* v, int64_t n_heads, int64_t D, const float* c, const float* s, bool neox) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < n_heads; ++h) {
+    float* x = v + h * D;
+    for (int64_t i = 0; i < half; ++i) {
+      const int64_t i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+      const float x0 = x[i0], x1 = x[i1];
+      x[i0] = x0 * c[i] - x1 * s[i];
+      x[i1] = x0 * s[i] + x1 * c[i];
+    }
+  }
+}
+
+void add_bias(float* y, int64_t M, int64_t N, const std::optional<at::Tensor>& b) {
+  if (!b.has_value()) return;
+  const float* bp = b->data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) y[m * N + n] += bp[n];
+}
+
+// Roles of the seven weights, in the order the op receives them.
+enum Role { WQ, WK, WV, WO, WGATE, WUP, WDOWN, N_ROLES };
+
+// x [R, E] rows at positions pos [R] (< 0: padding, rotated as position 0, attends to key 0,
+// not cached) of sequences slot [R]; kc, vc: this layer's cache [n_slots, Hkv, n_ctx, D].
+// Returns the block output [R, E]:
+//   h = x + Wo attn(rope(Wq n1(x)), rope(Wk n1(x)), Wv n1(x));  out = h + Wd (silu(Wg n2(h)) * Wu n2(h))
+// with every cached key/value of this step written before any query attends.
+at::Tensor block_step(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& slot, const at::Tensor& kc,
+                      const at::Tensor& vc, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& attn_norm,
+                      const at::Tensor& ffn_norm, double eps, at::TensorList weights, at::IntArrayRef types,
+                      const c10::List<std::optional<at::Tensor>>& biases, int64_t n_head, int64_t n_head_kv,
+                      int64_t ff, bool neox) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kFusedMaxM, "block_step takes at most ", kFusedMaxM, " rows");
+  TORCH_CHECK(weights.size() == N_ROLES && types.size() == N_ROLES && biases.size() == N_ROLES, "seven weights");
+  const int64_t R = x.size(0), E = x.size(1);
+  TORCH_CHECK(kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.is_contiguous() && vc.is_contiguous() &&
+              kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat, "bad KV cache");
+  const int64_t n_slots = kc.size(0), n_ctx = kc.size(2), D = kc.size(3), G = n_head / n_head_kv;
+  TORCH_CHECK(kc.size(1) == n_head_kv && n_head % n_head_kv == 0 && cos.size(1) * 2 == D && cos.size(0) >= n_ctx &&
+              cos.is_contiguous() && sin.is_contiguous(), "bad attention shapes");
+  TORCH_CHECK(pos.numel() == R && slot.numel() == R && pos.scalar_type() == at::kLong &&
+              slot.scalar_type() == at::kLong, "pos/slot must be int64 [R]");
+  check_x(x, E);
+  for (const at::Tensor* nw : {&attn_norm, &ffn_norm})
+    TORCH_CHECK(nw->scalar_type() == at::kFloat && nw->is_contiguous() && nw->numel() == E, "bad norm weight");
+  const int64_t QD = n_head * D, KD = n_head_kv * D;
+  QW w[N_ROLES];
+  const int64_t n_in[N_ROLES] = {E, E, E, QD, E, E, ff};
+  const int64_t n_out[N_ROLES] = {QD, KD, KD, E, ff, ff, E};
+  for (int r = 0; r < N_ROLES; ++r) {
+    const int64_t K = n_in[r], N = n_out[r];
+    w[r] = make_qw(weights[r], types[r], N, K);
+    if (biases[r].has_value()) {
+      const at::Tensor& b = *biases[r];
+      TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == N, "bad bias");
+    }
+  }
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const int64_t* sp = slot.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(pp[r] < n_ctx && sp[r] >= 0 && sp[r] < n_slots, "position/slot outside the cache");
+
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> xn(R * E), q(R * QD), k(R * KD), v(R * KD), att(R * QD), g(R * ff), u(R * ff);
+  at::Tensor out = at::empty({R, E}, x.options());
+  float* op = out.data_ptr<float>();
+  const float fe = static_cast<float>(eps);
+
+  for (int64_t r = 0; r < R; ++r) rms_norm(xp + r * E, attn_norm.data_ptr<float>(), E, fe, xn.data() + r * E);
+  gemv_multi(xn.data(), R, {{w[WQ], q.data()}, {w[WK], k.data()}, {w[WV], v.data()}});
+  add_bias(q.data(), R, QD, biases[WQ]);
+  add_bias(k.data(), R, KD, biases[WK]);
+  add_bias(v.data(), R, KD, biases[WV]);
+  float* kcp = kc.data_ptr<float>();
+  float* vcp = vc.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t p = std::max<int64_t>(pp[r], 0);
+    const float* c = cos.data_ptr<float>() + p * (D / 2);
+    const float* s = sin.data_ptr<float>() + p * (D / 2);
+    rope(q.data() + r * QD, n_head, D, c, s, neox);
+    rope(k.data() + r * KD, n_head_kv, D, c, s, neox);
+    if (pp[r] < 0) continue;
+    for (int64_t h = 0; h < n_head_kv; ++h) {
+      const int64_t dst = ((sp[r] * n_head_kv + h) * n_ctx + pp[r]) * D;
+      std::memcpy(kcp + dst, k.data() + r * KD + h * D, D * sizeof(float));
+      std::memcpy(vcp + dst, v.data() + r * KD + h * D, D * sizeof(float));
+    }
+  }
+  // attention, one (row, head) per task: softmax(q . K[0..p] * D^-1/2) . V[0..p]
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, R * n_head, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> sc;
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t r = t / n_head, h = t % n_head, hk = h / G, S = std::max<int64_t>(pp[r], 0) + 1;
+      const float* qh = q.data() + r * QD + h * D;
+      const float* kb = kcp + (sp[r] * n_head_kv + hk) * n_ctx * D;
+      const float* vb = vcp + (sp[r] * n_head_kv + hk) * n_ctx * D;
+      sc.resize(S);
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < S; ++j) {
+        float d = 0.0f;
+        for (int64_t i = 0; i < D; ++i) d += qh[i] * kb[j * D + i];
+        sc[j] = d * scale;
+        mx = std::max(mx, sc[j]);
+      }
+      float sum = 0.0f;
+      for (int64_t j = 0; j < S; ++j) { sc[j] = std::exp(sc[j] - mx); sum += sc[j]; }
+      float* oh = att.data() + r * QD + h * D;
+      std::fill(oh, oh + D, 0.0f);
+      for (int64_t j = 0; j < S; ++j) {
+        const float pj = sc[j] / sum;
+        for (int64_t i = 0; i < D; ++i) oh[i] += pj * vb[j * D + i];
+      }
+    }
+  });
+  gemv_multi(att.data(), R, {{w[WO], op}});
+  add_bias(op, R, E, biases[WO]);
+  for (int64_t i = 0; i < R * E; ++i) op[i] += xp[i];  // h = x + attn
+  for (int64_t r = 0; r < R; ++r) rms_norm(op + r * E, ffn_norm.data_ptr<float>(), E, fe, xn.data() + r * E);
+  gemv_multi(xn.data(), R, {{w[WGATE], g.data()}, {w[WUP], u.data()}});
+  add_bias(g.data(), R, ff, biases[WGATE]);
+  add_bias(u.data(), R, ff, biases[WUP]);
+  for (int64_t i = 0; i < R * ff; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];  // silu(g) * u
+  std::vector<float> d(R * E);
+  gemv_multi(g.data(), R, {{w[WDOWN], d.data()}});
+  add_bias(d.data(), R, E, biases[WDOWN]);
+  for (int64_t i = 0; i < R * E; ++i) op[i] += d[i];  // out = h + ffn
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// The ops.
+// ---------------------------------------------------------------------------------------
+
+at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t N, int64_t K) {
+  const QW qw = make_qw(w, type, N, K);
+  check_x(x, K);
+  return matmul(x, qw);
+}
+
+at::Tensor dequantize_rows(const at::Tensor& w, int64_t type, int64_t N, int64_t K, const at::Tensor& rows) {
+  const QW qw = make_qw(w, type, N, K);
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(),
+              "rows must be a contiguous int64 vector");
+  const int64_t R = rows.numel();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(rp[r] >= 0 && rp[r] < N, "row ", rp[r], " out of range [0, ", N, ")");
+  at::Tensor out = at::empty({R, K}, w.options().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  with_type(type, [&](auto t) {
+    using T = decltype(t);
+#ifdef GGUFLM_X86
+    if (simd_active()) { dequant_rows_avx512<T>(qw.data, K, rp, R, op); return 0; }
+#endif
+    dequant_rows_generic<T>(qw.data, K, rp, R, op);
+    return 0;
+  });
+  return out;
+}
+
+// [type id, elements per block, bytes per block] of every type with a kernel.
+std::vector<int64_t> kernel_types() {
+  std::vector<int64_t> out;
+  for (int64_t id : {Q4_0::ID, Q4_1::ID, Q5_0::ID, Q5_1::ID, Q8_0::ID, Q4_K::ID, Q5_K::ID, Q6_K::ID})
+    with_type(id, [&](auto t) {
+      using T = decltype(t);
+      out.insert(out.end(), {T::ID, T::QK, T::BYTES});
+      return 0;
+    });
+  return out;
+}
+
+// Select the AVX-512 path (when the CPU has it) or the portable one; returns the old choice.
+bool use_simd(bool enable) {
+  const bool old = g_use_simd;
+  g_use_simd = enable;
+  return old;
+}
+
+bool simd_available() { return cpu_has_avx512(); }
+int64_t fused_max_m() { return kFusedMaxM; }
+
+}  // namespace
+
+TORCH_LIBRARY(gguflm_cpu, m) {
+  m.def("qmatmul(Tensor x, Tensor w, int type, int n_out, int n_in) -> Tensor", &qmatmul);
+  m.def("dequantize_rows(Tensor w, int type, int n_out, int n_in, Tensor rows) -> Tensor", &dequantize_rows);
+  m.def("block_step(Tensor x, Tensor pos, Tensor slot, Tensor(a!) kc, Tensor(b!) vc, Tensor cos, Tensor sin, "
+        "Tensor attn_norm, Tensor ffn_norm, float eps, Tensor[] weights, int[] types, Tensor?[] biases, "
+        "int n_head, int n_head_kv, int n_ff, bool neox) -> Tensor", &block_step);
+  m.def("kernel_types() -> int[]", &kernel_types);
+  m.def("use_simd(bool enable) -> bool", &use_simd);
+  m.def("simd_available() -> bool", &simd_available);
+  m.def("fused_max_m() -> int", &fused_max_m);
+}

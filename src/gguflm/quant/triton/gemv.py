@@ -1,0 +1,220 @@
+"""Fused dequantize x GEMV for batch-1 decode, straight from the field planes.
+
+    y[r] = sum_k W[r, k] * x'[k]                               (_gemv_kernel)
+    y[r] = silu(Wg[r] . x') * (Wu[r] . x')                      (_gemv_swiglu_kernel)
+
+with ``x' = x`` or, with ``NORM``, the RMS-normalised ``x' = (x * rstd) * norm_w``,
+``rstd = 1 / sqrt(mean(x^2) + eps)`` (ggml_rms_norm then ggml_mul), computed by every
+program from the whole ``x``; with ``RESIDUAL``, ``y[r] = R[r] + W[r] . x'`` (``R`` may
+be ``y`` itself). ``W`` is dequantized block by block in registers (the type's decoder
+from :mod:`gguflm.quant.triton.codecs`) and never written out; products and sums are
+float32. One program owns ``BLOCK_N`` rows and walks their blocks ``BB`` at a time.
+
+:func:`gemv_reference` is the plain-torch twin: dequantize, then matmul in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from gguflm.quant.triton.codecs import codebook, codec
+from gguflm.quant.triton.planes import PackedWeight
+
+
+@triton.jit
+def _rstd(X_ptr, K, eps, RB: tl.constexpr):
+    """1 / sqrt(mean(x[:K]^2) + eps), float32."""
+    acc = tl.zeros([RB], dtype=tl.float32)
+    for k0 in range(0, K, RB):
+        k = k0 + tl.arange(0, RB)
+        x = tl.load(X_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        acc += x * x
+    return 1.0 / tl.sqrt(tl.sum(acc, axis=0) / K + eps)
+
+
+@triton.jit
+def _activations(X_ptr, NW_ptr, rstd, k, K, NORM: tl.constexpr, EVEN: tl.constexpr):
+    """x'[k] for an index tensor k (0 past K unless EVEN)."""
+    if EVEN:
+        x = tl.load(X_ptr + k).to(tl.float32)
+    else:
+        x = tl.load(X_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    if NORM:
+        if EVEN:
+            w = tl.load(NW_ptr + k).to(tl.float32)
+        else:
+            w = tl.load(NW_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        x = (x * rstd) * w
+    return x
+
+
+@triton.jit
+def _chunk_dots(W_ptr, T_ptr, X_ptr, NW_ptr, rstd, blk0, b0, nb, n_blocks, K,
+                DECODE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr,
+                NORM: tl.constexpr, EVEN: tl.constexpr):
+    """Partial dot products of blocks b0 .. b0+BB-1 of each row, one per sub-block:
+    scale * sum_C(q * x') + bias * sum_C(x'), [BLOCK_N, A, B, 1] float32."""
+    q, scale, bias, kidx = DECODE(W_ptr, T_ptr, blk0 + b0, n_blocks, nb - b0, BB)
+    x = _activations(X_ptr, NW_ptr, rstd, b0 * QK + kidx, K, NORM, EVEN)   # [A, B, C]
+    qx = tl.sum(q * x[None], axis=3, keep_dims=True)                        # [BN, A, B, 1]
+    xs = tl.sum(x, axis=2, keep_dims=True)[None]                            # [1, A, B, 1]
+    return qx * scale + bias * xs
+
+
+@triton.jit
+def _row_dots(W_ptr, T_ptr, X_ptr, NW_ptr, rstd, rows, K, nb, n_blocks,
+              DECODE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr,
+              NORM: tl.constexpr, EVEN: tl.constexpr):
+    """[BLOCK_N] float32 dot products of rows ``rows`` of W with x'. Per-sub-block
+    partials accumulate across chunks and are reduced once at the end; past the row's
+    end x' is 0, so clamped (repeated) blocks add nothing."""
+    blk0 = rows.to(tl.int64) * nb
+    acc = _chunk_dots(W_ptr, T_ptr, X_ptr, NW_ptr, rstd, blk0, 0, nb, n_blocks, K, DECODE, QK, BB, NORM, EVEN)
+    for b0 in range(BB, nb, BB):
+        acc += _chunk_dots(W_ptr, T_ptr, X_ptr, NW_ptr, rstd, blk0, b0, nb, n_blocks, K, DECODE, QK, BB, NORM, EVEN)
+    return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+
+
+@triton.jit
+def _gemv_kernel(W_ptr, T_ptr, X_ptr, NW_ptr, R_ptr, Y_ptr, N, K, nb, n_blocks, eps,
+                 DECODE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr, BLOCK_N: tl.constexpr,
+                 NORM: tl.constexpr, RESIDUAL: tl.constexpr, EVEN: tl.constexpr):
+    """Y[r] = (R[r] +) W[r] . x' for the BLOCK_N rows of this program."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    rows_in = tl.minimum(rows, N - 1)                     # loads stay inside W
+    rstd = 1.0
+    if NORM:
+        rstd = _rstd(X_ptr, K, eps, 1024)
+    acc = _row_dots(W_ptr, T_ptr, X_ptr, NW_ptr, rstd, rows_in, K, nb, n_blocks, DECODE, QK, BB, NORM, EVEN)
+    if RESIDUAL:
+        acc += tl.load(R_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(Y_ptr + rows, acc, mask=rmask)
+
+
+@triton.jit
+def _gemv_swiglu_kernel(WG_ptr, WU_ptr, T_ptr, X_ptr, NW_ptr, Y_ptr, N, K, nb, n_blocks, eps,
+                        DECODE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr, BLOCK_N: tl.constexpr,
+                        NORM: tl.constexpr, EVEN: tl.constexpr):
+    """Y[r] = silu(Wg[r] . x') * (Wu[r] . x'), silu(g) = g / (1 + exp(-g))."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_in = tl.minimum(rows, N - 1)
+    rstd = 1.0
+    if NORM:
+        rstd = _rstd(X_ptr, K, eps, 1024)
+    g = _row_dots(WG_ptr, T_ptr, X_ptr, NW_ptr, rstd, rows_in, K, nb, n_blocks, DECODE, QK, BB, NORM, EVEN)
+    u = _row_dots(WU_ptr, T_ptr, X_ptr, NW_ptr, rstd, rows_in, K, nb, n_blocks, DECODE, QK, BB, NORM, EVEN)
+    tl.store(Y_ptr + rows, g / (1.0 + tl.exp(-g)) * u, mask=rows < N)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch shape: BLOCK_N rows per program, BB blocks per step, warps per program."""
+
+    block_n: int
+    bb: int
+    num_warps: int
+
+
+def gemv_config(w: PackedWeight) -> GemvConfig:
+    """A launch shape for ``w``: about 8K weight values per step per program, and rows
+    per program chosen so that a weight spreads over a few hundred programs."""
+    qk = w.layout.block_size
+    nb = w.blocks_per_row
+    bb = 1
+    while bb * 2 <= nb and bb * 2 * qk <= 1024:
+        bb *= 2
+    block_n = 4
+    while block_n < 32 and (w.n_rows // (block_n * 2)) >= 512 and block_n * bb * qk < 8192:
+        block_n *= 2
+    return GemvConfig(block_n, bb, 4)
+
+
+def supports(ggml_type: int) -> bool:
+    """Whether the fused kernels cover this GGML type."""
+    return codec(ggml_type) is not None
+
+
+def gemv(w: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
+         norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+         residual: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
+    """``W @ x'`` for x: [n_cols] (float32/16, contiguous) -> float32 [n_rows].
+
+    ``norm_weight`` [n_cols] turns on the fused RMSNorm prologue with ``eps``;
+    ``residual`` [n_rows] float32 is added (it may be ``out``).
+    """
+    c = codec(w.ggml_type)
+    if c is None:
+        raise ValueError(f"no fused kernel for {w.ggml_type.name}")
+    if out is None:
+        out = torch.empty(w.n_rows, dtype=torch.float32, device=x.device)
+    cfg = config or gemv_config(w)
+    nb = w.blocks_per_row
+    grid = (triton.cdiv(w.n_rows, cfg.block_n),)
+    _gemv_kernel[grid](
+        w.planes, codebook(x.device), x, norm_weight if norm_weight is not None else x,
+        residual if residual is not None else out, out,
+        w.n_rows, w.n_cols, nb, w.n_rows * nb, eps,
+        DECODE=c.fn, QK=c.block_size, BB=cfg.bb, BLOCK_N=cfg.block_n,
+        NORM=norm_weight is not None, RESIDUAL=residual is not None, EVEN=nb % cfg.bb == 0,
+        num_warps=cfg.num_warps)
+    return out
+
+
+def gemv_swiglu(wg: PackedWeight, wu: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
+                norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                config: GemvConfig | None = None) -> torch.Tensor:
+    """``silu(Wg @ x') * (Wu @ x')``; Wg and Wu share type and shape. -> float32 [n_rows]."""
+    if (wg.ggml_type, wg.n_rows, wg.n_cols) != (wu.ggml_type, wu.n_rows, wu.n_cols):
+        raise ValueError("gate and up weights must share type and shape")
+    c = codec(wg.ggml_type)
+    if c is None:
+        raise ValueError(f"no fused kernel for {wg.ggml_type.name}")
+    if out is None:
+        out = torch.empty(wg.n_rows, dtype=torch.float32, device=x.device)
+    cfg = config or gemv_config(wg)
+    nb = wg.blocks_per_row
+    grid = (triton.cdiv(wg.n_rows, cfg.block_n),)
+    _gemv_swiglu_kernel[grid](
+        wg.planes, wu.planes, codebook(x.device), x, norm_weight if norm_weight is not None else x, out,
+        wg.n_rows, wg.n_cols, nb, wg.n_rows * nb, eps,
+        DECODE=c.fn, QK=c.block_size, BB=cfg.bb, BLOCK_N=cfg.block_n,
+        NORM=norm_weight is not None, EVEN=nb % cfg.bb == 0, num_warps=cfg.num_warps)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Plain-torch twin
+# ---------------------------------------------------------------------------------------
+
+def dequantized(w: PackedWeight) -> torch.Tensor:
+    """W as float64 [n_rows, n_cols], through the exact torch dequantizer."""
+    from gguflm.quant import dequantize
+
+    return dequantize(w.blocks().reshape(-1), w.ggml_type, (w.n_cols, w.n_rows)).double()
+
+
+def gemv_reference(w: PackedWeight, x: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
+                   eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """What :func:`gemv` computes, in float64 torch ops."""
+    x = x.double()
+    if norm_weight is not None:
+        x = x / torch.sqrt((x * x).mean() + eps) * norm_weight.double()
+    y = dequantized(w) @ x
+    return y + residual.double() if residual is not None else y
+
+
+def gemv_swiglu_reference(wg: PackedWeight, wu: PackedWeight, x: torch.Tensor, *,
+                          norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """What :func:`gemv_swiglu` computes, in float64 torch ops."""
+    g = gemv_reference(wg, x, norm_weight=norm_weight, eps=eps)
+    u = gemv_reference(wu, x, norm_weight=norm_weight, eps=eps)
+    return torch.nn.functional.silu(g) * u
