@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from gguflm.gguf.reader import ValueType
 
 STR, U32, BOOL = (ValueType.STRING,), (ValueType.UINT32,), (ValueType.BOOL,)
-I32_ARRAY = (ValueType.ARRAY, ValueType.INT32)
 
 VARIANTS = {
     "spm-no-space-prefix": ("llama-spm", dict(tokenizer__ggml__add_space_prefix=(False, BOOL))),

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from itertools import accumulate
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import accumulate
 
 from gguflm.tokenizer import unicode as uni
 
@@ -199,6 +199,7 @@ NEWLINES = Custom("newlines", "text", pattern=_newline_runs)
 # -- llama.cpp's regexes (the models' tokenizer.json patterns, adapted by llama.cpp) ---
 _CI = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _TAIL = r"\s*[\r\n]+|\s+(?!\S)|\s+"
+_SYMBOLS_SLASH = r" ?[^\s\p{L}\p{N}]+[\r\n/]*|"
 _PUNCT_ASCII = "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+"
 _CJK_KANA = "[一-龥\u3040-ゟ゠-ヿ]+"
 _CJK_HANGUL = "[一-龥ࠀ-一가-\ud7ff]+"
@@ -257,7 +258,7 @@ PRE_TYPES: dict[str, tuple[Step, ...]] = {
                        "| ?[\\p{P}\\p{S}]+|[\r\n]|\\s+(?!\\S)|\\s+"),
                  Regex(r"\p{N}")),
     "youtu": (Regex("[가-힣ㄱ-ㆎ]+|[！…“”‘’—：；，、-〿︰-﹏]+|[ㄅ-ㄯ]+|" + _CJK_KANA),
-              Regex(_CASED_WORDS + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|" + _TAIL)),
+              Regex(_CASED_WORDS + r"|\p{N}|" + _SYMBOLS_SLASH + _TAIL)),
     "deepseek-coder": (Regex("[\r\n]"), Regex(r"\s?\p{L}+"), Regex(r"\s?\p{P}+"),
                        Regex(_CJK_HANGUL), Regex(r"\p{N}")),
     "falcon": (Regex(r"[\p{P}\$\+<=>\^~\|`]+"), GPT2, Regex("[0-9][0-9][0-9]")),
@@ -267,18 +268,19 @@ PRE_TYPES: dict[str, tuple[Step, ...]] = {
     "qwen35": (QWEN35,),
     "poro": (Regex(_NORDIC),),
     "viking": (Regex(_NORDIC), Regex(r"\p{N}")),
-    "tekken": (Regex(_TEKKEN_WORDS + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|" + _TAIL),),
+    "tekken": (Regex(_TEKKEN_WORDS + r"|\p{N}|" + _SYMBOLS_SLASH + _TAIL),),
     "chameleon": (Regex("<sentinel:[0-9]+>"), Regex("(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z"),
-                  Regex("([\\t\\n]|    |  )"), Regex(r"\p{N}"), Regex(r"[\p{P}!-/:-@\[-`{-~]"), GPT2),
-    "gpt4o": (Regex(_GPT4O_WORDS + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|" + _TAIL),),
-    "granite-emb-multi": (Regex(_GRANITE_WORDS + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|" + _TAIL),),
-    "tiny-aya": (DIGIT_GROUPS,
-                 Regex(_CASED_WORDS + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|" + _TAIL)),
+                  Regex("([\\t\\n]|    |  )"), Regex(r"\p{N}"), Regex(r"[\p{P}!-/:-@\[-`{-~]"),
+                  GPT2),
+    "gpt4o": (Regex(_GPT4O_WORDS + r"|\p{N}{1,3}|" + _SYMBOLS_SLASH + _TAIL),),
+    "granite-emb-multi": (Regex(_GRANITE_WORDS + r"|\p{N}{1,3}|" + _SYMBOLS_SLASH + _TAIL),),
+    "tiny-aya": (DIGIT_GROUPS, Regex(_CASED_WORDS + r"|\p{N}{1,3}|" + _SYMBOLS_SLASH + _TAIL)),
     "kimi-k2": (KIMI_K2,),
     "superbpe": (Regex(r"\p{N}+"), Regex(r"(?=(\d{3})+(?!\d))")),
     "bailingmoe": (Regex(r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"),),
-    "seed-coder": (Regex(_CI + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|" + _TAIL),),
+    "seed-coder": (Regex(_CI + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|"
+                         + _TAIL),),
     "ufakzeka": (Regex(r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|" + _TAIL),),
     "afmoe": (DIGIT_GROUPS,
               Regex("[一-鿿㐀-䶿豈-\ufaff\u3040-ゟ゠-ヿ･-ﾟ⼀-\u2fdfเ-\u0e7f\u0e80-\u0effក-\u17ffက-႟"
@@ -296,14 +298,13 @@ PRE_TYPES: dict[str, tuple[Step, ...]] = {
 
 @dataclass(frozen=True)
 class PreSetting:
-    """What one ``tokenizer.ggml.pre`` value selects: the pre-tokenizer and the vocab flags
-    llama.cpp changes with it (None: keep the BPE default)."""
+    """What one ``tokenizer.ggml.pre`` value selects: the pre-tokenizer and the vocabulary
+    flags llama.cpp sets with it (the BPE defaults otherwise)."""
 
     pre_type: str
     clean_spaces: bool = True
     ignore_merges: bool = False
-    add_bos: bool | None = None
-    add_sep: bool | None = None
+    add_bos: bool = False
     no_bos: bool = False            # the default BOS id is dropped (ChatGLM)
     escape_whitespaces: bool = False  # spaces become U+2581 before BPE (SPM-style BPE)
     byte_encode: bool = True          # GPT-2 byte alphabet; False: raw UTF-8, <0xXX> fallback
@@ -336,7 +337,7 @@ PRE_SETTINGS: dict[str, PreSetting] = {
     **_names("gemma4 granite-embed-multi-311m", pre_type="newlines", escape_whitespaces=True,
              byte_encode=False, whole_newline_words=True, force_add_bos=True),
     **_names("sarvam-moe", pre_type="newlines", escape_whitespaces=True, byte_encode=False, **_KEEP),
-    **_names("jina-v1-en jina-v2-code roberta-bpe", pre_type="gpt2", add_sep=True),
+    **_names("jina-v1-en jina-v2-code roberta-bpe", pre_type="gpt2"),  # + add_sep (WordPiece only)
     **_names("refact", pre_type="starcoder"),
     **_names("command-r", pre_type="starcoder", **_KEEP),
     **_names("qwen2 deepseek-r1-qwen kormo f2llmv2", pre_type="qwen2", **_KEEP),

@@ -3,9 +3,9 @@
 The text (spaces already escaped to U+2581 "▁") starts as one symbol per code point.
 Every adjacent pair whose concatenation is a token is a candidate; repeatedly the
 candidate with the highest token score (ties: leftmost) is merged, and the pairs it
-forms with its neighbours become candidates (:func:`merge`). A final symbol that is a token is
-emitted as that token, otherwise as its UTF-8 bytes through the byte tokens
-``<0xXX>`` (byte fallback).
+forms with its neighbours become candidates (:func:`~gguflm.tokenizer.merge.merge`).
+A final symbol that is a token is emitted as that token, otherwise as its UTF-8 bytes
+through the byte tokens ``<0xXX>`` (byte fallback).
 
 Speed: a merge can only join two code points that occur side by side inside some
 token. Where ``c▁`` occurs in no token, nothing ever spans the boundary before that

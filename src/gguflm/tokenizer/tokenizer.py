@@ -99,7 +99,8 @@ class Tokenizer:
 
     def _check(self, token: int) -> int:
         if not 0 <= token < self.vocab.n_tokens:
-            raise ValueError(f"token id {token} is outside the vocabulary (0..{self.vocab.n_tokens - 1})")
+            raise ValueError(f"token id {token} is outside the vocabulary "
+                             f"(0..{self.vocab.n_tokens - 1})")
         return token
 
     # -- encoding ---------------------------------------------------------------------

@@ -62,12 +62,20 @@ KEYS: dict[str, tuple[tuple[ValueType, ...], ...]] = {
     "tokenizer.ggml.scores": (_F32_ARRAY, _I32_ARRAY),
     "tokenizer.ggml.token_type": (_I32_ARRAY,),
     "tokenizer.ggml.merges": (_STR_ARRAY,),
-    "tokenizer.ggml.add_space_prefix": (_BOOL,),
-    "tokenizer.ggml.remove_extra_whitespaces": (_BOOL,),
-    "tokenizer.ggml.add_bos_token": (_BOOL,),
-    "tokenizer.ggml.add_eos_token": (_BOOL,),
-    "tokenizer.ggml.add_sep_token": (_BOOL,),
 }
+
+# Boolean flags: (Vocab field, key). llama.cpp also reads remove_extra_whitespaces and
+# add_sep_token, but only its UGM (T5) and WordPiece tokenizers use them: their types are
+# checked (llama.cpp refuses a wrong one too), their values not kept.
+FLAG_KEYS: tuple[tuple[str, str], ...] = (
+    ("add_space_prefix", "tokenizer.ggml.add_space_prefix"),
+    ("remove_extra_whitespaces", "tokenizer.ggml.remove_extra_whitespaces"),
+    ("add_bos", "tokenizer.ggml.add_bos_token"),
+    ("add_eos", "tokenizer.ggml.add_eos_token"),
+    ("add_sep", "tokenizer.ggml.add_sep_token"),
+)
+for _, _key in FLAG_KEYS:
+    KEYS[_key] = (_BOOL,)
 
 # Special-token slots and the keys that set them, in llama.cpp's order (the deprecated
 # prefix/suffix/middle keys come last and win over fim_pre/suf/mid).
@@ -142,13 +150,13 @@ class Vocab:
     token_to_id: dict[str, int]
     ranks: dict[str, int]             # BPE merge rule "left right" -> rank
     special: dict[str, int | None]    # bos, eos, eot, eom, unk, sep, pad, mask, fim_*
-    add_bos: bool
+    add_bos: bool                     # encode(add_special=True) adds BOS / EOS
     add_eos: bool
-    add_sep: bool
-    add_space_prefix: bool
-    clean_spaces: bool
-    escape_whitespaces: bool
-    ignore_merges: bool
+    add_space_prefix: bool            # SPM: " " before a text piece that starts the text or
+                                      # follows a special token; decode drops it again
+    clean_spaces: bool                # decode removes spaces before punctuation
+    escape_whitespaces: bool          # spaces become "▁" before merging
+    ignore_merges: bool               # a BPE word that is a token is taken whole
     eog_ids: frozenset[int] = frozenset()
     special_order: tuple[int, ...] = field(default=())  # partition order: longest text first
 
@@ -192,21 +200,20 @@ def load_vocab(meta: Mapping[str, Any], types: Mapping[str, tuple]) -> Vocab:
     setting: PreSetting | None = None
     if kind == "bpe":
         setting = _pre_setting(pre)
-        add_space_prefix, clean_spaces = False, setting.clean_spaces
-        escape_whitespaces, ignore_merges = setting.escape_whitespaces, setting.ignore_merges
-        add_bos = bool(setting.add_bos)
-        add_eos, add_sep = False, bool(setting.add_sep)
+        flags = dict(add_space_prefix=False, clean_spaces=setting.clean_spaces,
+                     escape_whitespaces=setting.escape_whitespaces,
+                     ignore_merges=setting.ignore_merges, add_bos=setting.add_bos, add_eos=False)
         if setting.no_bos:
             special["bos"] = None
     else:
-        add_space_prefix, clean_spaces, escape_whitespaces, ignore_merges = True, False, True, False
-        add_bos, add_eos, add_sep = True, False, False
-    flag = _get(meta, types, "tokenizer.ggml.add_space_prefix")
-    if flag is not None:
-        add_space_prefix = flag
-    # tokenizer.ggml.remove_extra_whitespaces: llama.cpp reads it, but only its UGM (T5)
-    # tokenizer uses it; its type is still checked like llama.cpp does.
-    _get(meta, types, "tokenizer.ggml.remove_extra_whitespaces")
+        flags = dict(add_space_prefix=True, clean_spaces=False, escape_whitespaces=True,
+                     ignore_merges=False, add_bos=True, add_eos=False)
+    for name, key in FLAG_KEYS:
+        value = _get(meta, types, key)
+        if value is not None and name in flags:
+            flags[name] = value
+    if setting is not None and setting.force_add_bos:
+        flags["add_bos"] = True
 
     texts = list(_required(meta, types, "tokenizer.ggml.tokens"))
     n = len(texts)
@@ -244,25 +251,9 @@ def load_vocab(meta: Mapping[str, Any], types: Mapping[str, tuple]) -> Vocab:
                           f"keeping {special[slot]}", stacklevel=3)
         else:
             special[slot] = new_id
-    for slot, key in (("add_bos", "tokenizer.ggml.add_bos_token"),
-                      ("add_eos", "tokenizer.ggml.add_eos_token"),
-                      ("add_sep", "tokenizer.ggml.add_sep_token")):
-        flag = _get(meta, types, key)
-        if flag is not None:
-            if slot == "add_bos":
-                add_bos = flag
-            elif slot == "add_eos":
-                add_eos = flag
-            else:
-                add_sep = flag
-    if setting is not None and setting.force_add_bos:
-        add_bos = True
 
     vocab = Vocab(model=model, kind=kind, pre=pre, setting=setting, texts=texts, scores=scores,
-                  attrs=attrs, token_to_id=token_to_id, ranks=ranks, special=special,
-                  add_bos=add_bos, add_eos=add_eos, add_sep=add_sep,
-                  add_space_prefix=add_space_prefix, clean_spaces=clean_spaces,
-                  escape_whitespaces=escape_whitespaces, ignore_merges=ignore_merges)
+                  attrs=attrs, token_to_id=token_to_id, ranks=ranks, special=special, **flags)
     _detect_special(vocab)
     vocab.special_order = tuple(sorted(
         (i for i, a in enumerate(vocab.attrs) if a & SPECIAL_ATTRS),
