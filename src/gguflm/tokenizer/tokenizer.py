@@ -143,15 +143,14 @@ class Tokenizer:
             if not parse_special and attr & HIDDEN:
                 continue
             special = v.texts[tid]
-            if not any(isinstance(p, str) and special in p for p in parts):
-                continue
             new: list[str | int] = []
             for p in parts:
-                if isinstance(p, int) or special not in p:
+                hit = -1 if isinstance(p, int) else p.find(special)
+                if hit < 0:
                     new.append(p)
                     continue
                 pos = 0
-                while (hit := p.find(special, pos)) >= 0:
+                while hit >= 0:
                     left = p[pos:hit]
                     if attr & Attr.LSTRIP:
                         left = left.rstrip(C_SPACES)
@@ -161,6 +160,7 @@ class Tokenizer:
                     pos = hit + len(special)
                     if attr & Attr.RSTRIP:
                         pos = len(p) - len(p[pos:].lstrip(C_SPACES))
+                    hit = p.find(special, pos)
                 if pos < len(p):
                     new.append(p[pos:])
             parts = new

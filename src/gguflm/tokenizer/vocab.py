@@ -10,9 +10,15 @@ llama.cpp derives on top of the metadata is derived here the same way:
   FIM tokens), the set of end-of-generation tokens, "unused" control tokens, and the
   token attributes it forces (control, user-defined, lstrip/rstrip for Phi-3...).
 
-Where llama.cpp walks a hash map (whose order is an accident of libstdc++), we take
-candidates in the order of llama.cpp's lists; the results differ only when a vocabulary
-holds two spellings of the same FIM/EOT token.
+Two places where llama.cpp's order is an accident of its C++ library, and ours a rule:
+
+* it detects EOT/FIM tokens while walking a hash map; we take the candidates in the
+  order of its lists. Only the reported EOT/FIM id can differ, and only when a
+  vocabulary holds two spellings of one of them (then also which FIM pad/repo token
+  ends generation);
+* it sorts special tokens by length with an unstable sort; ours keeps equal lengths in
+  id order. This matters only for two equal-length special tokens that can overlap in
+  a text, which none of the tested vocabularies has.
 """
 
 from __future__ import annotations
