@@ -6,10 +6,11 @@ loop repeats one *step*:
 
 1. drop cancelled requests (their slots are free again at once) and admit waiting ones
    into free slots, first come first served; the rest keep waiting (never dropped);
-2. prefill: feed prompt chunks of ``prefill_chunk`` tokens (chunk ``i`` always covers
-   prompt positions ``[i*chunk, (i+1)*chunk)``, whoever else is running) of the requests
-   still reading their prompt, at most ``prefill_budget`` tokens a step; a request whose
-   prompt is complete samples its first token from the last chunk's logits;
+2. prefill: the requests still reading their prompt feed their next chunk of at most
+   ``prefill_chunk`` tokens (chunk ``i`` always covers prompt positions
+   ``[i*chunk, (i+1)*chunk)``, whoever else is running), as many of them as fit in
+   ``prefill_budget`` padded tokens, together in ONE forward (rows right-padded); a
+   request whose prompt is complete samples its first token from its last chunk's logits;
 3. decode: every request that has a sampled token not yet in the cache feeds it, all of
    them together in ONE batched forward (``tokens [B, 1]`` at their own positions in
    their own slots); each row is sampled with its request's own parameters, history and
@@ -251,29 +252,47 @@ class Scheduler:
                 self._finish(seq, Done("length", len(job.prompt), 0), locked=True)
 
     def _step(self) -> None:
-        device = self.cache.k.device
-        budget = self.prefill_budget
-        for seq in [s for s in self._active if s.todo and not s.ticket.cancelled]:
-            if budget <= 0:
+        self._prefill()
+        self._decode()
+
+    def _prefill(self) -> None:
+        """One batched forward over the next prompt chunk of as many reading requests (first
+        come first served) as fit in ``prefill_budget`` padded tokens (always at least one);
+        rows are right-padded to the longest chunk."""
+        reading = [s for s in self._active if s.todo and not s.ticket.cancelled]
+        group: list[_Seq] = []
+        T = 0
+        for seq in reading:
+            t = max(T, min(len(seq.todo), self.prefill_chunk))
+            if group and (len(group) + 1) * t > self.prefill_budget:
                 break
-            chunk = seq.todo[:self.prefill_chunk]
-            T = len(chunk)
-            logits = self.model.forward(torch.tensor([chunk], device=device),
-                                        torch.arange(seq.n_past, seq.n_past + T, device=device)[None],
-                                        self.cache, torch.tensor([seq.slot], device=device),
-                                        last_only=True)                           # [1, V]
-            seq.n_past += T
-            del seq.todo[:T]
-            budget -= T
+            group.append(seq)
+            T = t
+        if not group:
+            return
+        device = self.cache.k.device
+        chunks = [seq.todo[:self.prefill_chunk] for seq in group]
+        tokens = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=device)          # [B, T]
+        positions = torch.tensor([list(range(s.n_past, s.n_past + len(c))) + [-1] * (T - len(c))
+                                  for s, c in zip(group, chunks)], device=device)                # [B, T]
+        slots = torch.tensor([s.slot for s in group], device=device)                           # [B]
+        logits = self.model.forward(tokens, positions, self.cache, slots, last_only=True)      # [B, V]
+        for i, (seq, chunk) in enumerate(zip(group, chunks)):
+            seq.n_past += len(chunk)
+            del seq.todo[:len(chunk)]
             if not seq.todo:
-                self._accept(seq, logits[0])
+                self._accept(seq, logits[i])
+
+    def _decode(self) -> None:
+        """One batched forward feeding every request's last sampled token at its own position."""
         ready = [s for s in self._active if s.last is not None and not s.ticket.cancelled]
         if not ready:
             return
+        device = self.cache.k.device
         tokens = torch.tensor([[s.last] for s in ready], device=device)         # [B, 1]
         positions = torch.tensor([[s.n_past] for s in ready], device=device)   # [B, 1]
         slots = torch.tensor([s.slot for s in ready], device=device)           # [B]
-        logits = self.model.forward(tokens, positions, self.cache, slots, last_only=True)      # [B, V]
+        logits = self.model.forward(tokens, positions, self.cache, slots, last_only=True)  # [B, V]
         for i, seq in enumerate(ready):
             seq.n_past += 1
             seq.last = None
