@@ -4,8 +4,8 @@ vocabulary; report the speeds and their ratio.
 
     python benchmarks/bench_tokenizer.py [--repeat 5] [--size 1000000] [-m FILE ...]
 
-The text: Python's own documentation (pydoc_data.topics: English prose) and the first
-modules of its standard library (code), half and half, cut at --size characters;
+The text: Python's own documentation (pydoc_data.topics: English prose, up to half) and
+its standard library's modules (code) for the rest, --size characters in all;
 deterministic for one Python version (its sha256 is recorded). Both tokenizers must
 give identical ids. Timings, each the best of --repeat runs, alternating sides:
 
@@ -38,13 +38,14 @@ SHARED_SPM = ROOT.parent.parent / "shared" / "vocab" / "ggml-vocab-llama-spm.ggu
 
 
 def corpus(size: int) -> str:
-    """Half English prose, half Python code, from the running Python's own files."""
+    """English prose (up to half) and Python code, from the running Python's own files."""
     from pydoc_data.topics import topics
 
     prose = "\n\n".join(topics[k] for k in sorted(topics))
     lib = Path(sysconfig.get_paths()["stdlib"])
     code = "".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(lib.glob("*.py")))
-    return prose[: size // 2] + code[: size - size // 2]
+    prose = prose[: size // 2]
+    return prose + code[: size - len(prose)]
 
 
 def cpu_model() -> str:
@@ -133,7 +134,7 @@ def main() -> int:
         "gguflm": gguflm.__version__,
         "text": {"chars": len(text), "bytes": len(text.encode()),
                  "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                 "source": "pydoc_data.topics (prose) + stdlib *.py (code), half and half"},
+                 "source": "pydoc_data.topics (prose, up to half) + stdlib *.py (code)"},
         "repeat": args.repeat,
         "runs": runs,
         "requirement": "gguflm cold speed >= 0.5 x llama.cpp",
