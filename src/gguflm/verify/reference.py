@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,18 +33,23 @@ import torch
 from gguflm.errors import GGUFError
 from gguflm.gguf.reader import GGUFFile
 
+# name -> the tensor dequantized, rows first (shape reversed(info.shape)); default gguflm.dequantize
+WeightFn = Callable[[str], torch.Tensor]
 
-def _weight(f: GGUFFile, name: str) -> torch.Tensor:
+
+def _weight(f: GGUFFile, name: str, weights: WeightFn | None = None) -> torch.Tensor:
+    if weights is not None:
+        return weights(name).to(torch.float64)
     from gguflm.quant import dequantize
 
     info = f.tensors[name]
     return dequantize(f.tensor_data(name), info.ggml_type, info.shape).to(torch.float64)
 
 
-def _linear(f: GGUFFile, x: torch.Tensor, name: str) -> torch.Tensor:
-    y = x @ _weight(f, name + ".weight").T
+def _linear(f: GGUFFile, x: torch.Tensor, name: str, weights: WeightFn | None = None) -> torch.Tensor:
+    y = x @ _weight(f, name + ".weight", weights).T
     if name + ".bias" in f.tensors:
-        y = y + _weight(f, name + ".bias")
+        y = y + _weight(f, name + ".bias", weights)
     return y
 
 
@@ -52,8 +57,11 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * w
 
 
-def reference_logits(model: str | os.PathLike | GGUFFile, ids: Sequence[int]) -> np.ndarray:
-    """Float64 logits [len(ids), n_vocab] of the Llama-architecture model in ``model``."""
+def reference_logits(model: str | os.PathLike | GGUFFile, ids: Sequence[int],
+                     weights: WeightFn | None = None) -> np.ndarray:
+    """Float64 logits [len(ids), n_vocab] of the Llama-architecture model in ``model``.
+    ``weights`` supplies dequantized tensors by name (e.g. libggml's, or a cache shared by
+    several calls); by default each is dequantized here with gguflm.dequantize."""
     f = model if isinstance(model, GGUFFile) else GGUFFile(model)
     arch = f.metadata.get("general.architecture")
     if arch != "llama":
@@ -78,13 +86,13 @@ def reference_logits(model: str | os.PathLike | GGUFFile, ids: Sequence[int]) ->
     with torch.inference_mode():
         tokens = torch.tensor(list(ids), dtype=torch.long)
         T = len(tokens)
-        x = _weight(f, "token_embd.weight")[tokens]                            # [T, E]
+        x = _weight(f, "token_embd.weight", weights)[tokens]                   # [T, E]
         n_embd = x.shape[1]
         head_dim = int(md("attention.key_length", n_embd // n_head))
         half = head_dim // 2
         inv_freq = torch.tensor([base ** (-2.0 * i / head_dim) for i in range(half)], dtype=torch.float64)
         if "rope_freqs.weight" in f.tensors:
-            inv_freq = inv_freq / _weight(f, "rope_freqs.weight")
+            inv_freq = inv_freq / _weight(f, "rope_freqs.weight", weights)
         theta = freq_scale * torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]  # [T, d/2]
         cos, sin = torch.cos(theta) * mscale, torch.sin(theta) * mscale
         causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -99,21 +107,21 @@ def reference_logits(model: str | os.PathLike | GGUFFile, ids: Sequence[int]) ->
 
         for layer in range(n_layer):
             p = f"blk.{layer}."
-            h = _rms(x, _weight(f, p + "attn_norm.weight"), eps)
-            q = rope(_linear(f, h, p + "attn_q").view(T, n_head, head_dim))
-            k = rope(_linear(f, h, p + "attn_k").view(T, n_head_kv, head_dim))
-            v = _linear(f, h, p + "attn_v").view(T, n_head_kv, head_dim)
+            h = _rms(x, _weight(f, p + "attn_norm.weight", weights), eps)
+            q = rope(_linear(f, h, p + "attn_q", weights).view(T, n_head, head_dim))
+            k = rope(_linear(f, h, p + "attn_k", weights).view(T, n_head_kv, head_dim))
+            v = _linear(f, h, p + "attn_v", weights).view(T, n_head_kv, head_dim)
             heads = []
             for j in range(n_head):
                 kv = j // (n_head // n_head_kv)
                 scores = (q[:, j] @ k[:, kv].T) / math.sqrt(head_dim)          # [T, T]
                 scores = scores.masked_fill(~causal, float("-inf"))
                 heads.append(torch.softmax(scores, dim=-1) @ v[:, kv])          # [T, d]
-            x = x + _linear(f, torch.cat(heads, dim=1), p + "attn_output")
-            h = _rms(x, _weight(f, p + "ffn_norm.weight"), eps)
-            g = _linear(f, h, p + "ffn_gate")
-            x = x + _linear(f, g / (1.0 + torch.exp(-g)) * _linear(f, h, p + "ffn_up"), p + "ffn_down")
+            x = x + _linear(f, torch.cat(heads, dim=1), p + "attn_output", weights)
+            h = _rms(x, _weight(f, p + "ffn_norm.weight", weights), eps)
+            g = _linear(f, h, p + "ffn_gate", weights)
+            x = x + _linear(f, g / (1.0 + torch.exp(-g)) * _linear(f, h, p + "ffn_up", weights), p + "ffn_down", weights)
 
-        x = _rms(x, _weight(f, "output_norm.weight"), eps)
+        x = _rms(x, _weight(f, "output_norm.weight", weights), eps)
         out_name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
-        return (x @ _weight(f, out_name).T).numpy()
+        return (x @ _weight(f, out_name, weights).T).numpy()
