@@ -229,8 +229,7 @@ class Scheduler:
             self._active.clear()
             self._waiting.clear()
         for ticket in left:
-            if not ticket.cancelled:
-                ticket.emit(Failed("the server is shutting down"))
+            self._send(ticket, Failed("the server is shutting down"))
 
     def _reap_and_admit(self) -> None:
         """(Lock held.) Free the slots of cancelled requests; move waiting ones into free slots."""

@@ -1,0 +1,143 @@
+"""The continuous-batching scheduler in process, on SmolLM2: what a request produces
+does not depend on batching (greedy tokens equal the engine's single-sequence
+TokenStream, chunked prefill or not, queued or not), finish reasons and counts follow
+the context and max_tokens, cancelled and waiting requests are handled, logprobs are
+those of the logits at each generated position."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from gguflm.engine.generate import TokenStream
+from gguflm.engine.sampling import SamplingParams
+from gguflm.engine.scheduler import Done, Failed, Job, Piece, Scheduler, run_jobs
+
+N_CTX = 128
+GREEDY = SamplingParams(temperature=0)
+TEXTS = ["Once upon a time, in a small village by the sea,", "The history of the printing press begins",
+         "def fibonacci(n):\n    ", "Photosynthesis is the process by which", "My favourite recipe for soup is"]
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_path):
+    import gguflm
+
+    return gguflm.load(smollm2_path, n_ctx=N_CTX)
+
+
+@pytest.fixture(scope="module")
+def prompts(model) -> list[tuple[int, ...]]:
+    return [tuple(model.encode_prompt(t)) for t in TEXTS]
+
+
+def tokens_alone(model, prompt, max_tokens: int) -> tuple[list[int], str]:
+    """The engine's one-sequence generation loop: tokens and finish reason."""
+    stream = TokenStream(model, prompt, max_tokens, GREEDY)
+    return list(stream), stream.result.finish_reason
+
+
+def text_of(events) -> str:
+    return "".join(e.text for e in events if isinstance(e, Piece))
+
+
+def done_of(events) -> Done:
+    assert isinstance(events[-1], Done), events[-1]
+    assert sum(not isinstance(e, Piece) for e in events) == 1
+    return events[-1]
+
+
+def test_batched_queued_chunked_equals_alone(model, prompts) -> None:
+    sched = Scheduler(model, n_slots=2, prefill_chunk=5, prefill_budget=12)  # 5 jobs for 2 slots
+    try:
+        events = run_jobs(sched, [Job(p, GREEDY, 12) for p in prompts])
+    finally:
+        sched.close()
+    for p, evs in zip(prompts, events):
+        toks, finish = tokens_alone(model, p, 12)
+        done = done_of(evs)
+        assert (done.finish_reason, done.n_prompt, done.n_completion) == (finish, len(p), len(toks))
+        assert text_of(evs) == model.tokenizer.decode(toks)
+
+
+def test_context_full_and_max_tokens(model, prompts) -> None:
+    sched = Scheduler(model, n_slots=3, n_ctx=len(prompts[0]) + 4)
+    try:
+        full, short, zero = run_jobs(sched, [Job(prompts[0], GREEDY), Job(prompts[0], GREEDY, 2),
+                                             Job(prompts[0], GREEDY, 0)])
+    finally:
+        sched.close()
+    toks = tokens_alone(model, prompts[0], 5)[0]
+    assert len(toks) == 5  # no end of generation this early
+    assert (done_of(full).finish_reason, done_of(full).n_completion) == ("length", 5)
+    assert text_of(full) == model.tokenizer.decode(toks)
+    assert (done_of(short).finish_reason, done_of(short).n_completion) == ("length", 2)
+    assert (done_of(zero).finish_reason, done_of(zero).n_completion, text_of(zero)) == ("length", 0, "")
+
+
+def test_cancel_running_and_waiting(model, prompts) -> None:
+    sched = Scheduler(model, n_slots=1)
+    got: dict[str, list] = {"a": [], "b": []}
+    first_piece = threading.Event()
+
+    def emit_a(ev) -> None:
+        got["a"].append(ev)
+        first_piece.set()
+
+    try:
+        a = sched.submit(Job(prompts[0], GREEDY, 100), emit_a)
+        b = sched.submit(Job(prompts[1], GREEDY, 100), got["b"].append)
+        assert first_piece.wait(60)
+        assert sched.stats()["requests_waiting"] == 1
+        b.cancel()
+        a.cancel()
+        (c_events,) = run_jobs(sched, [Job(prompts[2], GREEDY, 3)])  # the slot comes back
+        assert done_of(c_events).n_completion == 3
+        assert got["b"] == [] and not any(isinstance(e, (Done, Failed)) for e in got["a"])
+        assert sched.stats() == {"slots_total": 1, "slots_processing": 0, "slots_idle": 1, "requests_waiting": 0}
+    finally:
+        sched.close()
+
+
+def test_close_fails_what_is_left(model, prompts) -> None:
+    sched = Scheduler(model, n_slots=1)
+    got: list = []
+    started = threading.Event()
+    sched.submit(Job(prompts[0], GREEDY, 100), lambda ev: (got.append(ev), started.set()))
+    assert started.wait(60)
+    sched.close()
+    assert isinstance(got[-1], Failed) and not any(isinstance(e, Done) for e in got)
+
+
+def test_logprobs_are_those_of_each_position(model, prompts) -> None:
+    sched = Scheduler(model, n_slots=2)
+    try:
+        (events,) = run_jobs(sched, [Job(prompts[3], GREEDY, 6, top_logprobs=3)])
+    finally:
+        sched.close()
+    entries = [e for ev in events if isinstance(ev, Piece) for e in ev.logprobs]
+    assert len(entries) == done_of(events).n_completion == 6
+    ids = list(prompts[3]) + [e.id for e in entries]
+    ref = torch.log_softmax(model.logits(ids)[len(prompts[3]) - 1:-1].double(), dim=-1)  # [6, V]
+    for i, e in enumerate(entries):
+        assert e.id == int(ref[i].argmax())
+        assert e.logprob == pytest.approx(float(ref[i, e.id]), abs=1e-3)
+        top = torch.topk(ref[i], 3)
+        assert [t for t, _ in e.top] == top.indices.tolist()
+        assert [lp for _, lp in e.top] == pytest.approx(top.values.tolist(), abs=1e-3)
+
+
+def test_rejects_what_cannot_run(model) -> None:
+    from gguflm.engine.generate import ContextLengthError, GenerationError
+
+    sched = Scheduler(model, n_slots=1, n_ctx=16)
+    try:
+        with pytest.raises(ContextLengthError):
+            sched.submit(Job(tuple(range(1, 17))), lambda ev: None)
+        for bad in (Job(()), Job((model.config.n_vocab,)), Job((1,), max_tokens=-1)):
+            with pytest.raises(GenerationError):
+                sched.submit(bad, lambda ev: None)
+    finally:
+        sched.close()
