@@ -143,23 +143,20 @@ def create_app(backend: Backend, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = parse(ChatCompletionRequest, await request.body())
-        prompt = await asyncio.to_thread(backend.chat_prompt, req)
-        fmt = ChatFormat(backend.model_id, backend.model.tokenizer, req.include_usage())
-        return await _answer(request, backend, req, prompt, fmt)
+        return await _answer(request, backend, parse(ChatCompletionRequest, await request.body()))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = parse(CompletionRequest, await request.body())
-        prompt = await asyncio.to_thread(backend.completion_prompt, req)
-        fmt = CompletionFormat(backend.model_id, backend.model.tokenizer, req.include_usage())
-        return await _answer(request, backend, req, prompt, fmt)
+        return await _answer(request, backend, parse(CompletionRequest, await request.body()))
 
     return app
 
 
-async def _answer(request: Request, backend: Backend, req: ChatCompletionRequest | CompletionRequest,
-                  prompt: list[int], fmt: ChatFormat | CompletionFormat) -> Response:
+async def _answer(request: Request, backend: Backend, req: ChatCompletionRequest | CompletionRequest) -> Response:
+    """Run a validated request; a JSON answer, or a stream of events."""
+    chat = isinstance(req, ChatCompletionRequest)
+    prompt = await asyncio.to_thread(backend.chat_prompt if chat else backend.completion_prompt, req)
+    fmt = (ChatFormat if chat else CompletionFormat)(backend.model_id, backend.model.tokenizer, req.include_usage())
     job = backend.job(req, prompt)
     gen = backend.start(job)
     with_logprobs = job.top_logprobs is not None
