@@ -10,7 +10,8 @@ from gguflm.gguf.reader import GGUFFile
 from gguflm.model.arch import ArchSpec, arch_spec
 from gguflm.model.config import ModelConfig
 from gguflm.model.layers import Attention, Block, FeedForward, RMSNorm, Rope, Transformer
-from gguflm.model.linear import DequantLinear, dequantize_tensor, linear_from_gguf
+from gguflm.model.linear import (dequantize_tensor, embedding_from_gguf, fused_block, linear_from_gguf,
+                                 tied_embedding)
 
 
 def expected_shape(role: str, cfg: ModelConfig) -> tuple[int, ...]:
@@ -60,17 +61,17 @@ def build_transformer(f: GGUFFile, cfg: ModelConfig, n_ctx: int,
     """The decoder of ``f`` with RoPE tables for ``n_ctx`` positions, weights on ``device``."""
     spec = arch_spec(cfg.arch)
     w = _Weights(f, spec, cfg, device)
-    if cfg.tied_output:  # one copy: the embedding is a [n_vocab, E] view of the output's W^T
-        output = DequantLinear(w.dense("token_embd"))
-        embedding = output.weight_t.t()
+    if cfg.tied_output:  # one copy: the embedding shares the output's weight
+        output = w.linear("token_embd", None)
+        embedding = tied_embedding(output)
     else:
-        output, embedding = w.linear("output", None), w.dense("token_embd")
+        output, embedding = w.linear("output", None), embedding_from_gguf(f, w.name("token_embd"), device)
     freq_factors = w.dense("rope_freqs") if cfg.has_rope_freqs else None
     blocks = []
     for bid in range(cfg.n_layer):
         attn = Attention(cfg, *(w.linear(r, bid) for r in ("attn_q", "attn_k", "attn_v", "attn_output")))
         ffn = FeedForward(*(w.linear(r, bid) for r in ("ffn_gate", "ffn_up", "ffn_down")))
-        blocks.append(Block(RMSNorm(w.dense("attn_norm", bid), cfg.rms_eps), attn,
-                            RMSNorm(w.dense("ffn_norm", bid), cfg.rms_eps), ffn))
+        blocks.append(fused_block(Block(RMSNorm(w.dense("attn_norm", bid), cfg.rms_eps), attn,
+                                        RMSNorm(w.dense("ffn_norm", bid), cfg.rms_eps), ffn)))
     return Transformer(cfg, embedding, blocks, RMSNorm(w.dense("output_norm"), cfg.rms_eps), output,
                        Rope(cfg, n_ctx, freq_factors.cpu() if freq_factors is not None else None, device))

@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -266,6 +267,15 @@ inline __m512 ps(__m512i v) { return _mm512_cvtepi32_ps(v); }
 
 template <class T> struct Simd;
 
+// f(std::integral_constant<int, I>) for I = 0 .. N-1, unrolled: group indices stay
+// compile-time constants, so the accumulators they select stay in registers.
+template <int N, int I = 0, class F> [[gnu::always_inline]] inline void static_for(F&& f) {
+  if constexpr (I < N) {
+    f(std::integral_constant<int, I>{});
+    static_for<N, I + 1>(f);
+  }
+}
+
 // Codes to floats by table lookup: vpermps reads only the low 4 bits of each index lane,
 // so a nibble needs no masking; a 5th bit selects a second table with a masked vpermps.
 inline __m512 iota_ps(float first) {
@@ -279,104 +289,102 @@ inline __m512 lut5(__m512i idx, __mmask16 bit4, __m512 lo_table) {  // + 16 wher
 }
 
 template <> struct Simd<Q4_0> {
-  template <class F> static inline void groups(const uint8_t* b, F&& f) {
+  template <class F> [[gnu::always_inline]] static inline void groups(const uint8_t* b, F&& f) {
     const __m512i v = u8x16(b + 2);
     const __m512 t = iota_ps(-8.0f);
     const float d = f16(b);
-    f(0, lut(v, t), lut(_mm512_srli_epi32(v, 4), t), d, d, 0.0f);
+    f(std::integral_constant<int, 0>{}, lut(v, t), lut(_mm512_srli_epi32(v, 4), t), d, d, 0.0f);
   }
 };
 
 template <> struct Simd<Q4_1> {
-  template <class F> static inline void groups(const uint8_t* b, F&& f) {
+  template <class F> [[gnu::always_inline]] static inline void groups(const uint8_t* b, F&& f) {
     const __m512i v = u8x16(b + 4);
     const __m512 t = iota_ps(0.0f);
     const float d = f16(b);
-    f(0, lut(v, t), lut(_mm512_srli_epi32(v, 4), t), d, d, f16(b + 2));
+    f(std::integral_constant<int, 0>{}, lut(v, t), lut(_mm512_srli_epi32(v, 4), t), d, d, f16(b + 2));
   }
 };
 
 template <> struct Simd<Q5_0> {
-  template <class F> static inline void groups(const uint8_t* b, F&& f) {
+  template <class F> [[gnu::always_inline]] static inline void groups(const uint8_t* b, F&& f) {
     const uint32_t qh = rd32(b + 2);
     const __m512i v = u8x16(b + 6);
     const __m512 t0 = iota_ps(-16.0f);
     const float d = f16(b);
-    f(0, lut5(v, static_cast<__mmask16>(qh), t0), lut5(_mm512_srli_epi32(v, 4), static_cast<__mmask16>(qh >> 16), t0),
+    f(std::integral_constant<int, 0>{}, lut5(v, static_cast<__mmask16>(qh), t0), lut5(_mm512_srli_epi32(v, 4), static_cast<__mmask16>(qh >> 16), t0),
       d, d, 0.0f);
   }
 };
 
 template <> struct Simd<Q5_1> {
-  template <class F> static inline void groups(const uint8_t* b, F&& f) {
+  template <class F> [[gnu::always_inline]] static inline void groups(const uint8_t* b, F&& f) {
     const uint32_t qh = rd32(b + 4);
     const __m512i v = u8x16(b + 8);
     const __m512 t0 = iota_ps(0.0f);
     const float d = f16(b);
-    f(0, lut5(v, static_cast<__mmask16>(qh), t0), lut5(_mm512_srli_epi32(v, 4), static_cast<__mmask16>(qh >> 16), t0),
+    f(std::integral_constant<int, 0>{}, lut5(v, static_cast<__mmask16>(qh), t0), lut5(_mm512_srli_epi32(v, 4), static_cast<__mmask16>(qh >> 16), t0),
       d, d, f16(b + 2));
   }
 };
 
 template <> struct Simd<Q8_0> {
-  template <class F> static inline void groups(const uint8_t* b, F&& f) {
+  template <class F> [[gnu::always_inline]] static inline void groups(const uint8_t* b, F&& f) {
     const float d = f16(b);
     const __m512 lo = ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2))));
     const __m512 hi = ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18))));
-    f(0, lo, hi, d, d, 0.0f);
+    f(std::integral_constant<int, 0>{}, lo, hi, d, d, 0.0f);
   }
 };
 
 // The eight (d * scale, -(dmin * min)) pairs of a Q4_K/Q5_K super-block, as libggml computes
-// them (float32 products of the F16 scale and the 6-bit integers of scale_min_k4).
-inline void k4_scales(const uint8_t* b, float* dg, float* mg) {
-  uint8_t sc[8], mn[8];
-  for (int j = 0; j < 8; ++j) {
-    int s, m;
-    scale_min_k4(j, b + 4, &s, &m);
-    sc[j] = static_cast<uint8_t>(s);
-    mn[j] = static_cast<uint8_t>(m);
-  }
-  const __m256 d = _mm256_set1_ps(f16(b)), dmin = _mm256_set1_ps(f16(b + 2));
-  const __m256 s8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc))));
-  const __m256 m8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn))));
-  _mm256_storeu_ps(dg, _mm256_mul_ps(d, s8));
-  _mm256_storeu_ps(mg, _mm256_xor_ps(_mm256_mul_ps(dmin, m8), _mm256_set1_ps(-0.0f)));  // exact negation
+// them (float32 products of the F16 scales and the 6-bit integers of scale_min_k4; exact
+// negation). The 12 packed bytes are three little-endian words a, b, c:
+//   scales 0..3 = a & 63 (per byte)    scales 4..7 = (c & 15) | (a >> 6) << 4
+//   mins   0..3 = b & 63               mins   4..7 = (c >> 4) | (b >> 6) << 4
+[[gnu::always_inline]] inline void k4_scales(const uint8_t* b, float* dg, float* mg) {
+  const uint32_t a = rd32(b + 4), bb = rd32(b + 8), c = rd32(b + 12);
+  const uint64_t sc = (a & 0x3F3F3F3Fu) | static_cast<uint64_t>((c & 0x0F0F0F0Fu) | (((a >> 6) & 0x03030303u) << 4)) << 32;
+  const uint64_t mn = (bb & 0x3F3F3F3Fu) | static_cast<uint64_t>(((c >> 4) & 0x0F0F0F0Fu) | (((bb >> 6) & 0x03030303u) << 4)) << 32;
+  const __m256 s8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(sc))));
+  const __m256 m8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(mn))));
+  _mm256_store_ps(dg, _mm256_mul_ps(_mm256_set1_ps(f16(b)), s8));
+  _mm256_store_ps(mg, _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(f16(b + 2)), m8), _mm256_set1_ps(-0.0f)));
 }
 
 template <> struct Simd<Q4_K> {
-  template <class F> static inline void groups(const uint8_t* b, F&& f) {
+  template <class F> [[gnu::always_inline]] static inline void groups(const uint8_t* b, F&& f) {
     alignas(32) float dg[8], mg[8];
     k4_scales(b, dg, mg);
     const __m512 t = iota_ps(0.0f);
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
+    static_for<4>([&](auto J) {
+      constexpr int j = J;
       const uint8_t* q = b + 16 + 32 * j;
       const __m512i v0 = u8x16(q), v1 = u8x16(q + 16);
-      f(2 * j, lut(v0, t), lut(v1, t), dg[2 * j], dg[2 * j], mg[2 * j]);
-      f(2 * j + 1, lut(_mm512_srli_epi32(v0, 4), t), lut(_mm512_srli_epi32(v1, 4), t), dg[2 * j + 1], dg[2 * j + 1],
-        mg[2 * j + 1]);
-    }
+      f(std::integral_constant<int, 2 * j>{}, lut(v0, t), lut(v1, t), dg[2 * j], dg[2 * j], mg[2 * j]);
+      f(std::integral_constant<int, 2 * j + 1>{}, lut(_mm512_srli_epi32(v0, 4), t), lut(_mm512_srli_epi32(v1, 4), t),
+        dg[2 * j + 1], dg[2 * j + 1], mg[2 * j + 1]);
+    });
   }
 };
 
 template <> struct Simd<Q5_K> {
-  template <class F> static inline void groups(const uint8_t* b, F&& f) {
+  template <class F> [[gnu::always_inline]] static inline void groups(const uint8_t* b, F&& f) {
     alignas(32) float dg[8], mg[8];
     k4_scales(b, dg, mg);
     const __m512 t0 = iota_ps(0.0f);
     const __m512i h0 = u8x16(b + 16), h1 = u8x16(b + 32);
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
+    static_for<4>([&](auto J) {
+      constexpr int j = J;
       const uint8_t* q = b + 48 + 32 * j;
       const __m512i v0 = u8x16(q), v1 = u8x16(q + 16);
       const __m512i bit_lo = _mm512_set1_epi32(1 << (2 * j)), bit_hi = _mm512_set1_epi32(2 << (2 * j));
-      f(2 * j, lut5(v0, _mm512_test_epi32_mask(h0, bit_lo), t0), lut5(v1, _mm512_test_epi32_mask(h1, bit_lo), t0),
-        dg[2 * j], dg[2 * j], mg[2 * j]);
-      f(2 * j + 1, lut5(_mm512_srli_epi32(v0, 4), _mm512_test_epi32_mask(h0, bit_hi), t0),
+      f(std::integral_constant<int, 2 * j>{}, lut5(v0, _mm512_test_epi32_mask(h0, bit_lo), t0),
+        lut5(v1, _mm512_test_epi32_mask(h1, bit_lo), t0), dg[2 * j], dg[2 * j], mg[2 * j]);
+      f(std::integral_constant<int, 2 * j + 1>{}, lut5(_mm512_srli_epi32(v0, 4), _mm512_test_epi32_mask(h0, bit_hi), t0),
         lut5(_mm512_srli_epi32(v1, 4), _mm512_test_epi32_mask(h1, bit_hi), t0), dg[2 * j + 1], dg[2 * j + 1],
         mg[2 * j + 1]);
-    }
+    });
   }
 };
 
@@ -385,15 +393,15 @@ template <> struct Simd<Q6_K> {
   // elements 0..63 of the half take the low nibbles of ql[64n..64n+63] and bits (0,1) / (2,3)
   // of qh[32n + l] for l < 32 / l >= 32; elements 64..127 the high nibbles and bits (4,5) / (6,7).
   // 16-element group e/16 has the scale d * sc[8n + e/16].
-  template <class F> static inline void groups(const uint8_t* b, F&& f) {
+  template <class F> [[gnu::always_inline]] static inline void groups(const uint8_t* b, F&& f) {
     alignas(64) float ds[16];
     _mm512_store_ps(ds, _mm512_mul_ps(_mm512_set1_ps(f16(b + 208)),
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192))))));
     const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(3), c32 = _mm512_set1_epi8(32);
     const __m512i sh_lo = _mm512_set_epi64(0x0002000200020002, 0x0002000200020002, 0x0002000200020002, 0x0002000200020002, 0, 0, 0, 0);
     const __m512i sh_hi = _mm512_add_epi16(sh_lo, _mm512_set1_epi16(4));
-#pragma GCC unroll 2
-    for (int n = 0; n < 2; ++n) {
+    static_for<2>([&](auto N) {
+      constexpr int n = N;
       const __m512i L = _mm512_loadu_si512(b + 64 * n);
       const __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * n)));
       const __m512i c0 = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(L, m4),
@@ -401,11 +409,11 @@ template <> struct Simd<Q6_K> {
       const __m512i c1 = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4),
           _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(H, sh_hi), m2), 4)), c32);
       const float* d = ds + 8 * n;
-      f(4 * n + 0, ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(c0))), ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c0, 1))), d[0], d[1], 0.0f);
-      f(4 * n + 1, ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c0, 2))), ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c0, 3))), d[2], d[3], 0.0f);
-      f(4 * n + 2, ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(c1))), ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c1, 1))), d[4], d[5], 0.0f);
-      f(4 * n + 3, ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c1, 2))), ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c1, 3))), d[6], d[7], 0.0f);
-    }
+      f(std::integral_constant<int, 4 * n + 0>{}, ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(c0))), ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c0, 1))), d[0], d[1], 0.0f);
+      f(std::integral_constant<int, 4 * n + 1>{}, ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c0, 2))), ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c0, 3))), d[2], d[3], 0.0f);
+      f(std::integral_constant<int, 4 * n + 2>{}, ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(c1))), ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c1, 1))), d[4], d[5], 0.0f);
+      f(std::integral_constant<int, 4 * n + 3>{}, ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c1, 2))), ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c1, 3))), d[6], d[7], 0.0f);
+    });
   }
 };
 
@@ -419,11 +427,11 @@ void dot_row_avx512(const uint8_t* row, const float* x, const float* xs, int64_t
   float macc[2][M];
   for (int m = 0; m < M; ++m) { acc[0][m] = acc[1][m] = _mm512_setzero_ps(); macc[0][m] = macc[1][m] = 0.0f; }
   const int64_t nb = K / T::QK, G = K / 32;
-  auto block = [&](int64_t i, int parity) {
+  auto block = [&](int64_t i, auto parity) __attribute__((always_inline)) {
     const int64_t e0 = i * T::QK;
-    Simd<T>::groups(row + i * T::BYTES, [&](int g, __m512 qlo, __m512 qhi, float dlo, float dhi, float mg) {
+    Simd<T>::groups(row + i * T::BYTES, [&](auto g, __m512 qlo, __m512 qhi, float dlo, float dhi, float mg) {
       const int64_t e = e0 + 32 * g;
-      const int a = (parity + g) & 1;
+      constexpr int a = (decltype(parity)::value + decltype(g)::value) & 1;
       for (int m = 0; m < M; ++m) {
         const float* xm = x + m * K + e;
         if constexpr (T::SPLIT) {
@@ -439,10 +447,10 @@ void dot_row_avx512(const uint8_t* row, const float* x, const float* xs, int64_t
   };
   int64_t i = 0;
   for (; i + 1 < nb; i += 2) {
-    block(i, 0);
-    block(i + 1, 1);
+    block(i, std::integral_constant<int, 0>{});
+    block(i + 1, std::integral_constant<int, 1>{});
   }
-  if (i < nb) block(i, 0);
+  if (i < nb) block(i, std::integral_constant<int, 0>{});
   for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + (macc[0][m] + macc[1][m]);
 }
 
@@ -474,7 +482,7 @@ void dequant_rows_avx512(const uint8_t* w, int64_t K, const int64_t* rows, int64
     const uint8_t* row = w + rows[r] * nb * T::BYTES;
     for (int64_t i = 0; i < nb; ++i) {
       float* y = out + r * K + i * T::QK;
-      Simd<T>::groups(row + i * T::BYTES, [&](int g, __m512 qlo, __m512 qhi, float dlo, float dhi, float mg) {
+      Simd<T>::groups(row + i * T::BYTES, [&](auto g, __m512 qlo, __m512 qhi, float dlo, float dhi, float mg) {
         __m512 lo = _mm512_mul_ps(qlo, _mm512_set1_ps(dlo)), hi = _mm512_mul_ps(qhi, _mm512_set1_ps(dhi));
         if constexpr (T::MIN) {
           lo = _mm512_add_ps(lo, _mm512_set1_ps(mg));

@@ -1,0 +1,69 @@
+"""FusedBlock (one C++ call per decode step) against its plain-torch twin, the model's own
+Block with the same quantized linears: same outputs, same KV-cache writes, for a single
+decode row, a batch of rows in different slots at different positions (one of them
+padding), and multi-token steps (causality inside the step)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gguflm
+from gguflm.quant.cpu.block import FusedBlock
+
+
+@pytest.fixture(scope="module")
+def model(cpu_kernels, requantized):
+    # Q4_K_M: Q5_0, Q8_0, Q4_K and Q6_K linears in one model
+    return gguflm.load(requantized("Q4_K_M"), n_ctx=64)
+
+
+def blocked_mask(positions: torch.Tensor) -> torch.Tensor:
+    """The Transformer's mask for the twin: key position > query position."""
+    q_pos = positions.clamp(min=0)
+    key_pos = torch.arange(int(positions.max()) + 1)
+    return (key_pos[None, None, :] > q_pos[:, :, None])[:, None, None]
+
+
+def prefilled_cache(model, n_slots: int, n_tokens: int):
+    cache = model.new_cache(n_slots)
+    g = torch.Generator().manual_seed(0)
+    cache.k.normal_(generator=g)  # stand-in history: every slot holds keys/values at every position
+    cache.v.normal_(generator=g)
+    return cache
+
+
+@pytest.mark.parametrize("case", ["one_row", "batch_with_padding", "multi_token", "batch_multi_token"])
+def test_fused_block_matches_block(model, case):
+    tr = model.transformer
+    fused = [b for b in tr.blocks if isinstance(b, FusedBlock)]
+    assert len(fused) == model.config.n_layer
+    positions, slots = {
+        "one_row": (torch.tensor([[17]]), torch.tensor([0])),
+        "batch_with_padding": (torch.tensor([[5], [-1], [40]]), torch.tensor([2, 0, 1])),
+        "multi_token": (torch.tensor([[9, 10, 11, 12, 13]]), torch.tensor([1])),
+        "batch_multi_token": (torch.tensor([[3, 4, 5, 6], [20, 21, -1, -1]]), torch.tensor([0, 2])),
+    }[case]
+    B, T = positions.shape
+    x = torch.randn(B, T, model.config.n_embd, generator=torch.Generator().manual_seed(B * T)) * 0.5
+    blocked = blocked_mask(positions)
+    for layer in (0, model.config.n_layer - 1):
+        block = tr.blocks[layer]
+        cache_f, cache_t = prefilled_cache(model, 3, 64), prefilled_cache(model, 3, 64)
+        with torch.inference_mode():
+            got = block(x, tr.rope, positions, blocked, cache_f, layer, slots)
+            want = block.block(x, tr.rope, positions, blocked, cache_t, layer, slots)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+        torch.testing.assert_close(cache_f.k, cache_t.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache_f.v, cache_t.v, rtol=1e-5, atol=1e-5)
+
+
+def test_big_steps_run_the_twin(model, monkeypatch):
+    """Prefill-sized steps (more rows than the fused kernel takes) go to the Block itself."""
+    calls = []
+    block = model.transformer.blocks[0]
+    monkeypatch.setattr(block.block, "forward", lambda *a: calls.append(a[0].shape) or a[0])
+    positions = torch.arange(12)[None]
+    x = torch.zeros(1, 12, model.config.n_embd)
+    block(x, model.transformer.rope, positions, blocked_mask(positions), model.new_cache(1), 0, torch.tensor([0]))
+    assert calls == [(1, 12, model.config.n_embd)]
