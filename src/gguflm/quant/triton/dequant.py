@@ -39,10 +39,11 @@ def _dequant_kernel(W_ptr, T_ptr, IDS_ptr, Y_ptr, N, K, nb, n_blocks, y_row_stri
 
 
 def dequantize_into(w: PackedWeight, out: torch.Tensor, rows: torch.Tensor | None = None,
-                    block_n: int = 16) -> torch.Tensor:
-    """Write W (or its rows ``rows``, int [n] on the device: an embedding lookup) into
+                    block_n: int | None = None) -> torch.Tensor:
+    """Write W (or its rows ``rows``, int32/int64 [n] on the device: an embedding lookup) into
     ``out``: [n_rows or n, n_cols] float32/float16/bfloat16, rows contiguous.
-    Row ids are not checked here: the caller validates token ids."""
+    Row ids are not checked here: the caller validates token ids. ``block_n``: rows per
+    program (default 16, 64 on the CPU)."""
     c = codec(w.ggml_type)
     if c is None:
         raise ValueError(f"no dequantization kernel for {w.ggml_type.name}")
@@ -51,6 +52,8 @@ def dequantize_into(w: PackedWeight, out: torch.Tensor, rows: torch.Tensor | Non
         raise ValueError(f"out must be a row-major [{n_out}, {w.n_cols}] tensor")
     nb = w.blocks_per_row
     bb = 1 << (min(nb, 1024 // c.block_size).bit_length() - 1)   # a power of two <= both
+    if block_n is None:  # the interpreter (CPU) runs programs one by one: fewer, larger ones
+        block_n = 64 if out.device.type == "cpu" else 16
     grid = (triton.cdiv(n_out, block_n), triton.cdiv(nb, bb))
     _dequant_kernel[grid](w.planes, codebook(out.device), rows if rows is not None else out, out,
                           n_out, w.n_cols, nb, w.n_rows * nb, out.stride(0),

@@ -100,7 +100,7 @@ def _gemv_kernel(W_ptr, T_ptr, X_ptr, NW_ptr, R_ptr, Y_ptr, N, K, nb, n_blocks, 
 def _gemv_swiglu_kernel(WG_ptr, WU_ptr, T_ptr, X_ptr, NW_ptr, Y_ptr, N, K, nb, n_blocks, eps,
                         DECODE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr, BLOCK_N: tl.constexpr,
                         NORM: tl.constexpr, EVEN: tl.constexpr):
-    """Y[r] = silu(Wg[r] . x') * (Wu[r] . x'), silu(g) = g / (1 + exp(-g))."""
+    """Y[r] = silu(Wg[r] . x') * (Wu[r] . x'), silu(g) = g * sigmoid(g)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_in = tl.minimum(rows, N - 1)
     rstd = 1.0
@@ -108,7 +108,7 @@ def _gemv_swiglu_kernel(WG_ptr, WU_ptr, T_ptr, X_ptr, NW_ptr, Y_ptr, N, K, nb, n
         rstd = _rstd(X_ptr, K, eps, 1024)
     g = _row_dots(WG_ptr, T_ptr, X_ptr, NW_ptr, rstd, rows_in, K, nb, n_blocks, DECODE, QK, BB, NORM, EVEN)
     u = _row_dots(WU_ptr, T_ptr, X_ptr, NW_ptr, rstd, rows_in, K, nb, n_blocks, DECODE, QK, BB, NORM, EVEN)
-    tl.store(Y_ptr + rows, g / (1.0 + tl.exp(-g)) * u, mask=rows < N)
+    tl.store(Y_ptr + rows, g * tl.sigmoid(g) * u, mask=rows < N)
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,9 +126,12 @@ class GemvConfig:
 
 def gemv_config(w: PackedWeight) -> GemvConfig:
     """A launch shape for ``w``: about 8K weight values per step per program, and rows
-    per program chosen so that a weight spreads over a few hundred programs."""
+    per program chosen so that a weight spreads over a few hundred programs. On the CPU
+    (Triton's interpreter, which runs programs one after the other) few large programs."""
     qk = w.layout.block_size
     nb = w.blocks_per_row
+    if w.planes.device.type == "cpu":
+        return GemvConfig(min(64, triton.next_power_of_2(w.n_rows)), triton.next_power_of_2(nb), 4)
     bb = 1
     while bb * 2 <= nb and bb * 2 * qk <= 1024:
         bb *= 2

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# llama.cpp's CUDA build, for the baseline that `benchmarks/bench_cuda.py` compares against.
+#
+#   benchmarks/llama_cpp_build.sh trim SRC OUT.tar.xz   (here) pack a trimmed copy of the
+#       llama.cpp source tree SRC (the one llama-cpp-python 0.3.36 vendors): the CUDA and
+#       CPU backends, libllama, common, and the two tools we run; no models, docs, tests,
+#       examples, web UI or other backends. tools/CMakeLists.txt is replaced by one that
+#       adds only llama-bench and quantize.
+#   benchmarks/llama_cpp_build.sh build OUT.tar.xz DIR  (on the GPU machine) unpack into
+#       DIR and build llama-bench and llama-quantize for sm_90 with ninja.
+set -euo pipefail
+
+case "${1:-}" in
+trim)
+    src=$2 out=$3
+    tmp=$(mktemp -d)
+    dst=$tmp/llama.cpp
+    mkdir -p "$dst/ggml/src" "$dst/tools"
+    cp -r "$src"/{CMakeLists.txt,LICENSE,cmake,include,src,common,vendor} "$dst/"
+    rm -rf "$dst/vendor/miniaudio"/*.h.gz 2>/dev/null || true
+    cp -r "$src"/ggml/{CMakeLists.txt,cmake,include} "$dst/ggml/"
+    # ggml/src: the core files and the CPU + CUDA backends only
+    find "$src/ggml/src" -maxdepth 1 -type f -exec cp {} "$dst/ggml/src/" \;
+    cp -r "$src"/ggml/src/{ggml-cpu,ggml-cuda} "$dst/ggml/src/"
+    cp -r "$src"/tools/{llama-bench,quantize} "$dst/tools/"
+    printf 'find_package(Threads REQUIRED)\nllama_add_compile_flags()\nadd_subdirectory(llama-bench)\nadd_subdirectory(quantize)\n' \
+        > "$dst/tools/CMakeLists.txt"
+    tar -C "$tmp" -cJf "$out" llama.cpp
+    rm -rf "$tmp"
+    ls -la "$out"
+    ;;
+build)
+    tarball=$2 dir=$3
+    mkdir -p "$dir"
+    tar -C "$dir" -xJf "$tarball"
+    cd "$dir/llama.cpp"
+    cmake -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON >/dev/null
+    cmake --build build --target llama-bench llama-quantize -j "$(nproc)"
+    ls -la build/bin
+    ;;
+*)
+    echo "usage: $0 trim SRC OUT.tar.xz | build OUT.tar.xz DIR" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,25 @@
+"""The CUDA path: quantized weights on the GPU, Triton kernels, CUDA-graph decode.
+
+    weights   GGUF tensors -> packed planes (or an explicit float16 fallback) on the device
+    forward   many tokens: tile dequantization + tensor-core matmuls, SDPA
+    decode    one token: fused GEMVs, split attention, captured as CUDA graphs
+    model     CudaModel: the Model interface over both paths
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gguflm.gguf.reader import GGUFFile
+from gguflm.model.config import ModelConfig
+
+
+def load_cuda(f: GGUFFile, config: ModelConfig, tokenizer, n_ctx: int, device: torch.device,
+              use_graphs: bool = True):
+    """A :class:`CudaModel` of ``f`` on ``device`` (CUDA graphs off for a CPU device,
+    where the Triton kernels run in the interpreter)."""
+    from gguflm.model.cuda.model import CudaModel
+    from gguflm.model.cuda.weights import load_weights
+
+    weights = load_weights(f, config, device)
+    return CudaModel(f, config, weights, tokenizer, n_ctx, device, use_graphs=use_graphs and device.type == "cuda")

@@ -1,0 +1,210 @@
+"""A model's weights on an NVIDIA GPU, in their GGUF encoding.
+
+Each linear weight becomes a :class:`CudaLinear`: the file's blocks regrouped into field
+planes (:class:`PackedWeight`, the file's byte count) when a Triton kernel covers the
+type, read by the fused GEMV for one token and dequantized tile by tile into a shared
+half-precision workspace for a many-token matmul. Types no kernel covers fall back,
+explicitly, to a float16 copy made once by the exact torch dequantizer (``fallback``
+names them). Norm weights and biases are small and kept in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from gguflm.errors import GGUFError
+from gguflm.gguf.reader import GGUFFile
+from gguflm.model.arch import arch_spec
+from gguflm.model.config import ModelConfig
+from gguflm.model.loader import expected_shape
+from gguflm.quant.triton.codecs import codec
+from gguflm.quant.triton.dequant import dequantize_into
+from gguflm.quant.triton.gemv import gemv, gemv_swiglu
+from gguflm.quant.triton.planes import PackedWeight
+
+HALF = torch.float16  # activation / workspace dtype of the many-token path
+
+
+class Workspace:
+    """One half-precision buffer that every many-token matmul dequantizes its weight
+    into, in turn (the stream orders the uses). Sized for the largest weight, or a
+    chunk of rows of the output projection."""
+
+    def __init__(self, n_elements: int, device: torch.device):
+        self.buf = torch.empty(n_elements, dtype=HALF, device=device)
+
+    def view(self, n_rows: int, n_cols: int) -> torch.Tensor:
+        return self.buf[:n_rows * n_cols].view(n_rows, n_cols)
+
+
+@dataclass
+class CudaLinear:
+    """``y = x W^T (+ b)`` with W [n_out, n_in] resident as ``packed`` planes, or as the
+    float16 ``dense`` fallback when no kernel covers its type."""
+
+    n_out: int
+    n_in: int
+    packed: PackedWeight | None = None
+    dense: torch.Tensor | None = None
+    bias: torch.Tensor | None = None  # float32 [n_out]
+
+    @property
+    def ggml_type(self):
+        return self.packed.ggml_type if self.packed is not None else None
+
+    @property
+    def nbytes(self) -> int:
+        own = self.packed.nbytes if self.packed is not None else self.dense.numel() * self.dense.element_size()
+        return own + (self.bias.numel() * 4 if self.bias is not None else 0)
+
+    def gemv(self, x: torch.Tensor, out: torch.Tensor, norm_weight: torch.Tensor | None = None,
+             eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """One token: x float32 [n_in] -> out float32 [n_out] = (residual +) W x' (+ b),
+        x' = RMSNorm(x) * norm_weight when ``norm_weight`` is given."""
+        if self.packed is not None:
+            gemv(self.packed, x, out, norm_weight=norm_weight, eps=eps, residual=residual)
+        else:
+            if norm_weight is not None:
+                x = x * torch.rsqrt(x.pow(2).mean() + eps) * norm_weight
+            y = F.linear(x.to(HALF), self.dense).float()
+            out.copy_(y if residual is None else residual + y)
+        if self.bias is not None:
+            out += self.bias
+        return out
+
+    def matmul(self, x: torch.Tensor, ws: Workspace, row_chunk: int | None = None) -> torch.Tensor:
+        """Many tokens: x float16 [T, n_in] -> float16 [T, n_out] on the tensor cores
+        (float32 accumulation), W dequantized into ``ws`` ``row_chunk`` rows at a time."""
+        if self.packed is None:
+            y = F.linear(x, self.dense)
+        elif row_chunk is None or row_chunk >= self.n_out:
+            y = F.linear(x, dequantize_into(self.packed, ws.view(self.n_out, self.n_in)))
+        else:
+            y = torch.empty(x.shape[0], self.n_out, dtype=HALF, device=x.device)
+            ids = torch.arange(self.n_out, dtype=torch.int32, device=x.device)
+            for r0 in range(0, self.n_out, row_chunk):
+                r1 = min(r0 + row_chunk, self.n_out)
+                w = dequantize_into(self.packed, ws.view(r1 - r0, self.n_in), rows=ids[r0:r1])
+                torch.matmul(x, w.T, out=y[:, r0:r1])
+        if self.bias is not None:
+            y = y + self.bias.to(HALF)
+        return y
+
+    def rows(self, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """W[ids]: the embedding lookup, ids int [n] on the device -> float32 [n, n_in]
+        (into ``out`` when given)."""
+        if out is None:
+            out = torch.empty(ids.numel(), self.n_in, dtype=torch.float32, device=ids.device)
+        if self.packed is None:
+            return out.copy_(self.dense[ids])
+        return dequantize_into(self.packed, out, rows=ids if ids.dtype in (torch.int32, torch.int64) else ids.long())
+
+
+def stacked(parts: list[CudaLinear]) -> CudaLinear | None:
+    """One linear for ``[W_a; W_b; ...]`` when all parts are packed in one type without
+    bias (the fused QKV projection), else None."""
+    if any(p.packed is None or p.bias is not None for p in parts):
+        return None
+    if len({p.packed.ggml_type for p in parts}) != 1:
+        return None
+    packed = PackedWeight.stack([p.packed for p in parts])
+    return CudaLinear(packed.n_rows, packed.n_cols, packed)
+
+
+@dataclass
+class CudaLayer:
+    attn_norm: torch.Tensor
+    wq: CudaLinear
+    wk: CudaLinear
+    wv: CudaLinear
+    wo: CudaLinear
+    ffn_norm: torch.Tensor
+    w_gate: CudaLinear
+    w_up: CudaLinear
+    w_down: CudaLinear
+    wqkv: CudaLinear | None = None       # [wq; wk; wv] when they stack
+    swiglu_fused: bool = False            # gate and up share type and shape
+
+
+@dataclass
+class CudaWeights:
+    token_embd: CudaLinear
+    layers: list[CudaLayer]
+    output_norm: torch.Tensor
+    output: CudaLinear
+    rope_freqs: torch.Tensor | None
+    fallback: dict[str, str] = field(default_factory=dict)  # tensor name -> its type, dequantized to float16
+
+    @property
+    def nbytes(self) -> int:
+        seen, total = set(), 0
+        for lin in [self.token_embd, self.output] + [getattr(l, r) for l in self.layers
+                                                      for r in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]:
+            if id(lin) not in seen:
+                seen.add(id(lin))
+                total += lin.nbytes
+        return total
+
+    def max_matrix(self) -> int:
+        """Elements of the largest layer weight (the workspace size)."""
+        return max(lin.n_out * lin.n_in for layer in self.layers
+                   for lin in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down))
+
+
+def _dense_f32(f: GGUFFile, name: str, device: torch.device) -> torch.Tensor:
+    from gguflm.quant import dequantize
+
+    info = f.tensors[name]
+    return dequantize(f.tensor_data(name), info.ggml_type, info.shape).to(device)
+
+
+def load_weights(f: GGUFFile, cfg: ModelConfig, device: torch.device) -> CudaWeights:
+    """Every tensor the decoder uses, checked against the config and moved to ``device``."""
+    spec = arch_spec(cfg.arch)
+    fallback: dict[str, str] = {}
+
+    def name(role: str, bid: int | None = None) -> str:
+        n = spec.tensor_name(role, bid)
+        info = f.tensors.get(n)
+        if info is None:
+            raise GGUFError(f"missing tensor {n!r}")
+        if tuple(info.shape) != expected_shape(role, cfg):
+            raise GGUFError(f"tensor {n!r} has shape {list(info.shape)}, expected {list(expected_shape(role, cfg))}")
+        return n
+
+    def linear(role: str, bid: int | None = None) -> CudaLinear:
+        n = name(role, bid)
+        info = f.tensors[n]
+        n_in, n_out = info.shape
+        bias = None
+        b = spec.bias_name(role, bid) if bid is not None else None
+        if b is not None and b in f.tensors:
+            if tuple(f.tensors[b].shape) != (n_out,):
+                raise GGUFError(f"tensor {b!r} has shape {list(f.tensors[b].shape)}, expected [{n_out}]")
+            bias = _dense_f32(f, b, device)
+        if codec(info.ggml_type) is not None:
+            packed = PackedWeight.from_raw(f.tensor_data(n), info.ggml_type, info.shape, device)
+            return CudaLinear(n_out, n_in, packed=packed, bias=bias)
+        fallback[n] = info.ggml_type.name
+        return CudaLinear(n_out, n_in, dense=_dense_f32(f, n, device).to(HALF), bias=bias)
+
+    layers = []
+    for bid in range(cfg.n_layer):
+        layer = CudaLayer(
+            attn_norm=_dense_f32(f, name("attn_norm", bid), device),
+            wq=linear("attn_q", bid), wk=linear("attn_k", bid), wv=linear("attn_v", bid),
+            wo=linear("attn_output", bid),
+            ffn_norm=_dense_f32(f, name("ffn_norm", bid), device),
+            w_gate=linear("ffn_gate", bid), w_up=linear("ffn_up", bid), w_down=linear("ffn_down", bid))
+        layer.wqkv = stacked([layer.wq, layer.wk, layer.wv])
+        g, u = layer.w_gate, layer.w_up
+        layer.swiglu_fused = (g.packed is not None and u.packed is not None and g.bias is None and u.bias is None
+                              and g.packed.ggml_type == u.packed.ggml_type)
+        layers.append(layer)
+    token_embd = linear("token_embd")
+    output = token_embd if cfg.tied_output else linear("output")
+    rope_freqs = _dense_f32(f, name("rope_freqs"), torch.device("cpu")) if cfg.has_rope_freqs else None
+    return CudaWeights(token_embd, layers, _dense_f32(f, name("output_norm"), device), output, rope_freqs, fallback)

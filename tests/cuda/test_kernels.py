@@ -1,0 +1,139 @@
+"""The Triton kernels against outside oracles: libggml's dequantizers for every block
+decoder (through the fused GEMV and the tile dequantizer), float64 recomputations for
+RMSNorm, SwiGLU, RoPE and attention. Odd row counts and block counts that are not a
+multiple of the kernels' step exercise the masked edges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gguflm.gguf.types import LAYOUTS, GGMLType
+from gguflm.quant.triton import attention as A
+from gguflm.quant.triton.codecs import CODECS, codec
+from gguflm.quant.triton.dequant import dequantize_into
+from gguflm.quant.triton.gemv import GemvConfig, gemv, gemv_swiglu
+from gguflm.quant.triton.planes import PackedWeight, pack_planes, unpack_planes
+
+FUSED = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q2_K,
+         GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS]
+
+
+def _weight(random_blocks, oracle, t: GGMLType, n_rows: int, blocks_per_row: int, device, seed: int = 0):
+    """A random packed weight and its float64 value [n_rows, n_cols] according to libggml."""
+    lay = LAYOUTS[t]
+    raw = random_blocks(t, n_rows * blocks_per_row, seed)
+    n_cols = blocks_per_row * lay.block_size
+    w = PackedWeight.from_raw(raw, t, (n_cols, n_rows), device)
+    ref = torch.from_numpy(oracle(raw.reshape(-1), t, n_rows * n_cols)).double().view(n_rows, n_cols)
+    return w, ref
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double().cpu() - b).abs().max() / b.abs().max())
+
+
+def test_registry_covers_the_decode_types():
+    assert set(CODECS) == set(FUSED)
+    assert codec(GGMLType.F16) is None and codec(GGMLType.IQ2_XXS) is None and codec(9999) is None
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.IQ4_XS])
+def test_planes_hold_the_file_bytes(random_blocks, t):
+    raw = torch.from_numpy(random_blocks(t, 12, seed=3))
+    planes = pack_planes(raw, LAYOUTS[t])
+    assert planes.numel() == raw.numel()
+    assert torch.equal(unpack_planes(planes, LAYOUTS[t]), raw)
+    # the d field of block 5 sits where the docstring says: n * offset(d) + 5 * size(d)
+    lay = LAYOUTS[t]
+    off, size = lay.offsets["d"], lay.field("d").nbytes
+    assert torch.equal(planes[12 * off + 5 * size:12 * off + 6 * size], raw[5, off:off + size])
+
+
+@pytest.mark.parametrize("t", FUSED, ids=lambda t: t.name)
+def test_gemv_matches_libggml(random_blocks, oracle, device, t):
+    # 3 blocks per row with 2 per step: a ragged last step; 37 rows over 8-row programs
+    w, ref = _weight(random_blocks, oracle, t, 37, 3, device, seed=int(t))
+    gen = torch.Generator().manual_seed(int(t))
+    x = torch.randn(w.n_cols, generator=gen)
+    y = gemv(w, x.to(device), config=GemvConfig(block_n=8, bb=2, num_warps=4))
+    assert _rel(y, ref @ x.double()) < 1e-5
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q8_0, GGMLType.Q6_K], ids=lambda t: t.name)
+def test_gemv_norm_and_residual(random_blocks, oracle, device, t):
+    w, ref = _weight(random_blocks, oracle, t, 21, 4, device, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    x, nw, r = (torch.randn(n, generator=gen) for n in (w.n_cols, w.n_cols, w.n_rows))
+    eps = 1e-5
+    y = gemv(w, x.to(device), norm_weight=nw.to(device), eps=eps, residual=r.to(device))
+    xd = x.double()
+    want = r.double() + ref @ (xd / torch.sqrt((xd * xd).mean() + eps) * nw.double())
+    assert _rel(y, want) < 1e-5
+    # in place: the residual buffer is the output
+    out = r.to(device).clone()
+    gemv(w, x.to(device), out, norm_weight=nw.to(device), eps=eps, residual=out)
+    assert _rel(out, want) < 1e-5
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q4_0], ids=lambda t: t.name)
+def test_gemv_swiglu(random_blocks, oracle, device, t):
+    wg, g_ref = _weight(random_blocks, oracle, t, 19, 2, device, seed=11)
+    wu, u_ref = _weight(random_blocks, oracle, t, 19, 2, device, seed=12)
+    gen = torch.Generator().manual_seed(5)
+    x, nw = torch.randn(wg.n_cols, generator=gen), torch.randn(wg.n_cols, generator=gen)
+    y = gemv_swiglu(wg, wu, x.to(device), norm_weight=nw.to(device), eps=1e-6)
+    xd = x.double() / torch.sqrt((x.double() ** 2).mean() + 1e-6) * nw.double()
+    g, u = g_ref @ xd, u_ref @ xd
+    assert _rel(y, g * torch.sigmoid(g) * u) < 1e-5
+
+
+@pytest.mark.parametrize("t", FUSED, ids=lambda t: t.name)
+def test_dequantize_is_libggml_rounded_to_half(random_blocks, oracle, device, t):
+    w, ref = _weight(random_blocks, oracle, t, 9, 3, device, seed=100 + int(t))
+    out = torch.full((w.n_rows, w.n_cols), float("nan"), dtype=torch.float16, device=device)
+    dequantize_into(w, out, block_n=4)
+    assert torch.equal(out.cpu(), ref.float().half())
+
+
+def test_gather_rows_is_an_embedding_lookup(random_blocks, oracle, device):
+    w, ref = _weight(random_blocks, oracle, GGMLType.Q6_K, 30, 2, device, seed=1)
+    ids = torch.tensor([29, 0, 7, 7, 13], dtype=torch.int32)
+    out = torch.full((5, w.n_cols), float("nan"), dtype=torch.float32, device=device)
+    dequantize_into(w, out, rows=ids.to(device), block_n=4)
+    assert torch.equal(out.cpu(), ref[ids.long()].float())
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_kv_writes_rotated_heads_and_cache(device, neox):
+    H, Hkv, D, n_ctx, pos = 6, 2, 32, 40, 29
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn((H + 2 * Hkv) * D, generator=gen)
+    theta = torch.rand(n_ctx, D // 2, generator=gen) * 3
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    k_cache = torch.zeros(Hkv, n_ctx, D, dtype=torch.float16, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    q = torch.full((H, D), float("nan"), device=device)
+    A.rope_kv(qkv.to(device), cos.to(device), sin.to(device), torch.tensor([pos], dtype=torch.int32, device=device),
+              q, k_cache, v_cache, H, neox)
+    rq, rk, rv = A.rope_kv_reference(qkv, cos, sin, pos, H, Hkv, D, neox)
+    assert (q.cpu().double() - rq).abs().max() < 1e-5
+    assert (k_cache[:, pos].cpu().double() - rk).abs().max() < 2e-3          # float16 cache
+    assert (v_cache[:, pos].cpu().double() - rv).abs().max() < 2e-3
+    others = torch.cat((k_cache[:, :pos], k_cache[:, pos + 1:]), 1)
+    assert not others.any()
+
+
+@pytest.mark.parametrize("n", [1, 17, 40])
+def test_decode_attention_matches_float64(device, n):
+    H, Hkv, D, n_ctx = 6, 2, 32, 40
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randn(H, D, generator=gen)
+    k = torch.randn(Hkv, n_ctx, D, generator=gen).half()
+    v = torch.randn(Hkv, n_ctx, D, generator=gen).half()
+    ws = A.AttentionWorkspace(H, D, 4, device)
+    out = torch.full((H, D), float("nan"), device=device)
+    A.decode_attention(q.to(device), k.to(device), v.to(device), torch.tensor([n - 1], dtype=torch.int32, device=device),
+                       out, ws, D ** -0.5, block_s=16)
+    ref = A.decode_attention_reference(q.half().float(), k[:, :n], v[:, :n], D ** -0.5)
+    assert _rel(out, ref) < 4e-3                                              # float16 scores and weights
