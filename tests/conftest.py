@@ -81,9 +81,3 @@ def requantized(smollm2_path):
 def llama_quantize():
     """quantize_with_llama_cpp(src, ftype, dst=None) for tests that quantize files they wrote."""
     return quantize_with_llama_cpp
-
-
-@pytest.fixture(scope="session")
-def llama_quantize():
-    """:func:`quantize_with_llama_cpp` for other conftests (test modules cannot import this one)."""
-    return quantize_with_llama_cpp
