@@ -114,5 +114,9 @@ def load(path: str | os.PathLike | GGUFFile, device: str | torch.device = "cpu",
     tokenizer = Tokenizer.from_gguf(f)
     if tokenizer.n_vocab > config.n_vocab:
         raise GGUFError(f"the tokenizer has {tokenizer.n_vocab} tokens but the embedding only {config.n_vocab} rows")
+    if dev.type == "cuda":  # quantized weights on the GPU, Triton kernels, CUDA graphs
+        from gguflm.model.cuda import load_cuda
+
+        return load_cuda(f, config, tokenizer, n_ctx, dev)
     transformer = build_transformer(f, config, n_ctx, dev)
     return Model(f, config, transformer, tokenizer, n_ctx, dev)
