@@ -78,15 +78,17 @@ def tiny_model(shared_dir, llama_quantize):
     (benchmarks/make_tinyllama.py), quantized by llama.cpp's own quantizer; cached."""
     pytest.importorskip("gguf")
     vocab = shared_dir / "vocab" / "ggml-vocab-llama-spm.gguf"
-    CACHE.mkdir(parents=True, exist_ok=True)
     src = CACHE / "tiny-llama-2x256-f32.gguf"
-    if not src.exists():
-        tmp = src.with_suffix(".tmp")
-        _make_tiny(tmp, vocab)
-        tmp.rename(src)
 
     def make(ftype: str) -> Path:
         dst = CACHE / f"tiny-llama-2x256.{ftype}.gguf"
-        return dst if dst.exists() else llama_quantize(src, ftype, dst)
+        if dst.exists():
+            return dst
+        if not src.exists():
+            CACHE.mkdir(parents=True, exist_ok=True)
+            tmp = src.with_suffix(".tmp")
+            _make_tiny(tmp, vocab)
+            tmp.rename(src)
+        return llama_quantize(src, ftype, dst)
 
     return make
