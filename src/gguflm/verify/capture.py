@@ -1,17 +1,23 @@
 """Record the engine's intermediate tensors during one real forward pass.
 
 Uses torch's forward hooks on the modules of :class:`gguflm.model.layers.Transformer`, so
-the engine runs unmodified (no second copy of the forward pass, no flag in its code). A
-step of many rows runs the plain-torch modules even where a fused kernel serves decoding,
-so a whole sequence is traced through them. For
+the engine runs unmodified (no second copy of the forward pass, no flag in its code). For
 every block it records the residual stream going in and coming out (the logit lens reads
 these); for the ``detail`` layers it also records each step's input and output:
 
     attn_norm.out, wq/wk/wv.out, rope q/k in+out, wo.in (attention output) + out,
-    ffn_norm.in (residual after attention) + out, gate.out, up.out, down.in (SwiGLU) + out
+    ffn_norm.in (residual after attention) + out, gate.out, up.out, down.in (SwiGLU) + out,
+    the block's output
 
 plus ``output_norm`` in/out and the logits. Tensors are float32 on the CPU, batch row 0,
 shapes ``[T, ...]``: residual/norm/linear tensors [T, width], rope tensors [heads, T, D].
+
+Where the engine runs a whole block as one fused kernel (the CPU's ``FusedBlock``), its
+steps cannot be observed: the block's input and output are still the real ones, and for
+the detail layers the block's plain-torch twin (a :class:`gguflm.model.layers.Block`, which
+the wrapper keeps) is run again on that same input to record each step (``Trace.twin_layers``).
+The component check then measures the twin's steps and, separately, the fused block's
+own output.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class Trace:
     block_in: dict[int, torch.Tensor] = field(default_factory=dict)    # layer -> [T, E]
     block_out: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [T, E]
     layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    twin_layers: set[int] = field(default_factory=set)  # detail layers whose steps come from a twin
     output_norm_in: torch.Tensor | None = None    # [T, E]
     output_norm_out: torch.Tensor | None = None   # [T, E]
     logits: torch.Tensor | None = None            # [T, V]
@@ -68,6 +75,19 @@ def _submodule(root: nn.Module, path: str) -> nn.Module:
                        "follows gguflm.model.layers and needs updating")
 
 
+def plain_block(block: nn.Module) -> nn.Module:
+    """``block`` if it is a plain :class:`gguflm.model.layers.Block`, else the plain twin a
+    fused wrapper keeps as a child (the CPU's ``FusedBlock`` runs a whole block in C++)."""
+    from gguflm.model.layers import Block
+
+    if isinstance(block, Block):
+        return block
+    for mod in block.modules():
+        if isinstance(mod, Block):
+            return mod
+    raise RuntimeError(f"{type(block).__name__} holds no gguflm.model.layers.Block whose steps could be observed")
+
+
 def trace_forward(model: Any, tokens: Sequence[int], detail: Collection[int]) -> Trace:
     """Run ``model.logits(tokens)`` once and record its intermediates (``detail``: layers
     whose every step is kept). ``model`` is a :class:`gguflm.model.Model`."""
@@ -85,6 +105,8 @@ def trace_forward(model: Any, tokens: Sequence[int], detail: Collection[int]) ->
     def post_block(i: int) -> Callable[..., None]:
         def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
             trace.block_out[i] = _keep(out)
+            if i in trace.layers and i not in trace.twin_layers:
+                trace.layers[i]["out"] = trace.block_out[i]
         return hook
 
     def probe(i: int, name: str, side: str) -> Callable[..., None]:
@@ -105,14 +127,25 @@ def trace_forward(model: Any, tokens: Sequence[int], detail: Collection[int]) ->
     def norm_hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
         trace.output_norm_in, trace.output_norm_out = _keep(args[0]), _keep(out)
 
+    def run_twin(twin: nn.Module) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> None:
+            current["rope"] = 0
+            i = current["layer"]
+            trace.layers[i]["out"] = _keep(twin(*args, **kwargs))  # rewrites cache rows nothing reads again
+        return hook
+
     try:
         for i, block in enumerate(tr.blocks):
             handles.append(block.register_forward_pre_hook(pre_block(i)))
             handles.append(block.register_forward_hook(post_block(i)))
             if i in detail:
                 trace.layers[i] = {}
+                twin = plain_block(block)
                 for name, path, side in _BLOCK_PROBES:
-                    handles.append(_submodule(block, path).register_forward_hook(probe(i, name, side)))
+                    handles.append(_submodule(twin, path).register_forward_hook(probe(i, name, side)))
+                if twin is not block:
+                    trace.twin_layers.add(i)
+                    handles.append(block.register_forward_hook(run_twin(twin), with_kwargs=True))
         handles.append(_submodule(tr, "rope").register_forward_hook(rope_hook))
         handles.append(_submodule(tr, "output_norm").register_forward_hook(norm_hook))
         trace.logits = model.logits(trace.tokens).float()                 # [T, V]
@@ -120,7 +153,7 @@ def trace_forward(model: Any, tokens: Sequence[int], detail: Collection[int]) ->
         for h in handles:
             h.remove()
     for i, seen in trace.layers.items():
-        missing = {name for name, _, _ in _BLOCK_PROBES} - set(seen)
+        missing = ({name for name, _, _ in _BLOCK_PROBES} | {"out"}) - set(seen)
         if missing:
             raise RuntimeError(f"layer {i} ran without its modules {sorted(missing)} (a fused path?); "
                                "nothing to compare")

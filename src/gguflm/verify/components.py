@@ -5,7 +5,9 @@ gguflm.model, written from the formulas, not from the engine — from weights th
 dequantized (``to_float``; gguflm's own dequantizers only when libggml is unavailable). The
 input of each step is the engine's own float32 input for that step, captured on the real
 prompt (:mod:`.capture`), so an error cannot hide behind an earlier one: each row of the
-report measures one step alone.
+report measures one step alone. Where the engine fuses a whole block into one kernel, the
+steps are those of its plain-torch twin on the same input, and the ``block`` row measures
+the fused kernel itself.
 
     embedding     E[t]                                    vs  input of block 0
     attn_norm     x / sqrt(mean(x^2) + eps) * w           vs  attn_norm output
@@ -20,6 +22,7 @@ report measures one step alone.
     down_proj     s Wd^T (+ b)                            vs  down output
     ffn           the whole FFN from ffn_norm's output    vs  down output
     residual_ffn  h + down                                vs  block output
+    block         all of the above from the block's input  vs  the engine's block output
     output_norm   as attn_norm, on the last block output  vs  output_norm output
     lm_head       n W_out^T (W_out = token_embd if tied)  vs  logits
 
@@ -57,6 +60,7 @@ THRESHOLDS: dict[str, float] = {
     "attention": 1e-5,
     "swiglu": 1e-5, "ffn": 1e-5,
     "residual_attn": 1e-6, "residual_ffn": 1e-6,
+    "block": 1e-5,           # the engine's own block (fused or not), from its input alone
 }
 
 WeightFn = Callable[[str], torch.Tensor]
@@ -184,6 +188,17 @@ def check_components(trace: Trace, cfg: ModelConfig, spec: ArchSpec, f: GGUFFile
     freq_factors = w64(ff_name) if ff_name in f.tensors else None
     Hkv, D = cfg.n_head_kv, cfg.head_dim
     pos = trace.positions
+
+    def block64(x: torch.Tensor, bid: int) -> torch.Tensor:  # [T, E] -> [T, E], every step by hand
+        T = x.shape[0]
+        h = rms_norm64(x, w64(spec.tensor_name("attn_norm", bid)), cfg.rms_eps)
+        q = rope64(lin("attn_q", bid, h).view(T, cfg.n_head, D).transpose(0, 1), pos, cfg, freq_factors)
+        k = rope64(lin("attn_k", bid, h).view(T, Hkv, D).transpose(0, 1), pos, cfg, freq_factors)
+        v = lin("attn_v", bid, h).view(T, Hkv, D).transpose(0, 1)
+        x = x + lin("attn_output", bid, attention64(q, k, v, pos))
+        h = rms_norm64(x, w64(spec.tensor_name("ffn_norm", bid)), cfg.rms_eps)
+        return x + lin("ffn_down", bid, swiglu64(lin("ffn_gate", bid, h), lin("ffn_up", bid, h)))
+
     for bid in sorted(trace.layers):
         t = {k: v.to(torch.float64) for k, v in trace.layers[bid].items()}
         x = trace.block_in[bid].to(torch.float64)
@@ -208,7 +223,8 @@ def check_components(trace: Trace, cfg: ModelConfig, spec: ArchSpec, f: GGUFFile
         out.append(_result("down_proj", bid, t["down"], lin("ffn_down", bid, t["swiglu"])))
         ffn = lin("ffn_down", bid, swiglu64(lin("ffn_gate", bid, t["ffn_norm"]), lin("ffn_up", bid, t["ffn_norm"])))
         out.append(_result("ffn", bid, t["down"], ffn))
-        out.append(_result("residual_ffn", bid, trace.block_out[bid], t["h"] + t["down"]))
+        out.append(_result("residual_ffn", bid, t["out"], t["h"] + t["down"]))
+        out.append(_result("block", bid, trace.block_out[bid], block64(x, bid)))
 
     assert trace.output_norm_in is not None and trace.output_norm_out is not None and trace.logits is not None
     n_in, n_out = trace.output_norm_in.to(torch.float64), trace.output_norm_out.to(torch.float64)

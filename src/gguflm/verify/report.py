@@ -74,7 +74,7 @@ def _figures(rep: Report, out_dir: Path) -> dict[str, Path]:
     figs["logits"] = plots.logit_scatter(rep.arrays["logits_reference"], panels, out_dir / "logit_scatter.png")
     ti = d["token_investigation"]
     probs = np.array([r["probs"] for r in ti["lens"]]).T                        # [tokens, depth]
-    labels = [f"{w['token']} {json.dumps(w['piece'], ensure_ascii=False)}" for w in ti["watch"]]
+    labels = [f"{w['token']} {json.dumps(w['piece'])}" for w in ti["watch"]]  # ASCII: any font
     depth = ["emb" if r["layer"] < 0 else str(r["layer"]) for r in ti["lens"]]
     figs["lens"] = plots.lens_heatmap(probs, labels, depth, out_dir / "logit_lens.png",
                                       f"Logit lens at position {ti['position']}: probability of the final top "
@@ -123,7 +123,8 @@ def _markdown(rep: Report, figures: dict[str, str]) -> str:
 
     t, tk = d["chat_template"], d["tokenizer"]
     w("\n## 2. Tokenizer and chat template\n")
-    w(f"Template: {t['origin']}{'' if t['in_file'] else ' (the file has none)'}. "
+    origin = t["origin"].replace(m["path"], Path(m["path"]).name)
+    w(f"Template: {origin}{'' if t['in_file'] else ' (the file has none)'}. "
       f"Messages: {_code(json.dumps(t['messages'], ensure_ascii=False))}. Rendered prompt:\n")
     w("```text\n" + t["rendered"] + "\n```\n")
     if "llama_cpp_python_render_equal" in t:
@@ -143,6 +144,11 @@ def _markdown(rep: Report, figures: dict[str, str]) -> str:
       f"recomputed in float64 by separate code (`gguflm/verify/components.py`) from the engine's own float32 "
       f"input and weights from {c['weights']}. Cells: relative error ‖ours − ref‖/‖ref‖ "
       f"(max absolute error).\n")
+    if c["twin_layers"]:
+        w(f"The engine runs each block as one fused kernel (`{c['engine_block']}`), whose steps cannot be "
+          f"observed: the per-step rows come from the block's plain-torch twin (`gguflm.model.layers.Block`) "
+          f"run again on the same input, and the `block` row measures the fused kernel's own output "
+          f"against the whole block computed by hand from that input.\n")
     layers = c["layers"]
     by: dict[str, dict[Any, dict[str, Any]]] = {}
     for r in c["results"]:

@@ -275,6 +275,8 @@ def run_verification(opts: VerifyOptions) -> Report:
                   f"≤ {worst.threshold:.0e}")
         rep.data["components"] = {"layers": detail, "weights": "libggml to_float" if use_libggml
                                   else "gguflm.dequantize", "positions": len(seq),
+                                  "engine_block": type(model.transformer.blocks[0]).__name__,
+                                  "twin_layers": sorted(trace.twin_layers),
                                   "results": [c.to_dict() for c in comps]}
         rep.data["sequence"] = {"prompt_ids": prompt_ids, "continuation_ids": continuation,
                                 "continuation_text": tok.decode(continuation), "scored_from": first}
