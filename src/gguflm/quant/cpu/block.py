@@ -2,20 +2,21 @@
 
 In a decode step every matrix product is a few microseconds of work on a 135M model, so
 the ~40 torch ops of an eager Llama block (norms, RoPE, cache writes, softmax, SiLU,
-residuals) and their Python dispatch cost as much as the products themselves.
-:class:`FusedBlock` wraps the model's block and, for steps of at most
-``ops().fused_max_m()`` rows, runs ``torch.ops.gguflm_cpu.block_step``, which computes
+residuals) and their Python dispatch cost as much as the products themselves; in a
+prefill the same ops each stream a [T, E] tensor through memory. :class:`FusedBlock` wraps
+the model's block and runs ``torch.ops.gguflm_cpu.block_step``, which computes
 
     h   = x + Wo . attn(rope(Wq . n1(x)), rope(Wk . n1(x)), Wv . n1(x))
     out = h + Wd . (silu(Wg . n2(h)) * (Wu . n2(h)))
 
 with n1, n2 the RMSNorms ``x / sqrt(mean(x^2) + eps) * w``, the quantized products of
-:mod:`gguflm.quant.cpu` (fused dequantize x dot, float32 accumulation), RoPE from the
-model's own cos/sin table (NORM or NEOX pairs), this step's keys/values written into the
-model's KV cache before attention, and causal grouped-query attention (query head h reads
-KV head ``h // (H / Hkv)``, keys at positions ``0..p``, scores scaled by ``D^-1/2``).
-That is the block's own definition (``gguflm.model.layers.Block``), which stays the
-plain-torch twin: bigger steps (prefill) and anything the C++ does not cover run it.
+:mod:`gguflm.quant.cpu` (fused GEMVs for a few rows, exact float tiles into sgemm for
+many), RoPE from the model's own cos/sin table (NORM or NEOX pairs), this step's
+keys/values written into the model's KV cache before attention, and causal grouped-query
+attention (query head h reads KV head ``h // (H / Hkv)``, keys at positions ``0..p``,
+scores scaled by ``D^-1/2``; a one-sequence prefill uses ATen's fused SDPA kernel). That is
+the block's own definition (``gguflm.model.layers.Block``), which stays the plain-torch
+twin, and runs whatever the C++ does not cover (another dtype or device).
 
 The block is read duck-typed (attribute names of ``gguflm.model.layers``), so this module
 does not import the model package that builds on it.
@@ -52,7 +53,6 @@ class FusedBlock(nn.Module):
         self._weights = [m.weight.raw for m in linears]
         self._types = [int(m.weight.ggml_type) for m in linears]
         self._biases = [m.bias for m in linears]
-        self._max_rows = int(ops().fused_max_m())
 
     @staticmethod
     def eligible(block: nn.Module) -> bool:
@@ -68,11 +68,11 @@ class FusedBlock(nn.Module):
         # x: [B, T, E]; positions: [B, T] (< 0 = padding); slots: [B] -> [B, T, E]
         B, T, E = x.shape
         k, v = cache.k[layer], cache.v[layer]                          # [n_slots, Hkv, n_ctx, D]
-        if (B * T > self._max_rows or x.dtype != torch.float32 or k.dtype != torch.float32
-                or rope.cos.shape[1] * 2 != self.head_dim or x.device.type != "cpu"):
+        if (x.dtype != torch.float32 or k.dtype != torch.float32 or rope.cos.shape[1] * 2 != self.head_dim
+                or x.device.type != "cpu"):
             return self.block(x, rope, positions, blocked, cache, layer, slots)
         out = ops().block_step(
-            x.reshape(B * T, E).contiguous(), positions.reshape(-1), slots.repeat_interleave(T), k, v,
+            x.reshape(B * T, E).contiguous(), positions.reshape(-1).contiguous(), slots.repeat_interleave(T), k, v,
             rope.cos, rope.sin, self.block.attn_norm.weight, self.block.ffn_norm.weight, self.eps,
             self._weights, self._types, self._biases, self.n_head, self.n_head_kv, self.n_ff,
             rope.style.value == "neox")                                 # [B*T, E]

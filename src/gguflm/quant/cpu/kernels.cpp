@@ -22,7 +22,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/_softmax.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -30,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -495,6 +499,35 @@ void dequant_rows_avx512(const uint8_t* w, int64_t K, const int64_t* rows, int64
   }
 }
 
+// Attention inner loops (see scores_rows / weighted_values), D a multiple of 16; the G query
+// heads of a KV head share each key/value load.
+void scores_rows_avx512(const float* q, const float* keys, int64_t n, int64_t S, int64_t D, int64_t G, float scale,
+                        float* sc) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* k = keys + j * D;
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + i), _mm512_loadu_ps(k + i), acc);
+      sc[g * S + j] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) std::fill(sc + g * S + n, sc + (g + 1) * S, -INFINITY);
+}
+
+void weighted_values_avx512(const float* p, const float* values, int64_t n, int64_t S, int64_t D, int64_t G, float* out) {
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < D; i += 16) {
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      int64_t j = 0;
+      for (; j + 1 < n; j += 2) {
+        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(p[g * S + j]), _mm512_loadu_ps(values + j * D + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(p[g * S + j + 1]), _mm512_loadu_ps(values + (j + 1) * D + i), acc1);
+      }
+      if (j < n) acc0 = _mm512_fmadd_ps(_mm512_set1_ps(p[g * S + j]), _mm512_loadu_ps(values + j * D + i), acc0);
+      _mm512_storeu_ps(out + g * D + i, _mm512_add_ps(acc0, acc1));
+    }
+}
+
 #pragma GCC pop_options
 
 bool cpu_has_avx512() {
@@ -561,7 +594,7 @@ void rows_kernel(const QW& w, const float* x, const float* xs, int64_t M, int64_
 
 // Fused products for few rows: ys[i] [M, N_i] = x [M, K] @ W_i^T for weights sharing K.
 // The rows of all the weights are split among the threads in one parallel region.
-void gemv_multi(const float* x, int64_t M, std::initializer_list<std::pair<QW, float*>> outs) {
+void gemv_multi(const float* x, int64_t M, const std::vector<std::pair<QW, float*>>& outs) {
   const int64_t K = outs.begin()->first.K, G = K / 32;
   std::vector<float> xs(M * G);  // sum of x over each 32-group (the m * sum(x) term)
   for (int64_t m = 0; m < M; ++m)
@@ -628,8 +661,10 @@ void check_x(const at::Tensor& x, int64_t K) {
 }
 
 // ---------------------------------------------------------------------------------------
-// One decoder block for a few rows (decode): the whole Llama block in one call.
+// One decoder block in one call: decode steps (fused GEMVs) and prefill (GEMM tiles, SDPA).
 // ---------------------------------------------------------------------------------------
+
+constexpr int64_t kRowGrain = 16;  // rows per thread for the elementwise parts of a step
 
 // y = x / sqrt(mean(x^2) + eps) * w, as (x * r) * w with r = 1 / sqrt(mean + eps).
 void rms_norm(const float* x, const float* w, int64_t E, float eps, float* y) {
@@ -654,11 +689,50 @@ void rope(float* v, int64_t n_heads, int64_t D, const float* c, const float* s, 
   }
 }
 
-void add_bias(float* y, int64_t M, int64_t N, const std::optional<at::Tensor>& b) {
-  if (!b.has_value()) return;
-  const float* bp = b->data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) y[m * N + n] += bp[n];
+// Attention of the G query heads q [G, D] sharing one KV head, over keys/values [n, D]:
+// sc [G, S] = q . k_j * scale for j < n, -inf for n <= j < S (then softmax over S);
+// out [G, D] = sum_j p [G, S] (j < n) * v_j.
+void scores_rows(const float* q, const float* keys, int64_t n, int64_t S, int64_t D, int64_t G, float scale, float* sc) {
+#ifdef GGUFLM_X86
+  if (simd_active() && D % 16 == 0) { scores_rows_avx512(q, keys, n, S, D, G, scale, sc); return; }
+#endif
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < S; ++j) {
+      float d = 0.0f;
+      if (j < n)
+        for (int64_t i = 0; i < D; ++i) d += q[g * D + i] * keys[j * D + i];
+      sc[g * S + j] = j < n ? d * scale : -INFINITY;
+    }
+}
+
+void weighted_values(const float* p, const float* values, int64_t n, int64_t S, int64_t D, int64_t G, float* out) {
+#ifdef GGUFLM_X86
+  if (simd_active() && D % 16 == 0) { weighted_values_avx512(p, values, n, S, D, G, out); return; }
+#endif
+  for (int64_t g = 0; g < G; ++g) {
+    float* o = out + g * D;
+    std::fill(o, o + D, 0.0f);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < D; ++i) o[i] += p[g * S + j] * values[j * D + i];
+  }
+}
+
+// Products of one step: out_i [R, N_i] = x [R, K] @ W_i^T (+ bias_i). Few rows: the fused
+// GEMVs, all weights in one parallel region; many rows: exact float tiles into sgemm.
+void project(const at::Tensor& x, std::initializer_list<std::tuple<QW, at::Tensor*, const std::optional<at::Tensor>*>> outs) {
+  const int64_t R = x.size(0);
+  if (R <= kFusedMaxM) {
+    std::vector<std::pair<QW, float*>> targets;
+    for (const auto& [w, out, bias] : outs) {
+      *out = at::empty({R, w.N}, x.options());
+      targets.emplace_back(w, out->data_ptr<float>());
+    }
+    gemv_multi(x.data_ptr<float>(), R, targets);
+  } else {
+    for (const auto& [w, out, bias] : outs) *out = matmul(x, w);
+  }
+  for (const auto& [w, out, bias] : outs)
+    if (bias->has_value()) out->add_(**bias);
 }
 
 // Roles of the seven weights, in the order the op receives them.
@@ -668,107 +742,123 @@ enum Role { WQ, WK, WV, WO, WGATE, WUP, WDOWN, N_ROLES };
 // not cached) of sequences slot [R]; kc, vc: this layer's cache [n_slots, Hkv, n_ctx, D].
 // Returns the block output [R, E]:
 //   h = x + Wo attn(rope(Wq n1(x)), rope(Wk n1(x)), Wv n1(x));  out = h + Wd (silu(Wg n2(h)) * Wu n2(h))
-// with every cached key/value of this step written before any query attends.
+// with every key/value of this step written to the cache before any query attends; row r
+// attends to keys 0..max(pos[r], 0) of its slot.
 at::Tensor block_step(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& slot, const at::Tensor& kc,
                       const at::Tensor& vc, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& attn_norm,
                       const at::Tensor& ffn_norm, double eps, at::TensorList weights, at::IntArrayRef types,
                       const c10::List<std::optional<at::Tensor>>& biases, int64_t n_head, int64_t n_head_kv,
                       int64_t ff, bool neox) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kFusedMaxM, "block_step takes at most ", kFusedMaxM, " rows");
+  TORCH_CHECK(x.dim() == 2, "x must be [rows, n_embd]");
   TORCH_CHECK(weights.size() == N_ROLES && types.size() == N_ROLES && biases.size() == N_ROLES, "seven weights");
   const int64_t R = x.size(0), E = x.size(1);
   TORCH_CHECK(kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.is_contiguous() && vc.is_contiguous() &&
               kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat, "bad KV cache");
   const int64_t n_slots = kc.size(0), n_ctx = kc.size(2), D = kc.size(3), G = n_head / n_head_kv;
   TORCH_CHECK(kc.size(1) == n_head_kv && n_head % n_head_kv == 0 && cos.size(1) * 2 == D && cos.size(0) >= n_ctx &&
-              cos.is_contiguous() && sin.is_contiguous(), "bad attention shapes");
-  TORCH_CHECK(pos.numel() == R && slot.numel() == R && pos.scalar_type() == at::kLong &&
-              slot.scalar_type() == at::kLong, "pos/slot must be int64 [R]");
+              cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat &&
+              sin.scalar_type() == at::kFloat, "bad attention shapes");
+  TORCH_CHECK(pos.numel() == R && slot.numel() == R && pos.scalar_type() == at::kLong && pos.is_contiguous() &&
+              slot.scalar_type() == at::kLong && slot.is_contiguous(), "pos/slot must be contiguous int64 [R]");
   check_x(x, E);
   for (const at::Tensor* nw : {&attn_norm, &ffn_norm})
     TORCH_CHECK(nw->scalar_type() == at::kFloat && nw->is_contiguous() && nw->numel() == E, "bad norm weight");
   const int64_t QD = n_head * D, KD = n_head_kv * D;
-  QW w[N_ROLES];
   const int64_t n_in[N_ROLES] = {E, E, E, QD, E, E, ff};
   const int64_t n_out[N_ROLES] = {QD, KD, KD, E, ff, ff, E};
+  QW w[N_ROLES];
   for (int r = 0; r < N_ROLES; ++r) {
-    const int64_t K = n_in[r], N = n_out[r];
-    w[r] = make_qw(weights[r], types[r], N, K);
+    w[r] = make_qw(weights[r], types[r], n_out[r], n_in[r]);
     if (biases[r].has_value()) {
       const at::Tensor& b = *biases[r];
-      TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == N, "bad bias");
+      TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == n_out[r], "bad bias");
     }
   }
+  const std::optional<at::Tensor> bias[N_ROLES] = {biases[0], biases[1], biases[2], biases[3],
+                                                   biases[4], biases[5], biases[6]};
   const int64_t* pp = pos.data_ptr<int64_t>();
   const int64_t* sp = slot.data_ptr<int64_t>();
-  for (int64_t r = 0; r < R; ++r)
+  bool one_sequence = true;  // one slot, positions p0, p0 + 1, ... (a prefill)
+  for (int64_t r = 0; r < R; ++r) {
     TORCH_CHECK(pp[r] < n_ctx && sp[r] >= 0 && sp[r] < n_slots, "position/slot outside the cache");
-
-  const float* xp = x.data_ptr<float>();
-  std::vector<float> xn(R * E), q(R * QD), k(R * KD), v(R * KD), att(R * QD), g(R * ff), u(R * ff);
-  at::Tensor out = at::empty({R, E}, x.options());
-  float* op = out.data_ptr<float>();
+    one_sequence = one_sequence && sp[r] == sp[0] && pp[r] == pp[0] + r && pp[0] >= 0;
+  }
   const float fe = static_cast<float>(eps);
+  const float* xp = x.data_ptr<float>();
+  auto rows = [&](auto&& f) { at::parallel_for(0, R, kRowGrain, [&](int64_t b, int64_t e) { for (int64_t r = b; r < e; ++r) f(r); }); };
 
-  for (int64_t r = 0; r < R; ++r) rms_norm(xp + r * E, attn_norm.data_ptr<float>(), E, fe, xn.data() + r * E);
-  gemv_multi(xn.data(), R, {{w[WQ], q.data()}, {w[WK], k.data()}, {w[WV], v.data()}});
-  add_bias(q.data(), R, QD, biases[WQ]);
-  add_bias(k.data(), R, KD, biases[WK]);
-  add_bias(v.data(), R, KD, biases[WV]);
+  at::Tensor xn = at::empty({R, E}, x.options()), q, k, v;
+  rows([&](int64_t r) { rms_norm(xp + r * E, attn_norm.data_ptr<float>(), E, fe, xn.data_ptr<float>() + r * E); });
+  project(xn, {{w[WQ], &q, &bias[WQ]}, {w[WK], &k, &bias[WK]}, {w[WV], &v, &bias[WV]}});
   float* kcp = kc.data_ptr<float>();
   float* vcp = vc.data_ptr<float>();
-  for (int64_t r = 0; r < R; ++r) {
+  rows([&](int64_t r) {
     const int64_t p = std::max<int64_t>(pp[r], 0);
     const float* c = cos.data_ptr<float>() + p * (D / 2);
     const float* s = sin.data_ptr<float>() + p * (D / 2);
-    rope(q.data() + r * QD, n_head, D, c, s, neox);
-    rope(k.data() + r * KD, n_head_kv, D, c, s, neox);
-    if (pp[r] < 0) continue;
+    rope(q.data_ptr<float>() + r * QD, n_head, D, c, s, neox);
+    rope(k.data_ptr<float>() + r * KD, n_head_kv, D, c, s, neox);
+    if (pp[r] < 0) return;
     for (int64_t h = 0; h < n_head_kv; ++h) {
       const int64_t dst = ((sp[r] * n_head_kv + h) * n_ctx + pp[r]) * D;
-      std::memcpy(kcp + dst, k.data() + r * KD + h * D, D * sizeof(float));
-      std::memcpy(vcp + dst, v.data() + r * KD + h * D, D * sizeof(float));
-    }
-  }
-  // attention, one (row, head) per task: softmax(q . K[0..p] * D^-1/2) . V[0..p]
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, R * n_head, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> sc;
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t r = t / n_head, h = t % n_head, hk = h / G, S = std::max<int64_t>(pp[r], 0) + 1;
-      const float* qh = q.data() + r * QD + h * D;
-      const float* kb = kcp + (sp[r] * n_head_kv + hk) * n_ctx * D;
-      const float* vb = vcp + (sp[r] * n_head_kv + hk) * n_ctx * D;
-      sc.resize(S);
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < S; ++j) {
-        float d = 0.0f;
-        for (int64_t i = 0; i < D; ++i) d += qh[i] * kb[j * D + i];
-        sc[j] = d * scale;
-        mx = std::max(mx, sc[j]);
-      }
-      float sum = 0.0f;
-      for (int64_t j = 0; j < S; ++j) { sc[j] = std::exp(sc[j] - mx); sum += sc[j]; }
-      float* oh = att.data() + r * QD + h * D;
-      std::fill(oh, oh + D, 0.0f);
-      for (int64_t j = 0; j < S; ++j) {
-        const float pj = sc[j] / sum;
-        for (int64_t i = 0; i < D; ++i) oh[i] += pj * vb[j * D + i];
-      }
+      std::memcpy(kcp + dst, k.data_ptr<float>() + r * KD + h * D, D * sizeof(float));
+      std::memcpy(vcp + dst, v.data_ptr<float>() + r * KD + h * D, D * sizeof(float));
     }
   });
-  gemv_multi(att.data(), R, {{w[WO], op}});
-  add_bias(op, R, E, biases[WO]);
-  for (int64_t i = 0; i < R * E; ++i) op[i] += xp[i];  // h = x + attn
-  for (int64_t r = 0; r < R; ++r) rms_norm(op + r * E, ffn_norm.data_ptr<float>(), E, fe, xn.data() + r * E);
-  gemv_multi(xn.data(), R, {{w[WGATE], g.data()}, {w[WUP], u.data()}});
-  add_bias(g.data(), R, ff, biases[WGATE]);
-  add_bias(u.data(), R, ff, biases[WUP]);
-  for (int64_t i = 0; i < R * ff; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];  // silu(g) * u
-  std::vector<float> d(R * E);
-  gemv_multi(g.data(), R, {{w[WDOWN], d.data()}});
-  add_bias(d.data(), R, E, biases[WDOWN]);
-  for (int64_t i = 0; i < R * E; ++i) op[i] += d[i];  // out = h + ffn
+
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  at::Tensor att;
+  if (R > kFusedMaxM && one_sequence) {  // prefill: fused causal attention over the slot's cache
+    const int64_t S = pp[0] + R;
+    at::Tensor qh = q.view({1, R, n_head, D}).transpose(1, 2);                      // [1, H, R, D]
+    at::Tensor keys = kc.select(0, sp[0]).narrow(1, 0, S).unsqueeze(0);            // [1, Hkv, S, D]
+    at::Tensor values = vc.select(0, sp[0]).narrow(1, 0, S).unsqueeze(0);
+    at::Tensor allowed = at::arange(S, pos.options()).unsqueeze(0).le(pos.unsqueeze(1));  // [R, S]
+    att = at::scaled_dot_product_attention(qh, keys, values, allowed, 0.0, false, static_cast<double>(scale),
+                                           n_head != n_head_kv)
+              .transpose(1, 2).reshape({R, QD}).contiguous();                      // [R, H * D]
+  } else {  // per row: scores q . K[0..p] * D^-1/2 (masked beyond p), softmax, then . V[0..p]
+    int64_t S = 1;
+    for (int64_t r = 0; r < R; ++r) S = std::max<int64_t>(S, pp[r] + 1);
+    at::Tensor scores = at::empty({R, n_head, S}, x.options());                    // [R, H, S]
+    const float* qp = q.data_ptr<float>();
+    float* scp = scores.data_ptr<float>();
+    auto kv_head = [&](int64_t t, const float* cache) {                             // task t = (r, hk)
+      const int64_t r = t / n_head_kv, hk = t % n_head_kv;
+      return cache + (sp[r] * n_head_kv + hk) * n_ctx * D;
+    };
+    at::parallel_for(0, R * n_head_kv, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t r = t / n_head_kv, hk = t % n_head_kv, p = std::max<int64_t>(pp[r], 0);
+        scores_rows(qp + r * QD + hk * G * D, kv_head(t, kcp), p + 1, S, D, G, scale, scp + (r * n_head + hk * G) * S);
+      }
+    });
+    at::Tensor probs = at::_softmax(scores, -1, false);
+    att = at::empty({R, QD}, x.options());
+    const float* pr = probs.data_ptr<float>();
+    float* ap = att.data_ptr<float>();
+    at::parallel_for(0, R * n_head_kv, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t r = t / n_head_kv, hk = t % n_head_kv, p = std::max<int64_t>(pp[r], 0);
+        weighted_values(pr + (r * n_head + hk * G) * S, kv_head(t, vcp), p + 1, S, D, G, ap + r * QD + hk * G * D);
+      }
+    });
+  }
+  at::Tensor out, g, u, d;
+  project(att, {{w[WO], &out, &bias[WO]}});
+  float* op = out.data_ptr<float>();
+  rows([&](int64_t r) {
+    for (int64_t i = r * E; i < (r + 1) * E; ++i) op[i] += xp[i];  // h = x + attn
+    rms_norm(op + r * E, ffn_norm.data_ptr<float>(), E, fe, xn.data_ptr<float>() + r * E);
+  });
+  project(xn, {{w[WGATE], &g, &bias[WGATE]}, {w[WUP], &u, &bias[WUP]}});
+  float* gp = g.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  rows([&](int64_t r) {
+    for (int64_t i = r * ff; i < (r + 1) * ff; ++i) gp[i] = gp[i] / (1.0f + std::exp(-gp[i])) * up[i];  // silu(g) * u
+  });
+  project(g, {{w[WDOWN], &d, &bias[WDOWN]}});
+  out.add_(d);  // out = h + ffn
   return out;
 }
 

