@@ -8,6 +8,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -96,3 +97,21 @@ def test_random_tensors_any_shape(oracle, t, rows, blocks_per_row, planes, data)
     got = dequantize(raw, t, shape)
     assert tuple(got.shape) == tuple(reversed(shape))
     assert_bits_equal(got.numpy(), reference(oracle, raw, t, n_blocks * lay.block_size), t.name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("t", supported_types(), ids=lambda t: t.name)
+def test_cuda_matches_libggml(oracle, t):
+    """On a GPU every non-NaN value is bit-identical and every NaN is where libggml puts
+    one; the payload of a computed NaN is the GPU's canonical NaN (CUDA arithmetic does
+    not propagate payloads), so only NaN positions are compared."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    lay = LAYOUTS[t]
+    blocks = sweep_blocks(t, np.random.default_rng(int(t)))
+    n = blocks.shape[0]
+    got = dequantize(blocks.reshape(-1), t, (lay.block_size, n), device="cuda").cpu().numpy().reshape(-1)
+    want = reference(oracle, blocks.reshape(-1), t, n * lay.block_size)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert_bits_equal(got[~nan], want[~nan], f"{t.name} on CUDA")

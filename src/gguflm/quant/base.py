@@ -7,9 +7,14 @@ A subclass implements one thing, :meth:`QuantType.dequantize_blocks`, written wi
 torch ops only so that it runs unchanged on any device.
 
 Float rules shared by all types (ggml-quants.c compiles for baseline x86-64, no FMA):
-every ``a*b + c`` is two roundings, done here as two torch ops, never fused; F16
-scales are widened with ggml's exact conversion (:func:`f16_bits_to_f32`), NaN
-payloads included.
+every ``a*b + c`` is two roundings, done here as two torch ops, never fused (torch's
+``addcmul`` is fused on CPU); F16 scales are widened with ggml's exact conversion
+(:func:`f16_bits_to_f32`), NaN payloads included; NaN choices of x86 are reproduced
+(:func:`combine_like_c`, and sign flips by XOR in the I-quants).
+
+On CPU the result is bit-identical to libggml, NaN payloads included. On CUDA every
+non-NaN value is bit-identical and NaNs sit in the same places, but a NaN computed by
+GPU arithmetic carries the GPU's canonical payload.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ from gguflm.gguf.types import LAYOUTS, GGMLType, Layout, type_name
 
 if sys.byteorder != "little":  # pragma: no cover - GGUF blocks are viewed in native order
     raise ImportError("gguflm.quant needs a little-endian machine")
+
+# Tensor bytes are zero-copy views of a read-only mmap; torch warns that it cannot guard
+# such memory against writes. Nothing here writes to it (results are fresh tensors), so
+# that warning is silenced for calls from this module only.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
+                        module=__name__)
 
 _REGISTRY: dict[GGMLType, type[QuantType]] = {}
 
@@ -72,7 +83,8 @@ def lookup(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def f16_bits_to_f32(bits: torch.Tensor) -> torch.Tensor:
-    """ggml's GGML_FP16_TO_FP32 on a tensor of raw half bit patterns (any int dtype).
+    """ggml's GGML_FP16_TO_FP32 on a tensor of raw half bit patterns (uint16 or any
+    wider int dtype; only the low 16 bits count).
 
     Implemented as a lookup in the 65536-entry table above (one gather), so it is exact
     on every device, independent of how torch converts float16 (its scalar and vector
@@ -82,22 +94,36 @@ def f16_bits_to_f32(bits: torch.Tensor) -> torch.Tensor:
     return lookup(_f16_table(bits.device), idx)
 
 
+def f16_to_f32(bits: torch.Tensor) -> torch.Tensor:
+    """:func:`f16_bits_to_f32` of a uint16 tensor, fast: torch's own float16 -> float32
+    conversion is exact for every non-NaN half; only when a NaN is present (the sum is
+    NaN, or inf - inf: a harmless false alarm) is the exact table used instead."""
+    x = bits.view(torch.float16).to(torch.float32)
+    if bool(torch.isnan(x.sum())):
+        return f16_bits_to_f32(bits)
+    return x
+
+
 def bf16_bits_to_f32(bits: torch.Tensor) -> torch.Tensor:
     """ggml's GGML_BF16_TO_FP32: the 16 bits become the top half of a float32."""
     return ((bits.to(torch.int32) & 0xFFFF) << 16).view(torch.float32)
 
 
 def combine_like_c(prod: torch.Tensor, other: torch.Tensor, scale: torch.Tensor,
-                   subtract: bool = False) -> torch.Tensor:
+                   subtract: bool = False, finite: bool | None = None) -> torch.Tensor:
     """``prod + other`` (or ``prod - other``) in place of ``prod``, with C's NaN payload.
 
     On x86 an SSE add/sub whose two operands are both NaN returns the first operand's
     NaN (ggml writes ``x*d + m``, ``d1*q - m1``); torch's CPU kernels return the second's.
     ``prod`` (n, ...) can only be NaN in blocks whose ``scale`` (n, ...) has a non-finite
     entry, so only those blocks (none in a sane file) are redone with the product's NaN.
+    ``finite``: whether every scale is known to be finite (None: test it here, cheaply
+    through the sum, whose overflow would only cost time).
     """
-    if bool(torch.isfinite(scale.sum())):  # no inf/NaN scale (a cheap test: overflow of
-        return prod.sub_(other) if subtract else prod.add_(other)  # the sum only costs time)
+    if finite is None:
+        finite = bool(torch.isfinite(scale.sum()))
+    if finite:
+        return prod.sub_(other) if subtract else prod.add_(other)
     rows = ~torch.isfinite(scale).flatten(1).all(dim=1)  # (n,) blocks where prod may hold NaN
     saved = prod[rows]  # a copy of those few blocks
     if subtract:
@@ -106,6 +132,30 @@ def combine_like_c(prod: torch.Tensor, other: torch.Tensor, scale: torch.Tensor,
         prod.add_(other)
     prod[rows] = torch.where(torch.isnan(saved), saved, prod[rows])
     return prod
+
+
+def split_bits(b: torch.Tensor, shifts: Sequence[int], width: int, dim: int) -> torch.Tensor:
+    """Bit fields of an integer tensor along a new axis: with ``b`` of shape (..., k),
+    ``out`` has a new axis at ``dim`` of size ``len(shifts)`` and
+    ``out[.., s, ..] = (b >> shifts[s]) & (2**width - 1)``.
+
+    Each field is one shift and one mask over a contiguous copy of ``b``, then one
+    ``stack``: vectorized ops on contiguous memory; a single broadcast shift over the
+    strided field is several times slower on CPU.
+    """
+    b = b.contiguous()
+    mask = (1 << width) - 1
+    top = b.dtype == torch.uint8  # the highest field of a uint8 needs no mask
+    fields = [b & mask if s == 0 else (b >> s) if top and s + width == 8 else (b >> s) & mask
+              for s in shifts]
+    return torch.stack(fields, dim=dim)
+
+
+def scaled(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``float(q) * scale`` for integer codes ``q`` (exact conversion, one rounding), as a
+    conversion then an in-place product: torch's mixed integer * float ``mul`` is many
+    times slower on CPU."""
+    return q.to(torch.float32).mul_(scale)
 
 
 def table(values: Sequence[float | int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -122,7 +172,7 @@ def _table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Ten
 # Block view
 # ---------------------------------------------------------------------------------------
 
-# layout dtype -> (torch dtype to view the bytes as, widening applied after the view)
+# layout dtype -> torch dtype the field's bytes are viewed as (widened in Blocks.field)
 _FIELD_VIEWS: dict[str, torch.dtype] = {
     "u1": torch.uint8,
     "i1": torch.int8,
@@ -151,13 +201,28 @@ class Blocks:
         start, stop, _ = self._fields[name]
         return self.data[:, start:stop]
 
+    def f16_pair(self, first: str, second: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Two adjacent single F16 fields (``d`` then ``m``/``dmin``) as (n, 1) float32
+        each, widened together, and whether all of them are finite (then every product of
+        them with small integers is finite too, and NaN handling can be skipped)."""
+        start, mid, _ = self._fields[first]
+        mid2, stop, _ = self._fields[second]
+        if mid != mid2 or stop - start != 4:  # pragma: no cover - internal invariant
+            raise AssertionError(f"{first}, {second} are not two adjacent F16 fields")
+        bits = reinterpret(self.data[:, start:stop], torch.uint16)  # (n, 2)
+        x = bits.view(torch.float16).to(torch.float32)
+        finite = bool(torch.isfinite(x.sum()))  # a sum of finite halves cannot overflow float32
+        if not finite:
+            x = f16_bits_to_f32(bits)
+        return x[:, 0:1], x[:, 1:2], finite
+
     def field(self, name: str) -> torch.Tensor:
         start, stop, dtype = self._fields[name]
         raw = reinterpret(self.data[:, start:stop], _FIELD_VIEWS[dtype])
         if dtype == "<u2":
             return raw.to(torch.int32)
         if dtype == "<f2":
-            return f16_bits_to_f32(raw)
+            return f16_to_f32(raw)
         return raw
 
 
@@ -229,14 +294,7 @@ def _as_byte_tensor(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
     arr = np.asarray(raw)
     if arr.dtype != np.uint8:
         raise TypeError(f"raw must be uint8, got {arr.dtype}")
-    arr = arr.reshape(-1)
-    if not arr.flags.writeable:
-        # Zero-copy view of a read-only mmap: torch warns that it cannot guard the
-        # memory against writes; nothing here writes to it.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(arr)
-    return torch.from_numpy(arr)
+    return torch.from_numpy(arr.reshape(-1))
 
 
 def dequantize(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: Sequence[int],

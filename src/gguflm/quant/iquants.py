@@ -15,7 +15,7 @@ import torch
 
 from gguflm.gguf.types import GGMLType
 from gguflm.quant import tables
-from gguflm.quant.base import Blocks, QuantType, f16_bits_to_f32, lookup, reinterpret, table
+from gguflm.quant.base import Blocks, QuantType, f16_bits_to_f32, lookup, reinterpret, scaled, split_bits, table
 
 
 @functools.cache
@@ -57,7 +57,7 @@ def half_scales(scales: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """IQ2_XS/IQ2_S sub-scales: (n, 8) bytes -> (n, 16) float32,
     d * (0.5 + nibble) * 0.25 for the low nibble (first 16 values), then the high."""
     n = scales.shape[0]
-    nib = torch.stack((scales & 15, scales >> 4), dim=-1).view(n, 16)
+    nib = split_bits(scales, (0, 4), 4, dim=-1).view(n, 16)
     return (nib + 0.5).mul_(d).mul_(0.25)
 
 
@@ -135,8 +135,8 @@ class IQ3_S(QuantType, ggml_type=GGMLType.IQ3_S):
         high = (b.field("qh").view(n, 8, 1) >> table(range(8), torch.uint8, qs.device)) & 1  # (n, ib, t)
         rows = qs.to(torch.int32) | (high.to(torch.int32) << 8)
         sc = b.field("scales")  # (n, 4)
-        nib = torch.stack((sc & 15, sc >> 4), dim=-1).view(n, 8).to(torch.int32)
-        db = torch.mul(1 + 2 * nib, b.field("d"))  # (n, 8)
+        nib = split_bits(sc, (0, 4), 4, dim=-1).view(n, 8).to(torch.int32)
+        db = scaled(1 + 2 * nib, b.field("d"))  # (n, 8)
         y = grid(tables.IQ3S_GRID, rows).view(n, 8, 4, 8).mul_(db.view(n, 8, 1, 1))
         return apply_signs(y, b.field("signs").view(n, 8, 4), seven_bit=False).view(n, 256)
 
@@ -152,7 +152,7 @@ class IQ1_S(QuantType, ggml_type=GGMLType.IQ1_S):
         h = b.field("qh").view(n, 8, 1)  # (n, 8, 1) int32
         high = (h >> table(range(0, 12, 3), torch.int32, h.device)) & 7  # (n, 8, 4)
         rows = b.field("qs").view(n, 8, 4).to(torch.int32) | (high << 8)
-        dl = torch.mul(2 * ((h >> 12) & 7) + 1, b.field("d").view(n, 1, 1))  # (n, 8, 1)
+        dl = scaled(2 * ((h >> 12) & 7) + 1, b.field("d").view(n, 1, 1))  # (n, 8, 1)
         delta = torch.where((h & 0x8000) != 0, -tables.IQ1_DELTA, tables.IQ1_DELTA)  # (n, 8, 1)
         y = grid(tables.IQ1S_GRID, rows).add_(delta.view(n, 8, 1, 1))  # (n, 8, 4, 8)
         return y.mul_(dl.view(n, 8, 1, 1)).view(n, 256)
@@ -173,11 +173,11 @@ class IQ1_M(QuantType, ggml_type=GGMLType.IQ1_M):
         d_bits = (sc[:, 0] >> 12) | ((sc[:, 1] >> 8) & 0xF0) | ((sc[:, 2] >> 4) & 0xF00) | (sc[:, 3] & 0xF000)
         d = f16_bits_to_f32(d_bits).view(n, 1, 1)
         qh = b.field("qh")  # (n, 16)
-        v = torch.stack((qh & 15, qh >> 4), dim=-1).view(n, 8, 4).to(torch.int32)  # (n, ib, l)
+        v = split_bits(qh, (0, 4), 4, dim=-1).view(n, 8, 4).to(torch.int32)  # (n, ib, l)
         rows = b.field("qs").view(n, 8, 4).to(torch.int32) | ((v & 7) << 8)
         delta = torch.where((v & 8) != 0, -tables.IQ1_DELTA, tables.IQ1_DELTA)  # (n, 8, 4)
         k3 = (sc.view(n, 4, 1) >> table(range(0, 12, 3), torch.int32, sc.device)) & 7  # (n, 4, 4)
-        dl = torch.mul(2 * k3.view(n, 8, 2) + 1, d)  # (n, ib, k)
+        dl = scaled(2 * k3.view(n, 8, 2) + 1, d)  # (n, ib, k)
         y = grid(tables.IQ1S_GRID, rows).add_(delta.unsqueeze(-1))  # (n, 8, 4, 8)
         return y.view(n, 8, 2, 16).mul_(dl.unsqueeze(-1)).view(n, 256)
 
@@ -189,8 +189,8 @@ class IQ4_NL(QuantType, ggml_type=GGMLType.IQ4_NL):
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         qs = b.field("qs")  # (n, 16)
         kv = table(tables.KVALUES_IQ4NL, torch.float32, qs.device)
-        q = torch.cat((qs & 15, qs >> 4), dim=-1)  # (n, 32)
-        return lookup(kv, q).mul_(b.field("d"))
+        q = split_bits(qs, (0, 4), 4, dim=1)  # (n, 2, 16)
+        return lookup(kv, q).view(qs.shape[0], 32).mul_(b.field("d"))
 
 
 class IQ4_XS(QuantType, ggml_type=GGMLType.IQ4_XS):
@@ -202,10 +202,10 @@ class IQ4_XS(QuantType, ggml_type=GGMLType.IQ4_XS):
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         n = b.n
         sl = b.field("scales_l")  # (n, 4)
-        low = torch.stack((sl & 15, sl >> 4), dim=-1).view(n, 8).to(torch.int32)
+        low = split_bits(sl, (0, 4), 4, dim=-1).view(n, 8).to(torch.int32)
         high = (b.field("scales_h") >> table(range(0, 16, 2), torch.int32, sl.device)) & 3  # (n, 8)
-        dl = torch.mul((low | (high << 4)) - 32, b.field("d"))  # (n, 8)
+        dl = scaled((low | (high << 4)) - 32, b.field("d"))  # (n, 8)
         qs = b.field("qs").view(n, 8, 16)
-        q = torch.cat((qs & 15, qs >> 4), dim=-1)  # (n, 8, 32)
+        q = split_bits(qs, (0, 4), 4, dim=2).view(n, 8, 32)  # (n, ib, half, j)
         kv = table(tables.KVALUES_IQ4NL, torch.float32, qs.device)
         return lookup(kv, q).mul_(dl.unsqueeze(-1)).view(n, 256)

@@ -11,11 +11,7 @@ from __future__ import annotations
 import torch
 
 from gguflm.gguf.types import GGMLType
-from gguflm.quant.base import Blocks, QuantType, combine_like_c, table
-
-
-def _shifts(values: range, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return table(values, torch.uint8, device).view(shape)
+from gguflm.quant.base import Blocks, QuantType, combine_like_c, scaled, split_bits
 
 
 def scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,10 +34,9 @@ def scales_q3_k(scales: torch.Tensor) -> torch.Tensor:
     high 2 bits = (b[8 + k] >> 2g) & 3. (n, 12) uint8 -> (n, 16) int8.
     """
     n = scales.shape[0]
-    low_src = scales[:, 0:8].reshape(n, 1, 2, 4)  # (n, -, g % 2, k)
-    low = (low_src >> _shifts(range(0, 8, 4), (1, 2, 1, 1), scales.device)) & 15  # (n, g // 2, g % 2, k)
-    high = (scales[:, 8:12].reshape(n, 1, 4) >> _shifts(range(0, 8, 2), (1, 4, 1), scales.device)) & 3  # (n, g, k)
-    return (low.reshape(n, 16) | (high.reshape(n, 16) << 4)).view(torch.int8) - 32
+    low = split_bits(scales[:, 0:8].reshape(n, 2, 4), (0, 4), 4, dim=1)  # (n, g // 2, g % 2, k)
+    high = split_bits(scales[:, 8:12], range(0, 8, 2), 2, dim=1)  # (n, g, k)
+    return (low.view(n, 16) | (high.view(n, 16) << 4)).view(torch.int8) - 32
 
 
 def two_bit_planes(qs: torch.Tensor) -> torch.Tensor:
@@ -49,23 +44,19 @@ def two_bit_planes(qs: torch.Tensor) -> torch.Tensor:
     shift ``j`` (0, 2, 4, 6 bits), the 2-bit fields of those 32 bytes:
     o = 128c + 32j + l <- (qs[32c + l] >> 2j) & 3."""
     n = qs.shape[0]
-    q = (qs.reshape(n, 2, 1, 32) >> _shifts(range(0, 8, 2), (1, 1, 4, 1), qs.device)) & 3  # (n, c, j, l)
-    return q.reshape(n, 256)
+    return split_bits(qs.reshape(n, 2, 32), range(0, 8, 2), 2, dim=2).view(n, 256)  # (n, c, j, l)
 
 
 def nibble_planes(qs: torch.Tensor) -> torch.Tensor:
     """(n, 128) uint8 -> (n, 256) uint8 in K-quant order: for each 32-byte chunk ``c``,
     its 32 low nibbles, then its 32 high nibbles (sub-block 2c, then 2c + 1)."""
     n = qs.shape[0]
-    q = qs.reshape(n, 4, 1, 32)
-    return torch.cat((q & 15, q >> 4), dim=2).reshape(n, 256)
+    return split_bits(qs.reshape(n, 4, 32), (0, 4), 4, dim=2).view(n, 256)  # (n, c, half, l)
 
 
 def bit_planes(qh: torch.Tensor, n_planes: int) -> torch.Tensor:
     """(n, 32) uint8 -> (n, n_planes * 32) uint8: plane p holds bit p of every byte."""
-    n = qh.shape[0]
-    bits = (qh.reshape(n, 1, 32) >> _shifts(range(n_planes), (1, n_planes, 1), qh.device)) & 1
-    return bits.reshape(n, n_planes * 32)
+    return split_bits(qh, range(n_planes), 1, dim=1).view(qh.shape[0], n_planes * 32)
 
 
 class Q2_K(QuantType, ggml_type=GGMLType.Q2_K):
@@ -75,10 +66,11 @@ class Q2_K(QuantType, ggml_type=GGMLType.Q2_K):
     @staticmethod
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         n, sc = b.n, b.field("scales")  # (n, 16)
-        dl = torch.mul(sc & 15, b.field("d"))  # (n, 16)
-        ml = torch.mul(sc >> 4, b.field("dmin"))  # (n, 16)
-        y = torch.mul(two_bit_planes(b.field("qs")).view(n, 16, 16), dl.unsqueeze(-1))
-        return combine_like_c(y, ml.unsqueeze(-1), dl, subtract=True).view(n, 256)
+        d, dmin, finite = b.f16_pair("d", "dmin")  # (n, 1) each
+        dl = scaled(sc & 15, d)  # (n, 16)
+        ml = scaled(sc >> 4, dmin)  # (n, 16)
+        y = scaled(two_bit_planes(b.field("qs")).view(n, 16, 16), dl.unsqueeze(-1))
+        return combine_like_c(y, ml.unsqueeze(-1), dl, subtract=True, finite=finite).view(n, 256)
 
 
 class Q3_K(QuantType, ggml_type=GGMLType.Q3_K):
@@ -89,10 +81,10 @@ class Q3_K(QuantType, ggml_type=GGMLType.Q3_K):
     @staticmethod
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         n = b.n
-        dl = torch.mul(scales_q3_k(b.field("scales")), b.field("d"))  # (n, 16)
+        dl = scaled(scales_q3_k(b.field("scales")), b.field("d"))  # (n, 16)
         hbit = bit_planes(b.field("hmask"), 8)  # (n, 256): plane 4c + j, byte l
-        q = (two_bit_planes(b.field("qs")) | (hbit << 2)).view(torch.int8) - 4  # (n, 256)
-        return torch.mul(q.view(n, 16, 16), dl.unsqueeze(-1)).view(n, 256)
+        q = two_bit_planes(b.field("qs")).bitwise_or_(hbit << 2).view(torch.int8).sub_(4)  # (n, 256)
+        return scaled(q.view(n, 16, 16), dl.unsqueeze(-1)).view(n, 256)
 
 
 class Q4_K(QuantType, ggml_type=GGMLType.Q4_K):
@@ -103,10 +95,10 @@ class Q4_K(QuantType, ggml_type=GGMLType.Q4_K):
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         n = b.n
         sc, mn = scale_min_k4(b.field("scales"))  # (n, 8) each
-        d1 = torch.mul(sc, b.field("d"))
-        m1 = torch.mul(mn, b.field("dmin"))
-        y = torch.mul(nibble_planes(b.field("qs")).view(n, 8, 32), d1.unsqueeze(-1))
-        return combine_like_c(y, m1.unsqueeze(-1), d1, subtract=True).view(n, 256)
+        d, dmin, finite = b.f16_pair("d", "dmin")  # (n, 1) each
+        d1, m1 = scaled(sc, d), scaled(mn, dmin)  # (n, 8) each
+        y = scaled(nibble_planes(b.field("qs")).view(n, 8, 32), d1.unsqueeze(-1))
+        return combine_like_c(y, m1.unsqueeze(-1), d1, subtract=True, finite=finite).view(n, 256)
 
 
 class Q5_K(QuantType, ggml_type=GGMLType.Q5_K):
@@ -117,11 +109,11 @@ class Q5_K(QuantType, ggml_type=GGMLType.Q5_K):
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         n = b.n
         sc, mn = scale_min_k4(b.field("scales"))  # (n, 8) each
-        d1 = torch.mul(sc, b.field("d"))
-        m1 = torch.mul(mn, b.field("dmin"))
-        q = nibble_planes(b.field("qs")) | (bit_planes(b.field("qh"), 8) << 4)  # (n, 256)
-        y = torch.mul(q.view(n, 8, 32), d1.unsqueeze(-1))
-        return combine_like_c(y, m1.unsqueeze(-1), d1, subtract=True).view(n, 256)
+        d, dmin, finite = b.f16_pair("d", "dmin")  # (n, 1) each
+        d1, m1 = scaled(sc, d), scaled(mn, dmin)  # (n, 8) each
+        q = nibble_planes(b.field("qs")).bitwise_or_(bit_planes(b.field("qh"), 8) << 4)  # (n, 256)
+        y = scaled(q.view(n, 8, 32), d1.unsqueeze(-1))
+        return combine_like_c(y, m1.unsqueeze(-1), d1, subtract=True, finite=finite).view(n, 256)
 
 
 class Q6_K(QuantType, ggml_type=GGMLType.Q6_K):
@@ -132,13 +124,11 @@ class Q6_K(QuantType, ggml_type=GGMLType.Q6_K):
     @staticmethod
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
         n = b.n
-        ql = b.field("ql").reshape(n, 2, 1, 2, 32)  # (n, h, -, p % 2, l)
-        low = torch.cat((ql & 15, ql >> 4), dim=2).reshape(n, 2, 4, 32)  # (n, h, p, l)
-        qh = b.field("qh").reshape(n, 2, 1, 32)  # (n, h, -, l)
-        high = (qh >> _shifts(range(0, 8, 2), (1, 1, 4, 1), qh.device)) & 3  # (n, h, p, l)
-        q = (low | (high << 4)).view(torch.int8) - 32
-        dl = torch.mul(b.field("scales"), b.field("d"))  # (n, 16)
-        return torch.mul(q.view(n, 16, 16), dl.unsqueeze(-1)).view(n, 256)
+        low = split_bits(b.field("ql").reshape(n, 2, 2, 32), (0, 4), 4, dim=2)  # (n, h, p // 2, p % 2, l)
+        high = split_bits(b.field("qh").reshape(n, 2, 32), range(0, 8, 2), 2, dim=2)  # (n, h, p, l)
+        q = low.view(n, 2, 4, 32).bitwise_or_(high << 4).view(torch.int8).sub_(32)
+        dl = scaled(b.field("scales"), b.field("d"))  # (n, 16)
+        return scaled(q.view(n, 16, 16), dl.unsqueeze(-1)).view(n, 256)
 
 
 class Q8_K(QuantType, ggml_type=GGMLType.Q8_K):
@@ -147,4 +137,4 @@ class Q8_K(QuantType, ggml_type=GGMLType.Q8_K):
 
     @staticmethod
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
-        return b.field("qs").to(torch.float32).mul_(b.field("d"))  # (n, 256)
+        return scaled(b.field("qs"), b.field("d"))  # (n, 256)

@@ -10,7 +10,7 @@ import torch
 
 from gguflm.gguf.types import GGMLType
 from gguflm.quant import tables
-from gguflm.quant.base import Blocks, QuantType, lookup, table
+from gguflm.quant.base import Blocks, QuantType, lookup, split_bits, table
 
 
 def e8m0_half_bits(e: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,7 @@ _UE4M3_HALF = tuple(ue4m3_half(x) for x in range(256))
 def fp4_pairs(qs: torch.Tensor) -> torch.Tensor:
     """(..., k) uint8 -> (..., 2k) float32 kvalues_fp4 of the k low nibbles, then the k high."""
     kv = table(tables.KVALUES_FP4, torch.float32, qs.device)
-    return lookup(kv, torch.cat((qs & 15, qs >> 4), dim=-1))
+    return lookup(kv, split_bits(qs, (0, 4), 4, dim=-2)).flatten(-2)
 
 
 class MXFP4(QuantType, ggml_type=GGMLType.MXFP4):

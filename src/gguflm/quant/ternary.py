@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from gguflm.gguf.types import GGMLType
-from gguflm.quant.base import Blocks, QuantType, table
+from gguflm.quant.base import Blocks, QuantType, scaled, table
 from gguflm.quant.kquants import two_bit_planes
 
 _POW3 = (1, 3, 9, 27, 81, 243)
@@ -30,7 +30,7 @@ class TQ1_0(QuantType, ggml_type=GGMLType.TQ1_0):
         qs, qh = b.field("qs"), b.field("qh")  # (n, 48), (n, 4)
         t = torch.cat((trits(qs[:, :32], 5).view(n, 160), trits(qs[:, 32:], 5).view(n, 80),
                        trits(qh, 4).view(n, 16)), dim=1)  # (n, 256)
-        return torch.mul(t - 1, b.field("d"))
+        return scaled(t.sub_(1), b.field("d"))
 
 
 class TQ2_0(QuantType, ggml_type=GGMLType.TQ2_0):
@@ -39,5 +39,5 @@ class TQ2_0(QuantType, ggml_type=GGMLType.TQ2_0):
 
     @staticmethod
     def dequantize_blocks(b: Blocks) -> torch.Tensor:
-        q = two_bit_planes(b.field("qs")).view(torch.int8) - 1  # (n, 256)
-        return torch.mul(q, b.field("d"))
+        q = two_bit_planes(b.field("qs")).view(torch.int8).sub_(1)  # (n, 256)
+        return scaled(q, b.field("d"))
