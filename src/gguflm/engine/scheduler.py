@@ -5,7 +5,11 @@ Each admitted request owns a slot of a :class:`KVCache` (``n_slots`` of them). T
 loop repeats one *step*:
 
 1. drop cancelled requests (their slots are free again at once) and admit waiting ones
-   into free slots, first come first served; the rest keep waiting (never dropped);
+   into free slots, first come first served; the rest keep waiting (never dropped).
+   A slot keeps the keys/values of the tokens it last held, so an admitted request
+   starts after the longest prefix of its prompt that any slot holds (copied into its
+   own slot if it was another's): a shared system prompt, or the earlier turns of a
+   conversation, is computed once (llama.cpp's prompt cache, across slots);
 2. prefill: the requests still reading their prompt feed their next chunk of at most
    ``prefill_chunk`` tokens (chunk ``i`` always covers prompt positions
    ``[i*chunk, (i+1)*chunk)``, whoever else is running), as many of them as fit in
@@ -83,6 +87,7 @@ class Done:
     finish_reason: str
     n_prompt: int
     n_completion: int
+    n_cached: int = 0   # prompt tokens whose keys/values were reused, not computed
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,11 @@ class _Seq:
     n_past: int = 0                 # positions of the slot filled
     last: int | None = None         # sampled token waiting to be fed
     n_gen: int = 0
+    n_cached: int = 0               # prompt tokens reused from the prompt cache
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet emitted
+
+    def done(self, reason: str) -> Done:
+        return Done(reason, len(self.ticket.job.prompt), self.n_gen, self.n_cached)
 
 
 class Scheduler:
@@ -145,6 +154,9 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._free = list(range(n_slots))
+        self._held: list[list[int]] = [[] for _ in range(n_slots)]  # tokens at positions 0.. of each slot
+        self._last_used = [0] * n_slots
+        self._clock = 0
         self._active: list[_Seq] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="gguflm-scheduler", daemon=True)
@@ -245,10 +257,33 @@ class Scheduler:
                 gen.seed()
             else:
                 gen.manual_seed(job.params.seed)
-            seq = _Seq(ticket, self._free.pop(0), list(job.prompt), list(job.prompt), gen, TextAssembler(job.stop))
+            slot, n_cached = self._take_slot(job.prompt)
+            seq = _Seq(ticket, slot, list(job.prompt[n_cached:]), list(job.prompt), gen, TextAssembler(job.stop),
+                       n_past=n_cached, n_cached=n_cached)
             self._active.append(seq)
             if job.max_tokens == 0:
-                self._finish(seq, Done("length", len(job.prompt), 0), locked=True)
+                self._finish(seq, seq.done("length"), locked=True)
+
+    def _take_slot(self, prompt: tuple[int, ...]) -> tuple[int, int]:
+        """(Lock held.) A free slot for ``prompt`` and how many of its first tokens are
+        already there: the free slot holding the longest prefix of it (else the least
+        recently used one), topped up with the longest prefix any slot holds. At least
+        the last prompt token is left to compute (its logits give the first token)."""
+        def shared(slot: int) -> int:
+            return min(_common_prefix(self._held[slot], prompt), len(prompt) - 1)
+
+        slot = max(self._free, key=lambda s: (shared(s), -self._last_used[s]))
+        self._free.remove(slot)
+        n = shared(slot)
+        src = max(range(self.n_slots), key=shared)
+        if shared(src) > n:  # another slot holds more: copy its keys/values  [n_layer, Hkv, L, D]
+            n = shared(src)
+            self.cache.k[:, slot, :, :n] = self.cache.k[:, src, :, :n]
+            self.cache.v[:, slot, :, :n] = self.cache.v[:, src, :, :n]
+        self._held[slot] = list(prompt[:n])
+        self._clock += 1
+        self._last_used[slot] = self._clock
+        return slot, n
 
     def _step(self) -> None:
         self._prefill()
@@ -279,6 +314,7 @@ class Scheduler:
         for i, (seq, chunk) in enumerate(zip(group, chunks)):
             seq.n_past += len(chunk)
             del seq.todo[:len(chunk)]
+            self._held[seq.slot] += chunk
             if not seq.todo:
                 self._accept(seq, logits[i])
 
@@ -294,6 +330,7 @@ class Scheduler:
         logits = self.model.forward(tokens, positions, self.cache, slots, last_only=True)  # [B, V]
         for i, seq in enumerate(ready):
             seq.n_past += 1
+            self._held[seq.slot].append(seq.last)
             seq.last = None
             self._accept(seq, logits[i])
 
@@ -302,7 +339,7 @@ class Scheduler:
         job = seq.ticket.job
         tok = sample(logits, job.params, seq.history, seq.generator)
         if tok in self._eog:
-            self._finish(seq, Done("stop", len(job.prompt), seq.n_gen))
+            self._finish(seq, seq.done("stop"))
             return
         seq.history.append(tok)
         seq.n_gen += 1
@@ -311,10 +348,10 @@ class Scheduler:
         text, stopped = seq.text.push(self.model.tokenizer.token_to_piece(tok))
         if stopped:
             self._emit_piece(seq, text)
-            self._finish(seq, Done("stop", len(job.prompt), seq.n_gen))
+            self._finish(seq, seq.done("stop"))
         elif seq.n_gen == job.max_tokens or seq.n_past >= self.n_ctx:
             self._emit_piece(seq, text + seq.text.flush())
-            self._finish(seq, Done("length", len(job.prompt), seq.n_gen))
+            self._finish(seq, seq.done("length"))
         else:
             if text:
                 self._emit_piece(seq, text)
@@ -348,6 +385,16 @@ class Scheduler:
         except Exception:  # the receiver is gone (closed event loop...): treat as cancelled
             traceback.print_exc()
             ticket.cancelled = True
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _logprob(logits: torch.Tensor, tok: int, k: int) -> TokenLogprob:

@@ -27,9 +27,10 @@ def sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def usage(done: Done) -> dict[str, int]:
+def usage(done: Done) -> dict[str, Any]:
     return {"prompt_tokens": done.n_prompt, "completion_tokens": done.n_completion,
-            "total_tokens": done.n_prompt + done.n_completion}
+            "total_tokens": done.n_prompt + done.n_completion,
+            "prompt_tokens_details": {"cached_tokens": done.n_cached}}
 
 
 class TokenText(Protocol):
