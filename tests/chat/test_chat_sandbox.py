@@ -1,5 +1,5 @@
 """Hostile templates: every known way out of the sandbox must fail or print nothing that leaks,
-and every runaway must stop with TemplateError in under 2 s without allocating much memory.
+and every runaway must stop with TemplateError within seconds (1 s deadline) without allocating much memory.
 Then each bound on its own, at its edge, with small limits."""
 
 from __future__ import annotations
@@ -174,10 +174,15 @@ def peak_memory_mb(source: str) -> float:
         tracemalloc.stop()
 
 
+# The render deadline is 1 s of wall-clock time; a loaded 2-core CI machine gets slack
+# (without the sandbox's bounds these templates run for minutes or exhaust memory).
+MAX_SECONDS = 4.0
+
+
 @pytest.mark.parametrize("name", sorted(ESCAPES))
 def test_sandbox_escapes_fail_or_leak_nothing(name: str):
     out, err, seconds = run(ESCAPES[name])
-    assert seconds < 2
+    assert seconds < MAX_SECONDS
     if err is None:
         assert not any(m in out for m in LEAK_MARKERS), out[:300]
 
@@ -188,7 +193,7 @@ def test_runaway_templates_stop_quickly_with_little_memory(name: str):
     out, err, seconds = run(RUNAWAYS[name])
     assert err is not None, f"rendered {len(out)} characters"
     assert "\n" not in err
-    assert seconds < 2, err
+    assert seconds < MAX_SECONDS, err
     assert threading.active_count() == threads  # nothing left running
     assert peak_memory_mb(RUNAWAYS[name]) < 160, err
 
