@@ -97,3 +97,18 @@ def test_unknown_routes_and_methods(server, client) -> None:
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="x", input="hello")
     assert_still_serving(server, client)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--parallel", "0"], "--parallel"),
+    (["-m", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+])
+def test_serve_command_errors_are_one_line(args: list[str], needle: str) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "gguflm", "serve", *args, "--port", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gguflm serve: error:") and needle in lines[0], r.stderr

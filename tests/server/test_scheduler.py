@@ -52,11 +52,11 @@ def done_of(events) -> Done:
 def test_batched_queued_chunked_equals_alone(model, prompts) -> None:
     sched = Scheduler(model, n_slots=2, prefill_chunk=5, prefill_budget=12)  # 5 jobs for 2 slots
     try:
-        events = run_jobs(sched, [Job(p, GREEDY, 12) for p in prompts])
+        events = run_jobs(sched, [Job(p, GREEDY, 8) for p in prompts])
     finally:
         sched.close()
     for p, evs in zip(prompts, events):
-        toks, finish = tokens_alone(model, p, 12)
+        toks, finish = tokens_alone(model, p, 8)
         done = done_of(evs)
         assert (done.finish_reason, done.n_prompt, done.n_completion) == (finish, len(p), len(toks))
         assert text_of(evs) == model.tokenizer.decode(toks)
