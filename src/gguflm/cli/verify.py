@@ -59,8 +59,6 @@ def run(args) -> int:
     opts = VerifyOptions(model=resolve_model(args.model), prompt=args.prompt, reference=args.reference,
                          explain_token=args.explain_token, n_predict=args.n_predict, top_k=args.top_k,
                          threads=args.threads)
-    if opts.explain_token is not None and opts.explain_token < 0:
-        raise UserError("--explain-token must be a token id >= 0")
     try:
         rep = run_verification(opts)
     except VerifyError as e:

@@ -120,7 +120,8 @@ def reference_logits(model: str | os.PathLike | GGUFFile, ids: Sequence[int],
             x = x + _linear(f, torch.cat(heads, dim=1), p + "attn_output", weights)
             h = _rms(x, _weight(f, p + "ffn_norm.weight", weights), eps)
             g = _linear(f, h, p + "ffn_gate", weights)
-            x = x + _linear(f, g / (1.0 + torch.exp(-g)) * _linear(f, h, p + "ffn_up", weights), p + "ffn_down", weights)
+            x = x + _linear(f, g / (1.0 + torch.exp(-g)) * _linear(f, h, p + "ffn_up", weights), p + "ffn_down",
+                            weights)
 
         x = _rms(x, _weight(f, "output_norm.weight", weights), eps)
         out_name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"

@@ -27,15 +27,17 @@ LLAMA_CPP_NOTE = (
 
 
 def _code(text: str) -> str:
-    """A token piece or id list as an inline code span, escaped for a Markdown table."""
-    esc = json.dumps(text, ensure_ascii=False)[1:-1].replace("|", "\\|")
+    """A token piece as an inline code span (quotes, newlines... escaped as in JSON)."""
+    esc = json.dumps(text, ensure_ascii=False)[1:-1]
     return f"`` {esc} ``" if "`" in esc else f"`{esc}`"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A Markdown table; a ``|`` inside a cell is escaped."""
+    def line(cells: list[Any]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|"] + [line(r) for r in rows])
 
 
 _STATUS = {"pass": "✅ pass", "fail": "❌ FAIL", "skip": "⏭ skip"}
@@ -96,7 +98,8 @@ def _markdown(rep: Report, figures: dict[str, str]) -> str:
       f"(torch {env['torch']}, llama-cpp-python {env['llama_cpp_python'] or 'not used'}).\n")
     seq = d["sequence"]
     w(_table(["", ""], [
-        ["File", f"`{Path(m['path']).name}` ({m['file_bytes'] / 2**20:.1f} MiB, {m['parameters'] / 1e6:.1f} M weights)"],
+        ["File", f"`{Path(m['path']).name}` ({m['file_bytes'] / 2**20:.1f} MiB, "
+                 f"{m['parameters'] / 1e6:.1f} M weights)"],
         ["Architecture", f"{m['architecture']}: {m['n_layer']} layers, width {m['n_embd']}, FFN {m['n_ff']}, "
                          f"{m['n_head']} heads / {m['n_head_kv']} KV heads of {m['head_dim']}, vocab {m['n_vocab']}, "
                          f"RoPE {m['rope_style']} base {m['rope_freq_base']:g}, "
@@ -106,7 +109,7 @@ def _markdown(rep: Report, figures: dict[str, str]) -> str:
     ]))
     w("\n## Summary\n")
     w(_table(["Section", "Check", "Value", "Threshold", "Status", "Detail"],
-             [[c.section, c.name, c.value, c.threshold, _STATUS[c.status], c.detail.replace("|", "\\|")]
+             [[c.section, c.name, c.value, c.threshold, _STATUS[c.status], c.detail]
               for c in rep.checks]))
 
     q = d["quantization"]
@@ -135,7 +138,8 @@ def _markdown(rep: Report, figures: dict[str, str]) -> str:
     w(f"```text\n{tk['ids']}\n```\n")
     if "llama_cpp_ids" in tk:
         w("llama.cpp's tokenizer (`Llama(vocab_only=True).tokenize(..., add_bos=True, special=True)`): "
-          + ("**identical**.\n" if tk["llama_cpp_ids"] == tk["ids"] else f"**differs**:\n```text\n{tk['llama_cpp_ids']}\n```\n"))
+          + ("**identical**.\n" if tk["llama_cpp_ids"] == tk["ids"]
+             else f"**differs**:\n```text\n{tk['llama_cpp_ids']}\n```\n"))
 
     c = d["components"]
     w("\n## 3. Components\n")
@@ -164,7 +168,8 @@ def _markdown(rep: Report, figures: dict[str, str]) -> str:
               for comp, cells in by.items() if None not in cells]))
     w("\nOutside the blocks:\n")
     w(_table(["Component", "All positions", "Threshold (rel)"],
-             [[comp, cell(cells[None]), f"{cells[None]['threshold']:.0e}"] for comp, cells in by.items() if None in cells]))
+             [[comp, cell(cells[None]), f"{cells[None]['threshold']:.0e}"]
+              for comp, cells in by.items() if None in cells]))
     if "components" in figures:
         w(f"\n![Component errors]({figures['components']})\n")
 

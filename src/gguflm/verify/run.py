@@ -119,8 +119,8 @@ class _Stages:
         self.bar.close()
 
 
-STAGES = ["layout", "quantization", "tokenizer", "load", "generate", "trace", "components",
-          "float64 reference", "llama.cpp logits", "token investigation"]
+STAGES = ["quantization", "tokenizer", "load", "generate", "trace", "components", "float64 reference",
+          "llama.cpp logits", "token investigation"]
 
 
 def _piece(tokenizer: Any, token: int) -> str:
@@ -151,212 +151,238 @@ def greedy_decode(model: Any, prompt: list[int], n_predict: int) -> tuple[list[i
     return new, torch.stack(rows)
 
 
-def run_verification(opts: VerifyOptions) -> Report:
-    """Run every section for ``opts.model``; never raises for a failed check (see Report)."""
-    import gguflm
+@dataclass
+class _Run:
+    """What the sections share: the request, the file, and which oracles are in use."""
+
+    opts: VerifyOptions
+    path: Path
+    f: Any            # GGUFFile
+    cfg: Any          # ModelConfig
+    spec: Any         # ArchSpec
+    use_llama: bool
+    use_libggml: bool
+    no_oracle: str    # why a llama.cpp check is skipped
+
+
+def _quantization(rep: Report, r: _Run) -> None:
+    from gguflm.verify.quantization import check_layout, compare_dequantization
+
+    layout = check_layout(r.f, r.cfg, r.use_libggml)
+    for c in layout:
+        rep.check("quantization", f"layout: {c.name}", "ok" if c.passed else "mismatch", "llama layout",
+                  c.passed, c.detail)
+    types = compare_dequantization(r.f, r.use_libggml)
+    for name, s in sorted(types.items()):
+        check = f"{name} dequantization bit-exact vs libggml"
+        if s.compared:
+            rep.check("quantization", check, f"{s.bit_exact}/{s.compared}", "all", s.bit_exact == s.compared,
+                      f"max |Δ| {s.max_abs_diff:.3g}" if s.mismatched else "")
+        else:
+            rep.check("quantization", check, "-", "all", None,
+                      r.no_oracle if not r.use_libggml else "libggml has no to_float for this type")
+    rep.data["quantization"] = {"types": {k: v.to_dict() for k, v in sorted(types.items())},
+                                "layout": [c.to_dict() for c in layout],
+                                "oracle": "libggml to_float" if r.use_libggml else None}
+
+
+def _prompt(rep: Report, r: _Run) -> tuple[Any, str]:
+    """Render and tokenize the prompt, compare with llama.cpp; returns (tokenizer, text)."""
     from gguflm.chat import ChatTemplate
     from gguflm.chat.template import TEMPLATE_KEY
+    from gguflm.tokenizer import Tokenizer
+    from gguflm.verify import llamacpp
+
+    tok, tpl = Tokenizer.from_gguf(r.f), ChatTemplate.from_gguf(r.f)
+    messages = [{"role": "user", "content": r.opts.prompt}]
+    rendered = tpl.render(messages, add_generation_prompt=True)
+    ids = tok.encode(rendered, add_special=True, parse_special=True)
+    in_file = TEMPLATE_KEY in r.f.metadata
+    tpl_data: dict[str, Any] = {"origin": tpl.origin, "in_file": in_file, "messages": messages, "rendered": rendered}
+    check = "rendering = llama-cpp-python's Jinja2ChatFormatter"
+    if r.use_llama and in_file:
+        theirs = llamacpp.render_chat_template(r.f.metadata[TEMPLATE_KEY], messages,
+                                               bos_token=tpl.bos_token, eos_token=tpl.eos_token)
+        same = theirs == rendered
+        tpl_data["llama_cpp_python_render_equal"] = same
+        rep.check("chat_template", check, "equal" if same else "differs", "equal", same,
+                  "" if same else f"theirs: {theirs!r:.200}")
+    else:
+        rep.check("chat_template", check, "-", "equal", None,
+                  r.no_oracle if not r.use_llama else "the file has no template (built-in used)")
+    tok_data: dict[str, Any] = {"model": tok.model, "pre": tok.pre, "n_vocab": tok.n_vocab, "add_bos": tok.add_bos,
+                                "ids": ids}
+    check = "prompt ids = llama.cpp's tokenizer"
+    if r.use_llama:
+        theirs_ids = llamacpp.tokenize(r.path, rendered, add_special=True, parse_special=True)
+        tok_data["llama_cpp_ids"] = theirs_ids
+        same_n = sum(a == b for a, b in zip(ids, theirs_ids))
+        rep.check("tokenizer", check, f"{same_n}/{max(len(ids), len(theirs_ids))} equal", "all", ids == theirs_ids,
+                  "" if ids == theirs_ids else f"ours {len(ids)} ids, llama.cpp {len(theirs_ids)}")
+    else:
+        rep.check("tokenizer", check, "-", "all", None, r.no_oracle)
+    rep.data["chat_template"], rep.data["tokenizer"] = tpl_data, tok_data
+    return tok, rendered
+
+
+def _components(rep: Report, r: _Run, trace: Any, weight: Any, engine_block: str) -> None:
+    from gguflm.verify.components import check_components
+
+    comps = check_components(trace, r.cfg, r.spec, r.f, weight)
+    n_fail = sum(not c.passed for c in comps)
+    worst = max(comps, key=lambda c: c.rel / c.threshold if c.threshold else (0.0 if c.rel == 0 else math.inf))
+    where = "" if worst.layer is None else f" (layer {worst.layer})"
+    rep.check("components", "every component within its threshold", f"{len(comps) - n_fail}/{len(comps)}", "all",
+              n_fail == 0, f"closest to its threshold: {worst.component}{where} rel {worst.rel:.2e} "
+              f"≤ {worst.threshold:.0e}")
+    rep.data["components"] = {"layers": sorted(trace.layers), "positions": len(trace.tokens),
+                              "weights": "libggml to_float" if r.use_libggml else "gguflm.dequantize",
+                              "engine_block": engine_block, "twin_layers": sorted(trace.twin_layers),
+                              "results": [c.to_dict() for c in comps]}
+
+
+def _logits(rep: Report, r: _Run, tok: Any, first: int, ours: torch.Tensor, decoded: torch.Tensor,
+            ref: torch.Tensor, ll: torch.Tensor | None) -> dict[str, int]:
+    """Compare the rows ``first..`` of the logits [T, V]; returns the first reply token by source."""
+    from gguflm.verify.metrics import logit_agreement
+
+    scored = slice(first, ours.shape[0])
+    data: dict[str, Any] = {"positions": ours.shape[0] - first}
+    for key, label, rows in (("ours_vs_reference", "ours vs float64 reference", ours[scored]),
+                             ("decode_vs_reference", "ours (decode steps) vs float64 reference", decoded)):
+        a = logit_agreement(rows, ref[first:first + len(rows)])
+        data[key] = a.to_dict()
+        rep.check("logits", f"{label}: max |Δlogit|", f"{a.max_abs_dlogit:.2e}", f"≤ {REF_MAX_DLOGIT:.0e}",
+                  a.max_abs_dlogit <= REF_MAX_DLOGIT)
+        rep.check("logits", f"{label}: mean KL", f"{a.kl_mean:.2e}", f"≤ {REF_KL_MEAN:.0e}", a.kl_mean <= REF_KL_MEAN,
+                  f"top-1 agreement {a.top1_agreement:.1%} over {a.positions} positions")
+    check = "ours vs llama.cpp: mean KL"
+    if ll is not None:
+        a, b = logit_agreement(ours[scored], ll[scored]), logit_agreement(ll[scored], ref[scored])
+        data["ours_vs_llama_cpp"], data["llama_cpp_vs_reference"] = a.to_dict(), b.to_dict()
+        rep.check("logits", check, f"{a.kl_mean:.2e}", f"≤ {LLAMA_CPP_KL_MEAN:.0e}", a.kl_mean <= LLAMA_CPP_KL_MEAN,
+                  f"top-1 agreement {a.top1_agreement:.1%}; llama.cpp vs float64 KL {b.kl_mean:.2e}")
+    else:
+        rep.check("logits", check, "-", f"≤ {LLAMA_CPP_KL_MEAN:.0e}", None, r.no_oracle)
+    firsts = {"ours": int(ours[first].argmax()), "reference": int(ref[first].argmax())}
+    if ll is not None:
+        firsts["llama_cpp"] = int(ll[first].argmax())
+    data["first_reply_token"] = {k: {"id": v, "piece": _piece(tok, v)} for k, v in firsts.items()}
+    rep.check("logits", "first reply token = float64 reference's",
+              f"{firsts['ours']} = {_piece(tok, firsts['ours'])!r}", "same token", firsts["ours"] == firsts["reference"],
+              f"reference {firsts['reference']}" + (f", llama.cpp {firsts['llama_cpp']}" if ll is not None else ""))
+    rep.data["logits"] = data
+    rep.arrays["logits_reference"] = ref[scored].numpy()
+    rep.arrays["logits_gguflm"] = ours[scored].numpy()
+    if ll is not None:
+        rep.arrays["logits_llama.cpp"] = ll[scored].numpy()
+    return firsts
+
+
+def _investigate(rep: Report, r: _Run, tok: Any, trace: Any, weight: Any, first: int, token: int,
+                 ref: torch.Tensor, ll: torch.Tensor | None) -> None:
+    from gguflm.verify.lens import logit_lens, rank_of, top_k
+
+    row = trace.logits[first]                                                      # [V]
+    tops = top_k(row, r.opts.top_k)
+    ref_p = torch.softmax(ref[first], -1)
+    ll_p = torch.softmax(ll[first].double(), -1) if ll is not None else None
+    watch = [t.token for t in tops] + ([token] if token not in {t.token for t in tops} else [])
+    head = r.spec.tensor_name("output")
+    w_out = weight(head if head in r.f.tensors else r.spec.tensor_name("token_embd")).double()
+    residuals = [trace.block_in[0][first]] + [trace.block_out[i][first] for i in range(r.cfg.n_layer)]
+    lens = logit_lens(residuals, weight(r.spec.tensor_name("output_norm")).double(), w_out, r.cfg.rms_eps,
+                      token, watch)
+    rep.data["token_investigation"] = {
+        "position": first, "token": token, "piece": _piece(tok, token),
+        "rank": rank_of(row, token), "prob": float(torch.softmax(row.double(), -1)[token]),
+        "top_k": [{"token": t.token, "piece": _piece(tok, t.token), "logit": t.logit, "prob": t.prob,
+                   "prob_reference": float(ref_p[t.token]),
+                   "prob_llama_cpp": float(ll_p[t.token]) if ll_p is not None else None} for t in tops],
+        "watch": [{"token": t, "piece": _piece(tok, t)} for t in watch],
+        "lens": [asdict(x) | {"top_piece": _piece(tok, x.top_token)} for x in lens],
+    }
+
+
+def run_verification(opts: VerifyOptions) -> Report:
+    """Run every section for ``opts.model``; a failed check is recorded, not raised (see
+    Report). Raises VerifyError for a request that cannot be carried out."""
+    import gguflm
     from gguflm.model.arch import arch_spec
     from gguflm.model.config import ModelConfig
-    from gguflm.tokenizer import Tokenizer
     from gguflm.verify import ggml_oracle, llamacpp
     from gguflm.verify.capture import trace_forward
-    from gguflm.verify.components import check_components, weight_loader
-    from gguflm.verify.lens import logit_lens, rank_of, top_k
-    from gguflm.verify.metrics import logit_agreement
-    from gguflm.verify.quantization import check_layout, compare_dequantization
+    from gguflm.verify.components import weight_loader
     from gguflm.verify.reference import reference_logits
 
     if opts.reference not in (None, "llama.cpp", "none"):
         raise VerifyError(f"unknown reference {opts.reference!r} (llama.cpp or none)")
-    if opts.n_predict < 1:
-        raise VerifyError("n_predict must be >= 1")
-    use_llama = opts.reference != "none" and llamacpp.available()
+    if opts.n_predict < 1 or opts.top_k < 1:
+        raise VerifyError("n_predict and top_k must be >= 1")
     if opts.reference == "llama.cpp" and not llamacpp.available():
         raise VerifyError("--reference llama.cpp needs llama-cpp-python (pip install llama-cpp-python)")
-    use_libggml = use_llama and ggml_oracle.available()
-    no_oracle = ("--reference none" if opts.reference == "none" else "llama-cpp-python is not installed")
+    use_llama = opts.reference != "none" and llamacpp.available()
     if opts.threads:
         torch.set_num_threads(opts.threads)
-
-    rep = Report()
-    stages = _Stages(STAGES, rep.timings)
-    t_start = time.perf_counter()
-    load_before = os.getloadavg()
     path = Path(opts.model)
+    f = gguflm.GGUFFile(path)
+    cfg = ModelConfig.from_gguf(f)
+    if opts.explain_token is not None and not 0 <= opts.explain_token < cfg.n_vocab:
+        raise VerifyError(f"--explain-token {opts.explain_token} is outside the vocabulary [0, {cfg.n_vocab})")
+    r = _Run(opts, path, f, cfg, arch_spec(cfg.arch), use_llama, use_llama and ggml_oracle.available(),
+             "--reference none" if opts.reference == "none" else "llama-cpp-python is not installed")
+    rep = Report()
+    rep.data["prompt"] = opts.prompt
+    rep.data["model"] = {
+        "path": str(path), "file_bytes": path.stat().st_size, "architecture": cfg.arch,
+        "name": f.metadata.get("general.name"), "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_ff": cfg.n_ff,
+        "n_head": cfg.n_head, "n_head_kv": cfg.n_head_kv, "head_dim": cfg.head_dim, "n_vocab": cfg.n_vocab,
+        "n_ctx_train": cfg.n_ctx_train, "rope_style": cfg.rope_style.value, "rope_freq_base": cfg.rope_freq_base,
+        "rms_eps": cfg.rms_eps, "tied_output": cfg.tied_output,
+        "parameters": sum(i.n_elements for i in f.tensors.values()),
+    }
+    weight = functools.lru_cache(maxsize=16)(weight_loader(f, r.use_libggml))  # float32, exact
+    stages = _Stages(STAGES, rep.timings)
+    t_start, load_before = time.perf_counter(), os.getloadavg()
     try:
-        # -- 1. quantization -------------------------------------------------------------
-        with stages.stage("layout"):
-            f = gguflm.GGUFFile(path)
-            cfg = ModelConfig.from_gguf(f)
-            spec = arch_spec(cfg.arch)
-            layout = check_layout(f, cfg, use_libggml)
-            for c in layout:
-                rep.check("quantization", f"layout: {c.name}", "ok" if c.passed else "mismatch", "llama layout",
-                          c.passed, c.detail)
         with stages.stage("quantization"):
-            types = compare_dequantization(f, use_libggml)
-            for name, s in sorted(types.items()):
-                if s.compared:
-                    rep.check("quantization", f"{name} dequantization bit-exact vs libggml",
-                              f"{s.bit_exact}/{s.compared}", "all", s.bit_exact == s.compared,
-                              f"max |Δ| {s.max_abs_diff:.3g}" if s.mismatched else "")
-                else:
-                    rep.check("quantization", f"{name} dequantization bit-exact vs libggml", "-", "all", None,
-                              no_oracle if not use_libggml else "libggml has no to_float for this type")
-        rep.data["model"] = {
-            "path": str(path), "file_bytes": path.stat().st_size, "architecture": cfg.arch,
-            "name": f.metadata.get("general.name"), "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
-            "n_ff": cfg.n_ff, "n_head": cfg.n_head, "n_head_kv": cfg.n_head_kv, "head_dim": cfg.head_dim,
-            "n_vocab": cfg.n_vocab, "n_ctx_train": cfg.n_ctx_train, "rope_style": cfg.rope_style.value,
-            "rope_freq_base": cfg.rope_freq_base, "rms_eps": cfg.rms_eps, "tied_output": cfg.tied_output,
-            "parameters": sum(i.n_elements for i in f.tensors.values()),
-        }
-        rep.data["quantization"] = {"types": {k: v.to_dict() for k, v in sorted(types.items())},
-                                    "layout": [c.to_dict() for c in layout], "oracle": "libggml to_float"
-                                    if use_libggml else None}
-
-        # -- 2. tokenizer and chat template ----------------------------------------------
+            _quantization(rep, r)
         with stages.stage("tokenizer"):
-            tok = Tokenizer.from_gguf(f)
-            tpl = ChatTemplate.from_gguf(f)
-            messages = [{"role": "user", "content": opts.prompt}]
-            rendered = tpl.render(messages, add_generation_prompt=True)
-            ours_ids = tok.encode(rendered, add_special=True, parse_special=True)
-            tpl_data: dict[str, Any] = {"origin": tpl.origin, "in_file": TEMPLATE_KEY in f.metadata,
-                                        "messages": messages, "rendered": rendered}
-            if use_llama and TEMPLATE_KEY in f.metadata:
-                theirs = llamacpp.render_chat_template(f.metadata[TEMPLATE_KEY], messages,
-                                                       bos_token=tpl.bos_token, eos_token=tpl.eos_token)
-                tpl_data["llama_cpp_python_render_equal"] = theirs == rendered
-                rep.check("chat_template", "rendering = llama-cpp-python's Jinja2ChatFormatter",
-                          "equal" if theirs == rendered else "differs", "equal", theirs == rendered,
-                          "" if theirs == rendered else f"theirs: {theirs!r:.200}")
-            else:
-                rep.check("chat_template", "rendering = llama-cpp-python's Jinja2ChatFormatter", "-", "equal",
-                          None, no_oracle if not use_llama else "the file has no template (built-in used)")
-            tok_data: dict[str, Any] = {"model": tok.model, "pre": tok.pre, "n_vocab": tok.n_vocab,
-                                        "add_bos": tok.add_bos, "ids": ours_ids}
-            if use_llama:
-                ll_ids = llamacpp.tokenize(path, rendered, add_special=True, parse_special=True)
-                tok_data["llama_cpp_ids"] = ll_ids
-                same = sum(a == b for a, b in zip(ours_ids, ll_ids))
-                rep.check("tokenizer", "prompt ids = llama.cpp's tokenizer", f"{same}/{max(len(ours_ids), len(ll_ids))}"
-                          f" equal", "all", ours_ids == ll_ids,
-                          "" if ours_ids == ll_ids else f"ours {len(ours_ids)} ids, llama.cpp {len(ll_ids)}")
-            else:
-                rep.check("tokenizer", "prompt ids = llama.cpp's tokenizer", "-", "all", None, no_oracle)
-        rep.data["chat_template"], rep.data["tokenizer"] = tpl_data, tok_data
-
-        # -- 3. the engine on the prompt and its greedy continuation -----------------------
+            tok, rendered = _prompt(rep, r)
         with stages.stage("load"):
-            n_ctx = min(len(ours_ids) + opts.n_predict + 1, cfg.n_ctx_train)
+            n_ctx = min(len(rep.data["tokenizer"]["ids"]) + opts.n_predict + 1, cfg.n_ctx_train)
             model = gguflm.load(f, n_ctx=n_ctx)
-            prompt_ids = model.encode_prompt(rendered)
-        if len(prompt_ids) >= n_ctx:
-            raise VerifyError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {cfg.n_ctx_train}")
+            prompt = model.encode_prompt(rendered)
+        if len(prompt) >= n_ctx:
+            raise VerifyError(f"the prompt has {len(prompt)} tokens; the model's context is {cfg.n_ctx_train}")
         with stages.stage("generate"):
-            continuation, decoded = greedy_decode(model, prompt_ids, opts.n_predict)
-        seq = prompt_ids + continuation
-        first = len(prompt_ids) - 1                       # the row that predicts the reply
-        L = cfg.n_layer
-        detail = sorted({0, L // 2, L - 1})
-        with stages.stage("trace"):
-            trace = trace_forward(model, seq, detail)
-        ours = trace.logits                                                        # [T, V]
-        weight = functools.lru_cache(maxsize=16)(weight_loader(f, use_libggml))  # float32, exact
-        with stages.stage("components"):
-            comps = check_components(trace, cfg, spec, f, weight)
-        n_fail = sum(not c.passed for c in comps)
-        worst = max(comps, key=lambda c: c.rel / c.threshold if c.threshold else (0.0 if c.rel == 0 else math.inf))
-        rep.check("components", "every component within its threshold", f"{len(comps) - n_fail}/{len(comps)}",
-                  "all", n_fail == 0, f"closest to its threshold: {worst.component}"
-                  f"{'' if worst.layer is None else f' (layer {worst.layer})'} rel {worst.rel:.2e} "
-                  f"≤ {worst.threshold:.0e}")
-        rep.data["components"] = {"layers": detail, "weights": "libggml to_float" if use_libggml
-                                  else "gguflm.dequantize", "positions": len(seq),
-                                  "engine_block": type(model.transformer.blocks[0]).__name__,
-                                  "twin_layers": sorted(trace.twin_layers),
-                                  "results": [c.to_dict() for c in comps]}
-        rep.data["sequence"] = {"prompt_ids": prompt_ids, "continuation_ids": continuation,
+            continuation, decoded = greedy_decode(model, prompt, opts.n_predict)
+        seq, first = prompt + continuation, len(prompt) - 1          # row ``first`` predicts the reply
+        rep.data["sequence"] = {"prompt_ids": prompt, "continuation_ids": continuation,
                                 "continuation_text": tok.decode(continuation), "scored_from": first}
-
-        # -- 4. logits --------------------------------------------------------------------
+        with stages.stage("trace"):
+            trace = trace_forward(model, seq, sorted({0, cfg.n_layer // 2, cfg.n_layer - 1}))
+        with stages.stage("components"):
+            _components(rep, r, trace, weight, type(model.transformer.blocks[0]).__name__)
         with stages.stage("float64 reference"):
             ref = torch.from_numpy(reference_logits(f, seq, weights=weight))       # [T, V] float64
-        scored = slice(first, len(seq))
-        logit_data: dict[str, Any] = {"positions": len(seq) - first}
-        for key, label, rows in (("ours_vs_reference", "ours vs float64 reference", ours[scored]),
-                                 ("decode_vs_reference", "ours (decode steps) vs float64 reference", decoded)):
-            vs_ref = logit_agreement(rows, ref[first:first + len(rows)])
-            logit_data[key] = vs_ref.to_dict()
-            rep.check("logits", f"{label}: max |Δlogit|", f"{vs_ref.max_abs_dlogit:.2e}",
-                      f"≤ {REF_MAX_DLOGIT:.0e}", vs_ref.max_abs_dlogit <= REF_MAX_DLOGIT)
-            rep.check("logits", f"{label}: mean KL", f"{vs_ref.kl_mean:.2e}",
-                      f"≤ {REF_KL_MEAN:.0e}", vs_ref.kl_mean <= REF_KL_MEAN,
-                      f"top-1 agreement {vs_ref.top1_agreement:.1%} over {vs_ref.positions} positions")
-        ll: torch.Tensor | None = None
+        ll = None
         with stages.stage("llama.cpp logits"):
             if use_llama:
                 oracle = llamacpp.LlamaCppModel(path, n_ctx=len(seq), n_threads=opts.threads)
-                ll = torch.from_numpy(oracle.logits(seq))
+                ll = torch.from_numpy(oracle.logits(seq))                            # [T, V]
                 oracle.close()
-        if ll is not None:
-            vs_ll = logit_agreement(ours[scored], ll[scored])
-            ref_ll = logit_agreement(ll[scored], ref[scored])
-            logit_data["ours_vs_llama_cpp"] = vs_ll.to_dict()
-            logit_data["llama_cpp_vs_reference"] = ref_ll.to_dict()
-            rep.check("logits", "ours vs llama.cpp: mean KL", f"{vs_ll.kl_mean:.2e}", f"≤ {LLAMA_CPP_KL_MEAN:.0e}",
-                      vs_ll.kl_mean <= LLAMA_CPP_KL_MEAN,
-                      f"top-1 agreement {vs_ll.top1_agreement:.1%}; llama.cpp vs float64 KL {ref_ll.kl_mean:.2e}")
-        else:
-            rep.check("logits", "ours vs llama.cpp: mean KL", "-", f"≤ {LLAMA_CPP_KL_MEAN:.0e}", None, no_oracle)
-        firsts = {"ours": int(ours[first].argmax()), "reference": int(ref[first].argmax())}
-        if ll is not None:
-            firsts["llama_cpp"] = int(ll[first].argmax())
-        logit_data["first_reply_token"] = {k: {"id": v, "piece": _piece(tok, v)} for k, v in firsts.items()}
-        rep.check("logits", "first reply token = float64 reference's",
-                  f"{firsts['ours']} = {_piece(tok, firsts['ours'])!r}", "same token",
-                  firsts["ours"] == firsts["reference"],
-                  f"reference {firsts['reference']}" + (f", llama.cpp {firsts['llama_cpp']}" if ll is not None else ""))
-        rep.data["logits"] = logit_data
-        rep.arrays["logits_reference"] = ref[scored].numpy()
-        rep.arrays["logits_gguflm"] = ours[scored].numpy()
-        if ll is not None:
-            rep.arrays["logits_llama.cpp"] = ll[scored].numpy()
-
-        # -- 5. token investigation -------------------------------------------------------
+        firsts = _logits(rep, r, tok, first, trace.logits, decoded, ref, ll)
         with stages.stage("token investigation"):
-            row = ours[first]
-            token = firsts["ours"] if opts.explain_token is None else int(opts.explain_token)
-            if not 0 <= token < cfg.n_vocab:
-                raise VerifyError(f"--explain-token {token} is outside the vocabulary [0, {cfg.n_vocab})")
-            tops = top_k(row, opts.top_k)
-            ref_p = torch.softmax(ref[first], -1)
-            ll_p = torch.softmax(ll[first].double(), -1) if ll is not None else None
-            watch = [t.token for t in tops] + ([token] if token not in {t.token for t in tops} else [])
-            head = spec.tensor_name("output")
-            w_out = weight(head if head in f.tensors else spec.tensor_name("token_embd")).double()
-            residuals = [trace.block_in[0][first]] + [trace.block_out[i][first] for i in range(L)]
-            lens = logit_lens(residuals, weight(spec.tensor_name("output_norm")).double(), w_out, cfg.rms_eps,
-                              token, watch)
-            rep.data["token_investigation"] = {
-                "position": first, "token": token, "piece": _piece(tok, token),
-                "rank": rank_of(row, token), "prob": float(torch.softmax(row.double(), -1)[token]),
-                "top_k": [{"token": t.token, "piece": _piece(tok, t.token), "logit": t.logit, "prob": t.prob,
-                           "prob_reference": float(ref_p[t.token]),
-                           "prob_llama_cpp": float(ll_p[t.token]) if ll_p is not None else None} for t in tops],
-                "watch": [{"token": t, "piece": _piece(tok, t)} for t in watch],
-                "lens": [asdict(r) | {"top_piece": _piece(tok, r.top_token)} for r in lens],
-            }
+            token = firsts["ours"] if opts.explain_token is None else opts.explain_token
+            _investigate(rep, r, tok, trace, weight, first, token, ref, ll)
     finally:
         stages.close()
     rep.timings["total"] = round(time.perf_counter() - t_start, 3)
     rep.data["environment"] = {
-        "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+        "llama_cpp_python": llamacpp.version() if use_llama else None, "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "llama_cpp_python": llamacpp.version() if use_llama else None, "numpy": np.__version__,
     }
-    rep.data["prompt"] = opts.prompt
     return rep
