@@ -6,7 +6,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from gguflm.server.app import DEFAULT_MAX_BODY
+pytest.importorskip("fastapi", reason="the server needs .[server]")
+
+from gguflm.server.app import DEFAULT_MAX_BODY  # noqa: E402
 
 MSG = [{"role": "user", "content": "Hi"}]
 

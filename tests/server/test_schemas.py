@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-pytest.importorskip("pydantic", reason="the server needs .[server]")
+pytest.importorskip("fastapi", reason="the server needs .[server]")
 
 from gguflm.server.errors import APIError  # noqa: E402
 from gguflm.server.schemas import ChatCompletionRequest, CompletionRequest, parse  # noqa: E402
