@@ -11,10 +11,10 @@ loop repeats one *step*:
    own slot if it was another's): a shared system prompt, or the earlier turns of a
    conversation, is computed once (llama.cpp's prompt cache, across slots);
 2. prefill: the requests still reading their prompt feed their next chunk of at most
-   ``prefill_chunk`` tokens (chunk ``i`` always covers prompt positions
-   ``[i*chunk, (i+1)*chunk)``, whoever else is running), as many of them as fit in
-   ``prefill_budget`` padded tokens, together in ONE forward (rows right-padded); a
-   request whose prompt is complete samples its first token from its last chunk's logits;
+   ``prefill_chunk`` tokens (chunks follow each other from where the cached prefix ends,
+   whoever else is running), as many requests as fit in ``prefill_budget`` padded
+   tokens, together in ONE forward (rows right-padded); a request whose prompt is
+   complete samples its first token from its last chunk's logits;
 3. decode: every request that has a sampled token not yet in the cache feeds it, all of
    them together in ONE batched forward (``tokens [B, 1]`` at their own positions in
    their own slots); each row is sampled with its request's own parameters, history and
