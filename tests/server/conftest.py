@@ -114,17 +114,3 @@ def client(server: Server):
 @pytest.fixture(scope="session")
 def questions() -> list[str]:
     return list(QUESTIONS)
-
-
-@pytest.fixture(scope="session")
-def greedy_alone(client) -> dict[str, str]:
-    """Greedy answers (16 tokens) of the first 4 questions, each run alone on the server,
-    and the wall time of those 4 sequential requests (key "__seconds__")."""
-    out: dict[str, str] = {}
-    t0 = time.perf_counter()
-    for q in QUESTIONS[:4]:
-        r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": q}],
-                                           max_tokens=16, temperature=0)
-        out[q] = r.choices[0].message.content
-    out["__seconds__"] = str(time.perf_counter() - t0)
-    return out
