@@ -12,7 +12,8 @@ on a shared machine) and the median are reported, with the mean time to first to
 
     python benchmarks/bench_server.py [-m FILE.gguf] [--repeat 3] [--threads N]
 
-Writes benchmarks/results/<date>-cpu-server.json. Traffic goes to 127.0.0.1 only.
+Writes benchmarks/results/<date>-cpu-server.json (with the machine's load average: other
+work on a shared machine slows the two sides unevenly). Traffic goes to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import socket
 import statistics
@@ -114,6 +116,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="server CPU threads (default: torch's choice)")
     args = ap.parse_args()
     model = resolve_model(args.model)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_server(model, args.threads, Path(tmp) / "serve.log")
         try:
@@ -140,6 +143,7 @@ def main() -> None:
         "concurrent_16": {"best_s": best_conc, "median_s": med_conc, "runs": conc,
                           "tokens_per_s": 16 * N_TOKENS / best_conc},
         "ratio_best": best_conc / best_seq, "ratio_median": med_conc / med_seq,
+        "load_average_before_after": [load_before[0], os.getloadavg()[0]],  # others' work on the machine
     }
     print(f"4 sequential x {N_TOKENS} tokens: best {best_seq:.2f}s (median {med_seq:.2f}s), "
           f"{4 * N_TOKENS / best_seq:.1f} tok/s")
