@@ -69,11 +69,11 @@ for phase in "$@"; do
             --ours-only --out "$OUT/bench_ours.json" 2> "$OUT/bench_ours.err" | tail -6
         ;;
     profile)
-        timeout 180 python3 benchmarks/profile_decode.py "$W/tinyllama-Q4_K_M.gguf" 2>&1 | tail -26
-        timeout 120 python3 benchmarks/profile_decode.py "$W/tinyllama-Q4_0.gguf" 2>&1 | tail -24 > "$OUT/profile_q4_0.txt"
+        timeout 180 python3 benchmarks/profile_cuda.py "$W/tinyllama-Q4_K_M.gguf" 2>&1 | grep -v Warn | tail -40
+        timeout 120 python3 benchmarks/profile_cuda.py "$W/tinyllama-Q4_0.gguf" > "$OUT/profile_q4_0.txt" 2>&1
         ;;
     sweep)
-        timeout 300 python3 benchmarks/gemv_sweep.py --json "$OUT/gemv_sweep.json" > "$OUT/gemv_sweep.txt" 2>&1
+        timeout 200 python3 benchmarks/gemv_sweep.py --json "$OUT/gemv_sweep.json" > "$OUT/gemv_sweep.txt" 2>&1
         tail -4 "$OUT/gemv_sweep.txt"
         ;;
     accuracy)  # SmolLM2 Q4_1 and llama.cpp's requantizations of it, against the float64 reference

@@ -137,3 +137,39 @@ def test_decode_attention_matches_float64(device, n):
                        out, ws, D ** -0.5, block_s=16)
     ref = A.decode_attention_reference(q.half().float(), k[:, :n], v[:, :n], D ** -0.5)
     assert _rel(out, ref) < 4e-3                                              # float16 scores and weights
+
+
+def test_rms_norm_half(device):
+    from gguflm.quant.triton.activations import rms_norm_half, rms_norm_half_reference
+
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(5, 300, generator=gen) * 3, torch.randn(300, generator=gen)
+    y = rms_norm_half(x.to(device), w.to(device), 1e-5)
+    assert y.dtype == torch.float16
+    assert _rel(y, rms_norm_half_reference(x, w, 1e-5)) < 1e-3               # one float16 rounding
+
+
+def test_silu_mul_half(device):
+    from gguflm.quant.triton.activations import silu_mul_half, silu_mul_half_reference
+
+    gu = (torch.randn(3, 2 * 1500, generator=torch.Generator().manual_seed(4)) * 4).half()
+    assert _rel(silu_mul_half(gu.to(device)), silu_mul_half_reference(gu)) < 1e-3
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_prefill_writes_q_and_the_cache_rows(device, neox):
+    from gguflm.quant.triton.activations import rope_prefill, rope_prefill_reference
+
+    T, H, Hkv, D, n_ctx, p0 = 5, 6, 2, 32, 20, 7
+    gen = torch.Generator().manual_seed(9)
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=gen).half()
+    theta = torch.rand(n_ctx, D // 2, generator=gen) * 3
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    k_cache = torch.zeros(Hkv, n_ctx, D, dtype=torch.float16, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    q = rope_prefill(qkv.to(device), cos.to(device), sin.to(device), p0, k_cache, v_cache, H, neox)
+    rq, rk, rv = rope_prefill_reference(qkv, cos, sin, p0, H, Hkv, neox)
+    assert (q.cpu().double() - rq).abs().max() < 4e-3
+    assert (k_cache[:, p0:p0 + T].cpu().double() - rk).abs().max() < 4e-3
+    assert torch.equal(v_cache[:, p0:p0 + T].cpu().double(), rv)
+    assert not k_cache[:, :p0].any() and not k_cache[:, p0 + T:].any()

@@ -65,6 +65,26 @@ def test_decode_steps_match_reference(model_and_ref):
     _agree(torch.stack(steps), ref[3:], tol=1e-2)   # float32 steps over a prefill-made float16 KV cache
 
 
+def test_continued_prefill_matches_reference(model_and_ref):
+    m, ref = model_and_ref
+    cache = m.new_cache(1)
+    slots = torch.zeros(1, dtype=torch.long, device=m.device)
+    m.forward(torch.tensor([IDS[:2]], device=m.device), torch.arange(2, device=m.device)[None], cache, slots)
+    out = m.forward(torch.tensor([IDS[2:]], device=m.device), torch.arange(2, len(IDS), device=m.device)[None],
+                    cache, slots)
+    _agree(out[0], ref[2:], tol=2e-2)
+
+
+def test_padded_batch_matches_reference(model_and_ref):
+    m, ref = model_and_ref
+    cache = m.new_cache(2)
+    n = len(IDS)
+    tokens = torch.tensor([IDS, IDS[:3] + [0] * (n - 3)], device=m.device)
+    positions = torch.tensor([list(range(n)), [0, 1, 2] + [-1] * (n - 3)], device=m.device)
+    out = m.forward(tokens, positions, cache, torch.tensor([1, 0], device=m.device), last_only=True)
+    _agree(out, ref[[n - 1, 2]], tol=2e-2)
+
+
 def test_greedy_decoding_follows_the_reference(model_and_ref):
     m, ref = model_and_ref
     cache = m.new_cache(1)

@@ -60,18 +60,15 @@ def decode_step(cfg: ModelConfig, w: CudaWeights, rope: Rope, buf: DecodeBuffers
                 tok: torch.Tensor, pos: torch.Tensor, next_tok: torch.Tensor, next_pos: torch.Tensor) -> None:
     """One token: tok int64 [1], pos int32 [1] -> buf.logits, next_tok = argmax,
     next_pos = pos + 1. k_cache/v_cache: [n_layer, Hkv, n_ctx, D] of one sequence."""
-    H, Hkv, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim
+    H, D = cfg.n_head, cfg.head_dim
     eps, neox = cfg.rms_eps, cfg.rope_style is RopeStyle.NEOX
     x = buf.x
     w.token_embd.rows(tok, out=x.view(1, -1))
     for i, layer in enumerate(w.layers):
-        if layer.wqkv is not None:
-            layer.wqkv.gemv(x, buf.qkv, norm_weight=layer.attn_norm, eps=eps)
-        else:
-            q_end, k_end = H * D, (H + Hkv) * D
-            layer.wq.gemv(x, buf.qkv[:q_end], norm_weight=layer.attn_norm, eps=eps)
-            layer.wk.gemv(x, buf.qkv[q_end:k_end], norm_weight=layer.attn_norm, eps=eps)
-            layer.wv.gemv(x, buf.qkv[k_end:], norm_weight=layer.attn_norm, eps=eps)
+        start = 0
+        for lin in layer.qkv:  # one fused [Wq; Wk; Wv], or the three apart
+            lin.gemv(x, buf.qkv[start:start + lin.n_out], norm_weight=layer.attn_norm, eps=eps)
+            start += lin.n_out
         rope_kv(buf.qkv, rope.cos, rope.sin, pos, buf.q, k_cache[i], v_cache[i], H, neox)
         decode_attention(buf.q, k_cache[i], v_cache[i], pos, buf.attn, buf.attn_ws, D ** -0.5)
         layer.wo.gemv(buf.attn.view(-1), x, residual=x)

@@ -41,8 +41,7 @@ class CudaModel(Model):
         super().__init__(file, config, None, tokenizer, n_ctx, device)
         self.weights = weights
         self.rope = Rope(config, n_ctx, weights.rope_freqs, device)
-        width = max(weights.max_matrix(), OUTPUT_ROW_CHUNK * config.n_embd)
-        self.workspace = Workspace(width, device)
+        self.workspace = Workspace(weights.workspace_elements(OUTPUT_ROW_CHUNK), device)
         self.use_graphs = use_graphs
         self._graphs: OrderedDict[tuple[int, int], DecodeGraphs] = OrderedDict()
         self._session: KVCache | None = None

@@ -103,30 +103,41 @@ class CudaLinear:
         return dequantize_into(self.packed, out, rows=ids if ids.dtype in (torch.int32, torch.int64) else ids.long())
 
 
-def stacked(parts: list[CudaLinear]) -> CudaLinear | None:
-    """One linear for ``[W_a; W_b; ...]`` when all parts are packed in one type without
-    bias (the fused QKV projection), else None."""
+def stacked(parts: tuple[CudaLinear, ...]) -> tuple[CudaLinear, ...]:
+    """``(W,)`` with ``W = [W_a; W_b; ...]`` when all parts are packed in one type without
+    bias (the fused QKV projection), else the parts unchanged."""
     if any(p.packed is None or p.bias is not None for p in parts):
-        return None
+        return parts
     if len({p.packed.ggml_type for p in parts}) != 1:
-        return None
+        return parts
     packed = PackedWeight.stack([p.packed for p in parts])
-    return CudaLinear(packed.n_rows, packed.n_cols, packed)
+    return (CudaLinear(packed.n_rows, packed.n_cols, packed),)
+
+
+def place(lin: CudaLinear, device: torch.device) -> CudaLinear:
+    """Move a CPU-packed weight to the device (one copy of exactly its bytes)."""
+    if lin.packed is not None and lin.packed.planes.device != device:
+        lin.packed = lin.packed.to(device)
+    return lin
 
 
 @dataclass
 class CudaLayer:
+    """One block's weights. ``qkv`` is the fused ``[Wq; Wk; Wv]`` when the three stack
+    (:func:`stacked`), else ``(Wq, Wk, Wv)``; ``swiglu_fused``: gate and up are packed in
+    one type, so one kernel reads both."""
+
     attn_norm: torch.Tensor
-    wq: CudaLinear
-    wk: CudaLinear
-    wv: CudaLinear
+    qkv: tuple[CudaLinear, ...]
     wo: CudaLinear
     ffn_norm: torch.Tensor
     w_gate: CudaLinear
     w_up: CudaLinear
     w_down: CudaLinear
-    wqkv: CudaLinear | None = None       # [wq; wk; wv] when they stack
-    swiglu_fused: bool = False            # gate and up share type and shape
+    swiglu_fused: bool = False
+
+    def linears(self) -> tuple[CudaLinear, ...]:
+        return (*self.qkv, self.wo, self.w_gate, self.w_up, self.w_down)
 
 
 @dataclass
@@ -140,18 +151,17 @@ class CudaWeights:
 
     @property
     def nbytes(self) -> int:
-        seen, total = set(), 0
-        for lin in [self.token_embd, self.output] + [getattr(l, r) for l in self.layers
-                                                      for r in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]:
-            if id(lin) not in seen:
-                seen.add(id(lin))
-                total += lin.nbytes
-        return total
+        """Bytes of every linear weight (and bias) on the device, a tied one counted once."""
+        lins = {id(lin): lin for lin in [self.token_embd, self.output]
+                + [lin for layer in self.layers for lin in layer.linears()]}
+        return sum(lin.nbytes for lin in lins.values())
 
-    def max_matrix(self) -> int:
-        """Elements of the largest layer weight (the workspace size)."""
-        return max(lin.n_out * lin.n_in for layer in self.layers
-                   for lin in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down))
+    def workspace_elements(self, output_rows: int) -> int:
+        """Half-precision elements the many-token path dequantizes into at once: the
+        largest layer weight, gate and up together, or ``output_rows`` of the output."""
+        sizes = [lin.n_out * lin.n_in for layer in self.layers for lin in layer.linears()]
+        sizes += [2 * layer.w_gate.n_out * layer.w_gate.n_in for layer in self.layers if layer.swiglu_fused]
+        return max(sizes + [min(output_rows, self.output.n_out) * self.output.n_in])
 
 
 def _dense_f32(f: GGUFFile, name: str, device: torch.device) -> torch.Tensor:
@@ -185,26 +195,26 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, device: torch.device) -> CudaWei
             if tuple(f.tensors[b].shape) != (n_out,):
                 raise GGUFError(f"tensor {b!r} has shape {list(f.tensors[b].shape)}, expected [{n_out}]")
             bias = _dense_f32(f, b, device)
-        if codec(info.ggml_type) is not None:
-            packed = PackedWeight.from_raw(f.tensor_data(n), info.ggml_type, info.shape, device)
+        if codec(info.ggml_type) is not None:  # packed on the CPU; moved by `place`
+            packed = PackedWeight.from_raw(f.tensor_data(n), info.ggml_type, info.shape, "cpu")
             return CudaLinear(n_out, n_in, packed=packed, bias=bias)
         fallback[n] = info.ggml_type.name
         return CudaLinear(n_out, n_in, dense=_dense_f32(f, n, device).to(HALF), bias=bias)
 
     layers = []
     for bid in range(cfg.n_layer):
+        qkv = stacked((linear("attn_q", bid), linear("attn_k", bid), linear("attn_v", bid)))
+        g, u = linear("ffn_gate", bid), linear("ffn_up", bid)
         layer = CudaLayer(
             attn_norm=_dense_f32(f, name("attn_norm", bid), device),
-            wq=linear("attn_q", bid), wk=linear("attn_k", bid), wv=linear("attn_v", bid),
-            wo=linear("attn_output", bid),
+            qkv=tuple(place(lin, device) for lin in qkv),
+            wo=place(linear("attn_output", bid), device),
             ffn_norm=_dense_f32(f, name("ffn_norm", bid), device),
-            w_gate=linear("ffn_gate", bid), w_up=linear("ffn_up", bid), w_down=linear("ffn_down", bid))
-        layer.wqkv = stacked([layer.wq, layer.wk, layer.wv])
-        g, u = layer.w_gate, layer.w_up
-        layer.swiglu_fused = (g.packed is not None and u.packed is not None and g.bias is None and u.bias is None
-                              and g.packed.ggml_type == u.packed.ggml_type)
+            w_gate=place(g, device), w_up=place(u, device), w_down=place(linear("ffn_down", bid), device),
+            swiglu_fused=(g.packed is not None and u.packed is not None and g.bias is None and u.bias is None
+                          and g.packed.ggml_type == u.packed.ggml_type))
         layers.append(layer)
-    token_embd = linear("token_embd")
-    output = token_embd if cfg.tied_output else linear("output")
+    token_embd = place(linear("token_embd"), device)
+    output = token_embd if cfg.tied_output else place(linear("output"), device)
     rope_freqs = _dense_f32(f, name("rope_freqs"), torch.device("cpu")) if cfg.has_rope_freqs else None
     return CudaWeights(token_embd, layers, _dense_f32(f, name("output_norm"), device), output, rope_freqs, fallback)

@@ -3,7 +3,7 @@ per GGML type, reading the field planes of :mod:`gguflm.quant.triton.planes`.
 
 Every decoder has the same signature and contract::
 
-    q, scale, bias, kidx = decode(W_ptr, T_ptr, blk0, n_blocks, n_left, BB)
+    f, scale, bias, kidx = decode(W_ptr, T_ptr, blk0, n_blocks, n_left, BB)
 
     W_ptr     uint8 field planes of the whole tensor (n_blocks blocks)
     T_ptr     float32 codebook (kvalues_iq4nl) for the IQ4 types, unused otherwise
@@ -11,7 +11,8 @@ Every decoder has the same signature and contract::
     n_left    blocks left in the row from blk0 (block indices are clamped below it, so
               every load stays inside the row; the caller masks the surplus by kidx)
     BB        constexpr: blocks per chunk
-    q         [BN, A, B, C] float32: the quant codes (small integers, or codebook values)
+    f         [BN, A, B, C] float32: each code q as ``1 + q / 2^bits`` (exact; see
+              :func:`_unit`), or for a codebook type (bits = 0) the codebook value q
     scale     [BN, A, B, 1] float32 and bias (same shape, or the scalar 0.0): the value
               is ``q * scale + bias``; both are constant along C (one sub-block)
     kidx      [A, B, C] int32: the position of each value within the chunk's
@@ -21,8 +22,9 @@ Values come in *storage order*: C runs over consecutive bytes of a quant field (
 loads are wide and contiguous), B over the nibble / bit-pair a byte contributes, and A
 over blocks and sub-blocks; ``kidx`` says where each lands. A GEMV gathers the
 activations at ``kidx`` (a dot product does not care about order) and reduces
-``q * x`` along C before scaling, so a value costs one multiply-add; dequantization
-stores ``q * scale + bias`` at ``kidx``. The formula each decoder implements is the one
+``f * x`` along C before scaling (``sum q x = 2^bits (sum f x - sum x)``), so a value
+costs a shift, a logic op and a multiply-add; dequantization recovers
+``q = (f - 1) 2^bits`` exactly and stores ``q * scale + bias`` at ``kidx``. The formula each decoder implements is the one
 of ggml-quants.c ``dequantize_row_*``, given in its docstring (``y = ...``); ``scale`` and
 ``bias`` are its per-sub-block factors (``bias = -8 d`` for Q4_0's ``d * (q - 8)``).
 The field offsets come from the one layout table, ``LAYOUTS``.
@@ -53,23 +55,23 @@ def _size(t: GGMLType, field: str) -> tl.constexpr:
 
 @dataclass(frozen=True)
 class Codec:
-    """A registered decoder: ``fn`` for ``ggml_type``, ``block_size`` values per block,
-    ``uses_table`` when it reads the IQ4 codebook through ``T_ptr``."""
+    """A registered decoder: ``fn`` for ``ggml_type``, ``block_size`` values per block;
+    its codes have ``bits`` bits (0: codebook values, read through ``T_ptr``)."""
 
     ggml_type: GGMLType
     fn: triton.JITFunction
     block_size: int
-    uses_table: bool = False
+    bits: int
 
 
 CODECS: dict[GGMLType, Codec] = {}
 
 
-def _register(ggml_type: GGMLType, uses_table: bool = False):
+def _register(ggml_type: GGMLType, bits: int):
     def deco(fn: triton.JITFunction) -> triton.JITFunction:
         if ggml_type in CODECS:
             raise TypeError(f"{ggml_type.name} decoder registered twice")
-        CODECS[ggml_type] = Codec(ggml_type, fn, LAYOUTS[ggml_type].block_size, uses_table)
+        CODECS[ggml_type] = Codec(ggml_type, fn, LAYOUTS[ggml_type].block_size, bits)
         return fn
     return deco
 
@@ -78,6 +80,11 @@ def _register(ggml_type: GGMLType, uses_table: bool = False):
 def codebook(device: torch.device) -> torch.Tensor:
     """kvalues_iq4nl as float32 on ``device``: the ``T_ptr`` every decoder receives."""
     return torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=device)
+
+
+def unit(c: Codec) -> float:
+    """The kernels' UNIT constexpr: 2^bits, or 0.0 for codebook values."""
+    return float(1 << c.bits) if c.bits else 0.0
 
 
 def codec(ggml_type: int) -> Codec | None:
@@ -107,10 +114,10 @@ def _f16(W_ptr, n_blocks, OFF: tl.constexpr, blk):
 
 
 @triton.jit
-def _float(q):
-    """Exact float32 of small non-negative ints (< 2^23) in two full-rate ops: the bits
-    of 2^23 + q, minus 2^23 (an I2F conversion runs at a quarter of the FMA rate)."""
-    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+def _unit(q, BITS: tl.constexpr):
+    """The code 0 <= q < 2^BITS as the float32 1 + q / 2^BITS: q placed at the top of a
+    mantissa under exponent 0 (one shift and one OR, no int-to-float conversion)."""
+    return ((q << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -135,7 +142,7 @@ def _grid(A: tl.constexpr, B: tl.constexpr, C: tl.constexpr):
 Q4_0_D, Q4_0_QS, Q4_0_QSZ = _off(GGMLType.Q4_0, "d"), _off(GGMLType.Q4_0, "qs"), _size(GGMLType.Q4_0, "qs")
 
 
-@_register(GGMLType.Q4_0)
+@_register(GGMLType.Q4_0, bits=4)
 @triton.jit
 def _q4_0(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     """y[j] = d * ((qs[j] & 15) - 8), y[j + 16] = d * ((qs[j] >> 4) - 8), j < 16.
@@ -144,21 +151,21 @@ def _q4_0(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     a, p, c = _grid(BB, 2, 16)
     q = (_u8(W_ptr, n_blocks, Q4_0_QS, Q4_0_QSZ, blk, c[None]) >> (4 * p[None])) & 15
     d = _f16(W_ptr, n_blocks, Q4_0_D, blk)
-    return _float(q), d, -8.0 * d, ib * 32 + p * 16 + c
+    return _unit(q, 4), d, -8.0 * d, ib * 32 + p * 16 + c
 
 
 Q4_1_D, Q4_1_M = _off(GGMLType.Q4_1, "d"), _off(GGMLType.Q4_1, "m")
 Q4_1_QS, Q4_1_QSZ = _off(GGMLType.Q4_1, "qs"), _size(GGMLType.Q4_1, "qs")
 
 
-@_register(GGMLType.Q4_1)
+@_register(GGMLType.Q4_1, bits=4)
 @triton.jit
 def _q4_1(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     """y[j] = (qs[j] & 15) * d + m, y[j + 16] = (qs[j] >> 4) * d + m."""
     blk, ib = _blocks(blk0, n_left, BB, 1)
     a, p, c = _grid(BB, 2, 16)
     q = (_u8(W_ptr, n_blocks, Q4_1_QS, Q4_1_QSZ, blk, c[None]) >> (4 * p[None])) & 15
-    return _float(q), _f16(W_ptr, n_blocks, Q4_1_D, blk), _f16(W_ptr, n_blocks, Q4_1_M, blk), \
+    return _unit(q, 4), _f16(W_ptr, n_blocks, Q4_1_D, blk), _f16(W_ptr, n_blocks, Q4_1_M, blk), \
         ib * 32 + p * 16 + c
 
 
@@ -177,7 +184,7 @@ Q5_0_D, Q5_0_QH, Q5_0_QS = _off(GGMLType.Q5_0, "d"), _off(GGMLType.Q5_0, "qh"), 
 Q5_0_QHSZ, Q5_0_QSZ = _size(GGMLType.Q5_0, "qh"), _size(GGMLType.Q5_0, "qs")
 
 
-@_register(GGMLType.Q5_0)
+@_register(GGMLType.Q5_0, bits=5)
 @triton.jit
 def _q5_0(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     """y[k] = d * (q5[k] - 16), q5 as in :func:`_q5_quants`."""
@@ -185,7 +192,7 @@ def _q5_0(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     a, p, c = _grid(BB, 2, 16)
     q = _q5_quants(W_ptr, n_blocks, blk, Q5_0_QH, Q5_0_QHSZ, Q5_0_QS, Q5_0_QSZ)
     d = _f16(W_ptr, n_blocks, Q5_0_D, blk)
-    return _float(q), d, -16.0 * d, ib * 32 + p * 16 + c
+    return _unit(q, 5), d, -16.0 * d, ib * 32 + p * 16 + c
 
 
 Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS = (_off(GGMLType.Q5_1, "d"), _off(GGMLType.Q5_1, "m"),
@@ -193,36 +200,36 @@ Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS = (_off(GGMLType.Q5_1, "d"), _off(GGMLType.Q5_1
 Q5_1_QHSZ, Q5_1_QSZ = _size(GGMLType.Q5_1, "qh"), _size(GGMLType.Q5_1, "qs")
 
 
-@_register(GGMLType.Q5_1)
+@_register(GGMLType.Q5_1, bits=5)
 @triton.jit
 def _q5_1(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     """y[k] = q5[k] * d + m."""
     blk, ib = _blocks(blk0, n_left, BB, 1)
     a, p, c = _grid(BB, 2, 16)
     q = _q5_quants(W_ptr, n_blocks, blk, Q5_1_QH, Q5_1_QHSZ, Q5_1_QS, Q5_1_QSZ)
-    return _float(q), _f16(W_ptr, n_blocks, Q5_1_D, blk), _f16(W_ptr, n_blocks, Q5_1_M, blk), \
+    return _unit(q, 5), _f16(W_ptr, n_blocks, Q5_1_D, blk), _f16(W_ptr, n_blocks, Q5_1_M, blk), \
         ib * 32 + p * 16 + c
 
 
 Q8_0_D, Q8_0_QS, Q8_0_QSZ = _off(GGMLType.Q8_0, "d"), _off(GGMLType.Q8_0, "qs"), _size(GGMLType.Q8_0, "qs")
 
 
-@_register(GGMLType.Q8_0)
+@_register(GGMLType.Q8_0, bits=8)
 @triton.jit
 def _q8_0(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
-    """y[j] = d * qs[j] (int8). B = 1, C = byte j."""
+    """y[j] = d * qs[j] (int8) = d * u - 128 d with the code u = qs[j] + 128. B = 1, C = byte j."""
     blk, ib = _blocks(blk0, n_left, BB, 1)
     a, p, c = _grid(BB, 1, 32)
-    qs = (W_ptr + n_blocks * Q8_0_QS).to(tl.pointer_type(tl.int8))
-    q = tl.load(qs + blk * Q8_0_QSZ + c[None])
-    return q.to(tl.float32), _f16(W_ptr, n_blocks, Q8_0_D, blk), 0.0, ib * 32 + p + c
+    u = _u8(W_ptr, n_blocks, Q8_0_QS, Q8_0_QSZ, blk, c[None]) ^ 0x80          # q + 128
+    d = _f16(W_ptr, n_blocks, Q8_0_D, blk)
+    return _unit(u, 8), d, -128.0 * d, ib * 32 + p + c
 
 
 IQ4_NL_D, IQ4_NL_QS, IQ4_NL_QSZ = (_off(GGMLType.IQ4_NL, "d"), _off(GGMLType.IQ4_NL, "qs"),
                                    _size(GGMLType.IQ4_NL, "qs"))
 
 
-@_register(GGMLType.IQ4_NL, uses_table=True)
+@_register(GGMLType.IQ4_NL, bits=0)
 @triton.jit
 def _iq4_nl(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     """y[j] = d * kvalues[qs[j] & 15], y[j + 16] = d * kvalues[qs[j] >> 4]."""
@@ -241,7 +248,7 @@ Q2_K_SC, Q2_K_QS, Q2_K_D, Q2_K_DMIN = (_off(GGMLType.Q2_K, "scales"), _off(GGMLT
 Q2_K_SCSZ, Q2_K_QSZ = _size(GGMLType.Q2_K, "scales"), _size(GGMLType.Q2_K, "qs")
 
 
-@_register(GGMLType.Q2_K)
+@_register(GGMLType.Q2_K, bits=2)
 @triton.jit
 def _q2_k(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     """Element 128n + 32j + 16h + l (n, h < 2, j < 4, l < 16), sub-block s = 8n + 2j + h:
@@ -254,7 +261,7 @@ def _q2_k(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     sc = _u8(W_ptr, n_blocks, Q2_K_SC, Q2_K_SCSZ, blk, (8 * n + 2 * j + h)[None])      # [BN, A, 4, 1]
     dl = _f16(W_ptr, n_blocks, Q2_K_D, blk) * (sc & 15).to(tl.float32)
     ml = _f16(W_ptr, n_blocks, Q2_K_DMIN, blk) * (sc >> 4).to(tl.float32)
-    return _float(q), dl, -ml, ib * 256 + 128 * n + 32 * j + 16 * h + c
+    return _unit(q, 2), dl, -ml, ib * 256 + 128 * n + 32 * j + 16 * h + c
 
 
 Q3_K_HM, Q3_K_QS, Q3_K_SC, Q3_K_D = (_off(GGMLType.Q3_K, "hmask"), _off(GGMLType.Q3_K, "qs"),
@@ -263,7 +270,7 @@ Q3_K_HMSZ, Q3_K_QSZ, Q3_K_SCSZ = (_size(GGMLType.Q3_K, "hmask"), _size(GGMLType.
                                   _size(GGMLType.Q3_K, "scales"))
 
 
-@_register(GGMLType.Q3_K)
+@_register(GGMLType.Q3_K, bits=3)
 @triton.jit
 def _q3_k(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     """Grid as Q2_K. q = ((qs[32n + 16h + l] >> 2j) & 3) - 4 + 4 * bit (4n + j) of
@@ -278,7 +285,7 @@ def _q3_k(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     low = (_u8(W_ptr, n_blocks, Q3_K_SC, Q3_K_SCSZ, blk, s % 8) >> (4 * (s // 8))) & 15
     high = (_u8(W_ptr, n_blocks, Q3_K_SC, Q3_K_SCSZ, blk, 8 + s % 4) >> (2 * (s // 4))) & 3
     dl = _f16(W_ptr, n_blocks, Q3_K_D, blk) * ((low | (high << 4)) - 32).to(tl.float32)
-    return _float(lo2 + 4 * hbit), dl, -4.0 * dl, ib * 256 + 128 * n + 32 * j + 16 * h + c
+    return _unit(lo2 + 4 * hbit, 3), dl, -4.0 * dl, ib * 256 + 128 * n + 32 * j + 16 * h + c
 
 
 @triton.jit
@@ -299,7 +306,7 @@ Q4_K_D, Q4_K_DMIN, Q4_K_SC, Q4_K_QS = (_off(GGMLType.Q4_K, "d"), _off(GGMLType.Q
 Q4_K_SCSZ, Q4_K_QSZ = _size(GGMLType.Q4_K, "scales"), _size(GGMLType.Q4_K, "qs")
 
 
-@_register(GGMLType.Q4_K)
+@_register(GGMLType.Q4_K, bits=4)
 @triton.jit
 def _q4_k(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     """Element 64j + 32p + 16h + l (j < 4; p, h < 2; l < 16), sub-block s = 2j + p:
@@ -310,7 +317,7 @@ def _q4_k(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     j, h = (a // 2) % 4, a % 2
     q = (_u8(W_ptr, n_blocks, Q4_K_QS, Q4_K_QSZ, blk, (32 * j + 16 * h + c)[None]) >> (4 * p[None])) & 15
     sc, mn = _scale_min_k4(W_ptr, n_blocks, Q4_K_SC, Q4_K_SCSZ, blk, (2 * j + p)[None])
-    return _float(q), _f16(W_ptr, n_blocks, Q4_K_D, blk) * sc, -(_f16(W_ptr, n_blocks, Q4_K_DMIN, blk) * mn), \
+    return _unit(q, 4), _f16(W_ptr, n_blocks, Q4_K_D, blk) * sc, -(_f16(W_ptr, n_blocks, Q4_K_DMIN, blk) * mn), \
         ib * 256 + 64 * j + 32 * p + 16 * h + c
 
 
@@ -321,7 +328,7 @@ Q5_K_SCSZ, Q5_K_QHSZ, Q5_K_QSZ = (_size(GGMLType.Q5_K, "scales"), _size(GGMLType
                                   _size(GGMLType.Q5_K, "qs"))
 
 
-@_register(GGMLType.Q5_K)
+@_register(GGMLType.Q5_K, bits=5)
 @triton.jit
 def _q5_k(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     """As Q4_K with a fifth bit: q = ((qs[32j + l] >> 4p) & 15) + 16 * ((qh[l] >> (2j + p)) & 1)."""
@@ -332,7 +339,7 @@ def _q5_k(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     high = (_u8(W_ptr, n_blocks, Q5_K_QH, Q5_K_QHSZ, blk, c[None]) >> (2 * j + p)[None]) & 1
     q = nib + 16 * high
     sc, mn = _scale_min_k4(W_ptr, n_blocks, Q5_K_SC, Q5_K_SCSZ, blk, (2 * j + p)[None])
-    return _float(q), _f16(W_ptr, n_blocks, Q5_K_D, blk) * sc, -(_f16(W_ptr, n_blocks, Q5_K_DMIN, blk) * mn), \
+    return _unit(q, 5), _f16(W_ptr, n_blocks, Q5_K_D, blk) * sc, -(_f16(W_ptr, n_blocks, Q5_K_DMIN, blk) * mn), \
         ib * 256 + 64 * j + 32 * p + c
 
 
@@ -342,7 +349,7 @@ Q6_K_QLSZ, Q6_K_QHSZ, Q6_K_SCSZ = (_size(GGMLType.Q6_K, "ql"), _size(GGMLType.Q6
                                    _size(GGMLType.Q6_K, "scales"))
 
 
-@_register(GGMLType.Q6_K)
+@_register(GGMLType.Q6_K, bits=6)
 @triton.jit
 def _q6_k(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     """Element 128n + 32j + 16h + l (j = jj + 2t < 4; n, jj, h, t < 2; l < 16), sub-block
@@ -357,7 +364,7 @@ def _q6_k(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     scales = (W_ptr + n_blocks * Q6_K_SC).to(tl.pointer_type(tl.int8))
     sc = tl.load(scales + blk * Q6_K_SCSZ + (8 * n + 2 * j + h)[None]).to(tl.float32)  # [BN, A, 2, 1]
     dl = _f16(W_ptr, n_blocks, Q6_K_D, blk) * sc
-    return _float(lo | (hi << 4)), dl, -32.0 * dl, ib * 256 + 128 * n + 32 * j + 16 * h + c
+    return _unit(lo | (hi << 4), 6), dl, -32.0 * dl, ib * 256 + 128 * n + 32 * j + 16 * h + c
 
 
 IQ4_XS_D, IQ4_XS_SH, IQ4_XS_SL, IQ4_XS_QS = (
@@ -367,7 +374,7 @@ IQ4_XS_SHSZ, IQ4_XS_SLSZ, IQ4_XS_QSZ = (_size(GGMLType.IQ4_XS, "scales_h"), _siz
                                         _size(GGMLType.IQ4_XS, "qs"))
 
 
-@_register(GGMLType.IQ4_XS, uses_table=True)
+@_register(GGMLType.IQ4_XS, bits=0)
 @triton.jit
 def _iq4_xs(W_ptr, T_ptr, blk0, n_blocks, n_left, BB: tl.constexpr):
     """Sub-block ib < 8 of 32 values: ls = ((scales_l[ib // 2] >> 4 (ib % 2)) & 15) |

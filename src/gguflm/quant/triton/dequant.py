@@ -15,14 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
-from gguflm.quant.triton.codecs import codebook, codec
+from gguflm.quant.triton.codecs import codebook, codec, unit
 from gguflm.quant.triton.planes import PackedWeight
 
 
 @triton.jit
 def _dequant_kernel(W_ptr, T_ptr, IDS_ptr, Y_ptr, N, K, nb, n_blocks, y_row_stride,
-                    DECODE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr, BLOCK_N: tl.constexpr,
-                    GATHER: tl.constexpr):
+                    DECODE: tl.constexpr, QK: tl.constexpr, UNIT: tl.constexpr, BB: tl.constexpr,
+                    BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
     """Y[r, b * QK + i] = value i of block b of W's row r (of row IDS[r] with GATHER),
     for this program's tile of BLOCK_N output rows x BB blocks; N output rows."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -30,7 +30,11 @@ def _dequant_kernel(W_ptr, T_ptr, IDS_ptr, Y_ptr, N, K, nb, n_blocks, y_row_stri
     rows_in = tl.minimum(rows, N - 1)
     if GATHER:
         rows_in = tl.load(IDS_ptr + rows_in).to(tl.int32)
-    q, scale, bias, kidx = DECODE(W_ptr, T_ptr, rows_in.to(tl.int64) * nb + b0, n_blocks, nb - b0, BB)
+    f, scale, bias, kidx = DECODE(W_ptr, T_ptr, rows_in.to(tl.int64) * nb + b0, n_blocks, nb - b0, BB)
+    if UNIT > 0:
+        q = (f - 1.0) * UNIT                                                  # the code, exactly
+    else:
+        q = f                                                                 # a codebook value
     vals = q * scale + bias                                                   # [BN, A, B, C]
     k = b0 * QK + kidx                                                        # [A, B, C]
     ptrs = Y_ptr + rows.to(tl.int64)[:, None, None, None] * y_row_stride + k[None]
@@ -57,7 +61,7 @@ def dequantize_into(w: PackedWeight, out: torch.Tensor, rows: torch.Tensor | Non
     grid = (triton.cdiv(n_out, block_n), triton.cdiv(nb, bb))
     _dequant_kernel[grid](w.planes, codebook(out.device), rows if rows is not None else out, out,
                           n_out, w.n_cols, nb, w.n_rows * nb, out.stride(0),
-                          DECODE=c.fn, QK=c.block_size, BB=bb, BLOCK_N=block_n, GATHER=rows is not None,
+                          DECODE=c.fn, QK=c.block_size, UNIT=unit(c), BB=bb, BLOCK_N=block_n, GATHER=rows is not None,
                           num_warps=4)
     return out
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gguflm.quant.triton.codecs import codebook, codec
+from gguflm.quant.triton.codecs import codebook, codec, unit
 from gguflm.quant.triton.planes import PackedWeight
 
 
@@ -37,8 +37,9 @@ def _rstd(X_ptr, K, eps, RB: tl.constexpr):
 
 
 @triton.jit
-def _activations(X_ptr, NW_ptr, rstd, k, K, NORM: tl.constexpr, EVEN: tl.constexpr):
-    """x'[k] for an index tensor k (0 past K unless EVEN)."""
+def _activations(X_ptr, NW_ptr, k, K, NORM: tl.constexpr, EVEN: tl.constexpr):
+    """x[k] (times norm_w[k] with NORM) for an index tensor k; 0 past K unless EVEN.
+    The RMS factor rstd is common to all k and applied once, to the finished dot."""
     if EVEN:
         x = tl.load(X_ptr + k).to(tl.float32)
     else:
@@ -48,49 +49,53 @@ def _activations(X_ptr, NW_ptr, rstd, k, K, NORM: tl.constexpr, EVEN: tl.constex
             w = tl.load(NW_ptr + k).to(tl.float32)
         else:
             w = tl.load(NW_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        x = (x * rstd) * w
+        x = x * w
     return x
 
 
 @triton.jit
-def _chunk_dots(W_ptr, T_ptr, X_ptr, NW_ptr, rstd, blk0, b0, nb, n_blocks, K,
-                DECODE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr,
+def _chunk_dots(W_ptr, T_ptr, X_ptr, NW_ptr, blk0, b0, nb, n_blocks, K,
+                DECODE: tl.constexpr, QK: tl.constexpr, UNIT: tl.constexpr, BB: tl.constexpr,
                 NORM: tl.constexpr, EVEN: tl.constexpr):
-    """Partial dot products of blocks b0 .. b0+BB-1 of each row, one per sub-block:
-    scale * sum_C(q * x') + bias * sum_C(x'), [BLOCK_N, A, B, 1] float32."""
-    q, scale, bias, kidx = DECODE(W_ptr, T_ptr, blk0 + b0, n_blocks, nb - b0, BB)
-    x = _activations(X_ptr, NW_ptr, rstd, b0 * QK + kidx, K, NORM, EVEN)   # [A, B, C]
-    qx = tl.sum(q * x[None], axis=3, keep_dims=True)                        # [BN, A, B, 1]
-    xs = tl.sum(x, axis=2, keep_dims=True)[None]                            # [1, A, B, 1]
-    return qx * scale + bias * xs
+    """Partial dot products of blocks b0 .. b0+BB-1 of each row, one per sub-block,
+    [BLOCK_N, A, B, 1] float32: with S = sum_C f x and X = sum_C x, the codes' sum
+    sum_C q x is UNIT (S - X) (f = 1 + q / UNIT), or S for codebook values (UNIT = 0);
+    the sub-block contributes scale * sum_C q x + bias * X."""
+    f, scale, bias, kidx = DECODE(W_ptr, T_ptr, blk0 + b0, n_blocks, nb - b0, BB)
+    x = _activations(X_ptr, NW_ptr, b0 * QK + kidx, K, NORM, EVEN)        # [A, B, C]
+    s = tl.sum(f * x[None], axis=3, keep_dims=True)                        # [BN, A, B, 1]
+    xs = tl.sum(x, axis=2, keep_dims=True)[None]                           # [1, A, B, 1]
+    if UNIT > 0:
+        return (s - xs) * (scale * UNIT) + bias * xs
+    else:
+        return s * scale + bias * xs
 
 
 @triton.jit
-def _row_dots(W_ptr, T_ptr, X_ptr, NW_ptr, rstd, rows, K, nb, n_blocks,
-              DECODE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr,
+def _row_dots(W_ptr, T_ptr, X_ptr, NW_ptr, rows, K, nb, n_blocks,
+              DECODE: tl.constexpr, QK: tl.constexpr, UNIT: tl.constexpr, BB: tl.constexpr,
               NORM: tl.constexpr, EVEN: tl.constexpr):
-    """[BLOCK_N] float32 dot products of rows ``rows`` of W with x'. Per-sub-block
-    partials accumulate across chunks and are reduced once at the end; past the row's
-    end x' is 0, so clamped (repeated) blocks add nothing."""
+    """[BLOCK_N] float32 dot products of rows ``rows`` of W with x (times norm_w).
+    Per-sub-block partials accumulate across chunks and are reduced once at the end;
+    past the row's end x is 0, so clamped (repeated) blocks add nothing."""
     blk0 = rows.to(tl.int64) * nb
-    acc = _chunk_dots(W_ptr, T_ptr, X_ptr, NW_ptr, rstd, blk0, 0, nb, n_blocks, K, DECODE, QK, BB, NORM, EVEN)
+    acc = _chunk_dots(W_ptr, T_ptr, X_ptr, NW_ptr, blk0, 0, nb, n_blocks, K, DECODE, QK, UNIT, BB, NORM, EVEN)
     for b0 in range(BB, nb, BB):
-        acc += _chunk_dots(W_ptr, T_ptr, X_ptr, NW_ptr, rstd, blk0, b0, nb, n_blocks, K, DECODE, QK, BB, NORM, EVEN)
+        acc += _chunk_dots(W_ptr, T_ptr, X_ptr, NW_ptr, blk0, b0, nb, n_blocks, K, DECODE, QK, UNIT, BB, NORM, EVEN)
     return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
 
 
 @triton.jit
 def _gemv_kernel(W_ptr, T_ptr, X_ptr, NW_ptr, R_ptr, Y_ptr, N, K, nb, n_blocks, eps,
-                 DECODE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr, BLOCK_N: tl.constexpr,
-                 NORM: tl.constexpr, RESIDUAL: tl.constexpr, EVEN: tl.constexpr):
+                 DECODE: tl.constexpr, QK: tl.constexpr, UNIT: tl.constexpr, BB: tl.constexpr,
+                 BLOCK_N: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, EVEN: tl.constexpr):
     """Y[r] = (R[r] +) W[r] . x' for the BLOCK_N rows of this program."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     rows_in = tl.minimum(rows, N - 1)                     # loads stay inside W
-    rstd = 1.0
+    acc = _row_dots(W_ptr, T_ptr, X_ptr, NW_ptr, rows_in, K, nb, n_blocks, DECODE, QK, UNIT, BB, NORM, EVEN)
     if NORM:
-        rstd = _rstd(X_ptr, K, eps, 1024)
-    acc = _row_dots(W_ptr, T_ptr, X_ptr, NW_ptr, rstd, rows_in, K, nb, n_blocks, DECODE, QK, BB, NORM, EVEN)
+        acc = acc * _rstd(X_ptr, K, eps, 1024)
     if RESIDUAL:
         acc += tl.load(R_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(Y_ptr + rows, acc, mask=rmask)
@@ -98,16 +103,17 @@ def _gemv_kernel(W_ptr, T_ptr, X_ptr, NW_ptr, R_ptr, Y_ptr, N, K, nb, n_blocks, 
 
 @triton.jit
 def _gemv_swiglu_kernel(WG_ptr, WU_ptr, T_ptr, X_ptr, NW_ptr, Y_ptr, N, K, nb, n_blocks, eps,
-                        DECODE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr, BLOCK_N: tl.constexpr,
-                        NORM: tl.constexpr, EVEN: tl.constexpr):
+                        DECODE: tl.constexpr, QK: tl.constexpr, UNIT: tl.constexpr, BB: tl.constexpr,
+                        BLOCK_N: tl.constexpr, NORM: tl.constexpr, EVEN: tl.constexpr):
     """Y[r] = silu(Wg[r] . x') * (Wu[r] . x'), silu(g) = g * sigmoid(g)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_in = tl.minimum(rows, N - 1)
-    rstd = 1.0
+    g = _row_dots(WG_ptr, T_ptr, X_ptr, NW_ptr, rows_in, K, nb, n_blocks, DECODE, QK, UNIT, BB, NORM, EVEN)
+    u = _row_dots(WU_ptr, T_ptr, X_ptr, NW_ptr, rows_in, K, nb, n_blocks, DECODE, QK, UNIT, BB, NORM, EVEN)
     if NORM:
         rstd = _rstd(X_ptr, K, eps, 1024)
-    g = _row_dots(WG_ptr, T_ptr, X_ptr, NW_ptr, rstd, rows_in, K, nb, n_blocks, DECODE, QK, BB, NORM, EVEN)
-    u = _row_dots(WU_ptr, T_ptr, X_ptr, NW_ptr, rstd, rows_in, K, nb, n_blocks, DECODE, QK, BB, NORM, EVEN)
+        g = g * rstd
+        u = u * rstd
     tl.store(Y_ptr + rows, g * tl.sigmoid(g) * u, mask=rows < N)
 
 
@@ -125,20 +131,18 @@ class GemvConfig:
 
 
 def gemv_config(w: PackedWeight) -> GemvConfig:
-    """A launch shape for ``w``: about 8K weight values per step per program, and rows
-    per program chosen so that a weight spreads over a few hundred programs. On the CPU
-    (Triton's interpreter, which runs programs one after the other) few large programs."""
+    """A launch shape for ``w`` (from the H100 sweep, benchmarks/gemv_sweep.py): 4 rows
+    per program and 1024 values per row per step; for very tall weights (the output
+    projection) 8 rows and 512 values. On the CPU (Triton's interpreter, which runs
+    programs one after the other) few large programs."""
     qk = w.layout.block_size
     nb = w.blocks_per_row
     if w.planes.device.type == "cpu":
         return GemvConfig(min(64, triton.next_power_of_2(w.n_rows)), triton.next_power_of_2(nb), 4)
-    bb = 1
-    while bb * 2 <= nb and bb * 2 * qk <= 1024:
-        bb *= 2
-    block_n = 4
-    while block_n < 32 and (w.n_rows // (block_n * 2)) >= 512 and block_n * bb * qk < 8192:
-        block_n *= 2
-    return GemvConfig(block_n, bb, 4)
+    tall = w.n_rows >= 16384
+    values = 512 if tall else 1024
+    bb = max(1, min(triton.next_power_of_2(nb), values // qk))
+    return GemvConfig(8 if tall else 4, bb, 4)
 
 
 def supports(ggml_type: int) -> bool:
@@ -166,7 +170,7 @@ def gemv(w: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
         w.planes, codebook(x.device), x, norm_weight if norm_weight is not None else x,
         residual if residual is not None else out, out,
         w.n_rows, w.n_cols, nb, w.n_rows * nb, eps,
-        DECODE=c.fn, QK=c.block_size, BB=cfg.bb, BLOCK_N=cfg.block_n,
+        DECODE=c.fn, QK=c.block_size, UNIT=unit(c), BB=cfg.bb, BLOCK_N=cfg.block_n,
         NORM=norm_weight is not None, RESIDUAL=residual is not None, EVEN=nb % cfg.bb == 0,
         num_warps=cfg.num_warps)
     return out
@@ -189,7 +193,7 @@ def gemv_swiglu(wg: PackedWeight, wu: PackedWeight, x: torch.Tensor, out: torch.
     _gemv_swiglu_kernel[grid](
         wg.planes, wu.planes, codebook(x.device), x, norm_weight if norm_weight is not None else x, out,
         wg.n_rows, wg.n_cols, nb, wg.n_rows * nb, eps,
-        DECODE=c.fn, QK=c.block_size, BB=cfg.bb, BLOCK_N=cfg.block_n,
+        DECODE=c.fn, QK=c.block_size, UNIT=unit(c), BB=cfg.bb, BLOCK_N=cfg.block_n,
         NORM=norm_weight is not None, EVEN=nb % cfg.bb == 0, num_warps=cfg.num_warps)
     return out
 

@@ -16,7 +16,6 @@ float copy. Block ``i`` is block ``b`` of row ``r`` with ``i = r * blocks_per_ro
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,7 +76,7 @@ class PackedWeight:
                  device: torch.device | str) -> PackedWeight:
         """Pack a tensor's bytes (e.g. ``GGUFFile.tensor_data``) of ggml shape ``(ne0, ne1)``.
 
-        The bytes are copied to ``device`` once and regrouped there. A shape that is not
+        The bytes are regrouped on the CPU and copied to ``device`` once. A shape that is not
         2-D, a row length that is not a whole number of blocks, or a byte count that does
         not match the shape raises :class:`GGUFError` naming the problem.
         """
@@ -95,8 +94,8 @@ class PackedWeight:
         if data.dtype != torch.uint8 or data.numel() != n_blocks * lay.type_size:
             raise GGUFError(f"{gt.name} weight of shape {list(dims)} needs {n_blocks * lay.type_size} bytes, "
                             f"got {data.numel()} of {data.dtype}")
-        blocks = data.to(device).view(n_blocks, lay.type_size)
-        return cls(gt, n_rows, n_cols, pack_planes(blocks, lay))
+        planes = pack_planes(data.view(n_blocks, lay.type_size), lay)
+        return cls(gt, n_rows, n_cols, planes.to(device))
 
     @classmethod
     def stack(cls, parts: Sequence[PackedWeight]) -> PackedWeight:
@@ -108,15 +107,10 @@ class PackedWeight:
         blocks = torch.cat([unpack_planes(p.planes, lay) for p in parts])
         return cls(first.ggml_type, sum(p.n_rows for p in parts), first.n_cols, pack_planes(blocks, lay))
 
+    def to(self, device: torch.device | str) -> PackedWeight:
+        return PackedWeight(self.ggml_type, self.n_rows, self.n_cols, self.planes.to(device))
+
     def blocks(self) -> torch.Tensor:
         """The original GGUF bytes, ``(n_blocks, type_size)`` uint8 (for the dequantizer)."""
         return unpack_planes(self.planes, self.layout)
 
-
-def total_blocks(w: PackedWeight) -> int:
-    return w.n_rows * w.blocks_per_row
-
-
-def expected_nbytes(ggml_type: GGMLType, shape: Sequence[int]) -> int:
-    lay = LAYOUTS[ggml_type]
-    return math.prod(shape) // lay.block_size * lay.type_size
