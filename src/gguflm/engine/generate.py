@@ -122,14 +122,17 @@ class TextAssembler:
     """Bytes of token pieces in, text out: complete UTF-8 characters only (invalid bytes
     become U+FFFD, as Python decodes), and nothing that is or may start a stop string.
 
-    ``push(piece) -> (text, stopped)``; after a stop, the text before the stop string has
-    been returned and everything after it is dropped. ``flush()`` returns what was held.
+    The text ends at the first character that completes a stop string (if several complete
+    there, the longest); that stop string and everything after it are dropped, whatever
+    the split of the bytes into pieces. ``push(piece) -> (text, stopped)``: the text that is
+    now final. ``flush()`` returns what was held back at the end of the stream.
     """
 
     def __init__(self, stop: Sequence[str] = ()):
         self.stop = [s for s in stop if s]
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._held = ""
+        self._held = ""     # text not yet released: a possible beginning of a stop string
+        self._checked = 0   # characters of _held already known to end no stop string
 
     def push(self, piece: bytes) -> tuple[str, bool]:
         self._held += self._decoder.decode(piece)
@@ -140,17 +143,19 @@ class TextAssembler:
         text, stopped = self._release()
         if stopped:
             return text
-        text, self._held = text + self._held, ""
+        text, self._held, self._checked = text + self._held, "", 0
         return text
 
     def _release(self) -> tuple[str, bool]:
         held = self._held
-        hits = [i for i in (held.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self._held = ""
-            return held[:min(hits)], True
+        for end in range(self._checked + 1, len(held) + 1):
+            done = [len(s) for s in self.stop if held.endswith(s, 0, end)]
+            if done:
+                self._held, self._checked = "", 0
+                return held[:end - max(done)], True
         keep = max((_overlap(held, s) for s in self.stop), default=0)
-        self._held = held[len(held) - keep:] if keep else ""
+        self._held = held[len(held) - keep:]
+        self._checked = len(self._held)
         return held[:len(held) - keep], False
 
 

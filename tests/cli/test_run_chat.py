@@ -1,0 +1,128 @@
+"""`gguflm run` and `gguflm chat` as a user runs them (subprocesses).
+
+The greedy answer of `run` must be the float64 reference's greedy continuation: the
+candidate tokens (our library's greedy decode) are checked position by position against
+the reference's argmax over the whole sequence — then the CLI must print exactly their
+text. llama.cpp's own greedy continuation is compared too (reported: it rounds activations,
+so it may leave the exact path after a while)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import gguflm
+from gguflm.engine import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "model"))
+from fixtures import llama_cpp, smollm2_model  # noqa: E402,F401  (session fixtures)
+from oracles import llama_cpp_greedy  # noqa: E402
+
+QUESTION = "Is Paris the capital of France?"
+
+
+def gguflm_cli(*args: str, stdin: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gguflm", *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def greedy_text(model, messages: list[dict], n: int) -> str:
+    return "".join(model.generate(model.chat_template.render(messages), max_tokens=n, temperature=0))
+
+
+def test_run_prints_the_reference_greedy_answer(smollm2_path, smollm2_model, llama_cpp):
+    from gguflm.verify.reference import reference_logits
+
+    r = gguflm_cli("run", "-m", smollm2_path, "-p", QUESTION, "--temp", "0", "-n", "32")
+    assert r.returncode == 0, r.stderr
+    m = smollm2_model
+    prompt = m.encode_prompt(m.chat_template.render([{"role": "user", "content": QUESTION}]))
+    stream = m.stream_tokens(prompt, 32, SamplingParams(temperature=0))
+    tokens = list(stream)
+    ref = reference_logits(smollm2_path, prompt + tokens)
+    assert ref[len(prompt) - 1:-1].argmax(-1).tolist() == tokens   # the reference's greedy path
+    if stream.result.finish_reason == "stop":
+        assert int(ref[-1].argmax()) in m.tokenizer.eog_ids
+    assert r.stdout == b"".join(m.tokenizer.token_to_piece(t) for t in tokens).decode()
+
+    theirs = llama_cpp_greedy(llama_cpp, smollm2_path, prompt, 32, set(m.tokenizer.eog_ids))
+    agree = next((i for i, (a, b) in enumerate(zip(tokens, theirs)) if a != b), min(len(tokens), len(theirs)))
+    print(f"\nllama.cpp's greedy answer agrees with the reference's on the first {agree} of {len(tokens)} tokens")
+    assert agree >= 4
+
+
+def test_run_stdin_raw_verbose(smollm2_path, smollm2_model):
+    text = "The three primary colours are"
+    r = gguflm_cli("run", "-m", smollm2_path, "-p", "-", "--raw", "--temp", "0", "-n", "12", "--verbose",
+                   stdin=text)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "".join(smollm2_model.generate(text, max_tokens=12, temperature=0))
+    assert "prompt:" in r.stderr and "tok/s" in r.stderr and "loaded" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def unsupported_arch(tmp_path_factory, shared_dir):
+    from synth import Shape, write_llama
+
+    return write_llama(tmp_path_factory.mktemp("arch") / "mamba.gguf", Shape(), shared_dir / "vocab" /
+                       "ggml-vocab-llama-spm.gguf", arch="mamba")
+
+
+@pytest.mark.parametrize("case", ["missing", "not_gguf", "vocab_only", "arch", "bad_flag"])
+def test_user_errors_are_one_line(case, tmp_path, shared_dir, unsupported_arch, smollm2_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model at all")
+    model, extra, want = {
+        "missing": (tmp_path / "nope.gguf", [], "No such file"),
+        "not_gguf": (junk, [], "not a GGUF file"),
+        "vocab_only": (shared_dir / "vocab" / "ggml-vocab-llama-spm.gguf", [], "no tensors"),
+        "arch": (unsupported_arch, [], "unsupported architecture 'mamba'"),
+        "bad_flag": (smollm2_path, ["--top-p", "nan"], "top_p must be a finite number"),
+    }[case]
+    for cmd in ("run", "chat"):
+        args = [cmd, "-m", model, *extra] + (["-p", "hi"] if cmd == "run" else [])
+        r = gguflm_cli(*args, stdin="")
+        assert r.returncode != 0
+        assert "Traceback" not in r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"gguflm {cmd}: error:") and want in lines[0], r.stderr
+        assert r.stdout == ""
+
+
+def test_chat_keeps_history_and_resets(smollm2_path, smollm2_model):
+    q1, q2, n = "What is 2+2?", "And what is that times ten?", 16
+    r = gguflm_cli("chat", "-m", smollm2_path, "--temp", "0", "-n", n, stdin=f"{q1}\n{q2}\n/reset\n{q2}\n")
+    assert r.returncode == 0, r.stderr
+    m = smollm2_model
+    a1 = greedy_text(m, [{"role": "user", "content": q1}], n)
+    a2 = greedy_text(m, [{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
+                         {"role": "user", "content": q2}], n)
+    a3 = greedy_text(m, [{"role": "user", "content": q2}], n)
+    assert r.stdout == f"{a1}\n{a2}\n{a3}\n"
+    assert "(conversation cleared)" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_program(smollm2_path):
+    p = subprocess.Popen([sys.executable, "-m", "gguflm", "chat", "-m", str(smollm2_path), "-n", "100000",
+                          "--temp", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        p.stdin.write("Count from 1 to 10000, one number per line.\n")
+        p.stdin.flush()
+        assert p.stdout.read(1)  # the answer is streaming
+        time.sleep(0.5)
+        os.kill(p.pid, signal.SIGINT)
+        p.stdin.write("/exit\n")
+        p.stdin.flush()
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    assert "(interrupted)" in err and "Traceback" not in err

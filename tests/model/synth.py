@@ -1,0 +1,158 @@
+"""Synthetic Llama-architecture GGUF files written with the official `gguf` package's
+GGUFWriter: random weights, tokenizer fields copied from a vocabulary file of ../shared.
+
+The weights are scaled so that attention is peaked and logits spread over several units:
+a wrong RoPE pairing, head mapping or norm then moves the logits far more than rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LLAMA3_SPECIALS = 256  # Llama 3 keeps its special tokens in the last 256 ids
+
+
+@dataclass
+class Shape:
+    n_embd: int = 64
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_ff: int = 128
+    n_layer: int = 2
+    n_ctx: int = 256
+    head_dim: int | None = None          # written as key/value_length when set
+    freq_base: float = 10000.0
+    rope_freqs: np.ndarray | None = None  # Llama 3 per-frequency divisors, [head_dim/2]
+    tied: bool = False                    # no output.weight
+    n_vocab: int | None = None            # trim a BPE vocabulary (keeping its last 256 specials)
+    extra_keys: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # key -> (value, GGUFValueType)
+    omit_keys: tuple[str, ...] = ()
+    omit_tensors: tuple[str, ...] = ()
+    bad_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # tensor -> numpy shape
+
+
+def llama3_rope_freqs(head_dim: int, base: float, factor: float = 8.0, low: float = 1.0,
+                      high: float = 4.0, orig_ctx: int = 8192) -> np.ndarray:
+    """The divisors convert_hf_to_gguf.py writes for rope_type "llama3" (as in transformers)."""
+    import math
+
+    freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    low_wavelen, high_wavelen = orig_ctx / low, orig_ctx / high
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (orig_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def _tokenizer_fields(vocab_path: Path, n_vocab: int | None) -> tuple[dict[str, tuple[Any, Any, Any]], int]:
+    """(key -> (value, type, sub_type)) of the tokenizer.* fields, and the vocabulary size."""
+    import gguf
+
+    import gguflm
+
+    f = gguflm.GGUFFile(vocab_path)
+    out = {}
+    for key, value in f.metadata.items():
+        if not key.startswith("tokenizer."):
+            continue
+        types = f.metadata_types[key]
+        vtype = gguf.GGUFValueType(int(types[0]))
+        sub = gguf.GGUFValueType(int(types[1])) if len(types) > 1 else None
+        out[key] = [value, vtype, sub]
+    tokens = out["tokenizer.ggml.tokens"][0]
+    if n_vocab is not None and n_vocab < len(tokens):
+        keep = list(range(n_vocab - LLAMA3_SPECIALS)) + list(range(len(tokens) - LLAMA3_SPECIALS, len(tokens)))
+        remap = {old: new for new, old in enumerate(keep)}
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            if key in out:
+                out[key][0] = [out[key][0][i] for i in keep]
+        kept = set(out["tokenizer.ggml.tokens"][0])
+        if "tokenizer.ggml.merges" in out:
+            out["tokenizer.ggml.merges"][0] = [
+                m for m in out["tokenizer.ggml.merges"][0]
+                if all(p in kept for p in m.split(" ", 1)) and m.replace(" ", "", 1) in kept]
+        for key in [k for k in out if k.endswith("_token_id")]:
+            out[key][0] = remap.get(out[key][0], 0)
+    return {k: tuple(v) for k, v in out.items()}, len(out["tokenizer.ggml.tokens"][0])
+
+
+def write_llama(path: Path, shape: Shape, vocab_path: Path, seed: int = 0,
+                dtype: type = np.float16, arch: str = "llama") -> Path:
+    """Write a random ``arch`` model of ``shape`` to ``path`` (F16 weights, F32 norms)."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    tok_fields, n_vocab = _tokenizer_fields(vocab_path, shape.n_vocab)
+    E, H, Hkv = shape.n_embd, shape.n_head, shape.n_head_kv
+    D = shape.head_dim or E // H
+    w = gguf.GGUFWriter(str(path), arch)
+    keys: dict[str, tuple[Any, Any, Any]] = {
+        f"{arch}.block_count": (shape.n_layer, gguf.GGUFValueType.UINT32, None),
+        f"{arch}.context_length": (shape.n_ctx, gguf.GGUFValueType.UINT32, None),
+        f"{arch}.embedding_length": (E, gguf.GGUFValueType.UINT32, None),
+        f"{arch}.feed_forward_length": (shape.n_ff, gguf.GGUFValueType.UINT32, None),
+        f"{arch}.attention.head_count": (H, gguf.GGUFValueType.UINT32, None),
+        f"{arch}.attention.head_count_kv": (Hkv, gguf.GGUFValueType.UINT32, None),
+        f"{arch}.attention.layer_norm_rms_epsilon": (1e-5, gguf.GGUFValueType.FLOAT32, None),
+        f"{arch}.rope.freq_base": (shape.freq_base, gguf.GGUFValueType.FLOAT32, None),
+        f"{arch}.rope.dimension_count": (D, gguf.GGUFValueType.UINT32, None),
+        f"{arch}.vocab_size": (n_vocab, gguf.GGUFValueType.UINT32, None),
+        "general.file_type": (1, gguf.GGUFValueType.UINT32, None),
+        **tok_fields,
+    }
+    if shape.head_dim:
+        keys[f"{arch}.attention.key_length"] = (D, gguf.GGUFValueType.UINT32, None)
+        keys[f"{arch}.attention.value_length"] = (D, gguf.GGUFValueType.UINT32, None)
+    for k, (v, t) in shape.extra_keys.items():
+        keys[k] = (v, t, None)
+    for k, (v, t, sub) in keys.items():
+        if k not in shape.omit_keys:
+            w.add_key_value(k, v, t, sub)
+
+    def dense(name: str, n_out: int, n_in: int, gain: float = 1.0) -> None:
+        add(name, (rng.standard_normal((n_out, n_in), dtype=np.float32) * np.float32(gain / np.sqrt(n_in))).astype(dtype))
+
+    def norm(name: str) -> None:
+        add(name, (1.0 + 0.1 * rng.standard_normal(E)).astype(np.float32))
+
+    def add(name: str, arr: np.ndarray) -> None:
+        if name in shape.omit_tensors:
+            return
+        if name in shape.bad_shapes:
+            arr = np.zeros(shape.bad_shapes[name], dtype=arr.dtype)
+        w.add_tensor(name, arr)
+
+    emb_std = np.float32(4.0 / np.sqrt(E) if shape.tied else 1.0)  # tied: it is the output projection too
+    add("token_embd.weight", (rng.standard_normal((n_vocab, E), dtype=np.float32) * emb_std).astype(dtype))
+    norm("output_norm.weight")
+    if not shape.tied:
+        dense("output.weight", n_vocab, E, gain=4.0)
+    if shape.rope_freqs is not None:
+        add("rope_freqs.weight", shape.rope_freqs.astype(np.float32))
+    for b in range(shape.n_layer):
+        p = f"blk.{b}."
+        norm(p + "attn_norm.weight")
+        dense(p + "attn_q.weight", H * D, E, gain=3.0)
+        dense(p + "attn_k.weight", Hkv * D, E, gain=3.0)
+        dense(p + "attn_v.weight", Hkv * D, E)
+        dense(p + "attn_output.weight", E, H * D)
+        norm(p + "ffn_norm.weight")
+        dense(p + "ffn_gate.weight", shape.n_ff, E)
+        dense(p + "ffn_up.weight", shape.n_ff, E)
+        dense(p + "ffn_down.weight", E, shape.n_ff)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
