@@ -49,15 +49,18 @@ def _quiet_stderr():
             os.close(saved)
 
 
-def llama_cpp_model(llama_cpp, path: Path, n_ctx: int):
+def llama_cpp_model(llama_cpp, path: Path, n_ctx: int, f32_cache: bool = False):
+    """A llama.cpp context on ``path``; ``f32_cache`` keeps keys/values in float32 (its
+    default cache rounds them to float16)."""
+    extra = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if f32_cache else {}
     with _quiet_stderr():
         return llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, n_batch=512,
-                               verbose=False)
+                               verbose=False, **extra)
 
 
-def llama_cpp_logits(llama_cpp, path: Path, ids: Sequence[int]) -> np.ndarray:
+def llama_cpp_logits(llama_cpp, path: Path, ids: Sequence[int], f32_cache: bool = False) -> np.ndarray:
     """llama.cpp's logits [len(ids), n_vocab] for ``ids`` evaluated from an empty context."""
-    llm = llama_cpp_model(llama_cpp, path, n_ctx=max(64, len(ids)))
+    llm = llama_cpp_model(llama_cpp, path, n_ctx=max(64, len(ids)), f32_cache=f32_cache)
     with _quiet_stderr():
         llm.eval(list(ids))
     out = np.array(llm.scores[:len(ids)], dtype=np.float32)

@@ -2,7 +2,9 @@
 requantizations made by llama.cpp's own quantizer.
 
 1. The float64 reference is first shown to compute what llama.cpp computes: on the F16
-   file, along a chat prompt and llama.cpp's greedy continuation, mean KL < 1e-5.
+   file, along a chat prompt and llama.cpp's greedy continuation, mean KL < 1e-5; and on
+   the Q4_1 file run by llama.cpp without rounding (F32 weights from its own dequantization,
+   float32 KV cache), KL < 1e-8 at every position.
 2. Then our engine against the reference, for each quantization, along the chat prompt
    and OUR greedy continuation (decoded token by token through the KV cache): mean KL
    < 1e-4, top-1 >= 99.5 %, every greedy token the reference's argmax — and ours at least
@@ -40,6 +42,19 @@ def test_reference_agrees_with_llama_cpp_on_f16(requantized, llama_cpp):
           f"top-1 {top1(ref, lc):.3f}")
     assert kl.mean() < 1e-5
     assert top1(ref, lc) >= 0.99
+
+
+def test_reference_is_llama_cpp_without_rounding(smollm2_path, llama_quantize, llama_cpp):
+    """On the Q4_1 file itself: llama.cpp's own dequantization of it (its quantizer's F32
+    output), computed in float32 with a float32 KV cache, is the reference up to float32."""
+    ids = chat_ids(smollm2_path, PROMPTS[2])
+    ref = reference_logits(smollm2_path, ids)
+    exact = llama_cpp_logits(llama_cpp, llama_quantize(smollm2_path, "F32"), ids, f32_cache=True)
+    kl = kl_rows(ref, exact)
+    print(f"\nQ4_1 as F32, float32 cache, {len(ids)} positions: KL(reference || llama.cpp) mean {kl.mean():.2e} "
+          f"max {kl.max():.2e}")
+    assert kl.max() < 1e-8
+    assert top1(ref, exact) == 1.0
 
 
 @pytest.mark.parametrize("quant", QUANTS)
