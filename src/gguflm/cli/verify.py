@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gguflm.defaults import resolve_model
+from gguflm.defaults import DEFAULT_PROMPT, resolve_model
 
 HELP = "check a model against llama.cpp and a float64 reference; write a report"
 DESCRIPTION = """\
@@ -33,8 +33,6 @@ examples:
 
 
 def add_arguments(p) -> None:
-    from gguflm.verify.run import DEFAULT_PROMPT
-
     p.add_argument("-m", "--model", help="GGUF file (default: the embedded SmolLM2 model)")
     p.add_argument("-o", "--output", default="verify-report", help="report folder (default: %(default)s)")
     p.add_argument("-p", "--prompt", default=DEFAULT_PROMPT, help="user message (default: %(default)r)")

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-DEFAULT_PROMPT = "Is Paris the capital of France?"
+from gguflm.defaults import DEFAULT_PROMPT
+
 
 # Logit thresholds. The engine computes in float32 what the reference computes in float64:
 # SmolLM2 shows max |dlogit| ~1e-4 and KL ~1e-10, so these leave two orders of magnitude.
