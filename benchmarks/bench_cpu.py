@@ -18,13 +18,14 @@ model    SmolLM2-135M-Instruct Q4_1 and llama.cpp's own Q4_K_M and Q8_0 requanti
          For each file, a fresh process per measurement, alternating llama.cpp
          (llama-cpp-python, n_threads = --threads) and gguflm (threads = --threads):
            load      seconds in Llama(...) / gguflm.load(...) (imports excluded)
-           prefill   tokens/s of one 512-token prompt (logits of the last token)
-           decode    tokens/s of 128 single-token steps after it (no sampling)
+           prefill   tokens/s of a 512-token prompt (logits of the last token), best of 3
+           decode    tokens/s of single-token steps after it (no sampling), per window of
+                     16 steps, 128 steps in all: the best window and the median
            peak RSS  the process's ru_maxrss (torch's import alone is ~220 MB)
          --reps rounds; the best of each metric is reported (the machine is shared: the
-         load average at start and end goes into the JSON), with ratios ours / llama.cpp.
+         load average of every run goes into the JSON), with ratios ours / llama.cpp.
 
-    python benchmarks/bench_cpu.py [--threads 2] [--reps 3] [--part kernels|model]
+    python benchmarks/bench_cpu.py [--threads 2[,1]] [--reps 3] [--part kernels|model]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -44,6 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 N_PREFILL, N_DECODE, N_CTX = 512, 128, 1024
+PREFILL_REPS, DECODE_WINDOW = 3, 16  # best prefill of 3; decode rate of each 16-token window
 QUANTS = ("Q4_1", "Q4_K_M", "Q8_0")
 
 
@@ -77,14 +80,18 @@ def child_llama(path: str, threads: int) -> dict:
     load = time.perf_counter() - t0
     ids = prompt_ids(N_PREFILL + N_DECODE)
     llm.eval(ids[:16])  # warm-up: buffers, first touch of the mapped weights
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(ids[:N_PREFILL])
-    prefill = N_PREFILL / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for tok in ids[N_PREFILL:]:
-        llm.eval([tok])
-    decode = N_DECODE / (time.perf_counter() - t0)
+    prefill = []
+    for _ in range(PREFILL_REPS):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids[:N_PREFILL])
+        prefill.append(N_PREFILL / (time.perf_counter() - t0))
+    decode = []
+    for w in range(0, N_DECODE, DECODE_WINDOW):
+        t0 = time.perf_counter()
+        for tok in ids[N_PREFILL + w:N_PREFILL + w + DECODE_WINDOW]:
+            llm.eval([tok])
+        decode.append(DECODE_WINDOW / (time.perf_counter() - t0))
     return {"load_s": load, "prefill_tok_s": prefill, "decode_tok_s": decode}
 
 
@@ -100,20 +107,24 @@ def child_ours(path: str, threads: int) -> dict:
     load = time.perf_counter() - t0
     ids = prompt_ids(N_PREFILL + N_DECODE)
     slots = torch.zeros(1, dtype=torch.long)
+    cache = model.new_cache(1)
 
-    def prefill(n: int):
-        cache = model.new_cache(1)
+    def prefill(n: int) -> None:
         model.forward(torch.tensor([ids[:n]]), torch.arange(n)[None], cache, slots, last_only=True)
-        return cache
 
     prefill(16)  # warm-up, as for llama.cpp
-    t0 = time.perf_counter()
-    cache = prefill(N_PREFILL)
-    pre = N_PREFILL / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for i, tok in enumerate(ids[N_PREFILL:]):
-        model.forward(torch.tensor([[tok]]), torch.tensor([[N_PREFILL + i]]), cache, slots, last_only=True)
-    decode = N_DECODE / (time.perf_counter() - t0)
+    pre = []
+    for _ in range(PREFILL_REPS):
+        t0 = time.perf_counter()
+        prefill(N_PREFILL)  # rewrites positions 0..511 of the same cache, as llm.reset() + eval
+        pre.append(N_PREFILL / (time.perf_counter() - t0))
+    decode = []
+    for w in range(0, N_DECODE, DECODE_WINDOW):
+        t0 = time.perf_counter()
+        for i in range(w, w + DECODE_WINDOW):
+            model.forward(torch.tensor([[ids[N_PREFILL + i]]]), torch.tensor([[N_PREFILL + i]]), cache, slots,
+                          last_only=True)
+        decode.append(DECODE_WINDOW / (time.perf_counter() - t0))
     return {"load_s": load, "prefill_tok_s": pre, "decode_tok_s": decode}
 
 
@@ -130,20 +141,26 @@ def bench_model(threads: int, reps: int) -> dict:
         runs = {"llama.cpp": [], "gguflm": []}
         for _ in range(reps):
             for engine in ("llama.cpp", "gguflm"):
-                runs[engine].append(run_child("llama" if engine == "llama.cpp" else "ours", path, threads))
-        best = {e: {"load_s": min(r["load_s"] for r in rs), "prefill_tok_s": max(r["prefill_tok_s"] for r in rs),
-                    "decode_tok_s": max(r["decode_tok_s"] for r in rs), "peak_rss_mb": min(r["peak_rss_mb"] for r in rs)}
+                run = run_child("llama" if engine == "llama.cpp" else "ours", path, threads)
+                run["loadavg"] = os.getloadavg()[0]
+                runs[engine].append(run)
+        best = {e: {"load_s": min(r["load_s"] for r in rs),
+                    "prefill_tok_s": max(max(r["prefill_tok_s"]) for r in rs),
+                    "decode_tok_s": max(max(r["decode_tok_s"]) for r in rs),
+                    "decode_median_tok_s": statistics.median(v for r in rs for v in r["decode_tok_s"]),
+                    "peak_rss_mb": min(r["peak_rss_mb"] for r in rs)}
                 for e, rs in runs.items()}
         ours, ref = best["gguflm"], best["llama.cpp"]
         ratios = {k: ours[k] / ref[k] for k in ours}
         results[quant] = {"file": path.name, "best": best, "ratio_ours_over_llama_cpp": ratios, "runs": runs}
-        print(f"{quant:7s} {'':10s} {'decode tok/s':>13s} {'prefill-512 tok/s':>18s} {'peak RSS MB':>12s} {'load s':>8s}")
+        print(f"{quant:7s} threads={threads} {'decode tok/s (best/median)':>27s} {'prefill-512 tok/s':>18s} "
+              f"{'peak RSS MB':>12s} {'load s':>8s}")
         for e in ("llama.cpp", "gguflm"):
             b = best[e]
-            print(f"{'':7s} {e:10s} {b['decode_tok_s']:13.1f} {b['prefill_tok_s']:18.1f} {b['peak_rss_mb']:12.0f} "
-                  f"{b['load_s']:8.3f}")
-        print(f"{'':7s} {'ratio':10s} {ratios['decode_tok_s']:12.2f}x {ratios['prefill_tok_s']:17.2f}x "
-              f"{ratios['peak_rss_mb']:11.2f}x {ratios['load_s']:7.2f}x", flush=True)
+            print(f"{'':7s} {e:9s} {b['decode_tok_s']:17.1f} / {b['decode_median_tok_s']:6.1f} "
+                  f"{b['prefill_tok_s']:18.1f} {b['peak_rss_mb']:12.0f} {b['load_s']:8.3f}")
+        print(f"{'':7s} {'ratio':9s} {ratios['decode_tok_s']:16.2f}x / {ratios['decode_median_tok_s']:5.2f}x "
+              f"{ratios['prefill_tok_s']:17.2f}x {ratios['peak_rss_mb']:11.2f}x {ratios['load_s']:7.2f}x", flush=True)
     return results
 
 
@@ -278,7 +295,7 @@ def machine() -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="2", help="thread counts, comma-separated (default 2; e.g. 1,2)")
     ap.add_argument("--reps", type=int, default=3, help="rounds of the model part (best of each is kept)")
     ap.add_argument("--part", choices=("kernels", "model", "all"), default="all")
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default benchmarks/results/<date>-cpu.json)")
@@ -286,15 +303,16 @@ def main() -> int:
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        res = (child_llama if args.child == "llama" else child_ours)(args.path, args.threads)
+        res = (child_llama if args.child == "llama" else child_ours)(args.path, int(args.threads))
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return 0
-    report = {"date": datetime.date.today().isoformat(), "threads": args.threads, "machine": machine()}
+    threads = [int(t) for t in args.threads.split(",")]
+    report = {"date": datetime.date.today().isoformat(), "threads": threads, "machine": machine()}
     if args.part in ("kernels", "all"):
-        report["kernels_gemv_m1"] = bench_kernels(args.threads)
+        report["kernels_gemv_m1"] = {str(t): bench_kernels(t) for t in threads}
     if args.part in ("model", "all"):
-        report["model"] = bench_model(args.threads, args.reps)
+        report["model"] = {str(t): bench_model(t, args.reps) for t in threads}
     report["loadavg_end"] = list(os.getloadavg())
     out = args.out or ROOT / "benchmarks" / "results" / f"{report['date']}-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)

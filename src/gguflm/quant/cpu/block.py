@@ -66,14 +66,10 @@ class FusedBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope: nn.Module, positions: torch.Tensor, blocked: torch.Tensor,
                 cache, layer: int, slots: torch.Tensor) -> torch.Tensor:
         # x: [B, T, E]; positions: [B, T] (< 0 = padding); slots: [B] -> [B, T, E]
-        B, T, E = x.shape
-        k, v = cache.k[layer], cache.v[layer]                          # [n_slots, Hkv, n_ctx, D]
-        if (x.dtype != torch.float32 or k.dtype != torch.float32 or rope.cos.shape[1] * 2 != self.head_dim
+        if (x.dtype != torch.float32 or cache.k.dtype != torch.float32 or rope.cos.shape[1] * 2 != self.head_dim
                 or x.device.type != "cpu"):
             return self.block(x, rope, positions, blocked, cache, layer, slots)
-        out = ops().block_step(
-            x.reshape(B * T, E).contiguous(), positions.reshape(-1).contiguous(), slots.repeat_interleave(T), k, v,
-            rope.cos, rope.sin, self.block.attn_norm.weight, self.block.ffn_norm.weight, self.eps,
-            self._weights, self._types, self._biases, self.n_head, self.n_head_kv, self.n_ff,
-            rope.style.value == "neox")                                 # [B*T, E]
-        return out.view(B, T, E)
+        return ops().block_step(
+            x.contiguous(), positions.contiguous(), slots, cache.k, cache.v, layer, rope.cos, rope.sin,
+            self.block.attn_norm.weight, self.block.ffn_norm.weight, self.eps, self._weights, self._types,
+            self._biases, self.n_head, self.n_head_kv, self.n_ff, rope.style.value == "neox")

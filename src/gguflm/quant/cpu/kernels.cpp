@@ -664,7 +664,8 @@ void check_x(const at::Tensor& x, int64_t K) {
 // One decoder block in one call: decode steps (fused GEMVs) and prefill (GEMM tiles, SDPA).
 // ---------------------------------------------------------------------------------------
 
-constexpr int64_t kRowGrain = 16;  // rows per thread for the elementwise parts of a step
+constexpr int64_t kRowGrain = 16;              // rows per thread for the elementwise parts of a step
+constexpr int64_t kAttnGrainFlops = 1 << 21;   // query-key products below which attention stays serial
 
 // y = x / sqrt(mean(x^2) + eps) * w, as (x * r) * w with r = 1 / sqrt(mean + eps).
 void rms_norm(const float* x, const float* w, int64_t E, float eps, float* y) {
@@ -738,28 +739,33 @@ void project(const at::Tensor& x, std::initializer_list<std::tuple<QW, at::Tenso
 // Roles of the seven weights, in the order the op receives them.
 enum Role { WQ, WK, WV, WO, WGATE, WUP, WDOWN, N_ROLES };
 
-// x [R, E] rows at positions pos [R] (< 0: padding, rotated as position 0, attends to key 0,
-// not cached) of sequences slot [R]; kc, vc: this layer's cache [n_slots, Hkv, n_ctx, D].
-// Returns the block output [R, E]:
+// x [B, T, E]: T new tokens of B sequences, at positions pos [B, T] (< 0: padding, rotated
+// as position 0, attends to key 0, not cached) in cache slots slot [B]; k_all, v_all: the
+// KV cache [n_layer, n_slots, Hkv, n_ctx, D], of which layer `layer` is read and written.
+// Returns the block output [B, T, E]:
 //   h = x + Wo attn(rope(Wq n1(x)), rope(Wk n1(x)), Wv n1(x));  out = h + Wd (silu(Wg n2(h)) * Wu n2(h))
-// with every key/value of this step written to the cache before any query attends; row r
-// attends to keys 0..max(pos[r], 0) of its slot.
-at::Tensor block_step(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& slot, const at::Tensor& kc,
-                      const at::Tensor& vc, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& attn_norm,
-                      const at::Tensor& ffn_norm, double eps, at::TensorList weights, at::IntArrayRef types,
-                      const c10::List<std::optional<at::Tensor>>& biases, int64_t n_head, int64_t n_head_kv,
-                      int64_t ff, bool neox) {
-  TORCH_CHECK(x.dim() == 2, "x must be [rows, n_embd]");
+// with every key/value of this step written to the cache before any query attends; a row
+// at position p attends to keys 0..max(p, 0) of its slot.
+at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Tensor& slots, const at::Tensor& k_all,
+                      const at::Tensor& v_all, int64_t layer, const at::Tensor& cos, const at::Tensor& sin,
+                      const at::Tensor& attn_norm, const at::Tensor& ffn_norm, double eps, at::TensorList weights,
+                      at::IntArrayRef types, const c10::List<std::optional<at::Tensor>>& biases, int64_t n_head,
+                      int64_t n_head_kv, int64_t ff, bool neox) {
+  TORCH_CHECK(x3.dim() == 3 && pos.dim() == 2 && pos.size(0) == x3.size(0) && pos.size(1) == x3.size(1) &&
+              slots.dim() == 1 && slots.size(0) == x3.size(0), "x [B, T, E], positions [B, T], slots [B]");
   TORCH_CHECK(weights.size() == N_ROLES && types.size() == N_ROLES && biases.size() == N_ROLES, "seven weights");
-  const int64_t R = x.size(0), E = x.size(1);
-  TORCH_CHECK(kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.is_contiguous() && vc.is_contiguous() &&
-              kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat, "bad KV cache");
+  TORCH_CHECK(k_all.dim() == 5 && k_all.sizes() == v_all.sizes() && k_all.is_contiguous() && v_all.is_contiguous() &&
+              k_all.scalar_type() == at::kFloat && v_all.scalar_type() == at::kFloat && layer >= 0 &&
+              layer < k_all.size(0), "bad KV cache");
+  const at::Tensor x = x3.reshape({-1, x3.size(2)});
+  const at::Tensor kc = k_all.select(0, layer), vc = v_all.select(0, layer);  // [n_slots, Hkv, n_ctx, D]
+  const int64_t R = x.size(0), E = x.size(1), T = x3.size(1);
   const int64_t n_slots = kc.size(0), n_ctx = kc.size(2), D = kc.size(3), G = n_head / n_head_kv;
   TORCH_CHECK(kc.size(1) == n_head_kv && n_head % n_head_kv == 0 && cos.size(1) * 2 == D && cos.size(0) >= n_ctx &&
               cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat &&
               sin.scalar_type() == at::kFloat, "bad attention shapes");
-  TORCH_CHECK(pos.numel() == R && slot.numel() == R && pos.scalar_type() == at::kLong && pos.is_contiguous() &&
-              slot.scalar_type() == at::kLong && slot.is_contiguous(), "pos/slot must be contiguous int64 [R]");
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && slots.scalar_type() == at::kLong &&
+              slots.is_contiguous(), "positions/slots must be contiguous int64");
   check_x(x, E);
   for (const at::Tensor* nw : {&attn_norm, &ffn_norm})
     TORCH_CHECK(nw->scalar_type() == at::kFloat && nw->is_contiguous() && nw->numel() == E, "bad norm weight");
@@ -777,7 +783,9 @@ at::Tensor block_step(const at::Tensor& x, const at::Tensor& pos, const at::Tens
   const std::optional<at::Tensor> bias[N_ROLES] = {biases[0], biases[1], biases[2], biases[3],
                                                    biases[4], biases[5], biases[6]};
   const int64_t* pp = pos.data_ptr<int64_t>();
-  const int64_t* sp = slot.data_ptr<int64_t>();
+  std::vector<int64_t> slot_of_row(R);  // row r = (b, t) lives in slot slots[b]
+  for (int64_t r = 0; r < R; ++r) slot_of_row[r] = slots.data_ptr<int64_t>()[r / T];
+  const int64_t* sp = slot_of_row.data();
   bool one_sequence = true;  // one slot, positions p0, p0 + 1, ... (a prefill)
   for (int64_t r = 0; r < R; ++r) {
     TORCH_CHECK(pp[r] < n_ctx && sp[r] >= 0 && sp[r] < n_slots, "position/slot outside the cache");
@@ -813,7 +821,7 @@ at::Tensor block_step(const at::Tensor& x, const at::Tensor& pos, const at::Tens
     at::Tensor qh = q.view({1, R, n_head, D}).transpose(1, 2);                      // [1, H, R, D]
     at::Tensor keys = kc.select(0, sp[0]).narrow(1, 0, S).unsqueeze(0);            // [1, Hkv, S, D]
     at::Tensor values = vc.select(0, sp[0]).narrow(1, 0, S).unsqueeze(0);
-    at::Tensor allowed = at::arange(S, pos.options()).unsqueeze(0).le(pos.unsqueeze(1));  // [R, S]
+    at::Tensor allowed = at::arange(S, pos.options()).unsqueeze(0).le(pos.reshape({R, 1}));  // [R, S]
     att = at::scaled_dot_product_attention(qh, keys, values, allowed, 0.0, false, static_cast<double>(scale),
                                            n_head != n_head_kv)
               .transpose(1, 2).reshape({R, QD}).contiguous();                      // [R, H * D]
@@ -827,7 +835,9 @@ at::Tensor block_step(const at::Tensor& x, const at::Tensor& pos, const at::Tens
       const int64_t r = t / n_head_kv, hk = t % n_head_kv;
       return cache + (sp[r] * n_head_kv + hk) * n_ctx * D;
     };
-    at::parallel_for(0, R * n_head_kv, 1, [&](int64_t b, int64_t e) {
+    // a decode step's attention is tens of microseconds: threads only for long contexts
+    const int64_t grain = R * n_head * S * D < kAttnGrainFlops ? R * n_head_kv : 1;
+    at::parallel_for(0, R * n_head_kv, grain, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         const int64_t r = t / n_head_kv, hk = t % n_head_kv, p = std::max<int64_t>(pp[r], 0);
         scores_rows(qp + r * QD + hk * G * D, kv_head(t, kcp), p + 1, S, D, G, scale, scp + (r * n_head + hk * G) * S);
@@ -837,7 +847,7 @@ at::Tensor block_step(const at::Tensor& x, const at::Tensor& pos, const at::Tens
     att = at::empty({R, QD}, x.options());
     const float* pr = probs.data_ptr<float>();
     float* ap = att.data_ptr<float>();
-    at::parallel_for(0, R * n_head_kv, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, R * n_head_kv, grain, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         const int64_t r = t / n_head_kv, hk = t % n_head_kv, p = std::max<int64_t>(pp[r], 0);
         weighted_values(pr + (r * n_head + hk * G) * S, kv_head(t, vcp), p + 1, S, D, G, ap + r * QD + hk * G * D);
@@ -859,7 +869,7 @@ at::Tensor block_step(const at::Tensor& x, const at::Tensor& pos, const at::Tens
   });
   project(g, {{w[WDOWN], &d, &bias[WDOWN]}});
   out.add_(d);  // out = h + ffn
-  return out;
+  return out.view(x3.sizes());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -919,9 +929,9 @@ int64_t fused_max_m() { return kFusedMaxM; }
 TORCH_LIBRARY(gguflm_cpu, m) {
   m.def("qmatmul(Tensor x, Tensor w, int type, int n_out, int n_in) -> Tensor", &qmatmul);
   m.def("dequantize_rows(Tensor w, int type, int n_out, int n_in, Tensor rows) -> Tensor", &dequantize_rows);
-  m.def("block_step(Tensor x, Tensor pos, Tensor slot, Tensor(a!) kc, Tensor(b!) vc, Tensor cos, Tensor sin, "
-        "Tensor attn_norm, Tensor ffn_norm, float eps, Tensor[] weights, int[] types, Tensor?[] biases, "
-        "int n_head, int n_head_kv, int n_ff, bool neox) -> Tensor", &block_step);
+  m.def("block_step(Tensor x, Tensor positions, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, "
+        "Tensor cos, Tensor sin, Tensor attn_norm, Tensor ffn_norm, float eps, Tensor[] weights, int[] types, "
+        "Tensor?[] biases, int n_head, int n_head_kv, int n_ff, bool neox) -> Tensor", &block_step);
   m.def("kernel_types() -> int[]", &kernel_types);
   m.def("use_simd(bool enable) -> bool", &use_simd);
   m.def("simd_available() -> bool", &simd_available);
