@@ -105,38 +105,30 @@ def test_gather_rows_is_an_embedding_lookup(random_blocks, oracle, device):
 
 
 @pytest.mark.parametrize("neox", [False, True])
-def test_rope_kv_writes_rotated_heads_and_cache(device, neox):
-    H, Hkv, D, n_ctx, pos = 6, 2, 32, 40, 29
-    gen = torch.Generator().manual_seed(2)
+@pytest.mark.parametrize("pos", [0, 16, 39])
+def test_decode_attention_rotates_stores_and_attends(device, neox, pos):
+    H, Hkv, D, n_ctx = 6, 2, 32, 40
+    gen = torch.Generator().manual_seed(pos + 100 * neox)
     qkv = torch.randn((H + 2 * Hkv) * D, generator=gen)
     theta = torch.rand(n_ctx, D // 2, generator=gen) * 3
     cos, sin = torch.cos(theta), torch.sin(theta)
-    k_cache = torch.zeros(Hkv, n_ctx, D, dtype=torch.float16, device=device)
-    v_cache = torch.zeros_like(k_cache)
-    q = torch.full((H, D), float("nan"), device=device)
-    A.rope_kv(qkv.to(device), cos.to(device), sin.to(device), torch.tensor([pos], dtype=torch.int32, device=device),
-              q, k_cache, v_cache, H, neox)
-    rq, rk, rv = A.rope_kv_reference(qkv, cos, sin, pos, H, Hkv, D, neox)
-    assert (q.cpu().double() - rq).abs().max() < 1e-5
-    assert (k_cache[:, pos].cpu().double() - rk).abs().max() < 2e-3          # float16 cache
-    assert (v_cache[:, pos].cpu().double() - rv).abs().max() < 2e-3
-    others = torch.cat((k_cache[:, :pos], k_cache[:, pos + 1:]), 1)
-    assert not others.any()
-
-
-@pytest.mark.parametrize("n", [1, 17, 40])
-def test_decode_attention_matches_float64(device, n):
-    H, Hkv, D, n_ctx = 6, 2, 32, 40
-    gen = torch.Generator().manual_seed(n)
-    q = torch.randn(H, D, generator=gen)
-    k = torch.randn(Hkv, n_ctx, D, generator=gen).half()
-    v = torch.randn(Hkv, n_ctx, D, generator=gen).half()
+    k_cache = torch.randn(Hkv, n_ctx, D, generator=gen).half()       # positions < pos: earlier tokens
+    v_cache = torch.randn(Hkv, n_ctx, D, generator=gen).half()
+    kd, vd = k_cache.clone().to(device), v_cache.clone().to(device)
     ws = A.AttentionWorkspace(H, D, 4, device)
     out = torch.full((H, D), float("nan"), device=device)
-    A.decode_attention(q.to(device), k.to(device), v.to(device), torch.tensor([n - 1], dtype=torch.int32, device=device),
-                       out, ws, D ** -0.5, block_s=16)
-    ref = A.decode_attention_reference(q.half().float(), k[:, :n], v[:, :n], D ** -0.5)
-    assert _rel(out, ref) < 4e-3                                              # float16 scores and weights
+    A.decode_attention(qkv.to(device), cos.to(device), sin.to(device),
+                       torch.tensor([pos], dtype=torch.int32, device=device), kd, vd, out, ws, D ** -0.5, neox,
+                       block_s=16)
+    q, k, v = qkv.double().split((H * D, Hkv * D, Hkv * D))
+    rq = A.rotate_reference(q.view(H, D), cos[pos], sin[pos], neox)
+    rk = A.rotate_reference(k.view(Hkv, D), cos[pos], sin[pos], neox)
+    assert (kd[:, pos].cpu().double() - rk).abs().max() < 2e-3          # float16 cache
+    assert (vd[:, pos].cpu().double() - v.view(Hkv, D)).abs().max() < 2e-3
+    others = [p for p in range(n_ctx) if p != pos]
+    assert torch.equal(kd[:, others].cpu(), k_cache[:, others]) and torch.equal(vd[:, others].cpu(), v_cache[:, others])
+    ref = A.decode_attention_reference(rq, kd[:, :pos + 1].cpu(), vd[:, :pos + 1].cpu(), D ** -0.5)
+    assert _rel(out, ref) < 4e-3                                        # float16 q, scores and weights
 
 
 def test_rms_norm_half(device):
@@ -152,8 +144,9 @@ def test_rms_norm_half(device):
 def test_silu_mul_half(device):
     from gguflm.quant.triton.activations import silu_mul_half, silu_mul_half_reference
 
-    gu = (torch.randn(3, 2 * 1500, generator=torch.Generator().manual_seed(4)) * 4).half()
-    assert _rel(silu_mul_half(gu.to(device)), silu_mul_half_reference(gu)) < 1e-3
+    gen = torch.Generator().manual_seed(4)
+    g, u = ((torch.randn(3, 1500, generator=gen) * 4).half() for _ in range(2))
+    assert _rel(silu_mul_half(g.to(device), u.to(device)), silu_mul_half_reference(g, u)) < 1e-3
 
 
 @pytest.mark.parametrize("neox", [False, True])
@@ -173,3 +166,14 @@ def test_rope_prefill_writes_q_and_the_cache_rows(device, neox):
     assert (k_cache[:, p0:p0 + T].cpu().double() - rk).abs().max() < 4e-3
     assert torch.equal(v_cache[:, p0:p0 + T].cpu().double(), rv)
     assert not k_cache[:, :p0].any() and not k_cache[:, p0 + T:].any()
+
+
+def test_add_rms_norm_half(device):
+    from gguflm.quant.triton.activations import add_rms_norm_half, add_rms_norm_half_reference
+
+    gen = torch.Generator().manual_seed(8)
+    x, r, w = torch.randn(4, 300, generator=gen), torch.randn(4, 300, generator=gen).half(), torch.randn(300, generator=gen)
+    xd = x.clone().to(device)
+    y = add_rms_norm_half(xd, r.to(device), w.to(device), 1e-6)
+    want_x, want_y = add_rms_norm_half_reference(x, r, w, 1e-6)
+    assert _rel(xd, want_x) < 1e-6 and _rel(y, want_y) < 1e-3

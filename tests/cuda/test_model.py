@@ -114,3 +114,16 @@ def test_graph_replay_equals_eager_steps(tiny_model):
         m.prefill(IDS, cache)
         runs.append(m.decode_greedy(IDS[-1], len(IDS) - 1, 8, cache).tolist())
     assert runs[0] == runs[1]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_captured_prefill_equals_eager(tiny_model):
+    m = _load(tiny_model("Q4_0"), torch.device("cuda"))
+    cache = m.new_cache(1)
+    slots = torch.zeros(1, dtype=torch.long, device="cuda")
+    tokens = torch.tensor([IDS], device="cuda")
+    positions = torch.arange(len(IDS), device="cuda")[None]
+    outs = [m.forward(tokens, positions, cache, slots).clone() for _ in range(3)]  # eager, capture, replay
+    assert len(m._prefills) == 1 and m._prefills[next(iter(m._prefills))] is not None
+    assert torch.allclose(outs[0], outs[1], atol=1e-4) and torch.equal(outs[1], outs[2])

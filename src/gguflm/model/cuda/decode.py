@@ -4,8 +4,9 @@ once in a CUDA graph and replayed for every token.
 Per layer (x: the float32 residual stream, pos: the position, both on the device)::
 
     qkv = Wqkv RMSNorm(x)                 fused GEMV, norm in the prologue
-    q, K[pos], V[pos] = rope(qkv)         one small kernel, keys/values into the cache
-    a = attention(q, K[:pos+1], V[:pos+1]) split over positions, then merged
+    a = attention(rope(q), K[:pos+1], V[:pos+1])   RoPE, the cache write of the new key
+                                          and value, and attention split over positions;
+                                          then a merge of the splits
     x = x + Wo a                          GEMV, residual in the epilogue (in place)
     f = silu(Wg RMSNorm(x)) * Wu RMSNorm(x)   one GEMV over both weights
     x = x + Wd f                          GEMV, residual in the epilogue
@@ -26,7 +27,7 @@ from gguflm.model.config import ModelConfig
 from gguflm.model.arch import RopeStyle
 from gguflm.model.cuda.weights import CudaWeights
 from gguflm.model.layers import Rope
-from gguflm.quant.triton.attention import AttentionWorkspace, decode_attention, rope_kv
+from gguflm.quant.triton.attention import AttentionWorkspace, decode_attention
 from gguflm.quant.triton.gemv import gemv_swiglu
 
 
@@ -46,7 +47,6 @@ class DecodeBuffers:
         f32 = dict(dtype=torch.float32, device=device)
         self.x = torch.empty(cfg.n_embd, **f32)
         self.qkv = torch.empty((H + 2 * Hkv) * D, **f32)
-        self.q = torch.empty(H, D, **f32)
         self.attn = torch.empty(H, D, **f32)
         self.gate = torch.empty(cfg.n_ff, **f32)
         self.up = torch.empty(cfg.n_ff, **f32)
@@ -60,7 +60,7 @@ def decode_step(cfg: ModelConfig, w: CudaWeights, rope: Rope, buf: DecodeBuffers
                 tok: torch.Tensor, pos: torch.Tensor, next_tok: torch.Tensor, next_pos: torch.Tensor) -> None:
     """One token: tok int64 [1], pos int32 [1] -> buf.logits, next_tok = argmax,
     next_pos = pos + 1. k_cache/v_cache: [n_layer, Hkv, n_ctx, D] of one sequence."""
-    H, D = cfg.n_head, cfg.head_dim
+    D = cfg.head_dim
     eps, neox = cfg.rms_eps, cfg.rope_style is RopeStyle.NEOX
     x = buf.x
     w.token_embd.rows(tok, out=x.view(1, -1))
@@ -69,8 +69,8 @@ def decode_step(cfg: ModelConfig, w: CudaWeights, rope: Rope, buf: DecodeBuffers
         for lin in layer.qkv:  # one fused [Wq; Wk; Wv], or the three apart
             lin.gemv(x, buf.qkv[start:start + lin.n_out], norm_weight=layer.attn_norm, eps=eps)
             start += lin.n_out
-        rope_kv(buf.qkv, rope.cos, rope.sin, pos, buf.q, k_cache[i], v_cache[i], H, neox)
-        decode_attention(buf.q, k_cache[i], v_cache[i], pos, buf.attn, buf.attn_ws, D ** -0.5)
+        decode_attention(buf.qkv, rope.cos, rope.sin, pos, k_cache[i], v_cache[i], buf.attn, buf.attn_ws,
+                         D ** -0.5, neox)
         layer.wo.gemv(buf.attn.view(-1), x, residual=x)
         if layer.swiglu_fused:
             gemv_swiglu(layer.w_gate.packed, layer.w_up.packed, x, buf.ff, norm_weight=layer.ffn_norm, eps=eps)

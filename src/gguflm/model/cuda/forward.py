@@ -21,12 +21,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gguflm.engine.kv_cache import KVCache
 from gguflm.model.arch import RopeStyle
 from gguflm.model.config import ModelConfig
-from gguflm.model.cuda.weights import HALF, CudaLayer, CudaWeights, Workspace
+from gguflm.model.cuda.weights import HALF, OUTPUT_ROW_CHUNK, CudaLayer, CudaWeights, Workspace
 from gguflm.model.layers import Rope
-from gguflm.quant.triton.activations import rms_norm_half, rope_prefill, silu_mul_half
-from gguflm.quant.triton.dequant import dequantize_into
+from gguflm.quant.triton.activations import add_rms_norm_half, rms_norm_half, rope_prefill, silu_mul_half
 
-OUTPUT_ROW_CHUNK = 8192  # rows of the output projection dequantized per matmul
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -38,16 +36,8 @@ def _qkv(layer: CudaLayer, h: torch.Tensor, ws: Workspace) -> torch.Tensor:
 
 
 def _swiglu(layer: CudaLayer, h: torch.Tensor, ws: Workspace) -> torch.Tensor:
-    # h: float16 [N, E] -> float16 [N, F] = silu(h Wg^T) * (h Wu^T), gate and up in one matmul
-    g, u = layer.w_gate, layer.w_up
-    if layer.swiglu_fused:
-        w = ws.view(2 * g.n_out, g.n_in)
-        dequantize_into(g.packed, w[:g.n_out])
-        dequantize_into(u.packed, w[g.n_out:])
-        gu = F.linear(h, w)
-    else:
-        gu = torch.cat((g.matmul(h, ws), u.matmul(h, ws)), dim=-1)
-    return silu_mul_half(gu)
+    # h: float16 [N, E] -> float16 [N, F] = silu(h Wg^T) * (h Wu^T)
+    return silu_mul_half(layer.w_gate.matmul(h, ws), layer.w_up.matmul(h, ws))
 
 
 def _expand_kv(t: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -60,13 +50,12 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=scale)
 
 
-def _layer_plain(cfg: ModelConfig, layer: CudaLayer, x: torch.Tensor, rope: Rope, p0: int,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, ws: Workspace) -> None:
-    """One block for T tokens of one sequence at positions p0 .. p0+T-1, x float32 [T, E]
-    updated in place; k_cache/v_cache: [Hkv, n_ctx, D] of its slot."""
-    T = x.shape[0]
+def _attention_plain(cfg: ModelConfig, layer: CudaLayer, h: torch.Tensor, rope: Rope, p0: int,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, ws: Workspace) -> torch.Tensor:
+    """Attention of T tokens of one sequence at positions p0 .. p0+T-1: h float16 [T, E]
+    -> float16 [T, E] (before the residual add); k_cache/v_cache: [Hkv, n_ctx, D] of its slot."""
+    T = h.shape[0]
     H, Hkv, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim
-    h = rms_norm_half(x, layer.attn_norm, cfg.rms_eps)
     q = rope_prefill(_qkv(layer, h, ws), rope.cos, rope.sin, p0, k_cache, v_cache, H,
                      cfg.rope_style is RopeStyle.NEOX)                               # [T, H, D]
     S = p0 + T
@@ -74,19 +63,17 @@ def _layer_plain(cfg: ModelConfig, layer: CudaLayer, x: torch.Tensor, rope: Rope
     values = _expand_kv(v_cache[:, :S], H // Hkv)[None]
     mask = None
     if p0:  # query t sees keys 0 .. p0 + t
-        mask = torch.arange(S, device=x.device)[None, :] <= torch.arange(p0, S, device=x.device)[:, None]
+        mask = torch.arange(S, device=h.device)[None, :] <= torch.arange(p0, S, device=h.device)[:, None]
     out = _attend(q.transpose(0, 1)[None], keys, values, mask, p0 == 0, D ** -0.5)     # [1, H, T, D]
-    x += layer.wo.matmul(out[0].transpose(0, 1).reshape(T, H * D), ws)
-    h = rms_norm_half(x, layer.ffn_norm, cfg.rms_eps)
-    x += layer.w_down.matmul(_swiglu(layer, h, ws), ws)
+    return layer.wo.matmul(out[0].transpose(0, 1).reshape(T, H * D), ws)
 
 
-def _layer_general(cfg: ModelConfig, layer: CudaLayer, x: torch.Tensor, rope: Rope, positions: torch.Tensor,
-                   mask: torch.Tensor, cache: KVCache, index: int, slots: torch.Tensor, ws: Workspace) -> None:
-    """One block for B rows (right padding: position < 0), x float32 [B, T, E] in place."""
-    B, T, E = x.shape
+def _attention_general(cfg: ModelConfig, layer: CudaLayer, h: torch.Tensor, rope: Rope, positions: torch.Tensor,
+                       mask: torch.Tensor, cache: KVCache, index: int, slots: torch.Tensor,
+                       ws: Workspace) -> torch.Tensor:
+    """Attention of B rows (right padding: position < 0): h float16 [B*T, E] -> float16 [B*T, E]."""
+    B, T = positions.shape
     H, Hkv, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim
-    h = rms_norm_half(x.view(B * T, E), layer.attn_norm, cfg.rms_eps)
     q, k, v = _qkv(layer, h, ws).split((H * D, Hkv * D, Hkv * D), dim=-1)
     rope_pos = positions.clamp(min=0)
     q = rope(q.float().view(B, T, H, D).transpose(1, 2), rope_pos).to(HALF)              # [B, H, T, D]
@@ -94,9 +81,22 @@ def _layer_general(cfg: ModelConfig, layer: CudaLayer, x: torch.Tensor, rope: Ro
     v = v.view(B, T, Hkv, D).transpose(1, 2)
     keys, values = cache.update(index, slots, positions, k, v)                           # [B, Hkv, S, D]
     out = _attend(q, _expand_kv(keys, H // Hkv), _expand_kv(values, H // Hkv), mask, False, D ** -0.5)
-    x += layer.wo.matmul(out.transpose(1, 2).reshape(B * T, H * D), ws).view(B, T, E)
-    h = rms_norm_half(x.view(B * T, E), layer.ffn_norm, cfg.rms_eps)
-    x += layer.w_down.matmul(_swiglu(layer, h, ws), ws).view(B, T, E)
+    return layer.wo.matmul(out.transpose(1, 2).reshape(B * T, H * D), ws)
+
+
+def _blocks(cfg: ModelConfig, w: CudaWeights, x: torch.Tensor, attention) -> None:
+    """All blocks over the float32 residual stream x [N, E] (in place); ``attention(layer,
+    index, h)`` maps the normed float16 input to the attention output. Each residual add
+    is fused with the RMSNorm that follows it."""
+    eps = cfg.rms_eps
+    h = rms_norm_half(x, w.layers[0].attn_norm, eps)
+    for index, layer in enumerate(w.layers):
+        h = add_rms_norm_half(x, attention(layer, index, h), layer.ffn_norm, eps)
+        down = layer.w_down.matmul(_swiglu(layer, h, w.workspace), w.workspace)
+        if index + 1 < len(w.layers):
+            h = add_rms_norm_half(x, down, w.layers[index + 1].attn_norm, eps)
+        else:
+            x += down
 
 
 def _logits(cfg: ModelConfig, w: CudaWeights, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
@@ -108,30 +108,49 @@ def _logits(cfg: ModelConfig, w: CudaWeights, x: torch.Tensor, ws: Workspace) ->
     return w.output.matmul(h, ws, row_chunk=OUTPUT_ROW_CHUNK).float()
 
 
+def plain_start(positions: torch.Tensor) -> int | None:
+    """p0 when ``positions`` [1, T] is p0, p0+1, ..., p0+T-1 (one sequence, no padding),
+    else None. Reads the positions on the host (one sync)."""
+    pos = positions.cpu()
+    p0 = int(pos[0, 0])
+    if pos.shape[0] == 1 and p0 >= 0 and bool((pos[0] == torch.arange(p0, p0 + pos.shape[1])).all()):
+        return p0
+    return None
+
+
 @torch.inference_mode()
-def forward_tokens(cfg: ModelConfig, w: CudaWeights, rope: Rope, ws: Workspace, tokens: torch.Tensor,
-                   positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
-                   last_only: bool = False) -> torch.Tensor:
+def forward_plain(cfg: ModelConfig, w: CudaWeights, rope: Rope, tokens: torch.Tensor, p0: int,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, last_only: bool) -> torch.Tensor:
+    """One sequence: ``tokens`` [T] at positions p0 .. p0+T-1 into the cache layers
+    ``k_cache``/``v_cache`` [n_layer, Hkv, n_ctx, D] of its slot. No host sync (it can be
+    captured in a CUDA graph). -> float32 [1, n_vocab] (last_only) or [1, T, n_vocab]."""
+    T = tokens.shape[0]
+    x = w.token_embd.rows(tokens)                                                       # float32 [T, E]
+    _blocks(cfg, w, x, lambda layer, i, h: _attention_plain(cfg, layer, h, rope, p0, k_cache[i], v_cache[i],
+                                                            w.workspace))
+    if last_only:
+        return _logits(cfg, w, x[-1:], w.workspace)                                    # [1, n_vocab]
+    return _logits(cfg, w, x, w.workspace).view(1, T, cfg.n_vocab)
+
+
+@torch.inference_mode()
+def forward_tokens(cfg: ModelConfig, w: CudaWeights, rope: Rope, tokens: torch.Tensor, positions: torch.Tensor,
+                   cache: KVCache, slots: torch.Tensor, last_only: bool = False) -> torch.Tensor:
     """Logits of ``tokens`` [B, T] at ``positions`` [B, T] (< 0: right padding) for cache
     ``slots`` [B]: float32 [B, T, n_vocab], or [B, n_vocab] for each row's last token."""
     B, T = tokens.shape
-    pos = positions.cpu()                                                               # the one host sync
-    p0 = int(pos[0, 0])
-    plain = B == 1 and p0 >= 0 and bool((pos[0] == torch.arange(p0, p0 + T)).all())
-    x = w.token_embd.rows(tokens.clamp(min=0).reshape(-1))                             # float32 [N, E]
-    if plain:
+    p0 = plain_start(positions) if B == 1 else None
+    if p0 is not None:
         slot = int(slots[0])
-        for index, layer in enumerate(w.layers):
-            _layer_plain(cfg, layer, x, rope, p0, cache.k[index, slot], cache.v[index, slot], ws)
-        if last_only:
-            return _logits(cfg, w, x[-1:], ws)                                          # [1, n_vocab]
-        return _logits(cfg, w, x, ws).view(1, T, cfg.n_vocab)
-    x = x.view(B, T, cfg.n_embd)
+        return forward_plain(cfg, w, rope, tokens[0], p0, cache.k[:, slot], cache.v[:, slot], last_only)
+    ws = w.workspace
+    x = w.token_embd.rows(tokens.clamp(min=0).reshape(-1))                             # float32 [N, E]
     q_pos = positions.clamp(min=0)
-    key_pos = torch.arange(int(pos.max()) + 1, device=positions.device)
+    key_pos = torch.arange(int(positions.max()) + 1, device=positions.device)
     mask = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]                        # [B, 1, T, S]
-    for index, layer in enumerate(w.layers):
-        _layer_general(cfg, layer, x, rope, positions, mask, cache, index, slots, ws)
+    _blocks(cfg, w, x, lambda layer, i, h: _attention_general(cfg, layer, h, rope, positions, mask, cache, i,
+                                                              slots, ws))
+    x = x.view(B, T, cfg.n_embd)
     if last_only:
         last = (positions >= 0).sum(1) - 1                                              # [B]
         x = x[torch.arange(B, device=x.device), last]                                   # [B, E]

@@ -25,12 +25,13 @@ from gguflm.engine.sampling import SamplingParams
 from gguflm.gguf.reader import GGUFFile
 from gguflm.model.config import ModelConfig
 from gguflm.model.cuda.decode import DecodeGraphs
-from gguflm.model.cuda.forward import OUTPUT_ROW_CHUNK, forward_tokens
-from gguflm.model.cuda.weights import HALF, CudaWeights, Workspace
+from gguflm.model.cuda.forward import forward_plain, forward_tokens, plain_start
+from gguflm.model.cuda.weights import HALF, CudaWeights
 from gguflm.model.layers import Rope
 from gguflm.model.model import Model
 
 MAX_GRAPHS = 4  # captured decode graphs kept (one per cache slot in use), least recent dropped
+MAX_PREFILL_GRAPHS = 2  # captured prefills kept, least recent dropped
 
 
 class CudaModel(Model):
@@ -41,9 +42,10 @@ class CudaModel(Model):
         super().__init__(file, config, None, tokenizer, n_ctx, device)
         self.weights = weights
         self.rope = Rope(config, n_ctx, weights.rope_freqs, device)
-        self.workspace = Workspace(weights.workspace_elements(OUTPUT_ROW_CHUNK), device)
         self.use_graphs = use_graphs
         self._graphs: OrderedDict[tuple[int, int], DecodeGraphs] = OrderedDict()
+        self._prefills: OrderedDict[tuple, Any] = OrderedDict()   # key -> seen once (None) or (graph, tokens, out)
+        self._pool: Any = None
         self._session: KVCache | None = None
 
     def new_cache(self, n_slots: int = 1, n_ctx: int | None = None) -> KVCache:
@@ -71,15 +73,61 @@ class CudaModel(Model):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 slots: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Batched step (see :meth:`Transformer.forward`). One token of one sequence runs
-        the decode graph: its logits are a view of a buffer the next step overwrites."""
-        if tokens.shape == (1, 1) and cache.k.dtype == HALF and cache.k.device.type == "cuda":
+        the decode graph; a run of tokens of one sequence (a prefill) runs eagerly the
+        first time its shape (length, start, slot) is seen and from a captured graph
+        after that. Graph outputs are buffers that the graph's next replay overwrites."""
+        on_gpu = self.use_graphs and cache.k.dtype == HALF and cache.k.device.type == "cuda"
+        if on_gpu and tokens.shape == (1, 1):
             g = self.graphs(cache, int(slots[0]))
             g.tok[0:1].copy_(tokens.view(1))
             g.pos[0:1].copy_(positions.view(1))
             g.step(0)
             return g.buf.logits.view(1, -1) if last_only else g.buf.logits.view(1, 1, -1)
-        return forward_tokens(self.config, self.weights, self.rope, self.workspace, tokens, positions,
-                              cache, slots, last_only)
+        if on_gpu and tokens.shape[0] == 1:
+            p0 = plain_start(positions)
+            if p0 is not None:
+                return self._prefill(tokens[0], p0, cache, int(slots[0]), last_only)
+        return forward_tokens(self.config, self.weights, self.rope, tokens, positions, cache, slots, last_only)
+
+    def _prefill(self, tokens: torch.Tensor, p0: int, cache: KVCache, slot: int, last_only: bool) -> torch.Tensor:
+        key = (tokens.numel(), p0, cache.k.data_ptr(), slot, last_only)
+        k_cache, v_cache = cache.k[:, slot], cache.v[:, slot]
+
+        def run(toks: torch.Tensor) -> torch.Tensor:
+            return forward_plain(self.config, self.weights, self.rope, toks, p0, k_cache, v_cache, last_only)
+
+        if key not in self._prefills:                     # first sighting: eager
+            self._remember(key, None)
+            return run(tokens)
+        entry = self._prefills[key]
+        if entry is None:                                 # second: warm up on a side stream, capture
+            buf = tokens.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                run(buf)
+            torch.cuda.current_stream().wait_stream(stream)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = run(buf)
+            entry = (graph, buf, out)
+            self._remember(key, entry)
+            torch.cuda.empty_cache()                      # the warm-up's blocks
+        graph, buf, out = entry
+        self._prefills.move_to_end(key)
+        buf.copy_(tokens)
+        graph.replay()
+        return out
+
+    def _remember(self, key: tuple, entry: Any) -> None:
+        self._prefills[key] = entry
+        while len(self._prefills) > 2 * MAX_PREFILL_GRAPHS:
+            self._prefills.popitem(last=False)
+        captured = [k for k, e in self._prefills.items() if e is not None]
+        for k in captured[:-MAX_PREFILL_GRAPHS]:
+            del self._prefills[k]
 
     def session_cache(self) -> KVCache:
         """The one-sequence cache that ``generate`` reuses (no clearing needed, see KVCache)."""
@@ -94,14 +142,11 @@ class CudaModel(Model):
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int], cache: KVCache | None = None) -> torch.Tensor:
-        """Run ``ids`` from position 0 into ``cache`` (default: the session cache); the
-        float32 logits [n_vocab] of the last token, on the device."""
+        """Run ``ids`` from position 0 into ``cache`` (default: the session cache), eagerly;
+        the float32 logits [n_vocab] of the last token, on the device."""
         cache = cache or self.session_cache()
-        tokens = torch.tensor([list(ids)], device=self.device)
-        positions = torch.arange(len(ids), device=self.device)[None]
-        slots = torch.zeros(1, dtype=torch.long, device=self.device)
-        return forward_tokens(self.config, self.weights, self.rope, self.workspace, tokens, positions,
-                              cache, slots, last_only=True)[0]
+        tokens = torch.tensor(list(ids), device=self.device)
+        return forward_plain(self.config, self.weights, self.rope, tokens, 0, cache.k[:, 0], cache.v[:, 0], True)[0]
 
     @torch.inference_mode()
     def decode_greedy(self, first: int, position: int, n: int, cache: KVCache | None = None) -> torch.Tensor:

@@ -26,6 +26,7 @@ from gguflm.quant.triton.gemv import gemv, gemv_swiglu
 from gguflm.quant.triton.planes import PackedWeight
 
 HALF = torch.float16  # activation / workspace dtype of the many-token path
+OUTPUT_ROW_CHUNK = 4096  # rows of the output projection dequantized per many-token matmul
 
 
 class Workspace:
@@ -147,6 +148,7 @@ class CudaWeights:
     output_norm: torch.Tensor
     output: CudaLinear
     rope_freqs: torch.Tensor | None
+    workspace: Workspace
     fallback: dict[str, str] = field(default_factory=dict)  # tensor name -> its type, dequantized to float16
 
     @property
@@ -156,12 +158,12 @@ class CudaWeights:
                 + [lin for layer in self.layers for lin in layer.linears()]}
         return sum(lin.nbytes for lin in lins.values())
 
-    def workspace_elements(self, output_rows: int) -> int:
-        """Half-precision elements the many-token path dequantizes into at once: the
-        largest layer weight, gate and up together, or ``output_rows`` of the output."""
-        sizes = [lin.n_out * lin.n_in for layer in self.layers for lin in layer.linears()]
-        sizes += [2 * layer.w_gate.n_out * layer.w_gate.n_in for layer in self.layers if layer.swiglu_fused]
-        return max(sizes + [min(output_rows, self.output.n_out) * self.output.n_in])
+
+def workspace_elements(layers: list[CudaLayer], output: CudaLinear) -> int:
+    """Half-precision elements the many-token path dequantizes into at once: the largest
+    packed layer weight, or OUTPUT_ROW_CHUNK rows of the output projection."""
+    sizes = [lin.n_out * lin.n_in for layer in layers for lin in layer.linears() if lin.packed is not None]
+    return max(sizes + [min(OUTPUT_ROW_CHUNK, output.n_out) * output.n_in])
 
 
 def _dense_f32(f: GGUFFile, name: str, device: torch.device) -> torch.Tensor:
@@ -217,4 +219,5 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, device: torch.device) -> CudaWei
     token_embd = place(linear("token_embd"), device)
     output = token_embd if cfg.tied_output else place(linear("output"), device)
     rope_freqs = _dense_f32(f, name("rope_freqs"), torch.device("cpu")) if cfg.has_rope_freqs else None
-    return CudaWeights(token_embd, layers, _dense_f32(f, name("output_norm"), device), output, rope_freqs, fallback)
+    return CudaWeights(token_embd, layers, _dense_f32(f, name("output_norm"), device), output, rope_freqs,
+                       Workspace(workspace_elements(layers, output), device), fallback)

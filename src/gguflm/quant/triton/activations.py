@@ -2,7 +2,8 @@
 plain torch needs several:
 
     rms_norm_half   y = (x * rstd) * w, rstd = 1 / sqrt(mean(x^2) + eps)   x float32 -> float16
-    silu_mul_half   y = silu(g) * u for gu = [g | u] (float16 rows)       -> float16
+    add_rms_norm_half  x += r (the residual, in place), then rms_norm_half(x)
+    silu_mul_half   y = silu(g) * u                                      float16 -> float16
     rope_prefill    rotate the q and k heads of a [T, (H + 2 Hkv) D] float16 QKV block at
                     positions p0 .. p0+T-1; q -> [T, H, D], k and v -> the cache rows
                     p0 .. p0+T-1 ([Hkv, n_ctx, D])
@@ -10,7 +11,7 @@ plain torch needs several:
 Arithmetic is float32 throughout; only the stores round. Rotation as in
 :mod:`gguflm.quant.triton.attention` (NORM pairs (2i, 2i+1), NEOX pairs (i, i + D/2)).
 Twins: :func:`rms_norm_half_reference`, :func:`silu_mul_half_reference`,
-:func:`rope_prefill_reference`.
+:func:`rope_prefill_reference`, :func:`add_rms_norm_half_reference`.
 """
 
 from __future__ import annotations
@@ -41,59 +42,84 @@ def rms_norm_half(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_mul_half_kernel(GU_ptr, Y_ptr, F, BLOCK: tl.constexpr):
-    """Row r, columns c0 .. c0+BLOCK: Y[r, c] = silu(G[r, c]) * U[r, c], G = GU[r, :F], U = GU[r, F:]."""
+def _add_rms_norm_half_kernel(X_ptr, R_ptr, W_ptr, Y_ptr, E, eps, BLOCK: tl.constexpr):
+    """Row r: X[r] += R[r] (float32, in place), then Y[r] = (X[r] * rstd) * W in float16."""
     r = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = c < F
-    g = tl.load(GU_ptr + r * 2 * F + c, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(GU_ptr + r * 2 * F + F + c, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y_ptr + r * F + c, (g * tl.sigmoid(g) * u).to(tl.float16), mask=mask)
+    k = tl.arange(0, BLOCK)
+    mask = k < E
+    x = tl.load(X_ptr + r * E + k, mask=mask, other=0.0) + tl.load(R_ptr + r * E + k, mask=mask, other=0.0).to(tl.float32)
+    tl.store(X_ptr + r * E + k, x, mask=mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / E + eps)
+    w = tl.load(W_ptr + k, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y_ptr + r * E + k, ((x * rstd) * w).to(tl.float16), mask=mask)
 
 
-def silu_mul_half(gu: torch.Tensor) -> torch.Tensor:
-    """gu: float16 [N, 2F] = [gate | up] -> float16 [N, F]."""
-    n, f2 = gu.shape
-    f = f2 // 2
-    y = torch.empty(n, f, dtype=torch.float16, device=gu.device)
-    block = 1024
-    _silu_mul_half_kernel[(n, triton.cdiv(f, block))](gu, y, f, BLOCK=block, num_warps=4)
+def add_rms_norm_half(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += r (x float32 [N, E] in place, r [N, E] any float dtype); returns float16
+    RMSNorm(x) * w: the residual add fused with the norm that reads its result."""
+    n, e = x.shape
+    y = torch.empty(n, e, dtype=torch.float16, device=x.device)
+    _add_rms_norm_half_kernel[(n,)](x, r, w, y, e, eps, BLOCK=triton.next_power_of_2(e), num_warps=4)
     return y
 
 
 @triton.jit
-def _rope_prefill_kernel(QKV_ptr, COS_ptr, SIN_ptr, Q_ptr, K_ptr, V_ptr, p0, H, n_kv,
-                         cache_head_stride, cache_pos_stride, D: tl.constexpr, NEOX: tl.constexpr):
-    """Program (t, h): h < H rotates query head h of token t into Q[t, h]; H <= h < H + Hkv
-    rotates key head h - H into K[h - H, p0 + t] and copies value head h - H into V."""
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    pos = p0 + t
-    i = tl.arange(0, D // 2)
+def _silu_mul_half_kernel(G_ptr, U_ptr, Y_ptr, n, BLOCK: tl.constexpr):
+    """Elements i .. i+BLOCK: Y = silu(G) * U, silu(g) = g * sigmoid(g)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    g = tl.load(G_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y_ptr + i, (g * tl.sigmoid(g) * u).to(tl.float16), mask=mask)
+
+
+def silu_mul_half(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """g, u: float16 [N, F] (contiguous) -> float16 [N, F]."""
+    y = torch.empty_like(g, dtype=torch.float16)
+    n, block = g.numel(), 2048
+    _silu_mul_half_kernel[(triton.cdiv(n, block),)](g, u, y, n, BLOCK=block, num_warps=4)
+    return y
+
+
+@triton.jit
+def _rotate_heads(row, COS_ptr, SIN_ptr, pos, h0, n, NP: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr):
+    """Heads h0 .. h0+n-1 of a QKV row, rotated at ``pos``: (y0, y1, i0, i1, head, mask),
+    y0/y1 [NP, D/2] float32 to store at columns i0/i1 of each head."""
+    hd = tl.arange(0, NP)[:, None]
+    i = tl.arange(0, D // 2)[None, :]
     if NEOX:
         i0, i1 = i, i + D // 2
     else:
         i0, i1 = 2 * i, 2 * i + 1
-    width = (H + 2 * n_kv) * D
-    row = QKV_ptr + t.to(tl.int64) * width
+    mask = (hd < n) & (i >= 0)
     cos = tl.load(COS_ptr + pos * (D // 2) + i)
     sin = tl.load(SIN_ptr + pos * (D // 2) + i)
-    x0 = tl.load(row + h * D + i0).to(tl.float32)
-    x1 = tl.load(row + h * D + i1).to(tl.float32)
-    y0 = x0 * cos - x1 * sin
-    y1 = x0 * sin + x1 * cos
-    if h < H:
-        q = Q_ptr + (t.to(tl.int64) * H + h) * D
-        tl.store(q + i0, y0.to(tl.float16))
-        tl.store(q + i1, y1.to(tl.float16))
-    else:
-        hk = h - H
-        dst = hk * cache_head_stride + pos.to(tl.int64) * cache_pos_stride
-        tl.store(K_ptr + dst + i0, y0.to(K_ptr.dtype.element_ty))
-        tl.store(K_ptr + dst + i1, y1.to(K_ptr.dtype.element_ty))
-        d = tl.arange(0, D)
-        v = tl.load(row + (H + n_kv + hk) * D + d)
-        tl.store(V_ptr + dst + d, v.to(V_ptr.dtype.element_ty))
+    x0 = tl.load(row + (h0 + hd) * D + i0, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(row + (h0 + hd) * D + i1, mask=mask, other=0.0).to(tl.float32)
+    return x0 * cos - x1 * sin, x0 * sin + x1 * cos, i0, i1, hd, mask
+
+
+@triton.jit
+def _rope_prefill_kernel(QKV_ptr, COS_ptr, SIN_ptr, Q_ptr, K_ptr, V_ptr, p0, H, n_kv,
+                         cache_head_stride, cache_pos_stride,
+                         HP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr):
+    """Program t: the H query heads of token t rotated into Q[t]; its Hkv key heads rotated
+    into K[:, p0 + t] and its value heads copied into V[:, p0 + t]."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = p0 + t
+    row = QKV_ptr + t * ((H + 2 * n_kv) * D)
+    y0, y1, i0, i1, hd, mask = _rotate_heads(row, COS_ptr, SIN_ptr, pos, 0, H, HP, D, NEOX)
+    q = Q_ptr + (t * H + hd) * D
+    tl.store(q + i0, y0.to(tl.float16), mask=mask)
+    tl.store(q + i1, y1.to(tl.float16), mask=mask)
+    y0, y1, i0, i1, hd, mask = _rotate_heads(row, COS_ptr, SIN_ptr, pos, H, n_kv, KP, D, NEOX)
+    dst = hd * cache_head_stride + pos * cache_pos_stride
+    tl.store(K_ptr + dst + i0, y0.to(K_ptr.dtype.element_ty), mask=mask)
+    tl.store(K_ptr + dst + i1, y1.to(K_ptr.dtype.element_ty), mask=mask)
+    d = tl.arange(0, D)[None, :]
+    vmask = (hd < n_kv) & (d >= 0)
+    v = tl.load(row + (H + n_kv + hd) * D + d, mask=vmask, other=0.0)
+    tl.store(V_ptr + dst + d, v.to(V_ptr.dtype.element_ty), mask=vmask)
 
 
 def rope_prefill(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p0: int, k_cache: torch.Tensor,
@@ -107,8 +133,9 @@ def rope_prefill(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p0: in
     if k_cache.stride(2) != 1 or k_cache.stride() != v_cache.stride() or not qkv.is_contiguous():
         raise ValueError("contiguous rows expected")
     q = torch.empty(t, n_head, d, dtype=torch.float16, device=qkv.device)
-    _rope_prefill_kernel[(t, n_head + n_kv)](qkv, cos, sin, q, k_cache, v_cache, p0, n_head, n_kv,
-                                             k_cache.stride(0), k_cache.stride(1), D=d, NEOX=neox, num_warps=1)
+    _rope_prefill_kernel[(t,)](qkv, cos, sin, q, k_cache, v_cache, p0, n_head, n_kv,
+                               k_cache.stride(0), k_cache.stride(1), HP=triton.next_power_of_2(n_head),
+                               KP=triton.next_power_of_2(n_kv), D=d, NEOX=neox, num_warps=4)
     return q
 
 
@@ -116,13 +143,20 @@ def rope_prefill(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p0: in
 # Plain-torch twins (float64)
 # ---------------------------------------------------------------------------------------
 
+def add_rms_norm_half_reference(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor,
+                                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + r, its RMSNorm times w) in float64."""
+    s = x.double() + r.double()
+    return s, rms_norm_half_reference(s, w, eps)
+
+
 def rms_norm_half_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.double()
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w.double()
 
 
-def silu_mul_half_reference(gu: torch.Tensor) -> torch.Tensor:
-    g, u = gu.double().chunk(2, dim=-1)
+def silu_mul_half_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    g, u = g.double(), u.double()
     return g * torch.sigmoid(g) * u
 
 
