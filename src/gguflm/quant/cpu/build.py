@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-DNDEBUG"]
+# -fopenmp: at::parallel_for is a header template that runs serially unless _OPENMP is
+# defined; libgomp resolves to the copy torch has already loaded (one thread pool).
+CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-DNDEBUG", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 class KernelsUnavailable(RuntimeError):
@@ -29,10 +32,10 @@ def ops():
     (with the compiler's message) when that fails."""
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode())
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode() + torch.__version__.encode())
     name = f"gguflm_cpu_{digest.hexdigest()[:12]}"
     try:
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS,
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                            is_python_module=False, verbose=False)
     except (RuntimeError, OSError, ImportError) as e:  # compiler missing or build error
         raise KernelsUnavailable(f"cannot build the gguflm CPU kernels: {e}") from e

@@ -13,6 +13,8 @@
 //       libggml's to_float) and multiplied with at::mm (MKL/oneDNN sgemm).
 //   dequantize_rows(w, type, N, K, rows int64 [R]) -> [R, K] f32, bit-identical to
 //     libggml's to_float (the embedding lookup, and the tiles above).
+//   block_step(...): a whole Llama decoder block for one step (see its comment), so a
+//     decode step costs one call per layer instead of ~40 torch ops.
 //
 // Two code paths with one result contract: AVX-512 (chosen at run time when the CPU has
 // avx512f/bw/vl) and portable C++ (any CPU). The file is compiled with -ffp-contract=off:
@@ -264,7 +266,7 @@ void dequant_rows_generic(const uint8_t* w, int64_t K, const int64_t* rows, int6
 // ---------------------------------------------------------------------------------------
 #ifdef GGUFLM_X86
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 
 inline __m512i u8x16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline __m512 ps(__m512i v) { return _mm512_cvtepi32_ps(v); }
@@ -281,7 +283,7 @@ template <int N, int I = 0, class F> [[gnu::always_inline]] inline void static_f
 }
 
 // Codes to floats by table lookup: vpermps reads only the low 4 bits of each index lane,
-// so a nibble needs no masking; a 5th bit selects a second table with a masked vpermps.
+// so a nibble needs no masking; a 5th bit is a masked add of 16.
 inline __m512 iota_ps(float first) {
   return _mm512_add_ps(_mm512_set1_ps(first),
                        _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
@@ -316,8 +318,8 @@ template <> struct Simd<Q5_0> {
     const __m512i v = u8x16(b + 6);
     const __m512 t0 = iota_ps(-16.0f);
     const float d = f16(b);
-    f(std::integral_constant<int, 0>{}, lut5(v, static_cast<__mmask16>(qh), t0), lut5(_mm512_srli_epi32(v, 4), static_cast<__mmask16>(qh >> 16), t0),
-      d, d, 0.0f);
+    f(std::integral_constant<int, 0>{}, lut5(v, static_cast<__mmask16>(qh), t0),
+      lut5(_mm512_srli_epi32(v, 4), static_cast<__mmask16>(qh >> 16), t0), d, d, 0.0f);
   }
 };
 
@@ -327,8 +329,8 @@ template <> struct Simd<Q5_1> {
     const __m512i v = u8x16(b + 8);
     const __m512 t0 = iota_ps(0.0f);
     const float d = f16(b);
-    f(std::integral_constant<int, 0>{}, lut5(v, static_cast<__mmask16>(qh), t0), lut5(_mm512_srli_epi32(v, 4), static_cast<__mmask16>(qh >> 16), t0),
-      d, d, f16(b + 2));
+    f(std::integral_constant<int, 0>{}, lut5(v, static_cast<__mmask16>(qh), t0),
+      lut5(_mm512_srli_epi32(v, 4), static_cast<__mmask16>(qh >> 16), t0), d, d, f16(b + 2));
   }
 };
 
@@ -392,6 +394,9 @@ template <> struct Simd<Q5_K> {
   }
 };
 
+// Signed byte codes 16L..16L+15 of a 64-byte vector, as floats.
+template <int L> inline __m512 codes16(__m512i c) { return ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c, L))); }
+
 template <> struct Simd<Q6_K> {
   // Half n (elements 128n..128n+127) in two 64-byte vectors of signed codes q - 32:
   // elements 0..63 of the half take the low nibbles of ql[64n..64n+63] and bits (0,1) / (2,3)
@@ -413,10 +418,10 @@ template <> struct Simd<Q6_K> {
       const __m512i c1 = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4),
           _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(H, sh_hi), m2), 4)), c32);
       const float* d = ds + 8 * n;
-      f(std::integral_constant<int, 4 * n + 0>{}, ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(c0))), ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c0, 1))), d[0], d[1], 0.0f);
-      f(std::integral_constant<int, 4 * n + 1>{}, ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c0, 2))), ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c0, 3))), d[2], d[3], 0.0f);
-      f(std::integral_constant<int, 4 * n + 2>{}, ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(c1))), ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c1, 1))), d[4], d[5], 0.0f);
-      f(std::integral_constant<int, 4 * n + 3>{}, ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c1, 2))), ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c1, 3))), d[6], d[7], 0.0f);
+      f(std::integral_constant<int, 4 * n + 0>{}, codes16<0>(c0), codes16<1>(c0), d[0], d[1], 0.0f);
+      f(std::integral_constant<int, 4 * n + 1>{}, codes16<2>(c0), codes16<3>(c0), d[2], d[3], 0.0f);
+      f(std::integral_constant<int, 4 * n + 2>{}, codes16<0>(c1), codes16<1>(c1), d[4], d[5], 0.0f);
+      f(std::integral_constant<int, 4 * n + 3>{}, codes16<2>(c1), codes16<3>(c1), d[6], d[7], 0.0f);
     });
   }
 };
@@ -533,8 +538,7 @@ void weighted_values_avx512(const float* p, const float* values, int64_t n, int6
 bool cpu_has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
 }
 #else
 bool cpu_has_avx512() { return false; }
