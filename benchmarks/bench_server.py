@@ -10,7 +10,7 @@ its 16 tokens (the token counts are checked through ``stream_options.include_usa
 Each measurement is repeated ``--repeat`` times, alternating; the best (least disturbed
 on a shared machine) and the median are reported, with the mean time to first token.
 
-    python benchmarks/bench_server.py [-m FILE.gguf] [--repeat 3] [--threads N]
+    python benchmarks/bench_server.py [-m FILE.gguf] [--repeat 3] [--threads N] [--batch-rows N]
 
 Writes benchmarks/results/<date>-cpu-server.json (with the machine's load average: other
 work on a shared machine slows the two sides unevenly). Traffic goes to 127.0.0.1 only.
@@ -89,12 +89,14 @@ def concurrent(http: httpx.Client, url: str, k: int) -> dict:
     return {"seconds": seconds, "tokens": sum(n for _, n in runs), "ttft_mean": statistics.mean(t for t, _ in runs)}
 
 
-def start_server(model: Path, threads: int | None, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, threads: int | None, batch_rows: int | None, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "gguflm", "serve", "-m", str(model), "--host", HOST, "--port", str(port),
            "--parallel", "16", "-c", "512", "--log-level", "warning"]
     if threads:
         cmd += ["--threads", str(threads)]
+    if batch_rows:
+        cmd += ["--batch-rows", str(batch_rows)]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://{HOST}:{port}"
     for _ in range(1200):
@@ -114,11 +116,12 @@ def main() -> None:
     ap.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="server CPU threads (default: torch's choice)")
+    ap.add_argument("--batch-rows", type=int, default=None, help="gguflm serve --batch-rows (default: its own)")
     args = ap.parse_args()
     model = resolve_model(args.model)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_server(model, args.threads, Path(tmp) / "serve.log")
+        proc, url = start_server(model, args.threads, args.batch_rows, Path(tmp) / "serve.log")
         try:
             with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=32)) as http:
                 stream_one(http, url, "warm-up")
@@ -137,6 +140,7 @@ def main() -> None:
     med_seq, med_conc = statistics.median(r["seconds"] for r in seq), statistics.median(r["seconds"] for r in conc)
     result = {
         "date": dt.date.today().isoformat(), "cpu": cpu_model(), "model": model.name, "threads": args.threads,
+        "batch_rows": args.batch_rows,
         "tokens_per_request": N_TOKENS, "repeat": args.repeat,
         "sequential_4": {"best_s": best_seq, "median_s": med_seq, "runs": seq,
                          "tokens_per_s": 4 * N_TOKENS / best_seq},

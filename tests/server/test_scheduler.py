@@ -63,7 +63,7 @@ def test_batched_queued_chunked_equals_alone(model, prompts) -> None:
 
 
 def test_context_full_and_max_tokens(model, prompts) -> None:
-    sched = Scheduler(model, n_slots=3, n_ctx=len(prompts[0]) + 4)
+    sched = Scheduler(model, n_slots=3, n_ctx=len(prompts[0]) + 4, max_batch_rows=2)
     try:
         full, short, zero = run_jobs(sched, [Job(prompts[0], GREEDY), Job(prompts[0], GREEDY, 2),
                                              Job(prompts[0], GREEDY, 0)])

@@ -17,7 +17,7 @@ loop repeats one *step*:
    complete samples its first token from its last chunk's logits;
 3. decode: every request that has a sampled token not yet in the cache feeds it, all of
    them together in ONE batched forward (``tokens [B, 1]`` at their own positions in
-   their own slots); each row is sampled with its request's own parameters, history and
+   their own slots; or in forwards of ``max_batch_rows``); each row is sampled with its request's own parameters, history and
    random generator, so a request's tokens do not depend on who else is in the batch
    (up to float rounding of a batched matmul).
 
@@ -138,14 +138,20 @@ class _Seq:
 
 class Scheduler:
     """The worker loop (see the module docstring) over a cache of ``n_slots`` slots of
-    ``n_ctx`` positions (default: the model's context)."""
+    ``n_ctx`` positions (default: the model's context). ``max_batch_rows`` caps the rows of
+    one decode forward (None: all running requests in one); a larger batch runs as several
+    forwards, for kernels whose cost per row jumps past some width."""
 
     def __init__(self, model: Model, n_slots: int, n_ctx: int | None = None, *,
-                 prefill_chunk: int = 256, prefill_budget: int = 512, max_waiting: int = 1024):
+                 prefill_chunk: int = 256, prefill_budget: int = 512, max_waiting: int = 1024,
+                 max_batch_rows: int | None = None):
         if n_slots < 1:
             raise ValueError("n_slots must be >= 1")
         if prefill_chunk < 1 or prefill_budget < 1 or max_waiting < 0:
             raise ValueError("prefill_chunk and prefill_budget must be >= 1, max_waiting >= 0")
+        if max_batch_rows is not None and max_batch_rows < 1:
+            raise ValueError("max_batch_rows must be >= 1")
+        self.max_batch_rows = max_batch_rows
         self.model = model
         self.cache: KVCache = model.new_cache(n_slots, n_ctx)
         self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_budget
@@ -319,16 +325,20 @@ class Scheduler:
                 self._accept(seq, logits[i])
 
     def _decode(self) -> None:
-        """One batched forward feeding every request's last sampled token at its own position."""
+        """Feed every request's last sampled token at its own position: one batched forward,
+        or several of at most ``max_batch_rows`` rows."""
         ready = [s for s in self._active if s.last is not None and not s.ticket.cancelled]
-        if not ready:
-            return
+        width = self.max_batch_rows or max(len(ready), 1)
+        for i in range(0, len(ready), width):
+            self._decode_rows(ready[i:i + width])
+
+    def _decode_rows(self, rows: list[_Seq]) -> None:
         device = self.cache.k.device
-        tokens = torch.tensor([[s.last] for s in ready], device=device)         # [B, 1]
-        positions = torch.tensor([[s.n_past] for s in ready], device=device)   # [B, 1]
-        slots = torch.tensor([s.slot for s in ready], device=device)           # [B]
+        tokens = torch.tensor([[s.last] for s in rows], device=device)         # [B, 1]
+        positions = torch.tensor([[s.n_past] for s in rows], device=device)   # [B, 1]
+        slots = torch.tensor([s.slot for s in rows], device=device)           # [B]
         logits = self.model.forward(tokens, positions, self.cache, slots, last_only=True)  # [B, V]
-        for i, seq in enumerate(ready):
+        for i, seq in enumerate(rows):
             seq.n_past += 1
             self._held[seq.slot].append(seq.last)
             seq.last = None
