@@ -37,7 +37,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -126,6 +125,15 @@ def child_ours(path: str, threads: int) -> dict:
                           last_only=True)
         decode.append(DECODE_WINDOW / (time.perf_counter() - t0))
     return {"load_s": load, "prefill_tok_s": pre, "decode_tok_s": decode}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that
+    over execve from the parent, which here has torch and models loaded."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def run_child(engine: str, path: Path, threads: int) -> dict:
@@ -304,7 +312,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.child:
         res = (child_llama if args.child == "llama" else child_ours)(args.path, int(args.threads))
-        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(res))
         return 0
     threads = [int(t) for t in args.threads.split(",")]

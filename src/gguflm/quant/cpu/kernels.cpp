@@ -506,30 +506,52 @@ void dequant_rows_avx512(const uint8_t* w, int64_t K, const int64_t* rows, int64
 
 // Attention inner loops (see scores_rows / weighted_values), D a multiple of 16; the G query
 // heads of a KV head share each key/value load.
+// Horizontal sums of four vectors: [sum(a), sum(b), sum(c), sum(d)].
+inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  auto to4 = [](__m512 v) {
+    const __m256 t = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  };
+  return _mm_hadd_ps(_mm_hadd_ps(to4(a), to4(b)), _mm_hadd_ps(to4(c), to4(d)));
+}
+
 void scores_rows_avx512(const float* q, const float* keys, int64_t n, int64_t S, int64_t D, int64_t G, float scale,
                         float* sc) {
-  for (int64_t j = 0; j < n; ++j) {
+  const __m128 s4 = _mm_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {  // four keys at a time: one shared reduction tree
     const float* k = keys + j * D;
     for (int64_t g = 0; g < G; ++g) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + i), _mm512_loadu_ps(k + i), acc);
-      sc[g * S + j] = _mm512_reduce_add_ps(acc) * scale;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t i = 0; i < D; i += 16) {
+        const __m512 qv = _mm512_loadu_ps(q + g * D + i);
+        a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + i), a0);
+        a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + D + i), a1);
+        a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + 2 * D + i), a2);
+        a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + 3 * D + i), a3);
+      }
+      _mm_storeu_ps(sc + g * S + j, _mm_mul_ps(hsum4(a0, a1, a2, a3), s4));
     }
   }
+  for (; j < n; ++j)
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + i), _mm512_loadu_ps(keys + j * D + i), acc);
+      sc[g * S + j] = _mm512_reduce_add_ps(acc) * scale;
+    }
   for (int64_t g = 0; g < G; ++g) std::fill(sc + g * S + n, sc + (g + 1) * S, -INFINITY);
 }
 
 void weighted_values_avx512(const float* p, const float* values, int64_t n, int64_t S, int64_t D, int64_t G, float* out) {
   for (int64_t g = 0; g < G; ++g)
     for (int64_t i = 0; i < D; i += 16) {
-      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       int64_t j = 0;
-      for (; j + 1 < n; j += 2) {
-        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(p[g * S + j]), _mm512_loadu_ps(values + j * D + i), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(p[g * S + j + 1]), _mm512_loadu_ps(values + (j + 1) * D + i), acc1);
-      }
-      if (j < n) acc0 = _mm512_fmadd_ps(_mm512_set1_ps(p[g * S + j]), _mm512_loadu_ps(values + j * D + i), acc0);
-      _mm512_storeu_ps(out + g * D + i, _mm512_add_ps(acc0, acc1));
+      for (; j + 4 <= n; j += 4)  // four independent chains
+        for (int c = 0; c < 4; ++c)
+          acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * S + j + c]), _mm512_loadu_ps(values + (j + c) * D + i), acc[c]);
+      for (; j < n; ++j) acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * S + j]), _mm512_loadu_ps(values + j * D + i), acc[0]);
+      _mm512_storeu_ps(out + g * D + i, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
     }
 }
 
