@@ -45,6 +45,14 @@ for phase in "$@"; do
     tests)
         timeout 420 python3 -m pytest -q tests/cuda -p no:cacheprovider 2>&1 | tail -25
         ;;
+    tests_bg)  # in the background (the GPU is otherwise idle while llama-quantize builds); `wait_tests` joins
+        (timeout 420 python3 -m pytest -q tests/cuda -p no:cacheprovider > "$OUT/tests.log" 2>&1) &
+        TESTS_PID=$!
+        ;;
+    wait_tests)
+        wait "$TESTS_PID"
+        tail -5 "$OUT/tests.log"
+        ;;
     tinyllama)
         [ -f "$W/tinyllama-f16.gguf" ] || python3 benchmarks/make_tinyllama.py "$W/tinyllama-f16.gguf" \
             --vocab .dev/shared/vocab/ggml-vocab-llama-spm.gguf

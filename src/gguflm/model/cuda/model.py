@@ -46,6 +46,7 @@ class CudaModel(Model):
         self._graphs: OrderedDict[tuple[int, int], DecodeGraphs] = OrderedDict()
         self._prefills: OrderedDict[tuple, Any] = OrderedDict()   # key -> seen once (None) or (graph, tokens, out)
         self._pool: Any = None
+        self._side: torch.cuda.Stream | None = None    # warm-ups and captures of prefills
         self._session: KVCache | None = None
 
     def new_cache(self, n_slots: int = 1, n_ctx: int | None = None) -> KVCache:
@@ -101,28 +102,36 @@ class CudaModel(Model):
             return run(tokens)
         entry = self._prefills[key]
         if entry is None:                                 # second: warm up on a side stream, capture
-            buf = tokens.clone()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                run(buf)
-            torch.cuda.current_stream().wait_stream(stream)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = run(buf)
-            entry = (graph, buf, out)
+            entry = self._capture(run, tokens.clone())
             self._remember(key, entry)
-            torch.cuda.empty_cache()                      # the warm-up's blocks
         graph, buf, out = entry
         self._prefills.move_to_end(key)
         buf.copy_(tokens)
         graph.replay()
         return out
 
+    def _capture(self, run, buf: torch.Tensor) -> tuple:
+        """Warm up ``run(buf)`` on the side stream, then capture it there. The cached blocks
+        of earlier eager runs are released first, so that the capture does not add its
+        private pool on top of them (the process's peak memory)."""
+        if self._side is None:
+            self._side = torch.cuda.Stream()
+            self._pool = torch.cuda.graph_pool_handle()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        self._side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side):
+            run(buf)
+        self._side.synchronize()
+        torch.cuda.empty_cache()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._side):
+            out = run(buf)
+        return graph, buf, out
+
     def _remember(self, key: tuple, entry: Any) -> None:
         self._prefills[key] = entry
+        self._prefills.move_to_end(key)
         while len(self._prefills) > 2 * MAX_PREFILL_GRAPHS:
             self._prefills.popitem(last=False)
         captured = [k for k, e in self._prefills.items() if e is not None]

@@ -82,21 +82,18 @@ def silu_mul_half(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotate_heads(row, COS_ptr, SIN_ptr, pos, h0, n, NP: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr):
-    """Heads h0 .. h0+n-1 of a QKV row, rotated at ``pos``: (y0, y1, i0, i1, head, mask),
-    y0/y1 [NP, D/2] float32 to store at columns i0/i1 of each head."""
-    hd = tl.arange(0, NP)[:, None]
-    i = tl.arange(0, D // 2)[None, :]
+def _rotated(x, cos, sin, NP: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr):
+    """Heads x [NP, D] (float32, natural column order) rotated by cos/sin [1, D/2]."""
     if NEOX:
-        i0, i1 = i, i + D // 2
+        x0, x1 = tl.split(tl.permute(tl.reshape(x, (NP, 2, D // 2)), (0, 2, 1)))
     else:
-        i0, i1 = 2 * i, 2 * i + 1
-    mask = (hd < n) & (i >= 0)
-    cos = tl.load(COS_ptr + pos * (D // 2) + i)
-    sin = tl.load(SIN_ptr + pos * (D // 2) + i)
-    x0 = tl.load(row + (h0 + hd) * D + i0, mask=mask, other=0.0).to(tl.float32)
-    x1 = tl.load(row + (h0 + hd) * D + i1, mask=mask, other=0.0).to(tl.float32)
-    return x0 * cos - x1 * sin, x0 * sin + x1 * cos, i0, i1, hd, mask
+        x0, x1 = tl.split(tl.reshape(x, (NP, D // 2, 2)))
+    y0 = x0 * cos - x1 * sin
+    y1 = x0 * sin + x1 * cos
+    if NEOX:
+        return tl.reshape(tl.permute(tl.join(y0, y1), (0, 2, 1)), (NP, D))
+    else:
+        return tl.reshape(tl.join(y0, y1), (NP, D))
 
 
 @triton.jit
@@ -104,22 +101,26 @@ def _rope_prefill_kernel(QKV_ptr, COS_ptr, SIN_ptr, Q_ptr, K_ptr, V_ptr, p0, H, 
                          cache_head_stride, cache_pos_stride,
                          HP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr):
     """Program t: the H query heads of token t rotated into Q[t]; its Hkv key heads rotated
-    into K[:, p0 + t] and its value heads copied into V[:, p0 + t]."""
+    into K[:, p0 + t] and its value heads copied into V[:, p0 + t]. Heads are loaded
+    and stored as whole contiguous rows; the pairs are split in registers."""
     t = tl.program_id(0).to(tl.int64)
     pos = p0 + t
     row = QKV_ptr + t * ((H + 2 * n_kv) * D)
-    y0, y1, i0, i1, hd, mask = _rotate_heads(row, COS_ptr, SIN_ptr, pos, 0, H, HP, D, NEOX)
-    q = Q_ptr + (t * H + hd) * D
-    tl.store(q + i0, y0.to(tl.float16), mask=mask)
-    tl.store(q + i1, y1.to(tl.float16), mask=mask)
-    y0, y1, i0, i1, hd, mask = _rotate_heads(row, COS_ptr, SIN_ptr, pos, H, n_kv, KP, D, NEOX)
-    dst = hd * cache_head_stride + pos * cache_pos_stride
-    tl.store(K_ptr + dst + i0, y0.to(K_ptr.dtype.element_ty), mask=mask)
-    tl.store(K_ptr + dst + i1, y1.to(K_ptr.dtype.element_ty), mask=mask)
     d = tl.arange(0, D)[None, :]
-    vmask = (hd < n_kv) & (d >= 0)
-    v = tl.load(row + (H + n_kv + hd) * D + d, mask=vmask, other=0.0)
-    tl.store(V_ptr + dst + d, v.to(V_ptr.dtype.element_ty), mask=vmask)
+    i = tl.arange(0, D // 2)[None, :]
+    cos = tl.load(COS_ptr + pos * (D // 2) + i)
+    sin = tl.load(SIN_ptr + pos * (D // 2) + i)
+    hq = tl.arange(0, HP)[:, None]
+    qmask = (hq < H) & (d >= 0)
+    q = tl.load(row + hq * D + d, mask=qmask, other=0.0).to(tl.float32)
+    tl.store(Q_ptr + (t * H + hq) * D + d, _rotated(q, cos, sin, HP, D, NEOX).to(tl.float16), mask=qmask)
+    hk = tl.arange(0, KP)[:, None]
+    kmask = (hk < n_kv) & (d >= 0)
+    dst = hk * cache_head_stride + pos * cache_pos_stride + d
+    k = tl.load(row + (H + hk) * D + d, mask=kmask, other=0.0).to(tl.float32)
+    tl.store(K_ptr + dst, _rotated(k, cos, sin, KP, D, NEOX).to(K_ptr.dtype.element_ty), mask=kmask)
+    v = tl.load(row + (H + n_kv + hk) * D + d, mask=kmask, other=0.0)
+    tl.store(V_ptr + dst, v.to(V_ptr.dtype.element_ty), mask=kmask)
 
 
 def rope_prefill(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p0: int, k_cache: torch.Tensor,
