@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from oracles import PROMPTS, kl_rows
 
+import gguflm
 from gguflm.verify.reference import reference_logits
 
 STEPS = 6
@@ -20,6 +21,19 @@ STEPS = 6
 
 def chat_ids(model, question: str) -> list[int]:
     return model.encode_prompt(model.chat_template.render([{"role": "user", "content": question}]))
+
+
+def cached_weights(path):
+    """A name -> dequantized tensor source for reference_logits, shared by its calls here."""
+    f, cache = gguflm.GGUFFile(path), {}
+
+    def weight(name: str) -> torch.Tensor:
+        if name not in cache:
+            info = f.tensors[name]
+            cache[name] = gguflm.dequantize(f.tensor_data(name), info.ggml_type, info.shape)
+        return cache[name]
+
+    return weight
 
 
 def check(ref: np.ndarray, ours: list[torch.Tensor]) -> None:
@@ -52,8 +66,9 @@ def test_ragged_batch_and_slot_reuse_match_reference(smollm2_model, smollm2_path
         for b in range(3):
             seqs[b].append(nxt[b])
             rows[b].append(logits[b])
+    weights = cached_weights(smollm2_path)
     for b in range(3):
-        ref = reference_logits(smollm2_path, seqs[b])
+        ref = reference_logits(smollm2_path, seqs[b], weights=weights)
         check(ref[lengths[b] - 1:], rows[b])
 
     # slot 2 held the longest sequence; a shorter one reuses it, prefilled in two chunks
@@ -69,4 +84,4 @@ def test_ragged_batch_and_slot_reuse_match_reference(smollm2_model, smollm2_path
         out.append(model.forward(torch.tensor([[tok]]), torch.tensor([[len(seq)]]), cache, slot)[0])
         seq.append(tok)
     ours = list(out[0]) + [o[-1] for o in out[1:]]
-    check(reference_logits(smollm2_path, seq)[cut:], ours)
+    check(reference_logits(smollm2_path, seq, weights=weights)[cut:], ours)
