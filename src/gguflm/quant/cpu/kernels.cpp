@@ -515,11 +515,12 @@ inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm_hadd_ps(_mm_hadd_ps(to4(a), to4(b)), _mm_hadd_ps(to4(c), to4(d)));
 }
 
-void scores_rows_avx512(const float* q, const float* keys, int64_t n, int64_t S, int64_t D, int64_t G, float scale,
-                        float* sc) {
+void scores_rows_avx512(const float* q, const float* keys, int64_t j0, int64_t j1, int64_t n, int64_t S, int64_t D,
+                        int64_t G, float scale, float* sc) {
   const __m128 s4 = _mm_set1_ps(scale);
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {  // four keys at a time: one shared reduction tree
+  const int64_t jn = std::min(j1, n);
+  int64_t j = j0;
+  for (; j + 4 <= jn; j += 4) {  // four keys at a time: one shared reduction tree
     const float* k = keys + j * D;
     for (int64_t g = 0; g < G; ++g) {
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -533,18 +534,19 @@ void scores_rows_avx512(const float* q, const float* keys, int64_t n, int64_t S,
       _mm_storeu_ps(sc + g * S + j, _mm_mul_ps(hsum4(a0, a1, a2, a3), s4));
     }
   }
-  for (; j < n; ++j)
+  for (; j < jn; ++j)
     for (int64_t g = 0; g < G; ++g) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + i), _mm512_loadu_ps(keys + j * D + i), acc);
       sc[g * S + j] = _mm512_reduce_add_ps(acc) * scale;
     }
-  for (int64_t g = 0; g < G; ++g) std::fill(sc + g * S + n, sc + (g + 1) * S, -INFINITY);
+  for (int64_t g = 0; g < G; ++g) std::fill(sc + g * S + std::max(j0, jn), sc + g * S + j1, -INFINITY);
 }
 
-void weighted_values_avx512(const float* p, const float* values, int64_t n, int64_t S, int64_t D, int64_t G, float* out) {
+void weighted_values_avx512(const float* p, const float* values, int64_t n, int64_t S, int64_t D, int64_t G, int64_t i0,
+                            int64_t i1, float* out) {
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t i = 0; i < D; i += 16) {
+    for (int64_t i = i0; i < i1; i += 16) {
       __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       int64_t j = 0;
       for (; j + 4 <= n; j += 4)  // four independent chains
@@ -691,7 +693,8 @@ void check_x(const at::Tensor& x, int64_t K) {
 // ---------------------------------------------------------------------------------------
 
 constexpr int64_t kRowGrain = 16;              // rows per thread for the elementwise parts of a step
-constexpr int64_t kAttnGrainFlops = 1 << 21;   // query-key products below which attention stays serial
+constexpr int64_t kAttnGrainFlops = 1 << 16;   // query-key products below which attention stays serial
+constexpr int64_t kKeyBlock = 64;              // keys per attention-score task
 
 // y = x / sqrt(mean(x^2) + eps) * w, as (x * r) * w with r = 1 / sqrt(mean + eps).
 void rms_norm(const float* x, const float* w, int64_t E, float eps, float* y) {
@@ -717,14 +720,16 @@ void rope(float* v, int64_t n_heads, int64_t D, const float* c, const float* s, 
 }
 
 // Attention of the G query heads q [G, D] sharing one KV head, over keys/values [n, D]:
-// sc [G, S] = q . k_j * scale for j < n, -inf for n <= j < S (then softmax over S);
-// out [G, D] = sum_j p [G, S] (j < n) * v_j.
-void scores_rows(const float* q, const float* keys, int64_t n, int64_t S, int64_t D, int64_t G, float scale, float* sc) {
+// scores_rows fills sc [G, S] for key columns j0 <= j < j1: q . k_j * scale where j < n, -inf
+// beyond (then softmax over S); weighted_values fills out [G, D] columns i0 <= i < i1 with
+// sum_{j < n} p [G, S] * v_j. Tasks split keys (scores) or head dimensions (values).
+void scores_rows(const float* q, const float* keys, int64_t j0, int64_t j1, int64_t n, int64_t S, int64_t D, int64_t G,
+                 float scale, float* sc) {
 #ifdef GGUFLM_X86
-  if (simd_active() && D % 16 == 0) { scores_rows_avx512(q, keys, n, S, D, G, scale, sc); return; }
+  if (simd_active() && D % 16 == 0) { scores_rows_avx512(q, keys, j0, j1, n, S, D, G, scale, sc); return; }
 #endif
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t j = 0; j < S; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       float d = 0.0f;
       if (j < n)
         for (int64_t i = 0; i < D; ++i) d += q[g * D + i] * keys[j * D + i];
@@ -732,15 +737,16 @@ void scores_rows(const float* q, const float* keys, int64_t n, int64_t S, int64_
     }
 }
 
-void weighted_values(const float* p, const float* values, int64_t n, int64_t S, int64_t D, int64_t G, float* out) {
+void weighted_values(const float* p, const float* values, int64_t n, int64_t S, int64_t D, int64_t G, int64_t i0,
+                     int64_t i1, float* out) {
 #ifdef GGUFLM_X86
-  if (simd_active() && D % 16 == 0) { weighted_values_avx512(p, values, n, S, D, G, out); return; }
+  if (simd_active() && D % 16 == 0) { weighted_values_avx512(p, values, n, S, D, G, i0, i1, out); return; }
 #endif
   for (int64_t g = 0; g < G; ++g) {
     float* o = out + g * D;
-    std::fill(o, o + D, 0.0f);
+    std::fill(o + i0, o + i1, 0.0f);
     for (int64_t j = 0; j < n; ++j)
-      for (int64_t i = 0; i < D; ++i) o[i] += p[g * S + j] * values[j * D + i];
+      for (int64_t i = i0; i < i1; ++i) o[i] += p[g * S + j] * values[j * D + i];
   }
 }
 
@@ -857,26 +863,27 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
     at::Tensor scores = at::empty({R, n_head, S}, x.options());                    // [R, H, S]
     const float* qp = q.data_ptr<float>();
     float* scp = scores.data_ptr<float>();
-    auto kv_head = [&](int64_t t, const float* cache) {                             // task t = (r, hk)
-      const int64_t r = t / n_head_kv, hk = t % n_head_kv;
-      return cache + (sp[r] * n_head_kv + hk) * n_ctx * D;
-    };
-    // a decode step's attention is tens of microseconds: threads only for long contexts
-    const int64_t grain = R * n_head * S * D < kAttnGrainFlops ? R * n_head_kv : 1;
-    at::parallel_for(0, R * n_head_kv, grain, [&](int64_t b, int64_t e) {
+    auto kv_base = [&](int64_t r, int64_t hk, const float* cache) { return cache + (sp[r] * n_head_kv + hk) * n_ctx * D; };
+    // Tasks: (row, KV head, block of kKeyBlock keys) for the scores, (row, KV head, 16 head
+    // dimensions) for the values; a short decode step's attention stays on one thread.
+    const bool threads = R * n_head * S * D >= kAttnGrainFlops;
+    const int64_t n_kb = (S + kKeyBlock - 1) / kKeyBlock, n_db = (D + 15) / 16;
+    at::parallel_for(0, R * n_head_kv * n_kb, threads ? 1 : R * n_head_kv * n_kb, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        const int64_t r = t / n_head_kv, hk = t % n_head_kv, p = std::max<int64_t>(pp[r], 0);
-        scores_rows(qp + r * QD + hk * G * D, kv_head(t, kcp), p + 1, S, D, G, scale, scp + (r * n_head + hk * G) * S);
+        const int64_t r = t / (n_head_kv * n_kb), hk = t / n_kb % n_head_kv, kb = t % n_kb;
+        scores_rows(qp + r * QD + hk * G * D, kv_base(r, hk, kcp), kb * kKeyBlock, std::min(S, (kb + 1) * kKeyBlock),
+                    std::max<int64_t>(pp[r], 0) + 1, S, D, G, scale, scp + (r * n_head + hk * G) * S);
       }
     });
     at::Tensor probs = at::_softmax(scores, -1, false);
     att = at::empty({R, QD}, x.options());
     const float* pr = probs.data_ptr<float>();
     float* ap = att.data_ptr<float>();
-    at::parallel_for(0, R * n_head_kv, grain, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, R * n_head_kv * n_db, threads ? 1 : R * n_head_kv * n_db, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        const int64_t r = t / n_head_kv, hk = t % n_head_kv, p = std::max<int64_t>(pp[r], 0);
-        weighted_values(pr + (r * n_head + hk * G) * S, kv_head(t, vcp), p + 1, S, D, G, ap + r * QD + hk * G * D);
+        const int64_t r = t / (n_head_kv * n_db), hk = t / n_db % n_head_kv, db = t % n_db;
+        weighted_values(pr + (r * n_head + hk * G) * S, kv_base(r, hk, vcp), std::max<int64_t>(pp[r], 0) + 1, S, D, G,
+                        db * 16, std::min(D, (db + 1) * 16), ap + r * QD + hk * G * D);
       }
     });
   }
