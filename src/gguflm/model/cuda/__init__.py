@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from gguflm.gguf.reader import GGUFFile
@@ -20,6 +22,13 @@ def load_cuda(f: GGUFFile, config: ModelConfig, tokenizer, n_ctx: int, device: t
     where the Triton kernels run in the interpreter)."""
     from gguflm.model.cuda.model import CudaModel
     from gguflm.model.cuda.weights import load_weights
+
+    # cuBLAS workspaces of 4 MiB (one buffer) and 1 MiB (cublasLt) instead of PyTorch's
+    # larger defaults: the prefill matmuls pick the same kernels at the same speed
+    # (H100, pp512), and the process needs ~100 MiB less. Read once, at cuBLAS's first
+    # use; a value the user set wins.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:1")
+    os.environ.setdefault("TORCH_CUBLASLT_WORKSPACE_SIZE", "1024")
 
     weights = load_weights(f, config, device)
     return CudaModel(f, config, weights, tokenizer, n_ctx, device, use_graphs=use_graphs and device.type == "cuda")
