@@ -53,6 +53,8 @@ class FusedBlock(nn.Module):
         self._weights = [m.weight.raw for m in linears]
         self._types = [int(m.weight.ggml_type) for m in linears]
         self._biases = [m.bias for m in linears]
+        self._norms = (block.attn_norm.weight, block.ffn_norm.weight)
+        self._rope: tuple = (None, None)  # (rope module, its block_step arguments), read once
 
     @staticmethod
     def eligible(block: nn.Module) -> bool:
@@ -66,10 +68,12 @@ class FusedBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope: nn.Module, positions: torch.Tensor, blocked: torch.Tensor,
                 cache, layer: int, slots: torch.Tensor) -> torch.Tensor:
         # x: [B, T, E]; positions: [B, T] (< 0 = padding); slots: [B] -> [B, T, E]
-        if (x.dtype != torch.float32 or cache.k.dtype != torch.float32 or rope.cos.shape[1] * 2 != self.head_dim
+        if self._rope[0] is not rope:
+            self._rope = (rope, (rope.cos, rope.sin, rope.style.value == "neox"))
+        cos, sin, neox = self._rope[1]
+        if (x.dtype != torch.float32 or cache.k.dtype != torch.float32 or cos.shape[1] * 2 != self.head_dim
                 or x.device.type != "cpu"):
             return self.block(x, rope, positions, blocked, cache, layer, slots)
-        return ops().block_step(
-            x.contiguous(), positions.contiguous(), slots, cache.k, cache.v, layer, rope.cos, rope.sin,
-            self.block.attn_norm.weight, self.block.ffn_norm.weight, self.eps, self._weights, self._types,
-            self._biases, self.n_head, self.n_head_kv, self.n_ff, rope.style.value == "neox")
+        return ops().block_step(x.contiguous(), positions.contiguous(), slots, cache.k, cache.v, layer, cos, sin,
+                                *self._norms, self.eps, self._weights, self._types, self._biases, self.n_head,
+                                self.n_head_kv, self.n_ff, neox)
