@@ -35,6 +35,21 @@ class ContextLengthError(GenerationError):
     """The prompt does not fit in the context window."""
 
 
+def check_request(prompt: Sequence[int], n_ctx: int, n_vocab: int, max_tokens: int | None) -> None:
+    """Raise GenerationError (ContextLengthError for length) unless ``prompt`` is non-empty,
+    leaves a free position in ``n_ctx``, holds ids below ``n_vocab``, and ``max_tokens``
+    (None: unbounded) is >= 0."""
+    if not prompt:
+        raise GenerationError("the prompt is empty: nothing to continue from")
+    if len(prompt) >= n_ctx:
+        raise ContextLengthError(f"the prompt has {len(prompt)} tokens but the context holds "
+                                 f"{n_ctx}; shorten it or raise the context size")
+    if not all(0 <= t < n_vocab for t in prompt):
+        raise GenerationError(f"prompt token ids must lie in [0, {n_vocab})")
+    if max_tokens is not None and max_tokens < 0:
+        raise GenerationError("max_tokens must be >= 0")
+
+
 @dataclass
 class GenerationResult:
     """What a finished (or running) generation did. ``finish_reason`` is "stop" (end-of-
@@ -66,16 +81,7 @@ class TokenStream:
         self.prompt = [int(t) for t in prompt_ids]
         self.params = params or SamplingParams()
         self.cache = cache if cache is not None else model.new_cache(1)
-        if not self.prompt:
-            raise GenerationError("the prompt is empty: nothing to continue from")
-        if len(self.prompt) >= self.cache.n_ctx:
-            raise ContextLengthError(f"the prompt has {len(self.prompt)} tokens but the context holds "
-                                     f"{self.cache.n_ctx}; shorten it or raise the context size")
-        n_vocab = model.config.n_vocab
-        if not all(0 <= t < n_vocab for t in self.prompt):
-            raise GenerationError(f"prompt token ids must lie in [0, {n_vocab})")
-        if max_tokens < 0:
-            raise GenerationError("max_tokens must be >= 0")
+        check_request(self.prompt, self.cache.n_ctx, model.config.n_vocab, max_tokens)
         self.max_tokens = max_tokens
         self.slot = slot
         self.result = GenerationResult(n_prompt=len(self.prompt))
