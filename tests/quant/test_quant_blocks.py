@@ -68,14 +68,15 @@ def assert_bits_equal(got: np.ndarray, want: np.ndarray, what: str) -> None:
 
 
 @pytest.mark.parametrize("t", supported_types(), ids=lambda t: t.name)
-def test_bit_identical_to_libggml(oracle, t):
+def test_bit_identical_to_libggml(oracle, dequantize_paths, t):
     lay = LAYOUTS[t]
     blocks = sweep_blocks(t, np.random.default_rng(int(t)))
     n = blocks.shape[0]
-    got = dequantize(blocks.reshape(-1), t, (lay.block_size, n))
-    assert tuple(got.shape) == (n, lay.block_size)
     want = reference(oracle, blocks.reshape(-1), t, n * lay.block_size)
-    assert_bits_equal(got.numpy(), want, t.name)
+    for path, dq in dequantize_paths.items():
+        got = dq(blocks.reshape(-1), t, (lay.block_size, n))
+        assert tuple(got.shape) == (n, lay.block_size)
+        assert_bits_equal(got.numpy(), want, f"{t.name} ({path})")
 
 
 def test_every_type_libggml_can_dequantize_is_supported(oracle):
@@ -88,15 +89,17 @@ def test_every_type_libggml_can_dequantize_is_supported(oracle):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(t=st.sampled_from(supported_types()), rows=st.integers(1, 3), blocks_per_row=st.integers(1, 5),
        planes=st.integers(1, 2), data=st.data())
-def test_random_tensors_any_shape(oracle, t, rows, blocks_per_row, planes, data):
+def test_random_tensors_any_shape(oracle, dequantize_paths, t, rows, blocks_per_row, planes, data):
     lay = LAYOUTS[t]
     n_blocks = rows * blocks_per_row * planes
     raw = np.frombuffer(data.draw(st.binary(min_size=n_blocks * lay.type_size, max_size=n_blocks * lay.type_size)),
                         dtype=np.uint8)
     shape = (lay.block_size * blocks_per_row, rows, planes)
-    got = dequantize(raw, t, shape)
-    assert tuple(got.shape) == tuple(reversed(shape))
-    assert_bits_equal(got.numpy(), reference(oracle, raw, t, n_blocks * lay.block_size), t.name)
+    want = reference(oracle, raw, t, n_blocks * lay.block_size)
+    for path, dq in dequantize_paths.items():
+        got = dq(raw, t, shape)
+        assert tuple(got.shape) == tuple(reversed(shape))
+        assert_bits_equal(got.numpy(), want, f"{t.name} ({path})")
 
 
 @pytest.mark.cuda

@@ -31,31 +31,33 @@ def oracle():
     return ggml_oracle
 
 
-def check_file(oracle, path) -> set[GGMLType]:
-    """Compare every tensor; return the types seen."""
+def check_file(oracle, dequantize_paths, path) -> set[GGMLType]:
+    """Compare every tensor, through every CPU dequantization path; return the types seen."""
     seen = set()
     with gguflm.GGUFFile(path) as f:
         for name, info in f.tensors.items():
             raw = f.tensor_data(name)
-            got = dequantize(raw, info.ggml_type, info.shape)
-            assert tuple(got.shape) == tuple(reversed(info.shape)), name
             n = int(np.prod(info.shape))
             want = (raw.view("<f4") if info.ggml_type == GGMLType.F32
                     else oracle.ggml_to_float(raw, info.ggml_type, n))
-            g, w = got.numpy().reshape(-1).view(np.uint32), want.view(np.uint32)
-            if not np.array_equal(g, w):
-                bad = np.flatnonzero(g != w)
-                pytest.fail(f"{name} ({info.ggml_type.name}): {bad.size} of {n} values differ, first at {bad[:4]}")
+            for dq_path, dq in dequantize_paths.items():
+                got = dq(raw, info.ggml_type, info.shape)
+                assert tuple(got.shape) == tuple(reversed(info.shape)), name
+                g, w = got.numpy().reshape(-1).view(np.uint32), want.view(np.uint32)
+                if not np.array_equal(g, w):
+                    bad = np.flatnonzero(g != w)
+                    pytest.fail(f"{name} ({info.ggml_type.name}, {dq_path}): {bad.size} of {n} values differ, "
+                                f"first at {bad[:4]}")
             seen.add(info.ggml_type)
     return seen
 
 
 @pytest.mark.slow
-def test_smollm2_q4_1(oracle, smollm2_path):
-    assert GGMLType.Q4_1 in check_file(oracle, smollm2_path)
+def test_smollm2_q4_1(oracle, dequantize_paths, smollm2_path):
+    assert GGMLType.Q4_1 in check_file(oracle, dequantize_paths, smollm2_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ftype", list(REQUANTIZATIONS))
-def test_requantized(oracle, requantized, ftype):
-    assert REQUANTIZATIONS[ftype] in check_file(oracle, requantized(ftype))
+def test_requantized(oracle, dequantize_paths, requantized, ftype):
+    assert REQUANTIZATIONS[ftype] in check_file(oracle, dequantize_paths, requantized(ftype))

@@ -12,6 +12,6 @@ one registered class (see :mod:`gguflm.quant.base`), grouped by family:
 """
 
 from gguflm.quant import floats, iquants, kquants, legacy, microscale, ternary  # noqa: F401  (registers the types)
-from gguflm.quant.base import Blocks, QuantType, dequantize, quant_type, supported_types
+from gguflm.quant.base import Blocks, QuantType, dequantize, quant_type, supported_types, use_cpu_kernels
 
-__all__ = ["Blocks", "QuantType", "dequantize", "quant_type", "supported_types"]
+__all__ = ["Blocks", "QuantType", "dequantize", "quant_type", "supported_types", "use_cpu_kernels"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 import warnings
 from abc import ABC, abstractmethod
@@ -326,5 +327,37 @@ def dequantize(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: Sequence[i
     out_shape = tuple(reversed(dims))
     if n_blocks == 0:
         return torch.empty(out_shape, dtype=torch.float32, device=data.device)
+    if data.device.type == "cpu" and _cpu_kernel(cls.ggml_type):
+        # The compiled CPU kernels decode blocks to the same bits as libggml several times
+        # faster (the tests run both paths); other devices and types use torch.
+        from gguflm.quant import cpu
+
+        rows = torch.arange(n_elements // dims[0], dtype=torch.int64)
+        out = cpu.ops().dequantize_rows(data.contiguous(), int(cls.ggml_type), rows.numel(), dims[0], rows)
+        # The kernels follow ggml on finite values; NaN/inf (non-finite scales, never in a
+        # sane file) take the torch path, which also matches C's NaN signs and payloads.
+        # One sum finds them (a finite sum that overflows only costs the slower path).
+        if bool(torch.isfinite(out.sum())):
+            return out.reshape(out_shape)
     values = cls.dequantize_blocks(Blocks(data.view(n_blocks, lay.type_size), lay))
     return values.reshape(out_shape)
+
+
+_USE_CPU_KERNELS = os.environ.get("GGUFLM_CPU_KERNELS", "1") != "0"
+
+
+def use_cpu_kernels(enable: bool) -> bool:
+    """Let :func:`dequantize` use the compiled CPU kernels (gguflm.quant.cpu) where they
+    cover a type, or force the torch path; returns the previous setting. Both paths are
+    bit-identical to libggml (the tests run each)."""
+    global _USE_CPU_KERNELS
+    previous, _USE_CPU_KERNELS = _USE_CPU_KERNELS, bool(enable)
+    return previous
+
+
+def _cpu_kernel(ggml_type: GGMLType) -> bool:
+    if not _USE_CPU_KERNELS:
+        return False
+    from gguflm.quant import cpu
+
+    return cpu.supports(ggml_type)
