@@ -11,8 +11,8 @@ import torch
 from gguflm.gguf.types import LAYOUTS, GGMLType
 from gguflm.quant.triton import attention as A
 from gguflm.quant.triton.codecs import CODECS, codec
-from gguflm.quant.triton.dequant import dequantize_into
-from gguflm.quant.triton.gemv import GemvConfig, gemv, gemv_swiglu
+from gguflm.quant.triton.dequant import dequantize_into, dequantize_reference
+from gguflm.quant.triton.gemv import GemvConfig, gemv, gemv_reference, gemv_swiglu, gemv_swiglu_reference
 from gguflm.quant.triton.planes import PackedWeight, pack_planes, unpack_planes
 
 FUSED = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q2_K,
@@ -58,6 +58,7 @@ def test_gemv_matches_libggml(random_blocks, oracle, device, t):
     x = torch.randn(w.n_cols, generator=gen)
     y = gemv(w, x.to(device), config=GemvConfig(block_n=8, bb=2, num_warps=4))
     assert _rel(y, ref @ x.double()) < 1e-5
+    assert _rel(gemv_reference(w, x.to(device)), ref @ x.double()) < 1e-12          # the twin, same oracle
 
 
 @pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q8_0, GGMLType.Q6_K], ids=lambda t: t.name)
@@ -86,6 +87,8 @@ def test_gemv_swiglu(random_blocks, oracle, device, t):
     xd = x.double() / torch.sqrt((x.double() ** 2).mean() + 1e-6) * nw.double()
     g, u = g_ref @ xd, u_ref @ xd
     assert _rel(y, g * torch.sigmoid(g) * u) < 1e-5
+    twin = gemv_swiglu_reference(wg, wu, x.to(device), norm_weight=nw.to(device), eps=1e-6)
+    assert _rel(twin, g * torch.sigmoid(g) * u) < 1e-12
 
 
 @pytest.mark.parametrize("t", FUSED, ids=lambda t: t.name)
@@ -94,6 +97,7 @@ def test_dequantize_is_libggml_rounded_to_half(random_blocks, oracle, device, t)
     out = torch.full((w.n_rows, w.n_cols), float("nan"), dtype=torch.float16, device=device)
     dequantize_into(w, out, block_n=4)
     assert torch.equal(out.cpu(), ref.float().half())
+    assert torch.equal(dequantize_reference(w, torch.float16).cpu(), ref.float().half())
 
 
 def test_gather_rows_is_an_embedding_lookup(random_blocks, oracle, device):

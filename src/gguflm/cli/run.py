@@ -29,6 +29,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx-size", type=int, metavar="N",
                    help="context size in tokens (default: the model's, at most 4096)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help="timings and token counts on stderr")
 
 
@@ -82,8 +83,15 @@ def load_model(args: argparse.Namespace):
         raise UserError("--ctx-size must be at least 2")
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be at least 1")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        raise UserError(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available")
     t0 = time.perf_counter()
-    model = gguflm.load(path, n_ctx=args.ctx_size, threads=args.threads)
+    model = gguflm.load(path, device=args.device, n_ctx=args.ctx_size, threads=args.threads)
     if args.verbose:
         print(f"loaded {path} in {time.perf_counter() - t0:.2f} s: {model}", file=sys.stderr)
     return model

@@ -53,10 +53,6 @@ class CudaLinear:
     bias: torch.Tensor | None = None  # float32 [n_out]
 
     @property
-    def ggml_type(self):
-        return self.packed.ggml_type if self.packed is not None else None
-
-    @property
     def nbytes(self) -> int:
         own = self.packed.nbytes if self.packed is not None else self.dense.numel() * self.dense.element_size()
         return own + (self.bias.numel() * 4 if self.bias is not None else 0)

@@ -145,11 +145,6 @@ def gemv_config(w: PackedWeight) -> GemvConfig:
     return GemvConfig(8 if tall else 4, bb, 4)
 
 
-def supports(ggml_type: int) -> bool:
-    """Whether the fused kernels cover this GGML type."""
-    return codec(ggml_type) is not None
-
-
 def gemv(w: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0,
          residual: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
