@@ -924,12 +924,17 @@ at::Tensor dequantize_rows(const at::Tensor& w, int64_t type, int64_t N, int64_t
   for (int64_t r = 0; r < R; ++r) TORCH_CHECK(rp[r] >= 0 && rp[r] < N, "row ", rp[r], " out of range [0, ", N, ")");
   at::Tensor out = at::empty({R, K}, w.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
+  // Rows are independent: split large lookups (a whole tensor) across threads, which also
+  // spreads the first-touch page faults of a fresh output buffer.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(K, 1));
   with_type(type, [&](auto t) {
     using T = decltype(t);
+    at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
 #ifdef GGUFLM_X86
-    if (simd_active()) { dequant_rows_avx512<T>(qw.data, K, rp, R, op); return 0; }
+      if (simd_active()) { dequant_rows_avx512<T>(qw.data, K, rp + r0, r1 - r0, op + r0 * K); return; }
 #endif
-    dequant_rows_generic<T>(qw.data, K, rp, R, op);
+      dequant_rows_generic<T>(qw.data, K, rp + r0, r1 - r0, op + r0 * K);
+    });
     return 0;
   });
   return out;
