@@ -25,3 +25,14 @@ def dequantize_paths():
     if cpu.available():
         paths["kernels"] = with_kernels(True)
     return paths
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    """libggml's to_float through llama-cpp-python's bundled library."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python's libggml is the oracle; install .[dev]")
+    from gguflm.verify import ggml_oracle
+
+    if not ggml_oracle.available():
+        pytest.skip("libggml-base not loadable from llama_cpp")
+    return ggml_oracle

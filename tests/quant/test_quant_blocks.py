@@ -23,16 +23,6 @@ SPECIAL_BITS = {
 }
 
 
-@pytest.fixture(scope="module")
-def oracle():
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python's libggml is the oracle; install .[dev]")
-    from gguflm.verify import ggml_oracle
-
-    if not ggml_oracle.available():
-        pytest.skip("libggml-base not loadable from llama_cpp")
-    return ggml_oracle
-
-
 def reference(oracle, raw: np.ndarray, t: GGMLType, n_elements: int) -> np.ndarray:
     """libggml's to_float; F32 has none in ggml (it is the identity), so numpy's
     little-endian float32 view of the bytes is the reference there."""

@@ -21,16 +21,6 @@ REQUANTIZATIONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def oracle():
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python's libggml is the oracle; install .[dev]")
-    from gguflm.verify import ggml_oracle
-
-    if not ggml_oracle.available():
-        pytest.skip("libggml-base not loadable from llama_cpp")
-    return ggml_oracle
-
-
 def check_file(oracle, dequantize_paths, path) -> set[GGMLType]:
     """Compare every tensor, through every CPU dequantization path; return the types seen."""
     seen = set()
