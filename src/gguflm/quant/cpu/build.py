@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -20,7 +21,10 @@ import torch
 SOURCE = Path(__file__).with_name("kernels.cpp")
 # -fopenmp: at::parallel_for is a header template that runs serially unless _OPENMP is
 # defined; libgomp resolves to the copy torch has already loaded (one thread pool).
-CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-DNDEBUG", "-fopenmp"]
+# -march=native: the portable path is vectorized for this CPU (AVX2 where there is no
+# AVX-512); the build is keyed by this CPU's feature flags, so a cache shared between
+# machines never loads code built for another CPU.
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-DNDEBUG", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 
 
@@ -28,8 +32,18 @@ class KernelsUnavailable(RuntimeError):
     """The C++ kernels could not be built or loaded here (no compiler, failed build)."""
 
 
+def _cpu_features() -> str:
+    """The CPU's feature flags (Linux) or its name: what -march=native compiled for."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
 def _name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode() + torch.__version__.encode())
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode() + torch.__version__.encode()
+                            + _cpu_features().encode())
     return f"gguflm_cpu_{digest.hexdigest()[:12]}"
 
 
