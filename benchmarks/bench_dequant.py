@@ -29,18 +29,9 @@ import torch
 import gguflm
 from gguflm.defaults import resolve_model
 from gguflm.quant import dequantize
+from machine import cpu_model  # benchmarks/machine.py (this script's folder)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn) -> tuple[float, float]:

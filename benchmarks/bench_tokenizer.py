@@ -30,6 +30,7 @@ from pathlib import Path
 
 import gguflm
 from gguflm.defaults import resolve_model
+from machine import cpu_model  # benchmarks/machine.py (this script's folder)
 from gguflm.tokenizer.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -46,16 +47,6 @@ def corpus(size: int) -> str:
     code = "".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(lib.glob("*.py")))
     prose = prose[: size // 2]
     return prose + code[: size - len(prose)]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class LlamaCpp:
