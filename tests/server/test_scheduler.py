@@ -163,3 +163,27 @@ def test_prompt_prefix_is_reused(model) -> None:
         toks, finish = tokens_alone(model, prompt, 8)
         assert text_of(events) == model.tokenizer.decode(toks)
         assert (done_of(events).finish_reason, done_of(events).n_completion) == (finish, len(toks))
+
+
+def test_ignore_eos_runs_to_max_tokens(model) -> None:
+    """A chat answer that greedily ends after one token ("No", then the end-of-turn token)
+    runs on to max_tokens with ignore_eos: the first token is the same and no
+    end-of-generation token appears; without it the request stops as the engine does."""
+    text = model.chat_template.render([{"role": "user", "content": "Reply with one word: yes or no. Is the sky blue?"}],
+                                      add_generation_prompt=True)
+    prompt = tuple(model.encode_prompt(text))
+    toks, finish = tokens_alone(model, prompt, 12)
+    assert finish == "stop" and len(toks) < 4
+    sched = Scheduler(model, n_slots=2)
+    try:
+        plain, ignoring, sampled = run_jobs(sched, [
+            Job(prompt, GREEDY, 12), Job(prompt, GREEDY, 12, ignore_eos=True),
+            Job(prompt, SamplingParams(temperature=1.5, seed=3), 40, ignore_eos=True)])
+    finally:
+        sched.close()
+    assert (done_of(sampled).finish_reason, done_of(sampled).n_completion) == ("length", 40)
+    assert (done_of(plain).finish_reason, done_of(plain).n_completion) == ("stop", len(toks))
+    assert (done_of(ignoring).finish_reason, done_of(ignoring).n_completion) == ("length", 12)
+    assert text_of(ignoring).startswith(model.tokenizer.decode(toks))
+    eog_pieces = {model.tokenizer.token_to_piece(t) for t in model.tokenizer.eog_ids}
+    assert not any(p and p in text_of(ignoring) for p in eog_pieces)

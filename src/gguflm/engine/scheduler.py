@@ -50,13 +50,16 @@ if TYPE_CHECKING:
 class Job:
     """What to generate. ``max_tokens=None``: until end of generation or a full context.
     ``top_logprobs=None``: no log-probabilities; ``k >= 0``: the sampled token's
-    log-probability and the ``k`` most likely alternatives at each step."""
+    log-probability and the ``k`` most likely alternatives at each step. ``ignore_eos``:
+    end-of-generation tokens are never sampled (their logits count as -inf, as in
+    llama.cpp's server); the request runs to ``max_tokens`` or a full context."""
 
     prompt: tuple[int, ...]
     params: SamplingParams = SamplingParams()
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,7 @@ class Scheduler:
         self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_budget
         self.max_waiting = max_waiting
         self._eog = frozenset(model.tokenizer.eog_ids)
+        self._eog_index = sorted(self._eog)
         self._cond = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._free = list(range(n_slots))
@@ -317,12 +321,14 @@ class Scheduler:
                                   for s, c in zip(group, chunks)], device=device)                # [B, T]
         slots = torch.tensor([s.slot for s in group], device=device)                           # [B]
         logits = self.model.forward(tokens, positions, self.cache, slots, last_only=True)      # [B, V]
+        finishing = [i for i, s in enumerate(group) if len(s.todo) <= self.prefill_chunk]  # prompt read after this chunk
+        greedy = self._greedy_tokens([group[i] for i in finishing], logits, finishing)
         for i, (seq, chunk) in enumerate(zip(group, chunks)):
             seq.n_past += len(chunk)
             del seq.todo[:len(chunk)]
             self._held[seq.slot] += chunk
             if not seq.todo:
-                self._accept(seq, logits[i])
+                self._accept(seq, logits[i], greedy.get(i))
 
     def _decode(self) -> None:
         """Feed every request's last sampled token at its own position: one batched forward,
@@ -338,16 +344,19 @@ class Scheduler:
         positions = torch.tensor([[s.n_past] for s in rows], device=device)   # [B, 1]
         slots = torch.tensor([s.slot for s in rows], device=device)           # [B]
         logits = self.model.forward(tokens, positions, self.cache, slots, last_only=True)  # [B, V]
+        greedy = self._greedy_tokens(rows, logits, range(len(rows)))
         for i, seq in enumerate(rows):
             seq.n_past += 1
             self._held[seq.slot].append(seq.last)
             seq.last = None
-            self._accept(seq, logits[i])
+            self._accept(seq, logits[i], greedy.get(i))
 
-    def _accept(self, seq: _Seq, logits: torch.Tensor) -> None:
-        """Sample the next token of ``seq`` from ``logits`` (Float32[V]) and emit what follows."""
+    def _accept(self, seq: _Seq, logits: torch.Tensor, tok: int | None = None) -> None:
+        """Sample the next token of ``seq`` from ``logits`` (Float32[V]) and emit what follows
+        (``tok``: the token already chosen, see :meth:`_greedy_tokens`)."""
         job = seq.ticket.job
-        tok = sample(logits, job.params, seq.history, seq.generator)
+        if tok is None:
+            tok = sample(self._allowed(logits, job), job.params, seq.history, seq.generator)
         if tok in self._eog:
             self._finish(seq, seq.done("stop"))
             return
@@ -366,6 +375,31 @@ class Scheduler:
             if text:
                 self._emit_piece(seq, text)
             seq.last = tok
+
+    def _allowed(self, logits: torch.Tensor, job: Job) -> torch.Tensor:
+        """``logits`` [..., V], with the end-of-generation tokens at -inf when ``job`` ignores them."""
+        if not job.ignore_eos or not self._eog_index:
+            return logits
+        logits = logits.float().clone()
+        logits[..., self._eog_index] = float("-inf")
+        return logits
+
+    def _greedy_tokens(self, seqs: Sequence[_Seq], logits: torch.Tensor, rows: Sequence[int]) -> dict[int, int]:
+        """{row: token} for the rows of ``logits`` [B, V] (``rows[i]`` is ``seqs[i]``'s) whose
+        request samples greedily without penalties: the argmax of each (over the allowed
+        tokens), all rows in one operation and one read: what :func:`sample` returns for
+        them, the first index on ties."""
+        picked = [(r, seq.ticket.job) for seq, r in zip(seqs, rows)
+                  if seq.ticket.job.params.greedy and not seq.ticket.job.params.penalties_enabled]
+        if not picked:
+            return {}
+        index = torch.tensor([r for r, _ in picked], device=logits.device)
+        chosen = logits.index_select(0, index).float()                               # [P, V] (a copy)
+        masked = [i for i, (_, job) in enumerate(picked) if job.ignore_eos]
+        if masked and self._eog_index:
+            chosen[torch.tensor(masked, device=logits.device)[:, None],
+                   torch.tensor(self._eog_index, device=logits.device)[None, :]] = float("-inf")
+        return dict(zip([r for r, _ in picked], torch.argmax(chosen, dim=-1).tolist()))
 
     def _emit_piece(self, seq: _Seq, text: str) -> None:
         if text or seq.logprobs:

@@ -78,7 +78,8 @@ class Backend:
             params = req.sampling_params()
         except ValueError as e:
             raise invalid(str(e)) from None
-        job = Job(tuple(prompt), params, req.token_limit(), req.stop_strings(), req.n_top_logprobs())
+        job = Job(tuple(prompt), params, req.token_limit(), req.stop_strings(), req.n_top_logprobs(),
+                  ignore_eos=req.ignore_eos)
         try:
             self.scheduler.check(job)
         except ContextLengthError:

@@ -66,6 +66,7 @@ class _Sampling(_Strict):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    ignore_eos: bool = Field(False, description="llama.cpp's server field: never sample an end-of-generation token")
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     n: int = Field(1, ge=1, le=1, description="only one choice per request is generated")
     stream: bool = False
