@@ -135,6 +135,44 @@ def test_decode_attention_rotates_stores_and_attends(device, neox, pos):
     assert _rel(out, ref) < 4e-3                                        # float16 q, scores and weights
 
 
+def test_batched_decode_attention_uses_each_rows_slot_and_position(device):
+    """Rows in different cache slots at different positions, one padding row (slot -1):
+    each row equals the float64 attention over its own slot; the padding row writes
+    nothing and gets zeros; float16 QKV input, float16 output."""
+    H, Hkv, D, n_ctx, n_slots = 4, 2, 16, 48, 3
+    gen = torch.Generator().manual_seed(7)
+    rows = [(2, 37), (0, 0), (-1, 5), (1, 20)]                             # (slot, position)
+    qkv = torch.randn(len(rows), (H + 2 * Hkv) * D, generator=gen).half()
+    theta = torch.rand(n_ctx, D // 2, generator=gen) * 3
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    k_cache = torch.randn(n_slots, Hkv, n_ctx, D, generator=gen).half()
+    v_cache = torch.randn(n_slots, Hkv, n_ctx, D, generator=gen).half()
+    kd, vd = k_cache.clone().to(device), v_cache.clone().to(device)
+    ws = A.AttentionWorkspace(H, D, 4, device, n_rows=len(rows))
+    out = torch.full((len(rows), H, D), float("nan"), dtype=torch.float16, device=device)
+    slots = torch.tensor([s for s, _ in rows], dtype=torch.int32, device=device)
+    pos = torch.tensor([p for _, p in rows], dtype=torch.int32, device=device)
+    A.decode_attention(qkv.to(device), cos.to(device), sin.to(device), pos, kd, vd, out, ws, D ** -0.5, False,
+                       block_s=16, slots=slots)
+    written = set()
+    for b, (slot, p) in enumerate(rows):
+        if slot < 0:
+            assert torch.equal(out[b].cpu(), torch.zeros(H, D, dtype=torch.float16))
+            continue
+        written.add((slot, p))
+        q, k, v = qkv[b].double().split((H * D, Hkv * D, Hkv * D))
+        rq = A.rotate_reference(q.view(H, D), cos[p], sin[p], False)
+        rk = A.rotate_reference(k.view(Hkv, D), cos[p], sin[p], False)
+        assert (kd[slot, :, p].cpu().double() - rk).abs().max() < 2e-3
+        assert (vd[slot, :, p].cpu().double() - v.view(Hkv, D)).abs().max() < 2e-3
+        ref = A.decode_attention_reference(rq, kd[slot, :, :p + 1].cpu(), vd[slot, :, :p + 1].cpu(), D ** -0.5)
+        assert _rel(out[b].float(), ref) < 4e-3
+    for slot in range(n_slots):                                            # nothing else was touched
+        others = [p for p in range(n_ctx) if (slot, p) not in written]
+        assert torch.equal(kd[slot][:, others].cpu(), k_cache[slot][:, others])
+        assert torch.equal(vd[slot][:, others].cpu(), v_cache[slot][:, others])
+
+
 def test_rms_norm_half(device):
     from gguflm.quant.triton.activations import rms_norm_half, rms_norm_half_reference
 

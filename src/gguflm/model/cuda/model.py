@@ -5,7 +5,9 @@ runs two paths over float16 KV caches:
 
 * many tokens (prefill, batched steps, ``logits``): :func:`.forward.forward_tokens`;
 * one token of one sequence: the CUDA-graph decode step (:mod:`.decode`), used by
-  ``forward`` whenever B = T = 1, and by :meth:`CudaModel.decode_greedy`.
+  ``forward`` whenever B = T = 1, and by :meth:`CudaModel.decode_greedy`;
+* one token of each of B > 1 sequences (the server's decode steps): the batched step
+  (:mod:`.batched`), padded to a power-of-two width and captured per width.
 
 ``forward`` returns logits on the GPU; the engine's sampling chain then runs there
 too, and the only host sync per token is reading the sampled id.
@@ -24,6 +26,7 @@ from gguflm.engine.kv_cache import KVCache
 from gguflm.engine.sampling import SamplingParams
 from gguflm.gguf.reader import GGUFFile
 from gguflm.model.config import ModelConfig
+from gguflm.model.cuda.batched import BatchedDecode, batch_width
 from gguflm.model.cuda.decode import DecodeGraphs
 from gguflm.model.cuda.forward import forward_plain, forward_tokens, plain_start
 from gguflm.model.cuda.weights import HALF, CudaWeights
@@ -32,6 +35,7 @@ from gguflm.model.model import Model
 
 MAX_GRAPHS = 4  # captured decode graphs kept (one per cache slot in use), least recent dropped
 MAX_PREFILL_GRAPHS = 2  # captured prefills kept, least recent dropped
+MAX_BATCHED = 8  # batched decode steps kept (one per cache and width), least recent dropped
 
 
 class CudaModel(Model):
@@ -44,6 +48,7 @@ class CudaModel(Model):
         self.rope = Rope(config, n_ctx, weights.rope_freqs, device)
         self.use_graphs = use_graphs
         self._graphs: OrderedDict[tuple[int, int], DecodeGraphs] = OrderedDict()
+        self._batched: OrderedDict[tuple[int, int], BatchedDecode] = OrderedDict()
         self._prefills: OrderedDict[tuple, Any] = OrderedDict()   # key -> seen once (None) or (graph, tokens, out)
         self._pool: Any = None
         self._side: torch.cuda.Stream | None = None    # warm-ups and captures of prefills
@@ -74,10 +79,15 @@ class CudaModel(Model):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 slots: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Batched step (see :meth:`Transformer.forward`). One token of one sequence runs
-        the decode graph; a run of tokens of one sequence (a prefill) runs eagerly the
-        first time its shape (length, start, slot) is seen and from a captured graph
-        after that. Graph outputs are buffers that the graph's next replay overwrites."""
+        the decode graph; one token of each of several sequences the batched step (rows
+        of a T = 1 step must have positions >= 0 and distinct slots); a run of tokens of
+        one sequence (a prefill) runs eagerly the first time its shape (length, start,
+        slot) is seen and from a captured graph after that. Graph outputs are buffers
+        that the graph's next replay overwrites."""
         on_gpu = self.use_graphs and cache.k.dtype == HALF and cache.k.device.type == "cuda"
+        if tokens.shape[1] == 1 and tokens.shape[0] > 1 and cache.k.dtype == HALF:
+            logits = self.batched(cache, tokens.shape[0]).step(tokens, positions, slots, *self._stream_and_pool())
+            return logits if last_only else logits[:, None]
         if on_gpu and tokens.shape == (1, 1):
             g = self.graphs(cache, int(slots[0]))
             g.tok[0:1].copy_(tokens.view(1))
@@ -89,6 +99,29 @@ class CudaModel(Model):
             if p0 is not None:
                 return self._prefill(tokens[0], p0, cache, int(slots[0]), last_only)
         return forward_tokens(self.config, self.weights, self.rope, tokens, positions, cache, slots, last_only)
+
+    def batched(self, cache: KVCache, n_rows: int) -> BatchedDecode:
+        """The batched decode step for ``n_rows`` rows of ``cache`` (built on first use)."""
+        width = min(batch_width(n_rows), batch_width(cache.n_slots))
+        key = (cache.k.data_ptr(), width)
+        b = self._batched.get(key)
+        if b is None:
+            b = BatchedDecode(self.config, self.weights, self.rope, cache, width,
+                              use_graphs=self.use_graphs and cache.k.device.type == "cuda")
+            self._batched[key] = b
+            while len(self._batched) > MAX_BATCHED:
+                self._batched.popitem(last=False)
+        self._batched.move_to_end(key)
+        return b
+
+    def _stream_and_pool(self) -> tuple[Any, Any]:
+        """The side stream and memory pool of every capture (CUDA only; else None, None)."""
+        if self.device.type != "cuda":
+            return None, None
+        if self._side is None:
+            self._side = torch.cuda.Stream()
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._side, self._pool
 
     def _prefill(self, tokens: torch.Tensor, p0: int, cache: KVCache, slot: int, last_only: bool) -> torch.Tensor:
         key = (tokens.numel(), p0, cache.k.data_ptr(), slot, last_only)
@@ -114,9 +147,7 @@ class CudaModel(Model):
         """Warm up ``run(buf)`` on the side stream, then capture it there. The cached blocks
         of earlier eager runs are released first, so that the capture does not add its
         private pool on top of them (the process's peak memory)."""
-        if self._side is None:
-            self._side = torch.cuda.Stream()
-            self._pool = torch.cuda.graph_pool_handle()
+        self._stream_and_pool()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         self._side.wait_stream(torch.cuda.current_stream())

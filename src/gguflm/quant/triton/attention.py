@@ -1,19 +1,23 @@
-"""Batch-1 decode attention over a static KV cache, with the position read on the device
-(so one captured CUDA graph serves every step), RoPE and the cache write fused in.
+"""Decode attention over a static KV cache, with positions (and cache slots) read on the
+device (so one captured CUDA graph serves every step), RoPE and the cache write fused in.
 
-Input: the fused QKV projection of the new token, ``qkv = [q (H*D) | k (Hkv*D) | v (Hkv*D)]``
-(float32), and ``pos``. Rotation of pair ``(x0, x1)`` at angle ``theta[pos, i]``:
-``(x0 cos - x1 sin, x0 sin + x1 cos)``, pairs ``(2i, 2i+1)`` (NORM, llama) or
-``(i, i + D/2)`` (NEOX); cos and sin are tables [n_ctx, D/2] that already carry any
-attention factor. The rotated key and the value go to ``K[h, pos]``, ``V[h, pos]``.
+Input: for each of B rows (one new token of one sequence each), the fused QKV projection
+``qkv[b] = [q (H*D) | k (Hkv*D) | v (Hkv*D)]`` (float32 or float16), its position
+``pos[b]`` and, for a cache of several slots, its slot ``slot[b]`` (``slot < 0`` or
+``pos < 0``: a padding row, which writes nothing to the cache and gets zeros). Rotation
+of pair ``(x0, x1)`` at angle ``theta[pos, i]``: ``(x0 cos - x1 sin, x0 sin + x1 cos)``,
+pairs ``(2i, 2i+1)`` (NORM, llama) or ``(i, i + D/2)`` (NEOX); cos and sin are tables
+[n_ctx, D/2] that already carry any attention factor. The rotated key and the value go
+to ``K[slot, h, pos]``, ``V[slot, h, pos]``.
 
 For query head ``h`` (KV head ``h // (H/Hkv)``) and the ``n = pos+1`` cached positions,
-``out[h] = softmax(q[h] K^T * scale) V`` with float32 scores and accumulation. The
+``out[b, h] = softmax(q[h] K^T * scale) V`` with float32 scores and accumulation. The
 positions are cut into ``n_splits`` ranges handled in parallel (flash-decoding); each
-program keeps a running max and sum for the query heads of one KV head, and a second
-kernel merges the ranges: ``out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s``.
+program keeps a running max and sum for the query heads of one KV head of one row, and
+a second kernel merges the ranges: ``out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s``.
 The program whose range holds ``pos`` writes the new key and value first (a CTA barrier
-makes them visible to its own reads); no other program reads that position.
+makes them visible to its own reads); no other program reads that position. Rows must
+use distinct slots.
 
 Twins: :func:`decode_attention_reference`, :func:`rotate_reference` (float64 torch).
 """
@@ -47,31 +51,39 @@ def _rotate(ptr, COS_ptr, SIN_ptr, pos, rows, ROWS: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
-def _attn_split_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, M_ptr, L_ptr, ACC_ptr,
-                       H, n_kv, cache_head_stride, cache_pos_stride, scale,
-                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                       BLOCK_S: tl.constexpr, N_SPLITS: tl.constexpr, NEOX: tl.constexpr):
-    """Program (kv head hk, split s): query heads hk*G .. hk*G+G-1 (padded to GP rows)
-    over positions [s*L, min((s+1)*L, n)), L = ceil(n / N_SPLITS) rounded up to BLOCK_S.
-    Writes running max M, sum L and unnormalised ACC per (head, split)."""
+def _attn_split_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, SLOT_ptr, M_ptr, L_ptr, ACC_ptr,
+                       H, n_kv, qkv_row_stride, cache_slot_stride, cache_head_stride, cache_pos_stride, scale,
+                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                       N_SPLITS: tl.constexpr, NEOX: tl.constexpr, SLOTS: tl.constexpr):
+    """Program (kv head hk, split s, row b): query heads hk*G .. hk*G+G-1 (padded to GP)
+    of row b over positions [s*L, min((s+1)*L, n)), L = ceil(n / N_SPLITS) rounded up to
+    BLOCK_S. Writes running max M, sum L and unnormalised ACC per (row, head, split)."""
     hk = tl.program_id(0)
     s = tl.program_id(1)
-    pos = tl.load(POS_ptr)
-    n = pos + 1
-    per = tl.cdiv(tl.cdiv(n, N_SPLITS), BLOCK_S) * BLOCK_S
+    b = tl.program_id(2)
+    pos = tl.load(POS_ptr + b).to(tl.int32)
+    if SLOTS:
+        slot = tl.load(SLOT_ptr + b).to(tl.int32)
+    else:
+        slot = 0
+    live = (pos >= 0) & (slot >= 0)
+    pos = tl.maximum(pos, 0)
+    n = tl.where(live, pos + 1, 0)
+    per = tl.maximum(tl.cdiv(tl.cdiv(n, N_SPLITS), BLOCK_S) * BLOCK_S, BLOCK_S)
     start = s * per
     end = tl.minimum(start + per, n)
     d = tl.arange(0, D)
-    base = hk * cache_head_stride
-    if s == pos // per:                                    # this range holds pos: store k, v first
-        k_new = _rotate(QKV_ptr + H * D, COS_ptr, SIN_ptr, pos, hk + tl.arange(0, 1), 1, D, NEOX)
+    qkv = QKV_ptr + b * qkv_row_stride
+    base = tl.maximum(slot, 0).to(tl.int64) * cache_slot_stride + hk * cache_head_stride
+    if live & (s == pos // per):                          # this range holds pos: store k, v first
+        k_new = _rotate(qkv + H * D, COS_ptr, SIN_ptr, pos, hk + tl.arange(0, 1), 1, D, NEOX)
         tl.store(K_ptr + base + pos * cache_pos_stride + d[None, :], k_new.to(K_ptr.dtype.element_ty))
-        v_new = tl.load(QKV_ptr + (H + n_kv + hk) * D + d)
+        v_new = tl.load(qkv + (H + n_kv + hk) * D + d)
         tl.store(V_ptr + base + pos * cache_pos_stride + d, v_new.to(V_ptr.dtype.element_ty))
         tl.debug_barrier()
     g = tl.arange(0, GP)
     gmask = g < G
-    q = _rotate(QKV_ptr, COS_ptr, SIN_ptr, pos, hk * G + tl.minimum(g, G - 1), GP, D, NEOX)
+    q = _rotate(qkv, COS_ptr, SIN_ptr, pos, hk * G + tl.minimum(g, G - 1), GP, D, NEOX)
     q = (q * scale).to(K_ptr.dtype.element_ty)                                   # [GP, D]
     m = tl.full([GP], float("-inf"), dtype=tl.float32)
     l = tl.zeros([GP], dtype=tl.float32)
@@ -90,7 +102,7 @@ def _attn_split_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, M_ptr, 
         l = l * alpha + tl.sum(pexp, axis=1)
         acc = acc * alpha[:, None] + tl.dot(pexp.to(v.dtype), v)
         m = m_new
-    row = (hk * G + g) * N_SPLITS + s
+    row = ((b * H) + hk * G + g) * N_SPLITS + s
     tl.store(M_ptr + row, m, mask=gmask)
     tl.store(L_ptr + row, l, mask=gmask)
     tl.store(ACC_ptr + row[:, None] * D + d[None, :], acc, mask=gmask[:, None])
@@ -98,8 +110,8 @@ def _attn_split_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, M_ptr, 
 
 @triton.jit
 def _attn_merge_kernel(M_ptr, L_ptr, ACC_ptr, O_ptr, D: tl.constexpr, N_SPLITS: tl.constexpr):
-    """Program h: out[h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s (empty splits
-    have m_s = -inf and weigh nothing)."""
+    """Program b * H + h: out[b, h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s
+    (empty splits have m_s = -inf and weigh nothing; a padding row, all empty, gets 0)."""
     h = tl.program_id(0)
     s = tl.arange(0, N_SPLITS)
     d = tl.arange(0, D)
@@ -108,41 +120,51 @@ def _attn_merge_kernel(M_ptr, L_ptr, ACC_ptr, O_ptr, D: tl.constexpr, N_SPLITS: 
     acc = tl.load(ACC_ptr + (h * N_SPLITS + s)[:, None] * D + d[None, :])
     m_all = tl.max(m, axis=0)
     w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    den = tl.sum(l * w, axis=0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
     tl.store(O_ptr + h * D + d, out)
 
 
 class AttentionWorkspace:
-    """Scratch for :func:`decode_attention`: per (head, split) max, sum and accumulator."""
+    """Scratch for :func:`decode_attention`: per (row, head, split) max, sum and accumulator."""
 
-    def __init__(self, n_head: int, head_dim: int, n_splits: int, device: torch.device | str):
+    def __init__(self, n_head: int, head_dim: int, n_splits: int, device: torch.device | str, n_rows: int = 1):
         if n_splits & (n_splits - 1):
             raise ValueError("n_splits must be a power of two")
-        self.n_splits = n_splits
-        self.m = torch.empty(n_head * n_splits, dtype=torch.float32, device=device)
+        self.n_splits, self.n_rows = n_splits, n_rows
+        self.m = torch.empty(n_rows * n_head * n_splits, dtype=torch.float32, device=device)
         self.l = torch.empty_like(self.m)
-        self.acc = torch.empty(n_head * n_splits, head_dim, dtype=torch.float32, device=device)
+        self.acc = torch.empty(n_rows * n_head * n_splits, head_dim, dtype=torch.float32, device=device)
 
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, ws: AttentionWorkspace,
-                     scale: float, neox: bool, block_s: int = 32) -> torch.Tensor:
-    """qkv: float32 [(H + 2 Hkv) D] of the new token; cos/sin: float32 [n_ctx, D/2];
-    pos: int32 [1] on the device; k_cache/v_cache: [Hkv, n_ctx, D] float16/bfloat16 holding
-    positions 0..pos-1 (position pos is written here) -> out float32 [H, D]."""
-    n_kv, _, d = k_cache.shape
-    n_head = out.shape[0]
-    if n_head % n_kv or d & (d - 1) or d < 16 or qkv.numel() != (n_head + 2 * n_kv) * d:
+                     scale: float, neox: bool, block_s: int = 32, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """One sequence: qkv [(H + 2 Hkv) D] (float32/16) of the new token, pos int32 [1],
+    k_cache/v_cache [Hkv, n_ctx, D] holding positions 0..pos-1 (position pos is written
+    here) -> out [H, D]. B rows: qkv [B, (H + 2 Hkv) D], pos [B], ``slots`` int [B] and
+    caches [n_slots, Hkv, n_ctx, D] -> out [B, H, D]. cos/sin: float32 [n_ctx, D/2];
+    caches float16/bfloat16/float32 with contiguous rows; out float32 or float16."""
+    if slots is None:
+        k_cache, v_cache = k_cache[None], v_cache[None]
+    n_rows = pos.numel()
+    _, n_kv, _, d = k_cache.shape
+    n_head = out.shape[-2]
+    if n_head % n_kv or d & (d - 1) or d < 16 or qkv.numel() != n_rows * (n_head + 2 * n_kv) * d:
         raise ValueError(f"unsupported attention shape: {n_head} heads, {n_kv} KV heads, head size {d}")
-    if k_cache.stride(2) != 1 or k_cache.stride() != v_cache.stride():
+    if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride() or qkv.stride(-1) != 1:
         raise ValueError("k and v caches must share strides with contiguous rows")
+    if n_rows > ws.n_rows or out.numel() != n_rows * n_head * d:
+        raise ValueError(f"{n_rows} rows do not fit the workspace ({ws.n_rows}) or the output")
     g = n_head // n_kv
     gp = max(16, triton.next_power_of_2(g))
-    _attn_split_kernel[(n_kv, ws.n_splits)](
-        qkv, cos, sin, k_cache, v_cache, pos, ws.m, ws.l, ws.acc, n_head, n_kv,
-        k_cache.stride(0), k_cache.stride(1), scale,
-        G=g, GP=gp, D=d, BLOCK_S=block_s, N_SPLITS=ws.n_splits, NEOX=neox, num_warps=4)
-    _attn_merge_kernel[(n_head,)](ws.m, ws.l, ws.acc, out, D=d, N_SPLITS=ws.n_splits, num_warps=1)
+    row_stride = qkv.stride(0) if qkv.dim() == 2 else 0
+    _attn_split_kernel[(n_kv, ws.n_splits, n_rows)](
+        qkv, cos, sin, k_cache, v_cache, pos, slots if slots is not None else pos, ws.m, ws.l, ws.acc,
+        n_head, n_kv, row_stride, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale,
+        G=g, GP=gp, D=d, BLOCK_S=block_s, N_SPLITS=ws.n_splits, NEOX=neox, SLOTS=slots is not None,
+        num_warps=4)
+    _attn_merge_kernel[(n_rows * n_head,)](ws.m, ws.l, ws.acc, out, D=d, N_SPLITS=ws.n_splits, num_warps=1)
     return out
 
 

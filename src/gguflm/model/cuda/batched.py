@@ -1,0 +1,108 @@
+"""Decode steps of many sequences at once (continuous batching on the GPU): B rows, one
+new token each, every row in its own cache slot at its own position, padded to a width
+W (a power of two) and captured in a CUDA graph per width.
+
+The step is the many-token forward (:func:`.forward._blocks`: tile dequantization into
+tensor-core matmuls, fused RMSNorm / residual / SwiGLU kernels) with the attention of
+the decode kernel (:func:`gguflm.quant.triton.attention.decode_attention`): RoPE at each
+row's position, the cache write into each row's slot, and attention over that slot's
+positions ``0 .. pos``. Padding rows have slot -1: they write nothing and read nothing.
+
+Static buffers (W rows)::
+
+    tok int64 [W], pos int32 [W], slot int32 [W]      inputs, copied in before a replay
+    attn float16 [W, H, D]                             attention output
+    logits float32 [W, n_vocab]                        output (the graph's own buffer)
+
+Rows do not interact: a row's logits do not depend on what the other rows hold, for a
+given width (the matmuls see the same shapes at every step of that width).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gguflm.engine.kv_cache import KVCache
+from gguflm.model.arch import RopeStyle
+from gguflm.model.config import ModelConfig
+from gguflm.model.cuda.decode import attention_splits
+from gguflm.model.cuda.forward import _blocks, _logits, _qkv
+from gguflm.model.cuda.weights import HALF, CudaLayer, CudaWeights
+from gguflm.model.layers import Rope
+from gguflm.quant.triton.attention import AttentionWorkspace, decode_attention
+
+MIN_WIDTH = 2
+
+
+def batch_width(n_rows: int) -> int:
+    """The padded width of a step of ``n_rows`` rows: the next power of two (at least 2)."""
+    w = MIN_WIDTH
+    while w < n_rows:
+        w *= 2
+    return w
+
+
+class BatchedDecode:
+    """The decode step of up to ``width`` sequences of ``cache``, captured on first use."""
+
+    def __init__(self, cfg: ModelConfig, w: CudaWeights, rope: Rope, cache: KVCache, width: int,
+                 use_graphs: bool = True):
+        device = cache.k.device
+        H, D = cfg.n_head, cfg.head_dim
+        self.cfg, self.w, self.rope, self.cache, self.width = cfg, w, rope, cache, width
+        self.use_graphs = use_graphs
+        self.tok = torch.zeros(width, dtype=torch.long, device=device)
+        self.pos = torch.zeros(width, dtype=torch.int32, device=device)
+        self.slot = torch.full((width,), -1, dtype=torch.int32, device=device)
+        self.attn = torch.zeros(width, H, D, dtype=HALF, device=device)
+        self.attn_ws = AttentionWorkspace(H, D, attention_splits(cache.n_ctx), device, n_rows=width)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _attention(self, layer: CudaLayer, index: int, h: torch.Tensor) -> torch.Tensor:
+        # h: float16 [W, E] -> float16 [W, E] (attention output through Wo)
+        cfg = self.cfg
+        qkv = _qkv(layer, h, self.w.workspace)                                      # [W, (H + 2 Hkv) D]
+        decode_attention(qkv, self.rope.cos, self.rope.sin, self.pos, self.cache.k[index], self.cache.v[index],
+                         self.attn, self.attn_ws, cfg.head_dim ** -0.5, cfg.rope_style is RopeStyle.NEOX,
+                         slots=self.slot)
+        return layer.wo.matmul(self.attn.view(self.width, -1), self.w.workspace)
+
+    def _run(self) -> torch.Tensor:
+        x = self.w.token_embd.rows(self.tok)                                        # float32 [W, E]
+        _blocks(self.cfg, self.w, x, self._attention)
+        return _logits(self.cfg, self.w, x, self.w.workspace)                       # float32 [W, n_vocab]
+
+    def _capture(self, side: torch.cuda.Stream, pool: Any) -> None:
+        """Warm up on the side stream (compiling every kernel; the inputs are the coming
+        step's, so the warm-up writes what the step writes), then capture there."""
+        torch.cuda.synchronize()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._run()
+        side.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=side):
+            self.logits = self._run()
+        self.graph = graph
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+             side: torch.cuda.Stream | None = None, pool: Any = None) -> torch.Tensor:
+        """tokens, positions, slots: [B] (B <= width, distinct slots, positions >= 0) ->
+        float32 [B, n_vocab], a view of the graph's buffer (valid until the next step)."""
+        n = tokens.numel()
+        if n > self.width:
+            raise ValueError(f"{n} rows exceed the step's width {self.width}")
+        self.tok[:n].copy_(tokens.reshape(-1))
+        self.pos[:n].copy_(positions.reshape(-1))
+        self.slot[:n].copy_(slots.reshape(-1))
+        self.slot[n:].fill_(-1)
+        if not self.use_graphs:
+            return self._run()[:n]
+        if self.graph is None:
+            self._capture(side or torch.cuda.Stream(), pool)
+        self.graph.replay()
+        return self.logits[:n]
