@@ -7,7 +7,7 @@
 #   .dev/site/llama_cpp/       llama-cpp-python's package with lib/libggml-base.so (test oracle)
 #   .dev/cache/                the tiny test models (GGUFLM_TEST_CACHE)
 #   .dev/shared/vocab/         ggml-vocab-llama-spm.gguf (GGUFLM_SHARED)
-#   .whl/gguf-*.whl            gguf-py, for make_tinyllama.py
+#   .whl/*.whl                 gguf-py (make_tinyllama.py); fastapi, uvicorn, pydantic & co (the server)
 #   .dev/smol.part-*           SmolLM2-135M-Instruct.Q4_1.gguf in pieces (for `accuracy`)
 # Work files go to .dev/work (kept while the machine stays warm).
 set -uo pipefail
@@ -75,6 +75,10 @@ for phase in "$@"; do
     bench_ours)
         timeout 300 python3 benchmarks/bench_cuda.py --models Q4_K_M="$W/tinyllama-Q4_K_M.gguf" Q4_0="$W/tinyllama-Q4_0.gguf" \
             --ours-only --out "$OUT/bench_ours.json" 2> "$OUT/bench_ours.err" | tail -6
+        ;;
+    server)  # continuous batching: batched decode steps in process, then 32 streams over HTTP
+        timeout 300 python3 benchmarks/bench_server_cuda.py -m "$W/tinyllama-Q4_K_M.gguf" --streams 32 --tokens 256 \
+            --rounds 3 --json "$OUT/server_cuda.json" 2>&1 | grep -v Warn | tail -14
         ;;
     profile)
         timeout 180 python3 benchmarks/profile_cuda.py "$W/tinyllama-Q4_K_M.gguf" 2>&1 | grep -v Warn | tail -40

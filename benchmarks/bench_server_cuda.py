@@ -1,0 +1,169 @@
+"""Aggregate decode throughput of continuous batching on the GPU (issue 8's H100 run).
+
+1. In process: the model's batched decode step (``Model.forward`` of B rows, one token
+   each, in B cache slots at their own positions), B = 1, 2, 4, ..., as the scheduler
+   calls it, plus the greedy pick and its read to the host per step:
+   rows x steps / seconds.
+2. Over HTTP: ``gguflm serve --device cuda --parallel N``, N concurrent streaming chat
+   completions of T tokens each (temperature 0, ``ignore_eos`` so every stream runs to
+   T), each client in its own process. Reported: completion tokens / wall time of the
+   round (prefill included), and the decode rate: the sum over streams of
+   (tokens - 1) / (last chunk - first chunk).
+
+    python benchmarks/bench_server_cuda.py -m tinyllama-Q4_K_M.gguf [--streams 32] [--tokens 256] \\
+        [--rounds 3] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+HOST = "127.0.0.1"
+SUBJECTS = ["the sea", "a lighthouse", "winter", "a clockmaker", "the moon", "bread", "a violin", "rivers",
+            "glass", "a library", "trains", "bees", "salt", "a bridge", "snow", "maps"]
+
+
+def step_sweep(model_path: str, widths: list[int], steps: int, n_ctx: int) -> list[dict]:
+    """Rows x steps / seconds of the batched decode step for each width (warm graphs)."""
+    import torch
+
+    import gguflm
+
+    m = gguflm.load(model_path, device="cuda", n_ctx=n_ctx)
+    cache = m.new_cache(max(widths), n_ctx)
+    gen = torch.Generator().manual_seed(0)
+    prompt_len = 32
+    rows = []
+    for b in widths:
+        slots = torch.arange(b, device="cuda")
+        last = []
+        for s in range(b):  # each slot: its own 32-token prompt
+            ids = torch.randint(3, m.config.n_vocab, (1, prompt_len), generator=gen).cuda()
+            logits = m.forward(ids, torch.arange(prompt_len, device="cuda")[None], cache, slots[s:s + 1],
+                               last_only=True)
+            last.append(int(logits[0].argmax()))
+        tok = torch.tensor(last, device="cuda")[:, None]
+        pos = torch.full((b, 1), prompt_len, device="cuda")
+        for i in range(steps + 3):
+            if i == 3:  # after the capture and two warm replays
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            logits = m.forward(tok, pos, cache, slots, last_only=True)
+            picked = torch.argmax(logits, dim=-1)
+            tok = torch.tensor(picked.tolist(), device="cuda")[:, None]   # the scheduler's one read per step
+            pos = pos + 1
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        rows.append({"rows": b, "steps": steps, "ms_per_step": 1e3 * dt / steps, "tok_s": b * steps / dt})
+        print(f"batched step B={b:3d}: {1e3 * dt / steps:7.3f} ms/step  {b * steps / dt:9.0f} tok/s", flush=True)
+    return rows
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def stream_one(args: tuple[str, str, int]) -> dict:
+    """One streamed chat completion: wall-clock times of its start, first and last content
+    chunk, and its completion tokens (from the usage chunk)."""
+    import httpx
+
+    url, subject, n_tokens = args
+    body = {"messages": [{"role": "user", "content": f"Write a long story about {subject}."}],
+            "max_tokens": n_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.time()
+    first = last = None
+    n = 0
+    with httpx.Client(timeout=600) as http, http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                last = time.time()
+                first = first or last
+    return {"start": t0, "first": first, "last": last, "tokens": n}
+
+
+def http_rounds(model_path: str, streams: int, tokens: int, rounds: int, n_ctx: int) -> dict:
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "serve.log"
+        cmd = [sys.executable, "-m", "gguflm", "serve", "-m", model_path, "--device", "cuda", "--host", HOST,
+               "--port", str(port), "--parallel", str(streams), "-c", str(n_ctx), "--log-level", "warning"]
+        proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            import httpx
+
+            for _ in range(2400):
+                if proc.poll() is not None:
+                    sys.exit(f"gguflm serve exited:\n{log.read_text()}")
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.25)
+            results = []
+            with ProcessPoolExecutor(streams) as pool:
+                stream_one((url, "warm-up", 8))
+                list(pool.map(stream_one, [(url, SUBJECTS[i % 16], 16) for i in range(streams)]))  # capture widths
+                for _ in range(rounds):
+                    runs = list(pool.map(stream_one, [(url, SUBJECTS[i % 16], tokens) for i in range(streams)]))
+                    total = sum(r["tokens"] for r in runs)
+                    wall = max(r["last"] for r in runs) - min(r["start"] for r in runs)
+                    decode = sum((r["tokens"] - 1) / (r["last"] - r["first"]) for r in runs)
+                    results.append({"completion_tokens": total, "wall_s": wall, "end_to_end_tok_s": total / wall,
+                                    "decode_tok_s": decode,
+                                    "ttft_mean_s": statistics.mean(r["first"] - r["start"] for r in runs)})
+                    print(f"{streams} streams x {tokens}: {total} tokens in {wall:.2f} s = {total / wall:.0f} tok/s "
+                          f"end to end, decode {decode:.0f} tok/s", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+            tail = log.read_text()[-2000:]
+    return {"streams": streams, "tokens": tokens, "rounds": results, "server_log_tail": tail}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", required=True)
+    ap.add_argument("--streams", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("-c", "--ctx", type=int, default=1024)
+    ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    import torch
+
+    out = {"date": time.strftime("%Y-%m-%d"), "card": torch.cuda.get_device_name(), "model": os.path.basename(a.model),
+           "script": "benchmarks/bench_server_cuda.py"}
+    widths = [w for w in (1, 2, 4, 8, 16, 32, 64) if w <= max(64, a.streams)]
+    out["step_sweep"] = step_sweep(a.model, widths, a.steps, a.ctx)
+    torch.cuda.empty_cache()
+    if not a.skip_http:
+        out["http"] = http_rounds(a.model, a.streams, a.tokens, a.rounds, a.ctx)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
