@@ -2,14 +2,17 @@
 
 A request becomes a prompt (chat template + tokenizer), is checked against the context,
 and is submitted as a :class:`Job`; its events come back through an ``asyncio.Queue``
-filled from the worker thread with ``loop.call_soon_threadsafe``. Cancelling a
+filled from the worker thread through the loop's :class:`Mailbox` (one wake-up of the
+loop per burst of events). Cancelling a
 :class:`Generation` frees its KV-cache slot at the scheduler's next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,14 +27,51 @@ if TYPE_CHECKING:
     from gguflm.model.model import Model
 
 
+class Mailbox:
+    """Events from the scheduler's thread to one event loop, delivered in bursts: a decode
+    step emits one event per running request, and the loop is woken once per burst (one
+    ``call_soon_threadsafe``, not one per event)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, Event]] = []
+
+    def post(self, queue: asyncio.Queue, ev: Event) -> None:
+        """(Any thread.) Queue ``ev`` for ``queue``; wake the loop if nothing is pending."""
+        with self._lock:
+            self._items.append((queue, ev))
+            if len(self._items) > 1:
+                return
+        self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, ev in items:
+            queue.put_nowait(ev)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
+
+
+def mailbox() -> Mailbox:
+    """The running loop's mailbox (one per loop)."""
+    loop = asyncio.get_running_loop()
+    box = _MAILBOXES.get(loop)
+    if box is None:
+        box = _MAILBOXES[loop] = Mailbox(loop)
+    return box
+
+
 class Generation:
     """One submitted job seen from the event loop: iterate ``events()`` until its
     :class:`Done` or :class:`Failed`; ``cancel()`` at any time (on the loop's thread)."""
 
     def __init__(self, scheduler: Scheduler, job: Job):
-        loop = asyncio.get_running_loop()
+        box = mailbox()
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._ticket = scheduler.submit(job, lambda ev: loop.call_soon_threadsafe(self._queue.put_nowait, ev))
+        self._ticket = scheduler.submit(job, lambda ev: box.post(self._queue, ev))
 
     async def events(self) -> AsyncIterator[Event]:
         while True:
