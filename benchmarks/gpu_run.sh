@@ -17,6 +17,7 @@ export GGUFLM_TEST_CACHE=$PWD/.dev/cache GGUFLM_SHARED=$PWD/.dev/shared
 OUT=${OUT:-/tmp/out}
 W=$PWD/.dev/work
 BIN=$W/llama.cpp/build/bin
+CUDA_BIN=$W/llama.cpp/build/bin   # llama-bench (the CUDA build; BIN may point at the CPU-only llama-quantize)
 mkdir -p "$W" "$OUT"
 [ -d /tmp/site/gguf ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --target /tmp/site .whl/*.whl
@@ -70,7 +71,7 @@ for phase in "$@"; do
         ;;
     bench)
         timeout 420 python3 benchmarks/bench_cuda.py --models Q4_K_M="$W/tinyllama-Q4_K_M.gguf" Q4_0="$W/tinyllama-Q4_0.gguf" \
-            --llama-bench "$BIN/llama-bench" --out "$OUT/bench.json" 2> "$OUT/bench.err" | tail -12
+            --llama-bench "$CUDA_BIN/llama-bench" --out "$OUT/bench.json" 2> "$OUT/bench.err" | tail -12
         ;;
     bench_ours)
         timeout 300 python3 benchmarks/bench_cuda.py --models Q4_K_M="$W/tinyllama-Q4_K_M.gguf" Q4_0="$W/tinyllama-Q4_0.gguf" \
