@@ -5,7 +5,10 @@
   libggml, on random blocks and on every quantized tensor type of real files.
 * ``qmatmul`` agrees with its plain-torch twin, the float64 product of the exactly
   dequantized weights, within the float32 accumulation bound ``K * 2**-24 * (|W| @ |x|)``,
-  for odd shapes, batch sizes on both sides of the fused/GEMM switch, and both code paths.
+  for odd shapes (row counts N that leave a partial panel of 4 weight rows), batch sizes M
+  on every side of the kernel switches (row kernels for 1-2 rows, panels from 3, exact
+  tiles into sgemm past ``fused_max_m()``) and register tiles of every height (M = 5, 7, 13,
+  17: not multiples of the 6-row tile), and both code paths.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def test_qmatmul_matches_float64_twin(t, cpu_kernels, code_path, random_weight):
     for i, (n, k) in enumerate(shapes(t)):
         w = cpu_kernels.QuantWeight(random_weight(t, n, k, seed=10 + i), t, (k, n))
         dense = torch.from_numpy(libggml(w.raw.numpy(), t, n, k)).double()
-        for m in (1, 2, 3, 4, 5, fused_max, fused_max + 1, 21):          # fused rows, then GEMM tiles
+        for m in sorted({1, 2, 3, 4, 5, 7, 13, 16, 17, 21, fused_max, fused_max + 1}):
             x = torch.randn(m, k, generator=rng) * 3
             y = cpu_kernels.qmatmul(x, w)
             want = cpu_kernels.qmatmul_reference(x, w)
@@ -92,9 +95,11 @@ def test_real_tensors(quant, cpu_kernels, smollm2_path, requantized):
         want_rows = libggml(raw, info.ggml_type, n, k)
         np.testing.assert_array_equal(cpu_kernels.dequantize_rows(w, rows).numpy().view(np.uint32),
                                       want_rows[rows.numpy()].view(np.uint32))
-        x = torch.randn(3, k)
-        bound = k * 2.0**-24 * (x.double().abs() @ torch.from_numpy(want_rows).double().abs().T)
-        assert ((cpu_kernels.qmatmul(x, w).double() - cpu_kernels.qmatmul_reference(x, w)).abs() <= bound).all(), name
+        for m in (1, 3, 16):                                            # a row kernel, panels
+            x = torch.randn(m, k)
+            bound = k * 2.0**-24 * (x.double().abs() @ torch.from_numpy(want_rows).double().abs().T)
+            assert ((cpu_kernels.qmatmul(x, w).double() - cpu_kernels.qmatmul_reference(x, w)).abs() <= bound).all(), \
+                f"{name} M={m}"
     assert seen
 
 

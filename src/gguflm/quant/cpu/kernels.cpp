@@ -5,11 +5,15 @@
 // checks (QK, BYTES) of every type below against gguflm.gguf.types.LAYOUTS at load time).
 //
 //   qmatmul(x [M, K] f32, w uint8, type, N, K) -> y [M, N] f32,  y = x @ W^T
-//     M <= kFusedMaxM: fused dequantize x dot, W never materialized. Each block is written
-//       w[j] = d * q[j] + m (d, m per group of 32, or d per 16 for Q6_K) and contributes
-//       d * sum_j q[j] x[j] + m * sum_j x[j], accumulated in float32: the real values of
-//       the encoded weights, no rounding of the weights at all.
-//     M >  kFusedMaxM: rows of W dequantized tile by tile into float32 (bit-identical to
+//     M <= fused_max_m() (128 on AVX-512, 1 on the portable path): fused dequantize x dot,
+//       W never materialized. Each block is written w[j] = d * q[j] + m (d, m per group of
+//       32, or d per 16 for Q6_K) and every weight enters with that real value, products
+//       accumulated in float32, no rounding of the weights at all:
+//       1 or 2 rows (row kernels): d * sum_j q[j] x[j] + m * sum_j x[j] per group;
+//       3 or more (panel kernels, AVX-512): each weight row is decoded once per product
+//         into q[j] * d (exact in float32) and its groups' m, then multiplied with all M
+//         rows in register tiles (see decode_panel_avx512).
+//     more rows: rows of W dequantized tile by tile into float32 (bit-identical to
 //       libggml's to_float) and multiplied with at::mm (MKL/oneDNN sgemm).
 //   dequantize_rows(w, type, N, K, rows int64 [R]) -> [R, K] f32, bit-identical to
 //     libggml's to_float (the embedding lookup, and the tiles above).
@@ -28,6 +32,7 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
+#include <ATen/ops/silu.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -46,7 +51,15 @@
 
 namespace {
 
-constexpr int64_t kFusedMaxM = 8;          // batch rows up to which the fused kernel wins
+// Which kernel multiplies M activation rows (measured on SmolLM2's weights, docs/cpu-kernels.md):
+// AVX-512: M < kPanelMinM the row kernels, up to kPanelMaxM the panel kernels (1.3-1.5x
+// sgemm tiles at 16-64 rows, even at 256), beyond that exact tiles into sgemm; portable
+// path: the row kernel up to kPortableFusedMaxM rows, beyond that tiles (2x at M = 2).
+constexpr int64_t kPanelMinM = 3;
+constexpr int64_t kPanelMaxM = 128;
+constexpr int64_t kPortableFusedMaxM = 1;
+constexpr int64_t kPanelRows = 4;          // weight rows of one panel
+constexpr int64_t kTileRows = 6;           // most activation rows of one register tile (4 x 6 accumulators)
 constexpr int64_t kTileElems = 1 << 21;    // float32 elements of one dequantized tile (8 MiB)
 constexpr int64_t kGrainElems = 1 << 14;   // weights per thread below which a GEMV stays serial
 
@@ -225,31 +238,32 @@ struct Q6_K {
   }
 };
 
+// Floats in a row of a multi-row decode panel of T (see decode_panel_avx512): the K scaled
+// codes, then for MIN types the K/32 group terms, padded to a multiple of 16.
+template <class T> constexpr int64_t panel_width(int64_t K) { return K + (T::MIN ? (K / 32 + 15) / 16 * 16 : 0); }
+
 // ---------------------------------------------------------------------------------------
 // Portable path: dequantize one block exactly, then dot it with the activations.
 // ---------------------------------------------------------------------------------------
 
-// y[m, n] for rows n in [n0, n1): x [M, K], y [M, N].
+// y[n] = W[n] . x for rows n in [n0, n1), one activation row x [K] (the portable path
+// fuses single rows only).
 template <class T>
-void gemv_rows_generic(const uint8_t* w, const float* x, int64_t M, int64_t K, int64_t N,
-                       int64_t n0, int64_t n1, float* y) {
+void gemv_row_generic(const uint8_t* w, const float* x, int64_t K, int64_t n0, int64_t n1, float* y) {
   const int64_t nb = K / T::QK;
   float blk[T::QK];
-  std::vector<float> acc(M);
   for (int64_t n = n0; n < n1; ++n) {
-    std::fill(acc.begin(), acc.end(), 0.0f);
     const uint8_t* row = w + n * nb * T::BYTES;
+    float acc = 0.0f;
     for (int64_t i = 0; i < nb; ++i) {
       T::dequant(row + i * T::BYTES, blk);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xm = x + m * K + i * T::QK;
-        float s[8] = {};  // eight partial sums: a float reduction the compiler may vectorize
-        for (int64_t j = 0; j < T::QK; j += 8)
-          for (int l = 0; l < 8; ++l) s[l] += blk[j + l] * xm[j + l];
-        acc[m] += ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-      }
+      const float* xi = x + i * T::QK;
+      float s[8] = {};  // eight partial sums: a float reduction the compiler may vectorize
+      for (int64_t j = 0; j < T::QK; j += 8)
+        for (int l = 0; l < 8; ++l) s[l] += blk[j + l] * xi[j + l];
+      acc += ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
     }
-    for (int64_t m = 0; m < M; ++m) y[m * N + n] = acc[m];
+    y[n] = acc;
   }
 }
 
@@ -429,7 +443,7 @@ template <> struct Simd<Q6_K> {
   }
 };
 
-// y[m * N] = sum over the row of w * x[m], for M (1..4) activation rows sharing one
+// y[m * N] = sum over the row of w * x[m], for M (1 or 2) activation rows sharing one
 // decode of the weight row. xs[m * K/32 + g]: sum of x[m] over 32-group g (MIN types).
 template <class T, int M>
 void dot_row_avx512(const uint8_t* row, const float* x, const float* xs, int64_t K, float* y, int64_t N) {
@@ -466,23 +480,15 @@ void dot_row_avx512(const uint8_t* row, const float* x, const float* xs, int64_t
   for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + (macc[0][m] + macc[1][m]);
 }
 
+// y[m * N + n] for weight rows n in [n0, n1) and M (1 or 2) activation rows x [M, K].
 template <class T>
 void gemv_rows_avx512(const uint8_t* w, const float* x, const float* xs, int64_t M, int64_t K, int64_t N,
                       int64_t n0, int64_t n1, float* y) {
-  const int64_t row_bytes = K / T::QK * T::BYTES, G = K / 32;
+  const int64_t row_bytes = K / T::QK * T::BYTES;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
-    for (int64_t m = 0; m < M; m += 4) {
-      const float* xm = x + m * K;
-      const float* xsm = xs + m * G;
-      float* ym = y + m * N + n;
-      switch (std::min<int64_t>(4, M - m)) {
-        case 1: dot_row_avx512<T, 1>(row, xm, xsm, K, ym, N); break;
-        case 2: dot_row_avx512<T, 2>(row, xm, xsm, K, ym, N); break;
-        case 3: dot_row_avx512<T, 3>(row, xm, xsm, K, ym, N); break;
-        default: dot_row_avx512<T, 4>(row, xm, xsm, K, ym, N); break;
-      }
-    }
+    if (M == 1) dot_row_avx512<T, 1>(row, x, xs, K, y + n, N);
+    else dot_row_avx512<T, 2>(row, x, xs, K, y + n, N);
   }
 }
 
@@ -507,8 +513,6 @@ void dequant_rows_avx512(const uint8_t* w, int64_t K, const int64_t* rows, int64
   }
 }
 
-// Attention inner loops (see scores_rows / weighted_values), D a multiple of 16; the G query
-// heads of a KV head share each key/value load.
 // Horizontal sums of four vectors: [sum(a), sum(b), sum(c), sum(d)].
 inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   auto to4 = [](__m512 v) {
@@ -518,6 +522,106 @@ inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm_hadd_ps(_mm_hadd_ps(to4(a), to4(b)), _mm_hadd_ps(to4(c), to4(d)));
 }
 
+// Multi-row decode (M >= kPanelMinM activation rows): each weight row is decoded once per
+// product into a panel and multiplied with all M rows from there, in register blocks.
+//
+// Panel rows are Kp floats apart (Kp = K + the K/32 group terms padded to 16); a row holds
+//   [0, K)           q * d of every weight: the code times its float32 scale, exact (their
+//                    significant bits add up to at most 23: Q6_K's 5-bit codes times its
+//                    18-bit d * sub-scale; Q8_0's 7-bit codes times an F16 scale: 18);
+//   [K, K + K/32)    the additive term m of each 32-group (MIN types only), so that
+//                    q * d + m is each weight's real value;
+//   up to Kp         zeros (never written: the scratch starts zeroed).
+// The activations get the matching layout (gemv_multi): x, then its sums over each 32-group,
+// then zeros. A row of the product is then one dot product over panel_width<T>(K) columns,
+// the sum sum_g (sum_j q_j d x_j + m_g sum_j x_j) of the row kernels in another order.
+template <class T>
+void decode_panel_avx512(const uint8_t* w, int64_t K, int64_t Kp, int64_t n0, int64_t nr, float* panel) {
+  const int64_t nb = K / T::QK, row_bytes = nb * T::BYTES;
+  for (int64_t r = 0; r < nr; ++r) {
+    const uint8_t* row = w + (n0 + r) * row_bytes;
+    float* p = panel + r * Kp;
+    for (int64_t i = 0; i < nb; ++i) {
+      float* y = p + i * T::QK;
+      Simd<T>::groups(row + i * T::BYTES, [&](auto g, __m512 qlo, __m512 qhi, float dlo, float dhi, float mg) {
+        _mm512_storeu_ps(y + 32 * g, _mm512_mul_ps(qlo, _mm512_set1_ps(dlo)));
+        _mm512_storeu_ps(y + 32 * g + 16, _mm512_mul_ps(qhi, _mm512_set1_ps(dhi)));
+        if constexpr (T::MIN) p[K + i * (T::QK / 32) + g] = mg;
+      });
+    }
+  }
+}
+
+// y[m * N + r] = panel row r . xa row m over Kw columns, for r < nr (<= kPanelRows) and the
+// MR rows of xa (row stride ldx); panel rows have stride ldp. kPanelRows x MR accumulators,
+// one FMA chain each: every panel vector is loaded once per MR rows, every x vector once
+// per kPanelRows weight rows. (The empty asm keeps each loaded vector in a register: GCC
+// would otherwise fold the loads into the FMAs, four or MR loads where one suffices, and
+// the tile would be bound by loads instead of FMAs.)
+template <int MR>
+void panel_tile_avx512(const float* panel, int64_t ldp, const float* xa, int64_t ldx, int64_t Kw, int64_t nr,
+                       float* y, int64_t N) {
+  static_assert(kPanelRows == 4, "the tile reduces four weight rows at once (hsum4)");
+  __m512 acc[MR][4];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < Kw; k += 16) {
+    __m512 w0 = _mm512_loadu_ps(panel + k), w1 = _mm512_loadu_ps(panel + ldp + k),
+           w2 = _mm512_loadu_ps(panel + 2 * ldp + k), w3 = _mm512_loadu_ps(panel + 3 * ldp + k);
+    asm("" : "+v"(w0), "+v"(w1), "+v"(w2), "+v"(w3));
+    for (int m = 0; m < MR; ++m) {
+      __m512 xv = _mm512_loadu_ps(xa + m * ldx + k);
+      asm("" : "+v"(xv));
+      acc[m][0] = _mm512_fmadd_ps(w0, xv, acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(w1, xv, acc[m][1]);
+      acc[m][2] = _mm512_fmadd_ps(w2, xv, acc[m][2]);
+      acc[m][3] = _mm512_fmadd_ps(w3, xv, acc[m][3]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    alignas(16) float s[4];
+    _mm_store_ps(s, hsum4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
+    for (int64_t r = 0; r < nr; ++r) y[m * N + r] = s[r];
+  }
+}
+
+// y[m, n] for weight rows [n0, n1) and all M rows of xa [M, ldx] (the panel layout, see
+// decode_panel_avx512), kPanelRows weight rows at a time; panel: scratch of
+// kPanelRows * ldx zeros (in a last, partial panel the rows past nr keep earlier values,
+// whose sums are not stored). The M rows are split into ceil(M / kTileRows) tiles of
+// nearly equal height (M >= 3: every tile has at least 3 rows, enough accumulators to keep
+// the FMA units busy).
+template <class T>
+void panel_rows_avx512(const uint8_t* w, const float* xa, int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t n0,
+                       int64_t n1, float* panel, float* y) {
+  const int64_t Kw = panel_width<T>(K), row_bytes = K / T::QK * T::BYTES, n_tiles = (M + kTileRows - 1) / kTileRows;
+  for (int64_t n = n0; n < n1; n += kPanelRows) {
+    const int64_t nr = std::min<int64_t>(kPanelRows, n1 - n);
+    decode_panel_avx512<T>(w, K, ldx, n, nr, panel);
+    // The panel after next is fetched into L2 while this one is multiplied: the compute
+    // phases between decodes leave the hardware prefetcher idle, and the decodes would
+    // stall on memory (cold 49152 x 576 Q8_0 at M = 4: 5.5 ms without, 4.3 ms with).
+    const int64_t ahead = n + nr + kPanelRows;
+    const uint8_t* next = w + ahead * row_bytes;
+    for (int64_t b = 0; b < std::min<int64_t>(kPanelRows, n1 - ahead) * row_bytes; b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(next + b), _MM_HINT_T1);
+    for (int64_t t = 0, m = 0; t < n_tiles; ++t) {
+      const int64_t rows = (M - m) / (n_tiles - t);  // nearly equal heights, at most kTileRows
+      const float* xt = xa + m * ldx;
+      float* yt = y + m * N + n;
+      static_assert(kPanelMinM >= 3 && kTileRows == 6, "tiles of 3 to 6 rows");
+      switch (rows) {
+        case 3: panel_tile_avx512<3>(panel, ldx, xt, ldx, Kw, nr, yt, N); break;
+        case 4: panel_tile_avx512<4>(panel, ldx, xt, ldx, Kw, nr, yt, N); break;
+        case 5: panel_tile_avx512<5>(panel, ldx, xt, ldx, Kw, nr, yt, N); break;
+        default: panel_tile_avx512<6>(panel, ldx, xt, ldx, Kw, nr, yt, N); break;
+      }
+      m += rows;
+    }
+  }
+}
+
+// Attention inner loops (see scores_rows / weighted_values), D a multiple of 16; the G query
+// heads of a KV head share each key/value load.
 void scores_rows_avx512(const float* q, const float* keys, int64_t j0, int64_t j1, int64_t n, int64_t S, int64_t D,
                         int64_t G, float scale, float* sc) {
   const __m128 s4 = _mm_set1_ps(scale);
@@ -612,21 +716,67 @@ QW make_qw(const at::Tensor& w, int64_t type, int64_t N, int64_t K) {
   return QW{w.data_ptr<uint8_t>(), type, N, K};
 }
 
+// Rows up to which a product takes the fused kernels (see kPanelMinM); beyond, exact
+// tiles into sgemm.
+int64_t fused_max_m() { return simd_active() ? kPanelMaxM : kPortableFusedMaxM; }
+
+// The row kernels, for M < kPanelMinM (AVX-512) or M <= kPortableFusedMaxM (portable).
 void rows_kernel(const QW& w, const float* x, const float* xs, int64_t M, int64_t n0, int64_t n1, float* y) {
   with_type(w.type, [&](auto t) {
     using T = decltype(t);
 #ifdef GGUFLM_X86
-    if (simd_active()) { gemv_rows_avx512<T>(w.data, x, xs, M, w.K, w.N, n0, n1, y); return 0; }
+    if (simd_active()) {
+      TORCH_INTERNAL_ASSERT(M < kPanelMinM);
+      gemv_rows_avx512<T>(w.data, x, xs, M, w.K, w.N, n0, n1, y);
+      return 0;
+    }
 #endif
-    gemv_rows_generic<T>(w.data, x, M, w.K, w.N, n0, n1, y);
+    static_assert(kPortableFusedMaxM == 1, "the portable row kernel takes one activation row");
+    TORCH_INTERNAL_ASSERT(M == 1);
+    gemv_row_generic<T>(w.data, x, w.K, n0, n1, y);
     return 0;
   });
 }
 
+// The panel kernels (AVX-512 only): see panel_rows_avx512.
+void panel_kernel(const QW& w, const float* xa, int64_t M, int64_t ldx, int64_t n0, int64_t n1, float* panel,
+                  float* y) {
+#ifdef GGUFLM_X86
+  with_type(w.type, [&](auto t) {
+    panel_rows_avx512<decltype(t)>(w.data, xa, M, w.K, ldx, w.N, n0, n1, panel, y);
+    return 0;
+  });
+#else
+  TORCH_CHECK(false, "the panel kernels need AVX-512");
+#endif
+}
+
+// A float buffer of n zeros whose data starts on a 64-byte boundary (whole cache lines for
+// the panel kernels' vector loads).
+class AlignedFloats {
+ public:
+  explicit AlignedFloats(int64_t n) : buf_(n + 15, 0.0f) {
+    const auto a = reinterpret_cast<std::uintptr_t>(buf_.data());
+    data_ = buf_.data() + ((64 - a % 64) % 64) / sizeof(float);
+  }
+  float* data() { return data_; }
+
+ private:
+  std::vector<float> buf_;
+  float* data_;
+};
+
 // Fused products for few rows: ys[i] [M, N_i] = x [M, K] @ W_i^T for weights sharing K.
-// The rows of all the weights are split among the threads in one parallel region.
+// The rows of all the weights are split among the threads in one parallel region, one
+// weight row at a time for the row kernels, kPanelRows rows for the panel kernels
+// (AVX-512, M >= kPanelMinM), which decode each weight row once for all M rows.
 void gemv_multi(const float* x, int64_t M, const std::vector<std::pair<QW, float*>>& outs) {
   const int64_t K = outs.begin()->first.K, G = K / 32;
+  for (const auto& o : outs) TORCH_CHECK(o.first.K == K, "weights of one product must share K");
+  bool panels = false;
+#ifdef GGUFLM_X86
+  panels = simd_active() && M >= kPanelMinM;
+#endif
   std::vector<float> xs(M * G);  // sum of x over each 32-group (the m * sum(x) term)
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
@@ -634,14 +784,28 @@ void gemv_multi(const float* x, int64_t M, const std::vector<std::pair<QW, float
       for (int j = 0; j < 32; ++j) s += x[m * K + 32 * g + j];
       xs[m * G + g] = s;
     }
+  // The panel kernels read x in the panel layout: [x | group sums | zeros], ldx floats a row.
+  const int64_t ldx = panels ? K + (G + 15) / 16 * 16 : 0;
+  AlignedFloats xa(M * ldx);
+  for (int64_t m = 0; m < M && panels; ++m) {
+    std::memcpy(xa.data() + m * ldx, x + m * K, K * sizeof(float));
+    std::memcpy(xa.data() + m * ldx + K, xs.data() + m * G, G * sizeof(float));
+  }
+  const int64_t unit = panels ? kPanelRows : 1;  // weight rows of one task
   int64_t total = 0;
-  for (const auto& o : outs) { TORCH_CHECK(o.first.K == K, "weights of one product must share K"); total += o.first.N; }
-  at::parallel_for(0, total, std::max<int64_t>(1, kGrainElems / K), [&](int64_t b, int64_t e) {
+  for (const auto& o : outs) total += (o.first.N + unit - 1) / unit;
+  at::parallel_for(0, total, std::max<int64_t>(1, kGrainElems / (K * unit)), [&](int64_t b, int64_t e) {
+    AlignedFloats panel(panels ? kPanelRows * ldx : 0);
     int64_t off = 0;
     for (const auto& o : outs) {
-      const int64_t n0 = std::max(b, off) - off, n1 = std::min(e, off + o.first.N) - off;
-      if (n0 < n1) rows_kernel(o.first, x, xs.data(), M, n0, n1, o.second);
-      off += o.first.N;
+      const int64_t units = (o.first.N + unit - 1) / unit;
+      const int64_t u0 = std::max(b, off) - off, u1 = std::min(e, off + units) - off;
+      if (u0 < u1) {
+        const int64_t n0 = u0 * unit, n1 = std::min(u1 * unit, o.first.N);
+        if (panels) panel_kernel(o.first, xa.data(), M, ldx, n0, n1, panel.data(), o.second);
+        else rows_kernel(o.first, x, xs.data(), M, n0, n1, o.second);
+      }
+      off += units;
     }
   });
 }
@@ -663,10 +827,10 @@ void dequant_range(const QW& w, int64_t n0, int64_t n1, float* out) {
   });
 }
 
-// y [M, N] = x [M, K] @ W^T: fused for M <= kFusedMaxM, else exact float tiles into sgemm.
+// y [M, N] = x [M, K] @ W^T: fused for M <= fused_max_m(), else exact float tiles into sgemm.
 at::Tensor matmul(const at::Tensor& x, const QW& w) {
   const int64_t M = x.size(0), N = w.N, K = w.K;
-  if (M > kFusedMaxM) {
+  if (M > fused_max_m()) {
     const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(N, kTileElems / K));
     at::Tensor buf = at::empty({tile, K}, x.options());
     if (tile == N) {
@@ -696,13 +860,21 @@ void check_x(const at::Tensor& x, int64_t K) {
 // ---------------------------------------------------------------------------------------
 
 constexpr int64_t kRowGrain = 16;              // rows per thread for the elementwise parts of a step
+constexpr int64_t kSdpaMinRows = 9;            // rows of a one-sequence step from which attention is ATen's SDPA
 constexpr int64_t kAttnGrainFlops = 1 << 16;   // query-key products below which attention stays serial
 constexpr int64_t kKeyBlock = 64;              // keys per attention-score task
 
 // y = x / sqrt(mean(x^2) + eps) * w, as (x * r) * w with r = 1 / sqrt(mean + eps).
+// The sum of squares in sixteen partial sums, which the compiler vectorizes (one chain of
+// E dependent adds took ~0.7 us a row at E = 576).
 void rms_norm(const float* x, const float* w, int64_t E, float eps, float* y) {
+  float part[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= E; i += 16)
+    for (int l = 0; l < 16; ++l) part[l] += x[i + l] * x[i + l];
   float ss = 0.0f;
-  for (int64_t i = 0; i < E; ++i) ss += x[i] * x[i];
+  for (; i < E; ++i) ss += x[i] * x[i];
+  for (int l = 0; l < 16; ++l) ss += part[l];
   const float r = 1.0f / std::sqrt(ss / static_cast<float>(E) + eps);
   for (int64_t i = 0; i < E; ++i) y[i] = (x[i] * r) * w[i];
 }
@@ -757,7 +929,7 @@ void weighted_values(const float* p, const float* values, int64_t n, int64_t S, 
 // GEMVs, all weights in one parallel region; many rows: exact float tiles into sgemm.
 void project(const at::Tensor& x, std::initializer_list<std::tuple<QW, at::Tensor*, const std::optional<at::Tensor>*>> outs) {
   const int64_t R = x.size(0);
-  if (R <= kFusedMaxM) {
+  if (R <= fused_max_m()) {
     std::vector<std::pair<QW, float*>> targets;
     for (const auto& [w, out, bias] : outs) {
       *out = at::empty({R, w.N}, x.options());
@@ -851,7 +1023,7 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   at::Tensor att;
-  if (R > kFusedMaxM && one_sequence) {  // prefill: fused causal attention over the slot's cache
+  if (R >= kSdpaMinRows && one_sequence) {  // prefill: fused causal attention over the slot's cache
     const int64_t S = pp[0] + R;
     at::Tensor qh = q.view({1, R, n_head, D}).transpose(1, 2);                      // [1, H, R, D]
     at::Tensor keys = kc.select(0, sp[0]).narrow(1, 0, S).unsqueeze(0);            // [1, Hkv, S, D]
@@ -898,11 +1070,7 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
     rms_norm(op + r * E, ffn_norm.data_ptr<float>(), E, fe, xn.data_ptr<float>() + r * E);
   });
   project(xn, {{w[WGATE], &g, &bias[WGATE]}, {w[WUP], &u, &bias[WUP]}});
-  float* gp = g.data_ptr<float>();
-  const float* up = u.data_ptr<float>();
-  rows([&](int64_t r) {
-    for (int64_t i = r * ff; i < (r + 1) * ff; ++i) gp[i] = gp[i] / (1.0f + std::exp(-gp[i])) * up[i];  // silu(g) * u
-  });
+  at::silu_(g).mul_(u);  // ATen's vectorized SiLU (the twin's F.silu): a scalar exp loop cost ~0.1 ms a layer at 16 rows
   project(g, {{w[WDOWN], &d, &bias[WDOWN]}});
   out.add_(d);  // out = h + ffn
   return out.view(x3.sizes());
@@ -963,7 +1131,6 @@ bool use_simd(bool enable) {
 }
 
 bool simd_available() { return cpu_has_avx512(); }
-int64_t fused_max_m() { return kFusedMaxM; }
 
 }  // namespace
 
