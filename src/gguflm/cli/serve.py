@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--batch-rows", type=int, default=None,
                    help="most requests decoded in one forward; more run as several forwards "
-                        "(default: 8 on the CPU, where the fused quantized kernels cover 8 rows; else all)")
+                        "(default: 64 on the CPU, past which wider forwards barely pay; else all)")
     p.add_argument("--max-body", type=int, default=1 << 20,
                    help="largest accepted request body in bytes (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],

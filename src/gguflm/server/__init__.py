@@ -16,11 +16,12 @@ from gguflm.server.backend import Backend
 
 __all__ = ["create_app", "Backend", "serve", "CPU_BATCH_ROWS"]
 
-# Decode rows per forward on the CPU: the fused quantized decode step (gguflm.quant.cpu)
-# covers up to 8 rows; past that a step falls back to dequantized tiles, and one 16-row
-# step costs more than two 8-row ones (SmolLM2 on 2 cores: 16 concurrent requests took
-# ~25% less CPU time in forwards of 8).
-CPU_BATCH_ROWS = 8
+# Decode rows per forward on the CPU. A step decodes each weight row once for all its rows
+# (gguflm.quant.cpu's panel kernels), so wider steps keep paying until the float32 FMAs
+# dominate: SmolLM2 Q4_1 on 2 cores, 150 tok/s at 1 row, 410 at 16, 470 at 32, 545 at 64,
+# ~560 at 96-128 (benchmarks/results/2026-11-27-cpu-server.json). Past the cap, ready rows
+# wait for further forwards of the same step, which a wider forward would serve sooner.
+CPU_BATCH_ROWS = 64
 
 
 def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, device: str = "cpu",
