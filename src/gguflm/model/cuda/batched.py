@@ -3,8 +3,7 @@ new token each, every row in its own cache slot at its own position, padded to a
 W (a power of two) and captured in a CUDA graph per width.
 
 The step is the many-token forward (:func:`.forward._blocks`: tile dequantization into
-tensor-core matmuls, in pieces that stay in the L2 cache; fused RMSNorm / residual /
-SwiGLU kernels) with the attention of
+tensor-core matmuls, fused RMSNorm / residual / SwiGLU kernels) with the attention of
 the decode kernel (:func:`gguflm.quant.triton.attention.decode_attention`): RoPE at each
 row's position, the cache write into each row's slot, and attention over that slot's
 positions ``0 .. pos``. Padding rows have slot -1: they write nothing and read nothing.
@@ -21,7 +20,6 @@ given width (the matmuls see the same shapes at every step of that width).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -30,15 +28,12 @@ from gguflm.engine.kv_cache import KVCache
 from gguflm.model.arch import RopeStyle
 from gguflm.model.config import ModelConfig
 from gguflm.model.cuda.decode import attention_splits
-from gguflm.model.cuda.forward import _blocks, _logits, _qkv, chunk_rows
+from gguflm.model.cuda.forward import _blocks, _logits, _qkv
 from gguflm.model.cuda.weights import HALF, CudaLayer, CudaWeights
 from gguflm.model.layers import Rope
 from gguflm.quant.triton.attention import AttentionWorkspace, decode_attention
 
 MIN_WIDTH = 2
-# float16 bytes of a weight dequantized per matmul piece (GGUFLM_L2_CHUNK_MB, 0: whole
-# weights): small enough that the piece is still in the L2 cache when the matmul reads it
-CHUNK_BYTES = int(float(os.environ.get("GGUFLM_L2_CHUNK_MB", "8")) * (1 << 20))
 
 
 def batch_width(n_rows: int) -> int:
@@ -69,16 +64,16 @@ class BatchedDecode:
     def _attention(self, layer: CudaLayer, index: int, h: torch.Tensor) -> torch.Tensor:
         # h: float16 [W, E] -> float16 [W, E] (attention output through Wo)
         cfg = self.cfg
-        qkv = _qkv(layer, h, self.w.workspace, CHUNK_BYTES)                         # [W, (H + 2 Hkv) D]
+        qkv = _qkv(layer, h, self.w.workspace)                                      # [W, (H + 2 Hkv) D]
         decode_attention(qkv, self.rope.cos, self.rope.sin, self.pos, self.cache.k[index], self.cache.v[index],
                          self.attn, self.attn_ws, cfg.head_dim ** -0.5, cfg.rope_style is RopeStyle.NEOX,
                          slots=self.slot)
-        return layer.wo.matmul(self.attn.view(self.width, -1), self.w.workspace, chunk_rows(layer.wo, CHUNK_BYTES))
+        return layer.wo.matmul(self.attn.view(self.width, -1), self.w.workspace)
 
     def _run(self) -> torch.Tensor:
         x = self.w.token_embd.rows(self.tok)                                        # float32 [W, E]
-        _blocks(self.cfg, self.w, x, self._attention, CHUNK_BYTES)
-        return _logits(self.cfg, self.w, x, self.w.workspace, CHUNK_BYTES)          # float32 [W, n_vocab]
+        _blocks(self.cfg, self.w, x, self._attention)
+        return _logits(self.cfg, self.w, x, self.w.workspace)                       # float32 [W, n_vocab]
 
     def _capture(self, side: torch.cuda.Stream, pool: Any) -> None:
         """Warm up on the side stream (compiling every kernel; the inputs are the coming

@@ -21,34 +21,23 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gguflm.engine.kv_cache import KVCache
 from gguflm.model.arch import RopeStyle
 from gguflm.model.config import ModelConfig
-from gguflm.model.cuda.weights import HALF, OUTPUT_ROW_CHUNK, CudaLayer, CudaLinear, CudaWeights, Workspace
+from gguflm.model.cuda.weights import HALF, OUTPUT_ROW_CHUNK, CudaLayer, CudaWeights, Workspace
 from gguflm.model.layers import Rope
 from gguflm.quant.triton.activations import add_rms_norm_half, rms_norm_half, rope_prefill, silu_mul_half
 
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def chunk_rows(lin: CudaLinear, chunk_bytes: int | None) -> int | None:
-    """Rows of ``lin`` whose float16 dequantization fills about ``chunk_bytes`` (a multiple
-    of 64 rows; None: the whole weight at once). Few-row matmuls read each weight once
-    from the workspace: in pieces that stay in the L2 cache, the dequantized copy never
-    travels to memory and back."""
-    if not chunk_bytes:
-        return None
-    return max(64, chunk_bytes // (2 * lin.n_in) // 64 * 64)
-
-
-def _qkv(layer: CudaLayer, h: torch.Tensor, ws: Workspace, chunk_bytes: int | None = None) -> torch.Tensor:
+def _qkv(layer: CudaLayer, h: torch.Tensor, ws: Workspace) -> torch.Tensor:
     # h: float16 [N, E] -> float16 [N, (H + 2 Hkv) D]
     if len(layer.qkv) == 1:
-        return layer.qkv[0].matmul(h, ws, chunk_rows(layer.qkv[0], chunk_bytes))
-    return torch.cat([lin.matmul(h, ws, chunk_rows(lin, chunk_bytes)) for lin in layer.qkv], dim=-1)
+        return layer.qkv[0].matmul(h, ws)
+    return torch.cat([lin.matmul(h, ws) for lin in layer.qkv], dim=-1)
 
 
-def _swiglu(layer: CudaLayer, h: torch.Tensor, ws: Workspace, chunk_bytes: int | None = None) -> torch.Tensor:
+def _swiglu(layer: CudaLayer, h: torch.Tensor, ws: Workspace) -> torch.Tensor:
     # h: float16 [N, E] -> float16 [N, F] = silu(h Wg^T) * (h Wu^T)
-    return silu_mul_half(layer.w_gate.matmul(h, ws, chunk_rows(layer.w_gate, chunk_bytes)),
-                         layer.w_up.matmul(h, ws, chunk_rows(layer.w_up, chunk_bytes)))
+    return silu_mul_half(layer.w_gate.matmul(h, ws), layer.w_up.matmul(h, ws))
 
 
 def _expand_kv(t: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -95,31 +84,28 @@ def _attention_general(cfg: ModelConfig, layer: CudaLayer, h: torch.Tensor, rope
     return layer.wo.matmul(out.transpose(1, 2).reshape(B * T, H * D), ws)
 
 
-def _blocks(cfg: ModelConfig, w: CudaWeights, x: torch.Tensor, attention, chunk_bytes: int | None = None) -> None:
+def _blocks(cfg: ModelConfig, w: CudaWeights, x: torch.Tensor, attention) -> None:
     """All blocks over the float32 residual stream x [N, E] (in place); ``attention(layer,
     index, h)`` maps the normed float16 input to the attention output. Each residual add
-    is fused with the RMSNorm that follows it. ``chunk_bytes``: see :func:`chunk_rows`."""
+    is fused with the RMSNorm that follows it."""
     eps = cfg.rms_eps
     h = rms_norm_half(x, w.layers[0].attn_norm, eps)
     for index, layer in enumerate(w.layers):
         h = add_rms_norm_half(x, attention(layer, index, h), layer.ffn_norm, eps)
-        down = layer.w_down.matmul(_swiglu(layer, h, w.workspace, chunk_bytes), w.workspace,
-                                   chunk_rows(layer.w_down, chunk_bytes))
+        down = layer.w_down.matmul(_swiglu(layer, h, w.workspace), w.workspace)
         if index + 1 < len(w.layers):
             h = add_rms_norm_half(x, down, w.layers[index + 1].attn_norm, eps)
         else:
             x += down
 
 
-def _logits(cfg: ModelConfig, w: CudaWeights, x: torch.Tensor, ws: Workspace,
-            chunk_bytes: int | None = None) -> torch.Tensor:
+def _logits(cfg: ModelConfig, w: CudaWeights, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
     # x: float32 [N, E] -> float32 [N, n_vocab]; one row through the fused GEMV
     if x.shape[0] == 1:
         out = torch.empty(cfg.n_vocab, dtype=torch.float32, device=x.device)
         return w.output.gemv(x[0], out, norm_weight=w.output_norm, eps=cfg.rms_eps)[None]
     h = rms_norm_half(x, w.output_norm, cfg.rms_eps)
-    rows = min(OUTPUT_ROW_CHUNK, chunk_rows(w.output, chunk_bytes) or OUTPUT_ROW_CHUNK)
-    return w.output.matmul(h, ws, row_chunk=rows).float()
+    return w.output.matmul(h, ws, row_chunk=OUTPUT_ROW_CHUNK).float()
 
 
 def plain_start(positions: torch.Tensor) -> int | None:
