@@ -399,7 +399,7 @@ class Scheduler:
         if masked and self._eog_index:
             chosen[torch.tensor(masked, device=logits.device)[:, None],
                    torch.tensor(self._eog_index, device=logits.device)[None, :]] = float("-inf")
-        return dict(zip([r for r, _ in picked], torch.argmax(chosen, dim=-1).tolist()))
+        return dict(zip([r for r, _ in picked], _read(torch.argmax(chosen, dim=-1))))
 
     def _emit_piece(self, seq: _Seq, text: str) -> None:
         if text or seq.logprobs:
@@ -429,6 +429,17 @@ class Scheduler:
         except Exception:  # the receiver is gone (closed event loop...): treat as cancelled
             traceback.print_exc()
             ticket.cancelled = True
+
+
+def _read(t: torch.Tensor) -> list:
+    """``t.tolist()``; a CUDA tensor is first waited for through an event, which releases
+    the GIL while the GPU finishes the step: the event loop keeps streaming meanwhile
+    (``tolist`` alone would hold the GIL through the whole wait)."""
+    if t.is_cuda:
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+    return t.tolist()
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -22,6 +22,7 @@ __all__ = ["create_app", "Backend", "serve", "CPU_BATCH_ROWS"]
 # ~560 at 96-128 (benchmarks/results/2026-11-27-cpu-server.json). Past the cap, ready rows
 # wait for further forwards of the same step, which a wider forward would serve sooner.
 CPU_BATCH_ROWS = 64
+SWITCH_INTERVAL = 0.0005  # seconds (sys.setswitchinterval) in a serving process
 
 
 def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, device: str = "cpu",
@@ -36,6 +37,9 @@ def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, de
     import gguflm
     from gguflm.engine.scheduler import Scheduler
 
+    # The worker thread and the event loop hand the GIL to each other at every step; a
+    # shorter switch interval than Python's 5 ms keeps either from waiting on the other.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     model = gguflm.load(path, device=device, n_ctx=n_ctx, threads=threads)
     if batch_rows is None and model.device.type == "cpu":
         batch_rows = CPU_BATCH_ROWS
