@@ -10,7 +10,13 @@ its 16 tokens (the token counts are checked through ``stream_options.include_usa
 Each measurement is repeated ``--repeat`` times, alternating; the best (least disturbed
 on a shared machine) and the median are reported, with the mean time to first token.
 
+Before the server starts, the same model's batched decode step is timed in this process
+for each width B of ``--widths`` (what one forward of the scheduler's decode costs:
+B sequences in their own cache slots, prefilled to 20..59 tokens, one token per row per
+step): ms per step (median and best of ``--steps``) and tokens/s.
+
     python benchmarks/bench_server.py [-m FILE.gguf] [--repeat 3] [--threads N] [--batch-rows N]
+                                      [--widths 1,2,4,8,16,32,64] [--steps 16]
 
 Writes benchmarks/results/<date>-cpu-server.json (with the machine's load average: other
 work on a shared machine slows the two sides unevenly). Traffic goes to 127.0.0.1 only.
@@ -22,32 +28,26 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
 from gguflm.defaults import resolve_model
+from machine import cpu_model  # benchmarks/machine.py (this script's folder)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HOST = "127.0.0.1"
 N_TOKENS = 16
 SUBJECTS = ["a dragon", "the sea", "a robot", "a lighthouse", "a lost key", "a city at night", "a cat",
             "winter", "a train", "a garden", "the moon", "a library", "a storm", "a violin", "a desert", "a clock"]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def free_port() -> int:
@@ -89,6 +89,35 @@ def concurrent(http: httpx.Client, url: str, k: int) -> dict:
     return {"seconds": seconds, "tokens": sum(n for _, n in runs), "ttft_mean": statistics.mean(t for t, _ in runs)}
 
 
+def decode_steps(model_path: Path, widths: Sequence[int], threads: int | None, steps: int) -> dict:
+    """Per width B: ms per batched decode step (median, best of ``steps`` after one warm-up
+    step) and tokens/s at the median, in this process (see the module doc)."""
+    import torch
+
+    import gguflm
+
+    model = gguflm.load(model_path, threads=threads)
+    n_vocab, g = model.config.n_vocab, torch.Generator().manual_seed(0)
+    out = {}
+    for B in widths:
+        lengths = [20 + (7 * b) % 40 for b in range(B)]                      # 20..59 tokens
+        cache = model.new_cache(B, n_ctx=max(lengths) + steps + 1)
+        for b, n in enumerate(lengths):                                      # prefill slot b
+            model.forward(torch.randint(0, n_vocab, (1, n), generator=g), torch.arange(n)[None], cache,
+                          torch.tensor([b]), last_only=True)
+        positions, slots, times = torch.tensor(lengths)[:, None], torch.arange(B), []
+        for _ in range(steps + 1):
+            tokens = torch.randint(0, n_vocab, (B, 1), generator=g)
+            t0 = time.perf_counter()
+            model.forward(tokens, positions, cache, slots, last_only=True)    # [B, V]: the scheduler's call
+            times.append(time.perf_counter() - t0)
+            positions = positions + 1
+        med, best = statistics.median(times[1:]), min(times[1:])
+        out[str(B)] = {"ms_per_step_median": med * 1e3, "ms_per_step_best": best * 1e3, "tokens_per_s": B / med}
+        print(f"decode step B={B:3d}: {med * 1e3:7.2f} ms (best {best * 1e3:7.2f}), {B / med:6.1f} tok/s", flush=True)
+    return {"threads": torch.get_num_threads(), "steps": steps, "prefilled_tokens": "20..59", "widths": out}
+
+
 def start_server(model: Path, threads: int | None, batch_rows: int | None, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "gguflm", "serve", "-m", str(model), "--host", HOST, "--port", str(port),
@@ -117,9 +146,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="server CPU threads (default: torch's choice)")
     ap.add_argument("--batch-rows", type=int, default=None, help="gguflm serve --batch-rows (default: its own)")
+    ap.add_argument("--widths", default="1,2,4,8,16,32,64", help="decode step widths to time ('' for none)")
+    ap.add_argument("--steps", type=int, default=16, help="timed decode steps per width")
     args = ap.parse_args()
     model = resolve_model(args.model)
     load_before = os.getloadavg()
+    steps = decode_steps(model, [int(b) for b in args.widths.split(",") if b], args.threads, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_server(model, args.threads, args.batch_rows, Path(tmp) / "serve.log")
         try:
@@ -148,6 +180,7 @@ def main() -> None:
                           "tokens_per_s": 16 * N_TOKENS / best_conc},
         "ratio_best": best_conc / best_seq, "ratio_median": med_conc / med_seq,
         "load_average_before_after": [load_before[0], os.getloadavg()[0]],  # others' work on the machine
+        "decode_step": steps,
     }
     print(f"4 sequential x {N_TOKENS} tokens: best {best_seq:.2f}s (median {med_seq:.2f}s), "
           f"{4 * N_TOKENS / best_seq:.1f} tok/s")
