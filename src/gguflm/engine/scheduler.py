@@ -339,10 +339,9 @@ class Scheduler:
             self._decode_rows(ready[i:i + width])
 
     def _decode_rows(self, rows: list[_Seq]) -> None:
-        device = self.cache.k.device
-        tokens = torch.tensor([[s.last] for s in rows], device=device)         # [B, 1]
-        positions = torch.tensor([[s.n_past] for s in rows], device=device)   # [B, 1]
-        slots = torch.tensor([s.slot for s in rows], device=device)           # [B]
+        inputs = torch.tensor([[s.last for s in rows], [s.n_past for s in rows], [s.slot for s in rows]],
+                              device=self.cache.k.device)                              # [3, B]: one copy
+        tokens, positions, slots = inputs[0, :, None], inputs[1, :, None], inputs[2]   # [B, 1], [B, 1], [B]
         logits = self.model.forward(tokens, positions, self.cache, slots, last_only=True)  # [B, V]
         greedy = self._greedy_tokens(rows, logits, range(len(rows)))
         for i, seq in enumerate(rows):
@@ -393,13 +392,18 @@ class Scheduler:
                   if seq.ticket.job.params.greedy and not seq.ticket.job.params.penalties_enabled]
         if not picked:
             return {}
-        index = torch.tensor([r for r, _ in picked], device=logits.device)
-        chosen = logits.index_select(0, index).float()                               # [P, V] (a copy)
-        masked = [i for i, (_, job) in enumerate(picked) if job.ignore_eos]
-        if masked and self._eog_index:
-            chosen[torch.tensor(masked, device=logits.device)[:, None],
-                   torch.tensor(self._eog_index, device=logits.device)[None, :]] = float("-inf")
-        return dict(zip([r for r, _ in picked], _read(torch.argmax(chosen, dim=-1))))
+        index = [r for r, _ in picked]                       # increasing
+        masked = [i for i, (_, job) in enumerate(picked) if job.ignore_eos] if self._eog_index else []
+        device = logits.device
+        chosen = logits if len(index) == logits.shape[0] else logits.index_select(0, torch.tensor(index, device=device))
+        if masked:  # few operations: each is a round trip through the GIL in a busy server
+            eog = torch.tensor(self._eog_index, device=device)
+            if len(masked) == len(index):
+                chosen = chosen.index_fill(1, eog, float("-inf"))
+            else:
+                chosen = chosen.clone()
+                chosen[torch.tensor(masked, device=device)[:, None], eog[None, :]] = float("-inf")
+        return dict(zip(index, _read(torch.argmax(chosen, dim=-1))))
 
     def _emit_piece(self, seq: _Seq, text: str) -> None:
         if text or seq.logprobs:

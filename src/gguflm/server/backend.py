@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gguflm.engine.generate import ContextLengthError, GenerationError
-from gguflm.engine.scheduler import Done, Event, Failed, Job, QueueFullError, Scheduler
+from gguflm.engine.scheduler import Done, Event, Failed, Job, Piece, QueueFullError, Scheduler
 from gguflm.errors import TemplateError
 from gguflm.server.errors import APIError, invalid
 from gguflm.server.schemas import ChatCompletionRequest, CompletionRequest
@@ -74,8 +74,18 @@ class Generation:
         self._ticket = scheduler.submit(job, lambda ev: box.post(self._queue, ev))
 
     async def events(self) -> AsyncIterator[Event]:
+        """The job's events; pieces that are already waiting when one is taken come as one
+        (their texts and logprobs joined), so a loop that falls behind catches up."""
+        pending: Event | None = None
         while True:
-            ev = await self._queue.get()
+            ev = pending if pending is not None else await self._queue.get()
+            pending = None
+            while isinstance(ev, Piece) and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if not isinstance(nxt, Piece):
+                    pending = nxt
+                    break
+                ev = Piece(ev.text + nxt.text, ev.logprobs + nxt.logprobs)
             yield ev
             if isinstance(ev, (Done, Failed)):
                 return
