@@ -8,7 +8,9 @@
    completions of T tokens each (temperature 0, ``ignore_eos`` so every stream runs to
    T), each client in its own process. Reported: completion tokens / wall time of the
    round (prefill included), and the decode rate: the sum over streams of
-   (tokens - 1) / (last chunk - first chunk).
+   (tokens - 1) / (last chunk - first chunk). Then the first streams' prompts again, each
+   alone: is each greedy text the one it got among 32 (the same up to float rounding of
+   batched matmuls; reported, with the length of the common prefix)?
 
     python benchmarks/bench_server_cuda.py -m tinyllama-Q4_K_M.gguf [--streams 32] [--tokens 256] \\
         [--rounds 3] [--json OUT]
@@ -87,6 +89,7 @@ def stream_one(args: tuple[str, str, int]) -> dict:
     t0 = time.time()
     first = last = None
     n = 0
+    text = []
     with httpx.Client(timeout=600) as http, http.stream("POST", url + "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -98,7 +101,8 @@ def stream_one(args: tuple[str, str, int]) -> dict:
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 last = time.time()
                 first = first or last
-    return {"start": t0, "first": first, "last": last, "tokens": n}
+                text.append(chunk["choices"][0]["delta"]["content"])
+    return {"start": t0, "first": first, "last": last, "tokens": n, "text": "".join(text)}
 
 
 def http_rounds(model_path: str, streams: int, tokens: int, rounds: int, n_ctx: int) -> dict:
@@ -134,11 +138,20 @@ def http_rounds(model_path: str, streams: int, tokens: int, rounds: int, n_ctx: 
                                     "ttft_mean_s": statistics.mean(r["first"] - r["start"] for r in runs)})
                     print(f"{streams} streams x {tokens}: {total} tokens in {wall:.2f} s = {total / wall:.0f} tok/s "
                           f"end to end, decode {decode:.0f} tok/s", flush=True)
+            alone = []
+            for i in range(4):
+                solo = stream_one((url, SUBJECTS[i % 16], tokens))["text"]
+                together = runs[i]["text"]
+                same = next((k for k, (a, b) in enumerate(zip(solo, together)) if a != b), min(len(solo), len(together)))
+                alone.append({"subject": SUBJECTS[i % 16], "identical": solo == together, "common_prefix_chars": same,
+                              "chars": len(together)})
+            print("alone == among 32:", [a["identical"] for a in alone], flush=True)
         finally:
             proc.terminate()
             proc.wait(30)
             tail = log.read_text()[-2000:]
-    return {"streams": streams, "tokens": tokens, "rounds": results, "server_log_tail": tail}
+    return {"streams": streams, "tokens": tokens, "rounds": results, "alone_vs_batched": alone,
+            "server_log_tail": tail}
 
 
 def main() -> None:
