@@ -163,6 +163,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("-c", "--ctx", type=int, default=1024)
     ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--json")
     a = ap.parse_args()
     import torch
@@ -170,8 +171,9 @@ def main() -> None:
     out = {"date": time.strftime("%Y-%m-%d"), "card": torch.cuda.get_device_name(), "model": os.path.basename(a.model),
            "script": "benchmarks/bench_server_cuda.py"}
     widths = [w for w in (1, 2, 4, 8, 16, 32, 64) if w <= max(64, a.streams)]
-    out["step_sweep"] = step_sweep(a.model, widths, a.steps, a.ctx)
-    torch.cuda.empty_cache()
+    if not a.skip_steps:
+        out["step_sweep"] = step_sweep(a.model, widths, a.steps, a.ctx)
+        torch.cuda.empty_cache()
     if not a.skip_http:
         out["http"] = http_rounds(a.model, a.streams, a.tokens, a.rounds, a.ctx)
     if a.json:

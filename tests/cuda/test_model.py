@@ -186,3 +186,34 @@ def test_row_chunked_matmul_equals_whole(model_and_ref):
     whole = lin.matmul(h, m.weights.workspace).float()
     pieces = lin.matmul(h, m.weights.workspace, row_chunk=64).float()
     assert (pieces - whole).abs().max() <= 1e-3 * whole.abs().max()
+
+
+def test_scheduler_output_alone_equals_among_others(model_and_ref):
+    """Served through the scheduler (which pins the decode width, reads one prompt per
+    forward and reuses no cached keys), a request's greedy tokens and their
+    log-probabilities are bit-for-bit the same alone as among others that start, run
+    and stop at other times (a shared prompt prefix included)."""
+    from gguflm.engine.sampling import SamplingParams
+    from gguflm.engine.scheduler import Job, Piece, Scheduler, run_jobs
+
+    m, _ = model_and_ref
+    greedy = SamplingParams(temperature=0)
+    target = Job(tuple(IDS[:6]), greedy, 10, top_logprobs=0)
+    others = [Job(tuple(IDS[:4]), greedy, 3), Job(tuple(IDS[:6] + IDS[1:3]), greedy, 14),
+              Job(tuple(IDS[2:5]), greedy, 6)]
+
+    def served(jobs: list[Job]) -> list:
+        sched = Scheduler(m, n_slots=4, n_ctx=32, prefill_chunk=4)
+        try:
+            return run_jobs(sched, jobs)
+        finally:
+            sched.close()
+
+    alone = served([target])[0]
+    together = served(others[:2] + [target] + others[2:])[2]
+    assert not m.batch_invariant
+
+    def logprobs(events) -> list:
+        return [(lp.id, lp.logprob) for e in events if isinstance(e, Piece) for lp in e.logprobs]
+
+    assert len(logprobs(alone)) == 10 and logprobs(alone) == logprobs(together)

@@ -21,6 +21,12 @@ loop repeats one *step*:
    random generator, so a request's tokens do not depend on who else is in the batch
    (up to float rounding of a batched matmul).
 
+For a model that is not ``batch_invariant`` (CUDA: its kernels round differently with
+the shapes of a step), the scheduler keeps what a request computes independent of the
+others: every one-token step has the same width (``Model.pin_decode_width``), each
+forward reads the prompt of one request, and no keys/values are reused from another
+computation (no prompt cache). A request's output is then the same alone or among others.
+
 Requests join and leave between steps. Results go out through each request's ``emit``
 callback, called on the worker thread, as :class:`Piece`, then one :class:`Done` or
 :class:`Failed`. Text is assembled per request with the engine's :class:`TextAssembler`
@@ -159,6 +165,11 @@ class Scheduler:
         self.cache: KVCache = model.new_cache(n_slots, n_ctx)
         self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_budget
         self.max_waiting = max_waiting
+        # rows independent of their company (the CPU's exact kernels) or made so: fixed step
+        # shapes, one prompt per forward, no prompt cache (see the module docstring)
+        self._shared_steps = model.batch_invariant or n_slots == 1
+        if not self._shared_steps:
+            model.pin_decode_width(self.cache)
         self._eog = frozenset(model.tokenizer.eog_ids)
         self._eog_index = sorted(self._eog)
         self._cond = threading.Condition()
@@ -280,6 +291,8 @@ class Scheduler:
         recently used one), topped up with the longest prefix any slot holds. At least
         the last prompt token is left to compute (its logits give the first token)."""
         def shared(slot: int) -> int:
+            if not self._shared_steps:  # no prompt cache: keys/values computed by this request only
+                return 0
             return min(_common_prefix(self._held[slot], prompt), len(prompt) - 1)
 
         slot = max(self._free, key=lambda s: (shared(s), -self._last_used[s]))
@@ -308,7 +321,7 @@ class Scheduler:
         T = 0
         for seq in reading:
             t = max(T, min(len(seq.todo), self.prefill_chunk))
-            if group and (len(group) + 1) * t > self.prefill_budget:
+            if group and ((len(group) + 1) * t > self.prefill_budget or not self._shared_steps):
                 break
             group.append(seq)
             T = t

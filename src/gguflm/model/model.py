@@ -23,7 +23,14 @@ DEFAULT_MAX_CTX = 4096  # default context: the training context, capped here to 
 
 class Model:
     """A loaded model. ``forward`` is the batched step (see :meth:`Transformer.forward`);
-    ``logits`` scores a token sequence from a fresh context; ``generate`` streams text."""
+    ``logits`` scores a token sequence from a fresh context; ``generate`` streams text.
+
+    ``batch_invariant``: a row's results do not depend on the other rows of its forward,
+    on how its prompt was cut into chunks, or on whose computation its cached keys and
+    values came from (the CPU kernels are exact per row). A model without it (CUDA)
+    offers :meth:`pin_decode_width` so that a scheduler can keep every step's shapes fixed."""
+
+    batch_invariant = True
 
     def __init__(self, file: GGUFFile, config: ModelConfig, transformer: Transformer,
                  tokenizer: Any, n_ctx: int, device: torch.device):
@@ -50,6 +57,10 @@ class Model:
                 slots: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Batched step: tokens/positions Long[B, T], slots Long[B] -> logits (see Transformer)."""
         return self.transformer(tokens, positions, cache, slots, last_only)
+
+    def pin_decode_width(self, cache: KVCache) -> None:
+        """Run every later one-token step over ``cache`` with the same shapes, whatever
+        number of rows it has (nothing to do where ``batch_invariant``)."""
 
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """Float32 [len(ids), n_vocab]: the logits after each token, from a fresh context."""

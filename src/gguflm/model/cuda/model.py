@@ -39,7 +39,13 @@ MAX_BATCHED = 8  # batched decode steps kept (one per cache and width), least re
 
 
 class CudaModel(Model):
-    """A model whose weights live on a CUDA device in their quantized form."""
+    """A model whose weights live on a CUDA device in their quantized form. Not batch
+    invariant: one row decodes through the fused GEMVs (float32 activations), several
+    through float16 tensor-core matmuls whose rounding depends on their shapes;
+    :meth:`pin_decode_width` makes every one-token step over a cache use the batched
+    step at one width, so that a row computes the same whoever shares its step."""
+
+    batch_invariant = False
 
     def __init__(self, file: GGUFFile, config: ModelConfig, weights: CudaWeights, tokenizer: Any,
                  n_ctx: int, device: torch.device, use_graphs: bool = True):
@@ -49,6 +55,7 @@ class CudaModel(Model):
         self.use_graphs = use_graphs
         self._graphs: OrderedDict[tuple[int, int], DecodeGraphs] = OrderedDict()
         self._batched: OrderedDict[tuple[int, int], BatchedDecode] = OrderedDict()
+        self._pinned: dict[int, int] = {}   # cache data_ptr -> the width of all its one-token steps
         self._prefills: OrderedDict[tuple, Any] = OrderedDict()   # key -> seen once (None) or (graph, tokens, out)
         self._pool: Any = None
         self._side: torch.cuda.Stream | None = None    # warm-ups and captures of prefills
@@ -82,11 +89,15 @@ class CudaModel(Model):
         the decode graph; one token of each of several sequences the batched step (rows
         of a T = 1 step must have positions >= 0 and distinct slots); a run of tokens of
         one sequence (a prefill) runs eagerly the first time its shape (length, start,
-        slot) is seen and from a captured graph after that. Graph outputs are buffers
-        that the graph's next replay overwrites."""
+        slot) is seen and from a captured graph after that. Over a cache pinned by
+        :meth:`pin_decode_width`, every one-token step is a batched step of the pinned
+        width and prefills always run eagerly. Graph outputs are buffers that the graph's
+        next replay overwrites."""
         on_gpu = self.use_graphs and cache.k.dtype == HALF and cache.k.device.type == "cuda"
-        if tokens.shape[1] == 1 and tokens.shape[0] > 1 and cache.k.dtype == HALF:
-            logits = self.batched(cache, tokens.shape[0]).step(tokens, positions, slots, *self._stream_and_pool())
+        pinned = self._pinned.get(cache.k.data_ptr())
+        if tokens.shape[1] == 1 and (tokens.shape[0] > 1 or pinned) and cache.k.dtype == HALF:
+            step = self.batched(cache, tokens.shape[0], width=pinned)
+            logits = step.step(tokens, positions, slots, *self._stream_and_pool())
             return logits if last_only else logits[:, None]
         if on_gpu and tokens.shape == (1, 1):
             g = self.graphs(cache, int(slots[0]))
@@ -94,15 +105,21 @@ class CudaModel(Model):
             g.pos[0:1].copy_(positions.view(1))
             g.step(0)
             return g.buf.logits.view(1, -1) if last_only else g.buf.logits.view(1, 1, -1)
-        if on_gpu and tokens.shape[0] == 1:
+        if on_gpu and tokens.shape[0] == 1 and not pinned:
             p0 = plain_start(positions)
             if p0 is not None:
                 return self._prefill(tokens[0], p0, cache, int(slots[0]), last_only)
         return forward_tokens(self.config, self.weights, self.rope, tokens, positions, cache, slots, last_only)
 
-    def batched(self, cache: KVCache, n_rows: int) -> BatchedDecode:
-        """The batched decode step for ``n_rows`` rows of ``cache`` (built on first use)."""
-        width = min(batch_width(n_rows), batch_width(cache.n_slots))
+    def pin_decode_width(self, cache: KVCache) -> None:
+        """Every later one-token step over ``cache`` (one row too) runs the batched step
+        at the width of all its slots (see the class docstring)."""
+        self._pinned[cache.k.data_ptr()] = batch_width(cache.n_slots)
+
+    def batched(self, cache: KVCache, n_rows: int, width: int | None = None) -> BatchedDecode:
+        """The batched decode step for ``n_rows`` rows of ``cache`` (built on first use), at
+        ``width`` or the smallest power of two that holds them."""
+        width = width or min(batch_width(n_rows), batch_width(cache.n_slots))
         key = (cache.k.data_ptr(), width)
         b = self._batched.get(key)
         if b is None:
