@@ -8,7 +8,9 @@
    completions of T tokens each (temperature 0, ``ignore_eos`` so every stream runs to
    T), each client in its own process. Reported: completion tokens / wall time of the
    round (prefill included), and the decode rate: the sum over streams of
-   (tokens - 1) / (last chunk - first chunk). Then the first streams' prompts again, each
+   (tokens - 1) / (last chunk - first chunk), and the steady rate: tokens produced while
+   all N streams are decoding (from the last stream's first token to the first stream's
+   end; chunk times, scaled by each stream's tokens per chunk) / that window. Then the first streams' prompts again, each
    alone: is each greedy text the one it got among 32 (the same up to float rounding of
    batched matmuls; reported, with the length of the common prefix)?
 
@@ -89,7 +91,7 @@ def stream_one(args: tuple[str, str, int]) -> dict:
     t0 = time.time()
     first = last = None
     n = 0
-    text = []
+    text, times = [], []
     with httpx.Client(timeout=600) as http, http.stream("POST", url + "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -102,7 +104,17 @@ def stream_one(args: tuple[str, str, int]) -> dict:
                 last = time.time()
                 first = first or last
                 text.append(chunk["choices"][0]["delta"]["content"])
-    return {"start": t0, "first": first, "last": last, "tokens": n, "text": "".join(text)}
+                times.append(last)
+    return {"start": t0, "first": first, "last": last, "tokens": n, "text": "".join(text), "times": times}
+
+
+def steady_rate(runs: list[dict]) -> float:
+    """Tokens per second over the window in which every stream is decoding."""
+    lo, hi = max(r["first"] for r in runs), min(r["last"] for r in runs)
+    if hi <= lo:
+        return float("nan")
+    made = sum(sum(lo < t <= hi for t in r["times"]) * r["tokens"] / len(r["times"]) for r in runs)
+    return made / (hi - lo)
 
 
 def http_rounds(model_path: str, streams: int, tokens: int, rounds: int, n_ctx: int) -> dict:
@@ -133,11 +145,12 @@ def http_rounds(model_path: str, streams: int, tokens: int, rounds: int, n_ctx: 
                     total = sum(r["tokens"] for r in runs)
                     wall = max(r["last"] for r in runs) - min(r["start"] for r in runs)
                     decode = sum((r["tokens"] - 1) / (r["last"] - r["first"]) for r in runs)
+                    steady = steady_rate(runs)
                     results.append({"completion_tokens": total, "wall_s": wall, "end_to_end_tok_s": total / wall,
-                                    "decode_tok_s": decode,
+                                    "decode_tok_s": decode, "steady_decode_tok_s": steady,
                                     "ttft_mean_s": statistics.mean(r["first"] - r["start"] for r in runs)})
                     print(f"{streams} streams x {tokens}: {total} tokens in {wall:.2f} s = {total / wall:.0f} tok/s "
-                          f"end to end, decode {decode:.0f} tok/s", flush=True)
+                          f"end to end, decode {decode:.0f} tok/s, all {streams} decoding {steady:.0f} tok/s", flush=True)
             alone = []
             for i in range(4):
                 solo = stream_one((url, SUBJECTS[i % 16], tokens))["text"]
