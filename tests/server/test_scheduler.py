@@ -187,3 +187,26 @@ def test_ignore_eos_runs_to_max_tokens(model) -> None:
     assert text_of(ignoring).startswith(model.tokenizer.decode(toks))
     eog_pieces = {model.tokenizer.token_to_piece(t) for t in model.tokenizer.eog_ids}
     assert not any(p and p in text_of(ignoring) for p in eog_pieces)
+
+
+def test_loop_on_the_callers_thread(model, prompts) -> None:
+    """start=False: the loop runs where run() is called (the server's main thread) and
+    returns on close(); results equal the threaded scheduler's."""
+    sched = Scheduler(model, n_slots=2, start=False)
+    runner = threading.Thread(target=sched.run)
+    runner.start()
+    try:
+        events = run_jobs(sched, [Job(p, GREEDY, 4) for p in prompts[:2]])
+    finally:
+        sched.close()
+        runner.join(10)
+    assert not runner.is_alive()
+    for p, evs in zip(prompts[:2], events):
+        toks, _ = tokens_alone(model, p, 4)
+        assert text_of(evs) == model.tokenizer.decode(toks)
+    threaded = Scheduler(model, n_slots=1)
+    try:
+        with pytest.raises(RuntimeError):
+            threaded.run()
+    finally:
+        threaded.close()

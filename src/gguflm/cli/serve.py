@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--device cuda: no CUDA device is available")
     from gguflm.server import serve
 
-    serve(resolve_model(args.model), args.host, args.port, args.device, args.parallel, args.ctx_size,
-          args.threads, args.max_body, args.log_level, args.batch_rows)
+    try:
+        serve(resolve_model(args.model), args.host, args.port, args.device, args.parallel, args.ctx_size,
+              args.threads, args.max_body, args.log_level, args.batch_rows)
+    except OSError as e:
+        raise UserError(str(e)) from None
     return 0

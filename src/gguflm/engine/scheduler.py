@@ -149,11 +149,15 @@ class Scheduler:
     """The worker loop (see the module docstring) over a cache of ``n_slots`` slots of
     ``n_ctx`` positions (default: the model's context). ``max_batch_rows`` caps the rows of
     one decode forward (None: all running requests in one); a larger batch runs as several
-    forwards, for kernels whose cost per row jumps past some width."""
+    forwards, for kernels whose cost per row jumps past some width. The loop runs on a
+    thread of its own, or, with ``start=False``, on whichever thread calls :meth:`run`
+    (the one that loaded the model: on the CPU, a second thread running the kernels
+    brings a second OpenMP team, and with more threads than cores both stop spinning and
+    every parallel region pays a wake-up: a decode step takes twice as long)."""
 
     def __init__(self, model: Model, n_slots: int, n_ctx: int | None = None, *,
                  prefill_chunk: int = 256, prefill_budget: int = 512, max_waiting: int = 1024,
-                 max_batch_rows: int | None = None):
+                 max_batch_rows: int | None = None, start: bool = True):
         if n_slots < 1:
             raise ValueError("n_slots must be >= 1")
         if prefill_chunk < 1 or prefill_budget < 1 or max_waiting < 0:
@@ -180,8 +184,10 @@ class Scheduler:
         self._clock = 0
         self._active: list[_Seq] = []
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="gguflm-scheduler", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self._loop, name="gguflm-scheduler", daemon=True)
+            self._thread.start()
 
     # ---- any thread -------------------------------------------------------------------
     @property
@@ -236,11 +242,19 @@ class Scheduler:
             self._cond.notify()
 
     def close(self, timeout: float | None = 10.0) -> None:
-        """Stop the worker; running and waiting requests receive :class:`Failed`."""
+        """Stop the loop; running and waiting requests receive :class:`Failed`. Waits up to
+        ``timeout`` for the loop's own thread (``start=True``); a :meth:`run` returns."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def run(self) -> None:
+        """Run the loop on the calling thread until :meth:`close` (``start=False`` only)."""
+        if self._thread is not None:
+            raise RuntimeError("this scheduler's loop already runs on its own thread")
+        self._loop()
 
     # ---- worker thread ----------------------------------------------------------------
     def _loop(self) -> None:

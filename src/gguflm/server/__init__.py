@@ -9,7 +9,9 @@ request into one forward per step) -> :mod:`formats` (OpenAI response objects).
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 from gguflm.server.app import DEFAULT_MAX_BODY, create_app
 from gguflm.server.backend import Backend
@@ -43,11 +45,36 @@ def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, de
     model = gguflm.load(path, device=device, n_ctx=n_ctx, threads=threads)
     if batch_rows is None and model.device.type == "cpu":
         batch_rows = CPU_BATCH_ROWS
-    scheduler = Scheduler(model, parallel, max_batch_rows=batch_rows)
+    # The model runs on this (main) thread, the one that loaded it, and HTTP on another:
+    # see Scheduler's docstring on OpenMP teams.
+    scheduler = Scheduler(model, parallel, max_batch_rows=batch_rows, start=False)
+    app = create_app(Backend(model, scheduler), max_body=max_body)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=5))
+
+    ended: list[BaseException] = []
+
+    def http() -> None:
+        try:
+            server.run()
+        except BaseException as e:  # uvicorn exits (SystemExit) when it cannot listen
+            ended.append(e)
+        finally:  # the server stopped (shut down, or it could not start): so does the loop
+            scheduler.close()
+
+    print(f"gguflm serve: {model!r}, {parallel} slots of {scheduler.n_ctx} tokens; "
+          f"chat page and API at http://{host}:{port}/", file=sys.stderr, flush=True)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
+    thread = threading.Thread(target=http, name="gguflm-http", daemon=True)
+    thread.start()
     try:
-        app = create_app(Backend(model, scheduler), max_body=max_body)
-        print(f"gguflm serve: {model!r}, {parallel} slots of {scheduler.n_ctx} tokens; "
-              f"chat page and API at http://{host}:{port}/", file=sys.stderr, flush=True)
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        scheduler.run()
+    except KeyboardInterrupt:
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.should_exit = True
         scheduler.close()
+        thread.join(10)
+    if not server.started:
+        raise OSError(f"could not serve on {host}:{port} (see the log above)") from (ended[0] if ended else None)
