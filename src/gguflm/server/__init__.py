@@ -39,7 +39,7 @@ def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, de
     import gguflm
     from gguflm.engine.scheduler import Scheduler
 
-    # The worker thread and the event loop hand the GIL to each other at every step; a
+    # The model loop and the event loop hand the GIL to each other at every step; a
     # shorter switch interval than Python's 5 ms keeps either from waiting on the other.
     sys.setswitchinterval(SWITCH_INTERVAL)
     model = gguflm.load(path, device=device, n_ctx=n_ctx, threads=threads)
