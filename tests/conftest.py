@@ -81,3 +81,30 @@ def requantized(smollm2_path):
 def llama_quantize():
     """quantize_with_llama_cpp(src, ftype, dst=None) for tests that quantize files they wrote."""
     return quantize_with_llama_cpp
+
+
+@pytest.fixture(scope="session")
+def weight_source():
+    """``weight_source(path)``: a name -> dequantized float32 tensor source for
+    ``reference_logits(..., weights=...)``, one per file for the session, each tensor
+    dequantized once."""
+    import gguflm
+
+    sources = {}
+
+    def source(path):
+        key = str(path)
+        if key not in sources:
+            f, cache = gguflm.GGUFFile(path), {}
+
+            def weight(name: str):
+                if name not in cache:
+                    info = f.tensors[name]
+                    cache[name] = gguflm.dequantize(f.tensor_data(name), info.ggml_type, info.shape)
+                return cache[name]
+
+            sources[key] = weight
+        return sources[key]
+
+    return source
+

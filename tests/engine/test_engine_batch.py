@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from oracles import PROMPTS, kl_rows
 
-import gguflm
 from gguflm.verify.reference import reference_logits
 
 STEPS = 6
@@ -23,19 +22,6 @@ def chat_ids(model, question: str) -> list[int]:
     return model.encode_prompt(model.chat_template.render([{"role": "user", "content": question}]))
 
 
-def cached_weights(path):
-    """A name -> dequantized tensor source for reference_logits, shared by its calls here."""
-    f, cache = gguflm.GGUFFile(path), {}
-
-    def weight(name: str) -> torch.Tensor:
-        if name not in cache:
-            info = f.tensors[name]
-            cache[name] = gguflm.dequantize(f.tensor_data(name), info.ggml_type, info.shape)
-        return cache[name]
-
-    return weight
-
-
 def check(ref: np.ndarray, ours: list[torch.Tensor]) -> None:
     ours_np = torch.stack(ours).numpy()
     kl = kl_rows(ref, ours_np)
@@ -43,7 +29,7 @@ def check(ref: np.ndarray, ours: list[torch.Tensor]) -> None:
     assert (ref.argmax(-1) == ours_np.argmax(-1)).all()
 
 
-def test_ragged_batch_and_slot_reuse_match_reference(smollm2_model, smollm2_path):
+def test_ragged_batch_and_slot_reuse_match_reference(smollm2_model, smollm2_path, weight_source):
     model = smollm2_model
     prompts = sorted((chat_ids(model, q) for q in PROMPTS[:3]), key=len, reverse=True)
     assert len({len(p) for p in prompts}) == 3  # ragged: three different lengths
@@ -66,7 +52,7 @@ def test_ragged_batch_and_slot_reuse_match_reference(smollm2_model, smollm2_path
         for b in range(3):
             seqs[b].append(nxt[b])
             rows[b].append(logits[b])
-    weights = cached_weights(smollm2_path)
+    weights = weight_source(smollm2_path)
     for b in range(3):
         ref = reference_logits(smollm2_path, seqs[b], weights=weights)
         check(ref[lengths[b] - 1:], rows[b])

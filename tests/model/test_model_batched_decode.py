@@ -16,27 +16,13 @@ import pytest
 import torch
 from oracles import kl_rows
 
-import gguflm
 from gguflm.verify.reference import reference_logits
 
 STEPS = 2
 
 
-def shared_weights(path):
-    """A name -> dequantized tensor source for reference_logits, shared by its calls here."""
-    f, cache = gguflm.GGUFFile(path), {}
-
-    def weight(name: str) -> torch.Tensor:
-        if name not in cache:
-            info = f.tensors[name]
-            cache[name] = gguflm.dequantize(f.tensor_data(name), info.ggml_type, info.shape)
-        return cache[name]
-
-    return weight
-
-
 @pytest.mark.parametrize("B", [7, 16])
-def test_batched_decode_matches_reference(B, smollm2_model, smollm2_path):
+def test_batched_decode_matches_reference(B, smollm2_model, smollm2_path, weight_source):
     model = smollm2_model
     g = torch.Generator().manual_seed(B)
     lengths = (torch.randperm(B, generator=g) % 12 + 1).tolist()               # 1..12 tokens each
@@ -53,7 +39,7 @@ def test_batched_decode_matches_reference(B, smollm2_model, smollm2_path):
         for b in range(B):
             seqs[b].append(int(nxt[b]))
             ours[b].append(logits[b].numpy())
-    weights = shared_weights(smollm2_path)
+    weights = weight_source(smollm2_path)
     kl, agree = [], []
     for b in range(B):
         ref = reference_logits(smollm2_path, seqs[b], weights=weights)[-STEPS:]
