@@ -128,8 +128,12 @@ def _sorted(cand: Candidates) -> Candidates:
 def sample(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = (),
            generator: torch.Generator | None = None) -> int:
     """One token from ``logits`` (Float32[V]) through the whole chain. ``history`` holds
-    the tokens seen so far (prompt and generated); the last ``repeat_last_n`` count."""
+    the tokens seen so far (prompt and generated); the last ``repeat_last_n`` count.
+    The chain runs on the CPU, where ``generator`` lives (GPU logits are copied first): a
+    seed draws the same tokens from the same logits on every device."""
     logits = logits.float()
+    if logits.device.type != "cpu":
+        logits = logits.cpu()
     if params.penalties_enabled:
         last = list(history) if params.repeat_last_n < 0 else list(history)[-params.repeat_last_n:]
         logits = apply_penalties(logits, last, params.repeat_penalty,
