@@ -56,6 +56,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def sse_chunks(response: httpx.Response):
+    """The JSON chunks of a streamed (server-sent events) completion, in order."""
+    for line in response.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
 def stream_one(http: httpx.Client, url: str, subject: str) -> tuple[float, int]:
     """(seconds to the first content token, completion tokens) of one streamed request."""
     body = {"messages": [{"role": "user", "content": f"Write a long story about {subject}."}],
@@ -63,10 +70,7 @@ def stream_one(http: httpx.Client, url: str, subject: str) -> tuple[float, int]:
     t0, ttft, n = time.perf_counter(), None, 0
     with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        for chunk in sse_chunks(r):
             if chunk.get("usage"):
                 n = chunk["usage"]["completion_tokens"]
             if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):

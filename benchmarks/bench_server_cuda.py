@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-HOST = "127.0.0.1"
+from bench_server import HOST, free_port, sse_chunks
+
 SUBJECTS = ["the sea", "a lighthouse", "winter", "a clockmaker", "the moon", "bread", "a violin", "rivers",
             "glass", "a library", "trains", "bees", "salt", "a bridge", "snow", "maps"]
 
@@ -73,12 +73,6 @@ def step_sweep(model_path: str, widths: list[int], steps: int, n_ctx: int) -> li
     return rows
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def stream_one(args: tuple[str, str, int]) -> dict:
     """One streamed chat completion: wall-clock times of its start, first and last content
     chunk, and its completion tokens (from the usage chunk)."""
@@ -94,10 +88,7 @@ def stream_one(args: tuple[str, str, int]) -> dict:
     text, times = [], []
     with httpx.Client(timeout=600) as http, http.stream("POST", url + "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        for chunk in sse_chunks(r):
             if chunk.get("usage"):
                 n = chunk["usage"]["completion_tokens"]
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
@@ -152,7 +143,7 @@ def http_rounds(model_path: str, streams: int, tokens: int, rounds: int, n_ctx: 
                     print(f"{streams} streams x {tokens}: {total} tokens in {wall:.2f} s = {total / wall:.0f} tok/s "
                           f"end to end, decode {decode:.0f} tok/s, all {streams} decoding {steady:.0f} tok/s", flush=True)
             alone = []
-            for i in range(4):
+            for i in range(min(4, streams)):
                 solo = stream_one((url, SUBJECTS[i % 16], tokens))["text"]
                 together = runs[i]["text"]
                 same = next((k for k, (a, b) in enumerate(zip(solo, together)) if a != b), min(len(solo), len(together)))
