@@ -149,7 +149,7 @@ def http_rounds(model_path: str, streams: int, tokens: int, rounds: int, n_ctx: 
                 same = next((k for k, (a, b) in enumerate(zip(solo, together)) if a != b), min(len(solo), len(together)))
                 alone.append({"subject": SUBJECTS[i % 16], "identical": solo == together, "common_prefix_chars": same,
                               "chars": len(together)})
-            print("alone == among 32:", [a["identical"] for a in alone], flush=True)
+            print(f"alone == among {streams}:", [a["identical"] for a in alone], flush=True)
         finally:
             proc.terminate()
             proc.wait(30)
