@@ -16,7 +16,7 @@ esac
 KEY=$(printf '%s|%s|%s' "$SPEC" "$FLAGS" "$($PYTHON -c 'import sys; print(sys.version_info[:2])')" | sha256sum | cut -c1-16)
 DIR=${GGUFLM_WHEEL_CACHE:-$HOME/.cache/gguflm/wheels}/$KEY
 if ! ls "$DIR"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-    echo "building $SPEC portably ($FLAGS); about 10-15 min on 2 cores, once" >&2
+    echo "building $SPEC portably ($FLAGS); a few minutes (about 4 on 2 cores), once" >&2
     mkdir -p "$DIR.tmp"
     CMAKE_ARGS="$FLAGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
         $PYTHON -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python -w "$DIR.tmp" "$SPEC"
