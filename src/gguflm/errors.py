@@ -7,3 +7,11 @@ class GGUFError(ValueError):
 
 class TemplateError(ValueError):
     """A chat template is unsafe, runaway, or fails to render."""
+
+
+class ModelError(RuntimeError):
+    """A named model cannot be fetched or fails its checksum (see gguflm.models)."""
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """Neither a model name nor an existing file."""

@@ -8,14 +8,25 @@ import argparse
 import importlib
 import sys
 
-from gguflm.errors import GGUFError, TemplateError
+from gguflm.errors import GGUFError, ModelError, TemplateError
 
 # Order shown in --help follows the data flow.
-COMMANDS = ["inspect", "tokenize", "run", "chat", "verify", "perplexity", "bench", "serve"]
+COMMANDS = ["models", "inspect", "tokenize", "run", "chat", "verify", "perplexity", "bench", "serve"]
 
 
 class UserError(Exception):
     """A problem with what the user asked for (bad flag combination, missing model...)."""
+
+
+# Optional dependencies by top-level module -> the extra that installs them.
+EXTRAS = {"fastapi": "server", "uvicorn": "server", "anyio": "server", "starlette": "server",
+          "pydantic": "server", "pydantic_core": "server", "h11": "server",
+          "matplotlib": "verify", "triton": "cuda"}
+
+
+def missing_extra(e: ModuleNotFoundError) -> str | None:
+    """The extra that provides the module ``e`` failed to import, if it is one of ours."""
+    return EXTRAS.get((e.name or "").partition(".")[0])
 
 
 def _available():
@@ -52,8 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (GGUFError, TemplateError, UserError) as e:
+    except (GGUFError, TemplateError, UserError, ModelError) as e:
         print(f"gguflm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:
+        extra = missing_extra(e)
+        if extra is None:
+            raise
+        print(f"gguflm {args.command} needs the {extra} extra: pip install 'gguflm[{extra}]'", file=sys.stderr)
         return 1
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         msg = f"{e.strerror}: {e.filename}" if e.filename else str(e)

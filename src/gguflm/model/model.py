@@ -17,6 +17,7 @@ from gguflm.gguf.reader import GGUFFile
 from gguflm.model.config import MAX_CTX, ModelConfig
 from gguflm.model.layers import Transformer
 from gguflm.model.loader import build_transformer
+from gguflm.models import resolve
 
 DEFAULT_MAX_CTX = 4096  # default context: the training context, capped here to bound cache memory
 
@@ -107,7 +108,8 @@ class Model:
 
 def load(path: str | os.PathLike | GGUFFile, device: str | torch.device = "cpu",
          n_ctx: int | None = None, threads: int | None = None) -> Model:
-    """Load a GGUF model. ``n_ctx``: context size (default: the training context, at most
+    """Load a GGUF model: a file, or a name from gguflm.models (``"gemma3-270m"``, fetched
+    into the cache on first use). ``n_ctx``: context size (default: the training context, at most
     4096); ``threads``: torch CPU threads (default: torch's own choice)."""
     from gguflm.tokenizer import Tokenizer
 
@@ -115,7 +117,7 @@ def load(path: str | os.PathLike | GGUFFile, device: str | torch.device = "cpu",
         if threads < 1:
             raise ValueError("threads must be >= 1")
         torch.set_num_threads(threads)
-    f = path if isinstance(path, GGUFFile) else GGUFFile(path)
+    f = path if isinstance(path, GGUFFile) else GGUFFile(resolve(path))
     config = ModelConfig.from_gguf(f)
     if n_ctx is None:
         n_ctx = min(config.n_ctx_train, DEFAULT_MAX_CTX)
