@@ -1,0 +1,24 @@
+"""A missing optional dependency is one line naming the pip command, not a traceback:
+the CLI runs in a subprocess in which the module cannot be imported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+BLOCKED_RUN = ("import sys\n"
+               "for name in sys.argv[1].split(','):\n"
+               "    sys.modules[name] = None  # `import name` raises ModuleNotFoundError\n"
+               "from gguflm.cli import main\n"
+               "sys.exit(main(sys.argv[2:]))\n")
+
+
+@pytest.mark.parametrize("blocked", ["fastapi", "uvicorn", "anyio"])
+def test_serve_without_the_server_extra_is_one_line(blocked):
+    r = subprocess.run([sys.executable, "-c", BLOCKED_RUN, blocked, "serve", "--port", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines() == ["gguflm serve needs the server extra: pip install 'gguflm[server]'"]
+    assert r.stdout == ""
