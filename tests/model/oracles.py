@@ -51,11 +51,13 @@ def _quiet_stderr():
 
 def llama_cpp_model(llama_cpp, path: Path, n_ctx: int, f32_cache: bool = False):
     """A llama.cpp context on ``path``; ``f32_cache`` keeps keys/values in float32 (its
-    default cache rounds them to float16)."""
+    default cache rounds them to float16). Loaded with ``use_extra_bufts = False``: no
+    repacked or AMX weight buffers (AMX crashes a native build on some Intel CPUs)."""
+    from gguflm.verify.llamacpp_worker import open_llama
+
     extra = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if f32_cache else {}
     with _quiet_stderr():
-        return llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, n_batch=512,
-                               verbose=False, **extra)
+        return open_llama(path, logits_all=True, n_ctx=n_ctx, n_threads=2, n_batch=512, verbose=False, **extra)
 
 
 def llama_cpp_logits(llama_cpp, path: Path, ids: Sequence[int], f32_cache: bool = False) -> np.ndarray:

@@ -104,7 +104,9 @@ def llama(smollm2_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the test oracle; install .[dev]")
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    llm = llama_cpp.Llama(str(smollm2_path), n_ctx=512, logits_all=True, verbose=False, n_threads=1)
+    from gguflm.verify.llamacpp_worker import open_llama
+
+    llm = open_llama(smollm2_path, n_ctx=512, logits_all=True, verbose=False, n_threads=1)  # no AMX/repack
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"],
                               eos_token=llm.detokenize([llm.token_eos()], special=True).decode(),

@@ -25,7 +25,9 @@ share of positions whose top token agrees and both perplexities. The file keeps 
 log-probabilities per scored position, in llama-perplexity's layout.
 
 --compare float64 and --compare llama.cpp score the same chunks with the float64
-reference and with llama.cpp (llama-cpp-python) and print their figures too.
+reference and with llama.cpp (llama-cpp-python) and print their figures too. llama.cpp
+runs in a child process: if it crashes or hangs, one line says so (and how to avoid it),
+gguflm's own figures are still printed, and the exit status is 1.
 
 examples:
   gguflm perplexity -f wiki.test.raw -c 512 --chunks 20
@@ -59,6 +61,11 @@ def run(args) -> int:
         raise UserError("give the text to score with -f FILE (or a base run with --kl-base)")
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be >= 1")
+    if "llama.cpp" in args.compare:
+        from gguflm.verify import llamacpp
+
+        if not llamacpp.available():
+            raise UserError(f"--compare llama.cpp needs llama-cpp-python: {llamacpp.INSTALL_HINT}")
     path = resolve_model(args.model)
     f = gguflm.GGUFFile(path)
     tok = gguflm.Tokenizer.from_gguf(f)
@@ -134,16 +141,28 @@ def run(args) -> int:
               f"Mean    KLD: {s['kl_mean']:.6f} +/- {s['kl_mean_stderr']:.6f}\n"
               f"Median  KLD: {s['kl_median']:.6f}\n99.0%   KLD: {s['kl_p99']:.6f}\nMaximum KLD: {s['kl_max']:.6f}\n"
               f"Same top   : {100 * s['top1_agreement']:.3f} %  ({s['rows']} positions)")
+    rc = 0
     for name in args.compare:
-        fn = (pp.reference_chunk_logits(f, _cached_weights(f)) if name == "float64"
-              else pp.llama_cpp_chunk_logits(path, n_ctx, args.threads))
-        other = pp.evaluate(fn, chunks, bos)
+        if name == "float64":
+            other = pp.evaluate(pp.reference_chunk_logits(f, _cached_weights(f)), chunks, bos)
+        else:
+            from gguflm.verify.llamacpp import OracleFailed
+
+            try:
+                with pp.llama_cpp_chunk_logits(path, n_ctx, args.threads) as fn:
+                    other = pp.evaluate(fn, chunks, bos)
+            except OracleFailed as e:
+                print(f"gguflm perplexity: error: {e.what}; no llama.cpp figure. To avoid it: {e.hint}",
+                      file=sys.stderr)
+                summary.setdefault("compare", {})[name] = {"error": e.what}
+                rc = 1
+                continue
         rel = other.ppl / result.ppl - 1
         print(f"{name:9s}: PPL = {other.ppl:.4f} +/- {other.ppl_stderr:.5f}  ({rel:+.3%} vs gguflm)")
         summary.setdefault("compare", {})[name] = other.to_dict()
     if args.json:
         print(json.dumps(summary))
-    return 0
+    return rc
 
 
 def _n_vocab(f) -> int:

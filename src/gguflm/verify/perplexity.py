@@ -29,6 +29,7 @@ engine, the float64 reference or llama.cpp (see the ``*_chunk_logits`` factories
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
@@ -180,16 +181,20 @@ def reference_chunk_logits(f: Any, weights: Callable[[str], torch.Tensor] | None
     return run
 
 
-def llama_cpp_chunk_logits(path: str | os.PathLike, n_ctx: int, n_threads: int | None = None) -> ChunkLogits:
-    """llama.cpp's logits (llama-cpp-python, ``logits_all``), chunk by chunk."""
+@contextlib.contextmanager
+def llama_cpp_chunk_logits(path: str | os.PathLike, n_ctx: int, n_threads: int | None = None,
+                           timeout: float | None = None) -> Iterator[ChunkLogits]:
+    """llama.cpp's logits (llama-cpp-python, ``logits_all``), chunk by chunk, from a child
+    process that lives as long as the block: a crash or a hang there raises
+    :class:`gguflm.verify.llamacpp.OracleFailed` here."""
     from gguflm.verify.llamacpp import LlamaCppModel
 
-    oracle = LlamaCppModel(path, n_ctx=n_ctx, n_threads=n_threads)
+    with LlamaCppModel(path, n_ctx=n_ctx, n_threads=n_threads, timeout=timeout) as oracle:
 
-    def run(chunks: list[list[int]]) -> torch.Tensor:
-        return torch.stack([torch.from_numpy(oracle.logits(c)) for c in chunks])
+        def run(chunks: list[list[int]]) -> torch.Tensor:
+            return torch.stack([torch.from_numpy(oracle.logits(c)) for c in chunks])
 
-    return run
+        yield run
 
 
 # --- the logits file ----------------------------------------------------------------------

@@ -40,7 +40,20 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|"] + [line(r) for r in rows])
 
 
-_STATUS = {"pass": "✅ pass", "fail": "❌ FAIL", "skip": "⏭ skip"}
+_STATUS = {"pass": "✅ pass", "fail": "❌ FAIL", "skip": "⏭ skip", "error": "⚠️ ERROR (not run)"}
+
+
+def _counts(rep: Report) -> str:
+    n = {s: sum(c.status == s for c in rep.checks) for s in _STATUS}
+    return (f"{n['pass']} passed, {n['fail']} failed, {n['skip']} skipped"
+            + (f", {n['error']} NOT RUN (oracle error)" if n["error"] else ""))
+
+
+def errors_text(rep: Report) -> str:
+    """One paragraph per oracle failure: what happened, that its checks did not run, and
+    how to avoid it ("" when none)."""
+    return "\n".join(f"ERROR: {e['what']}: the checks against {e['oracle']} did not run "
+                     f"(gguflm itself is not at fault).\n  To avoid it: {e['hint']}" for e in rep.errors)
 
 
 def summary_text(rep: Report) -> str:
@@ -50,9 +63,10 @@ def summary_text(rep: Report) -> str:
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head)] + [fmt.format(*r) for r in rows]
-    n = {s: sum(c.status == s for c in rep.checks) for s in ("pass", "fail", "skip")}
-    lines.append(f"\n{'PASSED' if rep.passed else 'FAILED'}: {n['pass']} passed, {n['fail']} failed, "
-                 f"{n['skip']} skipped ({rep.timings.get('total', 0):.1f} s)")
+    lines.append(f"\n{'PASSED' if rep.passed else 'FAILED'}: {_counts(rep)} ({rep.timings.get('total', 0):.1f} s)")
+    lines += [f"NOTE: {note}" for note in rep.data.get("notes", [])]
+    if rep.errors:
+        lines.append(errors_text(rep))
     return "\n".join(lines)
 
 
@@ -87,12 +101,17 @@ def _figures(rep: Report, out_dir: Path) -> dict[str, Path]:
 def _markdown(rep: Report, figures: dict[str, str]) -> str:
     d = rep.data
     m, env = d["model"], d["environment"]
-    n = {s: sum(c.status == s for c in rep.checks) for s in ("pass", "fail", "skip")}
     out: list[str] = []
     w = out.append
     w(f"# gguflm verification report: {m['name'] or Path(m['path']).name}\n")
-    w(f"**{'PASSED' if rep.passed else 'FAILED'}**: {n['pass']} checks passed, {n['fail']} failed, "
-      f"{n['skip']} skipped. Generated {datetime.date.today().isoformat()} in {rep.timings['total']:.0f} s "
+    for e in rep.errors:
+        w(f"> **⚠️ ERROR: {e['what']}**: the checks against {e['oracle']} did not run (gguflm itself is not "
+          f"at fault). To avoid it: {e['hint']}\n")
+        if e["log"]:
+            w(f"<details><summary>the end of {e['oracle']}'s log</summary>\n\n```text\n{e['log']}\n```\n</details>\n")
+    for note in d.get("notes", []):
+        w(f"> Note: {note}\n")
+    w(f"**{'PASSED' if rep.passed else 'FAILED'}**: {_counts(rep)}. Generated {datetime.date.today().isoformat()} in {rep.timings['total']:.0f} s "
       f"on {env['cpus']} CPUs, {env['threads']} torch threads, load average "
       f"{env['load_average_before'][0]:.1f} before / {env['load_average_after'][0]:.1f} after "
       f"(torch {env['torch']}, llama-cpp-python {env['llama_cpp_python'] or 'not used'}).\n")

@@ -13,8 +13,11 @@ Sections, in the order the data flows:
    continuation; the first reply token.
 5. **token investigation**: top-k at the end of the prompt and the logit lens.
 
-A check has a status ``pass``, ``fail`` or ``skip`` (its oracle is not installed, or
-``--reference none``); the report passes when no check fails.
+A check has a status ``pass``, ``fail``, ``skip`` (its oracle is not installed, or
+``--reference none``) or ``error`` (its oracle crashed, hung or failed: llama.cpp runs in a
+child process, so that is a row of the report, never the end of gguflm); the report
+passes when no check fails. An ``error`` says nothing about gguflm: it does not fail the
+report (:attr:`Report.passed`), but the report says it loudly, with how to avoid it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +72,7 @@ class Check:
     name: str
     value: str
     threshold: str
-    status: str  # "pass" | "fail" | "skip"
+    status: str  # "pass" | "fail" | "skip" | "error"
     detail: str = ""
 
 
@@ -86,10 +89,22 @@ class Report:
     def passed(self) -> bool:
         return not any(c.status == "fail" for c in self.checks)
 
+    @property
+    def errors(self) -> list[dict[str, str]]:
+        """The oracle failures that left checks not run (what happened, how to avoid it)."""
+        return self.data.get("oracle_errors", [])
+
     def check(self, section: str, name: str, value: str, threshold: str, ok: bool | None, detail: str = "") -> None:
         """Add a check; ``ok`` None means skipped (``detail`` says why)."""
         status = "skip" if ok is None else ("pass" if ok else "fail")
         self.checks.append(Check(section, name, value, threshold, status, detail))
+
+    def error(self, section: str, name: str, threshold: str, err: Any) -> None:
+        """Add a check that could not run because its oracle failed (an ``OracleFailed``)."""
+        self.checks.append(Check(section, name, "-", threshold, "error", err.what))
+        errors = self.data.setdefault("oracle_errors", [])
+        if not any(e["what"] == err.what for e in errors):
+            errors.append({"oracle": "llama.cpp", "what": err.what, "hint": err.hint, "log": err.log})
 
     def to_json(self) -> dict[str, Any]:
         return {"passed": self.passed, "checks": [asdict(c) for c in self.checks], **self.data,
@@ -164,6 +179,25 @@ class _Run:
     use_llama: bool
     use_libggml: bool
     no_oracle: str    # why a llama.cpp check is skipped
+    llama: Any = None                  # LlamaCpp (its child process) while use_llama
+    llama_error: Any = None            # the OracleFailed of the last llama.cpp call that failed
+
+    def ask(self, call: Callable[[Any], Any]) -> Any:
+        """``call(self.llama)``; None, with ``llama_error`` set, if llama.cpp failed."""
+        from gguflm.verify.llamacpp import OracleFailed
+
+        try:
+            return call(self.llama)
+        except OracleFailed as e:
+            self.llama_error = e
+            return None
+
+    def not_run(self, rep: Report, section: str, check: str, threshold: str, why: str | None = None) -> None:
+        """The row of a llama.cpp check without llama.cpp's answer: error or skip."""
+        if self.llama_error is not None:
+            rep.error(section, check, threshold, self.llama_error)
+        else:
+            rep.check(section, check, "-", threshold, None, why or self.no_oracle)
 
 
 def _quantization(rep: Report, r: _Run) -> None:
@@ -192,8 +226,6 @@ def _prompt(rep: Report, r: _Run) -> tuple[Any, str]:
     from gguflm.chat import ChatTemplate
     from gguflm.chat.template import TEMPLATE_KEY
     from gguflm.tokenizer import Tokenizer
-    from gguflm.verify import llamacpp
-
     tok, tpl = Tokenizer.from_gguf(r.f), ChatTemplate.from_gguf(r.f)
     messages = [{"role": "user", "content": r.opts.prompt}]
     rendered = tpl.render(messages, add_generation_prompt=True)
@@ -201,27 +233,30 @@ def _prompt(rep: Report, r: _Run) -> tuple[Any, str]:
     in_file = TEMPLATE_KEY in r.f.metadata
     tpl_data: dict[str, Any] = {"origin": tpl.origin, "in_file": in_file, "messages": messages, "rendered": rendered}
     check = "rendering = llama-cpp-python's Jinja2ChatFormatter"
+    theirs = None
     if r.use_llama and in_file:
-        theirs = llamacpp.render_chat_template(r.f.metadata[TEMPLATE_KEY], messages,
-                                               bos_token=tpl.bos_token, eos_token=tpl.eos_token)
+        theirs = r.ask(lambda o: o.render_chat_template(r.f.metadata[TEMPLATE_KEY], messages,
+                                                        bos_token=tpl.bos_token, eos_token=tpl.eos_token))
+    if theirs is not None:
         same = theirs == rendered
         tpl_data["llama_cpp_python_render_equal"] = same
         rep.check("chat_template", check, "equal" if same else "differs", "equal", same,
                   "" if same else f"theirs: {theirs!r:.200}")
     else:
-        rep.check("chat_template", check, "-", "equal", None,
-                  r.no_oracle if not r.use_llama else "the file has no template (built-in used)")
+        r.not_run(rep, "chat_template", check, "equal",
+                  None if not r.use_llama else "the file has no template (built-in used)")
     tok_data: dict[str, Any] = {"model": tok.model, "pre": tok.pre, "n_vocab": tok.n_vocab, "add_bos": tok.add_bos,
                                 "ids": ids}
     check = "prompt ids = llama.cpp's tokenizer"
-    if r.use_llama:
-        theirs_ids = llamacpp.tokenize(r.path, rendered, add_special=True, parse_special=True)
+    theirs_ids = r.ask(lambda o: o.tokenize(r.path, rendered, add_special=True, parse_special=True)) \
+        if r.use_llama else None
+    if theirs_ids is not None:
         tok_data["llama_cpp_ids"] = theirs_ids
         same_n = sum(a == b for a, b in zip(ids, theirs_ids))
         rep.check("tokenizer", check, f"{same_n}/{max(len(ids), len(theirs_ids))} equal", "all", ids == theirs_ids,
                   "" if ids == theirs_ids else f"ours {len(ids)} ids, llama.cpp {len(theirs_ids)}")
     else:
-        rep.check("tokenizer", check, "-", "all", None, r.no_oracle)
+        r.not_run(rep, "tokenizer", check, "all")
     rep.data["chat_template"], rep.data["tokenizer"] = tpl_data, tok_data
     return tok, rendered
 
@@ -264,7 +299,7 @@ def _logits(rep: Report, r: _Run, tok: Any, first: int, ours: torch.Tensor, deco
         rep.check("logits", check, f"{a.kl_mean:.2e}", f"≤ {LLAMA_CPP_KL_MEAN:.0e}", a.kl_mean <= LLAMA_CPP_KL_MEAN,
                   f"top-1 agreement {a.top1_agreement:.1%}; llama.cpp vs float64 KL {b.kl_mean:.2e}")
     else:
-        rep.check("logits", check, "-", f"≤ {LLAMA_CPP_KL_MEAN:.0e}", None, r.no_oracle)
+        r.not_run(rep, "logits", check, f"≤ {LLAMA_CPP_KL_MEAN:.0e}")
     firsts = {"ours": int(ours[first].argmax()), "reference": int(ref[first].argmax())}
     if ll is not None:
         firsts["llama_cpp"] = int(ll[first].argmax())
@@ -321,7 +356,7 @@ def run_verification(opts: VerifyOptions) -> Report:
     if opts.n_predict < 1 or opts.top_k < 1:
         raise VerifyError("n_predict and top_k must be >= 1")
     if opts.reference == "llama.cpp" and not llamacpp.available():
-        raise VerifyError("--reference llama.cpp needs llama-cpp-python (pip install llama-cpp-python)")
+        raise VerifyError(f"--reference llama.cpp needs llama-cpp-python: {llamacpp.INSTALL_HINT}")
     use_llama = opts.reference != "none" and llamacpp.available()
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -333,6 +368,9 @@ def run_verification(opts: VerifyOptions) -> Report:
     r = _Run(opts, path, f, cfg, arch_spec(cfg.arch), use_llama, use_llama and ggml_oracle.available(),
              "--reference none" if opts.reference == "none" else "llama-cpp-python is not installed")
     rep = Report()
+    if opts.reference != "none" and not use_llama:
+        rep.data["notes"] = [f"llama-cpp-python is not installed, so the checks against llama.cpp and libggml "
+                             f"were skipped; {llamacpp.INSTALL_HINT}"]
     rep.data["prompt"] = opts.prompt
     rep.data["model"] = {
         "path": str(path), "file_bytes": path.stat().st_size, "architecture": cfg.arch,
@@ -346,6 +384,8 @@ def run_verification(opts: VerifyOptions) -> Report:
     stages = _Stages(STAGES, rep.timings)
     t_start, load_before = time.perf_counter(), os.getloadavg()
     try:
+        if use_llama:
+            r.llama = llamacpp.LlamaCpp()      # llama.cpp in a child process: its crash is a report row
         with stages.stage("quantization"):
             _quantization(rep, r)
         with stages.stage("tokenizer"):
@@ -370,15 +410,17 @@ def run_verification(opts: VerifyOptions) -> Report:
         ll = None
         with stages.stage("llama.cpp logits"):
             if use_llama:
-                oracle = llamacpp.LlamaCppModel(path, n_ctx=len(seq), n_threads=opts.threads)
-                ll = torch.from_numpy(oracle.logits(seq))                            # [T, V]
-                oracle.close()
+                loaded = r.ask(lambda o: o.load(path, n_ctx=len(seq), n_threads=opts.threads))
+                out = r.ask(lambda o: o.logits(seq)) if loaded is not None else None
+                ll = torch.from_numpy(out) if out is not None else None              # [T, V]
         firsts = _logits(rep, r, tok, first, trace.logits, decoded, ref, ll)
         with stages.stage("token investigation"):
             token = firsts["ours"] if opts.explain_token is None else opts.explain_token
             _investigate(rep, r, tok, trace, weight, first, token, ref, ll)
     finally:
         stages.close()
+        if r.llama is not None:
+            r.llama.close()
     rep.timings["total"] = round(time.perf_counter() - t_start, 3)
     rep.data["environment"] = {
         "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
