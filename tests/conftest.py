@@ -1,11 +1,16 @@
 """Shared fixtures: the real SmolLM2 and Gemma 3 models (named models from gguflm.models'
 cache), SmolLM2's requantizations made by llama.cpp's own quantizer, and the shared test
-data in ../shared (or $GGUFLM_SHARED)."""
+data in ../shared (or $GGUFLM_SHARED); ``spawn`` for test subprocesses, and the check
+that no test leaves a process behind."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +126,128 @@ def weight_source():
 
     return source
 
+
+
+# --- processes: a test never leaves one behind ----------------------------------------------
+
+# Runs before the real command (same pid, through exec): on Linux the child gets SIGKILL
+# when pytest dies, however it dies (PR_SET_PDEATHSIG survives exec), and exits at once if
+# pytest is already gone.
+_TIE_TO_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "if sys.platform.startswith('linux'):\n"
+    "    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def tied_to_pytest(cmd: list[str]) -> list[str]:
+    """``cmd`` wrapped so that its process dies with this pytest process."""
+    return [sys.executable, "-c", _TIE_TO_PARENT, str(os.getpid()), *map(str, cmd)]
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the process group ``proc`` leads (see ``spawn``), SIGKILL after ``grace``
+    seconds; reaps ``proc``."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+    with_group_gone = time.monotonic() + 5
+    while time.monotonic() < with_group_gone:      # what the leader started dies with its group
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            break
+        time.sleep(0.05)
+    proc.wait()
+
+
+class Spawner:
+    """``spawn(cmd, **popen_kwargs) -> Popen``: a test subprocess in its own process group,
+    tied to pytest (it dies with pytest, even on SIGKILL); ``spawn.stop(proc)`` stops it
+    with its group. Whatever is still running at the end of the session is stopped then."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+
+    def __call__(self, cmd: list[str], **kwargs) -> subprocess.Popen:
+        proc = subprocess.Popen(tied_to_pytest(cmd), start_new_session=True, **kwargs)
+        self.started.append(proc)
+        return proc
+
+    stop = staticmethod(stop_group)
+
+
+@pytest.fixture(scope="session")
+def spawn():
+    """A :class:`Spawner` for the session."""
+    spawner = Spawner()
+    yield spawner
+    for proc in spawner.started:
+        stop_group(proc, grace=5.0)
+
+
+def live_descendants(pid: int) -> dict[int, str]:
+    """Running (not zombie) descendants of ``pid``: {pid: command line}, from Linux's /proc
+    ({} elsewhere)."""
+    parents: dict[int, int] = {}
+    state: dict[int, str] = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()          # after "pid (comm) "
+        parents[int(d.name)], state[int(d.name)] = int(fields[1]), fields[0]
+    found, frontier = {}, [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, parent in parents.items():
+            if parent == p and child not in found:
+                found[child] = ""
+                frontier.append(child)
+    out = {}
+    for child in found:
+        if state.get(child) == "Z":
+            continue
+        try:
+            out[child] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    return out
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """After every fixture is torn down: a process this pytest started and left running is
+    a failure of the session (it is killed, and named)."""
+    left = live_descendants(os.getpid())
+    if not left:
+        return
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    lines = [f"tests left {len(left)} process(es) running (killed now):"] + \
+        [f"  pid {pid}: {cmd[:200]}" for pid, cmd in left.items()]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write("\n")
+        reporter.write_sep("=", "processes left behind", red=True, bold=True)
+    for line in lines:
+        if reporter is not None:
+            reporter.write_line(line, red=True, bold=True)
+        else:
+            print(line, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

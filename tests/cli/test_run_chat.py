@@ -9,6 +9,7 @@ so it may leave the exact path after a while)."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -108,21 +109,69 @@ def test_chat_keeps_history_and_resets(smollm2_path, smollm2_model):
     assert "(conversation cleared)" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_chat_ctrl_c_stops_the_answer_not_the_program(smollm2_path):
-    p = subprocess.Popen([sys.executable, "-m", "gguflm", "chat", "-m", str(smollm2_path), "-n", "100000",
-                          "--temp", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+class Streams:
+    """A child's stdout and stderr read as they come, so a test waits on what the child
+    has printed (a condition), never on a sleep."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.data = {"out": bytearray(), "err": bytearray()}
+        self.open = {"out": proc.stdout, "err": proc.stderr}
+
+    def pump(self, timeout: float) -> None:
+        """Read whatever either stream has within ``timeout`` seconds."""
+        fds = {f.fileno(): name for name, f in self.open.items()}
+        ready = select.select(list(fds), [], [], timeout)[0] if fds else []
+        for fd in ready:
+            chunk = os.read(fd, 1 << 16)
+            if chunk:
+                self.data[fds[fd]] += chunk
+            else:
+                del self.open[fds[fd]]
+
+    def wait_until(self, done, what: str, timeout: float = 300) -> None:
+        """Pump until ``done()``; fails, showing both streams, at the deadline or if both
+        streams ended first."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.open:
+                pytest.fail(f"{what}: not within {timeout} s (exit status {self.proc.poll()}):\n"
+                            f"stdout: {bytes(self.data['out'][-2000:])!r}\nstderr: {bytes(self.data['err'][-2000:])!r}")
+            self.pump(min(left, 1.0))
+
+    def wait_for(self, name: str, text: bytes, start: int = 0, timeout: float = 300) -> int:
+        """Pump until ``text`` appears in std``name`` at or after ``start``; the index just past it."""
+        self.wait_until(lambda: self.data[name].find(text, start) >= 0, f"{text!r} on std{name}", timeout)
+        return self.data[name].find(text, start) + len(text)
+
+    def wait_exit(self, timeout: float = 120) -> int:
+        """Pump both streams to their end, then the exit status."""
+        deadline = time.monotonic() + timeout
+        while self.open and time.monotonic() < deadline:
+            self.pump(min(deadline - time.monotonic(), 1.0))
+        return self.proc.wait(max(0.1, deadline - time.monotonic()))
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_program(smollm2_path, spawn):
+    p = spawn([sys.executable, "-m", "gguflm", "chat", "-m", str(smollm2_path), "-n", "100000", "--temp", "0"],
+              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    io = Streams(p)
     try:
-        p.stdin.write("Count from 1 to 10000, one number per line.\n")
+        io.wait_for("err", b"\n> ")                          # loaded, asking for a message
+        p.stdin.write(b"Count from 1 to 10000, one number per line.\n")
         p.stdin.flush()
-        assert p.stdout.read(1)  # the answer is streaming
-        time.sleep(0.5)
+        io.wait_until(lambda: len(io.data["out"]) >= 8, "the answer streaming")
         os.kill(p.pid, signal.SIGINT)
-        p.stdin.write("/exit\n")
+        after = io.wait_for("err", b"(interrupted)\n")
+        io.wait_for("err", b"> ", start=after)               # the program asks for the next message
+        streamed = len(io.data["out"])
+        p.stdin.write(b"/exit\n")
         p.stdin.flush()
-        out, err = p.communicate(timeout=300)
+        rc = io.wait_exit()
     finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 0, err
-    assert "(interrupted)" in err and "Traceback" not in err
+        spawn.stop(p, grace=1.0)
+    err = io.data["err"].decode(errors="replace")
+    assert rc == 0, err
+    assert "Traceback" not in err
+    assert len(io.data["out"]) == streamed and io.data["out"].endswith(b"\n")   # the answer stopped there

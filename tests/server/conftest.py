@@ -66,17 +66,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(model: Path, log: Path, timeout: float = 240.0) -> Server:
+def _start(spawn, model: Path, log: Path, timeout: float = 240.0) -> Server:
     import httpx
 
     port = _free_port()
     cmd = [sys.executable, "-m", "gguflm", "serve", "-m", str(model), "--host", HOST, "--port", str(port),
            "--parallel", str(PARALLEL), "-c", str(N_CTX), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    with log.open("wb") as out:       # the server dies with pytest (spawn), so no run leaves it behind
+        proc = spawn(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     server = Server(f"http://{HOST}:{port}", proc, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            spawn.stop(proc)
             pytest.fail(f"gguflm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
         try:
             if httpx.get(server.url + "/health", timeout=2).status_code == 200:
@@ -84,25 +86,20 @@ def _start(model: Path, log: Path, timeout: float = 240.0) -> Server:
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    proc.kill()
+    spawn.stop(proc, grace=1.0)
     pytest.fail(f"gguflm serve did not answer /health within {timeout}s:\n{log.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="session")
-def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory, spawn) -> Iterator[Server]:
     pytest.importorskip("fastapi", reason="the server needs .[server]")
     pytest.importorskip("uvicorn", reason="the server needs .[server]")
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    srv = _start(smollm2_path, log)
+    srv = _start(spawn, smollm2_path, log)
     try:
         yield srv
     finally:
-        srv.proc.terminate()
-        try:
-            srv.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            srv.proc.kill()
-            srv.proc.wait()
+        spawn.stop(srv.proc, grace=20.0)
 
 
 @pytest.fixture(scope="session")
