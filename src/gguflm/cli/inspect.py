@@ -7,7 +7,7 @@ import sys
 from collections import defaultdict
 
 from gguflm.defaults import resolve_model
-from gguflm.gguf.reader import GGUFFile, ValueType
+from gguflm.gguf.reader import GGUFFile, MetadataArray, ValueType
 
 HELP = "show a GGUF file's metadata, tokenizer, chat template and tensors"
 DESCRIPTION = """\
@@ -34,12 +34,21 @@ def add_arguments(p) -> None:
 
 def _summarize(value, vtypes: tuple[ValueType, ...], full: bool):
     if full:
-        return value
-    if isinstance(value, list) and len(value) > ARRAY_PREVIEW:
+        return _plain(value)
+    if isinstance(value, (list, MetadataArray)) and len(value) > ARRAY_PREVIEW:
         elem = vtypes[1].name if len(vtypes) > 1 else "?"
-        return {"array": elem, "length": len(value), "head": value[:ARRAY_PREVIEW]}
+        return {"array": elem, "length": len(value), "head": _plain(value[:ARRAY_PREVIEW])}
     if isinstance(value, str) and len(value) > STRING_PREVIEW:
         return value[:STRING_PREVIEW] + f"... ({len(value)} chars)"
+    return _plain(value)
+
+
+def _plain(value):
+    """Metadata as JSON-ready data: numeric arrays (views over the file) become lists."""
+    if isinstance(value, MetadataArray):
+        return value.tolist()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
     return value
 
 

@@ -25,7 +25,7 @@ import enum
 import mmap
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,57 @@ _SCALARS: dict[ValueType, tuple[str, str]] = {
 }
 _MIN_VALUE_BYTES = {**{t: struct.calcsize(f) for t, (f, _) in _SCALARS.items()},
                     ValueType.STRING: 8, ValueType.ARRAY: 12}
+
+
+class MetadataArray(Sequence):
+    """A numeric metadata array: a read-only numpy view over the file's mapping, so that
+    parsing a large array costs no memory. It behaves as a sequence of Python numbers
+    (indexing gives ``int``/``float``/``bool``, slicing and :meth:`tolist` give lists, it
+    compares equal to a list with the same items); ``np.asarray(a)`` or :attr:`array` is
+    the zero-copy view (uint8 for BOOL arrays, whose items are checked to be 0 or 1)."""
+
+    __slots__ = ("array", "_bool")
+
+    def __init__(self, array: np.ndarray, is_bool: bool = False):
+        self.array, self._bool = array, is_bool
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self._py(self.array[i])
+        v = self.array[i].item()
+        return bool(v) if self._bool else v
+
+    def __iter__(self) -> Iterator:
+        return iter(self.tolist())
+
+    def tolist(self) -> list:
+        """The items as a list of Python numbers (allocates: the whole array)."""
+        return self._py(self.array)
+
+    def _py(self, a: np.ndarray) -> list:
+        return a.astype(bool).tolist() if self._bool else a.tolist()
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.array.astype(bool) if self._bool else self.array
+        return a if dtype is None else a.astype(dtype)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, MetadataArray):
+            return self._bool == other._bool and np.array_equal(self.array, other.array)
+        if isinstance(other, (list, tuple)):
+            return len(other) == len(self) and self.tolist() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        kind = "BOOL" if self._bool else self.array.dtype.name
+        head = self._py(self.array[:8])
+        more = ", ..." if len(self) > 8 else ""
+        return f"MetadataArray({kind} x {len(self)}: {str(head)[1:-1]}{more})"
 
 
 @dataclass(frozen=True)
@@ -144,7 +195,9 @@ class _Cursor:
 class GGUFFile:
     """A memory-mapped GGUF file.
 
-    ``metadata`` maps keys to plain Python values (arrays become lists);
+    ``metadata`` maps keys to plain Python values; arrays of strings or arrays are lists,
+    numeric arrays :class:`MetadataArray` (a lazy sequence over the mapping: parsing
+    memory is a small constant plus the tensor table, whatever the arrays' sizes);
     ``metadata_types`` maps keys to their value type (and element type for arrays);
     ``tensors`` is an ordered mapping name -> :class:`TensorInfo`;
     :meth:`tensor_data` returns a tensor's bytes as a zero-copy numpy uint8 view.
@@ -247,11 +300,9 @@ class GGUFFile:
             n = count * np.dtype(dtype).itemsize
             arr = np.frombuffer(cur.buf, dtype=dtype, count=count, offset=cur.pos)
             cur.pos += n
-            if etype == ValueType.BOOL:
-                if count and int(arr.max()) > 1:
-                    raise GGUFError(f"bool array {key!r} holds a value other than 0 or 1")
-                arr = arr.astype(bool)
-            return arr.tolist(), (vtype, etype)
+            if etype == ValueType.BOOL and count and int(arr.max()) > 1:
+                raise GGUFError(f"bool array {key!r} holds a value other than 0 or 1")
+            return MetadataArray(arr, etype == ValueType.BOOL), (vtype, etype)
         if etype == ValueType.STRING:
             out = [cur.string(f"element {j} of {key!r}") for j in range(count)]
             return out, (vtype, etype)

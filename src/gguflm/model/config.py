@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gguflm.errors import GGUFError
-from gguflm.gguf.reader import GGUFFile
+from gguflm.gguf.reader import GGUFFile, MetadataArray
 from gguflm.model.arch import ArchSpec, RopeStyle, arch_spec
 
 # Bounds on untrusted sizes, generous for any Llama-family model that fits in memory.
@@ -157,7 +157,8 @@ def read_keys(metadata: Mapping[str, Any], arch: str) -> dict[str, Any]:
 
 def _check(key: str, value: Any, k: Key) -> Any:
     if k.kind is int:
-        if isinstance(value, list):  # per-layer arrays (llama.cpp get_key_or_arr): uniform only
+        if isinstance(value, (list, MetadataArray)):  # per-layer arrays (get_key_or_arr): uniform only
+            value = list(value)
             if not value or any(v != value[0] for v in value):
                 raise GGUFError(f"{key!r}: per-layer values {value[:8]}... are not supported")
             value = value[0]
