@@ -1,8 +1,9 @@
 """`python -m gguflm.demo` (what `make demo` runs): a real generation with the default model.
 
-Loads SmolLM2-135M-Instruct, asks it two questions through its chat template and streams
-the answers: the first greedily (temperature 0, reproducible), the second sampled with
-llama.cpp's default settings and a fixed seed. Says what it runs as it goes.
+Loads SmolLM2-135M-Instruct (fetched into the model cache on first use, 98 MB), asks it
+two questions through its chat template and streams the answers: the first greedily
+(temperature 0, reproducible), the second sampled at temperature 0.8 with a fixed seed.
+Says what it runs as it goes, and what to try next.
 """
 
 from __future__ import annotations
@@ -11,13 +12,21 @@ import sys
 import time
 
 import gguflm
-from gguflm.models import ModelError, resolve
 from gguflm.engine import SamplingParams, generate_text
+from gguflm.models import ModelError, resolve
 
+# Prompts the 135M model answers well (its greedy answers: "The capital of France is Paris.";
+# "The sea is a vast and mysterious realm, ..."); it is tiny, and wrong on many others.
 RUNS = (
-    ("Is Paris the capital of France?", dict(temperature=0.0), 64),
-    ("Write one sentence about the sea.", dict(temperature=0.8, seed=42), 48),
+    ("What is the capital of France?", dict(temperature=0.0), 64),
+    ("Write one sentence about the sea.", dict(temperature=0.8, seed=42), 64),
 )
+NEXT = """\
+next: gguflm chat                       talk to it (/reset, /exit)
+      gguflm run -m gemma3-270m -p ...  a second model (253 MB, fetched on first use)
+      gguflm serve                      OpenAI-compatible API and a chat page on :8080
+      gguflm verify                     every step checked against a float64 reference
+                                        (and llama.cpp, once `make test` installed it)"""
 
 
 def main() -> int:
@@ -44,6 +53,7 @@ def main() -> int:
         speed = r.n_generated / r.decode_seconds if r.decode_seconds else float("nan")
         print(f"\n  ({r.n_prompt} prompt tokens, {r.n_generated} generated at {speed:.1f} tok/s, "
               f"finish: {r.finish_reason})\n")
+    print(NEXT)
     return 0
 
 
