@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gguflm.defaults import DEFAULT_PROMPT, resolve_model
 
+NO_FIGURES = "none: matplotlib is missing, pip install 'gguflm[verify]'"
 HELP = "check a model against llama.cpp and a float64 reference; write a report"
 DESCRIPTION = """\
 Check a GGUF model, section by section, against outside references and write
@@ -68,5 +69,5 @@ def run(args) -> int:
     paths = write_report(rep, Path(args.output))
     print(summary_text(rep))
     print(f"report: {paths['md']} (data: {paths['json'].name}, figures: "
-          f"{', '.join(p.name for k, p in paths.items() if k not in ('md', 'json')) or 'none'})", file=sys.stderr)
+          f"{', '.join(p.name for k, p in paths.items() if k not in ('md', 'json')) or NO_FIGURES})", file=sys.stderr)
     return 0 if rep.passed and not (args.reference == "llama.cpp" and rep.errors) else 1
