@@ -123,6 +123,9 @@ def test_resolve_names_paths_and_the_environment(fake, tmp_path, monkeypatch):
     assert models.resolve(None) == own
     monkeypatch.setenv("GGUFLM_MODEL", "fake-model")
     assert models.resolve(None) == models.cached_path("fake-model")
+    monkeypatch.setenv("GGUFLM_MODEL", "gone.gguf")
+    with pytest.raises(ModelNotFoundError, match="^GGUFLM_MODEL: no such file or model name: 'gone.gguf'"):
+        models.resolve(None)
     with pytest.raises(ModelNotFoundError, match="no such file or model name: 'nope.gguf'") as e:
         models.resolve("nope.gguf")
     assert isinstance(e.value, FileNotFoundError)

@@ -105,7 +105,12 @@ def resolve(arg: str | os.PathLike | None = None, *, quiet: bool = False) -> Pat
     (fetch failed) or ModelNotFoundError (neither a name nor an existing path)."""
     if arg is None or (isinstance(arg, str) and not arg):
         env = os.environ.get("GGUFLM_MODEL")
-        return resolve(env, quiet=quiet) if env else _ensure(DEFAULT, quiet)
+        if not env:
+            return _ensure(DEFAULT, quiet)
+        try:
+            return resolve(env, quiet=quiet)
+        except ModelNotFoundError as e:
+            raise ModelNotFoundError(f"GGUFLM_MODEL: {e}") from None
     if isinstance(arg, str) and arg in REGISTRY:
         return _ensure(arg, quiet)
     p = Path(arg).expanduser()
