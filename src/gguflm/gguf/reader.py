@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -192,6 +193,38 @@ class _Cursor:
             raise GGUFError(f"{what} at offset {self.pos - n} is not valid UTF-8 ({e.reason})") from None
 
 
+def _map_regular_file(path: Path) -> tuple[mmap.mmap, int]:
+    """A read-only mapping of ``path`` and its size. Only regular files are opened for good:
+    the file is opened non-blocking (a named pipe must not wait for a writer) and checked
+    with fstat before it is mapped. A missing or unreadable file raises FileNotFoundError /
+    PermissionError; any other failure (a directory, a pipe or device, a symlink loop, a
+    file that cannot be mapped such as a sysfs attribute) a GGUFError naming the file."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except IsADirectoryError:
+        raise GGUFError(f"{path}: is a directory, not a GGUF file") from None
+    except OSError as e:
+        raise GGUFError(f"{path}: cannot open: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise GGUFError(f"{path}: is a directory, not a GGUF file")
+        if not stat.S_ISREG(st.st_mode):
+            raise GGUFError(f"{path}: not a regular file (a pipe, socket or device), not a GGUF file")
+        if st.st_size == 0:
+            raise GGUFError(f"{path}: empty file, not a GGUF file")
+        try:
+            return mmap.mmap(fd, 0, access=mmap.ACCESS_READ), st.st_size
+        except (OSError, ValueError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise GGUFError(f"{path}: cannot be memory-mapped ({why}), not a GGUF file") from None
+    finally:
+        os.close(fd)
+
+
 class GGUFFile:
     """A memory-mapped GGUF file.
 
@@ -205,15 +238,7 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        try:
-            with open(self.path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size == 0:
-                    raise GGUFError(f"{self.path}: empty file, not a GGUF file")
-                self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        except IsADirectoryError:
-            raise GGUFError(f"{self.path}: is a directory, not a GGUF file") from None
-        self.file_size = size
+        self._mmap, self.file_size = _map_regular_file(self.path)
         self.metadata: dict[str, Any] = {}
         self.metadata_types: dict[str, tuple[ValueType, ...]] = {}
         self.tensors: dict[str, TensorInfo] = {}
