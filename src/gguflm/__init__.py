@@ -1,14 +1,14 @@
 """gguflm: run GGUF language models in Python, verified against llama.cpp."""
 
 from gguflm import models
-from gguflm.errors import GGUFError, ModelError, TemplateError
+from gguflm.errors import GGUFError, ModelError, TemplateError, TextError
 from gguflm.gguf.reader import GGUFFile, TensorInfo
 from gguflm.gguf.types import GGMLType
 
 __version__ = "0.1.0"
 
-__all__ = ["GGUFError", "TemplateError", "ModelError", "models", "GGUFFile", "TensorInfo", "GGMLType",
-           "dequantize", "Tokenizer", "ChatTemplate", "load", "__version__"]
+__all__ = ["GGUFError", "TemplateError", "TextError", "ModelError", "models", "GGUFFile", "TensorInfo",
+           "GGMLType", "dequantize", "Tokenizer", "ChatTemplate", "load", "__version__"]
 
 
 def __getattr__(name):  # lazy: `import gguflm` stays light (no torch until needed)

@@ -11,6 +11,11 @@
    or follows a special token; BPE (``gpt2``) pre-tokenizes and merges;
 3. ``add_special`` adds BOS/EOS where the vocabulary asks for them.
 
+Text without a UTF-8 encoding (a lone surrogate, e.g. ``"a\\ud800b"``) cannot reach
+llama.cpp, which tokenizes UTF-8 bytes: ``encode`` raises :class:`gguflm.TextError` (a
+ValueError) for it. A vocabulary that encode or decode could not serve (no tokens, a
+malformed BYTE token, SPM without byte fallback) is refused at load with GGUFError.
+
 ``decode_bytes`` = ``llama_detokenize(ids, remove_special, unparse_special)``: the pieces
 of the tokens (control and unknown tokens are empty unless ``unparse_special``), the
 first one losing one leading space when ``add_space_prefix``, then, for vocabularies
@@ -23,12 +28,14 @@ import os
 import re
 from collections.abc import Iterable
 
+from gguflm.errors import TextError
 from gguflm.gguf.reader import GGUFFile
 from gguflm.tokenizer.bpe import BPEEncoder
 from gguflm.tokenizer.spm import SPACE, SPMEncoder
 from gguflm.tokenizer.unicode import CHAR_TO_BYTE
 from gguflm.tokenizer.vocab import Attr, Vocab, load_vocab
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 C_SPACES = " \t\n\v\f\r"  # isspace() in the "C" locale: what lstrip/rstrip remove
 HIDDEN = Attr.CONTROL | Attr.UNKNOWN  # empty pieces unless special tokens are rendered
 # llama.cpp's three clean-up passes, in order (see llama_vocab::impl::detokenize).
@@ -105,7 +112,14 @@ class Tokenizer:
 
     # -- encoding ---------------------------------------------------------------------
     def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        """Token ids of ``text``: llama_tokenize(text, add_special, parse_special)."""
+        """Token ids of ``text``: llama_tokenize(text, add_special, parse_special).
+
+        ``text`` must have a UTF-8 encoding (llama.cpp tokenizes UTF-8 bytes): a lone
+        surrogate raises :class:`gguflm.TextError`, a ValueError."""
+        bad = _SURROGATE.search(text)
+        if bad:
+            raise TextError(f"text holds a lone surrogate U+{ord(bad.group()):04X} at index {bad.start()}: "
+                            "it is not valid Unicode and has no UTF-8 encoding")
         v = self.vocab
         out: list[int] = []
         if add_special and v.add_bos:
@@ -235,10 +249,5 @@ def _gpt2_bytes(text: str) -> bytes:
 
 
 def _byte_value(text: str) -> int:
-    """The byte of a ``<0xXX>`` token: strtol(text[3:5], 16) as llama.cpp parses it."""
-    raw = text.encode()
-    if len(raw) < 3:
-        raise ValueError(f"byte token {text!r} is not of the form <0xXX>")
-    m = re.match(rb"[ \t\n\v\f\r]*([+-]?)(?:0[xX](?=[0-9a-fA-F]))?([0-9a-fA-F]*)", raw[3:5])
-    value = int(m.group(2) or b"0", 16)
-    return (-value if m.group(1) == b"-" else value) & 0xFF
+    """The byte of a ``<0xHH>`` token (the form is checked when the vocabulary is loaded)."""
+    return int(text[3:5], 16)

@@ -23,6 +23,7 @@ Two places where llama.cpp's order is an accident of its C++ library, and ours a
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -223,6 +224,8 @@ def load_vocab(meta: Mapping[str, Any], types: Mapping[str, tuple]) -> Vocab:
 
     texts = list(_required(meta, types, "tokenizer.ggml.tokens"))
     n = len(texts)
+    if n == 0:
+        raise GGUFError("tokenizer.ggml.tokens is empty: a vocabulary needs at least one token")
     scores = _per_token(meta, types, "tokenizer.ggml.scores", n, 0.0)
     token_types = _per_token(meta, types, "tokenizer.ggml.token_type", n, 1)
     token_to_id: dict[str, int] = {}
@@ -234,6 +237,7 @@ def load_vocab(meta: Mapping[str, Any], types: Mapping[str, tuple]) -> Vocab:
                             f"{token_to_id[text]}")
         token_to_id[text] = i
     attrs = [TOKEN_TYPE_ATTR.get(t, Attr.UNDEFINED) for t in token_types]
+    _check_byte_tokens(kind, texts, attrs, token_to_id)
 
     ranks: dict[str, int] = {}
     if kind == "bpe":
@@ -266,6 +270,30 @@ def load_vocab(meta: Mapping[str, Any], types: Mapping[str, tuple]) -> Vocab:
         key=lambda i: -len(vocab.texts[i].encode())))
     _model_specific_attrs(vocab, meta, types)
     return vocab
+
+
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _check_byte_tokens(kind: str, texts: list[str], attrs: list[int], token_to_id: dict[str, int]) -> None:
+    """Refuse at load what would fail at encode/decode time.
+
+    * A BYTE token's text must be ``<0xHH>``: its piece is that byte. (llama.cpp reads
+      ``strtol(text.substr(3, 2), 16)``: it throws at load on a text shorter than 3 bytes and
+      decodes any other malformed text to some byte; gguflm refuses both.)
+    * SPM byte fallback spells a piece that is no token as byte tokens, ``<0xHH>`` or, for
+      ASCII, the byte itself as a token (llama.cpp's ``byte_to_token``). A vocabulary that
+      cannot spell every byte is refused (llama.cpp loads it and throws ``out_of_range``
+      when it first meets such a byte while tokenizing).
+    """
+    for i, text in enumerate(texts):
+        if attrs[i] & Attr.BYTE and not BYTE_TOKEN.fullmatch(text):
+            raise GGUFError(f"token {i} {text[:40]!r} has type BYTE but its text is not of the form <0xHH>")
+    if kind == "spm":
+        for b in range(256):
+            if f"<0x{b:02X}>" not in token_to_id and not (b < 0x80 and chr(b) in token_to_id):
+                raise GGUFError(f"SPM vocabulary without a token for byte 0x{b:02X} (<0x{b:02X}>): "
+                                "byte fallback could not spell every text")
 
 
 def _pre_setting(pre: str) -> PreSetting:
