@@ -187,17 +187,18 @@ class LlamaCpp:
         """One frame from the child; None if its output ended; TimeoutError past ``deadline``."""
         fd = self.proc.stdout.fileno()
 
-        def read(n: int) -> bytes | None:
-            buf = bytearray()
-            while len(buf) < n:
+        def read(n: int) -> bytearray | None:
+            buf = bytearray(n)                        # filled in place: logits can be ~1 GB
+            view, got = memoryview(buf), 0
+            while got < n:
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([fd], [], [], left)[0]:
                     raise TimeoutError
-                chunk = os.read(fd, min(n - len(buf), 1 << 22))
-                if not chunk:
+                k = os.readv(fd, [view[got:]])
+                if not k:
                     return None
-                buf += chunk
-            return bytes(buf)
+                got += k
+            return buf
 
         head = read(_HEAD.size)
         if head is None:
