@@ -125,11 +125,12 @@ class LlamaCpp:
         self.close()
 
     def close(self) -> None:
-        """Stop the child (end of input, then SIGKILL if it does not exit within 5 s)."""
+        """Stop the child: end of input, then SIGKILL if it does not exit within 2 s (it
+        may be busy with a request the caller gave up on, after Ctrl-C)."""
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.close()
-                self.proc.wait(5)
+                self.proc.wait(2)
             except (OSError, subprocess.TimeoutExpired):
                 pass
         _kill(self.proc)
