@@ -1,17 +1,46 @@
-"""Architectures as data: how a GGUF architecture names its tensors and rotates pairs.
+"""Architectures as data: every way a supported GGUF architecture differs from Llama.
 
-llama.cpp decides per architecture (``llama_model_rope_type``) whether RoPE rotates
-adjacent pairs ``(x[2i], x[2i+1])`` ("NORM") or halves ``(x[i], x[i + d/2])`` ("NEOX"), and
-names every tensor from a template such as ``blk.{bid}.attn_q.weight``. An :class:`ArchSpec`
-records exactly that, so a new Llama-like architecture is a table entry.
+llama.cpp builds each architecture's graph from a few choices (``llm_build_*`` with
+``build_norm``, ``build_ffn(..., LLM_FFN_SILU | LLM_FFN_GELU, LLM_FFN_PAR)``, the rope type
+of ``llama_model_rope_type``) and names every tensor from a template
+(``LLM_TENSOR_NAMES``: ``blk.{bid}.attn_q.weight``). An :class:`ArchSpec` records exactly
+those choices, so the block (``gguflm.model.layers``) is written once and composed from
+them, and a new Llama-like architecture is a table entry:
+
+    rope            NORM pairs (2i, 2i+1) or NEOX pairs (i, i + D/2)
+    activation      gated FFN activation: silu(g) * u (SwiGLU) or gelu_tanh(g) * u (GeGLU)
+    post_norms      Gemma: RMSNorm on the attention and FFN outputs before each residual add
+    qk_norm         Qwen3, Gemma 3: RMSNorm over each head of q and k, before RoPE
+    fused_qkv       Phi-3: one ``attn_qkv`` tensor holds the rows of [Wq; Wk; Wv]
+    fused_gate_up   Phi-3: ``ffn_up`` holds [Wgate; Wup] (2 * n_ff rows)
+    embd_scale      Gemma: the token embedding is multiplied by sqrt(n_embd)
+    sliding_window  Gemma 3: ``attention.sliding_window`` is read; layers follow a pattern
+                    (every ``swa_pattern``-th layer global, the others local, with their own
+                    RoPE base ``rope.freq_base_swa``, default 10000)
+    final_softcap   ``final_logit_softcapping`` is read: logits = c * tanh(logits / c)
+    bias_roles      linear roles whose ``.bias`` is used when the file has one (Qwen2's QKV)
+
+The :class:`WeightTable` resolves every role of a file once (names, expected shapes, row
+ranges inside fused tensors, biases); the CPU loader, the CUDA weights and ``verify`` all
+read tensors through it.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from gguflm.errors import GGUFError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from gguflm.gguf.reader import GGUFFile
+    from gguflm.gguf.types import GGMLType
+    from gguflm.model.config import ModelConfig
 
 
 class RopeStyle(enum.Enum):
@@ -19,37 +48,62 @@ class RopeStyle(enum.Enum):
     NEOX = "neox"  # rotate (x[i], x[i + n_rot/2])
 
 
-# Tensor roles of a pre-norm decoder. Global roles are formatted without ``bid``.
-GLOBAL_ROLES = ("token_embd", "output_norm", "output", "rope_freqs")
-BLOCK_ROLES = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-               "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
-LINEAR_ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+class Activation(enum.Enum):
+    SILU = "silu"            # silu(g) = g / (1 + e^-g)                         (LLM_FFN_SILU)
+    GELU_TANH = "gelu_tanh"  # 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))  (LLM_FFN_GELU)
 
-_LLAMA_TENSORS = {
+
+# Tensor roles. Global roles are formatted without ``bid``. ``attn_q/k/v`` and ``ffn_gate/up``
+# are always roles; where the arch fuses them they name row ranges of ``attn_qkv`` / ``ffn_up``.
+GLOBAL_ROLES = ("token_embd", "output_norm", "output", "rope_freqs")
+LINEAR_ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+NORM_ROLES = ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "attn_post_norm", "ffn_post_norm")
+
+_TEMPLATES = {
     "token_embd": "token_embd.weight",
     "output_norm": "output_norm.weight",
     "output": "output.weight",
     "rope_freqs": "rope_freqs.weight",
-    **{role: f"blk.{{bid}}.{role}.weight" for role in BLOCK_ROLES},
+    "attn_norm": "blk.{bid}.attn_norm.weight",
+    "attn_q": "blk.{bid}.attn_q.weight",
+    "attn_k": "blk.{bid}.attn_k.weight",
+    "attn_v": "blk.{bid}.attn_v.weight",
+    "attn_qkv": "blk.{bid}.attn_qkv.weight",
+    "attn_output": "blk.{bid}.attn_output.weight",
+    "attn_q_norm": "blk.{bid}.attn_q_norm.weight",
+    "attn_k_norm": "blk.{bid}.attn_k_norm.weight",
+    "attn_post_norm": "blk.{bid}.post_attention_norm.weight",
+    "ffn_norm": "blk.{bid}.ffn_norm.weight",
+    "ffn_gate": "blk.{bid}.ffn_gate.weight",
+    "ffn_up": "blk.{bid}.ffn_up.weight",
+    "ffn_down": "blk.{bid}.ffn_down.weight",
+    "ffn_post_norm": "blk.{bid}.post_ffw_norm.weight",
 }
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """How one GGUF architecture lays out a Llama-like decoder.
-
-    ``tensors`` maps a role to its name template; ``bias_roles`` are linear roles whose
-    ``.bias`` tensor is used when present; ``optional`` roles may be absent (``output``
-    falls back to ``token_embd`` when ``tied_output_fallback``; ``rope_freqs`` is Llama 3's
-    per-frequency divisor).
-    """
+    """The choices of one GGUF architecture (see the module docstring)."""
 
     name: str
     rope: RopeStyle
-    tensors: dict[str, str]
-    bias_roles: frozenset[str] = field(default_factory=frozenset)
-    optional: frozenset[str] = frozenset({"output", "rope_freqs"})
+    activation: Activation = Activation.SILU
+    bias_roles: frozenset[str] = frozenset()
+    post_norms: bool = False
+    qk_norm: bool = False
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    embd_scale: bool = False
+    sliding_window: bool = False
+    swa_pattern: int = 0          # default sliding_window_pattern (llama.cpp's load_swa_pattern)
+    final_softcap: bool = False
+    # n_layer values whose attention scale is 1/sqrt(n_embd / n_head) instead of 1/sqrt(head_dim)
+    # (llama.cpp's Gemma 3 27B rule, from gemma_pytorch's query_pre_attn_scalar)
+    attn_scale_by_embd: frozenset[int] = frozenset()
+    tensors: dict[str, str] = field(default_factory=lambda: dict(_TEMPLATES))
     tied_output_fallback: bool = True
+    # tensors llama.cpp reads for this arch that this engine does not implement: present -> refused
+    unsupported_tensors: tuple[tuple[str, str], ...] = ()
 
     def tensor_name(self, role: str, bid: int | None = None) -> str:
         """The GGUF tensor name of ``role`` (in block ``bid`` for block roles)."""
@@ -62,11 +116,43 @@ class ArchSpec:
             return None
         return self.tensor_name(role, bid).removesuffix(".weight") + ".bias"
 
+    def block_norm_roles(self) -> tuple[str, ...]:
+        """The norm roles every block of this arch has."""
+        roles = ["attn_norm", "ffn_norm"]
+        if self.qk_norm:
+            roles += ["attn_q_norm", "attn_k_norm"]
+        if self.post_norms:
+            roles += ["attn_post_norm", "ffn_post_norm"]
+        return tuple(roles)
+
+    @property
+    def llama_like(self) -> bool:
+        """True when the block is Llama's: pre-norm only, SwiGLU, no q/k norm, no embedding
+        scale, no sliding window, no soft-cap (what the fused C++ / CUDA block steps run)."""
+        return (self.activation is Activation.SILU and not self.post_norms and not self.qk_norm
+                and not self.embd_scale and not self.sliding_window and not self.final_softcap)
+
+
+_PHI3_LONGROPE = (("rope_factors_long.weight", "Phi-3 longrope factors (rope_factors_long/short)"),
+                  ("rope_factors_short.weight", "Phi-3 longrope factors (rope_factors_long/short)"))
 
 ARCHS: dict[str, ArchSpec] = {
-    # TinyLlama, SmolLM2, Llama 2, Llama 3.x and Mistral 7B all ship as "llama".
-    # llama.cpp loads optional biases for every linear layer of this architecture.
-    "llama": ArchSpec("llama", RopeStyle.NORM, _LLAMA_TENSORS, bias_roles=frozenset(LINEAR_ROLES)),
+    # TinyLlama, SmolLM2, Llama 2, Llama 3.x and Mistral 7B all ship as "llama" (llama.cpp
+    # ignores a sliding window for it). llama.cpp loads optional biases for every linear.
+    "llama": ArchSpec("llama", RopeStyle.NORM, bias_roles=frozenset(LINEAR_ROLES)),
+    # Qwen2 / Qwen2.5: NEOX rope, biases on q, k, v (llama.cpp: create_tensor_qkv with biases)
+    "qwen2": ArchSpec("qwen2", RopeStyle.NEOX, bias_roles=frozenset({"attn_q", "attn_k", "attn_v"})),
+    # Qwen3: NEOX rope, RMSNorm over each q and k head before RoPE, no biases
+    "qwen3": ArchSpec("qwen3", RopeStyle.NEOX, qk_norm=True),
+    # Phi-3: NEOX rope, fused QKV, fused gate+up (LLM_FFN_SWIGLU on ffn_up's 2 n_ff rows);
+    # llama.cpp disables Phi-3's sliding window (the key is read and ignored)
+    "phi3": ArchSpec("phi3", RopeStyle.NEOX, fused_qkv=True, fused_gate_up=True,
+                     bias_roles=frozenset({"attn_qkv", "attn_output"}), unsupported_tensors=_PHI3_LONGROPE),
+    # Gemma 3: NEOX rope, GeGLU, pre+post norms, q/k norms, sqrt(n_embd) embedding scale,
+    # local (sliding window, freq_base_swa) and global layers, every 6th global by default
+    "gemma3": ArchSpec("gemma3", RopeStyle.NEOX, activation=Activation.GELU_TANH, post_norms=True, qk_norm=True,
+                       embd_scale=True, sliding_window=True, swa_pattern=6, final_softcap=True,
+                       attn_scale_by_embd=frozenset({62})),
 }
 
 
@@ -78,3 +164,147 @@ def arch_spec(name: str | None) -> ArchSpec:
         return ARCHS[name]
     except KeyError:
         raise GGUFError(f"unsupported architecture {name!r} (supported: {', '.join(sorted(ARCHS))})") from None
+
+
+# --- the weight resolver ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one role's weight lives: tensor ``name`` (rows ``rows`` of it when the role is
+    part of a fused tensor), the role's ggml shape (ne0 first), and its bias, if any (the
+    same row range of ``bias``)."""
+
+    role: str
+    name: str
+    shape: tuple[int, ...]
+    rows: tuple[int, int] | None = None
+    bias: str | None = None
+
+
+def role_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The ggml shape (ne0 first) of every role's weight; a linear's bias is ``(ne1,)``."""
+    E, q_out, kv_out = cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+    return {
+        "token_embd": (E, cfg.n_vocab), "output": (E, cfg.n_vocab), "output_norm": (E,),
+        "rope_freqs": (cfg.n_rot // 2,), "attn_norm": (E,), "ffn_norm": (E,),
+        "attn_q_norm": (cfg.head_dim,), "attn_k_norm": (cfg.head_dim,),
+        "attn_post_norm": (E,), "ffn_post_norm": (E,),
+        "attn_q": (E, q_out), "attn_k": (E, kv_out), "attn_v": (E, kv_out), "attn_output": (q_out, E),
+        "ffn_gate": (E, cfg.n_ff), "ffn_up": (E, cfg.n_ff), "ffn_down": (cfg.n_ff, E),
+    }
+
+
+class WeightTable:
+    """Every tensor role of one file, resolved and checked once against the config.
+
+    ``slot(role, bid)`` says where a role lives; ``raw`` gives its bytes (a row range of a
+    fused tensor is a zero-copy slice: ggml rows are whole blocks), ``dense`` its exact
+    float32 values. Missing tensors, wrong shapes and tensors this engine would not use
+    are GGUFErrors naming the tensor.
+    """
+
+    def __init__(self, f: GGUFFile, cfg: ModelConfig):
+        self.f, self.cfg = f, cfg
+        self.spec = spec = arch_spec(cfg.arch)
+        for name, what in spec.unsupported_tensors:
+            if name in f.tensors:
+                raise GGUFError(f"{what} are not supported (tensor {name!r})")
+        shapes = role_shapes(cfg)
+        self.slots: dict[tuple[str, int | None], Slot] = {}
+        self.used: set[str] = set()
+
+        def take(role: str, bid: int | None, name: str, shape: tuple[int, ...],
+                 rows: tuple[int, int] | None = None, bias_role: str | None = None) -> None:
+            info = f.tensors.get(name)
+            if info is None:
+                raise GGUFError(f"missing tensor {name!r}")
+            whole = shape if rows is None else (shape[0], self._fused_rows(role))
+            if tuple(info.shape) != whole:
+                raise GGUFError(f"tensor {name!r} has shape {list(info.shape)}, expected {list(whole)}")
+            bias = spec.bias_name(bias_role or role, bid) if bid is not None else None
+            if bias is not None and bias in f.tensors:
+                if tuple(f.tensors[bias].shape) != (whole[1],):
+                    raise GGUFError(f"tensor {bias!r} has shape {list(f.tensors[bias].shape)}, expected [{whole[1]}]")
+                self.used.add(bias)
+            else:
+                bias = None
+            self.used.add(name)
+            self.slots[(role, bid)] = Slot(role, name, shape, rows, bias)
+
+        take("token_embd", None, spec.tensor_name("token_embd"), shapes["token_embd"])
+        take("output_norm", None, spec.tensor_name("output_norm"), shapes["output_norm"])
+        if not cfg.tied_output:
+            take("output", None, spec.tensor_name("output"), shapes["output"])
+        if cfg.has_rope_freqs:
+            take("rope_freqs", None, spec.tensor_name("rope_freqs"), shapes["rope_freqs"])
+        q, kv = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+        for bid in range(cfg.n_layer):
+            for role in spec.block_norm_roles():
+                take(role, bid, spec.tensor_name(role, bid), shapes[role])
+            if spec.fused_qkv:
+                qkv = spec.tensor_name("attn_qkv", bid)
+                for role, rows in (("attn_q", (0, q)), ("attn_k", (q, q + kv)), ("attn_v", (q + kv, q + 2 * kv))):
+                    take(role, bid, qkv, shapes[role], rows, bias_role="attn_qkv")
+            else:
+                for role in ("attn_q", "attn_k", "attn_v"):
+                    take(role, bid, spec.tensor_name(role, bid), shapes[role])
+            take("attn_output", bid, spec.tensor_name("attn_output", bid), shapes["attn_output"])
+            if spec.fused_gate_up:
+                up = spec.tensor_name("ffn_up", bid)
+                take("ffn_gate", bid, up, shapes["ffn_gate"], (0, cfg.n_ff))
+                take("ffn_up", bid, up, shapes["ffn_up"], (cfg.n_ff, 2 * cfg.n_ff))
+            else:
+                take("ffn_gate", bid, spec.tensor_name("ffn_gate", bid), shapes["ffn_gate"])
+                take("ffn_up", bid, spec.tensor_name("ffn_up", bid), shapes["ffn_up"])
+            take("ffn_down", bid, spec.tensor_name("ffn_down", bid), shapes["ffn_down"])
+
+    def _fused_rows(self, role: str) -> int:
+        c = self.cfg
+        if role in ("attn_q", "attn_k", "attn_v"):
+            return (c.n_head + 2 * c.n_head_kv) * c.head_dim
+        return 2 * c.n_ff  # ffn_gate / ffn_up in one ffn_up
+
+    def slot(self, role: str, bid: int | None = None) -> Slot:
+        try:
+            return self.slots[(role, bid)]
+        except KeyError:
+            raise GGUFError(f"{self.spec.name}: no tensor for role {role!r}"
+                            + (f" in block {bid}" if bid is not None else "")) from None
+
+    def has(self, role: str, bid: int | None = None) -> bool:
+        return (role, bid) in self.slots
+
+    def unused(self) -> list[str]:
+        """Tensors of the file that no role reads."""
+        return [n for n in self.f.tensors if n not in self.used]
+
+    def ggml_type(self, role: str, bid: int | None = None) -> GGMLType:
+        return self.f.tensors[self.slot(role, bid).name].ggml_type
+
+    def raw(self, role: str, bid: int | None = None) -> np.ndarray:
+        """The role's bytes: the whole tensor, or its rows of a fused tensor (zero-copy)."""
+        s = self.slot(role, bid)
+        data = self.f.tensor_data(s.name)
+        if s.rows is None:
+            return data
+        info = self.f.tensors[s.name]
+        row_bytes = info.nbytes // info.shape[1]
+        return data[s.rows[0] * row_bytes:s.rows[1] * row_bytes]
+
+    def dense(self, role: str, bid: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The role's weight as exact float32, rows first (shape reversed(slot.shape))."""
+        from gguflm.quant import dequantize
+
+        s = self.slot(role, bid)
+        return dequantize(self.raw(role, bid), self.ggml_type(role, bid), s.shape).to(device)
+
+    def bias(self, role: str, bid: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The role's float32 bias [n_out] (its row range of a fused bias), or None."""
+        from gguflm.quant import dequantize
+
+        s = self.slot(role, bid)
+        if s.bias is None:
+            return None
+        info = self.f.tensors[s.bias]
+        b = dequantize(self.f.tensor_data(s.bias), info.ggml_type, info.shape)
+        return (b if s.rows is None else b[s.rows[0]:s.rows[1]]).to(device)

@@ -1,5 +1,5 @@
-"""ModelConfig: the hyperparameters of a Llama-like decoder, read from GGUF metadata
-through one key table (the keys llama.cpp's ``llama_model::load_hparams`` reads).
+"""ModelConfig: the hyperparameters of a decoder, read from GGUF metadata through one key
+table (the keys llama.cpp's ``load_hparams`` and each arch's ``load_arch_hparams`` read).
 
 Every value is untrusted: integers must be in range, floats finite, and the combination
 consistent (heads divide, RoPE dims even, ...). A missing required key raises a
@@ -34,7 +34,9 @@ class Key:
     kind: type  # int, float or str
     required: bool = False
     default: Any = None
-    limit: int = 0  # for ints: inclusive upper bound (lower bound is 1)
+    limit: int = 0  # for ints: inclusive upper bound
+    lower: int = 1  # for ints: inclusive lower bound
+    when: str = ""  # read only for archs whose ArchSpec has this flag set (llama.cpp reads it there only)
 
 
 KEY_TABLE: tuple[Key, ...] = (
@@ -54,7 +56,12 @@ KEY_TABLE: tuple[Key, ...] = (
     Key("rope_scale_linear", "{arch}.rope.scale_linear", float, default=0.0),      # older name
     Key("rope_attn_factor", "{arch}.rope.scaling.attn_factor", float, default=1.0),
     Key("vocab_size", "{arch}.vocab_size", int, limit=MAX_VOCAB),
+    Key("n_swa", "{arch}.attention.sliding_window", int, default=0, limit=MAX_CTX, lower=0, when="sliding_window"),
+    Key("rope_freq_base_swa", "{arch}.rope.freq_base_swa", float, default=10000.0, when="sliding_window"),
+    Key("final_softcap", "{arch}.final_logit_softcapping", float, default=0.0, when="final_softcap"),
 )
+# Read apart from the table (an integer pattern or a per-layer array of booleans):
+SWA_PATTERN_KEY = "{arch}.attention.sliding_window_pattern"
 
 # RoPE scaling types this engine implements (llama.cpp: "none" and "linear" differ only in
 # whether the factor applies; "yarn" and "longrope" need more than a scale).
@@ -83,6 +90,25 @@ class ModelConfig:
     rope_attn_factor: float
     tied_output: bool
     has_rope_freqs: bool
+    attn_scale: float = 0.0                    # scores = q.k * attn_scale (0: 1/sqrt(head_dim))
+    n_swa: int = 0                             # sliding window (keys p1 - p0 < n_swa visible); 0 = none
+    swa_layers: tuple[bool, ...] = ()          # per layer: local (sliding window) or global
+    rope_freq_base_swa: float = 10000.0        # RoPE base of the local layers (their freq_scale is 1)
+    final_softcap: float = 0.0                 # logits = c * tanh(logits / c) when c > 0
+
+    @property
+    def spec(self) -> ArchSpec:
+        """The architecture's choices (norms, activation, fused tensors, ...)."""
+        return arch_spec(self.arch)
+
+    def is_swa(self, layer: int) -> bool:
+        """True when ``layer`` attends through the sliding window."""
+        return bool(self.swa_layers) and self.swa_layers[layer]
+
+    @property
+    def scale(self) -> float:
+        """The attention score scale."""
+        return self.attn_scale or self.head_dim ** -0.5
 
     @property
     def n_gqa(self) -> int:
@@ -95,7 +121,7 @@ class ModelConfig:
         spec = arch_spec(f.architecture)
         if not f.tensors:
             raise GGUFError(f"{f.path}: has no tensors (a vocabulary-only file?); it cannot run")
-        raw = read_keys(f.metadata, spec.name)
+        raw = read_keys(f.metadata, spec)
         return cls._build(spec, raw, f)
 
     @classmethod
@@ -131,6 +157,13 @@ class ModelConfig:
         tied = spec.tensor_name("output") not in f.tensors
         if tied and not spec.tied_output_fallback:
             raise GGUFError(f"missing tensor {spec.tensor_name('output')!r}")
+        n_layer = raw["n_layer"]
+        # Gemma 3: 1/sqrt(head_dim), except its 27B (llama.cpp: type == LLM_TYPE_27B)
+        attn_scale = (n_embd // n_head) ** -0.5 if n_layer in spec.attn_scale_by_embd else 0.0
+        n_swa = raw["n_swa"] or 0
+        swa_layers = _swa_layers(f.metadata, spec, n_layer) if n_swa else ()
+        if raw["rope_freq_base_swa"] <= 0:
+            raise GGUFError(f"rope.freq_base_swa {raw['rope_freq_base_swa']} must be positive")
         return cls(
             arch=spec.name, rope_style=spec.rope,
             n_layer=raw["n_layer"], n_embd=n_embd, n_ff=raw["n_ff"], n_head=n_head, n_head_kv=n_head_kv,
@@ -138,14 +171,38 @@ class ModelConfig:
             rms_eps=raw["rms_eps"], rope_freq_base=raw["rope_freq_base"], rope_freq_scale=freq_scale,
             rope_attn_factor=raw["rope_attn_factor"], tied_output=tied,
             has_rope_freqs=spec.tensor_name("rope_freqs") in f.tensors,
+            attn_scale=attn_scale, n_swa=n_swa if any(swa_layers) else 0, swa_layers=swa_layers,
+            rope_freq_base_swa=raw["rope_freq_base_swa"], final_softcap=raw["final_softcap"] or 0.0,
         )
 
 
-def read_keys(metadata: Mapping[str, Any], arch: str) -> dict[str, Any]:
-    """Every KEY_TABLE field from ``metadata``: checked values, defaults, or GGUFError."""
+def _swa_layers(metadata: Mapping[str, Any], spec: ArchSpec, n_layer: int) -> tuple[bool, ...]:
+    """Which layers are local: the file's per-layer array, or llama.cpp's ``set_swa_pattern``
+    of its integer pattern (default ``spec.swa_pattern``): with pattern n, layer il is local
+    unless il % n == n - 1 (n = 0: every layer local)."""
+    key = SWA_PATTERN_KEY.format(arch=spec.name)
+    value = metadata.get(key, spec.swa_pattern)
+    if isinstance(value, list):
+        if len(value) != n_layer or not all(isinstance(v, bool) for v in value):
+            raise GGUFError(f"{key!r}: expected {n_layer} booleans (one per layer)")
+        return tuple(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LAYERS:
+        raise GGUFError(f"{key!r} = {value!r}: expected an integer in [0, {MAX_LAYERS}]")
+    return tuple(value == 0 or il % value < value - 1 for il in range(n_layer))
+
+
+def read_keys(metadata: Mapping[str, Any], spec: ArchSpec | str) -> dict[str, Any]:
+    """Every KEY_TABLE field from ``metadata``: checked values, defaults, or GGUFError.
+    Keys the architecture does not read take their defaults."""
+    if isinstance(spec, str):
+        spec = arch_spec(spec)
+    arch = spec.name
     out: dict[str, Any] = {}
     for k in KEY_TABLE:
         key = k.template.format(arch=arch)
+        if k.when and not getattr(spec, k.when):
+            out[k.field] = k.default
+            continue
         if key not in metadata:
             if k.required:
                 raise GGUFError(f"missing metadata key {key!r}")
@@ -162,8 +219,8 @@ def _check(key: str, value: Any, k: Key) -> Any:
             if not value or any(v != value[0] for v in value):
                 raise GGUFError(f"{key!r}: per-layer values {value[:8]}... are not supported")
             value = value[0]
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= k.limit:
-            raise GGUFError(f"{key!r} = {value!r}: expected an integer in [1, {k.limit}]")
+        if isinstance(value, bool) or not isinstance(value, int) or not k.lower <= value <= k.limit:
+            raise GGUFError(f"{key!r} = {value!r}: expected an integer in [{k.lower}, {k.limit}]")
         return value
     if k.kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

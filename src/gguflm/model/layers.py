@@ -1,4 +1,12 @@
-"""The pieces of a Llama-like decoder block, as llama.cpp's ``llama`` graph computes them.
+"""The decoder, written once: a block composed from the choices of the architecture's
+:class:`~gguflm.model.arch.ArchSpec` (see arch.py), as llama.cpp's ``llm_build_*`` graphs
+compute them::
+
+    h   = x + post_attn_norm(attn(attn_norm(x)))        post norms: Gemma only
+    out = h + post_ffn_norm(ffn(ffn_norm(h)))
+    attn: q, k, v = Wq n, Wk n, Wv n (+ biases); q, k = rope(qk_norm(q)), rope(qk_norm(k));
+          softmax(q k^T * scale + causal/sliding-window mask) v; Wo
+    ffn:  Wd (act(Wg n) * Wu n), act = SiLU or GELU-tanh
 
 Shapes: B batch rows, T new tokens per row, S cached positions a row attends to,
 E = n_embd, H query heads, Hkv key/value heads, D head size.
@@ -12,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gguflm.engine.kv_cache import KVCache
-from gguflm.model.arch import RopeStyle
+from gguflm.model.arch import Activation, RopeStyle
 from gguflm.model.config import ModelConfig
 
 
@@ -48,10 +56,12 @@ def rope_angles(n_ctx: int, n_rot: int, freq_base: float, freq_scale: float,
 
 
 class Rope(nn.Module):
-    """Rotary position embedding from a precomputed cos/sin table.
+    """Rotary position embedding from precomputed cos/sin tables.
 
     NORM rotates adjacent pairs ``(x[2i], x[2i+1])`` by ``theta[p, i]``; NEOX rotates
-    ``(x[i], x[i + D/2])``. ``mscale`` scales cos and sin (llama.cpp's attn_factor).
+    ``(x[i], x[i + D/2])``. ``mscale`` scales cos and sin (llama.cpp's attn_factor). Models
+    with local (sliding-window) layers have a second table for those (``cos_swa``/``sin_swa``:
+    ``rope.freq_base_swa``, unscaled), chosen with ``local=True``.
     """
 
     def __init__(self, cfg: ModelConfig, n_ctx: int, freq_factors: torch.Tensor | None,
@@ -61,12 +71,16 @@ class Rope(nn.Module):
         mscale = np.float32(cfg.rope_attn_factor)
         self.register_buffer("cos", (torch.cos(theta) * mscale).to(device), persistent=False)  # [n_ctx, D/2]
         self.register_buffer("sin", (torch.sin(theta) * mscale).to(device), persistent=False)
+        if any(cfg.swa_layers):  # llama.cpp: rope_freq_base_train_swa, rope_freq_scale_train_swa = 1
+            theta = rope_angles(n_ctx, cfg.n_rot, cfg.rope_freq_base_swa, 1.0, freq_factors)
+            self.register_buffer("cos_swa", (torch.cos(theta) * mscale).to(device), persistent=False)
+            self.register_buffer("sin_swa", (torch.sin(theta) * mscale).to(device), persistent=False)
         self.style = cfg.rope_style
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, local: bool = False) -> torch.Tensor:
         # x: [B, nh, T, D], positions: [B, T] (>= 0) -> [B, nh, T, D]
-        cos = self.cos[positions][:, None]  # [B, 1, T, D/2]
-        sin = self.sin[positions][:, None]
+        cos = (self.cos_swa if local else self.cos)[positions][:, None]  # [B, 1, T, D/2]
+        sin = (self.sin_swa if local else self.sin)[positions][:, None]
         if self.style is RopeStyle.NORM:
             x0, x1 = x[..., 0::2], x[..., 1::2]
             return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
@@ -77,59 +91,81 @@ class Rope(nn.Module):
 
 class Attention(nn.Module):
     """Causal grouped-query self-attention over the KV cache; query head h reads KV head
-    ``h // (H / Hkv)``; scores scaled by 1/sqrt(D)."""
+    ``h // (H / Hkv)``; scores scaled by ``cfg.scale`` (1/sqrt(D) unless the arch says
+    otherwise). ``q_norm``/``k_norm``: RMSNorm over each head before RoPE (Qwen3, Gemma 3);
+    ``local``: this layer uses the sliding window and its own RoPE table."""
 
-    def __init__(self, cfg: ModelConfig, wq: nn.Module, wk: nn.Module, wv: nn.Module, wo: nn.Module):
+    def __init__(self, cfg: ModelConfig, wq: nn.Module, wk: nn.Module, wv: nn.Module, wo: nn.Module,
+                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, local: bool = False):
         super().__init__()
         self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+        self.q_norm, self.k_norm = q_norm, k_norm
         self.n_head, self.n_head_kv, self.head_dim = cfg.n_head, cfg.n_head_kv, cfg.head_dim
+        self.scale, self.local = cfg.scale, local
 
     def forward(self, x: torch.Tensor, rope: Rope, positions: torch.Tensor, blocked: torch.Tensor,
                 cache: KVCache, layer: int, slots: torch.Tensor) -> torch.Tensor:
         # x: [B, T, E]; positions: [B, T] (< 0 = padding);
         # blocked: Bool[B, 1, 1, T, S], True where a query may not see a key -> [B, T, E]
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # [B, H, T, D]
-        k = self.wk(x).view(B, T, self.n_head_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim)                      # [B, T, H, D]
+        k = self.wk(x).view(B, T, self.n_head_kv, self.head_dim)                   # [B, T, Hkv, D]
         v = self.wv(x).view(B, T, self.n_head_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                                # [B, nh, T, D]
         rope_pos = positions.clamp(min=0)
-        q, k = rope(q, rope_pos), rope(k, rope_pos)
+        q, k = rope(q, rope_pos, self.local), rope(k, rope_pos, self.local)
         keys, values = cache.update(layer, slots, positions, k, v)                 # [B, Hkv, S, D]
         g = self.n_head // self.n_head_kv
         q = q.reshape(B, self.n_head_kv, g * T, self.head_dim)                     # heads of a KV group
-        scores = (q @ keys.transpose(-1, -2)) * self.head_dim ** -0.5              # [B, Hkv, g*T, S]
+        scores = (q @ keys.transpose(-1, -2)) * self.scale                         # [B, Hkv, g*T, S]
         scores = scores.view(B, self.n_head_kv, g, T, -1).masked_fill(blocked, float("-inf"))
         probs = torch.softmax(scores, dim=-1).view(B, self.n_head_kv, g * T, -1)
         out = (probs @ values).view(B, self.n_head, T, self.head_dim)             # [B, H, T, D]
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
-class FeedForward(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+_ACTIVATIONS = {
+    Activation.SILU: F.silu,
+    Activation.GELU_TANH: lambda g: F.gelu(g, approximate="tanh"),
+}
 
-    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module):
+
+class FeedForward(nn.Module):
+    """Gated FFN: ``down(act(gate(x)) * up(x))``, act SiLU (SwiGLU) or GELU-tanh (GeGLU)."""
+
+    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module, activation: Activation = Activation.SILU):
         super().__init__()
         self.gate, self.up, self.down = gate, up, down
+        self.activation = activation
+        self._act = _ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., E] -> [..., E]
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(self._act(self.gate(x)) * self.up(x))
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block: ``h = x + attn(norm(x))``; ``out = h + ffn(norm(h))``."""
+    """Decoder block: ``h = x + post1(attn(norm1(x)))``; ``out = h + post2(ffn(norm2(h)))``,
+    the post norms present only where the arch has them (Gemma)."""
 
-    def __init__(self, attn_norm: RMSNorm, attn: Attention, ffn_norm: RMSNorm, ffn: FeedForward):
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, ffn_norm: RMSNorm, ffn: FeedForward,
+                 attn_post_norm: RMSNorm | None = None, ffn_post_norm: RMSNorm | None = None):
         super().__init__()
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
+        self.attn_post_norm, self.ffn_post_norm = attn_post_norm, ffn_post_norm
 
     def forward(self, x: torch.Tensor, rope: Rope, positions: torch.Tensor, blocked: torch.Tensor,
                 cache: KVCache, layer: int, slots: torch.Tensor) -> torch.Tensor:  # [B, T, E]
-        h = x + self.attn(self.attn_norm(x), rope, positions, blocked, cache, layer, slots)
-        return h + self.ffn(self.ffn_norm(h))
+        a = self.attn(self.attn_norm(x), rope, positions, blocked, cache, layer, slots)
+        h = x + (a if self.attn_post_norm is None else self.attn_post_norm(a))
+        f = self.ffn(self.ffn_norm(h))
+        return h + (f if self.ffn_post_norm is None else self.ffn_post_norm(f))
 
 
 class Transformer(nn.Module):
-    """Token embedding, blocks, final norm, output projection."""
+    """Token embedding (times ``embd_scale``), blocks, final norm, output projection,
+    optional final soft-cap."""
 
     def __init__(self, cfg: ModelConfig, embedding: torch.Tensor, blocks: list[Block],
                  output_norm: RMSNorm, output: nn.Module, rope: Rope):
@@ -138,6 +174,8 @@ class Transformer(nn.Module):
         self.embedding = embedding  # [n_vocab, E], possibly a view of the tied output weight
         self.blocks = nn.ModuleList(blocks)
         self.output_norm, self.output, self.rope = output_norm, output, rope
+        # Gemma: ggml_scale(inpL, sqrtf(n_embd)) in float32
+        self.embd_scale = float(np.sqrt(np.float32(cfg.n_embd))) if cfg.spec.embd_scale else None
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -147,13 +185,24 @@ class Transformer(nn.Module):
         Returns float32 [B, T, n_vocab], or [B, n_vocab] for each row's last real token.
         """
         x = self.embedding[tokens.clamp(min=0)]                       # [B, T, E]
+        if self.embd_scale is not None:
+            x = x * self.embd_scale
         q_pos = positions.clamp(min=0)                                # padding attends to 0 only
         n_seen = int(positions.max()) + 1
         key_pos = torch.arange(n_seen, device=positions.device)
-        blocked = (key_pos[None, None, :] > q_pos[:, :, None])[:, None, None]  # [B, 1, 1, T, S]
+        after = key_pos[None, None, :] > q_pos[:, :, None]            # [B, T, S]
+        blocked = after[:, None, None]                                # [B, 1, 1, T, S]
+        blocked_swa = None
+        if self.cfg.n_swa:  # llama.cpp's is_masked_swa (standard): p1 - p0 >= n_swa is masked
+            blocked_swa = (after | (q_pos[:, :, None] - key_pos[None, None, :] >= self.cfg.n_swa))[:, None, None]
         for layer, block in enumerate(self.blocks):
-            x = block(x, self.rope, positions, blocked, cache, layer, slots)
+            mask = blocked_swa if blocked_swa is not None and self.cfg.is_swa(layer) else blocked
+            x = block(x, self.rope, positions, mask, cache, layer, slots)
         if last_only:
             last = (positions >= 0).sum(1) - 1                        # [B]
             x = x[torch.arange(x.shape[0], device=x.device), last]    # [B, E]
-        return self.output(self.output_norm(x))
+        logits = self.output(self.output_norm(x))
+        if self.cfg.final_softcap:
+            c = self.cfg.final_softcap
+            logits = torch.tanh(logits / c) * c
+        return logits

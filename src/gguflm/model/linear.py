@@ -1,8 +1,9 @@
 """Linear layers whose weights come from GGUF tensors.
 
-``linear_from_gguf`` is the one place that decides how a GGUF weight becomes a matmul.
-On the CPU a weight whose type has a fused kernel stays in its GGUF encoding
-(:class:`gguflm.quant.cpu.QuantLinear`; ``embedding_from_gguf`` and ``fused_block`` follow
+``linear_from_table`` is the one place that decides how a GGUF weight (resolved by the
+:class:`gguflm.model.arch.WeightTable`) becomes a matmul. On the CPU a weight whose type
+has a fused kernel stays in its GGUF encoding
+(:class:`gguflm.quant.cpu.QuantLinear`; ``embedding_from_table`` and ``fused_block`` follow
 the same choice); anything else is dequantized once, exactly (``gguflm.dequantize``), to
 float32 (:class:`DequantLinear`). ``GGUFLM_CPU_KERNELS=0`` forces that float path.
 """
@@ -13,16 +14,6 @@ import os
 
 import torch
 from torch import nn
-
-from gguflm.gguf.reader import GGUFFile
-
-
-def dequantize_tensor(f: GGUFFile, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Tensor ``name`` of ``f`` as float32, shape ``reversed(info.shape)`` (rows first)."""
-    from gguflm.quant import dequantize
-
-    info = f.tensors[name]
-    return dequantize(f.tensor_data(name), info.ggml_type, info.shape).to(device)
 
 
 class DequantLinear(nn.Module):
@@ -43,41 +34,39 @@ class DequantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def cpu_kernel_weight(f: GGUFFile, name: str, device: torch.device | str):
-    """Tensor ``name`` kept quantized for the fused CPU kernels (a ``QuantWeight`` over the
-    file mapping), or None where they do not apply: another device, a type without a kernel,
-    kernels that cannot be built here, or ``GGUFLM_CPU_KERNELS=0``."""
+def _quantized(raw, ggml_type, shape, device: torch.device | str):
+    """A ``QuantWeight`` over ``raw`` for the fused CPU kernels, or None where they do not apply."""
     if torch.device(device).type != "cpu" or os.environ.get("GGUFLM_CPU_KERNELS", "1") == "0":
         return None
     from gguflm.quant import cpu
 
-    info = f.tensors[name]
-    if len(info.shape) != 2 or not cpu.supports(info.ggml_type):
+    if len(shape) != 2 or not cpu.supports(ggml_type):
         return None
-    return cpu.QuantWeight(f.tensor_data(name), info.ggml_type, info.shape)
+    return cpu.QuantWeight(raw, ggml_type, shape)
 
 
-def linear_from_gguf(f: GGUFFile, name: str, bias_name: str | None = None,
-                     device: torch.device | str = "cpu") -> nn.Module:
-    """The linear layer for weight tensor ``name`` (and optional bias tensor)."""
-    bias = dequantize_tensor(f, bias_name, device) if bias_name else None
-    quantized = cpu_kernel_weight(f, name, device)
+def linear_from_table(w, role: str, bid: int | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """The linear layer of ``role`` (in block ``bid``) resolved by a
+    :class:`gguflm.model.arch.WeightTable` ``w`` (a row range of a fused tensor included)."""
+    bias = w.bias(role, bid, device)
+    slot = w.slot(role, bid)
+    quantized = _quantized(w.raw(role, bid), w.ggml_type(role, bid), slot.shape, device)
     if quantized is not None:
         from gguflm.quant.cpu import QuantLinear
 
         return QuantLinear(quantized, bias)
-    return DequantLinear(dequantize_tensor(f, name, device), bias)
+    return DequantLinear(w.dense(role, bid, device), bias)
 
 
-def embedding_from_gguf(f: GGUFFile, name: str, device: torch.device | str = "cpu"):
-    """The [n_vocab, E] token-embedding table of tensor ``name``, indexed by token ids: the
-    quantized table (rows dequantized on lookup) where the CPU kernels apply, else float32."""
-    quantized = cpu_kernel_weight(f, name, device)
+def embedding_from_table(w, role: str, device: torch.device | str = "cpu"):
+    """The [n_vocab, E] table of ``role`` indexed by token ids: the quantized table
+    (rows dequantized on lookup) where the CPU kernels apply, else float32."""
+    quantized = _quantized(w.raw(role), w.ggml_type(role), w.slot(role).shape, device)
     if quantized is not None:
         from gguflm.quant.cpu import QuantEmbedding
 
         return QuantEmbedding(quantized)
-    return dequantize_tensor(f, name, device)
+    return w.dense(role, None, device)
 
 
 def tied_embedding(output: nn.Module):

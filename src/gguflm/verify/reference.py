@@ -1,24 +1,36 @@
-"""A float64 recomputation of a Llama-family forward pass, the yardstick for the engine.
+"""A float64 recomputation of the forward pass of every supported architecture, the
+yardstick for the engine.
 
 Deliberately separate from gguflm.model: plain code, one loop over layers and one over
 heads, every step in float64 from the exactly dequantized weights, RoPE angles from the
-closed form ``p * base^(-2i/d)``. It is shown to agree with llama.cpp on an F16 file
-(tests/model), and the engine is then measured against it.
+closed form ``p * base^(-2i/d)``. The architectures' differences are written here again,
+from llama.cpp's graphs (``src/models/*.cpp``), not taken from gguflm.model's ArchSpec: a
+wrong flag there then shows up as a disagreement. It is shown to agree with llama.cpp on
+F16/F32 files of each architecture (tests/model), and the engine is then measured
+against it.
 
 What it computes, for tokens ``t_0 .. t_{T-1}`` at positions ``0 .. T-1``::
 
-    x = E[t]                                           # E: token_embd, a row per token
+    x = E[t]   (* sqrt(n_embd) for Gemma)                  # E: token_embd, a row per token
     per layer:  h = rms(x) * w_attn_norm
                 q, k, v = h Wq^T (+bq), h Wk^T (+bk), h Wv^T (+bv)   split into heads
-                q, k rotated: pairs (2i, 2i+1) of position p by angle
-                    theta = freq_scale * p * base^(-2i/d) / rope_freqs[i]
+                    (Phi-3: rows of one attn_qkv)
+                q, k = rms(q) * w_q_norm, rms(k) * w_k_norm per head   (Qwen3, Gemma 3)
+                q, k rotated: pairs (2i, 2i+1) (llama) or (i, i + d/2) (the others) of
+                    position p by theta = freq_scale * p * base^(-2i/d) / rope_freqs[i]
+                    (Gemma 3's local layers: base = rope.freq_base_swa, freq_scale 1)
                 head j attends causally with KV head j // (n_head / n_head_kv),
-                    softmax(q k^T / sqrt(d)) v
-                x = x + concat(heads) Wo^T (+bo)
+                    softmax(q k^T * scale) v; scale = 1/sqrt(d) (Gemma 3 27B: 1/sqrt(n_embd/n_head));
+                    local layers only see keys with p_q - p_k < sliding_window
+                o = concat(heads) Wo^T (+bo);  x = x + o   (Gemma: x + rms(o) * w_post_attn)
                 h = rms(x) * w_ffn_norm
-                x = x + (silu(h Wg^T) * (h Wu^T)) Wd^T
+                f = (act(h Wg^T) * (h Wu^T)) Wd^T, act = silu, Gemma: gelu_tanh
+                    (Phi-3: gate and up are the two halves of ffn_up's rows)
+                x = x + f   (Gemma: x + rms(f) * w_post_ffw)
     logits = (rms(x) * w_output_norm) W_out^T          # W_out = token_embd when output is absent
+             (c * tanh(logits / c) when final_logit_softcapping = c is set)
     rms(x) = x / sqrt(mean(x^2) + eps)
+    silu(g) = g / (1 + e^-g); gelu_tanh(g) = g/2 (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
 """
 
 from __future__ import annotations
@@ -57,20 +69,36 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * w
 
 
+# What each architecture's llama.cpp graph does beyond Llama's (see the module docstring).
+_ARCHS: dict[str, dict[str, object]] = {
+    "llama": {"neox": False},
+    "qwen2": {"neox": True},
+    "qwen3": {"neox": True, "qk_norm": True},
+    "phi3": {"neox": True, "fused": True},
+    "gemma3": {"neox": True, "qk_norm": True, "gemma": True},
+}
+
+
+def _gelu_tanh(g: torch.Tensor) -> torch.Tensor:
+    return 0.5 * g * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g ** 3)))
+
+
 def reference_logits(model: str | os.PathLike | GGUFFile, ids: Sequence[int],
                      weights: WeightFn | None = None) -> np.ndarray:
-    """Float64 logits [len(ids), n_vocab] of the Llama-architecture model in ``model``.
+    """Float64 logits [len(ids), n_vocab] of the model in ``model``.
     ``weights`` supplies dequantized tensors by name (e.g. libggml's, or a cache shared by
     several calls); by default each is dequantized here with gguflm.dequantize."""
     f = model if isinstance(model, GGUFFile) else GGUFFile(model)
     arch = f.metadata.get("general.architecture")
-    if arch != "llama":
-        raise GGUFError(f"the float64 reference covers the 'llama' architecture, not {arch!r}")
+    if arch not in _ARCHS:
+        raise GGUFError(f"the float64 reference covers {', '.join(sorted(_ARCHS))}, not {arch!r}")
+    facts = _ARCHS[arch]
+    gemma = bool(facts.get("gemma"))
 
     def md(key: str, default: object = None) -> object:
-        v = f.metadata.get(f"llama.{key}", default)
+        v = f.metadata.get(f"{arch}.{key}", default)
         if v is None:
-            raise GGUFError(f"missing metadata key 'llama.{key}'")
+            raise GGUFError(f"missing metadata key '{arch}.{key}'")
         return v
 
     n_layer, n_head = int(md("block_count")), int(md("attention.head_count"))
@@ -82,47 +110,87 @@ def reference_logits(model: str | os.PathLike | GGUFFile, ids: Sequence[int],
     mscale = float(md("rope.scaling.attn_factor", 1.0))
     if scaling not in ("none", "linear"):
         raise GGUFError(f"the float64 reference does not implement RoPE scaling {scaling!r}")
+    n_swa, local, base_swa, softcap = 0, [False] * n_layer, 10000.0, 0.0
+    if gemma:  # llama_model_gemma3::load_arch_hparams
+        n_swa = int(md("attention.sliding_window", 0))
+        if n_swa > 0:
+            pattern = md("attention.sliding_window_pattern", 6)
+            local = list(pattern) if isinstance(pattern, list) else \
+                [pattern == 0 or il % pattern < pattern - 1 for il in range(n_layer)]
+            base_swa = float(md("rope.freq_base_swa", 10000.0))
+        softcap = float(md("final_logit_softcapping", 0.0))
 
     with torch.inference_mode():
         tokens = torch.tensor(list(ids), dtype=torch.long)
         T = len(tokens)
         x = _weight(f, "token_embd.weight", weights)[tokens]                   # [T, E]
         n_embd = x.shape[1]
+        if gemma:
+            x = x * math.sqrt(n_embd)
         head_dim = int(md("attention.key_length", n_embd // n_head))
+        scale = 1.0 / math.sqrt(n_embd // n_head if gemma and n_layer == 62 else head_dim)
         half = head_dim // 2
-        inv_freq = torch.tensor([base ** (-2.0 * i / head_dim) for i in range(half)], dtype=torch.float64)
-        if "rope_freqs.weight" in f.tensors:
-            inv_freq = inv_freq / _weight(f, "rope_freqs.weight", weights)
-        theta = freq_scale * torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]  # [T, d/2]
-        cos, sin = torch.cos(theta) * mscale, torch.sin(theta) * mscale
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        pos = torch.arange(T, dtype=torch.float64)
+        causal = pos[None, :] <= pos[:, None]                                    # [T, T]
+        window = causal & (pos[:, None] - pos[None, :] < n_swa)
 
-        def rope(z: torch.Tensor) -> torch.Tensor:  # [T, heads, d], pairs (2i, 2i+1)
-            a, b = z[..., 0::2], z[..., 1::2]
+        def angles(b: float, fs: float) -> tuple[torch.Tensor, torch.Tensor]:
+            inv_freq = torch.tensor([b ** (-2.0 * i / head_dim) for i in range(half)], dtype=torch.float64)
+            if "rope_freqs.weight" in f.tensors:
+                inv_freq = inv_freq / _weight(f, "rope_freqs.weight", weights)
+            theta = fs * pos[:, None] * inv_freq[None, :]                        # [T, d/2]
+            return torch.cos(theta) * mscale, torch.sin(theta) * mscale
+
+        tables = {False: angles(base, freq_scale), True: angles(base_swa, 1.0) if n_swa else None}
+
+        def rope(z: torch.Tensor, is_local: bool) -> torch.Tensor:  # [T, heads, d]
+            cos, sin = tables[is_local]
+            first, second = (slice(0, half), slice(half, 2 * half)) if facts["neox"] else \
+                (slice(0, 2 * half, 2), slice(1, 2 * half, 2))
+            a, b = z[..., first], z[..., second]
             c, s = cos[:, None, :], sin[:, None, :]
-            out = torch.empty_like(z)
-            out[..., 0::2] = a * c - b * s
-            out[..., 1::2] = a * s + b * c
+            out = z.clone()
+            out[..., first] = a * c - b * s
+            out[..., second] = a * s + b * c
             return out
 
         for layer in range(n_layer):
             p = f"blk.{layer}."
             h = _rms(x, _weight(f, p + "attn_norm.weight", weights), eps)
-            q = rope(_linear(f, h, p + "attn_q", weights).view(T, n_head, head_dim))
-            k = rope(_linear(f, h, p + "attn_k", weights).view(T, n_head_kv, head_dim))
-            v = _linear(f, h, p + "attn_v", weights).view(T, n_head_kv, head_dim)
+            if facts.get("fused"):
+                qkv = _linear(f, h, p + "attn_qkv", weights)
+                nq, nkv = n_head * head_dim, n_head_kv * head_dim
+                q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
+            else:
+                q, k, v = (_linear(f, h, p + f"attn_{c}", weights) for c in "qkv")
+            q, k = q.reshape(T, n_head, head_dim), k.reshape(T, n_head_kv, head_dim)
+            v = v.reshape(T, n_head_kv, head_dim)
+            if facts.get("qk_norm"):
+                q = _rms(q, _weight(f, p + "attn_q_norm.weight", weights), eps)
+                k = _rms(k, _weight(f, p + "attn_k_norm.weight", weights), eps)
+            q, k = rope(q, local[layer]), rope(k, local[layer])
+            visible = window if local[layer] else causal
             heads = []
             for j in range(n_head):
                 kv = j // (n_head // n_head_kv)
-                scores = (q[:, j] @ k[:, kv].T) / math.sqrt(head_dim)          # [T, T]
-                scores = scores.masked_fill(~causal, float("-inf"))
+                scores = (q[:, j] @ k[:, kv].T) * scale                           # [T, T]
+                scores = scores.masked_fill(~visible, float("-inf"))
                 heads.append(torch.softmax(scores, dim=-1) @ v[:, kv])          # [T, d]
-            x = x + _linear(f, torch.cat(heads, dim=1), p + "attn_output", weights)
+            o = _linear(f, torch.cat(heads, dim=1), p + "attn_output", weights)
+            x = x + (_rms(o, _weight(f, p + "post_attention_norm.weight", weights), eps) if gemma else o)
             h = _rms(x, _weight(f, p + "ffn_norm.weight", weights), eps)
-            g = _linear(f, h, p + "ffn_gate", weights)
-            x = x + _linear(f, g / (1.0 + torch.exp(-g)) * _linear(f, h, p + "ffn_up", weights), p + "ffn_down",
-                            weights)
+            if facts.get("fused"):
+                gu = _linear(f, h, p + "ffn_up", weights)
+                g, u = gu[:, :gu.shape[1] // 2], gu[:, gu.shape[1] // 2:]
+            else:
+                g, u = _linear(f, h, p + "ffn_gate", weights), _linear(f, h, p + "ffn_up", weights)
+            act = _gelu_tanh(g) if gemma else g / (1.0 + torch.exp(-g))
+            y = _linear(f, act * u, p + "ffn_down", weights)
+            x = x + (_rms(y, _weight(f, p + "post_ffw_norm.weight", weights), eps) if gemma else y)
 
         x = _rms(x, _weight(f, "output_norm.weight", weights), eps)
         out_name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
-        return (x @ _weight(f, out_name, weights).T).numpy()
+        logits = x @ _weight(f, out_name, weights).T
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits.numpy()

@@ -58,10 +58,19 @@ class FusedBlock(nn.Module):
 
     @staticmethod
     def eligible(block: nn.Module) -> bool:
-        """True when ``block`` has the Llama block's parts with quantized linears."""
+        """True when ``block`` is exactly what block_step computes: the Llama block's parts
+        with quantized linears (biases allowed), SiLU gating, no post norms, no q/k norms,
+        no sliding window, scores scaled by D^-1/2 (RoPE NORM or NEOX). Any other
+        architecture's choices (Gemma's GELU and extra norms, Qwen3's q/k norms, ...) keep
+        the torch block."""
         try:
-            return all(isinstance(getattr(getattr(block, part), name), QuantLinear) for part, name in _ROLES) \
-                and block.attn.n_head % block.attn.n_head_kv == 0
+            attn = block.attn
+            return (all(isinstance(getattr(getattr(block, part), name), QuantLinear) for part, name in _ROLES)
+                    and attn.n_head % attn.n_head_kv == 0
+                    and getattr(block.ffn, "activation", None) is not None and block.ffn.activation.value == "silu"
+                    and block.attn_post_norm is None and block.ffn_post_norm is None
+                    and attn.q_norm is None and attn.k_norm is None and not attn.local
+                    and attn.scale == attn.head_dim ** -0.5)
         except AttributeError:
             return False
 
