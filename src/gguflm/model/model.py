@@ -127,9 +127,15 @@ def load(path: str | os.PathLike | GGUFFile, device: str | torch.device = "cpu",
     tokenizer = Tokenizer.from_gguf(f)
     if tokenizer.n_vocab > config.n_vocab:
         raise GGUFError(f"the tokenizer has {tokenizer.n_vocab} tokens but the embedding only {config.n_vocab} rows")
-    if dev.type == "cuda":  # quantized weights on the GPU, Triton kernels, CUDA graphs
+    if dev.type == "cuda" and config.spec.llama_like:  # quantized weights on the GPU, Triton kernels, CUDA graphs
         from gguflm.model.cuda import load_cuda
 
         return load_cuda(f, config, tokenizer, n_ctx, dev)
+    if dev.type != "cpu":  # the fused CUDA path runs Llama's block only: the generic torch block runs
+        import logging
+
+        logging.getLogger("gguflm.model").info(
+            "%s on %s: the fused CUDA path covers Llama's block only; running the torch block with "
+            "weights dequantized to float32 on the device", config.arch, dev)
     transformer = build_transformer(f, config, n_ctx, dev)
     return Model(f, config, transformer, tokenizer, n_ctx, dev)

@@ -5,9 +5,10 @@ the engine runs unmodified (no second copy of the forward pass, no flag in its c
 every block it records the residual stream going in and coming out (the logit lens reads
 these); for the ``detail`` layers it also records each step's input and output:
 
-    attn_norm.out, wq/wk/wv.out, rope q/k in+out, wo.in (attention output) + out,
-    ffn_norm.in (residual after attention) + out, gate.out, up.out, down.in (SwiGLU) + out,
-    the block's output
+    attn_norm.out, wq/wk/wv.out, rope q/k in+out (the input is after the q/k norms where the
+    arch has them), wo.in (attention output) + out, attn_post_norm.out (Gemma),
+    ffn_norm.in (residual after attention) + out, gate.out, up.out, down.in (the gated
+    activation) + out, ffn_post_norm.out (Gemma), the block's output
 
 plus ``output_norm`` in/out and the logits. Tensors are float32 on the CPU, batch row 0,
 shapes ``[T, ...]``: residual/norm/linear tensors [T, width], rope tensors [heads, T, D].
@@ -43,6 +44,11 @@ _BLOCK_PROBES: tuple[tuple[str, str, str], ...] = (
     ("up", "ffn.up", "out"),
     ("swiglu", "ffn.down", "in"),
     ("down", "ffn.down", "out"),
+)
+# Probes of modules only some architectures have (Gemma's post norms), kept when present.
+_OPTIONAL_PROBES: tuple[tuple[str, str, str], ...] = (
+    ("attn_post", "attn_post_norm", "out"),
+    ("ffn_post", "ffn_post_norm", "out"),
 )
 
 
@@ -141,7 +147,8 @@ def trace_forward(model: Any, tokens: Sequence[int], detail: Collection[int]) ->
             if i in detail:
                 trace.layers[i] = {}
                 twin = plain_block(block)
-                for name, path, side in _BLOCK_PROBES:
+                probes = _BLOCK_PROBES + tuple(p for p in _OPTIONAL_PROBES if getattr(twin, p[1], None) is not None)
+                for name, path, side in probes:
                     handles.append(_submodule(twin, path).register_forward_hook(probe(i, name, side)))
                 if twin is not block:
                     trace.twin_layers.add(i)
@@ -153,7 +160,10 @@ def trace_forward(model: Any, tokens: Sequence[int], detail: Collection[int]) ->
         for h in handles:
             h.remove()
     for i, seen in trace.layers.items():
-        missing = ({name for name, _, _ in _BLOCK_PROBES} | {"out"}) - set(seen)
+        twin = plain_block(tr.blocks[i])
+        want = {name for name, _, _ in _BLOCK_PROBES} | {
+            name for name, path, _ in _OPTIONAL_PROBES if getattr(twin, path, None) is not None}
+        missing = (want | {"out"}) - set(seen)
         if missing:
             raise RuntimeError(f"layer {i} ran without its modules {sorted(missing)} (a fused path?); "
                                "nothing to compare")

@@ -1,20 +1,19 @@
 """The Quantization section: every tensor dequantized by gguflm and by libggml, compared
-bit for bit; and the weight layout a Llama-family decoder needs, checked on the file.
-
-The layout table below is written from llama.cpp's ``LLM_ARCH_LLAMA`` tensor list (ggml
-order, ne0 first), separately from the engine's loader, so a file the engine would wrongly
-accept shows up here.
+bit for bit; and the weight layout the architecture's decoder needs, checked on the file
+through the same weight resolver the engine loads with (``WeightTable``), plus the
+vocabulary, unexpected tensors and libggml's byte sizes.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from gguflm.errors import GGUFError
 from gguflm.gguf.reader import GGUFFile
 from gguflm.gguf.types import GGMLType
+from gguflm.model.arch import WeightTable
 from gguflm.model.config import ModelConfig
 from gguflm.verify import ggml_oracle
 
@@ -85,59 +84,36 @@ class LayoutCheck:
         return {"name": self.name, "passed": self.passed, "detail": self.detail}
 
 
-_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
-
-
 def check_layout(f: GGUFFile, cfg: ModelConfig, use_libggml: bool) -> list[LayoutCheck]:
-    """Shapes and sizes a Llama-family decoder must have (see the module docstring)."""
-    E, V, F = cfg.n_embd, cfg.n_vocab, cfg.n_ff
-    q, kv = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
-    # role -> ggml shape (ne0 first) of its weight; a bias is (ne1,)
-    block_shapes = {"attn_norm": (E,), "attn_q": (E, q), "attn_k": (E, kv), "attn_v": (E, kv),
-                    "attn_output": (q, E), "ffn_norm": (E,), "ffn_gate": (E, F), "ffn_up": (E, F),
-                    "ffn_down": (F, E)}
+    """Shapes and sizes the architecture's decoder needs, from the one weight resolver
+    (:class:`gguflm.model.arch.WeightTable`: every role's tensor, shape, rows of fused
+    tensors and bias), plus what the resolver leaves aside: the vocabulary, tensors no role
+    reads, byte sizes by libggml's type traits."""
+    E = cfg.n_embd
     checks: list[LayoutCheck] = []
     t = f.tensors
-
     n_tokens = len(f.metadata.get("tokenizer.ggml.tokens", []))
     embd = t.get("token_embd.weight")
     checks.append(LayoutCheck("embedding rows = vocabulary", embd is not None and embd.shape == (E, n_tokens),
                               f"token_embd {list(embd.shape) if embd else None}, {n_tokens} tokens, n_embd {E}"))
-    out = t.get("output.weight")
-    checks.append(LayoutCheck("output projection", out.shape == (E, V) if out else embd is not None,
-                              f"output.weight {list(out.shape)}" if out else "tied: reuses token_embd.weight"))
-    checks.append(LayoutCheck("output_norm", t.get("output_norm.weight") is not None
-                              and t["output_norm.weight"].shape == (E,), f"[{E}]"))
     checks.append(LayoutCheck("GQA ratio", cfg.n_head % cfg.n_head_kv == 0,
                               f"{cfg.n_head} query heads / {cfg.n_head_kv} KV heads = {cfg.n_head / cfg.n_head_kv:g}, "
                               f"head size {cfg.head_dim}"))
-
-    bad_attn, bad_ffn, missing, unknown = [], [], [], []
-    for bid in range(cfg.n_layer):
-        for role, shape in block_shapes.items():
-            info = t.get(f"blk.{bid}.{role}.weight")
-            if info is None:
-                missing.append(f"blk.{bid}.{role}.weight")
-            elif info.shape != shape:
-                (bad_ffn if role.startswith("ffn") else bad_attn).append(
-                    f"blk.{bid}.{role}.weight {list(info.shape)} != {list(shape)}")
-    for name, info in t.items():
-        m = _BLOCK_TENSOR.fullmatch(name)
-        if m:
-            bid, role, kind = int(m[1]), m[2], m[3]
-            ok = bid < cfg.n_layer and role in block_shapes and (
-                kind == "weight" or (len(block_shapes[role]) == 2 and info.shape == block_shapes[role][1:]))
-        else:
-            ok = name in ("token_embd.weight", "output.weight", "output_norm.weight", "rope_freqs.weight")
-        if not ok:
-            unknown.append(name)
-    checks.append(LayoutCheck("attention shapes", not bad_attn,
-                              "; ".join(bad_attn[:4]) or f"q [{E}, {q}], k/v [{E}, {kv}], o [{q}, {E}] "
-                              f"in {cfg.n_layer} layers"))
-    checks.append(LayoutCheck("FFN shapes", not bad_ffn,
-                              "; ".join(bad_ffn[:4]) or f"gate/up [{E}, {F}], down [{F}, {E}] in {cfg.n_layer} layers"))
-    checks.append(LayoutCheck("every block tensor present", not missing,
-                              "; ".join(missing[:4]) or f"{cfg.n_layer} x {len(block_shapes)} tensors"))
+    try:
+        table = WeightTable(f, cfg)
+    except GGUFError as e:
+        checks.append(LayoutCheck(f"every {cfg.arch} tensor present with its shape", False, str(e)))
+        return checks
+    spec = table.spec
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+    fused = [w for w, on in (("QKV", spec.fused_qkv), ("gate+up", spec.fused_gate_up)) if on]
+    checks.append(LayoutCheck("output projection", True, "tied: reuses token_embd.weight" if cfg.tied_output
+                              else f"output.weight {list(table.slot('output').shape)}"))
+    checks.append(LayoutCheck(f"every {cfg.arch} tensor present with its shape", True,
+                              f"q [{E}, {q}], k/v [{E}, {kv}], o [{q}, {E}], gate/up [{E}, {cfg.n_ff}], "
+                              f"down [{cfg.n_ff}, {E}], norms {', '.join(spec.block_norm_roles())} in "
+                              f"{cfg.n_layer} layers" + (f"; fused {', '.join(fused)}" if fused else "")))
+    unknown = table.unused()
     checks.append(LayoutCheck("no unexpected tensors", not unknown, "; ".join(unknown[:4]) or f"{len(t)} tensors"))
     if use_libggml:
         wrong = []

@@ -205,7 +205,7 @@ def _quantization(rep: Report, r: _Run) -> None:
 
     layout = check_layout(r.f, r.cfg, r.use_libggml)
     for c in layout:
-        rep.check("quantization", f"layout: {c.name}", "ok" if c.passed else "mismatch", "llama layout",
+        rep.check("quantization", f"layout: {c.name}", "ok" if c.passed else "mismatch", f"{r.cfg.arch} layout",
                   c.passed, c.detail)
     types = compare_dequantization(r.f, r.use_libggml)
     for name, s in sorted(types.items()):

@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from gguflm.errors import GGUFError
 from gguflm.gguf.reader import GGUFFile
-from gguflm.model.arch import arch_spec
+from gguflm.model.arch import WeightTable
 from gguflm.model.config import ModelConfig
-from gguflm.model.loader import expected_shape
 from gguflm.quant.triton.codecs import codec
 from gguflm.quant.triton.dequant import dequantize_into
 from gguflm.quant.triton.gemv import gemv, gemv_swiglu
@@ -162,58 +160,38 @@ def workspace_elements(layers: list[CudaLayer], output: CudaLinear) -> int:
     return max(sizes + [min(OUTPUT_ROW_CHUNK, output.n_out) * output.n_in])
 
 
-def _dense_f32(f: GGUFFile, name: str, device: torch.device) -> torch.Tensor:
-    from gguflm.quant import dequantize
-
-    info = f.tensors[name]
-    return dequantize(f.tensor_data(name), info.ggml_type, info.shape).to(device)
-
-
 def load_weights(f: GGUFFile, cfg: ModelConfig, device: torch.device) -> CudaWeights:
-    """Every tensor the decoder uses, checked against the config and moved to ``device``."""
-    spec = arch_spec(cfg.arch)
+    """Every tensor the decoder uses, resolved and checked by the :class:`WeightTable`
+    (a row range of a fused tensor included) and moved to ``device``."""
+    w = WeightTable(f, cfg)
     fallback: dict[str, str] = {}
 
-    def name(role: str, bid: int | None = None) -> str:
-        n = spec.tensor_name(role, bid)
-        info = f.tensors.get(n)
-        if info is None:
-            raise GGUFError(f"missing tensor {n!r}")
-        if tuple(info.shape) != expected_shape(role, cfg):
-            raise GGUFError(f"tensor {n!r} has shape {list(info.shape)}, expected {list(expected_shape(role, cfg))}")
-        return n
-
     def linear(role: str, bid: int | None = None) -> CudaLinear:
-        n = name(role, bid)
-        info = f.tensors[n]
-        n_in, n_out = info.shape
-        bias = None
-        b = spec.bias_name(role, bid) if bid is not None else None
-        if b is not None and b in f.tensors:
-            if tuple(f.tensors[b].shape) != (n_out,):
-                raise GGUFError(f"tensor {b!r} has shape {list(f.tensors[b].shape)}, expected [{n_out}]")
-            bias = _dense_f32(f, b, device)
-        if codec(info.ggml_type) is not None:  # packed on the CPU; moved by `place`
-            packed = PackedWeight.from_raw(f.tensor_data(n), info.ggml_type, info.shape, "cpu")
+        slot = w.slot(role, bid)
+        n_in, n_out = slot.shape
+        bias = w.bias(role, bid, device)
+        ggml_type = w.ggml_type(role, bid)
+        if codec(ggml_type) is not None:  # packed on the CPU; moved by `place`
+            packed = PackedWeight.from_raw(w.raw(role, bid), ggml_type, slot.shape, "cpu")
             return CudaLinear(n_out, n_in, packed=packed, bias=bias)
-        fallback[n] = info.ggml_type.name
-        return CudaLinear(n_out, n_in, dense=_dense_f32(f, n, device).to(HALF), bias=bias)
+        fallback[slot.name] = ggml_type.name
+        return CudaLinear(n_out, n_in, dense=w.dense(role, bid, device).to(HALF), bias=bias)
 
     layers = []
     for bid in range(cfg.n_layer):
         qkv = stacked((linear("attn_q", bid), linear("attn_k", bid), linear("attn_v", bid)))
         g, u = linear("ffn_gate", bid), linear("ffn_up", bid)
         layer = CudaLayer(
-            attn_norm=_dense_f32(f, name("attn_norm", bid), device),
+            attn_norm=w.dense("attn_norm", bid, device),
             qkv=tuple(place(lin, device) for lin in qkv),
             wo=place(linear("attn_output", bid), device),
-            ffn_norm=_dense_f32(f, name("ffn_norm", bid), device),
+            ffn_norm=w.dense("ffn_norm", bid, device),
             w_gate=place(g, device), w_up=place(u, device), w_down=place(linear("ffn_down", bid), device),
             swiglu_fused=(g.packed is not None and u.packed is not None and g.bias is None and u.bias is None
                           and g.packed.ggml_type == u.packed.ggml_type))
         layers.append(layer)
     token_embd = place(linear("token_embd"), device)
     output = token_embd if cfg.tied_output else place(linear("output"), device)
-    rope_freqs = _dense_f32(f, name("rope_freqs"), torch.device("cpu")) if cfg.has_rope_freqs else None
-    return CudaWeights(token_embd, layers, _dense_f32(f, name("output_norm"), device), output, rope_freqs,
+    rope_freqs = w.dense("rope_freqs") if cfg.has_rope_freqs else None
+    return CudaWeights(token_embd, layers, w.dense("output_norm", None, device), output, rope_freqs,
                        Workspace(workspace_elements(layers, output), device), fallback)
