@@ -110,8 +110,8 @@ def _gelu_ffn(self, x):  # the wrong activation in every FFN
 
 
 def _shifted_rope(original):
-    def forward(self, x, positions):  # rotates by position p + 1: relative angles unchanged
-        return original(self, x, positions + 1)
+    def forward(self, x, positions, *args):  # rotates by position p + 1: relative angles unchanged
+        return original(self, x, positions + 1, *args)
     return forward
 
 
