@@ -1,5 +1,9 @@
-"""Synthetic Llama-architecture GGUF files written with the official `gguf` package's
-GGUFWriter: random weights, tokenizer fields copied from a vocabulary file of ../shared.
+"""Synthetic GGUF files written with the official `gguf` package's GGUFWriter in an
+architecture's exact tensor names and metadata (llama.cpp's ``LLM_TENSOR_NAMES`` and
+``load_arch_tensors``): random weights, tokenizer fields copied from a vocabulary file of
+../shared. ``llama`` (and Mistral-shaped llama), ``qwen2`` (QKV biases), ``qwen3`` (q/k
+norms), ``phi3`` (fused ``attn_qkv``, ``ffn_up`` holding gate and up) and ``gemma3``
+(q/k norms, post norms, sliding window).
 
 The weights are scaled so that attention is peaked and logits spread over several units:
 a wrong RoPE pairing, head mapping or norm then moves the logits far more than rounding.
@@ -33,6 +37,7 @@ class Shape:
     omit_keys: tuple[str, ...] = ()
     omit_tensors: tuple[str, ...] = ()
     bad_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # tensor -> numpy shape
+    n_swa: int = 0                        # gemma3: attention.sliding_window
 
 
 def llama3_rope_freqs(head_dim: int, base: float, factor: float = 8.0, low: float = 1.0,
@@ -134,23 +139,45 @@ def write_llama(path: Path, shape: Shape, vocab_path: Path, seed: int = 0,
         w.add_tensor(name, arr)
 
     emb_std = np.float32(4.0 / np.sqrt(E) if shape.tied else 1.0)  # tied: it is the output projection too
+    if arch == "gemma3":  # the graph multiplies the rows by sqrt(E): keep the residual stream at ~1
+        emb_std = np.float32(emb_std / np.sqrt(E))
     add("token_embd.weight", (rng.standard_normal((n_vocab, E), dtype=np.float32) * emb_std).astype(dtype))
     norm("output_norm.weight")
     if not shape.tied:
         dense("output.weight", n_vocab, E, gain=4.0)
     if shape.rope_freqs is not None:
         add("rope_freqs.weight", shape.rope_freqs.astype(np.float32))
+    if arch == "gemma3" and shape.n_swa:
+        w.add_key_value(f"{arch}.attention.sliding_window", shape.n_swa, gguf.GGUFValueType.UINT32, None)
     for b in range(shape.n_layer):
         p = f"blk.{b}."
         norm(p + "attn_norm.weight")
-        dense(p + "attn_q.weight", H * D, E, gain=3.0)
-        dense(p + "attn_k.weight", Hkv * D, E, gain=3.0)
-        dense(p + "attn_v.weight", Hkv * D, E)
+        if arch == "phi3":  # [Wq; Wk; Wv] in one tensor (rows of each scaled as the separate ones)
+            add(p + "attn_qkv.weight", np.concatenate([
+                rng.standard_normal((H * D, E), dtype=np.float32) * np.float32(3.0 / np.sqrt(E)),
+                rng.standard_normal((Hkv * D, E), dtype=np.float32) * np.float32(3.0 / np.sqrt(E)),
+                rng.standard_normal((Hkv * D, E), dtype=np.float32) * np.float32(1.0 / np.sqrt(E))]).astype(dtype))
+        else:
+            dense(p + "attn_q.weight", H * D, E, gain=3.0)
+            dense(p + "attn_k.weight", Hkv * D, E, gain=3.0)
+            dense(p + "attn_v.weight", Hkv * D, E)
+        if arch == "qwen2":
+            for c, n in (("q", H * D), ("k", Hkv * D), ("v", Hkv * D)):
+                add(p + f"attn_{c}.bias", (0.5 * rng.standard_normal(n)).astype(np.float32))
+        if arch in ("qwen3", "gemma3"):
+            for c in "qk":
+                add(p + f"attn_{c}_norm.weight", (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32))
         dense(p + "attn_output.weight", E, H * D)
         norm(p + "ffn_norm.weight")
-        dense(p + "ffn_gate.weight", shape.n_ff, E)
-        dense(p + "ffn_up.weight", shape.n_ff, E)
+        if arch == "phi3":
+            dense(p + "ffn_up.weight", 2 * shape.n_ff, E)
+        else:
+            dense(p + "ffn_gate.weight", shape.n_ff, E)
+            dense(p + "ffn_up.weight", shape.n_ff, E)
         dense(p + "ffn_down.weight", E, shape.n_ff)
+        if arch == "gemma3":
+            norm(p + "post_attention_norm.weight")
+            norm(p + "post_ffw_norm.weight")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
