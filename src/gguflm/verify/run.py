@@ -226,6 +226,7 @@ def _prompt(rep: Report, r: _Run) -> tuple[Any, str]:
     from gguflm.chat import ChatTemplate
     from gguflm.chat.template import TEMPLATE_KEY
     from gguflm.tokenizer import Tokenizer
+
     tok, tpl = Tokenizer.from_gguf(r.f), ChatTemplate.from_gguf(r.f)
     messages = [{"role": "user", "content": r.opts.prompt}]
     rendered = tpl.render(messages, add_generation_prompt=True)
