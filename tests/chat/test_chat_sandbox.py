@@ -308,3 +308,61 @@ def test_concurrent_renders_keep_separate_budgets():
     for w in workers:
         w.join()
     assert not errors
+
+
+# -- one C-level operation that runs for ages (issue 16, item 1) ------------------------------
+# Between operations the deadline is checked; inside one (comparing, sorting, hashing or
+# in-testing values that share sub-values; inserting colliding integers into a set) it is not:
+# the render runs in a worker process that is killed (gguflm.chat.worker).
+
+def _doubling(name: str, depth: int = 40, open_: str = "[", close: str = "]") -> str:
+    """{% set name0 = [1] %}{% set name1 = [name0, name0] %}...: 2**depth leaves, depth+1 lists."""
+    return (f"{{% set {name}0 = {open_}1{close} %}}"
+            + "".join(f"{{% set {name}{i} = {open_}{name}{i - 1}, {name}{i - 1}{close} %}}" for i in range(1, depth + 1)))
+
+
+PAIR = _doubling("a") + _doubling("b")
+TUPLES = _doubling("a", open_="(", close=",)") + _doubling("b", open_="(", close=",)")
+COLLIDING = "range(0, 100000 * 2305843009213693951, 2305843009213693951)"  # all hash to 0
+C_LEVEL_BOMBS = {
+    "nested_equal": PAIR + "{{ a40 == b40 }}",
+    "nested_not_equal": PAIR + "{% if a40 != b40 %}x{% endif %}",
+    "nested_sort": PAIR + "{{ [a40, b40, a40]|sort }}",
+    "nested_in": PAIR + "{{ a40 in [b40] }}",
+    "nested_count": PAIR + "{{ [b40].count(a40) }}",
+    "nested_unique": TUPLES + "{{ [a40, b40]|unique|list|length }}",
+    "tuple_dict_key": TUPLES + "{{ {a40: 1}|length }}",
+    "tuple_hash_lookup": TUPLES + "{{ {(1,): 1}.get(a40) }}",
+    "colliding_hashes": "{{ " + COLLIDING + "|unique|list|length }}",
+    "colliding_dict_keys": "{{ dict.fromkeys(" + COLLIDING + ")|length }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(C_LEVEL_BOMBS))
+def test_one_long_c_operation_is_killed_at_the_deadline(name: str):
+    out, err, seconds = run(C_LEVEL_BOMBS[name])
+    assert err is not None, f"rendered {out!r:.100}"
+    assert "exceeded 1.0 s" in err, err
+    assert seconds < MAX_SECONDS, err
+    assert ChatTemplate("{{ messages[0].content }}").render(MESSAGES) == "hi"  # a fresh worker renders
+
+
+def test_a_render_cannot_take_more_memory_than_its_limit():
+    limits = dict(max_memory_bytes=32 << 20, max_string_chars=1 << 30, max_alloc_bytes=1 << 30,
+                  max_output_chars=1 << 30)
+    with pytest.raises(gguflm.TemplateError, match="32 MB"):
+        render("{% set s = 'a' * 200000000 %}{{ s|length }}", **limits)
+    assert render("{% set s = 'a' * 2000000 %}{{ s|length }}", **limits) == "2000000"
+
+
+def test_a_stuck_render_does_not_hold_up_the_others():
+    """While one render spins in C, others (from other threads) render at once."""
+    stuck = threading.Thread(target=run, args=(C_LEVEL_BOMBS["nested_equal"],))
+    stuck.start()
+    time.sleep(0.2)
+    template = ChatTemplate("{{ messages[0].content }}")
+    t0 = time.perf_counter()
+    for _ in range(20):
+        assert template.render(MESSAGES) == "hi"
+    assert time.perf_counter() - t0 < 0.8
+    stuck.join()

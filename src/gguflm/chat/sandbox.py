@@ -26,6 +26,8 @@ size of one value           *before* each operation that can grow a value or tur
                             buffers, printed values
 bytes allocated             every new value is charged to a per-render budget
 rendered output             the output stream
+one C-level operation       :mod:`gguflm.chat.worker`: the render runs in a process that is
+                            killed past the deadline, its address space capped (RLIMIT_AS)
 ==========================  ===================================================================
 
 Methods of plain values (``str``, ``list``, ``tuple``, ``dict``, ``int``, ``float``) may be
@@ -79,6 +81,7 @@ class TemplateLimits:
     max_depth: int = 64                 # nested calls (macro recursion)
     max_int_bits: int = 1 << 16         # size of an integer the template computes
     timeout_s: float = 1.0              # wall-clock time of one render
+    max_memory_bytes: int = 256 << 20   # address space the render process may add (gguflm.chat.worker)
 
 
 DEFAULT_LIMITS = TemplateLimits()
@@ -87,10 +90,11 @@ DEFAULT_LIMITS = TemplateLimits()
 class _Budget:
     """What one render (or one compilation) has spent so far; raises when a bound is hit."""
 
-    __slots__ = ("limits", "deadline", "iterations", "depth", "allocated")
+    __slots__ = ("limits", "deadline", "iterations", "depth", "allocated", "now")
 
-    def __init__(self, limits: TemplateLimits):
+    def __init__(self, limits: TemplateLimits, now: datetime | None = None):
         self.limits = limits
+        self.now = now  # what strftime_now() shows (None: the clock when it is called)
         self.deadline = time.monotonic() + limits.timeout_s
         self.iterations = 0
         self.depth = 0
@@ -168,8 +172,8 @@ def _budget() -> _Budget:
 
 
 @contextmanager
-def _scope(limits: TemplateLimits) -> Iterator[_Budget]:
-    budget = _Budget(limits)
+def _scope(limits: TemplateLimits, now: datetime | None = None) -> Iterator[_Budget]:
+    budget = _Budget(limits, now)
     token = _ACTIVE.set(budget)
     try:
         yield budget
@@ -528,7 +532,7 @@ def _strftime_now(format: str) -> str:
     budget = _budget()
     if isinstance(format, str):  # "%c" (2 characters) writes 24 and more, depending on the locale
         budget.allow_chars(16 * len(format), "strftime_now()")
-    return datetime.now().strftime(format)
+    return (budget.now or datetime.now()).strftime(format)
 
 
 def _range(*args: int) -> range:
@@ -768,11 +772,16 @@ def compile_template(source: str, limits: TemplateLimits = DEFAULT_LIMITS) -> ji
 
 
 def render(template: jinja2.Template, variables: dict[str, Any],
-           limits: TemplateLimits = DEFAULT_LIMITS) -> str:
-    """Render a compiled template within ``limits``; TemplateError on any failure."""
+           limits: TemplateLimits = DEFAULT_LIMITS, now: datetime | None = None) -> str:
+    """Render a compiled template within ``limits``; TemplateError on any failure.
+    ``strftime_now()`` shows ``now`` when given (the time of the request).
+
+    The bounds are checked between operations: one operation of C code on values that
+    share sub-values (comparing, sorting or hashing nested lists) can still run for very
+    long. :func:`gguflm.chat.worker.render` runs this in a process it can kill."""
     pieces: list[str] = []
     size = 0
-    with _scope(limits):
+    with _scope(limits, now):
         stream = template.generate(**variables)
         try:
             for piece in stream:
@@ -783,6 +792,10 @@ def render(template: jinja2.Template, variables: dict[str, Any],
                 pieces.append(piece)
         except TemplateError:
             raise
+        except MemoryError:
+            pieces.clear()
+            raise TemplateError(f"chat template rendering exceeded {limits.max_memory_bytes >> 20} MB "
+                                "of memory") from None
         except Exception as e:  # noqa: BLE001 - the boundary of untrusted code: nothing else escapes
             raise _as_template_error(e, "rendering") from None
         finally:

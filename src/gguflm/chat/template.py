@@ -5,7 +5,8 @@
 template, bos/eos tokens and arguments: the inputs are normalized the same way (message
 objects to dicts, ``None``-valued keys dropped, everything rebuilt from plain JSON types,
 reasoning aliased as ``thinking``/``reasoning_content``) and the template runs in the same
-Jinja configuration, inside :mod:`gguflm.chat.sandbox`'s bounds.
+Jinja configuration, inside :mod:`gguflm.chat.sandbox`'s bounds, in a worker process
+(:mod:`gguflm.chat.worker`) that is killed when a render exceeds its time or memory.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from gguflm.chat.formats import BUILTIN_TEMPLATES, LLAMA_CPP_FORMATS, fallback_format
-from gguflm.chat.sandbox import DEFAULT_LIMITS, TemplateLimits, compile_template, render
+from gguflm.chat import worker
+from gguflm.chat.sandbox import DEFAULT_LIMITS, TemplateLimits, compile_template
 from gguflm.errors import GGUFError, TemplateError
 from gguflm.gguf.reader import GGUFFile
 
@@ -130,7 +132,7 @@ class ChatTemplate:
             }
         except RecursionError:
             raise TemplateError("chat messages are nested too deeply") from None
-        return render(self._template, variables, self.limits)
+        return worker.render(self.source, variables, self.limits)
 
     @classmethod
     def builtin(cls, name: str, bos_token: str = "", eos_token: str = "", *,
