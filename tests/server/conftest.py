@@ -3,6 +3,7 @@ OpenAI client pointed at it, and helpers shared by the server tests."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -66,12 +67,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(spawn, model: Path, log: Path, timeout: float = 240.0) -> Server:
+def _start(spawn, model: Path, log: Path, timeout: float = 240.0, extra: tuple[str, ...] = (),
+           parallel: int = PARALLEL, n_ctx: int = N_CTX) -> Server:
     import httpx
 
     port = _free_port()
     cmd = [sys.executable, "-m", "gguflm", "serve", "-m", str(model), "--host", HOST, "--port", str(port),
-           "--parallel", str(PARALLEL), "-c", str(N_CTX), "--log-level", "warning"]
+           "--parallel", str(parallel), "-c", str(n_ctx), "--log-level", "warning", *extra]
     with log.open("wb") as out:       # the server dies with pytest (spawn), so no run leaves it behind
         proc = spawn(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     server = Server(f"http://{HOST}:{port}", proc, log)
@@ -100,6 +102,44 @@ def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory, spawn) 
         yield srv
     finally:
         spawn.stop(srv.proc, grace=20.0)
+
+
+@pytest.fixture(scope="session")
+def start_server(spawn):
+    """``start_server(model, log, *flags)``: a context manager running a server of its own
+    (4 slots of 256 tokens, started with ``flags``), stopped on leaving."""
+
+    @contextlib.contextmanager
+    def running(model: Path, log: Path, *extra: str, parallel: int = 4, n_ctx: int = 256) -> Iterator[Server]:
+        pytest.importorskip("fastapi", reason="the server needs .[server]")
+        pytest.importorskip("uvicorn", reason="the server needs .[server]")
+        srv = _start(spawn, model, log, extra=extra, parallel=parallel, n_ctx=n_ctx)
+        try:
+            yield srv
+        finally:
+            spawn.stop(srv.proc, grace=20.0)
+
+    return running
+
+
+def rewrite_gguf(src: Path, dst: Path, metadata: dict) -> Path:
+    """A copy of ``src`` with some metadata replaced (``{key: (GGUFValueType, value, sub_type)}``),
+    written by gguf-py's own writer (llama.cpp's Python package)."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = gguf.GGUFReader(src, "r")
+    writer = gguf.GGUFWriter(dst, arch=reader.get_field(gguf.Keys.General.ARCHITECTURE).contents(),
+                             endianess=reader.endianess)
+    copy_with_new_metadata(reader, writer, {k: MetadataDetails(t, v, sub_type=sub)
+                                            for k, (t, v, sub) in metadata.items()}, [])
+    return dst
+
+
+@pytest.fixture(scope="session")
+def gguf_rewriter():
+    """rewrite_gguf(src, dst, {key: (type, value, sub_type)}) -> dst."""
+    return rewrite_gguf
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from gguflm.cli import UserError
 from gguflm.defaults import resolve_model
@@ -14,7 +15,12 @@ or not), GET /v1/models, GET /health, and a chat page at /. Concurrent requests 
 decoded together (continuous batching); requests beyond --parallel wait their turn.
 
   gguflm serve -m model.gguf --port 8080 --parallel 8
-  then point an OpenAI client at http://127.0.0.1:8080/v1 (any API key)."""
+  then point an OpenAI client at http://127.0.0.1:8080/v1 (any API key unless --api-key).
+
+Access: requests must name this server in their Host header (localhost, an IP address,
+the --host name, or --allowed-hosts); web pages of other origins are refused (403) unless
+listed with --cors-origins; with --api-key (or $GGUFLM_API_KEY) every /v1/ request needs
+'Authorization: Bearer KEY'. See docs/server.md."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +38,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: 64 on the CPU, past which wider forwards barely pay; else all)")
     p.add_argument("--max-body", type=int, default=1 << 20,
                    help="largest accepted request body in bytes (default: %(default)s)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $GGUFLM_API_KEY, else none; "
+                        "the chat page asks for it)")
+    p.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated host names accepted in the Host header besides localhost, IP "
+                        "addresses and --host ('*': any; for a reverse proxy or a DNS name)")
+    p.add_argument("--cors-origins", default="", metavar="ORIGINS",
+                   help="comma-separated origins (http://host:port) whose web pages may call the API "
+                        "('*': any; default: none, only the server's own page)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close connections that take longer to send a request's headers (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: %(default)s)")
 
@@ -49,16 +66,25 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--batch-rows must be at least 1")
     if args.max_body < 1:
         raise UserError("--max-body must be positive")
+    if not 0 < args.header_timeout <= 3600:
+        raise UserError("--header-timeout must lie in (0, 3600] seconds")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("GGUFLM_API_KEY") or None
+    if api_key is not None and (not api_key or not api_key.isprintable() or not api_key.isascii()
+                                or " " in api_key):
+        raise UserError("--api-key must be printable ASCII without spaces")
     if args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available")
-    from gguflm.server import serve
+    from gguflm.server import Security, serve
 
+    security = Security(args.host, allowed_hosts=tuple(args.allowed_hosts.split(",")),
+                        cors_origins=tuple(args.cors_origins.split(",")), api_key=api_key)
     try:
         serve(resolve_model(args.model), args.host, args.port, args.device, args.parallel, args.ctx_size,
-              args.threads, args.max_body, args.log_level, args.batch_rows)
-    except OSError as e:
+              args.threads, args.max_body, args.log_level, args.batch_rows, security=security,
+              header_timeout=args.header_timeout)
+    except OSError as e:  # ModelFileChanged included
         raise UserError(str(e)) from None
     return 0

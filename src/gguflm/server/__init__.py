@@ -8,15 +8,18 @@ request into one forward per step) -> :mod:`formats` (OpenAI response objects).
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 from gguflm.server.app import DEFAULT_MAX_BODY, create_app
 from gguflm.server.backend import Backend
+from gguflm.server.security import DEFAULT_HEADER_TIMEOUT, Security, header_timeout_protocol
 
-__all__ = ["create_app", "Backend", "serve", "CPU_BATCH_ROWS"]
+__all__ = ["create_app", "Backend", "Security", "serve", "CPU_BATCH_ROWS", "ModelFileChanged"]
 
 # Decode rows per forward on the CPU. A step decodes each weight row once for all its rows
 # (gguflm.quant.cpu's panel kernels), so wider steps keep paying until the float32 FMAs
@@ -25,15 +28,64 @@ __all__ = ["create_app", "Backend", "serve", "CPU_BATCH_ROWS"]
 # wait for further forwards of the same step, which a wider forward would serve sooner.
 CPU_BATCH_ROWS = 64
 SWITCH_INTERVAL = 0.0005  # seconds (sys.setswitchinterval) in a serving process
+WATCH_INTERVAL = 1.0      # seconds between two looks at the model file
+
+
+class ModelFileChanged(OSError):
+    """The served model file was truncated or rewritten in place."""
+
+
+class FileWatch:
+    """Looks at the open model file every ``interval`` seconds (``fstat`` of a descriptor
+    opened on it at start: renaming a new file over the path, the safe way to replace a
+    model, leaves what was loaded, and this descriptor, untouched). A file truncated or
+    rewritten in place under its memory mapping would crash the process with SIGBUS at the
+    next read of a missing page; on the first change seen, ``on_change(message)`` runs once."""
+
+    def __init__(self, path: str | os.PathLike, on_change: Callable[[str], None], interval: float = WATCH_INTERVAL):
+        self.path, self.on_change, self.interval = os.fspath(path), on_change, interval
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._first = os.fstat(self._fd)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gguflm-file-watch", daemon=True)
+        self._thread.start()
+
+    def changed(self) -> str | None:
+        """What changed since the start, or None."""
+        now, was = os.fstat(self._fd), self._first
+        if now.st_size != was.st_size:
+            return f"its size went from {was.st_size} to {now.st_size} bytes"
+        if now.st_mtime_ns != was.st_mtime_ns or now.st_ctime_ns != was.st_ctime_ns:
+            return "it was modified in place"
+        return None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            what = self.changed()
+            if what is not None:
+                self.on_change(f"the model file {self.path} changed on disk while being served ({what}); "
+                               "stopping before reading from it crashes the process. To replace a model, "
+                               "write the new file elsewhere, rename it over the old one, then restart")
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        os.close(self._fd)
 
 
 def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, device: str = "cpu",
           parallel: int = 4, n_ctx: int | None = None, threads: int | None = None,
-          max_body: int = DEFAULT_MAX_BODY, log_level: str = "info", batch_rows: int | None = None) -> None:
+          max_body: int = DEFAULT_MAX_BODY, log_level: str = "info", batch_rows: int | None = None,
+          security: Security | None = None, header_timeout: float = DEFAULT_HEADER_TIMEOUT) -> None:
     """Load the model at ``path`` and serve it until interrupted. Each of the ``parallel``
     slots holds a whole context of ``n_ctx`` tokens (default: the model's default);
     ``batch_rows`` caps the rows of one decode forward (default: CPU_BATCH_ROWS on the
-    CPU, all of them elsewhere)."""
+    CPU, all of them elsewhere). ``security``: who may send requests (default: same-origin
+    pages and clients that name this host, no API key; see :mod:`gguflm.server.security`);
+    ``header_timeout``: seconds a connection may take to send a request's headers.
+    Raises :class:`ModelFileChanged` when the model file is truncated or rewritten while
+    served (see :class:`FileWatch`)."""
     import uvicorn
 
     import gguflm
@@ -48,9 +100,24 @@ def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, de
     # The model runs on this (main) thread, the one that loaded it, and HTTP on another:
     # see Scheduler's docstring on OpenMP teams.
     scheduler = Scheduler(model, parallel, max_batch_rows=batch_rows, start=False)
-    app = create_app(Backend(model, scheduler), max_body=max_body)
+    if security is None:
+        security = Security(host)
+    app = create_app(Backend(model, scheduler), max_body=max_body, security=security)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5,
+                                           http=header_timeout_protocol(header_timeout)))
+    # A fault (SIGBUS from a model file cut short under its mapping) leaves a traceback in
+    # the log; a Python handler could not catch it (the faulting read would repeat forever).
+    faulthandler.enable()
+    changed: list[str] = []
+
+    def stop_for(message: str) -> None:
+        changed.append(message)
+        print(f"gguflm serve: {message}", file=sys.stderr, flush=True)
+        server.should_exit = True
+        scheduler.close()
+
+    watch = FileWatch(path, stop_for)
 
     ended: list[BaseException] = []
 
@@ -64,6 +131,9 @@ def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, de
 
     print(f"gguflm serve: {model!r}, {parallel} slots of {scheduler.n_ctx} tokens; "
           f"chat page and API at http://{host}:{port}/", file=sys.stderr, flush=True)
+    if security.api_key is None and not _loopback(host):
+        print(f"gguflm serve: warning: listening on {host} without --api-key: anyone who can reach "
+              "this port can use the model", file=sys.stderr, flush=True)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
     thread = threading.Thread(target=http, name="gguflm-http", daemon=True)
     thread.start()
@@ -76,5 +146,17 @@ def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, de
         server.should_exit = True
         scheduler.close()
         thread.join(10)
+        watch.close()
+    if changed:
+        raise ModelFileChanged(changed[0])
     if not server.started:
         raise OSError(f"could not serve on {host}:{port} (see the log above)") from (ended[0] if ended else None)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"

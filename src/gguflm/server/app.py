@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.resources
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,8 +30,11 @@ from gguflm.server.backend import Backend, Generation
 from gguflm.server.errors import APIError
 from gguflm.server.formats import SSE_DONE, ChatFormat, CompletionFormat, sse
 from gguflm.server.schemas import ChatCompletionRequest, CompletionRequest, parse
+from gguflm.server.security import Guard, Security
 
 DEFAULT_MAX_BODY = 1 << 20   # bytes of a request body
+
+log = logging.getLogger("gguflm.server")
 
 
 class BodyTooLarge(Exception):
@@ -78,6 +82,34 @@ async def _send_error(scope: Scope, receive: Receive, send: Send, err: APIError)
     await JSONResponse(err.body(), err.status)(scope, receive, send)
 
 
+class CatchAll:
+    """ASGI middleware: an unexpected exception is logged and answered with a JSON 500 (when
+    the answer has not begun), and the connection stays open for the client's next request
+    (Starlette's own handler re-raises, and uvicorn then closes the connection)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:  # noqa: BLE001 - the last line of defence: log, answer, serve on
+            log.exception("unexpected error answering %s %s", scope.get("method"), scope.get("path"))
+            if not started:  # else the answer is cut short, and uvicorn closes the connection
+                err = APIError(500, f"internal error: {type(e).__name__}", "server_error")
+                await _send_error(scope, receive, send, err)
+
+
 class EventStream(StreamingResponse):
     """Server-sent events that stop (closing the body iterator, whose ``finally`` cancels
     the generation) as soon as the client disconnects, even while no event is due."""
@@ -100,10 +132,14 @@ class EventStream(StreamingResponse):
             tg.cancel_scope.cancel()
 
 
-def create_app(backend: Backend, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
-    """The app serving ``backend``'s model."""
+def create_app(backend: Backend, max_body: int = DEFAULT_MAX_BODY, security: Security | None = None) -> FastAPI:
+    """The app serving ``backend``'s model under ``security``'s access policy (None: no
+    checks, for an app that is not exposed to any network)."""
     app = FastAPI(title="gguflm", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_body=max_body)
+    if security is not None:
+        app.add_middleware(Guard, security=security)
+    app.add_middleware(CatchAll)  # outermost of ours: whatever fails below is answered
     page = importlib.resources.files("gguflm.server").joinpath("static/index.html").read_text("utf-8")
 
     @app.exception_handler(APIError)
@@ -119,11 +155,6 @@ def create_app(backend: Backend, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(e.status_code, str(e.detail), kind).body(), e.status_code)
-
-    @app.exception_handler(Exception)
-    async def server_error(_: Request, e: Exception) -> JSONResponse:
-        err = APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
-        return JSONResponse(err.body(), 500)
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:

@@ -10,6 +10,7 @@ as llama.cpp's server ignores them. Sampling fields left out take llama.cpp's de
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -21,6 +22,7 @@ MAX_STOP = 16            # stop strings per request
 MAX_STOP_CHARS = 256     # characters per stop string
 MAX_TOP_LOGPROBS = 20    # OpenAI's bound for chat; completions allow 5
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+MAX_INT = (1 << 31) - 1  # token counts and windows are int32 in llama.cpp's server
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
@@ -56,13 +58,13 @@ class _Sampling(_Strict):
     """Fields shared by chat and text completions."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=MAX_INT)
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0, le=10)
-    repeat_last_n: int | None = Field(None, ge=-1)
+    repeat_last_n: int | None = Field(None, ge=-1, le=MAX_INT)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
@@ -93,7 +95,7 @@ class _Sampling(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
@@ -136,16 +138,50 @@ _FIELDS = frozenset().union(*(m.model_fields for m in (ChatCompletionRequest, Co
 R = TypeVar("R", bound=_Strict)
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(obj: object) -> str | None:
+    """The path (``messages.0.content``) of the first string, key or value, holding a lone
+    surrogate (JSON's ``"\\ud800"`` decodes to one): no UTF-8 text can carry it."""
+    stack: list[tuple[object, str]] = [(obj, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path or "body"
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                where = f"{path}.{k}" if path else k
+                if _SURROGATE.search(k):
+                    return where
+                stack.append((v, where))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}.{i}") for i, v in enumerate(value))
+    return None
+
+
 def parse(model: type[R], body: bytes) -> R:
     """Validate a request body; raises a 400 :class:`APIError` describing the first problem."""
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise invalid(f"the request body is not valid JSON: {e}", code="invalid_json") from None
     except RecursionError:
         raise invalid("the request body is nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # NaN/Infinity, or an integer of more than 4300 digits
+        why = "a number has more than 4300 digits" if "integer string conversion" in str(e) else str(e)
+        raise invalid(f"the request body is not valid JSON: {why}", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise invalid("the request body must be a JSON object", code="invalid_json")
+    where = _lone_surrogate(obj)
+    if where is not None:
+        raise invalid(f"invalid value for '{where}': the string holds a lone UTF-16 surrogate "
+                      "(not a Unicode character)", where, "invalid_value")
     try:
         return model.model_validate(obj)
     except ValidationError as e:
