@@ -151,3 +151,9 @@ def client(server: Server):
 @pytest.fixture(scope="session")
 def questions() -> list[str]:
     return list(QUESTIONS)
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """start_server(model, log, *flags) -> a context manager running a server of its own."""
+    return running_server

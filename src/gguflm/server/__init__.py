@@ -55,7 +55,7 @@ class FileWatch:
         now, was = os.fstat(self._fd), self._first
         if now.st_size != was.st_size:
             return f"its size went from {was.st_size} to {now.st_size} bytes"
-        if now.st_mtime_ns != was.st_mtime_ns or now.st_ctime_ns != was.st_ctime_ns:
+        if now.st_mtime_ns != was.st_mtime_ns:  # (not ctime: a rename over the path changes that)
             return "it was modified in place"
         return None
 
