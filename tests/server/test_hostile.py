@@ -234,21 +234,11 @@ def _doubling(name: str, depth: int = 40) -> str:
 BOMB = _doubling("a") + _doubling("b") + "{% if a40 == b40 %}same{% endif %}{{ messages[0].content }}"
 
 
-def with_chat_template(src: Path, dst: Path, template: str) -> Path:
-    """A copy of ``src`` whose tokenizer.chat_template is ``template`` (gguf-py's own writer)."""
+def test_a_bomb_template_fails_its_request_while_others_are_served(smollm2_path: Path, tmp_path: Path, start_server,
+                                                                  gguf_rewriter) -> None:
     gguf = pytest.importorskip("gguf")
-    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
-
-    reader = gguf.GGUFReader(src, "r")
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE)
-    writer = gguf.GGUFWriter(dst, arch=arch.contents(), endianess=reader.endianess)
-    copy_with_new_metadata(reader, writer, {gguf.Keys.Tokenizer.CHAT_TEMPLATE:
-                                            MetadataDetails(gguf.GGUFValueType.STRING, template)}, [])
-    return dst
-
-
-def test_a_bomb_template_fails_its_request_while_others_are_served(smollm2_path: Path, tmp_path: Path, start_server) -> None:
-    model = with_chat_template(smollm2_path, tmp_path / "bomb.gguf", BOMB)
+    model = gguf_rewriter(smollm2_path, tmp_path / "bomb.gguf",
+                          {gguf.Keys.Tokenizer.CHAT_TEMPLATE: (gguf.GGUFValueType.STRING, BOMB, None)})
     with start_server(model, tmp_path / "serve.log") as srv:
         health_times: list[float] = []
         stop = threading.Event()

@@ -20,6 +20,10 @@ import torch
 Candidates = tuple[torch.Tensor, torch.Tensor]  # (ids Long[N], logits Float32[N])
 
 
+class SamplingError(ValueError):
+    """The logits cannot be sampled from (NaN, +inf, or every token at -inf)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """llama.cpp's defaults (common_params_sampling); ``seed=None`` draws a fresh seed."""
@@ -140,6 +144,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] 
                                  params.frequency_penalty, params.presence_penalty)
     if params.greedy:  # every filter keeps the top logit, and temperature <= 0 keeps only it
         return int(torch.argmax(logits))
+    top = float(logits.max())  # NaN if any is NaN
+    if not math.isfinite(top):
+        raise SamplingError(f"cannot sample: the logits are not finite (their maximum is {top})")
     cand: Candidates = (torch.arange(logits.numel(), device=logits.device), logits)
     cand = top_k(cand, params.top_k)
     cand = top_p(cand, params.top_p)

@@ -355,7 +355,7 @@ class Scheduler:
             del seq.todo[:len(chunk)]
             self._held[seq.slot] += chunk
             if not seq.todo:
-                self._accept(seq, logits[i], greedy.get(i))
+                self._accept_or_fail(seq, logits[i], greedy.get(i))
 
     def _decode(self) -> None:
         """Feed every request's last sampled token at its own position: one batched forward,
@@ -375,7 +375,16 @@ class Scheduler:
             seq.n_past += 1
             self._held[seq.slot].append(seq.last)
             seq.last = None
-            self._accept(seq, logits[i], greedy.get(i))
+            self._accept_or_fail(seq, logits[i], greedy.get(i))
+
+    def _accept_or_fail(self, seq: _Seq, logits: torch.Tensor, tok: int | None = None) -> None:
+        """:meth:`_accept`; a failure there (sampling, detokenizing, stop strings) is this
+        request's alone: it ends with :class:`Failed`, the others go on."""
+        try:
+            self._accept(seq, logits, tok)
+        except Exception as e:  # noqa: BLE001 - isolate one request's failure
+            traceback.print_exc()
+            self._finish(seq, Failed(f"generation failed: {type(e).__name__}: {e}"))
 
     def _accept(self, seq: _Seq, logits: torch.Tensor, tok: int | None = None) -> None:
         """Sample the next token of ``seq`` from ``logits`` (Float32[V]) and emit what follows

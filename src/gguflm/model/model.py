@@ -125,8 +125,9 @@ def load(path: str | os.PathLike | GGUFFile, device: str | torch.device = "cpu",
         raise ValueError(f"context size {n_ctx} out of range [1, {MAX_CTX}]")
     dev = torch.device(device)
     tokenizer = Tokenizer.from_gguf(f)
-    if tokenizer.n_vocab > config.n_vocab:
-        raise GGUFError(f"the tokenizer has {tokenizer.n_vocab} tokens but the embedding only {config.n_vocab} rows")
+    if tokenizer.n_vocab != config.n_vocab:  # as llama.cpp: token_embd must be [n_embd, n_tokens]
+        raise GGUFError(f"the tokenizer has {tokenizer.n_vocab} tokens but the embedding {config.n_vocab} rows: "
+                        "every row must be a token (llama.cpp refuses the file too)")
     if dev.type == "cuda" and config.spec.llama_like:  # quantized weights on the GPU, Triton kernels, CUDA graphs
         from gguflm.model.cuda import load_cuda
 
