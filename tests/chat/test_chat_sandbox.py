@@ -361,8 +361,7 @@ def test_a_stuck_render_does_not_hold_up_the_others():
     stuck.start()
     time.sleep(0.2)
     template = ChatTemplate("{{ messages[0].content }}")
-    t0 = time.perf_counter()
     for _ in range(20):
         assert template.render(MESSAGES) == "hi"
-    assert time.perf_counter() - t0 < 0.8
+    assert stuck.is_alive(), "the other renders waited for the stuck one"
     stuck.join()
