@@ -188,6 +188,16 @@ class Spawner:
     stop = staticmethod(stop_group)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _template_workers():
+    """Chat templates render in worker processes kept for the next render
+    (gguflm.chat.worker); they are stopped with the session, before the leftover check."""
+    yield
+    from gguflm.chat import worker
+
+    worker.shutdown()
+
+
 @pytest.fixture(scope="session")
 def spawn():
     """A :class:`Spawner` for the session."""

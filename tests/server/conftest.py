@@ -151,29 +151,3 @@ def client(server: Server):
 @pytest.fixture(scope="session")
 def questions() -> list[str]:
     return list(QUESTIONS)
-
-
-@pytest.fixture(scope="session")
-def start_server():
-    """start_server(model, log, *flags) -> a context manager running a server of its own."""
-    return running_server
-
-
-def rewrite_gguf(src: Path, dst: Path, metadata: dict) -> Path:
-    """A copy of ``src`` with some metadata replaced (``{key: (GGUFValueType, value, sub_type)}``),
-    written by gguf-py's own writer (llama.cpp's Python package)."""
-    gguf = pytest.importorskip("gguf")
-    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
-
-    reader = gguf.GGUFReader(src, "r")
-    writer = gguf.GGUFWriter(dst, arch=reader.get_field(gguf.Keys.General.ARCHITECTURE).contents(),
-                             endianess=reader.endianess)
-    copy_with_new_metadata(reader, writer, {k: MetadataDetails(t, v, sub_type=sub)
-                                            for k, (t, v, sub) in metadata.items()}, [])
-    return dst
-
-
-@pytest.fixture(scope="session")
-def gguf_rewriter():
-    """rewrite_gguf(src, dst, {key: (type, value, sub_type)}) -> dst."""
-    return rewrite_gguf
