@@ -177,3 +177,15 @@ def test_the_child_dies_with_its_parent(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == -9, r.stderr
     assert gone(int(r.stdout)), "llama.cpp's process outlived its parent"
+
+
+def test_a_python_error_in_the_child_is_an_answer_not_a_crash(shared_dir, oracle_pids):
+    """llama-cpp-python refusing a file raises in the caller; the child keeps serving."""
+    vocab = shared_dir / "vocab" / "ggml-vocab-llama-spm.gguf"              # no tensors: not loadable
+    with llamacpp.LlamaCpp() as child:
+        with pytest.raises(llamacpp.OracleFailed, match="^llama.cpp failed while loading the model: "):
+            child.load(vocab, n_ctx=16)
+        ids = child.tokenize(vocab, "Hello", add_special=True)
+    llm = open_llama(vocab, vocab_only=True, verbose=False)
+    assert ids == llm.tokenize(b"Hello", add_bos=True) and len(ids) == 2
+    llm.close()

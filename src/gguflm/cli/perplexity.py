@@ -152,8 +152,8 @@ def run(args) -> int:
                 with pp.llama_cpp_chunk_logits(path, n_ctx, args.threads) as fn:
                     other = pp.evaluate(fn, chunks, bos)
             except OracleFailed as e:
-                print(f"gguflm perplexity: error: {e.what}; no llama.cpp figure. To avoid it: {e.hint}",
-                      file=sys.stderr)
+                print(f"gguflm perplexity: error: {e.what}; no llama.cpp figure."
+                      + (f" To avoid it: {e.hint}" if e.hint else ""), file=sys.stderr)
                 summary.setdefault("compare", {})[name] = {"error": e.what}
                 rc = 1
                 continue

@@ -53,7 +53,8 @@ def errors_text(rep: Report) -> str:
     """One paragraph per oracle failure: what happened, that its checks did not run, and
     how to avoid it ("" when none)."""
     return "\n".join(f"ERROR: {e['what']}: the checks against {e['oracle']} did not run "
-                     f"(gguflm itself is not at fault).\n  To avoid it: {e['hint']}" for e in rep.errors)
+                     f"(gguflm itself is not at fault)." + (f"\n  To avoid it: {e['hint']}" if e["hint"] else "")
+                     for e in rep.errors)
 
 
 def summary_text(rep: Report) -> str:
@@ -106,7 +107,7 @@ def _markdown(rep: Report, figures: dict[str, str]) -> str:
     w(f"# gguflm verification report: {m['name'] or Path(m['path']).name}\n")
     for e in rep.errors:
         w(f"> **⚠️ ERROR: {e['what']}**: the checks against {e['oracle']} did not run (gguflm itself is not "
-          f"at fault). To avoid it: {e['hint']}\n")
+          f"at fault)." + (f" To avoid it: {e['hint']}" if e["hint"] else "") + "\n")
         if e["log"]:
             w(f"<details><summary>the end of {e['oracle']}'s log</summary>\n\n```text\n{e['log']}\n```\n</details>\n")
     for note in d.get("notes", []):
