@@ -11,6 +11,7 @@ a wrong RoPE pairing, head mapping or norm then moves the logits far more than r
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class Shape:
     omit_tensors: tuple[str, ...] = ()
     bad_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # tensor -> numpy shape
     n_swa: int = 0                        # gemma3: attention.sliding_window
+    extra_tensors: dict[str, int] = field(default_factory=dict)  # name -> length of an extra F32 vector
 
 
 def llama3_rope_freqs(head_dim: int, base: float, factor: float = 8.0, low: float = 1.0,
@@ -147,6 +149,8 @@ def write_llama(path: Path, shape: Shape, vocab_path: Path, seed: int = 0,
         dense("output.weight", n_vocab, E, gain=4.0)
     if shape.rope_freqs is not None:
         add("rope_freqs.weight", shape.rope_freqs.astype(np.float32))
+    for name, n in shape.extra_tensors.items():
+        add(name, np.ones(n, dtype=np.float32))
     if arch == "gemma3" and shape.n_swa:
         w.add_key_value(f"{arch}.attention.sliding_window", shape.n_swa, gguf.GGUFValueType.UINT32, None)
     for b in range(shape.n_layer):
@@ -183,3 +187,36 @@ def write_llama(path: Path, shape: Shape, vocab_path: Path, seed: int = 0,
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+CACHE = Path(os.environ.get("GGUFLM_TEST_CACHE", Path.home() / ".cache" / "gguflm-tests"))
+SYNTH_VERSION = "v2"  # bump when write_llama changes what it writes for ARCHS
+
+# name -> (shape, vocabulary file of ../shared/vocab, GGUF architecture): widths multiples
+# of 256 (K-quants apply), logits spread over several units, 24-token prompts.
+ARCHS: dict[str, tuple[Shape, str, str]] = {
+    "qwen2": (Shape(n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_layer=2, n_ctx=512, freq_base=1e6,
+                    n_vocab=4096), "ggml-vocab-qwen2.gguf", "qwen2"),
+    "qwen3": (Shape(n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_layer=2, n_ctx=512, head_dim=128,
+                    freq_base=1e6, n_vocab=4096), "ggml-vocab-qwen2.gguf", "qwen3"),
+    "phi3": (Shape(n_embd=256, n_head=4, n_head_kv=4, n_ff=512, n_layer=2, n_ctx=512),
+             "ggml-vocab-phi-3.gguf", "phi3"),
+    # 6 layers: llama.cpp's default pattern makes layer 5 global, 0-4 local (window 8)
+    "gemma3": (Shape(n_embd=256, n_head=4, n_head_kv=1, n_ff=512, n_layer=6, n_ctx=512, head_dim=256,
+                     freq_base=1e6, n_swa=8), "ggml-vocab-llama-spm.gguf", "gemma3"),
+    # a llama-architecture model of Mistral's shape: GQA 8:1, head size 128
+    "mistral": (Shape(n_embd=1024, n_head=16, n_head_kv=2, n_ff=1024, n_layer=2, n_ctx=512, head_dim=128),
+                "ggml-vocab-llama-spm.gguf", "llama"),
+}
+
+
+def synthetic_f16(name: str, vocab_dir: Path) -> Path:
+    """The F16 file of ``ARCHS[name]``, written once (seed 3) and cached on disk."""
+    shape, vocab, arch = ARCHS[name]
+    f16 = CACHE / f"synthetic-{name}-{SYNTH_VERSION}.F16.gguf"
+    if not f16.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = f16.with_suffix(f".{os.getpid()}.tmp")
+        write_llama(tmp, shape, vocab_dir / vocab, seed=3, arch=arch)
+        tmp.rename(f16)
+    return f16

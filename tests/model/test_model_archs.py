@@ -20,51 +20,26 @@ F16 file as a second, independent oracle where transformers reads that architect
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from oracles import kl_rows, llama_cpp_logits, top1
-from synth import Shape, write_llama
+from synth import ARCHS, synthetic_f16
 
 import gguflm
 from gguflm.verify.reference import reference_logits
 
-CACHE = Path(os.environ.get("GGUFLM_TEST_CACHE", Path.home() / ".cache" / "gguflm-tests"))
-VERSION = "v2"  # bump when synth.py changes what it writes
 QUANTS = ["Q4_K_M", "Q4_0", "Q8_0"]
 N_TOKENS = 24
-
-ARCHS = {
-    "qwen2": (Shape(n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_layer=2, n_ctx=512, freq_base=1e6,
-                    n_vocab=4096), "ggml-vocab-qwen2.gguf", "qwen2"),
-    "qwen3": (Shape(n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_layer=2, n_ctx=512, head_dim=128,
-                    freq_base=1e6, n_vocab=4096), "ggml-vocab-qwen2.gguf", "qwen3"),
-    "phi3": (Shape(n_embd=256, n_head=4, n_head_kv=4, n_ff=512, n_layer=2, n_ctx=512),
-             "ggml-vocab-phi-3.gguf", "phi3"),
-    "gemma3": (Shape(n_embd=256, n_head=4, n_head_kv=1, n_ff=512, n_layer=6, n_ctx=512, head_dim=256,
-                     freq_base=1e6, n_swa=8), "ggml-vocab-llama-spm.gguf", "gemma3"),
-    "mistral": (Shape(n_embd=1024, n_head=8 * 2, n_head_kv=2, n_ff=1024, n_layer=2, n_ctx=512, head_dim=128),
-                "ggml-vocab-llama-spm.gguf", "llama"),
-}
 # transformers' GGUF loader (integrations/ggml.py) reads these architectures
 TRANSFORMERS_ARCHS = {"qwen2", "qwen3", "phi3", "gemma3", "mistral"}
 
 
 @pytest.fixture(scope="module")
-def models(shared_dir, llama_quantize):
-    """arch name -> {"F16": path, quant: path, ...}, written once and cached on disk."""
-    out = {}
-    CACHE.mkdir(parents=True, exist_ok=True)
-    for name, (shape, vocab, arch) in ARCHS.items():
-        f16 = CACHE / f"synthetic-{name}-{VERSION}.F16.gguf"
-        if not f16.exists():
-            tmp = f16.with_suffix(".tmp")
-            write_llama(tmp, shape, shared_dir / "vocab" / vocab, seed=3, arch=arch)
-            tmp.rename(f16)
-        out[name] = {"F16": f16}
-    return out
+def models(shared_dir):
+    """arch name -> {"F16": path}, written once and cached on disk."""
+    return {name: {"F16": synthetic_f16(name, shared_dir / "vocab")} for name in ARCHS}
 
 
 def _ids(path: Path) -> list[int]:
@@ -98,6 +73,14 @@ def test_logits_match_reference(name, quant, models, llama_cpp, llama_quantize):
     ids = _ids(path)
     model = gguflm.load(path, n_ctx=64)
     assert model.config.arch == ARCHS[name][2]
+    from gguflm.model.layers import Block
+    from gguflm.quant.cpu import QuantLinear
+
+    if isinstance(model.transformer.blocks[0].ffn.down if isinstance(model.transformer.blocks[0], Block)
+                  else model.transformer.blocks[0].block.ffn.down, QuantLinear):  # the CPU kernels are on
+        # the C++ block step runs Llama's choices only; Qwen3's q/k norms and Gemma's block keep the torch block
+        fused = not isinstance(model.transformer.blocks[0], Block)
+        assert fused == (name in ("qwen2", "phi3", "mistral")), name
     ours = model.logits(ids).numpy()
     ref = reference_logits(path, ids)
     lc = llama_cpp_logits(llama_cpp, path, ids)

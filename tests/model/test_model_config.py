@@ -87,7 +87,27 @@ def test_bad_values_are_refused(tmp_path, spm_vocab, extra, match):
 
 def test_unsupported_architecture(tmp_path, spm_vocab):
     path = write_llama(tmp_path / "m.gguf", Shape(), spm_vocab, arch="mamba")
-    with pytest.raises(gguflm.GGUFError, match="unsupported architecture 'mamba'"):
+    with pytest.raises(gguflm.GGUFError,
+                       match=r"unsupported architecture 'mamba' \(supported: gemma3, llama, phi3, qwen2, qwen3\)"):
+        gguflm.load(path)
+
+
+@pytest.mark.parametrize("arch,shape,match", [
+    ("gemma3", Shape(n_swa=8, extra_keys={"gemma3.attention.sliding_window_pattern": (-1, "INT32")}),
+     "sliding_window_pattern' = -1"),
+    ("gemma3", Shape(extra_keys={"gemma3.attention.sliding_window": (-4, "INT32")}), "sliding_window' = -4"),
+    ("gemma3", Shape(omit_tensors=("blk.1.post_ffw_norm.weight",)), "missing tensor 'blk.1.post_ffw_norm.weight'"),
+    ("qwen3", Shape(bad_shapes={"blk.0.attn_k_norm.weight": (3,)}), r"'blk.0.attn_k_norm.weight' has shape \[3\]"),
+    ("phi3", Shape(bad_shapes={"blk.0.attn_qkv.weight": (64, 64)}), "'blk.0.attn_qkv.weight' has shape"),
+    ("phi3", Shape(rope_freqs=None, extra_tensors={"rope_factors_long.weight": 16}), "longrope"),
+    ("qwen2", Shape(bad_shapes={"blk.0.attn_q.bias": (5,)}), r"'blk.0.attn_q.bias' has shape \[5\]"),
+])
+def test_arch_specific_errors_name_the_problem(tmp_path, spm_vocab, arch, shape, match):
+    import gguf
+
+    shape.extra_keys = {k: (v, gguf.GGUFValueType[t]) for k, (v, t) in shape.extra_keys.items()}
+    path = write_llama(tmp_path / "m.gguf", shape, spm_vocab, arch=arch)
+    with pytest.raises(gguflm.GGUFError, match=match):
         gguflm.load(path)
 
 
