@@ -118,6 +118,9 @@ def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, de
         scheduler.close()
 
     watch = FileWatch(path, stop_for)
+    from gguflm.chat import worker
+
+    worker.prestart()  # the chat template's render process, started before the first request
 
     ended: list[BaseException] = []
 
