@@ -156,7 +156,7 @@ def test_without_llama_cpp_python_one_line_names_the_install(tinyllama_like, eng
     monkeypatch.setattr(llamacpp, "available", lambda: False)
     rc, stdout, _ = cli(["verify", "-m", str(tinyllama_like), "-o", str(tmp_path), "-n", "1"], capsys)
     report = json.loads((tmp_path / "report.json").read_text())
-    assert rc == 0 and {c["status"] for c in report["checks"] if "llama" in c["name"]} == {"skip"}
+    assert rc == 0 and {c["status"] for c in report["checks"] if "llama.cpp" in c["name"] or "llama-cpp" in c["name"]} == {"skip"}
     notes = [line for line in stdout.splitlines() if line.startswith("NOTE: ")]
     assert len(notes) == 1 and "llama-cpp-python is not installed" in notes[0] and "pip install" in notes[0]
     for args in (["verify", "-m", str(tinyllama_like), "-o", str(tmp_path), "--reference", "llama.cpp"],
