@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import gguflm
+from gguflm.model import load_model
 from gguflm.verify.reference import reference_logits
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when movable metal type "
@@ -52,14 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for path in a.models:
         if dev.type == "cuda":
-            m = gguflm.load(path, device=dev, n_ctx=a.tokens + 8)
+            m = load_model(path, device=dev, n_ctx=a.tokens + 8)
         else:
             from gguflm.model.config import ModelConfig
             from gguflm.model.cuda import load_cuda
 
             f = gguflm.GGUFFile(path)
-            m = load_cuda(f, ModelConfig.from_gguf(f), gguflm.Tokenizer.from_gguf(f), a.tokens + 8, dev)
-        ids = m.tokenizer.encode(TEXT, add_special=True)[:a.tokens]
+            m = load_cuda(f, ModelConfig.from_gguf(f), a.tokens + 8, dev)
+        ids = gguflm.Tokenizer.from_gguf(m.file).encode(TEXT, add_special=True)[:a.tokens]
         t0 = time.perf_counter()
         ref = reference_logits(m.file, ids)
         t_ref = time.perf_counter() - t0

@@ -100,7 +100,7 @@ def child_ours(path: str, threads: int) -> dict:
 
     cpu.kernel_types()  # the C++ build is cached on disk; this only loads it
     t0 = time.perf_counter()
-    model = gguflm.load(path, n_ctx=N_CTX, threads=threads)
+    model = gguflm.load(path, n_ctx=N_CTX, threads=threads).model
     load = time.perf_counter() - t0
     ids = prompt_ids(N_PREFILL + N_DECODE)
     slots = torch.zeros(1, dtype=torch.long)

@@ -100,7 +100,7 @@ def decode_steps(model_path: Path, widths: Sequence[int], threads: int | None, s
 
     import gguflm
 
-    model = gguflm.load(model_path, threads=threads)
+    model = gguflm.load(model_path, threads=threads).model
     n_vocab, g = model.config.n_vocab, torch.Generator().manual_seed(0)
     out = {}
     for B in widths:

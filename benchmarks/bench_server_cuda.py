@@ -43,7 +43,7 @@ def step_sweep(model_path: str, widths: list[int], steps: int, n_ctx: int) -> li
 
     import gguflm
 
-    m = gguflm.load(model_path, device="cuda", n_ctx=n_ctx)
+    m = gguflm.load(model_path, device="cuda", n_ctx=n_ctx).model
     cache = m.new_cache(max(widths), n_ctx)
     gen = torch.Generator().manual_seed(0)
     prompt_len = 32

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--prefill", type=int, default=512)
     a = p.parse_args(argv)
-    m = gguflm.load(a.model, device="cuda", n_ctx=max(a.position + 2, a.prefill))
+    m = gguflm.load(a.model, device="cuda", n_ctx=max(a.position + 2, a.prefill)).model
     print(f"weights {m.weights.nbytes / 2**20:.1f} MiB, torch allocated {torch.cuda.memory_allocated() / 2**20:.1f} MiB")
     g = m.graphs(m.session_cache(), 0)
     g.tok[0], g.pos[0] = 1, a.position

@@ -22,6 +22,6 @@ def __getattr__(name):  # lazy: `import gguflm` stays light (no torch until need
         from gguflm.chat import ChatTemplate
         return ChatTemplate
     if name == "load":
-        from gguflm.model import load
+        from gguflm.engine.llm import load
         return load
     raise AttributeError(f"module 'gguflm' has no attribute {name!r}")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gguflm.gguf.types import LAYOUTS, GGMLType
-from gguflm.quant.triton import attention as A
+from gguflm.kernels.triton import attention as A
 from gguflm.quant.triton.codecs import CODECS, codec
 from gguflm.quant.triton.dequant import dequantize_into, dequantize_reference
 from gguflm.quant.triton.gemv import GemvConfig, gemv, gemv_reference, gemv_swiglu, gemv_swiglu_reference
@@ -174,7 +174,7 @@ def test_batched_decode_attention_uses_each_rows_slot_and_position(device):
 
 
 def test_rms_norm_half(device):
-    from gguflm.quant.triton.activations import rms_norm_half, rms_norm_half_reference
+    from gguflm.kernels.triton.activations import rms_norm_half, rms_norm_half_reference
 
     gen = torch.Generator().manual_seed(3)
     x, w = torch.randn(5, 300, generator=gen) * 3, torch.randn(300, generator=gen)
@@ -184,7 +184,7 @@ def test_rms_norm_half(device):
 
 
 def test_silu_mul_half(device):
-    from gguflm.quant.triton.activations import silu_mul_half, silu_mul_half_reference
+    from gguflm.kernels.triton.activations import silu_mul_half, silu_mul_half_reference
 
     gen = torch.Generator().manual_seed(4)
     g, u = ((torch.randn(3, 1500, generator=gen) * 4).half() for _ in range(2))
@@ -193,7 +193,7 @@ def test_silu_mul_half(device):
 
 @pytest.mark.parametrize("neox", [False, True])
 def test_rope_prefill_writes_q_and_the_cache_rows(device, neox):
-    from gguflm.quant.triton.activations import rope_prefill, rope_prefill_reference
+    from gguflm.kernels.triton.activations import rope_prefill, rope_prefill_reference
 
     T, H, Hkv, D, n_ctx, p0 = 5, 6, 2, 32, 20, 7
     gen = torch.Generator().manual_seed(9)
@@ -211,7 +211,7 @@ def test_rope_prefill_writes_q_and_the_cache_rows(device, neox):
 
 
 def test_add_rms_norm_half(device):
-    from gguflm.quant.triton.activations import add_rms_norm_half, add_rms_norm_half_reference
+    from gguflm.kernels.triton.activations import add_rms_norm_half, add_rms_norm_half_reference
 
     gen = torch.Generator().manual_seed(8)
     x, r, w = torch.randn(4, 300, generator=gen), torch.randn(4, 300, generator=gen).half(), torch.randn(300, generator=gen)

@@ -19,7 +19,14 @@ IDS = [1, 450, 439, 293, 110, 289]  # "<s>The quick brown" in the llama SPM voca
 def _load(path, device, **kw):
     f = gguflm.GGUFFile(path)
     cfg = ModelConfig.from_gguf(f)
-    return load_cuda(f, cfg, gguflm.Tokenizer.from_gguf(f), 32, device, **kw)
+    return load_cuda(f, cfg, 32, device, **kw)
+
+
+def _llm(m):
+    """The engine's LLM around a model loaded here (its tokenizer from the same file)."""
+    from gguflm.engine.llm import LLM
+
+    return LLM(m, gguflm.Tokenizer.from_gguf(m.file))
 
 
 def _agree(logits: torch.Tensor, ref: np.ndarray, tol: float) -> None:
@@ -203,7 +210,7 @@ def test_scheduler_output_alone_equals_among_others(model_and_ref):
               Job(tuple(IDS[2:5]), greedy, 6)]
 
     def served(jobs: list[Job]) -> list:
-        sched = Scheduler(m, n_slots=4, n_ctx=32, prefill_chunk=4)
+        sched = Scheduler(_llm(m), n_slots=4, n_ctx=32, prefill_chunk=4)
         try:
             return run_jobs(sched, jobs)
         finally:
@@ -230,5 +237,5 @@ def test_seeded_sampling_on_the_gpu(tiny_model):
 
     m = _load(tiny_model("Q4_K_M"), torch.device("cuda"))
     params = SamplingParams(temperature=0.9, seed=7)
-    runs = [list(TokenStream(m, IDS, 12, params, cache=m.new_cache(1))) for _ in range(2)]
+    runs = [list(TokenStream(_llm(m), IDS, 12, params, cache=m.new_cache(1))) for _ in range(2)]
     assert len(runs[0]) > 0 and runs[0] == runs[1]

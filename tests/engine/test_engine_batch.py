@@ -30,8 +30,8 @@ def check(ref: np.ndarray, ours: list[torch.Tensor]) -> None:
 
 
 def test_ragged_batch_and_slot_reuse_match_reference(smollm2_model, smollm2_path, weight_source):
-    model = smollm2_model
-    prompts = sorted((chat_ids(model, q) for q in PROMPTS[:3]), key=len, reverse=True)
+    model = smollm2_model.model
+    prompts = sorted((chat_ids(smollm2_model, q) for q in PROMPTS[:3]), key=len, reverse=True)
     assert len({len(p) for p in prompts}) == 3  # ragged: three different lengths
     cache = model.new_cache(3, n_ctx=128)
     slots = torch.tensor([2, 0, 1])
@@ -58,7 +58,7 @@ def test_ragged_batch_and_slot_reuse_match_reference(smollm2_model, smollm2_path
         check(ref[lengths[b] - 1:], rows[b])
 
     # slot 2 held the longest sequence; a shorter one reuses it, prefilled in two chunks
-    short = chat_ids(model, "Hi!")
+    short = chat_ids(smollm2_model, "Hi!")
     assert len(short) < lengths[0]
     cut = len(short) // 2
     slot = torch.tensor([2])

@@ -23,7 +23,7 @@ STEPS = 2
 
 @pytest.mark.parametrize("B", [7, 16])
 def test_batched_decode_matches_reference(B, smollm2_model, smollm2_path, weight_source):
-    model = smollm2_model
+    model = smollm2_model.model
     g = torch.Generator().manual_seed(B)
     lengths = (torch.randperm(B, generator=g) % 12 + 1).tolist()               # 1..12 tokens each
     seqs = [torch.randint(0, model.config.n_vocab, (n,), generator=g).tolist() for n in lengths]

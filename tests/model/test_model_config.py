@@ -118,7 +118,7 @@ def test_vocab_only_file(spm_vocab):
 
 def test_tied_output_reuses_the_embedding(tmp_path, spm_vocab):
     path = write_llama(tmp_path / "m.gguf", Shape(tied=True), spm_vocab)
-    m = gguflm.load(path, n_ctx=16)
+    m = gguflm.load(path, n_ctx=16).model
     assert m.config.tied_output
     emb = m.transformer.embedding
     assert emb.data_ptr() == m.transformer.output.weight_t.data_ptr()  # one copy, two views

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import gguflm
-from gguflm.quant.cpu.block import FusedBlock
+from gguflm.kernels.cpu.block import FusedBlock
 
 
 @pytest.fixture(scope="module")
 def model(cpu_kernels, requantized):
     # Q4_K_M: Q5_0, Q8_0, Q4_K and Q6_K linears in one model
-    return gguflm.load(requantized("Q4_K_M"), n_ctx=64)
+    return gguflm.load(requantized("Q4_K_M"), n_ctx=64).model
 
 
 def blocked_mask(positions: torch.Tensor) -> torch.Tensor:

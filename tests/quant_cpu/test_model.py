@@ -15,7 +15,7 @@ import torch
 
 import gguflm
 from gguflm.quant.cpu import QuantEmbedding, QuantLinear
-from gguflm.quant.cpu.block import FusedBlock
+from gguflm.kernels.cpu.block import FusedBlock
 from gguflm.verify.reference import reference_logits
 
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of"
@@ -30,8 +30,9 @@ def kl_mean(p: np.ndarray, q: np.ndarray) -> float:
 @pytest.mark.parametrize("quant", ["Q4_1", "Q4_K_M"])
 def test_decode_path_matches_reference(quant, cpu_kernels, smollm2_path, requantized):
     path = smollm2_path if quant == "Q4_1" else requantized(quant)
-    model = gguflm.load(path, n_ctx=64)
-    ids = model.tokenizer.encode(PROMPT, add_special=True, parse_special=True)[:24]
+    llm = gguflm.load(path, n_ctx=64)
+    model = llm.model
+    ids = llm.tokenizer.encode(PROMPT, add_special=True, parse_special=True)[:24]
     cache, slots = model.new_cache(1), torch.tensor([0])
     ours = np.stack([model.forward(torch.tensor([[t]]), torch.tensor([[p]]), cache, slots, last_only=True)[0].numpy()
                      for p, t in enumerate(ids)])                               # [T, n_vocab], one step each
@@ -43,7 +44,7 @@ def test_decode_path_matches_reference(quant, cpu_kernels, smollm2_path, requant
 
 
 def test_weights_stay_in_the_file(cpu_kernels, smollm2_path):
-    model = gguflm.load(smollm2_path, n_ctx=32)
+    model = gguflm.load(smollm2_path, n_ctx=32).model
     f = model.file
     in_file = {int(f.tensor_data(name).ctypes.data) for name in f.tensors}
     tr = model.transformer

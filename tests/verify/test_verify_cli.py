@@ -140,7 +140,7 @@ def test_a_broken_engine_fails_where_it_is_broken(fault, tinyllama_like, tmp_pat
         monkeypatch.setenv("GGUFLM_CPU_KERNELS", "0")
         monkeypatch.setattr(layers.Rope, "forward", _shifted_rope(layers.Rope.forward))
     else:
-        block_type = type(gguflm.load(tinyllama_like, n_ctx=8).transformer.blocks[0])
+        block_type = type(gguflm.load(tinyllama_like, n_ctx=8).model.transformer.blocks[0])
         if block_type is layers.Block:
             pytest.skip("the engine runs no fused block here")
         monkeypatch.setattr(block_type, "forward", _nudged(block_type.forward))

@@ -120,7 +120,7 @@ def run(args) -> int:
         bar.update(1)
 
     try:
-        result = pp.evaluate(pp.engine_chunk_logits(model, min(batch, n_ctx)), chunks, bos, per_batch, on_chunk)
+        result = pp.evaluate(pp.engine_chunk_logits(model.model, min(batch, n_ctx)), chunks, bos, per_batch, on_chunk)
     finally:
         bar.close()
         if writer is not None:

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gguflm.engine.kv_cache import KVCache
+from gguflm.model.kv_cache import KVCache
 from gguflm.engine.sampling import SamplingParams, sample
 
-if TYPE_CHECKING:  # the model package builds on the engine's cache, not the other way round
-    from gguflm.model.model import Model
+if TYPE_CHECKING:
+    from gguflm.engine.llm import LLM
 
 
 class GenerationError(ValueError):
@@ -75,8 +75,9 @@ class TokenStream:
     one-slot cache of the model's context size is made.
     """
 
-    def __init__(self, model: Model, prompt_ids: Sequence[int], max_tokens: int = 256,
+    def __init__(self, llm: LLM, prompt_ids: Sequence[int], max_tokens: int = 256,
                  params: SamplingParams | None = None, cache: KVCache | None = None, slot: int = 0):
+        self.llm, model = llm, llm.model
         self.model = model
         self.prompt = [int(t) for t in prompt_ids]
         self.params = params or SamplingParams()
@@ -92,7 +93,7 @@ class TokenStream:
             self.generator.manual_seed(self.params.seed)
 
     def __iter__(self) -> Iterator[int]:
-        model, res, eog = self.model, self.result, set(self.model.tokenizer.eog_ids)
+        model, res, eog = self.model, self.result, set(self.llm.tokenizer.eog_ids)
         device = self.cache.k.device
         slots = torch.tensor([self.slot], device=device)
         history = list(self.prompt)
@@ -176,7 +177,7 @@ def _overlap(text: str, stop: str) -> int:
 def generate_text(stream: TokenStream, stop: Sequence[str] = ()) -> Iterator[str]:
     """Text pieces of ``stream`` (see :class:`TextAssembler`); a stop string ends the
     stream with finish reason "stop"."""
-    tokenizer = stream.model.tokenizer
+    tokenizer = stream.llm.tokenizer
     text = TextAssembler(stop)
     tokens = iter(stream)
     try:

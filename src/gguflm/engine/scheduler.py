@@ -45,11 +45,11 @@ from typing import TYPE_CHECKING, Union
 import torch
 
 from gguflm.engine.generate import ContextLengthError, GenerationError, TextAssembler
-from gguflm.engine.kv_cache import KVCache
+from gguflm.model.kv_cache import KVCache
 from gguflm.engine.sampling import SamplingParams, sample
 
 if TYPE_CHECKING:
-    from gguflm.model.model import Model
+    from gguflm.engine.llm import LLM
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ class Scheduler:
     brings a second OpenMP team, and with more threads than cores both stop spinning and
     every parallel region pays a wake-up: a decode step takes twice as long)."""
 
-    def __init__(self, model: Model, n_slots: int, n_ctx: int | None = None, *,
+    def __init__(self, llm: LLM, n_slots: int, n_ctx: int | None = None, *,
                  prefill_chunk: int = 256, prefill_budget: int = 512, max_waiting: int = 1024,
                  max_batch_rows: int | None = None, start: bool = True):
         if n_slots < 1:
@@ -165,7 +165,8 @@ class Scheduler:
         if max_batch_rows is not None and max_batch_rows < 1:
             raise ValueError("max_batch_rows must be >= 1")
         self.max_batch_rows = max_batch_rows
-        self.model = model
+        self.llm, self.model = llm, llm.model
+        model = llm.model
         self.cache: KVCache = model.new_cache(n_slots, n_ctx)
         self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_budget
         self.max_waiting = max_waiting
@@ -174,7 +175,7 @@ class Scheduler:
         self._shared_steps = model.batch_invariant or n_slots == 1
         if not self._shared_steps:
             model.pin_decode_width(self.cache)
-        self._eog = frozenset(model.tokenizer.eog_ids)
+        self._eog = frozenset(llm.tokenizer.eog_ids)
         self._eog_index = sorted(self._eog)
         self._cond = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
@@ -399,7 +400,7 @@ class Scheduler:
         seq.n_gen += 1
         if job.top_logprobs is not None:
             seq.logprobs.append(_logprob(logits, tok, job.top_logprobs))
-        text, stopped = seq.text.push(self.model.tokenizer.token_to_piece(tok))
+        text, stopped = seq.text.push(self.llm.tokenizer.token_to_piece(tok))
         if stopped:
             self._emit_piece(seq, text)
             self._finish(seq, seq.done("stop"))

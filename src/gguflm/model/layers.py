@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gguflm.engine.kv_cache import KVCache
 from gguflm.model.arch import Activation, RopeStyle
+from gguflm.model.kv_cache import KVCache
 from gguflm.model.config import ModelConfig
 
 

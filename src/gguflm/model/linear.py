@@ -80,7 +80,7 @@ def tied_embedding(output: nn.Module):
 
 def fused_block(block: nn.Module) -> nn.Module:
     """``block``, or on the CPU with quantized linears the same block run as one C++ call
-    per decode step (:class:`gguflm.quant.cpu.block.FusedBlock`)."""
-    from gguflm.quant.cpu.block import FusedBlock
+    per decode step (:class:`gguflm.kernels.cpu.block.FusedBlock`)."""
+    from gguflm.kernels.cpu.block import FusedBlock
 
     return FusedBlock(block) if FusedBlock.eligible(block) else block

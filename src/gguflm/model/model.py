@@ -1,30 +1,26 @@
-"""``gguflm.load``: a GGUF file in, a runnable :class:`Model` out (config, weights,
-tokenizer, chat template), with ``logits`` for verification and ``generate`` for text."""
+""":func:`load_model`: a GGUF file in, a runnable :class:`Model` out: forward + KV cache +
+``logits``. Text (tokenizer, chat template, generation) is the engine's
+(:mod:`gguflm.engine.llm`, what ``gguflm.load`` returns)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
-from gguflm.engine.generate import GenerationError, TokenStream, generate_text
-from gguflm.engine.kv_cache import KVCache
-from gguflm.engine.sampling import SamplingParams
-from gguflm.errors import GGUFError
 from gguflm.gguf.reader import GGUFFile
 from gguflm.model.config import MAX_CTX, ModelConfig
+from gguflm.model.kv_cache import KVCache
 from gguflm.model.layers import Transformer
 from gguflm.model.loader import build_transformer
-from gguflm.models import resolve
 
 DEFAULT_MAX_CTX = 4096  # default context: the training context, capped here to bound cache memory
 
 
 class Model:
     """A loaded model. ``forward`` is the batched step (see :meth:`Transformer.forward`);
-    ``logits`` scores a token sequence from a fresh context; ``generate`` streams text.
+    ``logits`` scores a token sequence from a fresh context.
 
     ``batch_invariant``: a row's results do not depend on the other rows of its forward,
     on how its prompt was cut into chunks, or on whose computation its cached keys and
@@ -33,21 +29,11 @@ class Model:
 
     batch_invariant = True
 
-    def __init__(self, file: GGUFFile, config: ModelConfig, transformer: Transformer,
-                 tokenizer: Any, n_ctx: int, device: torch.device):
+    def __init__(self, file: GGUFFile, config: ModelConfig, transformer: Transformer | None,
+                 n_ctx: int, device: torch.device):
         self.file = file  # kept open: float32 weights may be zero-copy views of the mapping
-        self.config, self.transformer, self.tokenizer = config, transformer, tokenizer
+        self.config, self.transformer = config, transformer
         self.n_ctx, self.device = n_ctx, device
-        self._chat_template: Any = None
-
-    @property
-    def chat_template(self) -> Any:
-        """The file's ChatTemplate (a built-in format if the file has none), built on first use."""
-        if self._chat_template is None:
-            from gguflm.chat import ChatTemplate
-
-            self._chat_template = ChatTemplate.from_gguf(self.file)
-        return self._chat_template
 
     def new_cache(self, n_slots: int = 1, n_ctx: int | None = None) -> KVCache:
         """An empty KV cache of ``n_slots`` sequences of ``n_ctx`` (default: the model's) positions."""
@@ -67,38 +53,13 @@ class Model:
         """Float32 [len(ids), n_vocab]: the logits after each token, from a fresh context."""
         ids = [int(t) for t in ids]
         if not ids:
-            raise GenerationError("no tokens to score")
+            raise ValueError("no tokens to score")
         if not all(0 <= t < self.config.n_vocab for t in ids):
-            raise GenerationError(f"token ids must lie in [0, {self.config.n_vocab})")
+            raise ValueError(f"token ids must lie in [0, {self.config.n_vocab})")
         cache = self.new_cache(1, n_ctx=len(ids))
         tokens = torch.tensor([ids], device=self.device)
         positions = torch.arange(len(ids), device=self.device)[None]
         return self.forward(tokens, positions, cache, torch.zeros(1, dtype=torch.long, device=self.device))[0].cpu()
-
-    def encode_prompt(self, prompt: str | Sequence[int], add_special: bool = True) -> list[int]:
-        """Token ids of a prompt: text is tokenized with special tokens parsed (a rendered
-        chat template contains them); a doubled leading BOS (template + tokenizer) is merged."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special=add_special, parse_special=True)
-            bos = self.tokenizer.bos_id
-            if len(ids) >= 2 and bos is not None and ids[0] == ids[1] == bos:
-                ids = ids[1:]
-            return ids
-        return [int(t) for t in prompt]
-
-    def stream_tokens(self, prompt: str | Sequence[int], max_tokens: int = 256,
-                      params: SamplingParams | None = None, add_special: bool = True) -> TokenStream:
-        """The low-level generator: token ids and a GenerationResult (see TokenStream)."""
-        return TokenStream(self, self.encode_prompt(prompt, add_special), max_tokens, params)
-
-    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float = 0.8,
-                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-                 repeat_last_n: int = 64, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 seed: int | None = None, stop: Sequence[str] = (), add_special: bool = True) -> Iterator[str]:
-        """Stream the continuation of ``prompt`` as text pieces (llama.cpp's sampling defaults)."""
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-                                presence_penalty, frequency_penalty, seed)
-        return generate_text(self.stream_tokens(prompt, max_tokens, params, add_special), stop)
 
     def __repr__(self) -> str:
         c = self.config
@@ -106,32 +67,25 @@ class Model:
                 f"vocab {c.n_vocab}, n_ctx {self.n_ctx}, {self.device})")
 
 
-def load(path: str | os.PathLike | GGUFFile, device: str | torch.device = "cpu",
-         n_ctx: int | None = None, threads: int | None = None) -> Model:
-    """Load a GGUF model: a file, or a name from gguflm.models (``"gemma3-270m"``, fetched
-    into the cache on first use). ``n_ctx``: context size (default: the training context, at most
-    4096); ``threads``: torch CPU threads (default: torch's own choice)."""
-    from gguflm.tokenizer import Tokenizer
-
+def load_model(path: str | os.PathLike | GGUFFile, device: str | torch.device = "cpu",
+               n_ctx: int | None = None, threads: int | None = None) -> Model:
+    """Load a GGUF model's weights. ``n_ctx``: context size (default: the training context,
+    at most 4096); ``threads``: torch CPU threads (default: torch's own choice)."""
     if threads is not None:
         if threads < 1:
             raise ValueError("threads must be >= 1")
         torch.set_num_threads(threads)
-    f = path if isinstance(path, GGUFFile) else GGUFFile(resolve(path))
+    f = path if isinstance(path, GGUFFile) else GGUFFile(path)
     config = ModelConfig.from_gguf(f)
     if n_ctx is None:
         n_ctx = min(config.n_ctx_train, DEFAULT_MAX_CTX)
     if not 1 <= n_ctx <= MAX_CTX:
         raise ValueError(f"context size {n_ctx} out of range [1, {MAX_CTX}]")
     dev = torch.device(device)
-    tokenizer = Tokenizer.from_gguf(f)
-    if tokenizer.n_vocab != config.n_vocab:  # as llama.cpp: token_embd must be [n_embd, n_tokens]
-        raise GGUFError(f"the tokenizer has {tokenizer.n_vocab} tokens but the embedding {config.n_vocab} rows: "
-                        "every row must be a token (llama.cpp refuses the file too)")
     if dev.type == "cuda" and config.spec.llama_like:  # quantized weights on the GPU, Triton kernels, CUDA graphs
         from gguflm.model.cuda import load_cuda
 
-        return load_cuda(f, config, tokenizer, n_ctx, dev)
+        return load_cuda(f, config, n_ctx, dev)
     if dev.type != "cpu":  # the fused CUDA path runs Llama's block only: the generic torch block runs
         import logging
 
@@ -139,4 +93,4 @@ def load(path: str | os.PathLike | GGUFFile, device: str | torch.device = "cpu",
             "%s on %s: the fused CUDA path covers Llama's block only; running the torch block with "
             "weights dequantized to float32 on the device", config.arch, dev)
     transformer = build_transformer(f, config, n_ctx, dev)
-    return Model(f, config, transformer, tokenizer, n_ctx, dev)
+    return Model(f, config, transformer, n_ctx, dev)

@@ -24,7 +24,7 @@ from gguflm.server.errors import APIError, invalid
 from gguflm.server.schemas import ChatCompletionRequest, CompletionRequest
 
 if TYPE_CHECKING:
-    from gguflm.model.model import Model
+    from gguflm.engine.llm import LLM
 
 
 class Mailbox:
@@ -100,7 +100,7 @@ class Generation:
 class Backend:
     """A loaded model and its scheduler, as the API sees them."""
 
-    def __init__(self, model: Model, scheduler: Scheduler, model_id: str | None = None):
+    def __init__(self, model: LLM, scheduler: Scheduler, model_id: str | None = None):
         self.model, self.scheduler = model, scheduler
         self.model_id = model_id or Path(str(model.file.path)).name
         self.created = int(time.time())

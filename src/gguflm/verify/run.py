@@ -149,7 +149,7 @@ def greedy_decode(model: Any, prompt: list[int], n_predict: int) -> tuple[list[i
     new ids and each step's float32 logits [len(new) + 1, V] (row i predicts position
     ``len(prompt) + i``; the last row follows the last new token)."""
     eog = set(model.tokenizer.eog_ids)
-    dev = model.device
+    dev, model = model.device, model.model
     cache = model.new_cache(1, n_ctx=len(prompt) + n_predict)
     slots = torch.zeros(1, dtype=torch.long, device=dev)
     n = len(prompt)
@@ -403,9 +403,9 @@ def run_verification(opts: VerifyOptions) -> Report:
         rep.data["sequence"] = {"prompt_ids": prompt, "continuation_ids": continuation,
                                 "continuation_text": tok.decode(continuation), "scored_from": first}
         with stages.stage("trace"):
-            trace = trace_forward(model, seq, sorted({0, cfg.n_layer // 2, cfg.n_layer - 1}))
+            trace = trace_forward(model.model, seq, sorted({0, cfg.n_layer // 2, cfg.n_layer - 1}))
         with stages.stage("components"):
-            _components(rep, r, trace, weight, type(model.transformer.blocks[0]).__name__)
+            _components(rep, r, trace, weight, type(model.model.transformer.blocks[0]).__name__)
         with stages.stage("float64 reference"):
             ref = torch.from_numpy(reference_logits(f, seq, weights=weight))       # [T, V] float64
         ll = None

@@ -16,7 +16,7 @@ from gguflm.gguf.reader import GGUFFile
 from gguflm.model.config import ModelConfig
 
 
-def load_cuda(f: GGUFFile, config: ModelConfig, tokenizer, n_ctx: int, device: torch.device,
+def load_cuda(f: GGUFFile, config: ModelConfig, n_ctx: int, device: torch.device,
               use_graphs: bool = True):
     """A :class:`CudaModel` of ``f`` on ``device`` (CUDA graphs off for a CPU device,
     where the Triton kernels run in the interpreter)."""
@@ -31,4 +31,4 @@ def load_cuda(f: GGUFFile, config: ModelConfig, tokenizer, n_ctx: int, device: t
     os.environ.setdefault("TORCH_CUBLASLT_WORKSPACE_SIZE", "1024")
 
     weights = load_weights(f, config, device)
-    return CudaModel(f, config, weights, tokenizer, n_ctx, device, use_graphs=use_graphs and device.type == "cuda")
+    return CudaModel(f, config, weights, n_ctx, device, use_graphs=use_graphs and device.type == "cuda")

@@ -4,7 +4,7 @@ W (a power of two) and captured in a CUDA graph per width.
 
 The step is the many-token forward (:func:`.forward._blocks`: tile dequantization into
 tensor-core matmuls, fused RMSNorm / residual / SwiGLU kernels) with the attention of
-the decode kernel (:func:`gguflm.quant.triton.attention.decode_attention`): RoPE at each
+the decode kernel (:func:`gguflm.kernels.triton.attention.decode_attention`): RoPE at each
 row's position, the cache write into each row's slot, and attention over that slot's
 positions ``0 .. pos``. Padding rows have slot -1: they write nothing and read nothing.
 
@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
-from gguflm.engine.kv_cache import KVCache
+from gguflm.model.kv_cache import KVCache
 from gguflm.model.arch import RopeStyle
 from gguflm.model.config import ModelConfig
 from gguflm.model.cuda.decode import attention_splits
 from gguflm.model.cuda.forward import _blocks, _logits, _qkv
 from gguflm.model.cuda.weights import HALF, CudaLayer, CudaWeights
 from gguflm.model.layers import Rope
-from gguflm.quant.triton.attention import AttentionWorkspace, decode_attention
+from gguflm.kernels.triton.attention import AttentionWorkspace, decode_attention
 
 MIN_WIDTH = 2
 

@@ -27,7 +27,7 @@ from gguflm.model.config import ModelConfig
 from gguflm.model.arch import RopeStyle
 from gguflm.model.cuda.weights import CudaWeights
 from gguflm.model.layers import Rope
-from gguflm.quant.triton.attention import AttentionWorkspace, decode_attention
+from gguflm.kernels.triton.attention import AttentionWorkspace, decode_attention
 from gguflm.quant.triton.gemv import gemv_swiglu
 
 

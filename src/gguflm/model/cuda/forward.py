@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gguflm.engine.kv_cache import KVCache
+from gguflm.model.kv_cache import KVCache
 from gguflm.model.arch import RopeStyle
 from gguflm.model.config import ModelConfig
 from gguflm.model.cuda.weights import HALF, OUTPUT_ROW_CHUNK, CudaLayer, CudaWeights, Workspace
 from gguflm.model.layers import Rope
-from gguflm.quant.triton.activations import add_rms_norm_half, rms_norm_half, rope_prefill, silu_mul_half
+from gguflm.kernels.triton.activations import add_rms_norm_half, rms_norm_half, rope_prefill, silu_mul_half
 
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 

@@ -21,9 +21,7 @@ from typing import Any
 
 import torch
 
-from gguflm.engine.generate import TokenStream
-from gguflm.engine.kv_cache import KVCache
-from gguflm.engine.sampling import SamplingParams
+from gguflm.model.kv_cache import KVCache
 from gguflm.gguf.reader import GGUFFile
 from gguflm.model.config import ModelConfig
 from gguflm.model.cuda.batched import BatchedDecode, batch_width
@@ -47,9 +45,9 @@ class CudaModel(Model):
 
     batch_invariant = False
 
-    def __init__(self, file: GGUFFile, config: ModelConfig, weights: CudaWeights, tokenizer: Any,
+    def __init__(self, file: GGUFFile, config: ModelConfig, weights: CudaWeights,
                  n_ctx: int, device: torch.device, use_graphs: bool = True):
-        super().__init__(file, config, None, tokenizer, n_ctx, device)
+        super().__init__(file, config, None, n_ctx, device)
         self.weights = weights
         self.rope = Rope(config, n_ctx, weights.rope_freqs, device)
         self.use_graphs = use_graphs
@@ -191,11 +189,6 @@ class CudaModel(Model):
         if self._session is None:
             self._session = self.new_cache(1)
         return self._session
-
-    def stream_tokens(self, prompt: str | Sequence[int], max_tokens: int = 256,
-                      params: SamplingParams | None = None, add_special: bool = True) -> TokenStream:
-        return TokenStream(self, self.encode_prompt(prompt, add_special), max_tokens, params,
-                           cache=self.session_cache())
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int], cache: KVCache | None = None) -> torch.Tensor:

@@ -4,7 +4,7 @@
     codecs     one registered block decoder per GGML type, driven by LAYOUTS
     gemv       fused dequantize x GEMV (+ RMSNorm prologue, residual / SwiGLU epilogues)
     dequant    tile dequantization to fp16 for the tensor-core prefill matmul
-    attention  decode attention over the static KV cache; RoPE + cache write
 
-Each kernel has a plain-torch twin in its module.
+Each kernel has a plain-torch twin in its module. Attention, norms and activations
+live in :mod:`gguflm.kernels.triton`.
 """

@@ -9,7 +9,7 @@ plain torch needs several:
                     p0 .. p0+T-1 ([Hkv, n_ctx, D])
 
 Arithmetic is float32 throughout; only the stores round. Rotation as in
-:mod:`gguflm.quant.triton.attention` (NORM pairs (2i, 2i+1), NEOX pairs (i, i + D/2)).
+:mod:`gguflm.kernels.triton.attention` (NORM pairs (2i, 2i+1), NEOX pairs (i, i + D/2)).
 Twins: :func:`rms_norm_half_reference`, :func:`silu_mul_half_reference`,
 :func:`rope_prefill_reference`, :func:`add_rms_norm_half_reference`.
 """
@@ -164,7 +164,7 @@ def silu_mul_half_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def rope_prefill_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p0: int,
                            n_head: int, n_kv: int, neox: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q [T, H, D], k [Hkv, T, D], v [Hkv, T, D]) in float64."""
-    from gguflm.quant.triton.attention import rotate_reference
+    from gguflm.kernels.triton.attention import rotate_reference
 
     t = qkv.shape[0]
     d = qkv.shape[1] // (n_head + 2 * n_kv)

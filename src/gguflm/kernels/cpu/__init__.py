@@ -1,0 +1,1 @@
+"""CPU providers: ``block`` (a whole decoder block step in one C++ call)."""
