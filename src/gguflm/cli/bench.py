@@ -69,7 +69,7 @@ def run(args) -> int:
         raise UserError(f"--device {args.device}: expected cpu or cuda")
     path = resolve_model(args.model)
     n_ctx = max(args.n_prompt, args.n_gen, 1)
-    model = gguflm.load(path, device=device, n_ctx=n_ctx, threads=args.threads)
+    model = gguflm.load(path, device=device, n_ctx=n_ctx, threads=args.threads).model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
