@@ -71,7 +71,7 @@ def test_logits_match_reference(name, quant, models, llama_cpp, llama_quantize):
         types = {info.ggml_type.name for info in gguflm.GGUFFile(path).tensors.values()}
         assert "Q4_K" in types, types
     ids = _ids(path)
-    model = gguflm.load(path, n_ctx=64)
+    model = gguflm.load(path, n_ctx=64).model
     assert model.config.arch == ARCHS[name][2]
     from gguflm.model.layers import Block
     from gguflm.quant.cpu import QuantLinear
