@@ -41,7 +41,7 @@ def test_fused_cuda_path_runs_llama_like_archs(name, shared_dir, llama_quantize,
     f = gguflm.GGUFFile(path)
     cfg = ModelConfig.from_gguf(f)
     assert cfg.spec.llama_like
-    m = load_cuda(f, cfg, gguflm.Tokenizer.from_gguf(f), 16, device, use_graphs=False)
+    m = load_cuda(f, cfg, 16, device, use_graphs=False)
     ids = _ids(path)
     ref = reference_logits(path, ids)
     got = m.logits(ids).double().cpu().numpy()
