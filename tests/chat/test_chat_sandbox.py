@@ -365,3 +365,17 @@ def test_a_stuck_render_does_not_hold_up_the_others():
         assert template.render(MESSAGES) == "hi"
     assert stuck.is_alive(), "the other renders waited for the stuck one"
     stuck.join()
+
+
+def test_a_worker_killed_from_outside_is_replaced():
+    import os
+    import signal
+
+    from gguflm.chat import worker
+
+    template = ChatTemplate("{{ messages[0].content }}")
+    assert template.render(MESSAGES) == "hi"
+    for w in list(worker._POOL._idle):
+        os.kill(w.proc.pid, signal.SIGKILL)
+        w.proc.wait()
+    assert template.render(MESSAGES) == "hi"

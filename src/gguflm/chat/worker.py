@@ -141,11 +141,16 @@ class _Worker:
             self.kill()
             raise TemplateError(f"the chat template worker did not start ({ready!r:.200})")
 
-    def ask(self, payload: bytes, timeout: float) -> dict[str, str]:
-        """Send one request; its reply, or TemplateError when it does not come in time."""
+    def send(self, payload: bytes) -> None:
+        """Send one request (OSError if the worker is gone)."""
         _write_all(self._in, _HEADER.pack(len(payload)) + payload)
+
+    def reply(self, timeout: float, max_bytes: int) -> dict[str, str]:
+        """The reply to the request sent, or TemplateError when it does not come in time."""
         deadline = time.monotonic() + timeout
         (n,) = _HEADER.unpack(self._read(_HEADER.size, deadline))
+        if n > max_bytes:  # more than any prompt or message takes: not a reply of ours
+            raise TemplateError(f"the chat template worker sent {n} bytes, more than any reply takes")
         reply = json.loads(self._read(n, deadline))
         if not isinstance(reply, dict):
             raise TemplateError("the chat template worker answered nonsense")
@@ -266,7 +271,19 @@ def render(source: str, variables: dict[str, Any], limits: Any) -> str:
     pool = _POOL
     worker = pool.take()
     try:
-        reply = worker.ask(payload, limits.timeout_s + GRACE_S)
+        worker.send(payload)
+    except OSError:  # it died while idle (killed from outside): once more with a fresh one
+        pool.discard(worker)
+        worker = pool.take()
+        try:
+            worker.send(payload)
+        except OSError:
+            pool.discard(worker)
+            raise TemplateError("the chat template worker cannot be reached") from None
+    # JSON writes each character in at most 12 bytes (a non-BMP one as two \uXXXX)
+    max_reply = 12 * max(limits.max_output_chars, limits.max_string_chars) + 4096
+    try:
+        reply = worker.reply(limits.timeout_s + GRACE_S, max_reply)
     except _Timeout:
         pool.discard(worker)
         raise TemplateError(f"chat template rendering exceeded {limits.timeout_s} s; "
