@@ -114,7 +114,7 @@ def resolve(arg: str | os.PathLike | None = None, *, quiet: bool = False) -> Pat
     if isinstance(arg, str) and arg in REGISTRY:
         return _ensure(arg, quiet)
     p = Path(arg).expanduser()
-    if not p.exists():
+    if not os.path.lexists(p):  # a symlink loop is not "missing": the reader names its error
         raise ModelNotFoundError(f"no such file or model name: {os.fspath(arg)!r} "
                                  f"(named models: {', '.join(REGISTRY)}; `gguflm models` lists them)")
     return p

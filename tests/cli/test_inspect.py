@@ -50,4 +50,4 @@ def test_inspect_bad_file_one_line(tmp_path, content):
 
 def test_inspect_missing_file(tmp_path):
     r = gguflm_cli("inspect", str(tmp_path / "nope.gguf"))
-    assert r.returncode == 1 and "No such file" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "no such file" in r.stderr.lower() and "Traceback" not in r.stderr

@@ -33,6 +33,11 @@ def gguflm_cli(*args: str, stdin: str | None = None, timeout: float = 600) -> su
                           text=True, timeout=timeout)
 
 
+def with_newline(text: str) -> str:
+    """`run`'s stdout: the generated text, ending with a newline (added unless it ends with one)."""
+    return text if text.endswith("\n") else text + "\n"
+
+
 def greedy_text(model, messages: list[dict], n: int) -> str:
     return "".join(model.generate(model.chat_template.render(messages), max_tokens=n, temperature=0))
 
@@ -50,7 +55,7 @@ def test_run_prints_the_reference_greedy_answer(smollm2_path, smollm2_model, lla
     assert ref[len(prompt) - 1:-1].argmax(-1).tolist() == tokens   # the reference's greedy path
     if stream.result.finish_reason == "stop":
         assert int(ref[-1].argmax()) in m.tokenizer.eog_ids
-    assert r.stdout == b"".join(m.tokenizer.token_to_piece(t) for t in tokens).decode()
+    assert r.stdout == with_newline(b"".join(m.tokenizer.token_to_piece(t) for t in tokens).decode())
 
     theirs = llama_cpp_greedy(llama_cpp, smollm2_path, prompt, 32, set(m.tokenizer.eog_ids))
     agree = next((i for i, (a, b) in enumerate(zip(tokens, theirs)) if a != b), min(len(tokens), len(theirs)))
@@ -63,7 +68,7 @@ def test_run_stdin_raw_verbose(smollm2_path, smollm2_model):
     r = gguflm_cli("run", "-m", smollm2_path, "-p", "-", "--raw", "--temp", "0", "-n", "12", "--verbose",
                    stdin=text)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "".join(smollm2_model.generate(text, max_tokens=12, temperature=0))
+    assert r.stdout == with_newline("".join(smollm2_model.generate(text, max_tokens=12, temperature=0)))
     assert "prompt:" in r.stderr and "tok/s" in r.stderr and "loaded" in r.stderr
 
 
@@ -92,7 +97,8 @@ def test_user_errors_are_one_line(case, tmp_path, shared_dir, unsupported_arch, 
         assert r.returncode != 0
         assert "Traceback" not in r.stderr
         lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"gguflm {cmd}: error:") and want in lines[0], r.stderr
+        assert len(lines) == 1 and lines[0].startswith(f"gguflm {cmd}: error:") and want.lower() in lines[0].lower(), \
+            r.stderr
         assert r.stdout == ""
 
 

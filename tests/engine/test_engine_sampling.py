@@ -134,6 +134,7 @@ def test_draws_follow_llama_cpp_probabilities(llama_cpp, temp, k, p, minp):
 
 def test_bad_params_refused():
     for bad in [dict(temperature=float("nan")), dict(repeat_penalty=0.0), dict(repeat_last_n=-2),
-                dict(top_p=float("inf"))]:
+                dict(top_p=float("inf")), dict(min_p=5.0), dict(min_p=-0.1), dict(top_p=0.0),
+                dict(seed=2**70), dict(seed=-1)]:  # the server's ranges; min_p > 1 keeps no candidate
         with pytest.raises(ValueError):
             SamplingParams(**bad)

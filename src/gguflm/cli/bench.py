@@ -16,18 +16,20 @@ import sys
 import time
 from collections.abc import Callable
 
+from gguflm.cli import options
+
 HELP = "measure prefill and decode speed (tokens/s), like llama-bench"
 DESCRIPTION = __doc__
 
 
 def add_arguments(p) -> None:
-    p.add_argument("-m", "--model", help="GGUF file (default: the bundled SmolLM2)")
+    options.add_model(p)
     p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for pp (0: skip; default 512)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens for tg (0: skip; default 128)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions (default 5)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens")
+    options.add_device(p)
+    options.add_threads(p)
+    options.add_seed(p, "seed of the random prompt tokens (default: %(default)s)", default=0)
     p.add_argument("--json", action="store_true",
                    help='print {"pp_tps", "tg_tps", "peak_mem_mb", ...} as the last line')
 
@@ -51,6 +53,15 @@ def _rate(n: int, seconds: list[float]) -> tuple[float, float]:
     return statistics.fmean(tps), (statistics.stdev(tps) if len(tps) > 1 else 0.0)
 
 
+def _progress(test: str, reps: int) -> None:
+    """One line on stderr while a test is measured (the table row follows when it is done)."""
+    print(f"bench: measuring {test}: 1 warm-up + {reps} timed runs ...", file=sys.stderr, flush=True)
+
+
+def _row(path, size_mb: float, device, test: str, mean: float, sd: float) -> None:
+    print(f"| {path.name} | {size_mb:.1f} MiB | {device} | {test} | {mean:.2f} ± {sd:.2f} |", flush=True)
+
+
 def run(args) -> int:
     import torch
 
@@ -62,14 +73,14 @@ def run(args) -> int:
         raise UserError("-p and -n must be >= 0 and -r >= 1")
     if args.n_prompt == 0 and args.n_gen == 0:
         raise UserError("nothing to measure: -p and -n are both 0")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {args.device}: expected cpu or cuda")
+    threads = options.check_threads(args)
+    device = torch.device(options.device(args, "bench"))
     path = resolve_model(args.model)
-    n_ctx = max(args.n_prompt, args.n_gen, 1)
-    model = gguflm.load(path, device=device, n_ctx=n_ctx, threads=args.threads).model
+    f = gguflm.GGUFFile(path)
+    n_ctx = options.check_context(f, max(args.n_prompt, args.n_gen, 2), str(device), flag="-p/-n")
+    size_mb = path.stat().st_size / 2**20
+    print("| model | size | device | test | t/s |\n| --- | ---: | --- | --- | ---: |", flush=True)
+    model = gguflm.load(f, device=device, n_ctx=n_ctx, threads=threads).model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -88,9 +99,11 @@ def run(args) -> int:
         def prefill() -> None:
             model.forward(prompt, positions, cache, slots, last_only=True)
 
+        _progress(f"pp{args.n_prompt}", args.repetitions)
         mean, sd = _rate(args.n_prompt, _timed(prefill, sync, args.repetitions))
         result.update(pp_tps=mean, pp_sd=sd)
         rows.append((f"pp{args.n_prompt}", mean, sd))
+        _row(path, size_mb, device, *rows[-1])
 
     if args.n_gen:
         first = rng.randrange(n_vocab)
@@ -106,9 +119,11 @@ def run(args) -> int:
                     logits = model.forward(tok, torch.tensor([[p]], device=device), cache, slots, last_only=True)
                     tok = logits.argmax(-1, keepdim=True)
 
+        _progress(f"tg{args.n_gen}", args.repetitions)
         mean, sd = _rate(args.n_gen, _timed(generate, sync, args.repetitions))
         result.update(tg_tps=mean, tg_sd=sd)
         rows.append((f"tg{args.n_gen}", mean, sd))
+        _row(path, size_mb, device, *rows[-1])
 
     if device.type == "cuda":
         peak = torch.cuda.max_memory_reserved(device) / 2**20
@@ -117,10 +132,6 @@ def run(args) -> int:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["peak_mem_mb"] = peak
-    size_mb = path.stat().st_size / 2**20
-    print(f"| model | size | device | test | t/s |\n| --- | ---: | --- | --- | ---: |")
-    for test, mean, sd in rows:
-        print(f"| {path.name} | {size_mb:.1f} MiB | {device} | {test} | {mean:.2f} ± {sd:.2f} |")
     print(f"peak memory: {peak:.1f} MiB", file=sys.stderr)
     if args.json:
         print(json.dumps(result))

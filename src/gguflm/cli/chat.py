@@ -6,9 +6,8 @@ import argparse
 import sys
 from typing import TextIO
 
-from gguflm.cli import UserError
-from gguflm.cli.run import (add_model_arguments, add_sampling_arguments, load_model, report, sampling_params,
-                            stream_answer)
+from gguflm.cli import UserError, options
+from gguflm.cli.run import load_model, model_template, report, sampling_params, stream_answer
 
 HELP = "chat with a model interactively (/reset, /exit; Ctrl-C stops an answer)"
 DESCRIPTION = """\
@@ -23,9 +22,10 @@ Ctrl-C while an answer streams stops that answer; the conversation goes on.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
+    options.add_runtime(p)
     p.add_argument("--system", metavar="TEXT", help="system message for the conversation")
-    add_sampling_arguments(p, n_predict=1024)
+    options.add_chat_template(p)
+    options.add_sampling(p, n_predict=1024)
 
 
 class Conversation:
@@ -57,7 +57,7 @@ def _read(prompt: str, inp: TextIO, err: TextIO) -> str | None:
 def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     model = load_model(args)
-    conv = Conversation(model.chat_template, args.system)
+    conv = Conversation(model_template(args, model), args.system)
     err, out = sys.stderr, sys.stdout
     print("gguflm chat: type a message; /reset clears the conversation, /exit (or Ctrl-D) leaves", file=err)
     while True:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
+from gguflm.cli import options
 from gguflm.defaults import resolve_model
 
 HELP = "perplexity of a text as llama-perplexity computes it; KL divergence against a base model"
@@ -36,9 +36,9 @@ examples:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("-m", "--model", help="GGUF file (default: the embedded SmolLM2 model)")
-    p.add_argument("-f", "--file", help="UTF-8 text to score (optional with --kl-base)")
-    p.add_argument("-c", "--ctx", type=int, default=512, help="tokens per chunk (default: %(default)s)")
+    options.add_model(p)
+    p.add_argument("-f", "--file", metavar="FILE", help="UTF-8 text to score (optional with --kl-base)")
+    options.add_ctx_size(p, 512, "tokens per chunk (default: %(default)s)")  # --ctx: an abbreviation of it
     p.add_argument("--chunks", type=int, default=-1, help="chunks to score, -1 for all (default: %(default)s)")
     p.add_argument("-b", "--batch", type=int, help="tokens per forward pass: below CTX a chunk is fed in pieces, "
                    "a multiple of CTX scores several chunks at once (default: CTX)")
@@ -47,7 +47,7 @@ def add_arguments(p) -> None:
     p.add_argument("--kl-base", metavar="FILE", help="KL divergence against a file from --save-logits")
     p.add_argument("--compare", action="append", choices=["float64", "llama.cpp"], default=[],
                    help="also score the chunks with this reference (repeatable)")
-    p.add_argument("-t", "--threads", type=int, help="CPU threads")
+    options.add_threads(p)
 
 
 def run(args) -> int:
@@ -59,8 +59,7 @@ def run(args) -> int:
         raise UserError("--save-logits and --kl-base cannot be combined")
     if not args.file and not args.kl_base:
         raise UserError("give the text to score with -f FILE (or a base run with --kl-base)")
-    if args.threads is not None and args.threads < 1:
-        raise UserError("--threads must be >= 1")
+    threads = options.check_threads(args)
     if "llama.cpp" in args.compare:
         from gguflm.verify import llamacpp
 
@@ -75,7 +74,7 @@ def run(args) -> int:
     try:
         text_tokens = None
         if args.file:
-            text = Path(args.file).read_text(encoding="utf-8")
+            text = options.read_text_file(args.file, "-f")
             text_tokens = tok.encode(text, add_special=True, parse_special=False)
         base = None
         if args.kl_base:
@@ -89,7 +88,9 @@ def run(args) -> int:
                                 "(a different text or tokenizer)")
             n_ctx = base.n_ctx
         else:
-            n_ctx = args.ctx
+            n_ctx = args.ctx_size
+            if n_ctx < 2:
+                raise UserError(f"-c {n_ctx}: expected at least 2")
             chunks = pp.chunks_of(text_tokens, n_ctx, args.chunks)
     except pp.PerplexityError as e:
         raise UserError(str(e)) from e
@@ -98,7 +99,8 @@ def run(args) -> int:
         raise UserError(f"--batch must be below the context {n_ctx} or a multiple of it")
     per_batch = max(1, batch // n_ctx)
 
-    model = gguflm.load(f, n_ctx=n_ctx, threads=args.threads)
+    options.check_context(f, n_ctx, "cpu", n_slots=per_batch)
+    model = gguflm.load(f, n_ctx=n_ctx, threads=threads)
     n_vocab = model.config.n_vocab
     writer = pp.LogitsWriter(args.save_logits, n_ctx, n_vocab, chunks) if args.save_logits else None
     kl = pp.KLStats() if base is not None else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from gguflm.cli import UserError
+from gguflm.cli import UserError, options
 from gguflm.defaults import resolve_model
 
 HELP = "serve a model over an OpenAI-compatible HTTP API, with a chat page"
@@ -24,15 +24,14 @@ listed with --cors-origins; with --api-key (or $GGUFLM_API_KEY) every /v1/ reque
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    options.add_model(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    options.add_device(p)
     p.add_argument("--parallel", "-np", type=int, default=4,
                    help="requests decoded together; each holds a KV cache slot (default: %(default)s)")
-    p.add_argument("-c", "--ctx-size", type=int, default=None,
-                   help="context tokens of each slot (default: the model's training context, at most 4096)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    options.add_ctx_size(p, help="context tokens of each slot (default: the model's training context, at most 4096)")
+    options.add_threads(p)
     p.add_argument("--batch-rows", type=int, default=None,
                    help="most requests decoded in one forward; more run as several forwards "
                         "(default: 64 on the CPU, past which wider forwards barely pay; else all)")
@@ -58,10 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--parallel must lie in [1, 256]")
     if not 0 <= args.port <= 65535:
         raise UserError("--port must lie in [0, 65535]")
-    if args.ctx_size is not None and args.ctx_size < 2:
-        raise UserError("-c must be at least 2")
-    if args.threads is not None and args.threads < 1:
-        raise UserError("--threads must be at least 1")
+    threads = options.check_threads(args)
     if args.batch_rows is not None and args.batch_rows < 1:
         raise UserError("--batch-rows must be at least 1")
     if args.max_body < 1:
@@ -72,18 +68,19 @@ def run(args: argparse.Namespace) -> int:
     if api_key is not None and (not api_key or not api_key.isprintable() or not api_key.isascii()
                                 or " " in api_key):
         raise UserError("--api-key must be printable ASCII without spaces")
-    if args.device.startswith("cuda"):
-        import torch
+    device = options.device(args, "serve")
+    path = resolve_model(args.model)
+    from gguflm import GGUFFile
 
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available")
+    with GGUFFile(path) as f:
+        options.check_context(f, args.ctx_size, device, n_slots=args.parallel)
     from gguflm.server import Security, serve
 
     security = Security(args.host, allowed_hosts=tuple(args.allowed_hosts.split(",")),
                         cors_origins=tuple(args.cors_origins.split(",")), api_key=api_key)
     try:
-        serve(resolve_model(args.model), args.host, args.port, args.device, args.parallel, args.ctx_size,
-              args.threads, args.max_body, args.log_level, args.batch_rows, security=security,
+        serve(path, args.host, args.port, device, args.parallel, args.ctx_size,
+              threads, args.max_body, args.log_level, args.batch_rows, security=security,
               header_timeout=args.header_timeout)
     except OSError as e:  # ModelFileChanged included
         raise UserError(str(e)) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from gguflm.cli import options
 from gguflm.defaults import resolve_model
 
 HELP = "show the token ids and pieces of a text, as llama.cpp tokenizes it"
@@ -24,7 +25,8 @@ examples:
 
 def add_arguments(p) -> None:
     p.add_argument("text", nargs="?", help="text to tokenize (default: read standard input)")
-    p.add_argument("-m", "--model", help="GGUF file: a model or a vocabulary-only file")
+    p.add_argument("-m", "--model", metavar="FILE_OR_NAME",
+                   help="GGUF file (a model or a vocabulary-only file) or a model name (default: smollm2-135m)")
     p.add_argument("--no-special", action="store_true", help="do not add BOS/EOS")
     p.add_argument("--parse-special", action="store_true",
                    help="turn special-token text (e.g. <|im_end|>) into its token")
@@ -35,7 +37,7 @@ def run(args) -> int:
     from gguflm.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(resolve_model(args.model))
-    text = sys.stdin.read() if args.text is None else args.text
+    text = options.read_stdin() if args.text is None else args.text
     ids = tok.encode(text, add_special=not args.no_special, parse_special=args.parse_special)
     pieces = [tok.token_to_piece(t, special=True).decode("utf-8", "backslashreplace") for t in ids]
     if args.json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from gguflm.cli import options
 from gguflm.defaults import DEFAULT_PROMPT, resolve_model
 
 NO_FIGURES = "none: matplotlib is missing, pip install 'gguflm[verify]'"
@@ -47,7 +48,7 @@ def add_arguments(p) -> None:
                    help="token to investigate (default: the model's top prediction)")
     p.add_argument("-n", "--n-predict", type=int, default=16, help="greedy tokens to score (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=10, help="rows of the top-k table (default: %(default)s)")
-    p.add_argument("-t", "--threads", type=int, help="CPU threads for torch and llama.cpp")
+    options.add_threads(p)
 
 
 def run(args) -> int:
@@ -57,8 +58,7 @@ def run(args) -> int:
 
     if args.n_predict < 1 or args.top_k < 1:
         raise UserError("--n-predict and --top-k must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        raise UserError("--threads must be >= 1")
+    options.check_threads(args)
     opts = VerifyOptions(model=resolve_model(args.model), prompt=args.prompt, reference=args.reference,
                          explain_token=args.explain_token, n_predict=args.n_predict, top_k=args.top_k,
                          threads=args.threads)

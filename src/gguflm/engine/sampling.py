@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+SEED_MAX = (1 << 64) - 1  # torch generators take 64-bit seeds
 Candidates = tuple[torch.Tensor, torch.Tensor]  # (ids Long[N], logits Float32[N])
 
 
@@ -42,6 +43,14 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number")
+        # The ranges the server's request schema accepts too (server/schemas.py): outside
+        # them a filter could keep no candidate at all (min_p > 1).
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must lie in [0, 1], got {self.min_p}")
+        if self.seed is not None and not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must lie in [0, {SEED_MAX}], got {self.seed}")
         if self.repeat_penalty <= 0:
             raise ValueError("repeat_penalty must be positive")
         if self.repeat_last_n < -1:
