@@ -107,3 +107,21 @@ def test_array_behaves_as_a_sequence_of_python_values(tmp_path):
     assert b[1] is False and np.asarray(b).dtype == bool
     assert f.metadata["t.nested"] == [[1, 2], [3]]
     assert f.metadata_types["t.i32"] == (ValueType.ARRAY, ValueType.INT32)
+
+
+def test_per_layer_arrays_reach_the_model_config(tmp_path):
+    """Consumers of numeric arrays take MetadataArray: gemma3's per-layer sliding-window
+    pattern (BOOL array) and a uniform per-layer head_count_kv (INT32 array)."""
+    from gguflm.model.arch import arch_spec
+    from gguflm.model.config import KEY_TABLE, _check, _swa_layers
+
+    w = gguf.GGUFWriter(str(tmp_path / "p.gguf"), "gemma3")
+    w.add_array("gemma3.attention.sliding_window_pattern", [True, True, False])
+    w.add_array("gemma3.attention.head_count_kv", [2, 2, 2])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    f = gguflm.GGUFFile(tmp_path / "p.gguf")
+    assert _swa_layers(f.metadata, arch_spec("gemma3"), 3) == (True, True, False)
+    key = next(k for k in KEY_TABLE if k.field == "n_head_kv")
+    assert _check("gemma3.attention.head_count_kv", f.metadata["gemma3.attention.head_count_kv"], key) == 2

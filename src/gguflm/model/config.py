@@ -182,7 +182,8 @@ def _swa_layers(metadata: Mapping[str, Any], spec: ArchSpec, n_layer: int) -> tu
     unless il % n == n - 1 (n = 0: every layer local)."""
     key = SWA_PATTERN_KEY.format(arch=spec.name)
     value = metadata.get(key, spec.swa_pattern)
-    if isinstance(value, list):
+    if isinstance(value, (list, MetadataArray)):
+        value = list(value)
         if len(value) != n_layer or not all(isinstance(v, bool) for v in value):
             raise GGUFError(f"{key!r}: expected {n_layer} booleans (one per layer)")
         return tuple(value)
