@@ -80,3 +80,30 @@ def test_chat_page_streams_an_answer(server, client, browser_context, tmp_path: 
     if out:  # keep it for a human to look at
         shutil.copy(shot, Path(out) / shot.name)
     page.close()
+
+
+def test_chat_page_with_an_api_key(smollm2_path: Path, start_server, browser_context, tmp_path: Path) -> None:
+    """A server started with --api-key: the page says it needs the key; typed under Settings
+    (kept in localStorage), the page lists the model and gets an answer."""
+    key = "page-test-key"
+    with start_server(smollm2_path, tmp_path / "serve.log", "--api-key", key) as srv:
+        page = browser_context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(srv.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('API key')", timeout=30_000)
+        page.click("summary")
+        page.fill("#api_key", key)
+        page.dispatch_event("#api_key", "change")
+        page.fill("#max_tokens", "4")
+        page.click("summary")
+        page.wait_for_function("document.getElementById('model').textContent.endsWith('.gguf')", timeout=30_000)
+        assert page.evaluate("localStorage.getItem('gguflm.apiKey')") == key
+        page.fill("#input", QUESTION)
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".msg.assistant .meta", timeout=120_000)
+        assert not page.locator(".msg.error").count()
+        assert "tokens" in page.locator(".msg.assistant .meta").text_content()
+        assert not errors
+        page.evaluate("localStorage.removeItem('gguflm.apiKey')")
+        page.close()
