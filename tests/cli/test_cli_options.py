@@ -109,3 +109,30 @@ def test_tensor_ggml_type_has_a_name(tmp_path):
     a = gguflm.dequantize(f.tensor_data("q"), t.ggml_type, t.shape)
     b = gguflm.dequantize(f.tensor_data("q"), int(t.ggml_type), t.shape)
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_chat_template_option(tmp_path, smollm2_path):
+    """--chat-template: a llama.cpp format name, a file, or the Jinja text itself."""
+    tok = gguflm.Tokenizer.from_gguf(smollm2_path)
+    msgs = [{"role": "user", "content": "Hi"}]
+    assert options.chat_template(None, tok) is None
+    chatml = gguflm.ChatTemplate.builtin("chatml")
+    assert options.chat_template("chatml", tok).render(msgs) == chatml.render(msgs)
+    jinja = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    assert options.chat_template(jinja, tok).render(msgs) == "[user] Hi\n"
+    f = tmp_path / "t.jinja"
+    f.write_text(jinja)
+    assert options.chat_template(str(f), tok).render(msgs) == "[user] Hi\n"
+    with pytest.raises(UserError, match="neither a chat format name"):
+        options.chat_template("no-such-format", tok)
+    with pytest.raises(gguflm.TemplateError, match="no built-in chat format 'rwkv-world'"):
+        options.chat_template("rwkv-world", tok)  # llama.cpp knows it; gguflm has no template for it
+
+
+def test_bench_prints_header_progress_and_rows(smollm2_path, capsys):
+    assert main(["bench", "-m", str(smollm2_path), "-p", "4", "-n", "2", "-r", "1", "-t", "1"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0].startswith("| model | size |") and lines[1].startswith("| --- |")
+    assert [line.split("|")[4].strip() for line in lines[2:4]] == ["pp4", "tg2"]
+    assert "bench: measuring pp4" in err and "bench: measuring tg2" in err

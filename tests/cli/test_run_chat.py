@@ -102,6 +102,15 @@ def test_user_errors_are_one_line(case, tmp_path, shared_dir, unsupported_arch, 
         assert r.stdout == ""
 
 
+def test_run_conversation_is_chat_with_p_as_system(smollm2_path, smollm2_model):
+    """llama.cpp's -cnv: `run` becomes the interactive chat; -p is then the system message."""
+    system, q, n = "You answer in one word.", "What colour is the sky?", 8
+    r = gguflm_cli("run", "-cnv", "-m", smollm2_path, "-p", system, "--temp", "0", "-n", n, stdin=f"{q}\n")
+    assert r.returncode == 0, r.stderr
+    answer = greedy_text(smollm2_model, [{"role": "system", "content": system}, {"role": "user", "content": q}], n)
+    assert r.stdout == f"{answer}\n"
+
+
 def test_chat_keeps_history_and_resets(smollm2_path, smollm2_model):
     q1, q2, n = "What is 2+2?", "And what is that times ten?", 16
     r = gguflm_cli("chat", "-m", smollm2_path, "--temp", "0", "-n", n, stdin=f"{q1}\n{q2}\n/reset\n{q2}\n")
