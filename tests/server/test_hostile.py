@@ -79,9 +79,12 @@ def test_bad_bytes_and_numbers_are_400_on_a_connection_that_stays_usable(server)
             r = http.post(path, content=body.encode(), headers={"Content-Type": "application/json"})
             assert_error(r, 400, param)
             assert r.headers.get("connection") != "close"
-            good = http.post(COMPLETIONS, json={"prompt": "Hello", "max_tokens": 2, "temperature": 0})
-            assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 2
+            good = http.get("/v1/models")
+            assert good.status_code == 200 and good.json()["data"]
             assert local_port(r) == local_port(good) == port, "the connection was not kept"
+        good = http.post(COMPLETIONS, json={"prompt": "Hello", "max_tokens": 2, "temperature": 0})
+        assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 2
+        assert local_port(good) == port
 
 
 def test_the_openai_client_keeps_working_after_a_bad_request(server, client) -> None:
