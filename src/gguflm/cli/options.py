@@ -46,7 +46,8 @@ def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, metavar="N",
                    help="llama.cpp's flag: N > 0 runs the whole model on the GPU (--device cuda; "
-                        "there is no partial offload), 0 on the CPU")
+                        "there is no partial offload; without a CUDA device: a warning, then the CPU), "
+                        "0 on the CPU")
 
 
 def add_runtime(p: argparse.ArgumentParser) -> None:

@@ -16,9 +16,8 @@ Generate text from a prompt and stream only the generated text to stdout.
 The prompt is sent as a user turn through the model's chat template (with an optional
 --system turn) unless --raw is given. Sampling defaults are llama.cpp's; --temp 0 is greedy.
 The output ends with a newline; diagnostics (--verbose: load time, prompt tokens, prefill
-and decode speed) go to stderr. Flags are llama.cpp's
-(-m, -p, -f, -n, -c, -t, -s, -ngl, --temp, --top-k, --top-p, --min-p, --repeat-penalty,
---chat-template, -cnv).
+and decode speed) go to stderr. The flags are llama.cpp's: -m, -p, -f, -n, -c, -t, -s,
+-ngl, --temp, --top-k, --top-p, --min-p, --repeat-penalty, --chat-template, -cnv.
 
 examples:
   gguflm run -p "Is Paris the capital of France?" --temp 0
