@@ -28,7 +28,7 @@ from gguflm.model.arch import RopeStyle
 from gguflm.model.cuda.weights import CudaWeights
 from gguflm.model.layers import Rope
 from gguflm.kernels.triton.attention import AttentionWorkspace, decode_attention
-from gguflm.quant.triton.gemv import gemv_swiglu
+from gguflm.quant.cuda.gemv import gemv_multi, gemv_swiglu
 
 
 def attention_splits(n_ctx: int) -> int:
@@ -65,10 +65,15 @@ def decode_step(cfg: ModelConfig, w: CudaWeights, rope: Rope, buf: DecodeBuffers
     x = buf.x
     w.token_embd.rows(tok, out=x.view(1, -1))
     for i, layer in enumerate(w.layers):
-        start = 0
-        for lin in layer.qkv:  # one fused [Wq; Wk; Wv], or the three apart
-            lin.gemv(x, buf.qkv[start:start + lin.n_out], norm_weight=layer.attn_norm, eps=eps)
-            start += lin.n_out
+        if all(lin.packed is not None and lin.bias is None for lin in layer.qkv):
+            # one launch: the stacked [Wq; Wk; Wv], or the three of different types as segments
+            outs = buf.qkv.split([lin.n_out for lin in layer.qkv])
+            gemv_multi([lin.packed for lin in layer.qkv], x, outs, norm_weight=layer.attn_norm, eps=eps)
+        else:
+            start = 0
+            for lin in layer.qkv:  # one fused [Wq; Wk; Wv], or the three apart
+                lin.gemv(x, buf.qkv[start:start + lin.n_out], norm_weight=layer.attn_norm, eps=eps)
+                start += lin.n_out
         decode_attention(buf.qkv, rope.cos, rope.sin, pos, k_cache[i], v_cache[i], buf.attn, buf.attn_ws,
                          D ** -0.5, neox)
         layer.wo.gemv(buf.attn.view(-1), x, residual=x)

@@ -20,7 +20,7 @@ from gguflm.model.arch import WeightTable
 from gguflm.model.config import ModelConfig
 from gguflm.quant.triton.codecs import codec
 from gguflm.quant.triton.dequant import dequantize_into
-from gguflm.quant.triton.gemv import gemv, gemv_swiglu
+from gguflm.quant.cuda.gemv import gemv  # the CUDA C++ kernel where it applies, else Triton
 from gguflm.quant.triton.planes import PackedWeight
 
 HALF = torch.float16  # activation / workspace dtype of the many-token path

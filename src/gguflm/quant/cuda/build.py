@@ -1,0 +1,79 @@
+"""Build (once, cached) and load the CUDA C++ kernels of ``gemv.cu`` as a ctypes library.
+
+The source is compiled with ``nvcc`` for one GPU architecture (``sm_90`` for an H100/H200)
+on first use into ``$GGUFLM_KERNEL_CACHE`` (default ``~/.cache/gguflm/kernels``), under a
+name that carries the architecture and a hash of the source and flags, so an edited kernel
+never loads a stale build and a cache shared between GPUs keeps one build per
+architecture. The library has plain C entry points (no torch headers: it builds in seconds
+per kernel and loads without ``torch.utils.cpp_extension``); the kernels are launched on
+the caller's stream, so CUDA graphs capture them. A failed build raises
+:class:`KernelsUnavailable` with the compiler's message; callers fall back to Triton.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("gemv.cu")
+FLAGS = ["-O3", "-shared", "-Xcompiler", "-fPIC", "--split-compile=0", "-lineinfo"]
+
+
+class KernelsUnavailable(RuntimeError):
+    """The CUDA kernels could not be built or loaded here (no nvcc, failed build)."""
+
+
+def nvcc() -> str | None:
+    """The CUDA compiler: ``$GGUFLM_NVCC``, ``nvcc`` on the PATH, or under ``$CUDA_HOME``."""
+    for cand in (os.environ.get("GGUFLM_NVCC"), shutil.which("nvcc"),
+                 os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("GGUFLM_KERNEL_CACHE") or Path.home() / ".cache" / "gguflm" / "kernels"
+    return Path(root)
+
+
+def _name(arch: str) -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + arch.encode()).hexdigest()[:12]
+    return f"gguflm_cuda_{arch}_{digest}"
+
+
+@functools.cache
+def library(arch: str = "sm_90") -> ctypes.CDLL:
+    """The kernels built for ``arch`` (e.g. ``sm_90``), building them first if needed."""
+    name = _name(arch)
+    lib = _cache_dir() / name / f"lib{name}.so"
+    if not lib.exists():
+        compiler = nvcc()
+        if compiler is None:
+            raise KernelsUnavailable("nvcc (the CUDA compiler) was not found")
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        print(f"gguflm: compiling the CUDA GEMV kernels for {arch} (once; cached in {lib.parent})",
+              file=sys.stderr, flush=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+        os.close(fd)
+        cmd = [compiler, *FLAGS, f"-gencode=arch=compute_{arch[3:]},code={arch}", "-o", tmp, str(SOURCE)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            os.unlink(tmp)
+            raise KernelsUnavailable(f"cannot run nvcc: {e}") from e
+        if r.returncode != 0:
+            os.unlink(tmp)
+            raise KernelsUnavailable(f"nvcc failed ({r.returncode}): {r.stderr[-2000:]}")
+        os.replace(tmp, lib)             # atomic: a concurrent process sees the whole file or none
+    try:
+        return ctypes.CDLL(str(lib))
+    except OSError as e:
+        raise KernelsUnavailable(f"cannot load {lib}: {e}") from e

@@ -1,0 +1,530 @@
+// Fused dequantize x GEMV for batch-1 decode, CUDA C++ with explicit register layouts.
+//
+//     y[r] = (R[r] +) W[r] . x'                      (plain / residual epilogue)
+//     y[r] = silu(Wg[r] . x') * (Wu[r] . x')         (SWIGLU)
+//
+// with x' = x or, with NORM, (x * norm_w) and the dot scaled by rstd = 1/sqrt(mean(x^2) + eps)
+// (the same contract as gguflm/quant/triton/gemv.py, whose torch twin checks both).
+// W is a GGUF tensor regrouped into field planes (gguflm/quant/triton/planes.py): field f of
+// block i lives at byte n_blocks * offset(f) + i * size(f).
+//
+// Layout of the work. A warp owns R rows (of each of W weights: 2 for SWIGLU) and walks the
+// whole row: the row is cut into chunks of 32 values, one 16-byte quant load each (two for
+// Q8_0), and lane l takes chunks l, l + 32, ... U chunks are loaded for all rows before the
+// first is used, so U * R * W 16-byte loads are in flight per lane. The 32 values of a chunk
+// always pair with two runs of 16 activations; each CTA first copies x' into shared memory
+// with an XOR swizzle of its 16-byte groups chosen per type so that the 8 lanes of a phase
+// of a 128-bit shared load hit 8 different bank groups (no conflicts), and computes
+// sum(x^2) on the way. No barrier after that: warps are independent, and every reduction
+// (lane sums by a fixed butterfly, the CTA's sum of squares in warp order) has a fixed
+// order, so results are bit-identical run to run.
+//
+// A code q of b bits enters as the float f = 1 + q / 2^b (q placed at the top of the
+// mantissa of 1.0: a shift and a LOP3, no conversion), and sum q x = 2^b (sum f x - sum x),
+// sum x being shared by all rows of the warp.
+//
+// Several weights of different types that read the same x (Q, K, V) run in one launch:
+// each CTA belongs to one segment (its own planes, type, rows and output).
+//
+// Built by gguflm/quant/cuda/build.py with nvcc into a shared library called through ctypes.
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <stdlib.h>
+
+#define GT_Q4_0 2
+#define GT_Q8_0 8
+#define GT_Q4_K 12
+#define GT_Q6_K 14
+
+#define MAX_SEGS 4
+
+struct Seg {
+    const uint8_t* planes;    // field planes of W (SWIGLU: the gate weight)
+    const uint8_t* planes2;   // SWIGLU: the up weight (same type and shape), else unused
+    long long n_blocks;       // blocks of the whole tensor
+    float* out;
+    const float* residual;    // may alias out; null: none
+    int n_rows;
+    int type;
+    int cta_begin;            // first CTA of this segment
+    int pad_;
+};
+
+struct Params {
+    Seg seg[MAX_SEGS];
+    const float* x;
+    const float* norm;        // null: no RMS norm
+    float eps;
+    int K;                    // row length (values)
+    int n_seg;
+    int n_cta;                // CTAs of all segments
+};
+
+// The per-type code below is host-and-device (HD): gguflm_gemv_emulate runs it on the CPU,
+// so that its indexing is tested without a GPU (tests/cuda/test_cuda_gemv.py).
+#define HD __host__ __device__ __forceinline__
+
+HD uint4 ld16(const uint8_t* p) {
+#ifdef __CUDA_ARCH__
+    return __ldg(reinterpret_cast<const uint4*>(p));
+#else
+    uint4 v;
+    memcpy(&v, p, 16);
+    return v;
+#endif
+}
+HD uint32_t ld4(const uint8_t* p) {
+#ifdef __CUDA_ARCH__
+    return __ldg(reinterpret_cast<const uint32_t*>(p));
+#else
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+#endif
+}
+HD int ld_i8(const uint8_t* p) {
+#ifdef __CUDA_ARCH__
+    return __ldg(reinterpret_cast<const int8_t*>(p));
+#else
+    return *reinterpret_cast<const int8_t*>(p);
+#endif
+}
+HD float ldh(const uint8_t* p) {
+#ifdef __CUDA_ARCH__
+    return __half2float(__ldg(reinterpret_cast<const __half*>(p)));
+#else
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return __half2float(*reinterpret_cast<const __half*>(&h));
+#endif
+}
+
+// bits [P, P + B) of w moved to [D, D + B) (the rest cleared), or-ed with 1.0f
+template <int P, int D, uint32_t MASK>
+HD uint32_t field(uint32_t w) {
+    return (P <= D ? (w << (D - P)) : (w >> (P - D))) & MASK;
+}
+HD float as_f(uint32_t u) {
+    u |= 0x3F800000u;
+#ifdef __CUDA_ARCH__
+    return __uint_as_float(u);
+#else
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-type traits: chunks per block (CPB), values per block (QK), the shared-memory swizzle,
+// the chunk's raw data, its two activation runs, and its contribution given those runs.
+// ---------------------------------------------------------------------------------------
+
+struct Q4_0 {
+    static constexpr int QK = 32, CPB = 1;
+    HD static int swz(int g) { return g ^ ((g >> 3) & 7); }
+    struct Raw { uint4 q; float d; };
+    HD static void load(Raw& r, const uint8_t* P, long long n, long long blk, int) {
+        r.q = ld16(P + n * 2 + blk * 16);
+        r.d = ldh(P + blk * 2);
+    }
+    HD static int off0(int) { return 0; }
+    HD static int off1(int) { return 16; }
+    // y = d (q - 8); lo nibble of byte l -> a[l], hi -> b[l]
+    HD static float dot(const Raw& r, int, const float* a, const float* b, float xa, float xb) {
+        const uint32_t w[4] = {r.q.x, r.q.y, r.q.z, r.q.w};
+        float s = 0.f, t = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            s = fmaf(as_f(field<0, 19, 0x780000u>(w[i])), a[4 * i + 0], s);
+            s = fmaf(as_f(field<8, 19, 0x780000u>(w[i])), a[4 * i + 1], s);
+            s = fmaf(as_f(field<16, 19, 0x780000u>(w[i])), a[4 * i + 2], s);
+            s = fmaf(as_f(field<24, 19, 0x780000u>(w[i])), a[4 * i + 3], s);
+            t = fmaf(as_f(field<4, 19, 0x780000u>(w[i])), b[4 * i + 0], t);
+            t = fmaf(as_f(field<12, 19, 0x780000u>(w[i])), b[4 * i + 1], t);
+            t = fmaf(as_f(field<20, 19, 0x780000u>(w[i])), b[4 * i + 2], t);
+            t = fmaf(as_f(field<28, 19, 0x780000u>(w[i])), b[4 * i + 3], t);
+        }
+        const float X = xa + xb;
+        return r.d * fmaf(16.f, (s - xa) + (t - xb), -8.f * X);
+    }
+};
+
+struct Q8_0 {
+    static constexpr int QK = 32, CPB = 1;
+    HD static int swz(int g) { return g ^ ((g >> 3) & 7); }
+    struct Raw { uint4 q0, q1; float d; };
+    HD static void load(Raw& r, const uint8_t* P, long long n, long long blk, int) {
+        r.q0 = ld16(P + n * 2 + blk * 32);
+        r.q1 = ld16(P + n * 2 + blk * 32 + 16);
+        r.d = ldh(P + blk * 2);
+    }
+    HD static int off0(int) { return 0; }
+    HD static int off1(int) { return 16; }
+    HD static float run(uint4 q, const float* a) {
+        const uint32_t w[4] = {q.x ^ 0x80808080u, q.y ^ 0x80808080u, q.z ^ 0x80808080u, q.w ^ 0x80808080u};
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {    // u = q + 128 as 1 + u / 256
+            s = fmaf(as_f(field<0, 15, 0x7F8000u>(w[i])), a[4 * i + 0], s);
+            s = fmaf(as_f(field<8, 15, 0x7F8000u>(w[i])), a[4 * i + 1], s);
+            s = fmaf(as_f(field<16, 15, 0x7F8000u>(w[i])), a[4 * i + 2], s);
+            s = fmaf(as_f(field<24, 15, 0x7F8000u>(w[i])), a[4 * i + 3], s);
+        }
+        return s;
+    }
+    // y = d q = d (u - 128)
+    HD static float dot(const Raw& r, int, const float* a, const float* b, float xa, float xb) {
+        const float s = run(r.q0, a), t = run(r.q1, b);
+        const float X = xa + xb;
+        return r.d * fmaf(256.f, (s - xa) + (t - xb), -128.f * X);
+    }
+};
+
+struct Q4_K {
+    // block: d, dmin, scales[12], qs[128]; chunk c = 2j + h: qs[32j + 16h + l], lo nibble ->
+    // value 64j + 16h + l (sub-block 2j), hi -> 64j + 32 + 16h + l (sub-block 2j + 1)
+    static constexpr int QK = 256, CPB = 8;
+    HD static int swz(int g) { return g ^ ((g >> 4) & 3); }
+    struct Raw { uint4 q; uint32_t s0, s1, s2; float d, dmin; };
+    HD static void load(Raw& r, const uint8_t* P, long long n, long long blk, int c) {
+        r.q = ld16(P + n * 16 + blk * 128 + c * 16);
+        const uint8_t* sc = P + n * 4 + blk * 12;
+        r.s0 = ld4(sc);
+        r.s1 = ld4(sc + 4);
+        r.s2 = ld4(sc + 8);
+        r.d = ldh(P + blk * 2);
+        r.dmin = ldh(P + n * 2 + blk * 2);
+    }
+    HD static int off0(int c) { return 64 * (c >> 1) + 16 * (c & 1); }
+    HD static int off1(int c) { return 64 * (c >> 1) + 16 * (c & 1) + 32; }
+    // 6-bit scale and min of sub-block s (get_scale_min_k4)
+    HD static void scale_min(const Raw& r, int s, float& sc, float& mn) {
+        const int sh = 8 * (s & 3);
+        uint32_t a, b;
+        if (s < 4) {
+            a = (r.s0 >> sh) & 63;
+            b = (r.s1 >> sh) & 63;
+        } else {
+            const uint32_t hi = r.s2 >> sh;
+            a = (hi & 15) | (((r.s0 >> sh) >> 6 & 3) << 4);
+            b = ((hi >> 4) & 15) | (((r.s1 >> sh) >> 6 & 3) << 4);
+        }
+        sc = (float)a;
+        mn = (float)b;
+    }
+    HD static float dot(const Raw& r, int c, const float* a, const float* b, float xa, float xb) {
+        const uint32_t w[4] = {r.q.x, r.q.y, r.q.z, r.q.w};
+        float s = 0.f, t = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            s = fmaf(as_f(field<0, 19, 0x780000u>(w[i])), a[4 * i + 0], s);
+            s = fmaf(as_f(field<8, 19, 0x780000u>(w[i])), a[4 * i + 1], s);
+            s = fmaf(as_f(field<16, 19, 0x780000u>(w[i])), a[4 * i + 2], s);
+            s = fmaf(as_f(field<24, 19, 0x780000u>(w[i])), a[4 * i + 3], s);
+            t = fmaf(as_f(field<4, 19, 0x780000u>(w[i])), b[4 * i + 0], t);
+            t = fmaf(as_f(field<12, 19, 0x780000u>(w[i])), b[4 * i + 1], t);
+            t = fmaf(as_f(field<20, 19, 0x780000u>(w[i])), b[4 * i + 2], t);
+            t = fmaf(as_f(field<28, 19, 0x780000u>(w[i])), b[4 * i + 3], t);
+        }
+        const int j = c >> 1;
+        float sc0, m0, sc1, m1;
+        scale_min(r, 2 * j, sc0, m0);
+        scale_min(r, 2 * j + 1, sc1, m1);
+        // y = d sc q - dmin m
+        return r.d * 16.f * fmaf(sc0, s - xa, sc1 * (t - xb)) - r.dmin * fmaf(m0, xa, m1 * xb);
+    }
+};
+
+struct Q6_K {
+    // block: ql[128], qh[64], scales[16] (int8), d; chunk c = 4n + 2jj + h: ql[64n + 32jj + 16h + l],
+    // qh[32n + 16h + l]; t = 0: value 128n + 32jj + 16h + l, q = (ql & 15) | ((qh >> 2jj) & 3) << 4,
+    // sub-block 8n + 2jj + h; t = 1: value + 64, q = (ql >> 4) | ((qh >> (2jj + 4)) & 3) << 4,
+    // sub-block + 4. y = d sc (q - 32)
+    static constexpr int QK = 256, CPB = 8;
+    HD static int swz(int g) { return g ^ (((g >> 3) & 1) | ((g >> 4) & 2)); }
+    struct Raw { uint4 ql, qh; int sc0, sc1; float d; };
+    HD static void load(Raw& r, const uint8_t* P, long long n, long long blk, int c) {
+        const int nn = c >> 2, h = c & 1;
+        r.ql = ld16(P + blk * 128 + c * 16);
+        r.qh = ld16(P + n * 128 + blk * 64 + 32 * nn + 16 * h);
+        const uint8_t* sc = P + n * 192 + blk * 16;
+        const int s = 8 * nn + 2 * ((c >> 1) & 1) + h;
+        r.sc0 = ld_i8(sc + s);
+        r.sc1 = ld_i8(sc + s + 4);
+        r.d = ldh(P + n * 208 + blk * 2);
+    }
+    HD static int off0(int c) { return 128 * (c >> 2) + 32 * ((c >> 1) & 1) + 16 * (c & 1); }
+    HD static int off1(int c) { return off0(c) + 64; }
+    HD static float dot(const Raw& r, int c, const float* a, const float* b, float xa, float xb) {
+        const uint32_t lo[4] = {r.ql.x, r.ql.y, r.ql.z, r.ql.w};
+        const int sh = 2 * ((c >> 1) & 1);
+        const uint32_t qa[4] = {r.qh.x >> sh, r.qh.y >> sh, r.qh.z >> sh, r.qh.w >> sh};
+        const uint32_t qb[4] = {qa[0] >> 4, qa[1] >> 4, qa[2] >> 4, qa[3] >> 4};
+        float s = 0.f, t = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {    // q as 1 + q / 64: nibble -> bits 17..20, 2 high bits -> 21..22
+            s = fmaf(as_f(field<0, 17, 0x1E0000u>(lo[i]) | field<0, 21, 0x600000u>(qa[i])), a[4 * i + 0], s);
+            s = fmaf(as_f(field<8, 17, 0x1E0000u>(lo[i]) | field<8, 21, 0x600000u>(qa[i])), a[4 * i + 1], s);
+            s = fmaf(as_f(field<16, 17, 0x1E0000u>(lo[i]) | field<16, 21, 0x600000u>(qa[i])), a[4 * i + 2], s);
+            s = fmaf(as_f(field<24, 17, 0x1E0000u>(lo[i]) | field<24, 21, 0x600000u>(qa[i])), a[4 * i + 3], s);
+            t = fmaf(as_f(field<4, 17, 0x1E0000u>(lo[i]) | field<0, 21, 0x600000u>(qb[i])), b[4 * i + 0], t);
+            t = fmaf(as_f(field<12, 17, 0x1E0000u>(lo[i]) | field<8, 21, 0x600000u>(qb[i])), b[4 * i + 1], t);
+            t = fmaf(as_f(field<20, 17, 0x1E0000u>(lo[i]) | field<16, 21, 0x600000u>(qb[i])), b[4 * i + 2], t);
+            t = fmaf(as_f(field<28, 17, 0x1E0000u>(lo[i]) | field<24, 21, 0x600000u>(qb[i])), b[4 * i + 3], t);
+        }
+        const float da = r.d * (float)r.sc0, db = r.d * (float)r.sc1;
+        return da * fmaf(64.f, s - xa, -32.f * xa) + db * fmaf(64.f, t - xb, -32.f * xb);
+    }
+};
+
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ void run16(const float* sx, int k, float* v, float& sum) {
+    const int g0 = k >> 2;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float4 q = *reinterpret_cast<const float4*>(sx + 4 * T::swz(g0 + i));
+        v[4 * i] = q.x; v[4 * i + 1] = q.y; v[4 * i + 2] = q.z; v[4 * i + 3] = q.w;
+    }
+    sum = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))
+        + (((v[8] + v[9]) + (v[10] + v[11])) + ((v[12] + v[13]) + (v[14] + v[15])));
+}
+
+// x' into shared memory (swizzled), returns rstd (1 without norm); all threads of the CTA
+template <typename T>
+__device__ float stage(const Params& p, float* sx, float* red) {
+    const int n4 = p.K >> 2;
+    const float4* x4 = reinterpret_cast<const float4*>(p.x);
+    const float4* w4 = reinterpret_cast<const float4*>(p.norm);
+    float ss = 0.f;
+    for (int g = threadIdx.x; g < n4; g += blockDim.x) {
+        float4 v = x4[g];
+        if (p.norm) {
+            ss = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss))));
+            const float4 w = w4[g];
+            v.x *= w.x; v.y *= w.y; v.z *= w.z; v.w *= w.w;
+        }
+        *reinterpret_cast<float4*>(sx + 4 * T::swz(g)) = v;
+    }
+    if (!p.norm) {
+        __syncthreads();
+        return 1.f;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    float tot = 0.f;
+    for (int i = 0; i < (int)(blockDim.x >> 5); ++i) tot += red[i];
+    return rsqrtf(tot / (float)p.K + p.eps);
+}
+
+template <typename T, int R, int U, bool SWIGLU>
+__device__ void run_seg(const Params& p, const Seg& s, int cta, float* sx, float* red) {
+    constexpr int W = SWIGLU ? 2 : 1;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    const int row0 = (cta * warps + warp) * R;
+    const int nbpr = p.K / T::QK;
+    const int nch = nbpr * T::CPB;
+    long long rowblk[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) rowblk[r] = (long long)min(row0 + r, s.n_rows - 1) * nbpr;
+    const uint8_t* P[2] = {s.planes, s.planes2};
+
+    float acc[W][R];
+#pragma unroll
+    for (int w = 0; w < W; ++w)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[w][r] = 0.f;
+
+    typename T::Raw raw[U][W][R];
+    // first loads before the staging barrier: they fly while x is copied
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int ch = min(lane + 32 * u, nch - 1);
+        const int b = ch / T::CPB, c = ch % T::CPB;
+#pragma unroll
+        for (int w = 0; w < W; ++w)
+#pragma unroll
+            for (int r = 0; r < R; ++r) T::load(raw[u][w][r], P[w], s.n_blocks, rowblk[r] + b, c);
+    }
+    const float rstd = stage<T>(p, sx, red);
+
+    for (int base = 0; base < nch; base += 32 * U) {
+        if (base > 0) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int ch = min(base + lane + 32 * u, nch - 1);
+                const int b = ch / T::CPB, c = ch % T::CPB;
+#pragma unroll
+                for (int w = 0; w < W; ++w)
+#pragma unroll
+                    for (int r = 0; r < R; ++r) T::load(raw[u][w][r], P[w], s.n_blocks, rowblk[r] + b, c);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int ch = base + lane + 32 * u;
+            if (ch < nch) {
+                const int b = ch / T::CPB, c = ch % T::CPB;
+                float a[16], bb[16], xa, xb;
+                run16<T>(sx, b * T::QK + T::off0(c), a, xa);
+                run16<T>(sx, b * T::QK + T::off1(c), bb, xb);
+#pragma unroll
+                for (int w = 0; w < W; ++w)
+#pragma unroll
+                    for (int r = 0; r < R; ++r) acc[w][r] += T::dot(raw[u][w][r], c, a, bb, xa, xb);
+            }
+        }
+    }
+#pragma unroll
+    for (int w = 0; w < W; ++w)
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) acc[w][r] += __shfl_xor_sync(0xffffffffu, acc[w][r], o);
+    if (lane < R) {
+        // lane r stores row r (unrolled select keeps acc in registers)
+        float g = acc[0][0], u = SWIGLU ? acc[W - 1][0] : 0.f;
+#pragma unroll
+        for (int r = 1; r < R; ++r)
+            if (lane == r) { g = acc[0][r]; u = acc[W - 1][r]; }
+        const int row = row0 + lane;
+        if (row < s.n_rows) {
+            float y;
+            if (SWIGLU) {
+                g *= rstd;
+                u *= rstd;
+                y = g / (1.f + expf(-g)) * u;
+            } else {
+                y = g * rstd;
+                if (s.residual) y += s.residual[row];
+            }
+            s.out[row] = y;
+        }
+    }
+}
+
+template <int R, int U, bool SWIGLU>
+__global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Params p) {
+    extern __shared__ float4 smem4[];
+    float* sx = reinterpret_cast<float*>(smem4);
+    __shared__ float red[32];
+    int i = 0;
+#pragma unroll
+    for (int k = 1; k < MAX_SEGS; ++k)
+        if (k < p.n_seg && (int)blockIdx.x >= p.seg[k].cta_begin) i = k;
+    const Seg& s = p.seg[i];
+    const int cta = blockIdx.x - s.cta_begin;
+    switch (s.type) {
+        case GT_Q4_0: run_seg<Q4_0, R, U, SWIGLU>(p, s, cta, sx, red); break;
+        case GT_Q8_0: run_seg<Q8_0, R, U, SWIGLU>(p, s, cta, sx, red); break;
+        case GT_Q4_K: run_seg<Q4_K, R, U, SWIGLU>(p, s, cta, sx, red); break;
+        case GT_Q6_K: run_seg<Q6_K, R, U, SWIGLU>(p, s, cta, sx, red); break;
+        default: break;
+    }
+}
+
+template <int R, int U, bool SWIGLU>
+static int launch(const Params& p, int warps, cudaStream_t stream) {
+    const size_t smem = (size_t)p.K * sizeof(float);
+    if (smem > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(gemv_kernel<R, U, SWIGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)smem);
+        if (e != cudaSuccess) return (int)e;
+    }
+    gemv_kernel<R, U, SWIGLU><<<p.n_cta, 32 * warps, smem, stream>>>(p);
+    return (int)cudaGetLastError();
+}
+
+template <typename T>
+static float emulate_row(const Params& p, const uint8_t* P, long long n_blocks, int row, const float* sx) {
+    const int nbpr = p.K / T::QK, nch = nbpr * T::CPB;
+    float acc = 0.f;
+    for (int ch = 0; ch < nch; ++ch) {
+        const int b = ch / T::CPB, c = ch % T::CPB;
+        typename T::Raw raw;
+        T::load(raw, P, n_blocks, (long long)row * nbpr + b, c);
+        float a[16], bb[16], xa = 0.f, xb = 0.f;
+        for (int half = 0; half < 2; ++half) {
+            const int k = b * T::QK + (half ? T::off1(c) : T::off0(c));
+            float* v = half ? bb : a;
+            for (int i = 0; i < 16; ++i) {
+                const int g = (k + i) >> 2;
+                v[i] = sx[4 * T::swz(g) + ((k + i) & 3)];
+                (half ? xb : xa) += v[i];
+            }
+        }
+        acc += T::dot(raw, c, a, bb, xa, xb);
+    }
+    return acc;
+}
+
+template <typename T>
+static int emulate_seg(const Params& p, const Seg& s, int swiglu) {
+    float* sx = (float*)malloc(sizeof(float) * p.K);
+    if (!sx) return 2;
+    double ss = 0.0;
+    for (int g = 0; g < p.K / 4; ++g)
+        for (int e = 0; e < 4; ++e) {
+            float v = p.x[4 * g + e];
+            if (p.norm) {
+                ss += (double)v * v;
+                v *= p.norm[4 * g + e];
+            }
+            sx[4 * T::swz(g) + e] = v;
+        }
+    const float rstd = p.norm ? (float)(1.0 / sqrt(ss / p.K + p.eps)) : 1.f;
+    for (int row = 0; row < s.n_rows; ++row) {
+        float g = emulate_row<T>(p, s.planes, s.n_blocks, row, sx) * rstd;
+        if (swiglu) {
+            const float u = emulate_row<T>(p, s.planes2, s.n_blocks, row, sx) * rstd;
+            s.out[row] = g / (1.f + expf(-g)) * u;
+        } else {
+            s.out[row] = g + (s.residual ? s.residual[row] : 0.f);
+        }
+    }
+    free(sx);
+    return 0;
+}
+
+#define CASE(R_, U_)                                                                   \
+    if (R == R_ && U == U_)                                                            \
+        return swiglu ? launch<R_, U_, true>(*p, warps, (cudaStream_t)stream)          \
+                      : launch<R_, U_, false>(*p, warps, (cudaStream_t)stream);
+
+extern "C" {
+
+// 0 on success, a cudaError_t code otherwise; -1: no such (R, U) instance
+int gguflm_gemv(const Params* p, int warps, int R, int U, int swiglu, void* stream) {
+    CASE(1, 2) CASE(2, 2) CASE(4, 2) CASE(1, 1) CASE(2, 1) CASE(4, 1) CASE(1, 6) CASE(2, 3) CASE(1, 3)
+    return -1;
+}
+
+// The same per-type code on the CPU, one row and chunk after another (host pointers): what
+// the kernel computes up to the order of its float32 sums. For the tests of the indexing.
+int gguflm_gemv_emulate(const Params* p, int swiglu) {
+    for (int i = 0; i < p->n_seg; ++i) {
+        int rc = -1;
+        switch (p->seg[i].type) {
+            case GT_Q4_0: rc = emulate_seg<Q4_0>(*p, p->seg[i], swiglu); break;
+            case GT_Q8_0: rc = emulate_seg<Q8_0>(*p, p->seg[i], swiglu); break;
+            case GT_Q4_K: rc = emulate_seg<Q4_K>(*p, p->seg[i], swiglu); break;
+            case GT_Q6_K: rc = emulate_seg<Q6_K>(*p, p->seg[i], swiglu); break;
+        }
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+int gguflm_params_size(void) { return (int)sizeof(Params); }
+
+const char* gguflm_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
+}

@@ -1,0 +1,262 @@
+"""Fused dequantize x GEMV for batch-1 decode in CUDA C++ (``gemv.cu``), for the types of
+the common llama.cpp mixes: Q4_0, Q8_0, Q4_K, Q6_K. Same contract and plain-torch twins as
+:mod:`gguflm.quant.triton.gemv` (``gemv_reference``, ``gemv_swiglu_reference``), plus
+:func:`gemv_multi`: several weights that read the same activations (Q, K and V, of
+different types too) in one launch.
+
+:func:`gemv`, :func:`gemv_multi` and :func:`gemv_swiglu` are the entry points the model
+uses: each runs the CUDA kernel when it covers the call (:func:`supported`) and the library
+is built for the device, and the Triton kernel otherwise. ``GGUFLM_GEMV=triton`` forces the
+Triton kernels; a failed build says so once on stderr and falls back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gguflm.gguf.types import GGMLType
+from gguflm.quant.triton import gemv as tg
+from gguflm.quant.triton.planes import PackedWeight
+
+TYPES = (GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K)
+MAX_SEGS = 4
+SMEM_LIMIT = 200 * 1024  # bytes of activations a CTA stages (dynamic shared memory)
+INSTANCES = {(1, 2), (2, 2), (4, 2), (1, 1), (2, 1), (4, 1), (1, 6), (2, 3), (1, 3)}  # (R, U) built
+
+
+class _Seg(ctypes.Structure):
+    _fields_ = [("planes", ctypes.c_void_p), ("planes2", ctypes.c_void_p), ("n_blocks", ctypes.c_longlong),
+                ("out", ctypes.c_void_p), ("residual", ctypes.c_void_p), ("n_rows", ctypes.c_int),
+                ("type", ctypes.c_int), ("cta_begin", ctypes.c_int), ("pad_", ctypes.c_int)]
+
+
+class _Params(ctypes.Structure):
+    _fields_ = [("seg", _Seg * MAX_SEGS), ("x", ctypes.c_void_p), ("norm", ctypes.c_void_p),
+                ("eps", ctypes.c_float), ("K", ctypes.c_int), ("n_seg", ctypes.c_int), ("n_cta", ctypes.c_int)]
+
+
+@dataclass(frozen=True)
+class CudaGemvConfig:
+    """Launch shape: ``rows`` per warp (R), ``unroll`` chunks per lane loaded at once (U),
+    ``warps`` per CTA."""
+
+    rows: int
+    unroll: int
+    warps: int
+
+
+def gemv_config(n_rows: int, n_cols: int, swiglu: bool = False) -> CudaGemvConfig:
+    """A launch shape for a weight of ``n_rows x n_cols``: every chunk of a lane's share of
+    the row in flight at once (U = ceil(n_cols / 1024), at most 6), two rows per warp for
+    the tall output projection, one otherwise."""
+    per_lane = -(-n_cols // 1024)
+    if per_lane <= 1:
+        u = 1
+    elif per_lane <= 2:
+        u = 2
+    elif per_lane <= 3:
+        u = 3
+    else:
+        u = 6
+    r = 2 if (n_rows >= 16384 and not swiglu and u <= 2) else 1
+    if (r, u) not in INSTANCES:
+        r = 1
+    return CudaGemvConfig(r, u, 4)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+
+_warned = False
+_libs: dict[int, ctypes.CDLL | None] = {}
+
+
+def _arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.gguflm_gemv.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                ctypes.c_void_p]
+    lib.gguflm_gemv.restype = ctypes.c_int
+    lib.gguflm_gemv_emulate.argtypes = [ctypes.POINTER(_Params), ctypes.c_int]
+    lib.gguflm_gemv_emulate.restype = ctypes.c_int
+    lib.gguflm_error_string.restype = ctypes.c_char_p
+    if lib.gguflm_params_size() != ctypes.sizeof(_Params):
+        raise RuntimeError("gemv.cu's Params and the ctypes mirror disagree")
+    return lib
+
+
+def library(device: torch.device | None = None, quiet: bool = False) -> ctypes.CDLL | None:
+    """The built kernels for ``device`` (a CUDA device; None: for the CPU emulation), or
+    None when they cannot be built here (said once on stderr unless ``quiet``)."""
+    global _warned
+    from gguflm.quant.cuda.build import KernelsUnavailable, library as build
+
+    key = -1 if device is None else torch.device(device).index or 0
+    if key in _libs:
+        return _libs[key]
+    try:
+        lib = _bind(build("sm_90" if device is None else _arch(torch.device(device))))
+    except (KernelsUnavailable, RuntimeError, OSError, AttributeError) as e:
+        if not _warned and not quiet:
+            print(f"gguflm: the CUDA GEMV kernels are unavailable ({str(e).splitlines()[0][:300]}); "
+                  f"using the Triton kernels", file=sys.stderr)
+            _warned = True
+        lib = None
+    _libs[key] = lib
+    return lib
+
+
+def enabled(device: torch.device) -> bool:
+    """The CUDA kernels will run on ``device`` (a CUDA device, not forced off, built)."""
+    if device.type != "cuda" or os.environ.get("GGUFLM_GEMV", "").lower() == "triton":
+        return False
+    return library(device) is not None
+
+
+# ---------------------------------------------------------------------------------------
+# Calls
+# ---------------------------------------------------------------------------------------
+
+def _aligned(t: torch.Tensor, n: int = 16) -> bool:
+    return t.data_ptr() % n == 0
+
+
+def supported(w: PackedWeight, x: torch.Tensor) -> bool:
+    """The CUDA kernel covers ``w`` times ``x``: a covered type, float32 contiguous x whose
+    row fits the CTA's shared memory, and 16-byte aligned quant planes."""
+    if w.ggml_type not in TYPES or x.dtype != torch.float32 or not x.is_contiguous() or not _aligned(x):
+        return False
+    if w.n_cols % 32 or w.n_cols * 4 > SMEM_LIMIT or not _aligned(w.planes):
+        return False
+    n = w.n_rows * w.blocks_per_row
+    if w.ggml_type in (GGMLType.Q4_0, GGMLType.Q8_0) and (2 * n) % 16:   # the qs plane starts at 2n
+        return False
+    return True
+
+
+def _params(ws: Sequence[PackedWeight], outs: Sequence[torch.Tensor], x: torch.Tensor,
+            norm_weight: torch.Tensor | None, eps: float, residuals: Sequence[torch.Tensor | None],
+            rows_per_cta: int, ups: Sequence[PackedWeight] | None = None) -> _Params:
+    p = _Params()
+    cta = 0
+    for i, w in enumerate(ws):
+        s = p.seg[i]
+        s.planes = w.planes.data_ptr()
+        s.planes2 = ups[i].planes.data_ptr() if ups is not None else 0
+        s.n_blocks = w.n_rows * w.blocks_per_row
+        s.out = outs[i].data_ptr()
+        s.residual = residuals[i].data_ptr() if residuals[i] is not None else 0
+        s.n_rows = w.n_rows
+        s.type = int(w.ggml_type)
+        s.cta_begin = cta
+        cta += -(-w.n_rows // rows_per_cta)
+    p.x = x.data_ptr()
+    p.norm = norm_weight.data_ptr() if norm_weight is not None else 0
+    p.eps = eps
+    p.K = ws[0].n_cols
+    p.n_seg = len(ws)
+    p.n_cta = cta
+    return p
+
+
+def _check_out(out: torch.Tensor, n: int) -> None:
+    if out.dtype != torch.float32 or out.numel() != n or (out.numel() > 1 and out.stride(-1) != 1):
+        raise ValueError("outputs must be contiguous float32 of the weight's row count")
+
+
+def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Tensor], *,
+           norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+           residuals: Sequence[torch.Tensor | None] | None = None, ups: Sequence[PackedWeight] | None = None,
+           config: CudaGemvConfig | None = None) -> None:
+    """One launch of the CUDA kernel over the weights ``ws`` (segments of one grid) that all
+    read ``x``; the caller has checked :func:`supported`. ``ups``: SWIGLU (one segment)."""
+    if not 1 <= len(ws) <= MAX_SEGS or any(w.n_cols != ws[0].n_cols for w in ws):
+        raise ValueError(f"1..{MAX_SEGS} weights of one row length")
+    residuals = residuals or [None] * len(ws)
+    for w, o in zip(ws, outs):
+        _check_out(o, w.n_rows)
+    cfg = config or gemv_config(max(w.n_rows for w in ws), ws[0].n_cols, swiglu=ups is not None)
+    if (cfg.rows, cfg.unroll) not in INSTANCES or not 1 <= cfg.warps <= 8:
+        raise ValueError(f"no kernel instance for {cfg}")
+    p = _params(ws, outs, x, norm_weight, eps, residuals, cfg.rows * cfg.warps, ups)
+    lib = library(x.device)
+    if x.device.type != "cuda" or lib is None:
+        raise RuntimeError("the CUDA GEMV kernels are not available on this device")
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    rc = lib.gguflm_gemv(ctypes.byref(p), cfg.warps, cfg.rows, cfg.unroll, int(ups is not None),
+                         ctypes.c_void_p(stream))
+    if rc != 0:
+        msg = "no such instance" if rc < 0 else lib.gguflm_error_string(rc).decode()
+        raise RuntimeError(f"CUDA GEMV launch failed: {msg}")
+
+
+def emulate(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Tensor], *,
+            norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+            residuals: Sequence[torch.Tensor | None] | None = None,
+            ups: Sequence[PackedWeight] | None = None) -> None:
+    """The kernel's per-type code run on the CPU (CPU tensors): for the tests, without a GPU."""
+    lib = library(None, quiet=True)
+    if lib is None:
+        raise RuntimeError("the CUDA kernels cannot be built here (no nvcc)")
+    residuals = residuals or [None] * len(ws)
+    tensors = [x, norm_weight, *outs, *[w.planes for w in ws], *[r for r in residuals if r is not None]]
+    if any(t is not None and t.device.type != "cpu" for t in tensors):
+        raise ValueError("emulate() takes CPU tensors")
+    p = _params(ws, outs, x.contiguous(), norm_weight, eps, residuals, 1, ups)
+    rc = lib.gguflm_gemv_emulate(ctypes.byref(p), int(ups is not None))
+    if rc != 0:
+        raise RuntimeError(f"emulation failed ({rc})")
+
+
+# ---------------------------------------------------------------------------------------
+# Dispatch: CUDA kernel where it applies, Triton otherwise
+# ---------------------------------------------------------------------------------------
+
+def gemv(w: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
+         norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+         config: CudaGemvConfig | None = None) -> torch.Tensor:
+    """``W @ x'`` (see :func:`gguflm.quant.triton.gemv.gemv`): CUDA kernel or Triton."""
+    if out is None:
+        out = torch.empty(w.n_rows, dtype=torch.float32, device=x.device)
+    if enabled(x.device) and supported(w, x) and (norm_weight is None or _aligned(norm_weight)):
+        launch([w], x, [out], norm_weight=norm_weight, eps=eps, residuals=[residual], config=config)
+        return out
+    return tg.gemv(w, x, out, norm_weight=norm_weight, eps=eps, residual=residual)
+
+
+def gemv_multi(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Tensor], *,
+               norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+               config: CudaGemvConfig | None = None) -> None:
+    """``outs[i] = W_i @ x'`` for weights of one row length (e.g. Q, K, V): one launch when
+    the CUDA kernel covers all of them, else one Triton launch each."""
+    if (enabled(x.device) and len(ws) <= MAX_SEGS and len({w.n_cols for w in ws}) == 1
+            and all(supported(w, x) for w in ws) and (norm_weight is None or _aligned(norm_weight))):
+        launch(ws, x, outs, norm_weight=norm_weight, eps=eps, config=config)
+        return
+    for w, o in zip(ws, outs):
+        tg.gemv(w, x, o, norm_weight=norm_weight, eps=eps)
+
+
+def gemv_swiglu(wg: PackedWeight, wu: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
+                norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                config: CudaGemvConfig | None = None) -> torch.Tensor:
+    """``silu(Wg @ x') * (Wu @ x')`` (see :func:`gguflm.quant.triton.gemv.gemv_swiglu`)."""
+    if (wg.ggml_type, wg.n_rows, wg.n_cols) != (wu.ggml_type, wu.n_rows, wu.n_cols):
+        raise ValueError("gate and up weights must share type and shape")
+    if out is None:
+        out = torch.empty(wg.n_rows, dtype=torch.float32, device=x.device)
+    if (enabled(x.device) and supported(wg, x) and _aligned(wu.planes)
+            and (norm_weight is None or _aligned(norm_weight))):
+        launch([wg], x, [out], norm_weight=norm_weight, eps=eps, ups=[wu], config=config)
+        return out
+    return tg.gemv_swiglu(wg, wu, x, out, norm_weight=norm_weight, eps=eps)

@@ -1,0 +1,140 @@
+"""The CUDA C++ GEMV kernels (gguflm/quant/cuda/gemv.cu) against outside oracles: libggml's
+dequantizers (through the float64 products) and the plain-torch twins of the Triton module.
+
+Without a GPU, the kernel's per-type code (block decoding, activation swizzle and offsets)
+runs through its CPU emulation, which needs nvcc to build; on a GPU the kernels themselves
+run, on fresh random data, with every launch shape that is built, and must be bit-identical
+run to run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gguflm.gguf.types import LAYOUTS, GGMLType
+from gguflm.quant.triton.gemv import gemv_reference, gemv_swiglu_reference
+from gguflm.quant.triton.planes import PackedWeight
+
+TYPES = [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K]
+
+
+def _cuda_lib():
+    from gguflm.quant.cuda.build import nvcc
+    from gguflm.quant.cuda.gemv import library
+
+    if nvcc() is None:
+        pytest.skip("nvcc is not available: the CUDA kernels cannot be built here")
+    lib = library(torch.device("cuda") if torch.cuda.is_available() else None, quiet=True)
+    if lib is None:
+        pytest.skip("the CUDA kernels did not build")
+    return lib
+
+
+def _weight(random_blocks, oracle, t, n_rows, blocks_per_row, seed):
+    raw = random_blocks(t, n_rows * blocks_per_row, seed)
+    n_cols = blocks_per_row * LAYOUTS[t].block_size
+    w = PackedWeight.from_raw(raw, t, (n_cols, n_rows), "cpu")
+    ref = torch.from_numpy(oracle(raw.reshape(-1), t, n_rows * n_cols)).double().view(n_rows, n_cols)
+    return w, ref
+
+
+def _rel(a, b) -> float:
+    return float((a.double().cpu() - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_emulation_matches_libggml(random_blocks, oracle, t):
+    """The per-type decoding and activation indexing of the kernel, on the CPU."""
+    _cuda_lib()
+    from gguflm.quant.cuda.gemv import emulate
+
+    bpr = 3 if LAYOUTS[t].block_size == 256 else 40
+    w, ref = _weight(random_blocks, oracle, t, 24, bpr, seed=int(t))
+    gen = torch.Generator().manual_seed(int(t))
+    x, nw, r = (torch.randn(n, generator=gen) for n in (w.n_cols, w.n_cols, w.n_rows))
+    out = torch.full((w.n_rows,), float("nan"))
+    emulate([w], x, [out], residuals=[r])
+    assert _rel(out, r.double() + ref @ x.double()) < 1e-5
+    emulate([w], x, [out], norm_weight=nw, eps=1e-5)
+    xd = x.double()
+    assert _rel(out, ref @ (xd / torch.sqrt((xd * xd).mean() + 1e-5) * nw.double())) < 1e-5
+
+
+def test_emulation_of_mixed_segments_and_swiglu(random_blocks, oracle):
+    _cuda_lib()
+    from gguflm.quant.cuda.gemv import emulate
+
+    wq, q_ref = _weight(random_blocks, oracle, GGMLType.Q4_K, 16, 2, seed=1)
+    wv, v_ref = _weight(random_blocks, oracle, GGMLType.Q6_K, 8, 2, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(wq.n_cols, generator=gen)
+    oq, ov = torch.full((16,), float("nan")), torch.full((8,), float("nan"))
+    emulate([wq, wv], x, [oq, ov])
+    assert _rel(oq, q_ref @ x.double()) < 1e-5 and _rel(ov, v_ref @ x.double()) < 1e-5
+    wu, u_ref = _weight(random_blocks, oracle, GGMLType.Q4_K, 16, 2, seed=4)
+    out = torch.full((16,), float("nan"))
+    emulate([wq], x, [out], ups=[wu])
+    g, u = q_ref @ x.double(), u_ref @ x.double()
+    assert _rel(out, g * torch.sigmoid(g) * u) < 1e-5
+
+
+# --- on the GPU: the kernels themselves against the torch twins ---------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels run on a GPU only")
+
+
+def _instances():
+    from gguflm.quant.cuda.gemv import INSTANCES, CudaGemvConfig
+
+    return [CudaGemvConfig(r, u, w) for r, u in sorted(INSTANCES) for w in (1, 4, 8)]
+
+
+@gpu
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("bpr", [1, 5, 8, 22])
+def test_kernel_matches_the_twin(random_blocks, t, bpr):
+    """Every built launch shape, ragged rows (37) and row lengths from 1 to 22 K-blocks;
+    outputs poisoned first; a second run is bit-identical."""
+    _cuda_lib()
+    from gguflm.quant.cuda.gemv import launch
+
+    qk = LAYOUTS[t].block_size
+    bpr = bpr * 256 // qk
+    raw = random_blocks(t, 40 * bpr, seed=bpr + int(t))
+    w = PackedWeight.from_raw(raw, t, (bpr * qk, 40), "cuda")
+    gen = torch.Generator().manual_seed(bpr)
+    x, nw, r = (torch.randn(n, generator=gen).cuda() for n in (w.n_cols, w.n_cols, w.n_rows))
+    want = gemv_reference(w, x, norm_weight=nw, eps=1e-5).cpu()
+    want_r = gemv_reference(w, x, residual=r).cpu()
+    for cfg in _instances():
+        out = torch.full((w.n_rows,), float("nan"), device="cuda")
+        launch([w], x, [out], norm_weight=nw, eps=1e-5, config=cfg)
+        assert _rel(out, want) < 1e-5, cfg
+        again = torch.full_like(out, float("nan"))
+        launch([w], x, [again], norm_weight=nw, eps=1e-5, config=cfg)
+        assert torch.equal(out, again), cfg
+        res = r.clone()
+        launch([w], x, [res], residuals=[res], config=cfg)                # in place
+        assert _rel(res, want_r) < 1e-5, cfg
+
+
+@gpu
+def test_kernel_segments_and_swiglu(random_blocks):
+    _cuda_lib()
+    from gguflm.quant.cuda.gemv import gemv_multi, gemv_swiglu
+
+    def w_(t, rows, seed):
+        qk = LAYOUTS[t].block_size
+        return PackedWeight.from_raw(random_blocks(t, rows * 2048 // qk, seed), t, (2048, rows), "cuda")
+
+    ws = [w_(GGMLType.Q4_K, 256, 1), w_(GGMLType.Q4_K, 40, 2), w_(GGMLType.Q6_K, 40, 3), w_(GGMLType.Q8_0, 24, 4)]
+    gen = torch.Generator().manual_seed(0)
+    x, nw = (torch.randn(2048, generator=gen).cuda() for _ in range(2))
+    outs = [torch.full((w.n_rows,), float("nan"), device="cuda") for w in ws]
+    gemv_multi(ws, x, outs, norm_weight=nw, eps=1e-6)
+    for w, o in zip(ws, outs):
+        assert _rel(o, gemv_reference(w, x, norm_weight=nw, eps=1e-6).cpu()) < 1e-5
+    for t in (GGMLType.Q4_K, GGMLType.Q4_0, GGMLType.Q6_K):
+        wg, wu = w_(t, 300, 5), w_(t, 300, 6)
+        y = gemv_swiglu(wg, wu, x, norm_weight=nw, eps=1e-6)
+        assert _rel(y, gemv_swiglu_reference(wg, wu, x, norm_weight=nw, eps=1e-6).cpu()) < 1e-5
