@@ -33,6 +33,7 @@ from gguflm.quant.triton.planes import PackedWeight
 Q4_K, Q6_K, Q4_0, Q8_0 = GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q4_0, GGMLType.Q8_0
 E, F, KV, VOCAB = 2048, 5632, 256, 32000
 RESULTS: dict = {"meta": {}, "check": [], "shapes": [], "model": []}
+VARIANTS = ["triton", "hybrid", "cuda", "cuda+pdl", "hybrid+pdl"]
 
 
 def save(out: Path) -> None:
@@ -125,15 +126,34 @@ def check(rng) -> bool:
             RESULTS["check"].append({"type": t.name, "rows": rows, "cols": cols, "worst_rel": worst})
             print(f"check {t.name:5s} {rows}x{cols}: worst rel {worst:.2e}", flush=True)
     # segments and swiglu
-    ws = [weight(Q4_K, 2048, 2048, rng), weight(Q4_K, 256, 2048, rng), weight(Q6_K, 256, 2048, rng)]
     x, nw = (torch.randn(2048, device="cuda", generator=gen) for _ in range(2))
-    outs = [torch.full((w.n_rows,), float("nan"), device="cuda") for w in ws]
-    cg.gemv_multi(ws, x, outs, norm_weight=nw, eps=1e-5)
-    for w, o in zip(ws, outs):
-        ref = tg.gemv_reference(w, x, norm_weight=nw, eps=1e-5)
-        e = float((o.double() - ref).abs().max() / ref.abs().max())
-        ok &= e < 1e-5
-        print(f"check segment {w.ggml_type.name} {w.n_rows}: {e:.2e}", flush=True)
+    for group in ([(Q4_K, 2048), (Q4_K, 256), (Q6_K, 256)], [(Q4_0, 2048), (Q8_0, 256), (Q4_0, 100)]):
+        ws = [weight(t, rows, 2048, rng) for t, rows in group]
+        for cfg in (None, cg.CudaGemvConfig(2, 1, 4), cg.CudaGemvConfig(1, 2, 8)):
+            outs = [torch.full((w.n_rows,), float("nan"), device="cuda") for w in ws]
+            cg.launch(ws, x, outs, norm_weight=nw, eps=1e-5, config=cfg)
+            for w, o in zip(ws, outs):
+                ref = tg.gemv_reference(w, x, norm_weight=nw, eps=1e-5)
+                e = float((o.double() - ref).abs().max() / ref.abs().max())
+                ok &= e < 1e-5
+                print(f"check segment {w.ggml_type.name} {w.n_rows} {cfg}: {e:.2e}", flush=True)
+    # argmax epilogue: against torch.argmax of the same logits, twice (the counter resets), ties
+    aws = cg.ArgmaxWorkspace(torch.device("cuda"))
+    for t, rows in ((Q6_K, 32000), (Q4_K, 1000), (Q4_0, 77)):
+        w = weight(t, rows, 2048, rng)
+        for cfg in (None, cg.CudaGemvConfig(1, 2, 4), cg.CudaGemvConfig(2, 1, 8)):
+            for xx in (x, torch.zeros_like(x)):
+                am = torch.full((1,), -1, dtype=torch.int64, device="cuda")
+                o = torch.full((rows,), float("nan"), device="cuda")
+                cg.launch([w], xx, [o], norm_weight=nw, eps=1e-5, config=cfg, argmax=(am, aws))
+                want = int(torch.argmax(o))
+                am2 = torch.full((1,), -1, dtype=torch.int64, device="cuda")
+                cg.launch([w], xx, [o], norm_weight=nw, eps=1e-5, config=cfg, argmax=(am2, aws))
+                good = int(am) == want == int(am2) and int(aws.counter) == 0
+                ok &= good
+                print(f"check argmax {t.name} {rows} {cfg} zero_x={bool((xx == 0).all())}: {int(am)} {int(am2)} "
+                      f"torch {want} {'ok' if good else 'FAIL'}", flush=True)
+                RESULTS["check"].append({"argmax": t.name, "rows": rows, "ok": good})
     for t in (Q4_K, Q4_0, Q6_K):
         wg, wu = weight(t, 5632, 2048, rng), weight(t, 5632, 2048, rng)
         ref = tg.gemv_swiglu_reference(wg, wu, x, norm_weight=nw, eps=1e-5)
@@ -165,10 +185,8 @@ CASES = [  # name, kind, segments [(type, rows)], cols
 
 def configs_for(cols: int, swiglu: bool) -> list:
     if cols <= 2048:
-        ru = [(1, 2), (2, 2), (4, 2), (2, 1)]
-    else:
-        ru = [(1, 6), (1, 3), (2, 3)]
-    return [None] + [cg.CudaGemvConfig(r, u, w) for r, u in ru for w in (4, 8)]
+        return [None, cg.CudaGemvConfig(1, 2, 8), cg.CudaGemvConfig(2, 1, 8), cg.CudaGemvConfig(2, 2, 4)]
+    return [None, cg.CudaGemvConfig(1, 6, 4), cg.CudaGemvConfig(1, 3, 8)]
 
 
 def shapes(rng) -> None:
@@ -208,15 +226,19 @@ def shapes(rng) -> None:
                "gbps": per_copy / (us * 1e-6) / 1e9}
         rows_tot.append(row)
         print(f"{label:40s} triton           {us:7.2f} us {row['gbps']:6.0f} GB/s", flush=True)
-        for cfg in configs_for(cols, kind == "swiglu"):
+        for cfg, pdl in [(c, "0") for c in configs_for(cols, kind == "swiglu")] + [(None, "1")]:
             used = cfg or cg.gemv_config(max(r for _, r in segs), cols, kind == "swiglu")
+            os.environ["GGUFLM_PDL"] = pdl
             try:
                 us = graph_us([cuda_call(i, cfg) for i in range(n_copies)])
             except Exception as e:  # noqa: BLE001 - report and go on
                 print(f"{label} {used} failed: {e}", flush=True)
                 continue
-            row = {"case": label, "backend": "cuda", "config": f"R{used.rows} U{used.unroll} w{used.warps}",
-                   "default": cfg is None, "us": us, "gbps": per_copy / (us * 1e-6) / 1e9}
+            finally:
+                os.environ.pop("GGUFLM_PDL", None)
+            row = {"case": label, "backend": "cuda" if pdl == "0" else "cuda+pdl",
+                   "config": f"R{used.rows} U{used.unroll} w{used.warps}{' pdl' if pdl == '1' else ''}",
+                   "default": cfg is None and pdl == "0", "us": us, "gbps": per_copy / (us * 1e-6) / 1e9}
             rows_tot.append(row)
             print(f"{label:40s} cuda {row['config']:11s}{'*' if cfg is None else ' '} {us:7.2f} us "
                   f"{row['gbps']:6.0f} GB/s", flush=True)
@@ -292,6 +314,9 @@ def step_us(m, position: int = 64, steps: int = 200) -> tuple[float, torch.Tenso
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b) * 1e3 / steps)
+    if not torch.equal(logits, g.buf.logits):   # the same inputs each replay: bit-identical
+        print("  NOT DETERMINISTIC: logits differ between replays", flush=True)
+        RESULTS.setdefault("nondeterministic", []).append(str(m.config.n_layer))
     return statistics.median(times), logits
 
 
@@ -325,8 +350,10 @@ def model(out: Path, vocab: str, rng) -> None:
             write_model(path, mix, vocab, rng)
         print(f"{mix}: wrote {path.stat().st_size / 2**20:.0f} MiB in {time.time() - t0:.1f} s", flush=True)
         res = {"mix": mix}
-        for backend in ("triton", "cuda"):
-            os.environ["GGUFLM_GEMV"] = backend
+        for backend in VARIANTS:
+            gemv_mode, pdl = backend.split("+") if "+" in backend else (backend, "nopdl")
+            os.environ["GGUFLM_GEMV"] = gemv_mode
+            os.environ["GGUFLM_PDL"] = "1" if pdl == "pdl" else "0"
             m = gguflm.load(str(path), device="cuda", n_ctx=256)
             try:
                 us, logits = step_us(m)
@@ -344,13 +371,16 @@ def model(out: Path, vocab: str, rng) -> None:
                   flush=True)
             del m
             torch.cuda.empty_cache()
-        a, b = res.pop("_triton_logits").double(), res.pop("_cuda_logits").double()
-        res["logits_rel_diff"] = float((a - b).abs().max() / a.abs().max())
-        res["finite"] = bool(torch.isfinite(a).all() and torch.isfinite(b).all())
-        print(f"{mix}: logits rel diff cuda vs triton {res['logits_rel_diff']:.2e} finite={res['finite']}", flush=True)
+        a = res.pop("_triton_logits").double()
+        for v in VARIANTS[1:]:
+            b = res.pop(f"_{v}_logits").double()
+            res[f"{v}_logits_rel_diff"] = float((a - b).abs().max() / a.abs().max())
+            res[f"{v}_finite"] = bool(torch.isfinite(b).all())
+            print(f"{mix}: logits rel diff {v} vs triton {res[f'{v}_logits_rel_diff']:.2e}", flush=True)
         RESULTS["model"].append(res)
         save(out)
         os.environ.pop("GGUFLM_GEMV", None)
+        os.environ.pop("GGUFLM_PDL", None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,8 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:40s} triton {b['triton'] or float('nan'):7.2f}  cuda default {b['default'] or float('nan'):7.2f}  "
               f"best {c[0]:7.2f} ({c[1]})")
     for r in RESULTS["model"]:
-        print(f"model {r['mix']}: triton {r['triton_step_us']:.1f} us ({r['triton_tok_s']:.0f} tok/s)  "
-              f"cuda {r['cuda_step_us']:.1f} us ({r['cuda_tok_s']:.0f} tok/s)  rel {r['logits_rel_diff']:.1e}")
+        print(f"model {r['mix']}: " + "  ".join(
+            f"{v} {r.get(f'{v}_step_us', float('nan')):.1f} us ({r.get(f'{v}_tok_s', float('nan')):.0f} tok/s, "
+            f"argmax {r.get(f'{v}_argmax')}, rel {r.get(f'{v}_logits_rel_diff', 0):.1e})" for v in VARIANTS))
     print(f"check_ok={RESULTS['meta']['check_ok']}")
     return 0
 

@@ -127,14 +127,36 @@ def test_kernel_segments_and_swiglu(random_blocks):
         qk = LAYOUTS[t].block_size
         return PackedWeight.from_raw(random_blocks(t, rows * 2048 // qk, seed), t, (2048, rows), "cuda")
 
-    ws = [w_(GGMLType.Q4_K, 256, 1), w_(GGMLType.Q4_K, 40, 2), w_(GGMLType.Q6_K, 40, 3), w_(GGMLType.Q8_0, 24, 4)]
     gen = torch.Generator().manual_seed(0)
     x, nw = (torch.randn(2048, generator=gen).cuda() for _ in range(2))
-    outs = [torch.full((w.n_rows,), float("nan"), device="cuda") for w in ws]
-    gemv_multi(ws, x, outs, norm_weight=nw, eps=1e-6)
-    for w, o in zip(ws, outs):
-        assert _rel(o, gemv_reference(w, x, norm_weight=nw, eps=1e-6).cpu()) < 1e-5
+    for ws in ([w_(GGMLType.Q4_K, 256, 1), w_(GGMLType.Q4_K, 40, 2), w_(GGMLType.Q6_K, 40, 3)],
+               [w_(GGMLType.Q4_0, 64, 1), w_(GGMLType.Q8_0, 40, 2), w_(GGMLType.Q4_0, 8, 3)]):
+        outs = [torch.full((w.n_rows,), float("nan"), device="cuda") for w in ws]
+        gemv_multi(ws, x, outs, norm_weight=nw, eps=1e-6)                  # one launch, two types
+        for w, o in zip(ws, outs):
+            assert _rel(o, gemv_reference(w, x, norm_weight=nw, eps=1e-6).cpu()) < 1e-5
     for t in (GGMLType.Q4_K, GGMLType.Q4_0, GGMLType.Q6_K):
         wg, wu = w_(t, 300, 5), w_(t, 300, 6)
         y = gemv_swiglu(wg, wu, x, norm_weight=nw, eps=1e-6)
         assert _rel(y, gemv_swiglu_reference(wg, wu, x, norm_weight=nw, eps=1e-6).cpu()) < 1e-5
+
+
+@gpu
+def test_argmax_epilogue_is_torch_argmax(random_blocks):
+    """The fused argmax picks torch.argmax's index (ties: the first), replay after replay."""
+    _cuda_lib()
+    from gguflm.quant.cuda.gemv import ArgmaxWorkspace, CudaGemvConfig, launch
+
+    ws = ArgmaxWorkspace(torch.device("cuda"))
+    for t, rows in ((GGMLType.Q6_K, 5000), (GGMLType.Q4_0, 77)):
+        qk = LAYOUTS[t].block_size
+        w = PackedWeight.from_raw(random_blocks(t, rows * 2048 // qk, rows), t, (2048, rows), "cuda")
+        gen = torch.Generator().manual_seed(rows)
+        for x in (torch.randn(2048, generator=gen).cuda(), torch.zeros(2048, device="cuda")):
+            for cfg in (CudaGemvConfig(1, 2, 4), CudaGemvConfig(2, 1, 8)):
+                for _ in range(2):
+                    am = torch.full((1,), -1, dtype=torch.int64, device="cuda")
+                    out = torch.empty(rows, device="cuda")
+                    launch([w], x, [out], config=cfg, argmax=(am, ws))
+                    assert int(am) == int(torch.argmax(out))
+                    assert int(ws.counter) == 0

@@ -28,7 +28,7 @@ from gguflm.model.arch import RopeStyle
 from gguflm.model.cuda.weights import CudaWeights
 from gguflm.model.layers import Rope
 from gguflm.kernels.triton.attention import AttentionWorkspace, decode_attention
-from gguflm.quant.cuda.gemv import gemv_multi, gemv_swiglu
+from gguflm.quant.cuda.gemv import ArgmaxWorkspace, gemv_argmax, gemv_multi, gemv_swiglu
 
 
 def attention_splits(n_ctx: int) -> int:
@@ -53,6 +53,7 @@ class DecodeBuffers:
         self.ff = torch.empty(cfg.n_ff, **f32)
         self.logits = torch.empty(cfg.n_vocab, **f32)
         self.attn_ws = AttentionWorkspace(H, D, attention_splits(n_ctx), device)
+        self.argmax_ws = ArgmaxWorkspace(device)
 
 
 def decode_step(cfg: ModelConfig, w: CudaWeights, rope: Rope, buf: DecodeBuffers,
@@ -84,8 +85,11 @@ def decode_step(cfg: ModelConfig, w: CudaWeights, rope: Rope, buf: DecodeBuffers
             layer.w_up.gemv(x, buf.up, norm_weight=layer.ffn_norm, eps=eps)
             torch.mul(F.silu(buf.gate), buf.up, out=buf.ff)
         layer.w_down.gemv(buf.ff, x, residual=x)
-    w.output.gemv(x, buf.logits, norm_weight=w.output_norm, eps=eps)
-    torch.argmax(buf.logits, dim=0, keepdim=True, out=next_tok)
+    out = w.output
+    if not (out.packed is not None and out.bias is None
+            and gemv_argmax(out.packed, x, buf.logits, next_tok, buf.argmax_ws, norm_weight=w.output_norm, eps=eps)):
+        out.gemv(x, buf.logits, norm_weight=w.output_norm, eps=eps)
+        torch.argmax(buf.logits, dim=0, keepdim=True, out=next_tok)
     torch.add(pos, 1, out=next_pos)
 
 

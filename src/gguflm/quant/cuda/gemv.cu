@@ -23,8 +23,14 @@
 // mantissa of 1.0: a shift and a LOP3, no conversion), and sum q x = 2^b (sum f x - sum x),
 // sum x being shared by all rows of the warp.
 //
-// Several weights of different types that read the same x (Q, K, V) run in one launch:
-// each CTA belongs to one segment (its own planes, type, rows and output).
+// Several weights that read the same x (Q, K, V) run in one launch, of two types too (Q4_K
+// with Q6_K, Q4_0 with Q8_0): each CTA belongs to one segment (its own planes, type, rows and
+// output). One kernel per type (or pair) and launch shape keeps the code small (~1-2k SASS
+// instructions; one kernel holding every type was 7k and ran 20-50 % slower inside the decode
+// step than alone). Kernels are launched with programmatic dependent launch (PDL): a GEMV
+// starts while the kernel before it finishes, issues its first weight loads, and waits
+// (griddepcontrol.wait) before it reads x. The output projection can fold the greedy argmax
+// into its epilogue (per-CTA partials, reduced in a fixed order by the CTA that ends last).
 //
 // Built by gguflm/quant/cuda/build.py with nvcc into a shared library called through ctypes.
 
@@ -34,6 +40,7 @@
 #include <string.h>
 #include <math.h>
 #include <stdlib.h>
+#include <type_traits>
 
 #define GT_Q4_0 2
 #define GT_Q8_0 8
@@ -62,6 +69,12 @@ struct Params {
     int K;                    // row length (values)
     int n_seg;
     int n_cta;                // CTAs of all segments
+    // argmax epilogue (one segment, not SWIGLU): argmax_out[0] = the first index of the
+    // largest y (NaN counts as largest, as in torch.argmax); null: none
+    long long* argmax_out;
+    float* part_val;          // [n_cta] each CTA's best, then reduced by the last CTA
+    int* part_idx;
+    unsigned int* counter;    // 0 before the launch; the last CTA sets it back to 0
 };
 
 // The per-type code below is host-and-device (HD): gguflm_gemv_emulate runs it on the CPU,
@@ -125,9 +138,11 @@ HD float as_f(uint32_t u) {
 // ---------------------------------------------------------------------------------------
 
 struct Q4_0 {
+    static constexpr int ID = GT_Q4_0;
     static constexpr int QK = 32, CPB = 1;
     HD static int swz(int g) { return g ^ ((g >> 3) & 7); }
     struct Raw { uint4 q; float d; };
+    HD static uint32_t dep(const Raw& r) { return r.q.x; }
     HD static void load(Raw& r, const uint8_t* P, long long n, long long blk, int) {
         r.q = ld16(P + n * 2 + blk * 16);
         r.d = ldh(P + blk * 2);
@@ -155,9 +170,11 @@ struct Q4_0 {
 };
 
 struct Q8_0 {
+    static constexpr int ID = GT_Q8_0;
     static constexpr int QK = 32, CPB = 1;
     HD static int swz(int g) { return g ^ ((g >> 3) & 7); }
     struct Raw { uint4 q0, q1; float d; };
+    HD static uint32_t dep(const Raw& r) { return r.q0.x; }
     HD static void load(Raw& r, const uint8_t* P, long long n, long long blk, int) {
         r.q0 = ld16(P + n * 2 + blk * 32);
         r.q1 = ld16(P + n * 2 + blk * 32 + 16);
@@ -186,11 +203,13 @@ struct Q8_0 {
 };
 
 struct Q4_K {
+    static constexpr int ID = GT_Q4_K;
     // block: d, dmin, scales[12], qs[128]; chunk c = 2j + h: qs[32j + 16h + l], lo nibble ->
     // value 64j + 16h + l (sub-block 2j), hi -> 64j + 32 + 16h + l (sub-block 2j + 1)
     static constexpr int QK = 256, CPB = 8;
     HD static int swz(int g) { return g ^ ((g >> 4) & 3); }
     struct Raw { uint4 q; uint32_t s0, s1, s2; float d, dmin; };
+    HD static uint32_t dep(const Raw& r) { return r.q.x; }
     HD static void load(Raw& r, const uint8_t* P, long long n, long long blk, int c) {
         r.q = ld16(P + n * 16 + blk * 128 + c * 16);
         const uint8_t* sc = P + n * 4 + blk * 12;
@@ -241,6 +260,7 @@ struct Q4_K {
 };
 
 struct Q6_K {
+    static constexpr int ID = GT_Q6_K;
     // block: ql[128], qh[64], scales[16] (int8), d; chunk c = 4n + 2jj + h: ql[64n + 32jj + 16h + l],
     // qh[32n + 16h + l]; t = 0: value 128n + 32jj + 16h + l, q = (ql & 15) | ((qh >> 2jj) & 3) << 4,
     // sub-block 8n + 2jj + h; t = 1: value + 64, q = (ql >> 4) | ((qh >> (2jj + 4)) & 3) << 4,
@@ -248,6 +268,7 @@ struct Q6_K {
     static constexpr int QK = 256, CPB = 8;
     HD static int swz(int g) { return g ^ (((g >> 3) & 1) | ((g >> 4) & 2)); }
     struct Raw { uint4 ql, qh; int sc0, sc1; float d; };
+    HD static uint32_t dep(const Raw& r) { return r.ql.x; }
     HD static void load(Raw& r, const uint8_t* P, long long n, long long blk, int c) {
         const int nn = c >> 2, h = c & 1;
         r.ql = ld16(P + blk * 128 + c * 16);
@@ -284,6 +305,23 @@ struct Q6_K {
 
 // ---------------------------------------------------------------------------------------
 
+// Programmatic dependent launch (sm_90): a kernel launched with it starts while the one before
+// it in the stream finishes; it loads its weights (which no kernel writes), then waits for the
+// earlier grid to complete and flush before it reads x, the residual or writes anything.
+// ptxas hoists an unconditional griddepcontrol.wait to the kernel's entry, above the weight
+// loads; predicated on a loaded word (both ways: it always waits) it stays after them.
+__device__ __forceinline__ void pdl_wait(uint32_t dep) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.u32 p, %0, 0x5a5a5a5a;\n\t@p griddepcontrol.wait;\n\t"
+                 "@!p griddepcontrol.wait;\n\t}" :: "r"(dep) : "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 template <typename T>
 __device__ __forceinline__ void run16(const float* sx, int k, float* v, float& sum) {
     const int g0 = k >> 2;
@@ -298,19 +336,35 @@ __device__ __forceinline__ void run16(const float* sx, int k, float* v, float& s
 
 // x' into shared memory (swizzled), returns rstd (1 without norm); all threads of the CTA
 template <typename T>
-__device__ float stage(const Params& p, float* sx, float* red) {
+__device__ float stage(const Params& p, float* sx, float* red, uint32_t dep) {
     const int n4 = p.K >> 2;
     const float4* x4 = reinterpret_cast<const float4*>(p.x);
     const float4* w4 = reinterpret_cast<const float4*>(p.norm);
+    pdl_wait(dep);
     float ss = 0.f;
-    for (int g = threadIdx.x; g < n4; g += blockDim.x) {
-        float4 v = x4[g];
-        if (p.norm) {
-            ss = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss))));
-            const float4 w = w4[g];
-            v.x *= w.x; v.y *= w.y; v.z *= w.z; v.w *= w.w;
+    // all of a thread's loads first (one L2 round trip for rows up to 4 * 4 * blockDim values)
+    constexpr int UNR = 4;
+    for (int g0 = threadIdx.x; g0 < n4; g0 += UNR * blockDim.x) {
+        float4 v[UNR], w[UNR];
+#pragma unroll
+        for (int u = 0; u < UNR; ++u) {
+            const int g = g0 + u * blockDim.x;
+            if (g < n4) {
+                v[u] = x4[g];
+                if (p.norm) w[u] = w4[g];
+            }
         }
-        *reinterpret_cast<float4*>(sx + 4 * T::swz(g)) = v;
+#pragma unroll
+        for (int u = 0; u < UNR; ++u) {
+            const int g = g0 + u * blockDim.x;
+            if (g < n4) {
+                if (p.norm) {
+                    ss = fmaf(v[u].x, v[u].x, fmaf(v[u].y, v[u].y, fmaf(v[u].z, v[u].z, fmaf(v[u].w, v[u].w, ss))));
+                    v[u].x *= w[u].x; v[u].y *= w[u].y; v[u].z *= w[u].z; v[u].w *= w[u].w;
+                }
+                *reinterpret_cast<float4*>(sx + 4 * T::swz(g)) = v[u];
+            }
+        }
     }
     if (!p.norm) {
         __syncthreads();
@@ -323,6 +377,66 @@ __device__ float stage(const Params& p, float* sx, float* red) {
     float tot = 0.f;
     for (int i = 0; i < (int)(blockDim.x >> 5); ++i) tot += red[i];
     return rsqrtf(tot / (float)p.K + p.eps);
+}
+
+// (v, i) beats (bv, bi): larger value, NaN above all, the smaller index on ties. Rows past
+// the end carry index INT_MAX, so they never win against a real row.
+__device__ __forceinline__ bool beats(float v, int i, float bv, int bi) {
+    const bool n = v != v, bn = bv != bv;
+    if (n || bn) return n && (!bn || i < bi);
+    return v > bv || (v == bv && i < bi);
+}
+__device__ __forceinline__ void warp_best(float& v, int& i) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (beats(ov, oi, v, i)) { v = ov; i = oi; }
+    }
+}
+
+// Each CTA's best row into part_*[cta]; the CTA that finishes last reduces all parts in
+// a fixed order (which CTA that is does not change the result) and resets the counter.
+__device__ void argmax_epilogue(const Params& p, int cta, float v, int i) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    __shared__ bool last;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    if (i == 0x7fffffff) v = -INFINITY;
+    warp_best(v, i);
+    if (lane == 0) { bv[warp] = v; bi[warp] = i; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float b = bv[0];
+        int k = bi[0];
+        for (int w = 1; w < warps; ++w)
+            if (beats(bv[w], bi[w], b, k)) { b = bv[w]; k = bi[w]; }
+        p.part_val[cta] = b;
+        p.part_idx[cta] = k;
+        __threadfence();
+        last = atomicAdd(p.counter, 1u) == (unsigned)p.n_cta - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    float b = -INFINITY;
+    int k = 0x7fffffff;
+#pragma unroll 8
+    for (int c = threadIdx.x; c < p.n_cta; c += blockDim.x) {
+        const float cv = __ldcg(p.part_val + c);
+        const int ci = __ldcg(p.part_idx + c);
+        if (beats(cv, ci, b, k)) { b = cv; k = ci; }
+    }
+    warp_best(b, k);
+    __syncthreads();
+    if (lane == 0) { bv[warp] = b; bi[warp] = k; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < warps; ++w)
+            if (beats(bv[w], bi[w], bv[0], bi[0])) { bv[0] = bv[w]; bi[0] = bi[w]; }
+        p.argmax_out[0] = bi[0] == 0x7fffffff ? 0 : bi[0];
+        *p.counter = 0u;
+    }
 }
 
 template <typename T, int R, int U, bool SWIGLU>
@@ -355,7 +469,8 @@ __device__ void run_seg(const Params& p, const Seg& s, int cta, float* sx, float
 #pragma unroll
             for (int r = 0; r < R; ++r) T::load(raw[u][w][r], P[w], s.n_blocks, rowblk[r] + b, c);
     }
-    const float rstd = stage<T>(p, sx, red);
+    const float rstd = stage<T>(p, sx, red, T::dep(raw[0][0][0]));
+    pdl_trigger();
 
     for (int base = 0; base < nch; base += 32 * U) {
         if (base > 0) {
@@ -390,6 +505,8 @@ __device__ void run_seg(const Params& p, const Seg& s, int cta, float* sx, float
         for (int r = 0; r < R; ++r)
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) acc[w][r] += __shfl_xor_sync(0xffffffffu, acc[w][r], o);
+    float yv = 0.f;
+    int yrow = 0x7fffffff;
     if (lane < R) {
         // lane r stores row r (unrolled select keeps acc in registers)
         float g = acc[0][0], u = SWIGLU ? acc[W - 1][0] : 0.f;
@@ -408,11 +525,16 @@ __device__ void run_seg(const Params& p, const Seg& s, int cta, float* sx, float
                 if (s.residual) y += s.residual[row];
             }
             s.out[row] = y;
+            yv = y;
+            yrow = row;
         }
     }
+    if (!SWIGLU && p.argmax_out) argmax_epilogue(p, cta, yv, yrow);
 }
 
-template <int R, int U, bool SWIGLU>
+// One kernel per type, or per pair of types (a mixed Q/K/V): small code, each CTA takes the
+// branch of its segment's type.
+template <typename TA, typename TB, int R, int U, bool SWIGLU>
 __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Params p) {
     extern __shared__ float4 smem4[];
     float* sx = reinterpret_cast<float*>(smem4);
@@ -423,25 +545,51 @@ __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Param
         if (k < p.n_seg && (int)blockIdx.x >= p.seg[k].cta_begin) i = k;
     const Seg& s = p.seg[i];
     const int cta = blockIdx.x - s.cta_begin;
-    switch (s.type) {
-        case GT_Q4_0: run_seg<Q4_0, R, U, SWIGLU>(p, s, cta, sx, red); break;
-        case GT_Q8_0: run_seg<Q8_0, R, U, SWIGLU>(p, s, cta, sx, red); break;
-        case GT_Q4_K: run_seg<Q4_K, R, U, SWIGLU>(p, s, cta, sx, red); break;
-        case GT_Q6_K: run_seg<Q6_K, R, U, SWIGLU>(p, s, cta, sx, red); break;
-        default: break;
+    if constexpr (std::is_same<TA, TB>::value) {
+        run_seg<TA, R, U, SWIGLU>(p, s, cta, sx, red);
+    } else {
+        if (s.type == TA::ID) run_seg<TA, R, U, SWIGLU>(p, s, cta, sx, red);
+        else run_seg<TB, R, U, SWIGLU>(p, s, cta, sx, red);
     }
 }
 
-template <int R, int U, bool SWIGLU>
-static int launch(const Params& p, int warps, cudaStream_t stream) {
+template <typename TA, typename TB, int R, int U, bool SWIGLU>
+static int launch(const Params& p, int warps, int pdl, cudaStream_t stream) {
     const size_t smem = (size_t)p.K * sizeof(float);
+    auto fn = gemv_kernel<TA, TB, R, U, SWIGLU>;
     if (smem > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute(gemv_kernel<R, U, SWIGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             (int)smem);
+        cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return (int)e;
     }
-    gemv_kernel<R, U, SWIGLU><<<p.n_cta, 32 * warps, smem, stream>>>(p);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(p.n_cta);
+    cfg.blockDim = dim3(32 * warps);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    cudaError_t e = cudaLaunchKernelEx(&cfg, fn, p);
+    if (e != cudaSuccess) return (int)e;
     return (int)cudaGetLastError();
+}
+
+template <typename TA, typename TB>
+static int dispatch_ru(const Params& p, int warps, int R, int U, int swiglu, int pdl, cudaStream_t st) {
+#define CASE(R_, U_)                                                                          \
+    if (R == R_ && U == U_)                                                                   \
+        return swiglu ? launch<TA, TB, R_, U_, true>(p, warps, pdl, st)                       \
+                      : launch<TA, TB, R_, U_, false>(p, warps, pdl, st);
+    if constexpr (std::is_same<TA, TB>::value) {
+        CASE(1, 1) CASE(1, 2) CASE(2, 1) CASE(2, 2) CASE(1, 3) CASE(1, 6)
+    } else {
+        if (!swiglu && R == 1 && U == 2) return launch<TA, TB, 1, 2, false>(p, warps, pdl, st);
+        if (!swiglu && R == 2 && U == 1) return launch<TA, TB, 2, 1, false>(p, warps, pdl, st);
+    }
+#undef CASE
+    return -1;
 }
 
 template <typename T>
@@ -495,16 +643,23 @@ static int emulate_seg(const Params& p, const Seg& s, int swiglu) {
     return 0;
 }
 
-#define CASE(R_, U_)                                                                   \
-    if (R == R_ && U == U_)                                                            \
-        return swiglu ? launch<R_, U_, true>(*p, warps, (cudaStream_t)stream)          \
-                      : launch<R_, U_, false>(*p, warps, (cudaStream_t)stream);
-
 extern "C" {
 
 // 0 on success, a cudaError_t code otherwise; -1: no such (R, U) instance
-int gguflm_gemv(const Params* p, int warps, int R, int U, int swiglu, void* stream) {
-    CASE(1, 2) CASE(2, 2) CASE(4, 2) CASE(1, 1) CASE(2, 1) CASE(4, 1) CASE(1, 6) CASE(2, 3) CASE(1, 3)
+// ta, tb: the GGML types of the segments (tb = ta for one type); pdl: programmatic launch
+int gguflm_gemv(const Params* p, int ta, int tb, int warps, int R, int U, int swiglu, int pdl, void* stream) {
+    cudaStream_t st = (cudaStream_t)stream;
+    if (ta == tb) {
+        switch (ta) {
+            case GT_Q4_0: return dispatch_ru<Q4_0, Q4_0>(*p, warps, R, U, swiglu, pdl, st);
+            case GT_Q8_0: return dispatch_ru<Q8_0, Q8_0>(*p, warps, R, U, swiglu, pdl, st);
+            case GT_Q4_K: return dispatch_ru<Q4_K, Q4_K>(*p, warps, R, U, swiglu, pdl, st);
+            case GT_Q6_K: return dispatch_ru<Q6_K, Q6_K>(*p, warps, R, U, swiglu, pdl, st);
+        }
+        return -1;
+    }
+    if (ta == GT_Q4_K && tb == GT_Q6_K) return dispatch_ru<Q4_K, Q6_K>(*p, warps, R, U, swiglu, pdl, st);
+    if (ta == GT_Q4_0 && tb == GT_Q8_0) return dispatch_ru<Q4_0, Q8_0>(*p, warps, R, U, swiglu, pdl, st);
     return -1;
 }
 

@@ -2,12 +2,17 @@
 the common llama.cpp mixes: Q4_0, Q8_0, Q4_K, Q6_K. Same contract and plain-torch twins as
 :mod:`gguflm.quant.triton.gemv` (``gemv_reference``, ``gemv_swiglu_reference``), plus
 :func:`gemv_multi`: several weights that read the same activations (Q, K and V, of
-different types too) in one launch.
+two types too) in one launch, and :func:`gemv_argmax`: the output projection with the
+greedy argmax in its epilogue.
 
-:func:`gemv`, :func:`gemv_multi` and :func:`gemv_swiglu` are the entry points the model
-uses: each runs the CUDA kernel when it covers the call (:func:`supported`) and the library
-is built for the device, and the Triton kernel otherwise. ``GGUFLM_GEMV=triton`` forces the
-Triton kernels; a failed build says so once on stderr and falls back.
+:func:`gemv`, :func:`gemv_multi`, :func:`gemv_swiglu` and :func:`gemv_argmax` are the
+entry points the model uses: each runs the CUDA kernel when it covers the call
+(:func:`supported`) and the library is built for the device, and the Triton kernel (or
+torch.argmax) otherwise. ``GGUFLM_GEMV=triton`` forces the Triton kernels, ``hybrid`` uses
+the CUDA ones only where they won launch by launch without PDL; ``GGUFLM_PDL=0`` turns
+programmatic dependent launch off. A failed build says so once on stderr and falls back.
+Measured on an H200 (benchmarks/cuda_notes.md, 2026-12-04): the decode step of TinyLlama
+Q4_K_M 967 -> 815 us, Q4_0 841 -> 763 us against the Triton kernels.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from gguflm.quant.triton.planes import PackedWeight
 TYPES = (GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K)
 MAX_SEGS = 4
 SMEM_LIMIT = 200 * 1024  # bytes of activations a CTA stages (dynamic shared memory)
-INSTANCES = {(1, 2), (2, 2), (4, 2), (1, 1), (2, 1), (4, 1), (1, 6), (2, 3), (1, 3)}  # (R, U) built
+INSTANCES = {(1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (1, 6)}  # (R, U) built for each type
+PAIRS = {(GGMLType.Q4_K, GGMLType.Q6_K), (GGMLType.Q4_0, GGMLType.Q8_0)}  # two types in one launch
+PAIR_INSTANCES = {(1, 2), (2, 1)}
 
 
 class _Seg(ctypes.Structure):
@@ -38,7 +45,25 @@ class _Seg(ctypes.Structure):
 
 class _Params(ctypes.Structure):
     _fields_ = [("seg", _Seg * MAX_SEGS), ("x", ctypes.c_void_p), ("norm", ctypes.c_void_p),
-                ("eps", ctypes.c_float), ("K", ctypes.c_int), ("n_seg", ctypes.c_int), ("n_cta", ctypes.c_int)]
+                ("eps", ctypes.c_float), ("K", ctypes.c_int), ("n_seg", ctypes.c_int), ("n_cta", ctypes.c_int),
+                ("argmax_out", ctypes.c_void_p), ("part_val", ctypes.c_void_p), ("part_idx", ctypes.c_void_p),
+                ("counter", ctypes.c_void_p)]
+
+
+class ArgmaxWorkspace:
+    """Per-CTA partial maxima and the arrival counter of the argmax epilogue: one per
+    call site (a captured graph keeps its pointers; two launches in flight at once must
+    not share one)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.val = self.idx = None
+        self.counter = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def ensure(self, n_cta: int) -> None:
+        if self.val is None or self.val.numel() < n_cta:
+            self.val = torch.empty(n_cta, dtype=torch.float32, device=self.device)
+            self.idx = torch.empty(n_cta, dtype=torch.int32, device=self.device)
 
 
 @dataclass(frozen=True)
@@ -52,22 +77,16 @@ class CudaGemvConfig:
 
 
 def gemv_config(n_rows: int, n_cols: int, swiglu: bool = False) -> CudaGemvConfig:
-    """A launch shape for a weight of ``n_rows x n_cols``: every chunk of a lane's share of
-    the row in flight at once (U = ceil(n_cols / 1024), at most 6), two rows per warp for
-    the tall output projection, one otherwise."""
+    """A launch shape for a weight of ``n_rows x n_cols`` (the fastest of the H200 sweep,
+    benchmarks/cuda_gemv_bench.py, 2026-12-04): rows of <= 2048 values: gate+up and the tall
+    output projection 2 rows per warp and one chunk per lane in flight per row, the others
+    1 row and 2 chunks; longer rows (down, 5632): 1 row, 6 chunks per lane, 8 warps."""
     per_lane = -(-n_cols // 1024)
     if per_lane <= 1:
-        u = 1
-    elif per_lane <= 2:
-        u = 2
-    elif per_lane <= 3:
-        u = 3
-    else:
-        u = 6
-    r = 2 if (n_rows >= 16384 and not swiglu and u <= 2) else 1
-    if (r, u) not in INSTANCES:
-        r = 1
-    return CudaGemvConfig(r, u, 4)
+        return CudaGemvConfig(1, 1, 4)
+    if per_lane <= 2:
+        return CudaGemvConfig(2, 1, 4) if (swiglu or n_rows >= 16384) else CudaGemvConfig(1, 2, 4)
+    return CudaGemvConfig(1, 3, 8) if per_lane <= 3 else CudaGemvConfig(1, 6, 8)
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,7 +104,7 @@ def _arch(device: torch.device) -> str:
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gguflm_gemv.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                ctypes.c_void_p]
+                                ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.gguflm_gemv.restype = ctypes.c_int
     lib.gguflm_gemv_emulate.argtypes = [ctypes.POINTER(_Params), ctypes.c_int]
     lib.gguflm_gemv_emulate.restype = ctypes.c_int
@@ -116,9 +135,22 @@ def library(device: torch.device | None = None, quiet: bool = False) -> ctypes.C
     return lib
 
 
+def mode() -> str:
+    """``GGUFLM_GEMV``: ``triton`` (never the CUDA kernels), ``cuda`` (wherever they apply;
+    the default: fastest decode step on the H200, with PDL), ``hybrid`` (only gate+up, the
+    tall output projection and mixed-type Q/K/V, where they won one by one without PDL)."""
+    m = os.environ.get("GGUFLM_GEMV", "").lower()
+    return m if m in ("triton", "cuda", "hybrid") else "cuda"
+
+
+def pdl() -> bool:
+    """Launch with programmatic dependent launch (``GGUFLM_PDL=0`` turns it off)."""
+    return os.environ.get("GGUFLM_PDL", "1") != "0"
+
+
 def enabled(device: torch.device) -> bool:
     """The CUDA kernels will run on ``device`` (a CUDA device, not forced off, built)."""
-    if device.type != "cuda" or os.environ.get("GGUFLM_GEMV", "").lower() == "triton":
+    if device.type != "cuda" or mode() == "triton":
         return False
     return library(device) is not None
 
@@ -177,24 +209,38 @@ def _check_out(out: torch.Tensor, n: int) -> None:
 def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Tensor], *,
            norm_weight: torch.Tensor | None = None, eps: float = 0.0,
            residuals: Sequence[torch.Tensor | None] | None = None, ups: Sequence[PackedWeight] | None = None,
-           config: CudaGemvConfig | None = None) -> None:
+           config: CudaGemvConfig | None = None, argmax: tuple[torch.Tensor, ArgmaxWorkspace] | None = None) -> None:
     """One launch of the CUDA kernel over the weights ``ws`` (segments of one grid) that all
-    read ``x``; the caller has checked :func:`supported`. ``ups``: SWIGLU (one segment)."""
+    read ``x``; the caller has checked :func:`supported`. ``ups``: SWIGLU (one segment).
+    ``argmax``: (int64 [1] out, workspace): also the first index of the largest output (one
+    segment, no SWIGLU)."""
     if not 1 <= len(ws) <= MAX_SEGS or any(w.n_cols != ws[0].n_cols for w in ws):
         raise ValueError(f"1..{MAX_SEGS} weights of one row length")
     residuals = residuals or [None] * len(ws)
     for w, o in zip(ws, outs):
         _check_out(o, w.n_rows)
+    types = sorted({int(w.ggml_type) for w in ws})
+    if len(types) > 2 or (len(types) == 2 and tuple(types) not in {(int(a), int(b)) for a, b in PAIRS}):
+        raise ValueError(f"no kernel for the types {types} in one launch")
     cfg = config or gemv_config(max(w.n_rows for w in ws), ws[0].n_cols, swiglu=ups is not None)
+    if len(types) == 2 and (cfg.rows, cfg.unroll) not in PAIR_INSTANCES:
+        cfg = CudaGemvConfig(1, 2, cfg.warps)
     if (cfg.rows, cfg.unroll) not in INSTANCES or not 1 <= cfg.warps <= 8:
         raise ValueError(f"no kernel instance for {cfg}")
     p = _params(ws, outs, x, norm_weight, eps, residuals, cfg.rows * cfg.warps, ups)
+    if argmax is not None:
+        target, aws = argmax
+        if len(ws) != 1 or ups is not None or target.dtype != torch.int64 or target.numel() != 1:
+            raise ValueError("the argmax epilogue takes one weight and an int64 [1] output")
+        aws.ensure(p.n_cta)
+        p.argmax_out, p.part_val, p.part_idx = target.data_ptr(), aws.val.data_ptr(), aws.idx.data_ptr()
+        p.counter = aws.counter.data_ptr()
     lib = library(x.device)
     if x.device.type != "cuda" or lib is None:
         raise RuntimeError("the CUDA GEMV kernels are not available on this device")
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    rc = lib.gguflm_gemv(ctypes.byref(p), cfg.warps, cfg.rows, cfg.unroll, int(ups is not None),
-                         ctypes.c_void_p(stream))
+    rc = lib.gguflm_gemv(ctypes.byref(p), types[0], types[-1], cfg.warps, cfg.rows, cfg.unroll,
+                         int(ups is not None), int(pdl()), ctypes.c_void_p(stream))
     if rc != 0:
         msg = "no such instance" if rc < 0 else lib.gguflm_error_string(rc).decode()
         raise RuntimeError(f"CUDA GEMV launch failed: {msg}")
@@ -228,10 +274,23 @@ def gemv(w: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
     """``W @ x'`` (see :func:`gguflm.quant.triton.gemv.gemv`): CUDA kernel or Triton."""
     if out is None:
         out = torch.empty(w.n_rows, dtype=torch.float32, device=x.device)
-    if enabled(x.device) and supported(w, x) and (norm_weight is None or _aligned(norm_weight)):
+    if (enabled(x.device) and (mode() == "cuda" or w.n_rows >= 16384) and supported(w, x)
+            and (norm_weight is None or _aligned(norm_weight))):
         launch([w], x, [out], norm_weight=norm_weight, eps=eps, residuals=[residual], config=config)
         return out
     return tg.gemv(w, x, out, norm_weight=norm_weight, eps=eps, residual=residual)
+
+
+def gemv_argmax(w: PackedWeight, x: torch.Tensor, out: torch.Tensor, argmax_out: torch.Tensor,
+                ws: ArgmaxWorkspace, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> bool:
+    """``out = W @ x'`` and ``argmax_out[0] = argmax(out)`` (torch.argmax's choice: the first
+    index of the largest value, NaN largest) in one launch: True when done, False when the
+    CUDA kernel does not apply (the caller computes both its own way)."""
+    if (enabled(x.device) and mode() == "cuda" and supported(w, x)
+            and (norm_weight is None or _aligned(norm_weight))):
+        launch([w], x, [out], norm_weight=norm_weight, eps=eps, argmax=(argmax_out, ws))
+        return True
+    return False
 
 
 def gemv_multi(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Tensor], *,
@@ -239,7 +298,10 @@ def gemv_multi(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch
                config: CudaGemvConfig | None = None) -> None:
     """``outs[i] = W_i @ x'`` for weights of one row length (e.g. Q, K, V): one launch when
     the CUDA kernel covers all of them, else one Triton launch each."""
+    types = {w.ggml_type for w in ws}
     if (enabled(x.device) and len(ws) <= MAX_SEGS and len({w.n_cols for w in ws}) == 1
+            and (len(types) == 1 or (len(types) == 2 and tuple(sorted(types)) in PAIRS))
+            and (mode() == "cuda" or len(types) == 2)
             and all(supported(w, x) for w in ws) and (norm_weight is None or _aligned(norm_weight))):
         launch(ws, x, outs, norm_weight=norm_weight, eps=eps, config=config)
         return
