@@ -143,9 +143,10 @@ def mode() -> str:
     return m if m in ("triton", "cuda", "hybrid") else "cuda"
 
 
-def pdl() -> bool:
-    """Launch with programmatic dependent launch (``GGUFLM_PDL=0`` turns it off)."""
-    return os.environ.get("GGUFLM_PDL", "1") != "0"
+def pdl(device: torch.device) -> bool:
+    """Launch with programmatic dependent launch: on Hopper and later (compute capability
+    >= 9), unless ``GGUFLM_PDL=0``."""
+    return os.environ.get("GGUFLM_PDL", "1") != "0" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def enabled(device: torch.device) -> bool:
@@ -240,7 +241,7 @@ def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Ten
         raise RuntimeError("the CUDA GEMV kernels are not available on this device")
     stream = torch.cuda.current_stream(x.device).cuda_stream
     rc = lib.gguflm_gemv(ctypes.byref(p), types[0], types[-1], cfg.warps, cfg.rows, cfg.unroll,
-                         int(ups is not None), int(pdl()), ctypes.c_void_p(stream))
+                         int(ups is not None), int(pdl(x.device)), ctypes.c_void_p(stream))
     if rc != 0:
         msg = "no such instance" if rc < 0 else lib.gguflm_error_string(rc).decode()
         raise RuntimeError(f"CUDA GEMV launch failed: {msg}")
