@@ -355,6 +355,7 @@ def model(out: Path, vocab: str, rng) -> None:
             os.environ["GGUFLM_GEMV"] = gemv_mode
             os.environ["GGUFLM_PDL"] = "1" if pdl == "pdl" else "0"
             m = gguflm.load(str(path), device="cuda", n_ctx=256)
+            m = getattr(m, "model", m)              # the Model behind the LLM
             try:
                 us, logits = step_us(m)
             except Exception:  # noqa: BLE001 - report, keep the rest of the run
