@@ -30,5 +30,8 @@ def load_cuda(f: GGUFFile, config: ModelConfig, n_ctx: int, device: torch.device
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:1")
     os.environ.setdefault("TORCH_CUBLASLT_WORKSPACE_SIZE", "1024")
 
+    from gguflm.quant.cuda.gemv import prepare
+
+    prepare(device)  # nvcc's first build of the GEMV kernels (cached) runs while the weights load
     weights = load_weights(f, config, device)
     return CudaModel(f, config, weights, n_ctx, device, use_graphs=use_graphs and device.type == "cuda")

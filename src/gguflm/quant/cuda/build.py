@@ -13,13 +13,13 @@ the caller's stream, so CUDA graphs capture them. A failed build raises
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("gemv.cu")
@@ -49,9 +49,42 @@ def _name(arch: str) -> str:
     return f"gguflm_cuda_{arch}_{digest}"
 
 
-@functools.cache
+_lock = threading.Lock()
+_built: dict[str, ctypes.CDLL | KernelsUnavailable] = {}
+
+
 def library(arch: str = "sm_90") -> ctypes.CDLL:
-    """The kernels built for ``arch`` (e.g. ``sm_90``), building them first if needed."""
+    """The kernels built for ``arch`` (e.g. ``sm_90``), building them first if needed (once
+    per process: a concurrent caller waits for the build; a failure is remembered)."""
+    with _lock:
+        if arch not in _built:
+            try:
+                _built[arch] = _load(arch)
+            except KernelsUnavailable as e:
+                _built[arch] = e
+        lib = _built[arch]
+    if isinstance(lib, KernelsUnavailable):
+        raise lib
+    return lib
+
+
+def start(arch: str) -> None:
+    """Build (or load) the kernels for ``arch`` in a background thread, so that nvcc runs
+    while the model loads; :func:`library` then waits for it."""
+    with _lock:
+        if arch in _built:
+            return
+    threading.Thread(target=lambda: _quiet(arch), name=f"gguflm-nvcc-{arch}", daemon=True).start()
+
+
+def _quiet(arch: str) -> None:
+    try:
+        library(arch)
+    except KernelsUnavailable:
+        pass                            # said by the caller that needs the kernels
+
+
+def _load(arch: str) -> ctypes.CDLL:
     name = _name(arch)
     lib = _cache_dir() / name / f"lib{name}.so"
     if not lib.exists():
