@@ -151,13 +151,15 @@ def test_logprobs_match_llama_cpp(client, llama, questions) -> None:
         if ref[best[0]] - ref[best[1]] > 2 * LOGPROB_TOL:  # a clear winner: greedy must pick it
             assert lp.tokens[0] == llm.detokenize([best[0]]).decode("utf-8", errors="replace")
         assert lp.token_logprobs[0] == pytest.approx(max(top.values()))
-        # the chat endpoint scores the same prompt: same numbers in the chat shape
+        # the chat endpoint scores the same prompt: same numbers in the chat shape. Its prompt
+        # reuses the cached keys/values of the request above and computes its last position in a
+        # separate step, whose float32 sums (GEMV vs sgemm tiles) round differently: ~1e-5.
         c = client.chat.completions.create(model="x", messages=[{"role": "user", "content": q}], max_tokens=1,
                                            temperature=0, logprobs=True, top_logprobs=5)
         entry = c.choices[0].logprobs.content[0]
-        assert entry.token == lp.tokens[0] and entry.logprob == pytest.approx(lp.token_logprobs[0], abs=1e-5)
+        assert entry.token == lp.tokens[0] and entry.logprob == pytest.approx(lp.token_logprobs[0], abs=5e-5)
         assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
-        assert {a.token: a.logprob for a in entry.top_logprobs} == pytest.approx(top, abs=1e-5)
+        assert {a.token: a.logprob for a in entry.top_logprobs} == pytest.approx(top, abs=5e-5)
 
 
 def test_streamed_logprobs_cover_every_token(client) -> None:
