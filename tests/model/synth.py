@@ -39,6 +39,7 @@ class Shape:
     omit_tensors: tuple[str, ...] = ()
     bad_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # tensor -> numpy shape
     n_swa: int = 0                        # gemma3: attention.sliding_window
+    longrope: bool = False                # phi3: rope_factors_long/short (random in [1, 4]) + longrope keys
     extra_tensors: dict[str, int] = field(default_factory=dict)  # name -> length of an extra F32 vector
 
 
@@ -149,6 +150,12 @@ def write_llama(path: Path, shape: Shape, vocab_path: Path, seed: int = 0,
         dense("output.weight", n_vocab, E, gain=4.0)
     if shape.rope_freqs is not None:
         add("rope_freqs.weight", shape.rope_freqs.astype(np.float32))
+    if shape.longrope:
+        for which in ("long", "short"):
+            add(f"rope_factors_{which}.weight", (1.0 + 3.0 * rng.random(D // 2)).astype(np.float32))
+        w.add_key_value(f"{arch}.rope.scaling.type", "longrope", gguf.GGUFValueType.STRING, None)
+        w.add_key_value(f"{arch}.rope.scaling.attn_factor", 1.19, gguf.GGUFValueType.FLOAT32, None)
+        w.add_key_value(f"{arch}.rope.scaling.original_context_length", 4096, gguf.GGUFValueType.UINT32, None)
     for name, n in shape.extra_tensors.items():
         add(name, np.ones(n, dtype=np.float32))
     if arch == "gemma3" and shape.n_swa:
@@ -201,6 +208,9 @@ ARCHS: dict[str, tuple[Shape, str, str]] = {
                     freq_base=1e6, n_vocab=4096), "ggml-vocab-qwen2.gguf", "qwen3"),
     "phi3": (Shape(n_embd=256, n_head=4, n_head_kv=4, n_ff=512, n_layer=2, n_ctx=512),
              "ggml-vocab-phi-3.gguf", "phi3"),
+    # Phi-3.5 / 128k: long and short RoPE factors, longrope scaling with attn_factor (contexts <= 4096: short)
+    "phi3-longrope": (Shape(n_embd=256, n_head=4, n_head_kv=4, n_ff=512, n_layer=2, n_ctx=8192, longrope=True),
+                      "ggml-vocab-phi-3.gguf", "phi3"),
     # 6 layers: llama.cpp's default pattern makes layer 5 global, 0-4 local (window 8)
     "gemma3": (Shape(n_embd=256, n_head=4, n_head_kv=1, n_ff=512, n_layer=6, n_ctx=512, head_dim=256,
                      freq_base=1e6, n_swa=8), "ggml-vocab-llama-spm.gguf", "gemma3"),

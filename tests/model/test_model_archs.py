@@ -5,7 +5,8 @@ so K-quants are really used):
 
 * qwen2 (Qwen2 / Qwen2.5: NEOX RoPE, QKV biases), Qwen2's BPE vocabulary;
 * qwen3 (q/k RMSNorm before RoPE), Qwen2's vocabulary;
-* phi3 (fused ``attn_qkv``, ``ffn_up`` holding gate and up), Phi-3's SPM vocabulary;
+* phi3 (fused ``attn_qkv``, ``ffn_up`` holding gate and up), Phi-3's SPM vocabulary; and
+  phi3-longrope (Phi-3.5's long/short RoPE factors, longrope scaling, attn_factor);
 * gemma3 (GeGLU, post norms, q/k norms, sqrt(n_embd) scale, a sliding window of 8 over 24
   tokens so local layers really mask), Llama's SPM vocabulary (the real Gemma 3 file has
   its own test);
@@ -80,7 +81,7 @@ def test_logits_match_reference(name, quant, models, llama_cpp, llama_quantize):
                   else model.transformer.blocks[0].block.ffn.down, QuantLinear):  # the CPU kernels are on
         # the C++ block step runs Llama's choices only; Qwen3's q/k norms and Gemma's block keep the torch block
         fused = not isinstance(model.transformer.blocks[0], Block)
-        assert fused == (name in ("qwen2", "phi3", "mistral")), name
+        assert fused == (ARCHS[name][2] in ("qwen2", "phi3", "llama")), name
     ours = model.logits(ids).numpy()
     ref = reference_logits(path, ids)
     lc = llama_cpp_logits(llama_cpp, path, ids)

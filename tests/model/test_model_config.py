@@ -99,7 +99,8 @@ def test_unsupported_architecture(tmp_path, spm_vocab):
     ("gemma3", Shape(omit_tensors=("blk.1.post_ffw_norm.weight",)), "missing tensor 'blk.1.post_ffw_norm.weight'"),
     ("qwen3", Shape(bad_shapes={"blk.0.attn_k_norm.weight": (3,)}), r"'blk.0.attn_k_norm.weight' has shape \[3\]"),
     ("phi3", Shape(bad_shapes={"blk.0.attn_qkv.weight": (64, 64)}), "'blk.0.attn_qkv.weight' has shape"),
-    ("phi3", Shape(rope_freqs=None, extra_tensors={"rope_factors_long.weight": 16}), "longrope"),
+    ("phi3", Shape(extra_tensors={"rope_factors_long.weight": 16, "rope_factors_short.weight": 16}),
+     r"'rope_factors_long.weight' has shape \[16\], expected \[8\]"),
     ("qwen2", Shape(bad_shapes={"blk.0.attn_q.bias": (5,)}), r"'blk.0.attn_q.bias' has shape \[5\]"),
 ])
 def test_arch_specific_errors_name_the_problem(tmp_path, spm_vocab, arch, shape, match):
@@ -126,3 +127,22 @@ def test_tied_output_reuses_the_embedding(tmp_path, spm_vocab):
     info = raw.tensors["token_embd.weight"]
     np.testing.assert_array_equal(
         emb.numpy(), gguflm.dequantize(raw.tensor_data(info.name), info.ggml_type, info.shape).numpy())
+
+
+def test_phi3_long_factors_beyond_the_original_context(tmp_path, shared_dir):
+    """llama.cpp's get_rope_factors: the short factors up to original_context_length (64
+    here), the long ones beyond."""
+    from synth import ARCHS
+
+    from gguflm.model.arch import WeightTable
+
+    shape, vocab, arch = ARCHS["phi3-longrope"]
+    path = write_llama(tmp_path / "m.gguf", shape, shared_dir / "vocab" / vocab, arch=arch)
+    f = gguflm.GGUFFile(path)
+    cfg = ModelConfig.from_gguf(f)
+    assert cfg.has_longrope and cfg.n_ctx_orig == 4096 and cfg.rope_attn_factor == pytest.approx(1.19)
+    table = WeightTable(f, cfg)
+    for n_ctx, which in ((4096, "short"), (4097, "long")):
+        info = f.tensors[f"rope_factors_{which}.weight"]
+        want = gguflm.dequantize(f.tensor_data(info.name), info.ggml_type, info.shape)
+        assert table.rope_factors(n_ctx).equal(want)

@@ -18,6 +18,9 @@ them, and a new Llama-like architecture is a table entry:
                     (every ``swa_pattern``-th layer global, the others local, with their own
                     RoPE base ``rope.freq_base_swa``, default 10000)
     final_softcap   ``final_logit_softcapping`` is read: logits = c * tanh(logits / c)
+    longrope        Phi-3: ``rope_factors_short``/``_long`` divide the RoPE frequencies, the
+                    short ones for contexts up to ``rope.scaling.original_context_length``
+                    (llama.cpp's ``get_rope_factors``)
     bias_roles      linear roles whose ``.bias`` is used when the file has one (Qwen2's QKV)
 
 The :class:`WeightTable` resolves every role of a file once (names, expected shapes, row
@@ -64,6 +67,8 @@ _TEMPLATES = {
     "output_norm": "output_norm.weight",
     "output": "output.weight",
     "rope_freqs": "rope_freqs.weight",
+    "rope_factors_long": "rope_factors_long.weight",
+    "rope_factors_short": "rope_factors_short.weight",
     "attn_norm": "blk.{bid}.attn_norm.weight",
     "attn_q": "blk.{bid}.attn_q.weight",
     "attn_k": "blk.{bid}.attn_k.weight",
@@ -97,13 +102,12 @@ class ArchSpec:
     sliding_window: bool = False
     swa_pattern: int = 0          # default sliding_window_pattern (llama.cpp's load_swa_pattern)
     final_softcap: bool = False
+    longrope: bool = False
     # n_layer values whose attention scale is 1/sqrt(n_embd / n_head) instead of 1/sqrt(head_dim)
     # (llama.cpp's Gemma 3 27B rule, from gemma_pytorch's query_pre_attn_scalar)
     attn_scale_by_embd: frozenset[int] = frozenset()
     tensors: dict[str, str] = field(default_factory=lambda: dict(_TEMPLATES))
     tied_output_fallback: bool = True
-    # tensors llama.cpp reads for this arch that this engine does not implement: present -> refused
-    unsupported_tensors: tuple[tuple[str, str], ...] = ()
 
     def tensor_name(self, role: str, bid: int | None = None) -> str:
         """The GGUF tensor name of ``role`` (in block ``bid`` for block roles)."""
@@ -133,9 +137,6 @@ class ArchSpec:
                 and not self.embd_scale and not self.sliding_window and not self.final_softcap)
 
 
-_PHI3_LONGROPE = (("rope_factors_long.weight", "Phi-3 longrope factors (rope_factors_long/short)"),
-                  ("rope_factors_short.weight", "Phi-3 longrope factors (rope_factors_long/short)"))
-
 ARCHS: dict[str, ArchSpec] = {
     # TinyLlama, SmolLM2, Llama 2, Llama 3.x and Mistral 7B all ship as "llama" (llama.cpp
     # ignores a sliding window for it). llama.cpp loads optional biases for every linear.
@@ -145,9 +146,10 @@ ARCHS: dict[str, ArchSpec] = {
     # Qwen3: NEOX rope, RMSNorm over each q and k head before RoPE, no biases
     "qwen3": ArchSpec("qwen3", RopeStyle.NEOX, qk_norm=True),
     # Phi-3: NEOX rope, fused QKV, fused gate+up (LLM_FFN_SWIGLU on ffn_up's 2 n_ff rows);
-    # llama.cpp disables Phi-3's sliding window (the key is read and ignored)
-    "phi3": ArchSpec("phi3", RopeStyle.NEOX, fused_qkv=True, fused_gate_up=True,
-                     bias_roles=frozenset({"attn_qkv", "attn_output"}), unsupported_tensors=_PHI3_LONGROPE),
+    # llama.cpp disables Phi-3's sliding window (the key is read and ignored); Phi-3.5 and the
+    # 128k Phi-3 models carry long/short RoPE factors
+    "phi3": ArchSpec("phi3", RopeStyle.NEOX, fused_qkv=True, fused_gate_up=True, longrope=True,
+                     bias_roles=frozenset({"attn_qkv", "attn_output"})),
     # Gemma 3: NEOX rope, GeGLU, pre+post norms, q/k norms, sqrt(n_embd) embedding scale,
     # local (sliding window, freq_base_swa) and global layers, every 6th global by default
     "gemma3": ArchSpec("gemma3", RopeStyle.NEOX, activation=Activation.GELU_TANH, post_norms=True, qk_norm=True,
@@ -206,9 +208,6 @@ class WeightTable:
     def __init__(self, f: GGUFFile, cfg: ModelConfig):
         self.f, self.cfg = f, cfg
         self.spec = spec = arch_spec(cfg.arch)
-        for name, what in spec.unsupported_tensors:
-            if name in f.tensors:
-                raise GGUFError(f"{what} are not supported (tensor {name!r})")
         shapes = role_shapes(cfg)
         self.slots: dict[tuple[str, int | None], Slot] = {}
         self.used: set[str] = set()
@@ -237,6 +236,9 @@ class WeightTable:
             take("output", None, spec.tensor_name("output"), shapes["output"])
         if cfg.has_rope_freqs:
             take("rope_freqs", None, spec.tensor_name("rope_freqs"), shapes["rope_freqs"])
+        if cfg.has_longrope:
+            for role in ("rope_factors_long", "rope_factors_short"):
+                take(role, None, spec.tensor_name(role), shapes["rope_freqs"])
         q, kv = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
         for bid in range(cfg.n_layer):
             for role in spec.block_norm_roles():
@@ -257,6 +259,17 @@ class WeightTable:
                 take("ffn_gate", bid, spec.tensor_name("ffn_gate", bid), shapes["ffn_gate"])
                 take("ffn_up", bid, spec.tensor_name("ffn_up", bid), shapes["ffn_up"])
             take("ffn_down", bid, spec.tensor_name("ffn_down", bid), shapes["ffn_down"])
+
+    def rope_factors(self, n_ctx: int | None = None) -> torch.Tensor | None:
+        """The float32 divisors of the RoPE frequencies [n_rot/2], or None: ``rope_freqs``
+        (Llama 3); else Phi-3's long factors for a context longer than the original one
+        (``n_ctx > cfg.n_ctx_orig``), its short ones otherwise (``n_ctx`` None: short)."""
+        if self.cfg.has_rope_freqs:
+            return self.dense("rope_freqs")
+        if self.cfg.has_longrope:
+            long = n_ctx is not None and n_ctx > self.cfg.n_ctx_orig
+            return self.dense("rope_factors_long" if long else "rope_factors_short")
+        return None
 
     def _fused_rows(self, role: str) -> int:
         c = self.cfg

@@ -56,6 +56,7 @@ KEY_TABLE: tuple[Key, ...] = (
     Key("rope_scale_linear", "{arch}.rope.scale_linear", float, default=0.0),      # older name
     Key("rope_attn_factor", "{arch}.rope.scaling.attn_factor", float, default=1.0),
     Key("vocab_size", "{arch}.vocab_size", int, limit=MAX_VOCAB),
+    Key("n_ctx_orig", "{arch}.rope.scaling.original_context_length", int, limit=MAX_CTX),  # default n_ctx_train
     Key("n_swa", "{arch}.attention.sliding_window", int, default=0, limit=MAX_CTX, lower=0, when="sliding_window"),
     Key("rope_freq_base_swa", "{arch}.rope.freq_base_swa", float, default=10000.0, when="sliding_window"),
     Key("final_softcap", "{arch}.final_logit_softcapping", float, default=0.0, when="final_softcap"),
@@ -95,6 +96,8 @@ class ModelConfig:
     swa_layers: tuple[bool, ...] = ()          # per layer: local (sliding window) or global
     rope_freq_base_swa: float = 10000.0        # RoPE base of the local layers (their freq_scale is 1)
     final_softcap: float = 0.0                 # logits = c * tanh(logits / c) when c > 0
+    has_longrope: bool = False                 # Phi-3's rope_factors_long/short (see arch.py)
+    n_ctx_orig: int = 0                        # longer contexts use the long factors
 
     @property
     def spec(self) -> ArchSpec:
@@ -138,7 +141,11 @@ class ModelConfig:
         if n_rot != head_dim or n_rot % 2:
             raise GGUFError(f"rope.dimension_count {n_rot} must equal the head size {head_dim} and be even")
         scaling = raw["rope_scaling_type"]
-        if scaling not in SUPPORTED_ROPE_SCALING:
+        has_longrope = spec.longrope and all(spec.tensor_name(r) in f.tensors
+                                             for r in ("rope_factors_long", "rope_factors_short"))
+        if scaling == "longrope" and spec.longrope:
+            pass  # no extrapolation (llama.cpp: ext_factor 0); the factors divide the frequencies
+        elif scaling not in SUPPORTED_ROPE_SCALING:
             raise GGUFError(f"RoPE scaling type {scaling!r} is not supported "
                             f"(supported: {', '.join(SUPPORTED_ROPE_SCALING)})")
         if raw["rope_freq_base"] <= 0:
@@ -173,6 +180,7 @@ class ModelConfig:
             has_rope_freqs=spec.tensor_name("rope_freqs") in f.tensors,
             attn_scale=attn_scale, n_swa=n_swa if any(swa_layers) else 0, swa_layers=swa_layers,
             rope_freq_base_swa=raw["rope_freq_base_swa"], final_softcap=raw["final_softcap"] or 0.0,
+            has_longrope=has_longrope, n_ctx_orig=raw["n_ctx_orig"] or raw["n_ctx_train"],
         )
 
 

@@ -40,7 +40,7 @@ def build_transformer(f: GGUFFile, cfg: ModelConfig, n_ctx: int,
         embedding = tied_embedding(output)
     else:
         output, embedding = lin("output"), embedding_from_table(w, "token_embd", device)
-    freq_factors = w.dense("rope_freqs") if cfg.has_rope_freqs else None
+    freq_factors = w.rope_factors(n_ctx)
     blocks = []
     n_fused = 0
     for bid in range(cfg.n_layer):

@@ -227,7 +227,8 @@ def check_components(trace: Trace, cfg: ModelConfig, spec: ArchSpec, f: GGUFFile
 
     act64 = geglu64 if spec.activation is Activation.GELU_TANH else swiglu64
     act_name = "geglu" if spec.activation is Activation.GELU_TANH else "swiglu"
-    freq_factors = w64("rope_freqs") if cfg.has_rope_freqs else None
+    factors = table.rope_factors()  # Phi-3: the short factors (contexts up to the original length)
+    freq_factors = None if factors is None else factors.to(torch.float64)
     Hkv, D = cfg.n_head_kv, cfg.head_dim
     pos = trace.positions
 

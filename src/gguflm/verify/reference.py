@@ -18,6 +18,9 @@ What it computes, for tokens ``t_0 .. t_{T-1}`` at positions ``0 .. T-1``::
                 q, k = rms(q) * w_q_norm, rms(k) * w_k_norm per head   (Qwen3, Gemma 3)
                 q, k rotated: pairs (2i, 2i+1) (llama) or (i, i + d/2) (the others) of
                     position p by theta = freq_scale * p * base^(-2i/d) / rope_freqs[i]
+                    (Phi-3: / rope_factors_short[i], the factors llama.cpp and gguflm use
+                    for contexts up to rope.scaling.original_context_length);
+                    cos and sin times rope.scaling.attn_factor
                     (Gemma 3's local layers: base = rope.freq_base_swa, freq_scale 1)
                 head j attends causally with KV head j // (n_head / n_head_kv),
                     softmax(q k^T * scale) v; scale = 1/sqrt(d) (Gemma 3 27B: 1/sqrt(n_embd/n_head));
@@ -109,7 +112,8 @@ def reference_logits(model: str | os.PathLike | GGUFFile, ids: Sequence[int],
     freq_scale = 1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor
     mscale = float(md("rope.scaling.attn_factor", 1.0))
     if scaling not in ("none", "linear"):
-        raise GGUFError(f"the float64 reference does not implement RoPE scaling {scaling!r}")
+        if not (scaling == "longrope" and arch == "phi3"):
+            raise GGUFError(f"the float64 reference does not implement RoPE scaling {scaling!r}")
     n_swa, local, base_swa, softcap = 0, [False] * n_layer, 10000.0, 0.0
     if gemma:  # llama_model_gemma3::load_arch_hparams
         n_swa = int(md("attention.sliding_window", 0))
@@ -138,6 +142,8 @@ def reference_logits(model: str | os.PathLike | GGUFFile, ids: Sequence[int],
             inv_freq = torch.tensor([b ** (-2.0 * i / head_dim) for i in range(half)], dtype=torch.float64)
             if "rope_freqs.weight" in f.tensors:
                 inv_freq = inv_freq / _weight(f, "rope_freqs.weight", weights)
+            elif facts.get("fused") and "rope_factors_short.weight" in f.tensors:
+                inv_freq = inv_freq / _weight(f, "rope_factors_short.weight", weights)
             theta = fs * pos[:, None] * inv_freq[None, :]                        # [T, d/2]
             return torch.cos(theta) * mscale, torch.sin(theta) * mscale
 

@@ -33,5 +33,5 @@ def load_cuda(f: GGUFFile, config: ModelConfig, n_ctx: int, device: torch.device
     from gguflm.quant.cuda.gemv import prepare
 
     prepare(device)  # nvcc's first build of the GEMV kernels (cached) runs while the weights load
-    weights = load_weights(f, config, device)
+    weights = load_weights(f, config, device, n_ctx)
     return CudaModel(f, config, weights, n_ctx, device, use_graphs=use_graphs and device.type == "cuda")

@@ -160,7 +160,7 @@ def workspace_elements(layers: list[CudaLayer], output: CudaLinear) -> int:
     return max(sizes + [min(OUTPUT_ROW_CHUNK, output.n_out) * output.n_in])
 
 
-def load_weights(f: GGUFFile, cfg: ModelConfig, device: torch.device) -> CudaWeights:
+def load_weights(f: GGUFFile, cfg: ModelConfig, device: torch.device, n_ctx: int | None = None) -> CudaWeights:
     """Every tensor the decoder uses, resolved and checked by the :class:`WeightTable`
     (a row range of a fused tensor included) and moved to ``device``."""
     w = WeightTable(f, cfg)
@@ -192,6 +192,6 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, device: torch.device) -> CudaWei
         layers.append(layer)
     token_embd = place(linear("token_embd"), device)
     output = token_embd if cfg.tied_output else place(linear("output"), device)
-    rope_freqs = w.dense("rope_freqs") if cfg.has_rope_freqs else None
+    rope_freqs = w.rope_factors(n_ctx)  # Llama 3's rope_freqs or Phi-3's factors for n_ctx
     return CudaWeights(token_embd, layers, w.dense("output_norm", None, device), output, rope_freqs,
                        Workspace(workspace_elements(layers, output), device), fallback)
