@@ -3,7 +3,9 @@
 In a decode step every matrix product is a few microseconds of work on a 135M model, so
 the ~40 torch ops of an eager Llama block (norms, RoPE, cache writes, softmax, SiLU,
 residuals) and their Python dispatch cost as much as the products themselves; in a
-prefill the same ops each stream a [T, E] tensor through memory. :class:`FusedBlock` wraps
+prefill the same ops each stream a [T, E] tensor through memory. Decode-sized steps run
+under the adaptive thread cap of :mod:`gguflm.kernels.cpu.threads` (one thread while
+another process keeps a core busy). :class:`FusedBlock` wraps
 the model's block and runs ``torch.ops.gguflm_cpu.block_step``, which computes
 
     h   = x + Wo . attn(rope(Wq . n1(x)), rope(Wk . n1(x)), Wv . n1(x))
@@ -27,8 +29,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gguflm.kernels.cpu.threads import governor
 from gguflm.quant.cpu import QuantLinear
 from gguflm.quant.cpu.build import ops
+
+GOVERNED_ROWS = 64  # steps of at most this many rows (decode, the server's batches) get the adaptive thread cap
 
 _ROLES = (("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("attn", "wo"),
           ("ffn", "gate"), ("ffn", "up"), ("ffn", "down"))  # block_step's weight order
@@ -55,6 +60,8 @@ class FusedBlock(nn.Module):
         self._biases = [m.bias for m in linears]
         self._norms = (block.attn_norm.weight, block.ffn_norm.weight)
         self._rope: tuple = (None, None)  # (rope module, its block_step arguments), read once
+        # Blocks of one shape (a model's layers) share the thread governor's timing state.
+        self._key = (self.n_head, self.n_head_kv, self.head_dim, self.n_ff)
 
     @staticmethod
     def eligible(block: nn.Module) -> bool:
@@ -83,6 +90,20 @@ class FusedBlock(nn.Module):
         if (x.dtype != torch.float32 or cache.k.dtype != torch.float32 or cos.shape[1] * 2 != self.head_dim
                 or x.device.type != "cpu"):
             return self.block(x, rope, positions, blocked, cache, layer, slots)
+        gov = governor()
+        rows = x.shape[0] * x.shape[1]
+        if gov is None:
+            return self._step(x, positions, slots, cache, layer, cos, sin, neox)
+        if rows > GOVERNED_ROWS:
+            gov.release()
+            return self._step(x, positions, slots, cache, layer, cos, sin, neox)
+        key = (self._key, rows)
+        t0 = gov.start(key)
+        out = self._step(x, positions, slots, cache, layer, cos, sin, neox)
+        gov.stop(key, t0)
+        return out
+
+    def _step(self, x, positions, slots, cache, layer, cos, sin, neox):
         return ops().block_step(x.contiguous(), positions.contiguous(), slots, cache.k, cache.v, layer, cos, sin,
                                 *self._norms, self.eps, self._weights, self._types, self._biases, self.n_head,
                                 self.n_head_kv, self.n_ff, neox)

@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -43,6 +44,10 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define GGUFLM_X86 1
@@ -681,6 +686,61 @@ bool simd_active() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Threads. The decode-step loops (GEMVs, attention) run in parallel_range: at most
+// thread_budget() threads (torch's count, capped by set_thread_limit, which the adaptive
+// thread governor of gguflm.kernels.cpu.threads sets when another process keeps a core
+// busy), work handed out in chunks from a shared counter, so a thread that starts late
+// (descheduled, or waking up) finds less left to do instead of half the loop.
+// ---------------------------------------------------------------------------------------
+
+int g_thread_limit = 0;  // 0: no cap
+
+int thread_budget() {
+  const int nt = std::max(1, at::get_num_threads());
+  return g_thread_limit > 0 ? std::min(nt, g_thread_limit) : nt;
+}
+
+// Threads for n units, at most ceil(n / grain) (as at::parallel_for) (1 inside another parallel region).
+int parallel_threads(int64_t n, int64_t grain) {
+#ifdef _OPENMP
+  if (omp_in_parallel()) return 1;
+#endif
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(thread_budget(), (n + std::max<int64_t>(grain, 1) - 1) / std::max<int64_t>(grain, 1))));
+}
+
+// f(b, e, tid) over [0, n) on nt threads (tid < nt), in chunks of about n / (4 nt) units
+// (at least grain) claimed from a counter; every unit runs exactly once, so results do not
+// depend on which thread ran what. f must not throw.
+template <class F> void parallel_range(int nt, int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+#ifdef _OPENMP
+  if (nt > 1) {
+    const int64_t chunk = std::max<int64_t>(std::max<int64_t>(grain, 1), (n + 4 * nt - 1) / (4 * nt));
+    std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(nt)
+    {
+      const int tid = omp_get_thread_num();
+      for (int64_t b; (b = next.fetch_add(chunk, std::memory_order_relaxed)) < n;) f(b, std::min(n, b + chunk), tid);
+    }
+    return;
+  }
+#endif
+  f(0, n, 0);
+}
+
+template <class F> void parallel_range(int64_t n, int64_t grain, const F& f) {
+  parallel_range(parallel_threads(n, grain), n, grain, f);
+}
+
+// Cap the threads of the kernels' loops (0: none); returns the previous cap.
+int64_t set_thread_limit(int64_t n) {
+  TORCH_CHECK(n >= 0, "thread limit must be >= 0");
+  const int64_t old = g_thread_limit;
+  g_thread_limit = static_cast<int>(n);
+  return old;
+}
+
+// ---------------------------------------------------------------------------------------
 // Type dispatch and matrix products.
 // ---------------------------------------------------------------------------------------
 
@@ -794,15 +854,19 @@ void gemv_multi(const float* x, int64_t M, const std::vector<std::pair<QW, float
   const int64_t unit = panels ? kPanelRows : 1;  // weight rows of one task
   int64_t total = 0;
   for (const auto& o : outs) total += (o.first.N + unit - 1) / unit;
-  at::parallel_for(0, total, std::max<int64_t>(1, kGrainElems / (K * unit)), [&](int64_t b, int64_t e) {
-    AlignedFloats panel(panels ? kPanelRows * ldx : 0);
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / (K * unit));
+  const int nt = parallel_threads(total, grain);
+  std::vector<AlignedFloats> panel;  // one per thread
+  panel.reserve(nt);
+  for (int t = 0; t < nt; ++t) panel.emplace_back(panels ? kPanelRows * ldx : 0);
+  parallel_range(nt, total, grain, [&](int64_t b, int64_t e, int tid) {
     int64_t off = 0;
     for (const auto& o : outs) {
       const int64_t units = (o.first.N + unit - 1) / unit;
       const int64_t u0 = std::max(b, off) - off, u1 = std::min(e, off + units) - off;
       if (u0 < u1) {
         const int64_t n0 = u0 * unit, n1 = std::min(u1 * unit, o.first.N);
-        if (panels) panel_kernel(o.first, xa.data(), M, ldx, n0, n1, panel.data(), o.second);
+        if (panels) panel_kernel(o.first, xa.data(), M, ldx, n0, n1, panel[tid].data(), o.second);
         else rows_kernel(o.first, x, xs.data(), M, n0, n1, o.second);
       }
       off += units;
@@ -1043,7 +1107,7 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
     // dimensions) for the values; a short decode step's attention stays on one thread.
     const bool threads = R * n_head * S * D >= kAttnGrainFlops;
     const int64_t n_kb = (S + kKeyBlock - 1) / kKeyBlock, n_db = (D + 15) / 16;
-    at::parallel_for(0, R * n_head_kv * n_kb, threads ? 1 : R * n_head_kv * n_kb, [&](int64_t b, int64_t e) {
+    parallel_range(R * n_head_kv * n_kb, threads ? 1 : R * n_head_kv * n_kb, [&](int64_t b, int64_t e, int) {
       for (int64_t t = b; t < e; ++t) {
         const int64_t r = t / (n_head_kv * n_kb), hk = t / n_kb % n_head_kv, kb = t % n_kb;
         scores_rows(qp + r * QD + hk * G * D, kv_base(r, hk, kcp), kb * kKeyBlock, std::min(S, (kb + 1) * kKeyBlock),
@@ -1054,7 +1118,7 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
     att = at::empty({R, QD}, x.options());
     const float* pr = probs.data_ptr<float>();
     float* ap = att.data_ptr<float>();
-    at::parallel_for(0, R * n_head_kv * n_db, threads ? 1 : R * n_head_kv * n_db, [&](int64_t b, int64_t e) {
+    parallel_range(R * n_head_kv * n_db, threads ? 1 : R * n_head_kv * n_db, [&](int64_t b, int64_t e, int) {
       for (int64_t t = b; t < e; ++t) {
         const int64_t r = t / (n_head_kv * n_db), hk = t / n_db % n_head_kv, db = t % n_db;
         weighted_values(pr + (r * n_head + hk * G) * S, kv_base(r, hk, vcp), std::max<int64_t>(pp[r], 0) + 1, S, D, G,
@@ -1144,4 +1208,5 @@ TORCH_LIBRARY(gguflm_cpu, m) {
   m.def("use_simd(bool enable) -> bool", &use_simd);
   m.def("simd_available() -> bool", &simd_available);
   m.def("fused_max_m() -> int", &fused_max_m);
+  m.def("set_thread_limit(int n) -> int", &set_thread_limit);
 }

@@ -1,0 +1,102 @@
+"""The adaptive thread cap (gguflm.kernels.cpu.threads): the governor's decisions on a
+simulated machine whose step times change when another process takes a core, and the C++
+cap itself, which must not change any result (each output is computed by one thread)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gguflm.kernels.cpu import threads as th
+
+
+class Machine:
+    """Step times of a 2-thread decode: idle, all threads 1.0 and one thread 1.7; with a
+    busy core, all threads 8.0 and one thread 1.7 (measured shapes of the real collapse)."""
+
+    def __init__(self):
+        self.now, self.busy, self.limit = 0.0, False, 0
+
+    def clock(self) -> float:
+        return self.now
+
+    def set_limit(self, n: int) -> None:
+        self.limit = n
+
+    def step(self, gov: th.ThreadGovernor, key="k") -> None:
+        t0 = gov.start(key)
+        self.now += 1.7 if self.limit == 1 else (8.0 if self.busy else 1.0)
+        gov.stop(key, t0)
+
+    def run(self, gov, n: int) -> float:
+        t0 = self.now
+        for _ in range(n):
+            self.step(gov)
+        return (self.now - t0) / n
+
+
+def governor(m: Machine) -> th.ThreadGovernor:
+    return th.ThreadGovernor(m.set_limit, threads=lambda: 2, clock=m.clock)
+
+
+def test_idle_machine_keeps_every_thread():
+    m = Machine()
+    gov = governor(m)
+    per_step = m.run(gov, 20000)
+    assert gov.home("k") == 0 and m.limit == 0
+    assert per_step < 1.01  # losing one-thread probes cost under 1 %
+
+
+def test_busy_core_moves_to_one_thread_and_back():
+    m = Machine()
+    gov = governor(m)
+    m.run(gov, 1000)
+    m.busy = True
+    m.run(gov, 3 * (th.WINDOW + 1))  # the slow window, then the probe
+    assert gov.home("k") == 1
+    per_step = m.run(gov, 20000)
+    assert per_step < 1.7 * 1.1  # probes of all threads cost under 10 % (8x slower each)
+    m.busy = False
+    m.run(gov, th.PROBE_MAX + 2 * (th.WINDOW + 1))  # the next probe finds the idle core
+    assert gov.home("k") == 0
+    assert m.run(gov, 1000) < 1.05
+
+
+def test_one_thread_means_no_governing():
+    m = Machine()
+    gov = th.ThreadGovernor(m.set_limit, threads=lambda: 1, clock=m.clock)
+    m.limit = 5
+    m.run(gov, 100)
+    assert m.limit == 0 and gov.home("k") == 0
+
+
+def test_keys_are_separate():
+    m = Machine()
+    gov = governor(m)
+    m.busy = True
+    for _ in range(5 * (th.WINDOW + 1)):
+        m.step(gov, "a")
+    assert gov.home("a") == 1 and gov.home("b") == 0
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_thread_cap_changes_no_result(rows, cpu_kernels, random_weight):
+    """qmatmul under a cap of one thread gives the very bits of the uncapped product (and
+    both are within the float64 twin's tolerance: test_kernels)."""
+    from gguflm.gguf.types import GGMLType
+
+    ops = cpu_kernels.ops()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for t in (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q4_0):
+            w = cpu_kernels.QuantWeight(random_weight(t, 1024, 512, seed=3), t, (512, 1024))
+            x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+            ops.set_thread_limit(0)
+            full = cpu_kernels.qmatmul(x, w)
+            ops.set_thread_limit(1)
+            one = cpu_kernels.qmatmul(x, w)
+            assert torch.equal(full, one)
+    finally:
+        ops.set_thread_limit(0)
+        torch.set_num_threads(old_threads)
