@@ -370,20 +370,32 @@ template <> struct Simd<Q8_0> {
 // negation). The 12 packed bytes are three little-endian words a, b, c:
 //   scales 0..3 = a & 63 (per byte)    scales 4..7 = (c & 15) | (a >> 6) << 4
 //   mins   0..3 = b & 63               mins   4..7 = (c >> 4) | (b >> 6) << 4
-[[gnu::always_inline]] inline void k4_scales(const uint8_t* b, float* dg, float* mg) {
+[[gnu::always_inline]] inline __m256 k4_scales(const uint8_t* b, float* dg, float* mg) {
   const uint32_t a = rd32(b + 4), bb = rd32(b + 8), c = rd32(b + 12);
   const uint64_t sc = (a & 0x3F3F3F3Fu) | static_cast<uint64_t>((c & 0x0F0F0F0Fu) | (((a >> 6) & 0x03030303u) << 4)) << 32;
   const uint64_t mn = (bb & 0x3F3F3F3Fu) | static_cast<uint64_t>(((c >> 4) & 0x0F0F0F0Fu) | (((bb >> 6) & 0x03030303u) << 4)) << 32;
   const __m256 s8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(sc))));
   const __m256 m8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(mn))));
   _mm256_store_ps(dg, _mm256_mul_ps(_mm256_set1_ps(f16(b)), s8));
-  _mm256_store_ps(mg, _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(f16(b + 2)), m8), _mm256_set1_ps(-0.0f)));
+  const __m256 neg_mins = _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(f16(b + 2)), m8), _mm256_set1_ps(-0.0f));
+  _mm256_store_ps(mg, neg_mins);
+  return neg_mins;
 }
 
+// Types whose groups() also hands back the eight group terms m of a block as one vector
+// (the K-quants with mins): the row kernels add m * sum(x) per block in one vector FMA
+// instead of eight scalar ones.
+template <class T> constexpr bool kMins8 = false;
+
+template <> constexpr bool kMins8<Q4_K> = true;
 template <> struct Simd<Q4_K> {
   template <class F> [[gnu::always_inline]] static inline void groups(const uint8_t* b, F&& f) {
+    __m256 mins;
+    groups(b, f, mins);
+  }
+  template <class F> [[gnu::always_inline]] static inline void groups(const uint8_t* b, F&& f, __m256& mins) {
     alignas(32) float dg[8], mg[8];
-    k4_scales(b, dg, mg);
+    mins = k4_scales(b, dg, mg);
     const __m512 t = iota_ps(0.0f);
     static_for<4>([&](auto J) {
       constexpr int j = J;
@@ -396,10 +408,15 @@ template <> struct Simd<Q4_K> {
   }
 };
 
+template <> constexpr bool kMins8<Q5_K> = true;
 template <> struct Simd<Q5_K> {
   template <class F> [[gnu::always_inline]] static inline void groups(const uint8_t* b, F&& f) {
+    __m256 mins;
+    groups(b, f, mins);
+  }
+  template <class F> [[gnu::always_inline]] static inline void groups(const uint8_t* b, F&& f, __m256& mins) {
     alignas(32) float dg[8], mg[8];
-    k4_scales(b, dg, mg);
+    mins = k4_scales(b, dg, mg);
     const __m512 t0 = iota_ps(0.0f);
     const __m512i h0 = u8x16(b + 16), h1 = u8x16(b + 32);
     static_for<4>([&](auto J) {
@@ -456,11 +473,16 @@ void dot_row_avx512(const uint8_t* row, const float* x, const float* xs, int64_t
   // loop-carried FMA latency is spread over two chains.
   __m512 acc[2][M];
   float macc[2][M];
-  for (int m = 0; m < M; ++m) { acc[0][m] = acc[1][m] = _mm512_setzero_ps(); macc[0][m] = macc[1][m] = 0.0f; }
+  __m256 mvec[M];  // kMins8 types: the group terms, eight groups a vector
+  for (int m = 0; m < M; ++m) {
+    acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+    macc[0][m] = macc[1][m] = 0.0f;
+    mvec[m] = _mm256_setzero_ps();
+  }
   const int64_t nb = K / T::QK, G = K / 32;
   auto block = [&](int64_t i, auto parity) __attribute__((always_inline)) {
     const int64_t e0 = i * T::QK;
-    Simd<T>::groups(row + i * T::BYTES, [&](auto g, __m512 qlo, __m512 qhi, float dlo, float dhi, float mg) {
+    auto group = [&](auto g, __m512 qlo, __m512 qhi, float dlo, float dhi, float mg) __attribute__((always_inline)) {
       const int64_t e = e0 + 32 * g;
       constexpr int a = (decltype(parity)::value + decltype(g)::value) & 1;
       for (int m = 0; m < M; ++m) {
@@ -472,9 +494,17 @@ void dot_row_avx512(const uint8_t* row, const float* x, const float* xs, int64_t
           const __m512 t = _mm512_fmadd_ps(qhi, _mm512_loadu_ps(xm + 16), _mm512_mul_ps(qlo, _mm512_loadu_ps(xm)));
           acc[a][m] = _mm512_fmadd_ps(_mm512_set1_ps(dlo), t, acc[a][m]);
         }
-        if constexpr (T::MIN) macc[a][m] += mg * xs[m * G + e / 32];
+        if constexpr (T::MIN && !kMins8<T>) macc[a][m] += mg * xs[m * G + e / 32];
       }
-    });
+    };
+    if constexpr (kMins8<T>) {
+      static_assert(T::QK == 256, "eight 32-groups a block");
+      __m256 mins;
+      Simd<T>::groups(row + i * T::BYTES, group, mins);
+      for (int m = 0; m < M; ++m) mvec[m] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xs + m * G + i * 8), mvec[m]);
+    } else {
+      Simd<T>::groups(row + i * T::BYTES, group);
+    }
   };
   int64_t i = 0;
   for (; i + 1 < nb; i += 2) {
@@ -482,7 +512,14 @@ void dot_row_avx512(const uint8_t* row, const float* x, const float* xs, int64_t
     block(i + 1, std::integral_constant<int, 1>{});
   }
   if (i < nb) block(i, std::integral_constant<int, 0>{});
-  for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + (macc[0][m] + macc[1][m]);
+  for (int m = 0; m < M; ++m) {
+    float mins = macc[0][m] + macc[1][m];
+    if constexpr (kMins8<T>) {
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(mvec[m]), _mm256_extractf128_ps(mvec[m], 1));
+      mins = _mm_cvtss_f32(_mm_add_ss(_mm_add_ps(h, _mm_movehl_ps(h, h)), _mm_movehdup_ps(_mm_add_ps(h, _mm_movehl_ps(h, h)))));
+    }
+    y[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + mins;
+  }
 }
 
 // y[m * N + n] for weight rows n in [n0, n1) and M (1 or 2) activation rows x [M, K].
