@@ -441,21 +441,28 @@ template <> struct Simd<Q6_K> {
   // elements 0..63 of the half take the low nibbles of ql[64n..64n+63] and bits (0,1) / (2,3)
   // of qh[32n + l] for l < 32 / l >= 32; elements 64..127 the high nibbles and bits (4,5) / (6,7).
   // 16-element group e/16 has the scale d * sc[8n + e/16].
-  template <class F> [[gnu::always_inline]] static inline void groups(const uint8_t* b, F&& f) {
-    alignas(64) float ds[16];
-    _mm512_store_ps(ds, _mm512_mul_ps(_mm512_set1_ps(f16(b + 208)),
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192))))));
+  [[gnu::always_inline]] static inline __m512 scales(const uint8_t* b) {  // d * sc of the 16 sub-groups (exact)
+    return _mm512_mul_ps(_mm512_set1_ps(f16(b + 208)),
+                         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)))));
+  }
+  [[gnu::always_inline]] static inline void half_codes(const uint8_t* b, int n, __m512i& c0, __m512i& c1) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(3), c32 = _mm512_set1_epi8(32);
     const __m512i sh_lo = _mm512_set_epi64(0x0002000200020002, 0x0002000200020002, 0x0002000200020002, 0x0002000200020002, 0, 0, 0, 0);
     const __m512i sh_hi = _mm512_add_epi16(sh_lo, _mm512_set1_epi16(4));
+    const __m512i L = _mm512_loadu_si512(b + 64 * n);
+    const __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * n)));
+    c0 = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(L, m4),
+        _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(H, sh_lo), m2), 4)), c32);
+    c1 = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4),
+        _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(H, sh_hi), m2), 4)), c32);
+  }
+  template <class F> [[gnu::always_inline]] static inline void groups(const uint8_t* b, F&& f) {
+    alignas(64) float ds[16];
+    _mm512_store_ps(ds, scales(b));
     static_for<2>([&](auto N) {
       constexpr int n = N;
-      const __m512i L = _mm512_loadu_si512(b + 64 * n);
-      const __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * n)));
-      const __m512i c0 = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(L, m4),
-          _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(H, sh_lo), m2), 4)), c32);
-      const __m512i c1 = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4),
-          _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(H, sh_hi), m2), 4)), c32);
+      __m512i c0, c1;
+      half_codes(b, n, c0, c1);
       const float* d = ds + 8 * n;
       f(std::integral_constant<int, 4 * n + 0>{}, codes16<0>(c0), codes16<1>(c0), d[0], d[1], 0.0f);
       f(std::integral_constant<int, 4 * n + 1>{}, codes16<2>(c0), codes16<3>(c0), d[2], d[3], 0.0f);
@@ -522,13 +529,84 @@ void dot_row_avx512(const uint8_t* row, const float* x, const float* xs, int64_t
   }
 }
 
-// y[m * N + n] for weight rows n in [n0, n1) and M (1 or 2) activation rows x [M, K].
+// The Q6_K row kernel, x in quad order (q6k_quad_order). A 64-byte vector c of codes holds
+// four 16-element sub-groups, one per 128-bit lane; one in-lane byte shuffle puts code
+// 16k + 4s + i (k the lane, i < 4) in the top byte of dword 4k + i, so that vector s
+// (s < 4) is 16 codes times 2^24 after one int-to-float conversion (exact: 6 bits), without
+// the lane extracts and sign extensions of codes16. Lane k of all four vectors shares the
+// scale d * sc of sub-group k, so the four products are summed first and scaled once:
+// d_k 2^-24 * sum_s (q 2^24) x, the real weights d_k q times x, power-of-two factors exact.
+constexpr float kTwoPow24 = 16777216.0f;
+
+inline __m512i q6k_pick(int s) {  // shuffle control of vector s
+  alignas(64) int8_t c[64];
+  for (int k = 0; k < 4; ++k)
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) c[16 * k + 4 * i + j] = j == 3 ? static_cast<int8_t>(4 * s + i) : int8_t(-128);
+  return _mm512_load_si512(c);
+}
+
+template <int M>
+void dot_row_q6k_avx512(const uint8_t* row, const float* xq, int64_t K, float* y, int64_t N) {
+  static const __m512i pick[4] = {q6k_pick(0), q6k_pick(1), q6k_pick(2), q6k_pick(3)};
+  const __m512 scale_down = _mm512_set1_ps(1.0f / kTwoPow24);
+  __m512 acc[2][M];
+  for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+  const int64_t nb = K / Q6_K::QK;
+  for (int64_t i = 0; i < nb; ++i) {
+    const uint8_t* b = row + i * Q6_K::BYTES;
+    const __m512 ds = _mm512_mul_ps(Simd<Q6_K>::scales(b), scale_down);  // exact: a power of two
+    static_for<2>([&](auto Nh) {
+      constexpr int n = Nh;
+      __m512i c[2];
+      Simd<Q6_K>::half_codes(b, n, c[0], c[1]);
+      static_for<2>([&](auto H) {
+        constexpr int h = H;  // elements 128n + 64h .. + 63: sub-groups 8n + 4h + k
+        const __m512 d = _mm512_permutexvar_ps(_mm512_set_epi32(8 * n + 4 * h + 3, 8 * n + 4 * h + 3, 8 * n + 4 * h + 3, 8 * n + 4 * h + 3,
+                                                                8 * n + 4 * h + 2, 8 * n + 4 * h + 2, 8 * n + 4 * h + 2, 8 * n + 4 * h + 2,
+                                                                8 * n + 4 * h + 1, 8 * n + 4 * h + 1, 8 * n + 4 * h + 1, 8 * n + 4 * h + 1,
+                                                                8 * n + 4 * h, 8 * n + 4 * h, 8 * n + 4 * h, 8 * n + 4 * h), ds);
+        const __m512 q0 = _mm512_cvtepi32_ps(_mm512_shuffle_epi8(c[h], pick[0]));
+        const __m512 q1 = _mm512_cvtepi32_ps(_mm512_shuffle_epi8(c[h], pick[1]));
+        const __m512 q2 = _mm512_cvtepi32_ps(_mm512_shuffle_epi8(c[h], pick[2]));
+        const __m512 q3 = _mm512_cvtepi32_ps(_mm512_shuffle_epi8(c[h], pick[3]));
+        constexpr int a = h;
+        for (int m = 0; m < M; ++m) {
+          const float* xm = xq + m * K + i * Q6_K::QK + 128 * n + 64 * h;
+          __m512 t = _mm512_mul_ps(q0, _mm512_loadu_ps(xm));
+          t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xm + 16), t);
+          t = _mm512_fmadd_ps(q2, _mm512_loadu_ps(xm + 32), t);
+          t = _mm512_fmadd_ps(q3, _mm512_loadu_ps(xm + 48), t);
+          acc[a][m] = _mm512_fmadd_ps(d, t, acc[a][m]);
+        }
+      });
+    });
+  }
+  for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
+}
+
+// x [M, K] in the order dot_row_q6k_avx512 reads it: within each 64 elements, element
+// 16s + 4k + i is x[16k + 4s + i] (a 4 x 4 transpose of 4-element pieces).
+void q6k_quad_order(const float* x, int64_t M, int64_t K, float* xq) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < K; c += 64)
+      for (int s = 0; s < 4; ++s)
+        for (int k = 0; k < 4; ++k) std::memcpy(xq + m * K + c + 16 * s + 4 * k, x + m * K + c + 16 * k + 4 * s, 4 * sizeof(float));
+}
+
+// y[m * N + n] for weight rows n in [n0, n1) and M (1 or 2) activation rows x [M, K]
+// (Q6_K: xq, the rows in quad order).
 template <class T>
-void gemv_rows_avx512(const uint8_t* w, const float* x, const float* xs, int64_t M, int64_t K, int64_t N,
-                      int64_t n0, int64_t n1, float* y) {
+void gemv_rows_avx512(const uint8_t* w, const float* x, const float* xs, const float* xq, int64_t M, int64_t K,
+                      int64_t N, int64_t n0, int64_t n1, float* y) {
   const int64_t row_bytes = K / T::QK * T::BYTES;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
+    if constexpr (std::is_same_v<T, Q6_K>) {
+      if (M == 1) dot_row_q6k_avx512<1>(row, xq, K, y + n, N);
+      else dot_row_q6k_avx512<2>(row, xq, K, y + n, N);
+      continue;
+    }
     if (M == 1) dot_row_avx512<T, 1>(row, x, xs, K, y + n, N);
     else dot_row_avx512<T, 2>(row, x, xs, K, y + n, N);
   }
@@ -818,13 +896,14 @@ QW make_qw(const at::Tensor& w, int64_t type, int64_t N, int64_t K) {
 int64_t fused_max_m() { return simd_active() ? kPanelMaxM : kPortableFusedMaxM; }
 
 // The row kernels, for M < kPanelMinM (AVX-512) or M <= kPortableFusedMaxM (portable).
-void rows_kernel(const QW& w, const float* x, const float* xs, int64_t M, int64_t n0, int64_t n1, float* y) {
+void rows_kernel(const QW& w, const float* x, const float* xs, const float* xq, int64_t M, int64_t n0, int64_t n1,
+                 float* y) {
   with_type(w.type, [&](auto t) {
     using T = decltype(t);
 #ifdef GGUFLM_X86
     if (simd_active()) {
       TORCH_INTERNAL_ASSERT(M < kPanelMinM);
-      gemv_rows_avx512<T>(w.data, x, xs, M, w.K, w.N, n0, n1, y);
+      gemv_rows_avx512<T>(w.data, x, xs, xq, M, w.K, w.N, n0, n1, y);
       return 0;
     }
 #endif
@@ -888,6 +967,13 @@ void gemv_multi(const float* x, int64_t M, const std::vector<std::pair<QW, float
     std::memcpy(xa.data() + m * ldx, x + m * K, K * sizeof(float));
     std::memcpy(xa.data() + m * ldx + K, xs.data() + m * G, G * sizeof(float));
   }
+  std::vector<float> xq;  // Q6_K row kernels: x in quad order
+#ifdef GGUFLM_X86
+  if (simd_active() && !panels && std::any_of(outs.begin(), outs.end(), [](const auto& o) { return o.first.type == Q6_K::ID; })) {
+    xq.resize(M * K);
+    q6k_quad_order(x, M, K, xq.data());
+  }
+#endif
   const int64_t unit = panels ? kPanelRows : 1;  // weight rows of one task
   int64_t total = 0;
   for (const auto& o : outs) total += (o.first.N + unit - 1) / unit;
@@ -904,7 +990,7 @@ void gemv_multi(const float* x, int64_t M, const std::vector<std::pair<QW, float
       if (u0 < u1) {
         const int64_t n0 = u0 * unit, n1 = std::min(u1 * unit, o.first.N);
         if (panels) panel_kernel(o.first, xa.data(), M, ldx, n0, n1, panel[tid].data(), o.second);
-        else rows_kernel(o.first, x, xs.data(), M, n0, n1, o.second);
+        else rows_kernel(o.first, x, xs.data(), xq.data(), M, n0, n1, o.second);
       }
       off += units;
     }
