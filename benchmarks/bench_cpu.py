@@ -18,9 +18,11 @@ model    SmolLM2-135M-Instruct Q4_1 and llama.cpp's own Q4_K_M and Q8_0 requanti
          For each file, a fresh process per measurement, alternating llama.cpp
          (llama-cpp-python, n_threads = --threads) and gguflm (threads = --threads):
            load      seconds in Llama(...) / gguflm.load(...) (imports excluded)
-           prefill   tokens/s of a 512-token prompt (logits of the last token), best of 3
-           decode    tokens/s of single-token steps after it (no sampling), per window of
-                     16 steps, 128 steps in all: the best window and the median
+           prefill   tokens/s of a 512-token prompt, best of 3 (gguflm: a fresh random
+                     prompt each time, through the generation loop: gguflm.engine.bench)
+           decode    tokens/s of single-token steps after it: llama.cpp per window of 16
+                     steps, 128 steps in all (no sampling); gguflm 128 greedy tokens
+                     through the generation loop (sampling, detokenization), per run
            peak RSS  the process's ru_maxrss (torch's import alone is ~220 MB)
          --reps rounds; the best of each metric is reported (the machine is shared: the
          load average of every run goes into the JSON), with ratios ours / llama.cpp.
@@ -93,36 +95,20 @@ def child_llama(path: str, threads: int) -> dict:
 
 
 def child_ours(path: str, threads: int) -> dict:
-    import torch
-
+    """Through the generation loop users run (gguflm.engine.bench, what `gguflm bench`
+    reports): prefill of a fresh random 512-token prompt, decode after it."""
     import gguflm
+    from gguflm.engine.bench import Bench
     from gguflm.quant import cpu
 
     cpu.kernel_types()  # the C++ build is cached on disk; this only loads it
     t0 = time.perf_counter()
-    model = gguflm.load(path, n_ctx=N_CTX, threads=threads).model
+    llm = gguflm.load(path, n_ctx=N_CTX, threads=threads)
     load = time.perf_counter() - t0
-    ids = prompt_ids(N_PREFILL + N_DECODE)
-    slots = torch.zeros(1, dtype=torch.long)
-    cache = model.new_cache(1)
-
-    def prefill(n: int) -> None:
-        model.forward(torch.tensor([ids[:n]]), torch.arange(n)[None], cache, slots, last_only=True)
-
-    prefill(16)  # warm-up, as for llama.cpp
-    pre = []
-    for _ in range(PREFILL_REPS):
-        t0 = time.perf_counter()
-        prefill(N_PREFILL)  # rewrites positions 0..511 of the same cache, as llm.reset() + eval
-        pre.append(N_PREFILL / (time.perf_counter() - t0))
-    decode = []
-    for w in range(0, N_DECODE, DECODE_WINDOW):
-        t0 = time.perf_counter()
-        for i in range(w, w + DECODE_WINDOW):
-            model.forward(torch.tensor([[ids[N_PREFILL + i]]]), torch.tensor([[N_PREFILL + i]]), cache, slots,
-                          last_only=True)
-        decode.append(DECODE_WINDOW / (time.perf_counter() - t0))
-    return {"load_s": load, "prefill_tok_s": pre, "decode_tok_s": decode}
+    bench = Bench(llm, reps=PREFILL_REPS)
+    pre = bench.pp(N_PREFILL)[0].values
+    decode = bench.depth(N_DECODE, N_PREFILL).values
+    return {"load_s": load, "prefill_tok_s": pre, "decode_tok_s": decode, "path": "generate"}
 
 
 def peak_rss_mb() -> float:

@@ -3,7 +3,9 @@ peak VRAM, per quantization of the same model; writes the rows of
 ``benchmarks/results/<date>-<card>.json``.
 
 llama.cpp: ``llama-bench -m FILE -ngl 99 -fa 1 -p 512 -n 128 -r 5 -o json``.
-gguflm:    ``python -m gguflm bench -m FILE --device cuda -p 512 -n 128 -r 5 --json``.
+gguflm:    ``python -m gguflm bench -m FILE --device cuda -p 512 -n 128 -d D -r 5 --json``: through
+           the generation loop (``generate()``'s path); pp512 of fresh prompts, cold (shape
+           never seen) and warm apart; cold start in a fresh process.
 VRAM: the device's ``memory.used`` (nvidia-smi, every 50 ms) at its peak during the
 run, minus its value before the run: the process's whole footprint (CUDA context,
 weights, caches, workspaces), measured the same way for both.
@@ -58,20 +60,24 @@ def run_with_peak_memory(cmd: list[str], timeout: float) -> tuple[str, int]:
     return r.stdout, peak[0] - base
 
 
-def llama_bench(binary: str, path: str, p: int, n: int, reps: int) -> dict:
+def llama_bench(binary: str, path: str, p: int, n: int, reps: int, depth: int = 0) -> dict:
     out, vram = run_with_peak_memory([binary, "-m", path, "-ngl", "99", "-fa", "1", "-p", str(p), "-n", str(n),
-                                      "-r", str(reps), "-o", "json"], timeout=600)
+                                      "-d", f"0,{depth}" if depth else "0", "-r", str(reps), "-o", "json"],
+                                     timeout=900)
     res = {"vram_mb": vram}
     for test in json.loads(out):
         key = "pp" if test["n_prompt"] and not test["n_gen"] else "tg"
+        if test.get("n_depth"):
+            key += "_depth"
         res[f"{key}_tps"], res[f"{key}_sd"] = test["avg_ts"], test["stddev_ts"]
         res["build"] = f"{test.get('build_commit', '?')} ({test.get('build_number', '?')})"
     return res
 
 
-def ours(path: str, p: int, n: int, reps: int) -> dict:
+def ours(path: str, p: int, n: int, reps: int, depth: int = 0) -> dict:
     out, vram = run_with_peak_memory([sys.executable, "-m", "gguflm", "bench", "-m", path, "--device", "cuda",
-                                      "-p", str(p), "-n", str(n), "-r", str(reps), "--json"], timeout=600)
+                                      "-p", str(p), "-n", str(n), "-d", str(depth), "-r", str(reps), "--ceiling",
+                                      "--json"], timeout=900)
     sys.stdout.write(out)
     res = json.loads(out.strip().splitlines()[-1])
     res["vram_mb"] = vram
@@ -86,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("-p", type=int, default=512)
     a.add_argument("-n", type=int, default=128)
     a.add_argument("-r", type=int, default=5)
+    a.add_argument("-d", type=int, default=4096, help="context depth of the second decode figure (0: none)")
     a.add_argument("--out", required=True)
     args = a.parse_args(argv)
     import torch
@@ -96,13 +103,20 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.models:
         quant, path = spec.split("=", 1)
         row = {"device": "cuda", "card": card, "model": "tinyllama-1.1b-random", "quant": quant}
-        o = ours(path, args.p, args.n, args.r)
-        row.update(ours_tg128=o["tg_tps"], ours_tg128_sd=o["tg_sd"], ours_pp512=o["pp_tps"],
-                   ours_pp512_sd=o["pp_sd"], ours_vram_mb=o["vram_mb"], ours_torch_peak_mb=o["peak_mem_mb"])
+        row["path"] = "generate"
+        o = ours(path, args.p, args.n, args.r, args.d)
+        row.update(ours_tg128=o["tg_tps"], ours_tg128_sd=o["tg_sd"], ours_pp512_fresh=o["pp_tps"],
+                   ours_pp512_fresh_sd=o["pp_sd"], ours_pp512_warm=o.get("pp_warm_tps"),
+                   ours_tg128_depth4096=o.get("tg_depth_tps"), ours_tg128_ceiling=o.get("tg_ceiling_tps"),
+                   ours_cold_start_s=o.get("cold_start_s"),
+                   ours_cold_start_empty_cache_s=o.get("cold_start_empty_cache_s"),
+                   ours_vram_mb=o["vram_mb"], ours_torch_peak_mb=o["peak_mem_mb"])
+        row["ours_pp512"] = row["ours_pp512_fresh"]
         if not args.ours_only:
-            ll = llama_bench(args.llama_bench, path, args.p, args.n, args.r)
+            ll = llama_bench(args.llama_bench, path, args.p, args.n, args.r, args.d)
             row.update(llama_cpp_tg128=ll["tg_tps"], llama_cpp_tg128_sd=ll["tg_sd"], llama_cpp_pp512=ll["pp_tps"],
-                       llama_cpp_pp512_sd=ll["pp_sd"], llama_cpp_vram_mb=ll["vram_mb"], llama_cpp_build=ll["build"])
+                       llama_cpp_pp512_sd=ll["pp_sd"], llama_cpp_tg128_depth4096=ll.get("tg_depth_tps"),
+                       llama_cpp_vram_mb=ll["vram_mb"], llama_cpp_build=ll["build"])
             row.update(tg_ratio=row["ours_tg128"] / row["llama_cpp_tg128"],
                        pp_ratio=row["ours_pp512"] / row["llama_cpp_pp512"],
                        vram_ratio=row["ours_vram_mb"] / row["llama_cpp_vram_mb"])

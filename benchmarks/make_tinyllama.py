@@ -50,6 +50,14 @@ def copy_tokenizer(writer, vocab_path: str, limit: int | None = None) -> int:
     return n_vocab
 
 
+def _add(writer, name: str, t) -> None:
+    """A plain array, or ``{"tensor": quantized bytes, "raw_dtype": type}``."""
+    if isinstance(t, dict):
+        writer.add_tensor(name, t["tensor"], raw_dtype=t["raw_dtype"])
+    else:
+        writer.add_tensor(name, t)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
@@ -60,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--ctx", type=int, default=2048)
-    p.add_argument("--dtype", choices=("f16", "f32"), default="f16")
+    p.add_argument("--dtype", choices=("f16", "f32", "q4_0", "q8_0"), default="f16",
+                   help="q4_0/q8_0: matrices quantized by gguf-py's numpy quantizer (where llama-quantize is absent)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=None,
                    help="keep only the first N tokens of the vocabulary (small test models)")
@@ -81,28 +90,34 @@ def main(argv: list[str] | None = None) -> int:
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if a.dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    ftypes = {"f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32,
+              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    w.add_file_type(ftypes[a.dtype])
 
     rng = np.random.default_rng(a.seed)
     dt = np.float16 if a.dtype == "f16" else np.float32
+    qtype = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0}.get(a.dtype)
 
-    def rand(*shape: int) -> np.ndarray:  # numpy shape: rows first (ggml ne reversed)
-        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dt)
+    def rand(*shape: int):  # numpy shape: rows first (ggml ne reversed)
+        x = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dt)
+        if qtype is None:
+            return x
+        return {"tensor": gguf.quants.quantize(x, qtype), "raw_dtype": qtype}
 
     E, F, kv = a.width, a.ffn, a.kv_heads * head_dim
-    w.add_tensor("token_embd.weight", rand(n_vocab, E))
+    _add(w, "token_embd.weight", rand(n_vocab, E))
     w.add_tensor("output_norm.weight", np.ones(E, dtype=np.float32))
-    w.add_tensor("output.weight", rand(n_vocab, E))
+    _add(w, "output.weight", rand(n_vocab, E))
     for i in range(a.layers):
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(E, dtype=np.float32))
-        w.add_tensor(f"blk.{i}.attn_q.weight", rand(E, E))
-        w.add_tensor(f"blk.{i}.attn_k.weight", rand(kv, E))
-        w.add_tensor(f"blk.{i}.attn_v.weight", rand(kv, E))
-        w.add_tensor(f"blk.{i}.attn_output.weight", rand(E, E))
+        _add(w, f"blk.{i}.attn_q.weight", rand(E, E))
+        _add(w, f"blk.{i}.attn_k.weight", rand(kv, E))
+        _add(w, f"blk.{i}.attn_v.weight", rand(kv, E))
+        _add(w, f"blk.{i}.attn_output.weight", rand(E, E))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(E, dtype=np.float32))
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", rand(F, E))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", rand(F, E))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", rand(E, F))
+        _add(w, f"blk.{i}.ffn_gate.weight", rand(F, E))
+        _add(w, f"blk.{i}.ffn_up.weight", rand(F, E))
+        _add(w, f"blk.{i}.ffn_down.weight", rand(E, F))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

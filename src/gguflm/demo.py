@@ -12,7 +12,6 @@ import sys
 import time
 
 import gguflm
-from gguflm.engine import SamplingParams, generate_text
 from gguflm.models import ModelError, resolve
 
 # Prompts the 135M model answers well (its greedy answers: "The capital of France is Paris.";
@@ -45,10 +44,9 @@ def main() -> int:
     for question, sampling, n in RUNS:
         settings = ", ".join(f"{k}={v}" for k, v in sampling.items())
         print(f"user> {question}    [chat template; {settings}; at most {n} tokens]")
-        prompt = model.chat_template.render([{"role": "user", "content": question}])
-        stream = model.stream_tokens(prompt, n, SamplingParams(**sampling))
+        stream = model.chat([{"role": "user", "content": question}], max_tokens=n, **sampling)
         print("assistant> ", end="", flush=True)
-        for piece in generate_text(stream):
+        for piece in stream:
             print(piece, end="", flush=True)
         r = stream.result
         speed = r.n_generated / r.decode_seconds if r.decode_seconds else float("nan")

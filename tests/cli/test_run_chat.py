@@ -49,8 +49,9 @@ def test_run_prints_the_reference_greedy_answer(smollm2_path, smollm2_model, lla
     assert r.returncode == 0, r.stderr
     m = smollm2_model
     prompt = m.encode_prompt(m.chat_template.render([{"role": "user", "content": QUESTION}]))
-    stream = m.stream_tokens(prompt, 32, SamplingParams(temperature=0))
-    tokens = list(stream)
+    stream = m.stream(prompt, 32, SamplingParams(temperature=0))
+    list(stream)
+    tokens = stream.result.tokens
     ref = reference_logits(smollm2_path, prompt + tokens)
     assert ref[len(prompt) - 1:-1].argmax(-1).tolist() == tokens   # the reference's greedy path
     if stream.result.finish_reason == "stop":

@@ -13,12 +13,37 @@ from gguflm.cli import main
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_bench_json(tiny_model, capsys, device):
-    rc = main(["bench", "-m", str(tiny_model("Q4_0")), "--device", device, "-p", "8", "-n", "4", "-r", "2", "--json"])
+    rc = main(["bench", "-m", str(tiny_model("Q4_0")), "--device", device, "-p", "8", "-n", "4", "-d", "6", "-r", "2",
+               "--no-cold-start", "--json"])
     assert rc == 0
     out = capsys.readouterr().out.strip().splitlines()
     result = json.loads(out[-1])
-    assert result["pp_tps"] > 0 and result["tg_tps"] > 0 and result["peak_mem_mb"] > 0
-    assert any("pp8" in line for line in out) and any("tg4" in line for line in out)
+    assert result["pp_tps"] > 0 and result["tg_tps"] > 0 and result["tg_depth_tps"] > 0 and result["peak_mem_mb"] > 0
+    assert result["path"] == "generate"
+    assert any("pp8" in line for line in out) and any("| tg4 |" in line for line in out)
+    assert any("tg4 @ d6" in line for line in out)
+    if device == "cuda":  # a shape cache: cold and warm prompt rows apart
+        assert result["pp_warm_tps"] > 0 and any("cold:" in line for line in out)
+
+
+def test_bench_counts_generated_tokens_through_the_loop(tiny_model, monkeypatch):
+    """tg N is N tokens out of the generation loop (end of generation ignored)."""
+    import gguflm
+    from gguflm.engine.bench import Bench
+
+    llm = gguflm.load(tiny_model("Q4_0"), n_ctx=16)
+    seen = []
+    stream = llm.stream
+
+    def spy(*a, **k):
+        s = stream(*a, **k)
+        seen.append(s)
+        return s
+
+    monkeypatch.setattr(llm, "stream", spy)
+    row = Bench(llm, reps=2).tg(5)
+    assert len(row.values) == 2 and all(s.result.n_generated == 5 for s in seen)
+    assert all(s.job.ignore_eos and s.job.params.greedy for s in seen)
 
 
 def test_bench_rejects_nothing_to_measure(tiny_model, capsys):

@@ -229,13 +229,17 @@ def test_scheduler_output_alone_equals_among_others(model_and_ref):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_seeded_sampling_on_the_gpu(tiny_model):
-    """Temperature > 0 on the GPU: the sampling chain runs on the CPU with the request's
-    CPU generator (a CPU generator cannot drive torch.multinomial on a CUDA tensor); the
-    same seed gives the same tokens."""
-    from gguflm.engine.generate import TokenStream
+    """Temperature > 0 on the GPU: the sampling chain runs there with the request's CUDA
+    generator; the same seed gives the same tokens."""
     from gguflm.engine.sampling import SamplingParams
 
-    m = _load(tiny_model("Q4_K_M"), torch.device("cuda"))
+    llm = _llm(_load(tiny_model("Q4_K_M"), torch.device("cuda")))
     params = SamplingParams(temperature=0.9, seed=7)
-    runs = [list(TokenStream(_llm(m), IDS, 12, params, cache=m.new_cache(1))) for _ in range(2)]
+
+    def tokens() -> list[int]:
+        s = llm.stream(IDS, 12, params)
+        list(s)
+        return s.result.tokens
+
+    runs = [tokens() for _ in range(2)]
     assert len(runs[0]) > 0 and runs[0] == runs[1]

@@ -82,31 +82,34 @@ def test_stop_string_cuts_the_greedy_text(smollm2_model):
     full = "".join(m.generate(prompt_ids(m), max_tokens=40, temperature=0))
     assert len(full) > 30
     stop = full[20:24]
-    stream = m.stream_tokens(prompt_ids(m), 40, GREEDY)
-    from gguflm.engine import generate_text
-
-    got = "".join(generate_text(stream, [stop, "never-generated-stop"]))
+    stream = m.stream(prompt_ids(m), 40, GREEDY, [stop, "never-generated-stop"])
+    got = "".join(stream)
     assert got == full[:full.find(stop)]
     assert stream.result.finish_reason == "stop"
 
 
 def test_finish_reasons_and_budgets(smollm2_model):
     m = smollm2_model
-    s = m.stream_tokens(prompt_ids(m), 5, GREEDY)
-    assert len(list(s)) == 5 and s.result.finish_reason == "length" and s.result.n_generated == 5
-    s = m.stream_tokens(prompt_ids(m), 0, GREEDY)
+    s = m.stream(prompt_ids(m), 5, GREEDY)
+    list(s)
+    assert s.result.finish_reason == "length" and s.result.n_generated == 5
+    s = m.stream(prompt_ids(m), 0, GREEDY)
     assert list(s) == [] and s.result.finish_reason == "length"
-    s = m.stream_tokens(prompt_ids(m, "Say only the word yes."), 200, GREEDY)
-    toks = list(s)
+    s = m.stream(prompt_ids(m, "Say only the word yes."), 200, GREEDY)
+    list(s)
+    toks = s.result.tokens
     assert s.result.finish_reason == "stop" and len(toks) < 200
     assert not set(toks) & set(m.tokenizer.eog_ids)  # the end-of-generation token is not yielded
 
 
 def test_seed_makes_sampling_reproducible(smollm2_model):
     m = smollm2_model
-    runs = [list(m.stream_tokens(prompt_ids(m), 16, SamplingParams(temperature=1.5, top_k=0, top_p=1.0,
-                                                                    min_p=0.0, seed=seed)))
-            for seed in (11, 11, 12)]
+    def tokens(seed: int) -> list[int]:
+        s = m.stream(prompt_ids(m), 16, SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=seed))
+        list(s)
+        return s.result.tokens
+
+    runs = [tokens(seed) for seed in (11, 11, 12)]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
@@ -116,10 +119,11 @@ def test_context_limits(smollm2_path):
 
     m = gguflm.load(smollm2_path, n_ctx=24)
     with pytest.raises(ContextLengthError, match="context holds 24"):
-        m.stream_tokens("word " * 40, 4, GREEDY)
+        m.stream("word " * 40, 4, GREEDY)
     assert issubclass(ContextLengthError, ValueError)
     with pytest.raises(GenerationError, match="empty"):
-        m.stream_tokens([], 4, GREEDY)
-    s = m.stream_tokens("1, 2, 3, 4, 5,", 100, GREEDY)  # counting on fills the context: "length"
-    n = len(list(s))
+        m.stream([], 4, GREEDY)
+    s = m.stream("1, 2, 3, 4, 5,", 100, GREEDY)  # counting on fills the context: "length"
+    list(s)
+    n = s.result.n_generated
     assert s.result.finish_reason == "length" and s.result.n_prompt + n == 24 + 1

@@ -39,7 +39,8 @@ def llama_chain(llama_cpp, samplers, logits: np.ndarray, history=()):
 
 
 def as_dict(ids, logits) -> dict[int, float]:
-    return {int(i): float(x) for i, x in zip(ids, logits)}
+    """The candidates left (a filtered-out candidate of ours keeps its place at -inf)."""
+    return {int(i): float(x) for i, x in zip(ids, logits) if np.isfinite(float(x))}
 
 
 params_st = st.fixed_dictionaries({

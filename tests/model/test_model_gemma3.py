@@ -68,8 +68,9 @@ def prompt_ids(gemma3_model):
 @pytest.fixture(scope="module")
 def verified_greedy(gemma3_model, gemma3_path, prompt_ids, weight_source, llama_cpp):
     """Our greedy continuation of the chat prompt, with the logit comparisons along it."""
-    stream = gemma3_model.stream_tokens(prompt_ids, N_GEN, SamplingParams(temperature=0))
-    generated = list(stream)
+    stream = gemma3_model.stream(prompt_ids, N_GEN, SamplingParams(temperature=0))
+    list(stream)
+    generated = stream.result.tokens
     ids = prompt_ids + generated
     ours = gemma3_model.logits(ids).numpy()
     ref = reference_logits(gemma3_path, ids, weights=weight_source(gemma3_path))

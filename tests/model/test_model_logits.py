@@ -62,8 +62,9 @@ def test_logits_match_reference(quant, smollm2_path, requantized, llama_cpp):
     path = smollm2_path if quant == "Q4_1" else requantized(quant)
     model = gguflm.load(path, n_ctx=256)
     prompt = chat_ids(path, PROMPTS[QUANTS.index(quant) % len(PROMPTS)])
-    stream = model.stream_tokens(prompt, N_GEN, SamplingParams(temperature=0))
-    generated = list(stream)
+    stream = model.stream(prompt, N_GEN, SamplingParams(temperature=0))
+    list(stream)
+    generated = stream.result.tokens
     ids = prompt + generated
     ours = model.logits(ids).numpy()
     del model

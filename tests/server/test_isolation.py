@@ -88,7 +88,7 @@ def test_a_failing_sequence_ends_alone_and_a_greedy_neighbour_is_unchanged(model
         # returns a padding id past the vocabulary at once (the prefill step), as sampling an
         # embedding row without a token did before load refused such files
         seen = {"nan": 0}
-        allowed, real_sample = scheduler._allowed, sched.sample
+        allowed, real_choose = scheduler._allowed, sched.choose
 
         def poisoned_allowed(logits, job):
             if job is nan_later:
@@ -97,13 +97,13 @@ def test_a_failing_sequence_ends_alone_and_a_greedy_neighbour_is_unchanged(model
                     return torch.full_like(logits, math.nan)
             return allowed(logits, job)
 
-        def padding_sample(logits, params, history=(), generator=None):
+        def padding_choose(logits, params, history=(), generator=None):
             if params.seed == 99:
-                return model.config.n_vocab + 10
-            return real_sample(logits, params, history, generator)
+                return torch.tensor(model.config.n_vocab + 10, device=logits.device)
+            return real_choose(logits, params, history, generator)
 
         monkeypatch.setattr(scheduler, "_allowed", poisoned_allowed)
-        monkeypatch.setattr(sched, "sample", padding_sample)
+        monkeypatch.setattr(sched, "choose", padding_choose)
         together = run_jobs(scheduler, [greedy, nan_later, out_of_vocab, survivor])
     finally:
         scheduler.close()

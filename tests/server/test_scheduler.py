@@ -1,6 +1,6 @@
 """The continuous-batching scheduler in process, on SmolLM2: what a request produces
 does not depend on batching (greedy tokens equal the engine's single-sequence
-TokenStream, chunked prefill or not, queued or not), finish reasons and counts follow
+one-slot generation of ``LLM.stream``, chunked prefill or not, queued or not), finish reasons and counts follow
 the context and max_tokens, cancelled and waiting requests are handled, logprobs are
 those of the logits at each generated position."""
 
@@ -11,7 +11,6 @@ import threading
 import pytest
 import torch
 
-from gguflm.engine.generate import TokenStream
 from gguflm.engine.sampling import SamplingParams
 from gguflm.engine.scheduler import Done, Failed, Job, Piece, Scheduler, run_jobs
 
@@ -34,9 +33,10 @@ def prompts(model) -> list[tuple[int, ...]]:
 
 
 def tokens_alone(model, prompt, max_tokens: int) -> tuple[list[int], str]:
-    """The engine's one-sequence generation loop: tokens and finish reason."""
-    stream = TokenStream(model, prompt, max_tokens, GREEDY)
-    return list(stream), stream.result.finish_reason
+    """``generate``'s one-slot loop (whole prompt in one forward): tokens and finish reason."""
+    stream = model.stream(prompt, max_tokens, GREEDY)
+    list(stream)
+    return stream.result.tokens, stream.result.finish_reason
 
 
 def text_of(events) -> str:

@@ -171,3 +171,32 @@ def test_k_quant_requantization_passes(requantized, tmp_path):
     assert rc == 0, stdout
     assert {"Q4_K", "Q6_K"} <= set(report["quantization"]["types"])
     print("\n" + stdout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU exists")
+def test_device_cuda_without_a_gpu_is_one_line(tinyllama_like, tmp_path, capsys):
+    for cmd in (["verify", "-o", str(tmp_path)], ["perplexity", "-f", str(tmp_path / "t.txt")]):
+        assert main([cmd[0], "-m", str(tinyllama_like), *cmd[1:], "--device", "cuda"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no CUDA device" in err, err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU: --device cuda runs the CUDA path")
+def test_verify_and_perplexity_on_cuda(tinyllama_like, tmp_path, capsys):
+    """The same report on the CUDA path: logits vs the float64 reference within the CUDA
+    thresholds, the first reply token the reference's; components skipped with a reason."""
+    rc, stdout = run_verify(["-m", str(tinyllama_like), "-o", str(tmp_path), "-n", "4", "--device", "cuda",
+                             "--reference", "none"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert rc == 0, stdout
+    by_name = {c["name"]: c for c in report["checks"]}
+    assert by_name["first reply token = float64 reference's"]["status"] == "pass"
+    assert by_name["every component within its threshold"]["status"] == "skip"
+    assert report["environment"]["device"] == "cuda" and report["token_investigation"]["lens"] == []
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    assert main(["perplexity", "-m", str(tinyllama_like), "-f", str(text), "-c", "64", "--device", "cuda",
+                 "--compare", "float64", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["device"] == "cuda"

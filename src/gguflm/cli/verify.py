@@ -49,6 +49,7 @@ def add_arguments(p) -> None:
     p.add_argument("-n", "--n-predict", type=int, default=16, help="greedy tokens to score (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=10, help="rows of the top-k table (default: %(default)s)")
     options.add_threads(p)
+    options.add_device(p)
 
 
 def run(args) -> int:
@@ -59,9 +60,10 @@ def run(args) -> int:
     if args.n_predict < 1 or args.top_k < 1:
         raise UserError("--n-predict and --top-k must be >= 1")
     options.check_threads(args)
+    dev = options.device(args, "verify")  # cuda: the same report; the components section is skipped (fused kernels)
     opts = VerifyOptions(model=resolve_model(args.model), prompt=args.prompt, reference=args.reference,
                          explain_token=args.explain_token, n_predict=args.n_predict, top_k=args.top_k,
-                         threads=args.threads)
+                         threads=args.threads, device=dev)
     try:
         rep = run_verification(opts)
     except VerifyError as e:

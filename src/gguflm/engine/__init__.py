@@ -1,9 +1,10 @@
 """The engine: the text API (llm.py: ``gguflm.load`` -> LLM), sampling (sampling.py),
-the generation loop (generate.py), continuous-batching scheduler (scheduler.py)."""
+what generations share (generate.py), the one generation loop with continuous
+batching (scheduler.py)."""
 
 from gguflm.engine.generate import (ContextLengthError, GenerationError, GenerationResult, TextAssembler,
-                                    TokenStream, check_request, generate_text)
+                                    check_request)
 from gguflm.engine.sampling import SamplingParams, sample
 
-__all__ = ["SamplingParams", "sample", "TokenStream", "GenerationResult", "TextAssembler",
-           "generate_text", "check_request", "GenerationError", "ContextLengthError"]
+__all__ = ["SamplingParams", "sample", "GenerationResult", "TextAssembler", "check_request", "GenerationError",
+           "ContextLengthError"]

@@ -1,30 +1,14 @@
-"""The generation loop: prefill the prompt in one batch, then decode one token at a time
-through the preallocated KV cache.
-
-Two levels:
-
-* :class:`TokenStream` yields token ids and records a :class:`GenerationResult`
-  (finish reason, token counts, timings) — what a server needs.
-* :func:`generate_text` turns a token stream into text pieces: whole UTF-8 characters
-  only (bytes of a character split across tokens are held until it is complete), and
-  stop strings are never emitted (text that might begin one is held back until it cannot).
+"""What every generation shares: the request check, the result record, and the text
+assembly (whole UTF-8 characters only: bytes of a character split across tokens are held
+until it is complete; stop strings are never emitted: text that might begin one is held
+back until it cannot). The loop itself is :class:`gguflm.engine.scheduler.Scheduler`.
 """
 
 from __future__ import annotations
 
 import codecs
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-import torch
-
-from gguflm.model.kv_cache import KVCache
-from gguflm.engine.sampling import SamplingParams, sample
-
-if TYPE_CHECKING:
-    from gguflm.engine.llm import LLM
 
 
 class GenerationError(ValueError):
@@ -65,64 +49,6 @@ class GenerationResult:
     @property
     def n_generated(self) -> int:
         return len(self.tokens)
-
-
-class TokenStream:
-    """Iterate to generate: yields each sampled token id; an end-of-generation id ends the
-    stream (finish "stop") without being yielded, as does ``max_tokens`` (finish "length").
-
-    ``cache``/``slot`` let a caller (a batching server) place the sequence; by default a
-    one-slot cache of the model's context size is made.
-    """
-
-    def __init__(self, llm: LLM, prompt_ids: Sequence[int], max_tokens: int = 256,
-                 params: SamplingParams | None = None, cache: KVCache | None = None, slot: int = 0):
-        self.llm, model = llm, llm.model
-        self.model = model
-        self.prompt = [int(t) for t in prompt_ids]
-        self.params = params or SamplingParams()
-        self.cache = cache if cache is not None else model.new_cache(1)
-        check_request(self.prompt, self.cache.n_ctx, model.config.n_vocab, max_tokens)
-        self.max_tokens = max_tokens
-        self.slot = slot
-        self.result = GenerationResult(n_prompt=len(self.prompt))
-        self.generator = torch.Generator()
-        if self.params.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(self.params.seed)
-
-    def __iter__(self) -> Iterator[int]:
-        model, res, eog = self.model, self.result, set(self.llm.tokenizer.eog_ids)
-        device = self.cache.k.device
-        slots = torch.tensor([self.slot], device=device)
-        history = list(self.prompt)
-        if self.max_tokens == 0:
-            res.finish_reason = "length"
-            return
-        t0 = time.perf_counter()
-        n = len(self.prompt)
-        logits = model.forward(torch.tensor([self.prompt], device=device),
-                               torch.arange(n, device=device)[None], self.cache, slots, last_only=True)[0]
-        res.prefill_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        try:
-            while True:
-                tok = sample(logits, self.params, history, self.generator)
-                if tok in eog:
-                    res.finish_reason = "stop"
-                    return
-                res.tokens.append(tok)
-                history.append(tok)
-                yield tok
-                if len(res.tokens) >= self.max_tokens or n >= self.cache.n_ctx:
-                    res.finish_reason = "length"
-                    return
-                logits = model.forward(torch.tensor([[tok]], device=device), torch.tensor([[n]], device=device),
-                                       self.cache, slots, last_only=True)[0]
-                n += 1
-        finally:
-            res.decode_seconds = time.perf_counter() - t0
 
 
 class TextAssembler:
@@ -172,24 +98,3 @@ def _overlap(text: str, stop: str) -> int:
         if text.endswith(stop[:n]):
             return n
     return 0
-
-
-def generate_text(stream: TokenStream, stop: Sequence[str] = ()) -> Iterator[str]:
-    """Text pieces of ``stream`` (see :class:`TextAssembler`); a stop string ends the
-    stream with finish reason "stop"."""
-    tokenizer = stream.llm.tokenizer
-    text = TextAssembler(stop)
-    tokens = iter(stream)
-    try:
-        for tok in tokens:
-            piece, stopped = text.push(tokenizer.token_to_piece(tok))
-            if piece:
-                yield piece
-            if stopped:
-                stream.result.finish_reason = "stop"
-                return
-    finally:
-        tokens.close()  # ends the decode loop now (and records its timing)
-    tail = text.flush()
-    if tail:
-        yield tail

@@ -1,22 +1,80 @@
 """``gguflm.load``: a GGUF file in, an :class:`LLM` out: the model (forward + KV cache,
 :mod:`gguflm.model`) with its tokenizer and chat template, and the text API on top:
 ``generate`` (raw completion), ``chat`` (the file's chat template applied) and
-``create_chat_completion`` (OpenAI-shaped, like llama-cpp-python's)."""
+``create_chat_completion`` (OpenAI-shaped, like llama-cpp-python's).
+
+Every generation runs through the one generation loop, :class:`Scheduler`: here a
+scheduler of one slot, stepped on the caller's thread by :class:`TextStream` (the server
+runs the same loop over N slots on a worker thread)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from gguflm.engine.generate import TokenStream, generate_text
+from gguflm.engine.formats import ChatFormat
+from gguflm.engine.generate import GenerationError, GenerationResult
 from gguflm.engine.sampling import SamplingParams
+from gguflm.engine.scheduler import Done, Event, Failed, Job, Piece, Scheduler
 from gguflm.errors import GGUFError
 from gguflm.gguf.reader import GGUFFile
 from gguflm.model.model import Model, load_model
 from gguflm.models import resolve
+
+
+class TextStream:
+    """One job through a scheduler stepped on the caller's thread: iterate for its text
+    pieces; ``result`` (a :class:`GenerationResult`) is complete once the iteration
+    ends. The job is checked at once and submitted when the iteration starts; closing
+    the iterator early cancels it (its slot is free at the next step)."""
+
+    def __init__(self, scheduler: Scheduler, job: Job):
+        self.job, self._scheduler = job, scheduler
+        self.result = GenerationResult(n_prompt=len(job.prompt))
+        self.done: Done | None = None
+        self._events: list[Event] = []
+        self._run: Iterator[str] | None = None
+        scheduler.check(job)
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        if self._run is None:
+            self._run = self._pieces()
+        return next(self._run)
+
+    def close(self) -> None:
+        """Stop the generation now (its slot is free at the next step)."""
+        if self._run is not None:
+            self._run.close()
+
+    def _pieces(self) -> Iterator[str]:
+        ticket = self._scheduler.submit(self.job, self._events.append)
+        try:
+            while True:
+                if not self._events:
+                    self._scheduler.step()
+                    continue
+                ev = self._events.pop(0)
+                if isinstance(ev, Piece):
+                    if ev.text:
+                        yield ev.text
+                elif isinstance(ev, Done):
+                    self.done = ev
+                    r = self.result
+                    r.tokens, r.finish_reason = list(ev.tokens), ev.finish_reason
+                    r.prefill_seconds, r.decode_seconds = ev.prefill_seconds, ev.decode_seconds
+                    return
+                elif isinstance(ev, Failed):
+                    raise GenerationError(ev.message)
+        finally:
+            if self.done is None:
+                ticket.cancel()
 
 
 class LLM:
@@ -26,6 +84,7 @@ class LLM:
     def __init__(self, model: Model, tokenizer: Any):
         self.model, self.tokenizer = model, tokenizer
         self._chat_template: Any = None
+        self._scheduler: Scheduler | None = None
 
     @property
     def file(self) -> GGUFFile:
@@ -67,21 +126,58 @@ class LLM:
             return ids
         return [int(t) for t in prompt]
 
-    def stream_tokens(self, prompt: str | Sequence[int], max_tokens: int = 256,
-                      params: SamplingParams | None = None, add_special: bool = True) -> TokenStream:
-        """The low-level generator: token ids and a GenerationResult (see TokenStream)."""
-        session = getattr(self.model, "session_cache", None)
-        return TokenStream(self, self.encode_prompt(prompt, add_special), max_tokens, params,
-                           cache=session() if session else None)
+    def scheduler(self) -> Scheduler:
+        """The one-slot generation loop of this LLM's own calls, run on the caller's thread;
+        the whole prompt is prefilled in one step; its cache is kept between calls."""
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self, 1, prefill_chunk=self.n_ctx, prefill_budget=self.n_ctx, start=False)
+        return self._scheduler
 
-    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float = 0.8,
-                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-                 repeat_last_n: int = 64, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 seed: int | None = None, stop: Sequence[str] = (), add_special: bool = True) -> Iterator[str]:
-        """Stream the continuation of ``prompt`` as text pieces (llama.cpp's sampling defaults)."""
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-                                presence_penalty, frequency_penalty, seed)
-        return generate_text(self.stream_tokens(prompt, max_tokens, params, add_special), stop)
+    def stream(self, prompt: str | Sequence[int], max_tokens: int | None = 256, params: SamplingParams | None = None,
+               stop: Sequence[str] = (), add_special: bool = True, ignore_eos: bool = False,
+               keep_logits: bool = False) -> TextStream:
+        """The generation of ``prompt`` (text: special tokens parsed; or token ids) as a
+        :class:`TextStream`. ``max_tokens`` None: until end of generation or a full context;
+        ``ignore_eos``: run on through end-of-generation tokens; ``keep_logits``: the
+        result's Done carries each step's logits. Raises GenerationError (ContextLengthError)
+        for a request that cannot run."""
+        job = Job(tuple(self.encode_prompt(prompt, add_special)), params or SamplingParams(), max_tokens,
+                  tuple(stop), ignore_eos=ignore_eos, keep_logits=keep_logits)
+        return TextStream(self.scheduler(), job)
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int | None = 256, stop: Sequence[str] = (),
+                 add_special: bool = True, ignore_eos: bool = False, **sampling: Any) -> Iterator[str]:
+        """Stream the continuation of ``prompt`` (raw completion: no chat template) as text
+        pieces. ``sampling``: any field of :class:`SamplingParams` (temperature, top_k,
+        top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty,
+        seed), llama.cpp's defaults otherwise."""
+        return self.stream(prompt, max_tokens, SamplingParams(**sampling), stop, add_special, ignore_eos)
+
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], tools: Any = None) -> str:
+        """``messages`` rendered by the file's chat template, with the generation prompt."""
+        return self.chat_template.render(messages, add_generation_prompt=True, tools=tools)
+
+    def chat(self, messages: Sequence[dict[str, Any]], max_tokens: int | None = 256, stop: Sequence[str] = (),
+             tools: Any = None, **sampling: Any) -> TextStream:
+        """Stream the assistant's answer to ``messages`` (``[{"role": "user", "content":
+        "..."}]``) as text pieces: the file's chat template applied (its generation
+        prompt added), ending at an end-of-generation token, a stop string or
+        ``max_tokens``. ``sampling``: as for :meth:`generate`."""
+        return self.stream(self.chat_prompt(messages, tools), max_tokens, SamplingParams(**sampling), stop)
+
+    def create_chat_completion(self, messages: Sequence[dict[str, Any]], stream: bool = False,
+                               max_tokens: int | None = 256, stop: str | Sequence[str] | None = None,
+                               tools: Any = None, **sampling: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """:meth:`chat` in the OpenAI shape, like llama-cpp-python's: a ``chat.completion``
+        dict (``choices[0].message.content``, ``finish_reason``, ``usage``), or with
+        ``stream=True`` an iterator of ``chat.completion.chunk`` dicts."""
+        stops = [stop] if isinstance(stop, str) else list(stop or ())
+        text = self.chat(messages, max_tokens, stops, tools, **sampling)
+        fmt = ChatFormat(Path(str(self.file.path)).name, self.tokenizer)
+        if stream:
+            return _chunks(fmt, text)
+        pieces = [Piece(p) for p in text]
+        return fmt.response(pieces, text.done, with_logprobs=False)
 
     def __repr__(self) -> str:
         c = self.config
@@ -104,3 +200,12 @@ def load(path: str | os.PathLike | GGUFFile, device: str | torch.device = "cpu",
         raise GGUFError(f"the tokenizer has {tokenizer.n_vocab} tokens but the embedding {model.config.n_vocab} "
                         "rows: every row must be a token (llama.cpp refuses the file too)")
     return LLM(model, tokenizer)
+
+
+def _chunks(fmt: ChatFormat, text: TextStream) -> Iterator[dict[str, Any]]:
+    """The ``chat.completion.chunk`` dicts of a streamed answer: the role, the pieces, the
+    finish reason."""
+    yield fmt.opening()
+    for piece in text:
+        yield fmt.chunk(Piece(piece), with_logprobs=False)
+    yield fmt.closing(text.done)

@@ -3,9 +3,12 @@
 
     penalties -> top-k -> top-p -> min-p -> temperature -> dist
 
-Candidates are a pair ``(ids, logits)`` of 1-D tensors (Long[N], Float32[N]). The filters
-follow llama-sampler.cpp: top-p and min-p see the temperature-1 distribution (temperature
-is applied last); ``temperature <= 0`` keeps only the highest logit (greedy).
+Candidates are a pair ``(ids, logits)`` of 1-D tensors (Long[N], Float32[N]) on the device
+that holds the logits; a filtered-out candidate keeps its place with logit -inf (shapes
+never depend on the data, so the chain runs without a host sync and only the chosen id
+is read back). The filters follow llama-sampler.cpp: top-p and min-p see the
+temperature-1 distribution (temperature is applied last); ``temperature <= 0`` keeps only
+the highest logit (greedy).
 """
 
 from __future__ import annotations
@@ -93,43 +96,44 @@ def top_k(cand: Candidates, k: int) -> Candidates:
 
 
 def top_p(cand: Candidates, p: float) -> Candidates:
-    """Sorted descending, the shortest prefix whose softmax mass reaches ``p``."""
+    """Sorted descending, the shortest prefix whose softmax mass reaches ``p``; the rest
+    is masked to -inf (shapes stay put: no host sync)."""
     if p >= 1.0:
         return cand
     ids, logits = _sorted(cand)
     probs = torch.softmax(logits, dim=0)
-    cum = torch.cumsum(probs, dim=0)
-    n = int((cum < p).sum()) + 1                      # first index where cum >= p, inclusive
-    n = min(n, logits.numel())
-    return ids[:n], logits[:n]
+    before = torch.cumsum(probs, dim=0) - probs          # mass of the tokens ahead of each
+    keep = before < p
+    keep[0] = True
+    return ids, logits.masked_fill(~keep, float("-inf"))
 
 
 def min_p(cand: Candidates, p: float) -> Candidates:
     """Tokens whose probability is at least ``p`` times the top one's:
-    ``logit >= max_logit + log(p)``."""
+    ``logit >= max_logit + log(p)``; the rest masked to -inf."""
     if p <= 0.0:
         return cand
     ids, logits = cand
-    keep = logits >= logits.max() + math.log(p)
-    return ids[keep], logits[keep]
+    return ids, logits.masked_fill(logits < logits.max() + math.log(p), float("-inf"))
 
 
 def apply_temperature(cand: Candidates, temperature: float) -> Candidates:
     """Divide by ``temperature``; ``<= 0`` keeps only the (first) highest logit."""
     ids, logits = cand
     if temperature <= 0:
-        i = int(torch.argmax(logits))
-        return ids[i:i + 1], logits[i:i + 1]
+        i = torch.argmax(logits).view(1)
+        return ids[i], logits[i]
     return ids, logits / temperature
 
 
-def sample_dist(cand: Candidates, generator: torch.Generator | None = None) -> int:
-    """Draw one id with probability ``softmax(logits)``."""
+def sample_dist(cand: Candidates, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one id with probability ``softmax(logits)``: a 0-d Long tensor on the
+    candidates' device."""
     ids, logits = cand
     if ids.numel() == 1:
-        return int(ids[0])
+        return ids[0]
     probs = torch.softmax(logits.double(), dim=0)
-    return int(ids[torch.multinomial(probs, 1, generator=generator)])
+    return ids[torch.multinomial(probs, 1, generator=generator)[0]]
 
 
 def _sorted(cand: Candidates) -> Candidates:
@@ -138,27 +142,47 @@ def _sorted(cand: Candidates) -> Candidates:
     return ids[order], logits[order]
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = (),
-           generator: torch.Generator | None = None) -> int:
-    """One token from ``logits`` (Float32[V]) through the whole chain. ``history`` holds
-    the tokens seen so far (prompt and generated); the last ``repeat_last_n`` count.
-    The chain runs on the CPU, where ``generator`` lives (GPU logits are copied first): a
-    seed draws the same tokens from the same logits on every device."""
+def choose(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = (),
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token from ``logits`` (Float32[V]) through the whole chain, on the logits'
+    device: a 0-d Long tensor there (nothing is read back; the caller reads the ids of a
+    whole step at once). ``history`` holds the tokens seen so far (prompt and generated);
+    the last ``repeat_last_n`` count. ``generator`` must live on the logits' device; a
+    seed draws the same tokens from the same logits on that device. Logits that cannot
+    be sampled from (a NaN, +inf, or all at -inf) give the id -1 (checked without a sync:
+    the row is replaced by zeros and the draw discarded)."""
     logits = logits.float()
-    if logits.device.type != "cpu":
-        logits = logits.cpu()
     if params.penalties_enabled:
         last = list(history) if params.repeat_last_n < 0 else list(history)[-params.repeat_last_n:]
         logits = apply_penalties(logits, last, params.repeat_penalty,
                                  params.frequency_penalty, params.presence_penalty)
+    finite = torch.isfinite(logits.max())                 # False if any is NaN or +inf, or all -inf
     if params.greedy:  # every filter keeps the top logit, and temperature <= 0 keeps only it
-        return int(torch.argmax(logits))
-    top = float(logits.max())  # NaN if any is NaN
-    if not math.isfinite(top):
-        raise SamplingError(f"cannot sample: the logits are not finite (their maximum is {top})")
+        return torch.where(finite, torch.argmax(logits), -1)
+    logits = torch.where(finite, logits, 0.0)
     cand: Candidates = (torch.arange(logits.numel(), device=logits.device), logits)
     cand = top_k(cand, params.top_k)
     cand = top_p(cand, params.top_p)
     cand = min_p(cand, params.min_p)
     cand = apply_temperature(cand, params.temperature)
-    return sample_dist(cand, generator)
+    return torch.where(finite, sample_dist(cand, generator), -1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = (),
+           generator: torch.Generator | None = None) -> int:
+    """:func:`choose`, read back as an int; raises SamplingError for logits that cannot
+    be sampled from."""
+    tok = int(choose(logits, params, history, generator))
+    if tok < 0:
+        raise SamplingError("cannot sample: the logits are not finite")
+    return tok
+
+
+def new_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (None: a fresh random seed)."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen

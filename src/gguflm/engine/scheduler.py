@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,9 +45,9 @@ from typing import TYPE_CHECKING, Union
 
 import torch
 
-from gguflm.engine.generate import ContextLengthError, GenerationError, TextAssembler
+from gguflm.engine.generate import GenerationError, TextAssembler, check_request
+from gguflm.engine.sampling import SamplingError, SamplingParams, choose, new_generator
 from gguflm.model.kv_cache import KVCache
-from gguflm.engine.sampling import SamplingParams, sample
 
 if TYPE_CHECKING:
     from gguflm.engine.llm import LLM
@@ -58,7 +59,9 @@ class Job:
     ``top_logprobs=None``: no log-probabilities; ``k >= 0``: the sampled token's
     log-probability and the ``k`` most likely alternatives at each step. ``ignore_eos``:
     end-of-generation tokens are never sampled (their logits count as -inf, as in
-    llama.cpp's server); the request runs to ``max_tokens`` or a full context."""
+    llama.cpp's server); the request runs to ``max_tokens`` or a full context.
+    ``keep_logits``: :class:`Done` carries each step's raw logits (float32, on the CPU:
+    a whole row crosses to the host each step, for verification only)."""
 
     prompt: tuple[int, ...]
     params: SamplingParams = SamplingParams()
@@ -66,6 +69,7 @@ class Job:
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None
     ignore_eos: bool = False
+    keep_logits: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,12 +95,19 @@ class Piece:
 @dataclass(frozen=True)
 class Done:
     """The request finished: ``finish_reason`` "stop" (end-of-generation token or stop
-    string) or "length" (max_tokens or a full context)."""
+    string) or "length" (max_tokens or a full context). ``tokens``: the generated ids (an
+    end-of-generation token not included); ``prefill_seconds``: admission to the first
+    token; ``decode_seconds``: the first token to the last; ``logits``: see Job.keep_logits
+    (row i chose token i)."""
 
     finish_reason: str
     n_prompt: int
     n_completion: int
     n_cached: int = 0   # prompt tokens whose keys/values were reused, not computed
+    tokens: tuple[int, ...] = ()
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    logits: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -140,9 +151,15 @@ class _Seq:
     n_gen: int = 0
     n_cached: int = 0               # prompt tokens reused from the prompt cache
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet emitted
+    kept: list[torch.Tensor] = field(default_factory=list)      # Job.keep_logits rows
+    t_start: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None    # when the first token was chosen
 
     def done(self, reason: str) -> Done:
-        return Done(reason, len(self.ticket.job.prompt), self.n_gen, self.n_cached)
+        n_prompt, now = len(self.ticket.job.prompt), time.perf_counter()
+        first = self.t_first if self.t_first is not None else now
+        return Done(reason, n_prompt, self.n_gen, self.n_cached, tuple(self.history[n_prompt:]),
+                    first - self.t_start, now - first, tuple(self.kept))
 
 
 class Scheduler:
@@ -173,6 +190,7 @@ class Scheduler:
         # rows independent of their company (the CPU's exact kernels) or made so: fixed step
         # shapes, one prompt per forward, no prompt cache (see the module docstring)
         self._shared_steps = model.batch_invariant or n_slots == 1
+        self._prompt_cache = model.batch_invariant  # reused keys/values equal computed ones
         if not self._shared_steps:
             model.pin_decode_width(self.cache)
         self._eog = frozenset(llm.tokenizer.eog_ids)
@@ -211,15 +229,7 @@ class Scheduler:
         cannot run: empty prompt, prompt that fills the context, ids outside the vocabulary,
         negative max_tokens."""
         n_vocab = self.model.config.n_vocab
-        if not job.prompt:
-            raise GenerationError("the prompt is empty: nothing to continue from")
-        if len(job.prompt) >= self.n_ctx:
-            raise ContextLengthError(f"the prompt has {len(job.prompt)} tokens but the context holds "
-                                     f"{self.n_ctx}; shorten it or raise the context size")
-        if not all(0 <= t < n_vocab for t in job.prompt):
-            raise GenerationError(f"prompt token ids must lie in [0, {n_vocab})")
-        if job.max_tokens is not None and job.max_tokens < 0:
-            raise GenerationError("max_tokens must be >= 0")
+        check_request(job.prompt, self.n_ctx, n_vocab, job.max_tokens)
         if job.top_logprobs is not None and not 0 <= job.top_logprobs <= n_vocab:
             raise GenerationError(f"top_logprobs must lie in [0, {n_vocab}]")
 
@@ -250,6 +260,14 @@ class Scheduler:
             self._cond.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+
+    def step(self) -> None:
+        """One step of the loop on the calling thread (``start=False``): admit, prefill,
+        decode. A model failure raises here (the loop of :meth:`run` fails the requests
+        instead)."""
+        with self._cond:
+            self._reap_and_admit()
+        self._step()
 
     def run(self) -> None:
         """Run the loop on the calling thread until :meth:`close` (``start=False`` only)."""
@@ -288,11 +306,7 @@ class Scheduler:
         while self._waiting and self._free:
             ticket = self._waiting.popleft()
             job = ticket.job
-            gen = torch.Generator()
-            if job.params.seed is None:
-                gen.seed()
-            else:
-                gen.manual_seed(job.params.seed)
+            gen = new_generator(job.params.seed, self.cache.k.device)
             slot, n_cached = self._take_slot(job.prompt)
             seq = _Seq(ticket, slot, list(job.prompt[n_cached:]), list(job.prompt), gen, TextAssembler(job.stop),
                        n_past=n_cached, n_cached=n_cached)
@@ -306,7 +320,7 @@ class Scheduler:
         recently used one), topped up with the longest prefix any slot holds. At least
         the last prompt token is left to compute (its logits give the first token)."""
         def shared(slot: int) -> int:
-            if not self._shared_steps:  # no prompt cache: keys/values computed by this request only
+            if not self._prompt_cache:  # keys/values computed by this request only
                 return 0
             return min(_common_prefix(self._held[slot], prompt), len(prompt) - 1)
 
@@ -350,13 +364,13 @@ class Scheduler:
         slots = torch.tensor([s.slot for s in group], device=device)                           # [B]
         logits = self.model.forward(tokens, positions, self.cache, slots, last_only=True)      # [B, V]
         finishing = [i for i, s in enumerate(group) if len(s.todo) <= self.prefill_chunk]  # prompt read after this chunk
-        greedy = self._greedy_tokens([group[i] for i in finishing], logits, finishing)
+        chosen = self._choose([group[i] for i in finishing], logits, finishing)
         for i, (seq, chunk) in enumerate(zip(group, chunks)):
             seq.n_past += len(chunk)
             del seq.todo[:len(chunk)]
             self._held[seq.slot] += chunk
             if not seq.todo:
-                self._accept_or_fail(seq, logits[i], greedy.get(i))
+                self._accept_or_fail(seq, logits[i], chosen[i])
 
     def _decode(self) -> None:
         """Feed every request's last sampled token at its own position: one batched forward,
@@ -371,14 +385,14 @@ class Scheduler:
                               device=self.cache.k.device)                              # [3, B]: one copy
         tokens, positions, slots = inputs[0, :, None], inputs[1, :, None], inputs[2]   # [B, 1], [B, 1], [B]
         logits = self.model.forward(tokens, positions, self.cache, slots, last_only=True)  # [B, V]
-        greedy = self._greedy_tokens(rows, logits, range(len(rows)))
+        chosen = self._choose(rows, logits, range(len(rows)))
         for i, seq in enumerate(rows):
             seq.n_past += 1
             self._held[seq.slot].append(seq.last)
             seq.last = None
-            self._accept_or_fail(seq, logits[i], greedy.get(i))
+            self._accept_or_fail(seq, logits[i], chosen[i])
 
-    def _accept_or_fail(self, seq: _Seq, logits: torch.Tensor, tok: int | None = None) -> None:
+    def _accept_or_fail(self, seq: _Seq, logits: torch.Tensor, tok: int) -> None:
         """:meth:`_accept`; a failure there (sampling, detokenizing, stop strings) is this
         request's alone: it ends with :class:`Failed`, the others go on."""
         try:
@@ -387,12 +401,17 @@ class Scheduler:
             traceback.print_exc()
             self._finish(seq, Failed(f"generation failed: {type(e).__name__}: {e}"))
 
-    def _accept(self, seq: _Seq, logits: torch.Tensor, tok: int | None = None) -> None:
-        """Sample the next token of ``seq`` from ``logits`` (Float32[V]) and emit what follows
-        (``tok``: the token already chosen, see :meth:`_greedy_tokens`)."""
+    def _accept(self, seq: _Seq, logits: torch.Tensor, tok: int) -> None:
+        """``tok``, chosen from ``logits`` (Float32[V]) by :meth:`_choose`, is the next token of
+        ``seq``: end it (end of generation, stop string, max_tokens, full context) or emit
+        its text and feed it at the next step."""
         job = seq.ticket.job
-        if tok is None:
-            tok = sample(self._allowed(logits, job), job.params, seq.history, seq.generator)
+        if tok < 0:
+            raise SamplingError("cannot sample: the logits are not finite")
+        if seq.t_first is None:
+            seq.t_first = time.perf_counter()
+        if job.keep_logits:
+            seq.kept.append(logits.float().cpu())
         if tok in self._eog:
             self._finish(seq, seq.done("stop"))
             return
@@ -420,27 +439,38 @@ class Scheduler:
         logits[..., self._eog_index] = float("-inf")
         return logits
 
-    def _greedy_tokens(self, seqs: Sequence[_Seq], logits: torch.Tensor, rows: Sequence[int]) -> dict[int, int]:
-        """{row: token} for the rows of ``logits`` [B, V] (``rows[i]`` is ``seqs[i]``'s) whose
-        request samples greedily without penalties: the argmax of each (over the allowed
-        tokens), all rows in one operation and one read: what :func:`sample` returns for
-        them, the first index on ties."""
-        picked = [(r, seq.ticket.job) for seq, r in zip(seqs, rows)
-                  if seq.ticket.job.params.greedy and not seq.ticket.job.params.penalties_enabled]
-        if not picked:
+    def _choose(self, seqs: Sequence[_Seq], logits: torch.Tensor, rows: Sequence[int]) -> dict[int, int]:
+        """{row: token} for the rows of ``logits`` [B, V] (``rows[i]`` is ``seqs[i]``'s): each
+        request's sampling chain on the logits' device, then ONE read of all the chosen ids
+        (the only copy to the host of a step). Greedy rows without penalties take one
+        argmax together (over the allowed tokens; the first index on ties)."""
+        if not seqs:
             return {}
-        index = [r for r, _ in picked]                       # increasing
-        masked = [i for i, (_, job) in enumerate(picked) if job.ignore_eos] if self._eog_index else []
         device = logits.device
-        chosen = logits if len(index) == logits.shape[0] else logits.index_select(0, torch.tensor(index, device=device))
-        if masked:  # few operations: each is a round trip through the GIL in a busy server
-            eog = torch.tensor(self._eog_index, device=device)
-            if len(masked) == len(index):
-                chosen = chosen.index_fill(1, eog, float("-inf"))
-            else:
-                chosen = chosen.clone()
-                chosen[torch.tensor(masked, device=device)[:, None], eog[None, :]] = float("-inf")
-        return dict(zip(index, _read(torch.argmax(chosen, dim=-1))))
+        plain = [(r, s.ticket.job) for s, r in zip(seqs, rows)
+                 if s.ticket.job.params.greedy and not s.ticket.job.params.penalties_enabled]
+        picked: list[torch.Tensor] = []
+        if plain:
+            index = [r for r, _ in plain]                    # increasing
+            masked = [i for i, (_, job) in enumerate(plain) if job.ignore_eos] if self._eog_index else []
+            sel = logits if len(index) == logits.shape[0] else logits.index_select(0, torch.tensor(index, device=device))
+            if masked:  # few operations: each is a round trip through the GIL in a busy server
+                eog = torch.tensor(self._eog_index, device=device)
+                if len(masked) == len(index):
+                    sel = sel.index_fill(1, eog, float("-inf"))
+                else:
+                    sel = sel.clone()
+                    sel[torch.tensor(masked, device=device)[:, None], eog[None, :]] = float("-inf")
+            picked.append(torch.where(torch.isfinite(sel.amax(dim=-1)), torch.argmax(sel, dim=-1), -1))
+        order = [r for r, _ in plain]
+        for seq, r in zip(seqs, rows):
+            job = seq.ticket.job
+            if job.params.greedy and not job.params.penalties_enabled:
+                continue
+            picked.append(choose(self._allowed(logits[r], job), job.params, seq.history, seq.generator).view(1))
+            order.append(r)
+        ids = picked[0] if len(picked) == 1 else torch.cat(picked)
+        return dict(zip(order, _read(ids)))
 
     def _emit_piece(self, seq: _Seq, text: str) -> None:
         if text or seq.logprobs:

@@ -3,7 +3,7 @@
 Follow a request: :mod:`app` (routes, errors, streaming) -> :mod:`schemas` (the body,
 validated) -> :mod:`backend` (chat template, tokenizer, context check, submit) ->
 :class:`gguflm.engine.scheduler.Scheduler` (the worker thread batching every running
-request into one forward per step) -> :mod:`formats` (OpenAI response objects).
+request into one forward per step) -> :mod:`gguflm.engine.formats` (OpenAI response objects).
 """
 
 from __future__ import annotations

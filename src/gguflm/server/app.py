@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gguflm.engine.scheduler import Done, Failed, Piece
 from gguflm.server.backend import Backend, Generation
 from gguflm.server.errors import APIError
-from gguflm.server.formats import SSE_DONE, ChatFormat, CompletionFormat, sse
+from gguflm.engine.formats import SSE_DONE, ChatFormat, CompletionFormat, sse
 from gguflm.server.schemas import ChatCompletionRequest, CompletionRequest, parse
 from gguflm.server.security import Guard, Security
 

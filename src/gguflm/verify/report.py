@@ -86,10 +86,14 @@ def write_report(rep: Report, out_dir: Path) -> dict[str, Path]:
 
 def _figures(rep: Report, out_dir: Path) -> dict[str, Path]:
     d = rep.data
-    figs = {"components": plots.component_errors(d["components"]["results"], out_dir / "component_errors.png")}
+    figs = {}
+    if "components" in d:
+        figs["components"] = plots.component_errors(d["components"]["results"], out_dir / "component_errors.png")
     panels = [(k.removeprefix("logits_"), v) for k, v in rep.arrays.items() if k != "logits_reference"]
     figs["logits"] = plots.logit_scatter(rep.arrays["logits_reference"], panels, out_dir / "logit_scatter.png")
     ti = d["token_investigation"]
+    if not ti["lens"]:
+        return figs
     probs = np.array([r["probs"] for r in ti["lens"]]).T                        # [tokens, depth]
     labels = [f"{w['token']} {json.dumps(w['piece'])}" for w in ti["watch"]]  # ASCII: any font
     depth = ["emb" if r["layer"] < 0 else str(r["layer"]) for r in ti["lens"]]
@@ -97,6 +101,38 @@ def _figures(rep: Report, out_dir: Path) -> dict[str, Path]:
                                       f"Logit lens at position {ti['position']}: probability of the final top "
                                       f"tokens after each block")
     return figs
+
+
+def _components_section(w: Any, c: dict[str, Any], figures: dict[str, str]) -> None:
+    w(f"The engine ran the prompt and its greedy continuation ({c['positions']} positions) once; forward hooks "
+      f"recorded each step's input and output in layers {', '.join(map(str, c['layers']))}. Each step was "
+      f"recomputed in float64 by separate code (`gguflm/verify/components.py`) from the engine's own float32 "
+      f"input and weights from {c['weights']}. Cells: relative error ‖ours − ref‖/‖ref‖ "
+      f"(max absolute error).\n")
+    if c["twin_layers"]:
+        w(f"The engine runs each block as one fused kernel (`{c['engine_block']}`), whose steps cannot be "
+          f"observed: the per-step rows come from the block's plain-torch twin (`gguflm.model.layers.Block`) "
+          f"run again on the same input, and the `block` row measures the fused kernel's own output "
+          f"against the whole block computed by hand from that input.\n")
+    layers = c["layers"]
+    by: dict[str, dict[Any, dict[str, Any]]] = {}
+    for r in c["results"]:
+        by.setdefault(r["component"], {})[r["layer"]] = r
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return ""
+        return f"{r['rel']:.1e} ({r['max_abs']:.1e}){'' if r['passed'] else ' ❌'}"
+
+    w(_table(["Component"] + [f"Layer {layer}" for layer in layers] + ["Threshold (rel)"],
+             [[comp] + [cell(cells.get(layer)) for layer in layers] + [f"{next(iter(cells.values()))['threshold']:.0e}"]
+              for comp, cells in by.items() if None not in cells]))
+    w("\nOutside the blocks:\n")
+    w(_table(["Component", "All positions", "Threshold (rel)"],
+             [[comp, cell(cells[None]), f"{cells[None]['threshold']:.0e}"]
+              for comp, cells in by.items() if None in cells]))
+    if "components" in figures:
+        w(f"\n![Component errors]({figures['components']})\n")
 
 
 def _markdown(rep: Report, figures: dict[str, str]) -> str:
@@ -161,37 +197,11 @@ def _markdown(rep: Report, figures: dict[str, str]) -> str:
           + ("**identical**.\n" if tk["llama_cpp_ids"] == tk["ids"]
              else f"**differs**:\n```text\n{tk['llama_cpp_ids']}\n```\n"))
 
-    c = d["components"]
     w("\n## 3. Components\n")
-    w(f"The engine ran the prompt and its greedy continuation ({c['positions']} positions) once; forward hooks "
-      f"recorded each step's input and output in layers {', '.join(map(str, c['layers']))}. Each step was "
-      f"recomputed in float64 by separate code (`gguflm/verify/components.py`) from the engine's own float32 "
-      f"input and weights from {c['weights']}. Cells: relative error ‖ours − ref‖/‖ref‖ "
-      f"(max absolute error).\n")
-    if c["twin_layers"]:
-        w(f"The engine runs each block as one fused kernel (`{c['engine_block']}`), whose steps cannot be "
-          f"observed: the per-step rows come from the block's plain-torch twin (`gguflm.model.layers.Block`) "
-          f"run again on the same input, and the `block` row measures the fused kernel's own output "
-          f"against the whole block computed by hand from that input.\n")
-    layers = c["layers"]
-    by: dict[str, dict[Any, dict[str, Any]]] = {}
-    for r in c["results"]:
-        by.setdefault(r["component"], {})[r["layer"]] = r
-
-    def cell(r: dict[str, Any] | None) -> str:
-        if r is None:
-            return ""
-        return f"{r['rel']:.1e} ({r['max_abs']:.1e}){'' if r['passed'] else ' ❌'}"
-
-    w(_table(["Component"] + [f"Layer {layer}" for layer in layers] + ["Threshold (rel)"],
-             [[comp] + [cell(cells.get(layer)) for layer in layers] + [f"{next(iter(cells.values()))['threshold']:.0e}"]
-              for comp, cells in by.items() if None not in cells]))
-    w("\nOutside the blocks:\n")
-    w(_table(["Component", "All positions", "Threshold (rel)"],
-             [[comp, cell(cells[None]), f"{cells[None]['threshold']:.0e}"]
-              for comp, cells in by.items() if None in cells]))
-    if "components" in figures:
-        w(f"\n![Component errors]({figures['components']})\n")
+    if "components" in d:
+        _components_section(w, d["components"], figures)
+    else:
+        w(f"Not checked here: {d.get('components_skipped', 'no trace')}.\n")
 
     lg = d["logits"]
     w("\n## 4. Logits\n")
@@ -224,11 +234,13 @@ def _markdown(rep: Report, figures: dict[str, str]) -> str:
              [[i + 1, r["token"], _code(r["piece"]), f"{r['logit']:.3f}", f"{r['prob']:.4f}",
                f"{r['prob_reference']:.4f}", "-" if r["prob_llama_cpp"] is None else f"{r['prob_llama_cpp']:.4f}"]
               for i, r in enumerate(ti["top_k"])]))
-    w(f"\nLogit lens: the final norm and LM head applied (float64) to the residual stream after each block. "
-      f"Rank and probability of token {ti['token']} = {_code(ti['piece'])}, and the lens's own top token:\n")
-    w(_table(["After", "Rank", "P(token)", "Top token", "P(top)"],
-             [["embedding" if r["layer"] < 0 else f"block {r['layer']}", r["rank"], f"{r['prob']:.4f}",
-               f"{r['top_token']} {_code(r['top_piece'])}", f"{r['top_prob']:.4f}"] for r in ti["lens"]]))
+    if ti["lens"]:
+        w(f"\nLogit lens: the final norm and LM head applied (float64) to the residual stream after each "
+          f"block. Rank and probability of token {ti['token']} = {_code(ti['piece'])}, and the lens's own top "
+          f"token:\n")
+        w(_table(["After", "Rank", "P(token)", "Top token", "P(top)"],
+                 [["embedding" if r["layer"] < 0 else f"block {r['layer']}", r["rank"], f"{r['prob']:.4f}",
+                   f"{r['top_token']} {_code(r['top_piece'])}", f"{r['top_prob']:.4f}"] for r in ti["lens"]]))
     if "lens" in figures:
         w(f"\n![Logit lens]({figures['lens']})\n")
 

@@ -109,6 +109,11 @@ class CudaModel(Model):
                 return self._prefill(tokens[0], p0, cache, int(slots[0]), last_only)
         return forward_tokens(self.config, self.weights, self.rope, tokens, positions, cache, slots, last_only)
 
+    def forget_shapes(self) -> None:
+        """Drop the captured prefill graphs: the next prompt of any shape runs as a new
+        one does (eagerly). For measuring what a never-seen prompt costs."""
+        self._prefills.clear()
+
     def pin_decode_width(self, cache: KVCache) -> None:
         """Every later one-token step over ``cache`` (one row too) runs the batched step
         at the width of all its slots (see the class docstring)."""

@@ -1,4 +1,5 @@
-"""Response objects of the OpenAI API, built from scheduler events.
+"""Response objects of the OpenAI API, built from scheduler events (shared by the
+server and :meth:`gguflm.engine.llm.LLM.create_chat_completion`).
 
 Two formats share one interface (:class:`ChatFormat` for ``/v1/chat/completions``,
 :class:`CompletionFormat` for ``/v1/completions``):

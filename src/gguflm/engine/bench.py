@@ -1,0 +1,157 @@
+"""Speed as users get it: every figure goes through the generation loop (``LLM.stream``:
+the one-slot scheduler, sampling on the device, detokenization), as llama-bench's
+columns name them.
+
+* ``tg N``: N tokens generated greedily from a one-token prompt (end of generation
+  ignored): N forwards through the loop, the first at position 0.
+* ``pp N``: a fresh random N-token prompt each repetition, from admission to its first
+  token. Where the model keeps captured graphs per prompt shape (CUDA), two rows: ``cold``
+  (the shape forgotten before each repetition: what a new prompt costs) and ``warm`` (the
+  same shape seen twice before: a graph replay).
+* ``tg N @ dD``: N decode steps after a D-token prompt (the decode time only).
+* ``cold start``: a fresh process: interpreter start -> import -> load -> first token.
+
+Each figure is the mean and sample standard deviation of the repetitions' tokens/s.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from gguflm.engine.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0)
+
+
+@dataclass
+class Row:
+    """One line of the table: ``test`` as llama-bench names it; tokens/s per repetition
+    (or seconds, for ``unit == "s"``)."""
+
+    test: str
+    values: list[float] = field(default_factory=list)
+    unit: str = "t/s"
+    note: str = ""
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else float("nan")
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"mean": self.mean, "sd": self.sd}
+
+
+class Bench:
+    """Measurements of ``llm`` (an :class:`gguflm.engine.llm.LLM`), random prompts from ``seed``."""
+
+    def __init__(self, llm: Any, reps: int = 5, seed: int = 0):
+        self.llm, self.reps = llm, reps
+        self.rng = random.Random(seed)
+
+    def _prompt(self, n: int) -> list[int]:
+        return [self.rng.randrange(self.llm.config.n_vocab) for _ in range(n)]
+
+    def _run(self, prompt: list[int], max_tokens: int):
+        s = self.llm.stream(prompt, max_tokens, GREEDY, ignore_eos=True)
+        t0 = time.perf_counter()
+        for _ in s:
+            pass
+        return s, time.perf_counter() - t0
+
+    def tg(self, n: int) -> Row:
+        row = Row(f"tg{n}")
+        self._run(self._prompt(1), n)                                   # warm-up
+        for _ in range(self.reps):
+            s, seconds = self._run(self._prompt(1), n)
+            row.values.append(s.result.n_generated / seconds)
+        return row
+
+    def depth(self, n: int, d: int) -> Row:
+        row = Row(f"tg{n} @ d{d}")
+        self._run(self._prompt(d), 2)                                   # warm-up
+        for _ in range(self.reps):
+            s, _ = self._run(self._prompt(d), n + 1)
+            row.values.append((s.result.n_generated - 1) / s.result.decode_seconds)
+        return row
+
+    def pp(self, n: int) -> list[Row]:
+        model = self.llm.model
+        forget: Callable[[], None] | None = getattr(model, "forget_shapes", None)
+
+        def once() -> float:
+            s, _ = self._run(self._prompt(n), 1)
+            return n / s.result.prefill_seconds
+
+        if forget is None:                                             # no per-shape state: one row
+            once()                                                     # warm-up
+            return [Row(f"pp{n}", [once() for _ in range(self.reps)])]
+        cold = Row(f"pp{n}", note="cold: a prompt shape never seen (no graph)")
+        once()                                                         # kernels compiled
+        for _ in range(self.reps):
+            forget()
+            cold.values.append(once())
+        warm = Row(f"pp{n}", note="warm: the shape seen twice before (graph replay)")
+        forget()
+        once(), once()
+        warm.values = [once() for _ in range(self.reps)]
+        return [cold, warm]
+
+    def ceiling(self, n: int) -> Row | None:
+        """CUDA only: n greedy steps as graph replays back to back, with no sampling and no
+        host work: what the loop could reach, not what a user gets."""
+        model = self.llm.model
+        if not hasattr(model, "decode_greedy"):
+            return None
+        import torch
+
+        row = Row(f"tg{n}", note="ceiling: decode graph replays back to back, no loop (not a user's path)")
+        cache = model.new_cache(1, n)
+        model.decode_greedy(0, 0, n, cache)
+        for _ in range(self.reps):
+            torch.cuda.synchronize(model.device)
+            t0 = time.perf_counter()
+            model.decode_greedy(self._prompt(1)[0], 0, n, cache)
+            torch.cuda.synchronize(model.device)
+            row.values.append(n / (time.perf_counter() - t0))
+        return row
+
+
+COLD_CHILD = """\
+import sys, time
+import gguflm
+m = gguflm.load(sys.argv[1], device=sys.argv[2], n_ctx=64)
+next(iter(m.generate("Hello", max_tokens=1, temperature=0, ignore_eos=True)))
+print(time.time())
+"""
+
+
+def cold_start(path: str, device: str, reps: int = 1, empty_kernel_cache: bool = False) -> Row:
+    """Seconds from a fresh interpreter's start to its first generated token. With
+    ``empty_kernel_cache``, Triton's kernel cache is a new empty folder each time."""
+    row = Row("cold start" + (" (empty kernel cache)" if empty_kernel_cache else ""), unit="s",
+              note="process start -> import -> load -> first token")
+    for _ in range(reps):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = dict(os.environ)
+            if empty_kernel_cache:
+                env["TRITON_CACHE_DIR"] = tmp
+            t0 = time.time()
+            r = subprocess.run([sys.executable, "-c", COLD_CHILD, str(path), device], capture_output=True,
+                               text=True, env=env, timeout=900)
+            if r.returncode != 0:
+                raise RuntimeError(f"the cold-start child failed: {r.stderr.strip()[-500:]}")
+            row.values.append(float(r.stdout.strip().splitlines()[-1]) - t0)
+    return row
