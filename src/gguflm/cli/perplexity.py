@@ -48,6 +48,7 @@ def add_arguments(p) -> None:
     p.add_argument("--compare", action="append", choices=["float64", "llama.cpp"], default=[],
                    help="also score the chunks with this reference (repeatable)")
     options.add_threads(p)
+    options.add_device(p)
 
 
 def run(args) -> int:
@@ -60,6 +61,7 @@ def run(args) -> int:
     if not args.file and not args.kl_base:
         raise UserError("give the text to score with -f FILE (or a base run with --kl-base)")
     threads = options.check_threads(args)
+    dev = options.device(args, "perplexity")
     if "llama.cpp" in args.compare:
         from gguflm.verify import llamacpp
 
@@ -99,8 +101,8 @@ def run(args) -> int:
         raise UserError(f"--batch must be below the context {n_ctx} or a multiple of it")
     per_batch = max(1, batch // n_ctx)
 
-    options.check_context(f, n_ctx, "cpu", n_slots=per_batch)
-    model = gguflm.load(f, n_ctx=n_ctx, threads=threads)
+    options.check_context(f, n_ctx, dev, n_slots=per_batch)
+    model = gguflm.load(f, device=dev, n_ctx=n_ctx, threads=threads)
     n_vocab = model.config.n_vocab
     writer = pp.LogitsWriter(args.save_logits, n_ctx, n_vocab, chunks) if args.save_logits else None
     kl = pp.KLStats() if base is not None else None
@@ -129,7 +131,7 @@ def run(args) -> int:
             writer.close()
     print(",".join(running))
     print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_stderr:.5f}")
-    summary = result.to_dict() | {"model": str(path)}
+    summary = result.to_dict() | {"model": str(path), "device": dev}
     if text_tokens is not None:
         summary["text_tokens"] = len(text_tokens)
     if writer is not None:

@@ -90,14 +90,14 @@ def stream_answer(model, prompt: str, params, args: argparse.Namespace, out: Tex
     """Generate from ``prompt`` (text, special tokens parsed) with SamplingParams ``params``
     and the -n/--stop flags, writing pieces to ``out`` as they come; returns
     (text, GenerationResult). Engine errors become UserError."""
-    from gguflm.engine import GenerationError, generate_text
+    from gguflm.engine import GenerationError
 
     try:
-        stream = model.stream_tokens(prompt, max_tokens(args, model), params)
+        stream = model.stream(prompt, max_tokens(args, model), params, args.stop)
     except GenerationError as e:
         raise UserError(str(e)) from None
     pieces = []
-    for piece in generate_text(stream, args.stop):
+    for piece in stream:
         out.write(piece)
         out.flush()
         pieces.append(piece)
