@@ -1,4 +1,7 @@
-"""Continuous batching: many generation requests share one model, one KV cache and one
+"""The generation loop, with continuous batching: many generation requests share one
+model, one KV cache and one worker thread. It is the only decode loop: ``generate()``,
+``chat``, ``gguflm run``/``chat``, ``verify`` and ``bench`` step a scheduler of one slot on
+their own thread (:class:`gguflm.engine.llm.TextStream`); the server runs N slots on a
 worker thread.
 
 Each admitted request owns a slot of a :class:`KVCache` (``n_slots`` of them). The worker
@@ -17,9 +20,11 @@ loop repeats one *step*:
    complete samples its first token from its last chunk's logits;
 3. decode: every request that has a sampled token not yet in the cache feeds it, all of
    them together in ONE batched forward (``tokens [B, 1]`` at their own positions in
-   their own slots; or in forwards of ``max_batch_rows``); each row is sampled with its request's own parameters, history and
-   random generator, so a request's tokens do not depend on who else is in the batch
-   (up to float rounding of a batched matmul).
+   their own slots; or in forwards of ``max_batch_rows``); each row is sampled with its
+   request's own parameters, history and random generator, on the device that holds the
+   logits, and the step's chosen ids are read back at once (the only copy to the host),
+   so a request's tokens do not depend on who else is in the batch (up to float rounding
+   of a batched matmul).
 
 For a model that is not ``batch_invariant`` (CUDA: its kernels round differently with
 the shapes of a step), the scheduler keeps what a request computes independent of the
@@ -503,9 +508,9 @@ class Scheduler:
 
 
 def _read(t: torch.Tensor) -> list:
-    """``t.tolist()``; a CUDA tensor is first waited for through an event, which releases
-    the GIL while the GPU finishes the step: the event loop keeps streaming meanwhile
-    (``tolist`` alone would hold the GIL through the whole wait)."""
+    """``t.tolist()`` (the step's one copy to the host); a CUDA tensor is first waited for
+    through an event, which releases the GIL while the GPU finishes the step: the event
+    loop keeps streaming meanwhile (``tolist`` alone would hold the GIL through the wait)."""
     if t.is_cuda:
         done = torch.cuda.Event()
         done.record()
