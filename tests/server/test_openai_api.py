@@ -172,3 +172,17 @@ def test_streamed_logprobs_cover_every_token(client) -> None:
     assert len(entries) == usage.completion_tokens
     assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8", errors="replace") == text
     assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in entries)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, seed=42)], ids=["greedy", "seeded"])
+def test_one_client_gets_what_generate_gives(client, smollm2_path, sampling) -> None:
+    """The server (16 slots, one client) runs the same loop as the Python API: the same
+    greedy and seeded tokens for the same chat (the CPU kernels are batch invariant)."""
+    import gguflm
+
+    msg = [{"role": "user", "content": "Name three colours."}]
+    ours = "".join(gguflm.load(smollm2_path, n_ctx=512).chat(msg, max_tokens=16, **sampling))
+    seed = {"seed": sampling["seed"]} if "seed" in sampling else {}
+    served = client.chat.completions.create(model="x", messages=msg, max_tokens=16,
+                                            temperature=sampling["temperature"], **seed).choices[0].message.content
+    assert served == ours
