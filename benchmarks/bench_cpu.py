@@ -27,7 +27,20 @@ model    SmolLM2-135M-Instruct Q4_1 and llama.cpp's own Q4_K_M and Q8_0 requanti
          --reps rounds; the best of each metric is reported (the machine is shared: the
          load average of every run goes into the JSON), with ratios ours / llama.cpp.
 
-    python benchmarks/bench_cpu.py [--threads 2[,1]] [--reps 3] [--part kernels|model]
+generate The user path, as issue 14 asks: ``gguflm.load(path).generate(ids, temperature=0)``
+         against llama-cpp-python's ``Llama.create_completion(ids, temperature=0, stream=True)``,
+         a fresh process per measurement, the same thread count:
+           pp512     a fresh random 512-token prompt each repetition (no prefix cache can
+                     help), max_tokens=1: 512 / seconds to the end of the call
+           tg        tokens/s from the first streamed piece to the last (--tg tokens)
+           tg_busy   the same while another process keeps core 1 busy (``--busy``): a
+                     pinned ``while True: pass``; the ratio to tg says what contention costs
+           peak RSS  VmHWM of the child
+         Models: SmolLM2 Q4_1 / Q4_K_M / Q8_0 and, when present in ~/.cache/gguflm-bench
+         (benchmarks/make_tinyllama.py + llama.cpp's quantizer), the TinyLlama-1.1B shape
+         Q4_K_M / Q4_0 (``--models`` picks).
+
+    python benchmarks/bench_cpu.py [--threads 2[,1]] [--reps 3] [--part kernels|model|generate] [--busy]
 """
 
 from __future__ import annotations
@@ -109,6 +122,131 @@ def child_ours(path: str, threads: int) -> dict:
     pre = bench.pp(N_PREFILL)[0].values
     decode = bench.depth(N_DECODE, N_PREFILL).values
     return {"load_s": load, "prefill_tok_s": pre, "decode_tok_s": decode, "path": "generate"}
+
+
+TINY_DIR = Path.home() / ".cache" / "gguflm-bench"
+
+
+def generate_models(names: list[str] | None, files: list[str] | None = None) -> dict[str, Path]:
+    """name -> file: SmolLM2's three quantizations, and the TinyLlama-shape files if made
+    (or ``files``, named by their stems)."""
+    if files:
+        return {Path(f).stem: Path(f) for f in files}
+    out = {f"smollm2-{q}": None for q in QUANTS}
+    out.update({f"tinyllama-shape-{q}": TINY_DIR / f"tinyllama-shape-{q}.gguf" for q in ("Q4_K_M", "Q4_0")})
+    picked = {}
+    for name, path in out.items():
+        if names and name not in names:
+            continue
+        if path is None:
+            path = model_path(name.split("-", 1)[1])
+        if path.exists():
+            picked[name] = path
+    return picked
+
+
+def random_prompt(rng, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(100, min(vocab, 30000)) for _ in range(n)]
+
+
+def child_gen(engine: str, path: str, threads: int, tg: int, pp_reps: int) -> dict:
+    """One engine's user path: fresh-prompt prefill rates and a streamed greedy decode."""
+    import random
+
+    rng = random.Random(1234)
+    t0 = time.perf_counter()
+    if engine == "llama":
+        import llama_cpp
+
+        llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=N_CTX, n_batch=N_PREFILL,
+                              n_ubatch=N_PREFILL, verbose=False)
+        vocab = llm.n_vocab()
+
+        def stream(ids, n):
+            return (c["choices"][0]["text"] for c in llm.create_completion(ids, max_tokens=n, temperature=0.0,
+                                                                           stream=True))
+    else:
+        import gguflm
+
+        llm = gguflm.load(path, n_ctx=N_CTX, threads=threads)
+        vocab = llm.model.config.n_vocab
+
+        def stream(ids, n):
+            return llm.generate(ids, max_tokens=n, temperature=0.0)
+    load = time.perf_counter() - t0
+    for _ in stream(random_prompt(rng, 16, vocab), 4):  # warm-up: buffers, first touch of the weights
+        pass
+    pp = []
+    for _ in range(pp_reps):
+        ids = random_prompt(rng, N_PREFILL, vocab)
+        t0 = time.perf_counter()
+        for _ in stream(ids, 1):
+            pass
+        pp.append(N_PREFILL / (time.perf_counter() - t0))
+    times = []
+    for _ in stream(random_prompt(rng, 16, vocab), tg + 1):
+        times.append(time.perf_counter())
+    n = len(times) - 1
+    return {"load_s": load, "pp512_tok_s": pp, "tg_tok_s": n / (times[-1] - times[0]) if n > 0 else None,
+            "tg_pieces": n}
+
+
+BUSY_CPU = 1
+
+
+def busy_core(cpu: int | None = None) -> subprocess.Popen:
+    """A process that keeps core ``cpu`` busy (the contention case of issue 14)."""
+    return subprocess.Popen(["taskset", "-c", str(BUSY_CPU if cpu is None else cpu), sys.executable, "-c",
+                             "while True: pass"])
+
+
+def run_gen_child(engine: str, path: Path, threads: int, tg: int, pp_reps: int, busy: bool) -> dict:
+    hog = busy_core() if busy else None
+    try:
+        time.sleep(0.2 if busy else 0)
+        out = subprocess.run([sys.executable, __file__, "--child", f"gen-{engine}", "--path", str(path), "--threads",
+                              str(threads), "--tg", str(tg), "--pp-reps", str(pp_reps)],
+                             capture_output=True, text=True, check=True)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res["loadavg"] = os.getloadavg()[0]
+    return res
+
+
+def bench_generate(threads: int, reps: int, models: list[str] | None, tg: int, busy: bool,
+                   files: list[str] | None = None) -> dict:
+    results = {}
+    for name, path in generate_models(models, files).items():
+        runs = {"llama.cpp": [], "gguflm": []}
+        busy_runs = {"llama.cpp": [], "gguflm": []}
+        for _ in range(reps):
+            for engine in ("llama", "ours"):
+                key = "llama.cpp" if engine == "llama" else "gguflm"
+                runs[key].append(run_gen_child(engine, path, threads, tg, 2, False))
+                if busy:
+                    busy_runs[key].append(run_gen_child(engine, path, threads, tg, 0, True))
+        best = {}
+        for e in runs:
+            best[e] = {"pp512_tok_s": max(max(r["pp512_tok_s"]) for r in runs[e]),
+                       "tg_tok_s": max(r["tg_tok_s"] or 0 for r in runs[e]),
+                       "peak_rss_mb": min(r["peak_rss_mb"] for r in runs[e]),
+                       "load_s": min(r["load_s"] for r in runs[e])}
+            if busy:
+                best[e]["tg_busy_tok_s"] = max(r["tg_tok_s"] or 0 for r in busy_runs[e])
+                best[e]["busy_over_idle"] = best[e]["tg_busy_tok_s"] / best[e]["tg_tok_s"]
+        ratios = {k: best["gguflm"][k] / best["llama.cpp"][k] for k in best["gguflm"] if best["llama.cpp"][k]}
+        results[name] = {"file": str(path.name), "best": best, "ratio_ours_over_llama_cpp": ratios,
+                         "runs": runs, "busy_runs": busy_runs if busy else None}
+        for e in ("llama.cpp", "gguflm"):
+            b = best[e]
+            extra = f" tg_busy {b['tg_busy_tok_s']:7.1f} ({b['busy_over_idle']:.0%})" if busy else ""
+            print(f"{name:24s} {e:9s} tg {b['tg_tok_s']:7.1f} pp512 {b['pp512_tok_s']:7.1f} "
+                  f"rss {b['peak_rss_mb']:5.0f} MB{extra}", flush=True)
+        print(f"{name:24s} {'ratio':9s} " + " ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), flush=True)
+    return results
 
 
 def peak_rss_mb() -> float:
@@ -289,13 +427,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="2", help="thread counts, comma-separated (default 2; e.g. 1,2)")
     ap.add_argument("--reps", type=int, default=3, help="rounds of the model part (best of each is kept)")
-    ap.add_argument("--part", choices=("kernels", "model", "all"), default="all")
+    ap.add_argument("--part", choices=("kernels", "model", "generate", "all"), default="all")
+    ap.add_argument("--models", default=None, help="generate part: comma-separated names (default: all present)")
+    ap.add_argument("--tg", type=int, default=128, help="generate part: tokens decoded per run")
+    ap.add_argument("--busy", action="store_true", help="generate part: also decode with core 1 kept busy")
+    ap.add_argument("--busy-cpu", type=int, default=1, help="generate part: the core --busy keeps busy")
+    ap.add_argument("--files", default=None, help="generate part: comma-separated GGUF files instead of the defaults")
+    ap.add_argument("--pp-reps", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default benchmarks/results/<date>-cpu.json)")
-    ap.add_argument("--child", choices=("llama", "ours"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("llama", "ours", "gen-llama", "gen-ours"), help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        res = (child_llama if args.child == "llama" else child_ours)(args.path, int(args.threads))
+        if args.child.startswith("gen-"):
+            res = child_gen(args.child[4:], args.path, int(args.threads), args.tg, args.pp_reps)
+        else:
+            res = (child_llama if args.child == "llama" else child_ours)(args.path, int(args.threads))
         res["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(res))
         return 0
@@ -305,6 +452,12 @@ def main() -> int:
         report["kernels_gemv_m1"] = {str(t): bench_kernels(t) for t in threads}
     if args.part in ("model", "all"):
         report["model"] = {str(t): bench_model(t, args.reps) for t in threads}
+    if args.part in ("generate", "all"):
+        models = args.models.split(",") if args.models else None
+        global BUSY_CPU
+        BUSY_CPU = args.busy_cpu
+        files = args.files.split(",") if args.files else None
+        report["generate"] = {str(t): bench_generate(t, args.reps, models, args.tg, args.busy, files) for t in threads}
     report["loadavg_end"] = list(os.getloadavg())
     out = args.out or ROOT / "benchmarks" / "results" / f"{report['date']}-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
