@@ -140,14 +140,15 @@ print(time.time())
 
 def cold_start(path: str, device: str, reps: int = 1, empty_kernel_cache: bool = False) -> Row:
     """Seconds from a fresh interpreter's start to its first generated token. With
-    ``empty_kernel_cache``, Triton's kernel cache is a new empty folder each time."""
+    ``empty_kernel_cache``, Triton's and gguflm's kernel caches (TRITON_CACHE_DIR,
+    GGUFLM_KERNEL_CACHE) are a new empty folder each time: every kernel is compiled."""
     row = Row("cold start" + (" (empty kernel cache)" if empty_kernel_cache else ""), unit="s",
               note="process start -> import -> load -> first token")
     for _ in range(reps):
         with tempfile.TemporaryDirectory() as tmp:
             env = dict(os.environ)
             if empty_kernel_cache:
-                env["TRITON_CACHE_DIR"] = tmp
+                env["TRITON_CACHE_DIR"] = env["GGUFLM_KERNEL_CACHE"] = tmp
             t0 = time.time()
             r = subprocess.run([sys.executable, "-c", COLD_CHILD, str(path), device], capture_output=True,
                                text=True, env=env, timeout=900)
