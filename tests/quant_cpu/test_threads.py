@@ -14,19 +14,22 @@ class Machine:
     """Step times of a 2-thread decode: idle, all threads 1.0 and one thread 1.7; with a
     busy core, all threads 8.0 and one thread 1.7 (measured shapes of the real collapse)."""
 
-    def __init__(self):
-        self.now, self.busy, self.limit = 0.0, False, 0
+    def __init__(self, threads: int = 2):
+        self.now, self.busy, self.threads = 0.0, False, threads
 
     def clock(self) -> float:
         return self.now
 
-    def set_limit(self, n: int) -> None:
-        self.limit = n
+    def set_threads(self, n: int) -> None:
+        self.threads = n
 
-    def step(self, gov: th.ThreadGovernor, key="k") -> None:
-        t0 = gov.start(key)
+    @property
+    def limit(self) -> int:  # 1 when the governor capped the 2 threads
+        return 1 if self.threads == 1 else 0
+
+    def step(self, gov: th.ThreadGovernor, key="k") -> None:  # a decode step: layer 0 begins it
+        gov.step(key, 0)
         self.now += 1.7 if self.limit == 1 else (8.0 if self.busy else 1.0)
-        gov.stop(key, t0)
 
     def run(self, gov, n: int) -> float:
         t0 = self.now
@@ -36,7 +39,7 @@ class Machine:
 
 
 def governor(m: Machine) -> th.ThreadGovernor:
-    return th.ThreadGovernor(m.set_limit, threads=lambda: 2, clock=m.clock)
+    return th.ThreadGovernor(m.set_threads, threads=lambda: m.threads, clock=m.clock)
 
 
 def test_idle_machine_keeps_every_thread():
@@ -52,29 +55,38 @@ def test_busy_core_moves_to_one_thread_and_back():
     gov = governor(m)
     m.run(gov, 1000)
     m.busy = True
-    m.run(gov, 3 * (th.WINDOW + 1))  # the slow window, then the probe
+    m.run(gov, 3 * th.WINDOW + th.PROBE_WINDOW)  # the slow window, then the probe
     assert gov.home("k") == 1
     per_step = m.run(gov, 20000)
     assert per_step < 1.7 * 1.1  # probes of all threads cost under 10 % (8x slower each)
     m.busy = False
-    m.run(gov, th.PROBE_MAX + 2 * (th.WINDOW + 1))  # the next probe finds the idle core
+    m.run(gov, th.PROBE_MAX + 2 * th.WINDOW + th.PROBE_WINDOW)  # the next probe finds the idle core
     assert gov.home("k") == 0
     assert m.run(gov, 1000) < 1.05
 
 
 def test_one_thread_means_no_governing():
-    m = Machine()
-    gov = th.ThreadGovernor(m.set_limit, threads=lambda: 1, clock=m.clock)
-    m.limit = 5
+    m = Machine(threads=1)
+    gov = governor(m)
     m.run(gov, 100)
-    assert m.limit == 0 and gov.home("k") == 0
+    assert m.threads == 1 and gov.home("k") == 0
+
+
+def test_release_restores_the_thread_count():
+    m = Machine(threads=3)
+    gov = governor(m)
+    m.busy = True
+    m.run(gov, 5 * th.WINDOW)
+    assert m.threads == 1 and gov.full_threads() == 3
+    gov.release()  # a prefill: every thread
+    assert m.threads == 3
 
 
 def test_keys_are_separate():
     m = Machine()
     gov = governor(m)
     m.busy = True
-    for _ in range(5 * (th.WINDOW + 1)):
+    for _ in range(5 * th.WINDOW):
         m.step(gov, "a")
     assert gov.home("a") == 1 and gov.home("b") == 0
 

@@ -97,11 +97,8 @@ class FusedBlock(nn.Module):
         if rows > GOVERNED_ROWS:
             gov.release()
             return self._step(x, positions, slots, cache, layer, cos, sin, neox)
-        key = (self._key, rows)
-        t0 = gov.start(key)
-        out = self._step(x, positions, slots, cache, layer, cos, sin, neox)
-        gov.stop(key, t0)
-        return out
+        gov.step((self._key, rows), layer)
+        return self._step(x, positions, slots, cache, layer, cos, sin, neox)
 
     def _step(self, x, positions, slots, cache, layer, cos, sin, neox):
         return ops().block_step(x.contiguous(), positions.contiguous(), slots, cache.k, cache.v, layer, cos, sin,

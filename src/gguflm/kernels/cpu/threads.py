@@ -8,19 +8,25 @@ again (milliseconds): a 2-thread decode dropped ~8x (llama.cpp, whose threads sp
 same barriers, drops likewise), where one thread alone, on the free core, would keep
 ~60 % of the idle 2-thread speed.
 
-:class:`ThreadGovernor` times every decode-sized block step (:class:`FusedBlock`) and
-keeps, per step shape, a *home* thread count: all of torch's threads, or one. Every
-``WINDOW`` calls it takes the median time; it tries the other count for one window when
-the median jumped (``SLOWDOWN`` x the last window: contention began or ended) or when its
-probe interval has passed (two windows at first, then ``PROBE_MIN`` calls, doubling after each probe that loses, up
-to ``PROBE_MAX``), and moves home there when that window's median is below ``GAIN`` x
-home's. So an idle machine keeps every thread (a losing one-thread probe costs ~1 % of
-the calls at first, ~0.1 % later), and a busy core costs one window of slow steps before
-the step moves to one thread and, once the core is free again, at most ``PROBE_MAX``
-calls before it moves back. The cap goes to the C++ kernels through
-``torch.ops.gguflm_cpu.set_thread_limit`` (their parallel loops read it; torch's own
-thread count is left alone). Results do not depend on the thread count (every output is
-computed by one thread, in the same order). ``GGUFLM_ADAPTIVE_THREADS=0`` turns it off.
+:class:`ThreadGovernor` times every decode step (from one call of the first
+:class:`FusedBlock` of a decode-sized step to the next: the output head and sampling
+count too) and keeps, per step shape, a *home* thread count: all of torch's threads, or
+one. Every ``WINDOW`` steps it takes the median time; it tries the other count for
+``PROBE_WINDOW`` steps when the median jumped (``SLOWDOWN`` x the last window:
+contention began or ended) or when its probe interval has passed (two windows at first,
+then ``PROBE_MIN`` steps, doubling after each probe that loses, up to ``PROBE_MAX``),
+and moves home there when the probe's median is below ``GAIN`` x home's. So an idle
+machine keeps every thread (a losing one-thread probe costs ~0.5 % of the steps at
+first, less later), and a busy core costs one window of slow steps before decoding moves
+to one thread and, once the core is free again, at most ``PROBE_MAX`` steps before it
+moves back. The cap is torch's thread count itself
+(``torch.set_num_threads``, restored when the cap is lifted): capping only the C++ kernels
+was not enough, as the step's other parallel ATen ops (sampling over the vocabulary,
+softmax) kept a 2-thread team whose every region waited for the descheduled thread
+(measured: a capped 2-thread process decoded at 21-45 tok/s under a busy core, a
+1-thread process at 71-81). Results do not depend on the thread count (every output of
+our kernels is computed by one thread, in the same order). ``GGUFLM_ADAPTIVE_THREADS=0``
+turns it off.
 """
 
 from __future__ import annotations
@@ -32,68 +38,86 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-WINDOW = 8          # timed calls per decision (one more is run and not counted: the first after a switch)
+WINDOW = 8          # steps of the home thread count per decision
+PROBE_WINDOW = 3    # steps of a probe of the other count
 SLOWDOWN = 1.5      # a window this much slower than the last one (same count) starts a probe
 GAIN = 0.85         # the other count wins when its median is below GAIN x home's
-PROBE_MIN = 256     # calls between probes, first
+PROBE_MIN = 256     # steps between probes, first
 PROBE_MAX = 4096    # ... and at most (the interval doubles after each losing probe)
 FULL, ONE = 0, 1    # the two thread counts: all of torch's threads, one thread
 
 
 class _State:
-    __slots__ = ("home", "mode", "times", "median", "calls", "interval", "next_probe")
+    __slots__ = ("home", "mode", "times", "median", "steps", "interval", "next_probe", "t_last")
 
     def __init__(self):
         self.home = self.mode = FULL
         self.times: list[float] = []
         self.median: list[float | None] = [None, None]  # last window's median per count
-        self.calls = 0
+        self.steps = 0
         self.interval = PROBE_MIN
-        self.next_probe = 2 * (WINDOW + 1)  # the first probe early: the core may be busy from the start
+        self.next_probe = 2 * WINDOW  # the first probe early: the core may be busy from the start
+        self.t_last: float | None = None  # when the step in progress began
 
 
 class ThreadGovernor:
-    """Chooses the thread cap of each timed call (see the module doc).
+    """Chooses the thread cap of each decode step (see the module doc).
 
-    ``set_limit(n)``: applies a cap (0 = none); ``threads()``: torch's thread count;
+    A step is timed from one call of its first block (``layer == 0``) to the next, so the
+    time outside the blocks (output head, sampling, Python) counts too: under contention
+    that is where a 2-thread team stalls as much as in the blocks.
+    ``set_threads(n)`` / ``threads()``: set / read the thread count (torch's);
     ``clock``: seconds. All injectable, for tests."""
 
-    def __init__(self, set_limit: Callable[[int], object], threads: Callable[[], int] = torch.get_num_threads,
-                 clock: Callable[[], float] = time.perf_counter):
-        self._set_limit, self._threads, self.clock = set_limit, threads, clock
+    def __init__(self, set_threads: Callable[[int], object] = torch.set_num_threads,
+                 threads: Callable[[], int] = torch.get_num_threads, clock: Callable[[], float] = time.perf_counter):
+        self._set_threads, self._threads, self.clock = set_threads, threads, clock
         self._states: dict[Hashable, _State] = {}
-        self._applied: int | None = None
+        self._applied = 0      # the cap in force (0: none)
+        self._full = 0         # the thread count to restore when the cap is lifted
 
     def _apply(self, limit: int) -> None:
-        if limit != self._applied:
-            self._set_limit(limit)
-            self._applied = limit
-
-    def start(self, key: Hashable) -> float:
-        """Before a call of shape ``key``: sets its cap; returns the start time for :meth:`stop`."""
-        if self._threads() <= 1:
-            self._apply(0)
+        if limit == self._applied:
+            return
+        if limit:
+            self._full = self._threads()
+            self._set_threads(limit)
         else:
-            st = self._states.get(key)
-            if st is None:
-                st = self._states[key] = _State()
-            self._apply(1 if st.mode == ONE else 0)
-        return self.clock()
+            self._set_threads(self._full)
+        self._applied = limit
 
-    def release(self) -> None:
-        """An ungoverned call (a prefill): no cap."""
-        self._apply(0)
+    def full_threads(self) -> int:
+        """The thread count without the cap."""
+        return self._full if self._applied else self._threads()
 
-    def stop(self, key: Hashable, t0: float) -> None:
-        """After the call started by ``start(key)`` at ``t0``."""
+    def step(self, key: Hashable, layer: int) -> None:
+        """Before a decode-sized block call of shape ``key`` at ``layer``: at layer 0 a step
+        ends (its time is recorded) and the next begins; sets the step's cap."""
+        if self.full_threads() <= 1:
+            self._apply(0)
+            return
         st = self._states.get(key)
         if st is None:
+            st = self._states[key] = _State()
+        if layer == 0:
+            now = self.clock()
+            if st.t_last is not None:
+                self._record(st, now - st.t_last)
+            st.t_last = now
+        self._apply(1 if st.mode == ONE else 0)
+
+    def release(self) -> None:
+        """An ungoverned call (a prefill): no cap, and the step in progress is not timed."""
+        self._apply(0)
+        for st in self._states.values():
+            st.t_last = None
+
+    def _record(self, st: _State, dt: float) -> None:
+        st.steps += 1
+        st.times.append(dt)
+        if len(st.times) < (WINDOW if st.mode == st.home else PROBE_WINDOW):
             return
-        st.calls += 1
-        st.times.append(self.clock() - t0)
-        if len(st.times) <= WINDOW:
-            return
-        m = statistics.median(st.times[1:])
+        m = statistics.median(st.times)
         st.times.clear()
         last = st.median[st.mode]
         st.median[st.mode] = m
@@ -103,12 +127,12 @@ class ThreadGovernor:
             else:
                 st.interval = min(2 * st.interval, PROBE_MAX)
             st.mode = st.home
-            st.next_probe = st.calls + st.interval
-        elif st.calls >= st.next_probe or (last is not None and m > SLOWDOWN * last):
+            st.next_probe = st.steps + st.interval
+        elif st.steps >= st.next_probe or (last is not None and m > SLOWDOWN * last):
             st.mode = ONE - st.home
 
     def home(self, key: Hashable) -> int:
-        """The thread cap calls of shape ``key`` settle on now (0: none)."""
+        """The thread cap steps of shape ``key`` settle on now (0: none)."""
         st = self._states.get(key)
         return 1 if st is not None and st.home == ONE else 0
 
@@ -120,7 +144,5 @@ def governor() -> ThreadGovernor | None:
     """The process's governor over the C++ kernels (None when GGUFLM_ADAPTIVE_THREADS=0)."""
     global _governor
     if _governor is None and os.environ.get("GGUFLM_ADAPTIVE_THREADS", "1") != "0":
-        from gguflm.quant.cpu.build import ops
-
-        _governor = ThreadGovernor(ops().set_thread_limit)
+        _governor = ThreadGovernor()
     return _governor
