@@ -13,9 +13,10 @@ HELP = "show a GGUF file's metadata, tokenizer, chat template and tensors"
 DESCRIPTION = """\
 Show what a GGUF file holds: metadata (long arrays summarized), tokenizer and chat
 template summary, the tensor table (name, type, shape in ggml order, bytes) and
-totals by type. Without FILE, the default model (SmolLM2-135M-Instruct) is shown.
+totals by type. Without FILE_OR_NAME, the default model (smollm2-135m) is shown.
 
 examples:
+  gguflm inspect gemma3-270m
   gguflm inspect model.gguf
   gguflm inspect model.gguf --json | jq '.tensors | length'
 """
@@ -25,7 +26,8 @@ STRING_PREVIEW = 120
 
 
 def add_arguments(p) -> None:
-    p.add_argument("file", nargs="?", help="GGUF file (default: the embedded SmolLM2 model)")
+    p.add_argument("file", nargs="?", metavar="FILE_OR_NAME",
+                   help="GGUF file, or a name from `gguflm models` (default: smollm2-135m)")
     p.add_argument("-m", "--model", dest="model", help="same as FILE")
     p.add_argument("--json", action="store_true", help="print one machine-readable JSON document")
     p.add_argument("--full", action="store_true", help="print arrays and strings in full")

@@ -33,13 +33,15 @@ asked for that comparison explicitly (then it exits 1).
 
 examples:
   gguflm verify                                   # the default SmolLM2 model
+  gguflm verify -m gemma3-270m -o report/gemma/
   gguflm verify -m model.gguf -o report/ -p "Name three primes."
   gguflm verify -m model.gguf --explain-token 6830
 """
 
 
 def add_arguments(p) -> None:
-    p.add_argument("-m", "--model", help="GGUF file (default: the embedded SmolLM2 model)")
+    p.add_argument("-m", "--model", metavar="FILE_OR_NAME",
+                   help="GGUF file, or a name from `gguflm models` (default: smollm2-135m)")
     p.add_argument("-o", "--output", default="verify-report", help="report folder (default: %(default)s)")
     p.add_argument("-p", "--prompt", default=DEFAULT_PROMPT, help="user message (default: %(default)r)")
     p.add_argument("--reference", choices=["llama.cpp", "none"], default=None,
