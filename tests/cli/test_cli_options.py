@@ -130,9 +130,9 @@ def test_chat_template_option(tmp_path, smollm2_path):
 
 
 def test_bench_prints_header_progress_and_rows(smollm2_path, capsys):
-    assert main(["bench", "-m", str(smollm2_path), "-p", "4", "-n", "2", "-r", "1", "-t", "1"]) == 0
+    assert main(["bench", "-m", str(smollm2_path), "-p", "4", "-n", "2", "-r", "1", "-t", "1", "--no-cold-start"]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
     assert lines[0].startswith("| model | size |") and lines[1].startswith("| --- |")
-    assert [line.split("|")[4].strip() for line in lines[2:4]] == ["pp4", "tg2"]
+    assert [line.split("|")[5].strip() for line in lines[2:4]] == ["pp4", "tg2"]
     assert "bench: measuring pp4" in err and "bench: measuring tg2" in err
