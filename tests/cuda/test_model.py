@@ -243,3 +243,31 @@ def test_seeded_sampling_on_the_gpu(tiny_model):
 
     runs = [tokens() for _ in range(2)]
     assert len(runs[0]) > 0 and runs[0] == runs[1]
+
+
+def test_running_ahead_equals_step_by_step(model_and_ref):
+    """The one-slot loop running ahead (each step fed the id the device chose, through
+    ``decode_one``: on a GPU the decode graph fed by device copies; read one step late)
+    gives the tokens of the loop that reads each id before the next step: greedy to a
+    full context, seeded sampling, max_tokens, one request after another."""
+    from gguflm.engine.llm import TextStream
+    from gguflm.engine.sampling import SamplingParams
+    from gguflm.engine.scheduler import Job, Scheduler
+
+    m, _ = model_and_ref
+    llm = _llm(m)
+    greedy = SamplingParams(temperature=0)
+    jobs = [Job(tuple(IDS), greedy, None, ignore_eos=True), Job(tuple(IDS[:4]), SamplingParams(temperature=0.9, seed=3), 4),
+            Job(tuple(IDS[:5]), greedy, 3)]
+
+    def run(pipeline: bool) -> list:
+        sched = Scheduler(llm, 1, 12, start=False, pipeline=pipeline)
+        out = []
+        for job in jobs:
+            s = TextStream(sched, job)
+            out.append(("".join(s), s.result.tokens, s.result.finish_reason))
+        return out
+
+    ahead = run(True)
+    assert ahead == run(False)
+    assert len(ahead[0][1]) == 7 and ahead[0][2] == "length"   # the 12th position holds the 6th

@@ -109,3 +109,43 @@ def test_same_tokens_from_every_caller(smollm2_model, smollm2_path, params):
     if params.greedy:
         new, rows = greedy_decode(m, m.encode_prompt(prompt), 16)
         assert new == tokens and rows.shape[0] in (len(new), len(new) + 1)
+
+
+def _one_slot_runs(m, jobs: list[Job], pipeline: bool, n_ctx: int | None = None) -> list[tuple]:
+    """Each job in turn through one one-slot scheduler: (text, tokens, finish_reason)."""
+    from gguflm.engine.llm import TextStream
+
+    sched = Scheduler(m, 1, n_ctx, prefill_chunk=4096, prefill_budget=4096, start=False, pipeline=pipeline)
+    out = []
+    for job in jobs:
+        s = TextStream(sched, job)
+        text = "".join(s)
+        out.append((text, s.result.tokens, s.result.finish_reason))
+    return out
+
+
+def test_running_ahead_gives_the_same_tokens(smollm2_model):
+    """A one-slot scheduler that runs ahead (the next step launched on the id the device
+    chose, read one step late) ends every request as the step-by-step loop does: at an
+    end-of-generation token, a stop string, max_tokens, a full context, with a seeded
+    draw; one after another in the same slot (the discarded step's key/value unread)."""
+    m = smollm2_model
+    ids = tuple(m.encode_prompt(m.chat_prompt(QUESTION)))
+    greedy, seeded = CHAINS[0], CHAINS[1]
+    jobs = [Job(ids, greedy, None), Job(ids, greedy, 24, stop=("obvious",)), Job(ids, seeded, 20),
+            Job(ids, greedy, 6, ignore_eos=True), Job(ids, greedy, 1), Job(ids[:-3], seeded, 12, stop=(".",))]
+    ahead = _one_slot_runs(m, jobs, True)
+    assert ahead == _one_slot_runs(m, jobs, False)
+    assert [r[2] for r in ahead[:2]] == ["stop", "stop"] and len(ahead[0][1]) > 24
+    full = [Job(ids, greedy, None, ignore_eos=True)]
+    assert _one_slot_runs(m, full, True, len(ids) + 5) == _one_slot_runs(m, full, False, len(ids) + 5)
+
+
+def test_running_ahead_reads_ids_only(smollm2_model, tracked):
+    """Running ahead, only ids cross to the host (the logits never), and no step is
+    launched past max_tokens."""
+    m = smollm2_model
+    job = Job(tuple(m.encode_prompt(m.chat_prompt(QUESTION))), CHAINS[1], 8, ignore_eos=True)
+    assert len(_one_slot_runs(m, [job], True)[0][1]) == 8
+    assert tracked and all(n == 1 for _, n in tracked), tracked
+    assert [name for name, _ in tracked].count("to") == 7    # decode steps: 8 tokens, the first from the prefill

@@ -26,6 +26,18 @@ loop repeats one *step*:
    so a request's tokens do not depend on who else is in the batch (up to float rounding
    of a batched matmul).
 
+A scheduler of one slot on an asynchronous device (CUDA: ``generate()``, ``run``,
+``bench``) *runs ahead* (``pipeline``): the id a decode step chooses stays on the device
+and is fed to the next step (:meth:`Model.decode_one`, the position counted there too),
+which is launched before the host reads that id (copied into pinned memory behind an
+event, read one step late). Detokenization, stop strings and the caller's own work then
+overlap the next step. The host sees an end (end of generation, stop string) one step
+late: that step's id is discarded and the key/value it wrote lies past the positions
+the slot holds (never read). Where the end does not depend on the token (max_tokens, a
+full context) no extra step is launched. The tokens are the same as without running
+ahead (the chain draws in the same order; a request that keeps logits, asks for
+log-probabilities or uses penalties, which need the host's history, does not run ahead).
+
 For a model that is not ``batch_invariant`` (CUDA: its kernels round differently with
 the shapes of a step), the scheduler keeps what a request computes independent of the
 others: every one-token step has the same width (``Model.pin_decode_width``), each
@@ -159,6 +171,8 @@ class _Seq:
     kept: list[torch.Tensor] = field(default_factory=list)      # Job.keep_logits rows
     t_start: float = field(default_factory=time.perf_counter)
     t_first: float | None = None    # when the first token was chosen
+    ahead: tuple | None = None      # running ahead: (ids, host copy, event) chosen, not yet read
+    pos_dev: torch.Tensor | None = None  # running ahead: the next position, on the device
 
     def done(self, reason: str) -> Done:
         n_prompt, now = len(self.ticket.job.prompt), time.perf_counter()
@@ -171,7 +185,8 @@ class Scheduler:
     """The worker loop (see the module docstring) over a cache of ``n_slots`` slots of
     ``n_ctx`` positions (default: the model's context). ``max_batch_rows`` caps the rows of
     one decode forward (None: all running requests in one); a larger batch runs as several
-    forwards, for kernels whose cost per row jumps past some width. The loop runs on a
+    forwards, for kernels whose cost per row jumps past some width. ``pipeline`` (one slot
+    only; default: on a CUDA device): run ahead (see the module docstring). The loop runs on a
     thread of its own, or, with ``start=False``, on whichever thread calls :meth:`run`
     (the one that loaded the model: on the CPU, a second thread running the kernels
     brings a second OpenMP team, and with more threads than cores both stop spinning and
@@ -179,13 +194,15 @@ class Scheduler:
 
     def __init__(self, llm: LLM, n_slots: int, n_ctx: int | None = None, *,
                  prefill_chunk: int = 256, prefill_budget: int = 512, max_waiting: int = 1024,
-                 max_batch_rows: int | None = None, start: bool = True):
+                 max_batch_rows: int | None = None, start: bool = True, pipeline: bool | None = None):
         if n_slots < 1:
             raise ValueError("n_slots must be >= 1")
         if prefill_chunk < 1 or prefill_budget < 1 or max_waiting < 0:
             raise ValueError("prefill_chunk and prefill_budget must be >= 1, max_waiting >= 0")
         if max_batch_rows is not None and max_batch_rows < 1:
             raise ValueError("max_batch_rows must be >= 1")
+        if pipeline and n_slots != 1:
+            raise ValueError("only a scheduler of one slot runs ahead")
         self.max_batch_rows = max_batch_rows
         self.llm, self.model = llm, llm.model
         model = llm.model
@@ -200,6 +217,9 @@ class Scheduler:
             model.pin_decode_width(self.cache)
         self._eog = frozenset(llm.tokenizer.eog_ids)
         self._eog_index = sorted(self._eog)
+        device = self.cache.k.device
+        self._eog_dev = torch.tensor(self._eog_index, device=device) if self._eog_index else None
+        self._pipeline = (n_slots == 1 and device.type == "cuda") if pipeline is None else pipeline
         self._cond = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._free = list(range(n_slots))
@@ -380,7 +400,12 @@ class Scheduler:
     def _decode(self) -> None:
         """Feed every request's last sampled token at its own position: one batched forward,
         or several of at most ``max_batch_rows`` rows."""
-        ready = [s for s in self._active if s.last is not None and not s.ticket.cancelled]
+        ready = []
+        for s in [s for s in self._active if not s.ticket.cancelled]:
+            if s.ahead is not None or (s.last is not None and self._runs_ahead(s)):
+                self._decode_ahead(s)
+            elif s.last is not None:
+                ready.append(s)
         width = self.max_batch_rows or max(len(ready), 1)
         for i in range(0, len(ready), width):
             self._decode_rows(ready[i:i + width])
@@ -397,6 +422,52 @@ class Scheduler:
             seq.last = None
             self._accept_or_fail(seq, logits[i], chosen[i])
 
+    def _runs_ahead(self, seq: _Seq) -> bool:
+        job = seq.ticket.job
+        return (self._pipeline and not job.keep_logits and job.top_logprobs is None
+                and not job.params.penalties_enabled)
+
+    def _decode_ahead(self, seq: _Seq) -> None:
+        """One step of a request that runs ahead (see the module docstring): feed the id
+        the previous step chose (still on the device) and launch the step, then read that
+        id and accept it. The first step feeds the prefill's token (read already)."""
+        if seq.ahead is None:
+            device = self.cache.k.device
+            seq.pos_dev = torch.tensor([seq.n_past], device=device)
+            self._launch(seq, torch.tensor([seq.last], device=device))
+            seq.n_past += 1
+            self._held[seq.slot].append(seq.last)
+            seq.last = None
+            return
+        ids, host, ready = seq.ahead
+        seq.ahead = None
+        job = seq.ticket.job
+        if (job.max_tokens is None or seq.n_gen + 1 < job.max_tokens) and seq.n_past < self.n_ctx:
+            self._launch(seq, ids.clamp(min=0))   # an id of -1 (not finite) fails below; feed 0 meanwhile
+        if ready is not None:
+            ready.synchronize()   # releases the GIL while the step that chose it finishes
+        tok = host.tolist()[0]
+        self._accept_or_fail(seq, None, tok)
+        if seq.last is None:      # ended: the step launched for it is discarded
+            seq.ahead = None
+            return
+        seq.n_past += 1           # fed already, by the step just launched
+        self._held[seq.slot].append(tok)
+        seq.last = None
+
+    def _launch(self, seq: _Seq, feed: torch.Tensor) -> None:
+        """Launch the step that feeds ``feed`` (Long[1] on the device) at ``seq.pos_dev``
+        and choose its id on the device: ``seq.ahead`` (copied to the host behind an event)."""
+        logits = self.model.decode_one(feed, seq.pos_dev, self.cache, seq.slot)   # [1, V]
+        seq.pos_dev.add_(1)
+        ids = self._pick([seq], logits, (0,))[1]
+        host = ids.to("cpu", non_blocking=True)
+        ready = None
+        if ids.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        seq.ahead = (ids, host, ready)
+
     def _accept_or_fail(self, seq: _Seq, logits: torch.Tensor, tok: int) -> None:
         """:meth:`_accept`; a failure there (sampling, detokenizing, stop strings) is this
         request's alone: it ends with :class:`Failed`, the others go on."""
@@ -406,10 +477,10 @@ class Scheduler:
             traceback.print_exc()
             self._finish(seq, Failed(f"generation failed: {type(e).__name__}: {e}"))
 
-    def _accept(self, seq: _Seq, logits: torch.Tensor, tok: int) -> None:
-        """``tok``, chosen from ``logits`` (Float32[V]) by :meth:`_choose`, is the next token of
-        ``seq``: end it (end of generation, stop string, max_tokens, full context) or emit
-        its text and feed it at the next step."""
+    def _accept(self, seq: _Seq, logits: torch.Tensor | None, tok: int) -> None:
+        """``tok``, chosen from ``logits`` (Float32[V]; None for a request that runs ahead) by
+        :meth:`_choose`, is the next token of ``seq``: end it (end of generation, stop
+        string, max_tokens, full context) or emit its text and feed it at the next step."""
         job = seq.ticket.job
         if tok < 0:
             raise SamplingError("cannot sample: the logits are not finite")
@@ -451,6 +522,13 @@ class Scheduler:
         argmax together (over the allowed tokens; the first index on ties)."""
         if not seqs:
             return {}
+        order, ids = self._pick(seqs, logits, rows)
+        return dict(zip(order, _read(ids)))
+
+    def _pick(self, seqs: Sequence[_Seq], logits: torch.Tensor,
+              rows: Sequence[int]) -> tuple[list[int], torch.Tensor]:
+        """:meth:`_choose` without the read: the rows in the order of the ids, and the ids
+        (Long[len(rows)], on the logits' device)."""
         device = logits.device
         plain = [(r, s.ticket.job) for s, r in zip(seqs, rows)
                  if s.ticket.job.params.greedy and not s.ticket.job.params.penalties_enabled]
@@ -460,7 +538,7 @@ class Scheduler:
             masked = [i for i, (_, job) in enumerate(plain) if job.ignore_eos] if self._eog_index else []
             sel = logits if len(index) == logits.shape[0] else logits.index_select(0, torch.tensor(index, device=device))
             if masked:  # few operations: each is a round trip through the GIL in a busy server
-                eog = torch.tensor(self._eog_index, device=device)
+                eog = self._eog_dev
                 if len(masked) == len(index):
                     sel = sel.index_fill(1, eog, float("-inf"))
                 else:
@@ -475,7 +553,7 @@ class Scheduler:
             picked.append(choose(self._allowed(logits[r], job), job.params, seq.history, seq.generator).view(1))
             order.append(r)
         ids = picked[0] if len(picked) == 1 else torch.cat(picked)
-        return dict(zip(order, _read(ids)))
+        return order, ids
 
     def _emit_piece(self, seq: _Seq, text: str) -> None:
         if text or seq.logprobs:

@@ -45,6 +45,15 @@ class Model:
         """Batched step: tokens/positions Long[B, T], slots Long[B] -> logits (see Transformer)."""
         return self.transformer(tokens, positions, cache, slots, last_only)
 
+    @torch.inference_mode()
+    def decode_one(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache, slot: int) -> torch.Tensor:
+        """One token of one sequence: ``token``, ``position`` Long[1] on the cache's device,
+        used there as they are (a device that runs asynchronously never waits for them:
+        a token chosen on the device by the previous step can be fed before the host has
+        read it) -> float32 logits [1, n_vocab] (what ``forward`` gives for them)."""
+        slots = torch.full((1,), slot, dtype=torch.long, device=cache.k.device)
+        return self.forward(token.view(1, 1), position.view(1, 1), cache, slots, last_only=True)
+
     def pin_decode_width(self, cache: KVCache) -> None:
         """Run every later one-token step over ``cache`` with the same shapes, whatever
         number of rows it has (nothing to do where ``batch_invariant``)."""

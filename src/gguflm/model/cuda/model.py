@@ -109,6 +109,20 @@ class CudaModel(Model):
                 return self._prefill(tokens[0], p0, cache, int(slots[0]), last_only)
         return forward_tokens(self.config, self.weights, self.rope, tokens, positions, cache, slots, last_only)
 
+    @torch.inference_mode()
+    def decode_one(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache, slot: int) -> torch.Tensor:
+        """:meth:`Model.decode_one`: the slot's decode graph fed by device-to-device copies
+        (nothing waits for the host); elsewhere :meth:`forward`. The logits are the graph's
+        buffer, which the next replay overwrites."""
+        if (self.use_graphs and cache.k.dtype == HALF and cache.k.device.type == "cuda"
+                and cache.k.data_ptr() not in self._pinned):
+            g = self.graphs(cache, slot)
+            g.tok[0:1].copy_(token)
+            g.pos[0:1].copy_(position)
+            g.step(0)
+            return g.buf.logits.view(1, -1)
+        return super().decode_one(token, position, cache, slot)
+
     def forget_shapes(self) -> None:
         """Drop the captured prefill graphs: the next prompt of any shape runs as a new
         one does (eagerly). For measuring what a never-seen prompt costs."""
