@@ -270,4 +270,4 @@ def test_running_ahead_equals_step_by_step(model_and_ref):
 
     ahead = run(True)
     assert ahead == run(False)
-    assert len(ahead[0][1]) == 7 and ahead[0][2] == "length"   # the 12th position holds the 6th
+    assert len(ahead[0][1]) == 7 and ahead[0][2] == "length"   # n_ctx 12: 6 prompt + 6 fed, a 7th chosen

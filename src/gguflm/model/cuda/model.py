@@ -10,7 +10,9 @@ runs two paths over float16 KV caches:
   (:mod:`.batched`), padded to a power-of-two width and captured per width.
 
 ``forward`` returns logits on the GPU; the engine's sampling chain then runs there
-too, and the only host sync per token is reading the sampled id.
+too, and the only host sync per token is reading the sampled id. ``decode_one`` feeds
+the decode graph from device tensors (a token the device chose, a position counted
+there): the one-slot loop launches the next step before it reads the last id.
 """
 
 from __future__ import annotations
