@@ -180,9 +180,7 @@ class LLM:
         return fmt.response(pieces, text.done, with_logprobs=False)
 
     def __repr__(self) -> str:
-        c = self.config
-        return (f"LLM({str(self.file.path)!r}, {c.arch}, {c.n_layer} layers, {c.n_embd} wide, "
-                f"vocab {c.n_vocab}, n_ctx {self.n_ctx}, {self.device})")
+        return f"LLM({self.model!r})"
 
 
 def load(path: str | os.PathLike | GGUFFile, device: str | torch.device = "cpu",
