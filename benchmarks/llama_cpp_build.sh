@@ -4,10 +4,11 @@
 #   benchmarks/llama_cpp_build.sh trim SRC OUT.tar.xz   (here) pack a trimmed copy of the
 #       llama.cpp source tree SRC (the one llama-cpp-python 0.3.36 vendors): the CUDA and
 #       CPU backends, libllama, common, and the two tools we run; no models, docs, tests,
-#       examples, web UI or other backends. tools/CMakeLists.txt is replaced by one that
-#       adds only llama-bench and quantize.
+#       examples, web UI sources or other backends. tools/CMakeLists.txt is replaced by one
+#       that adds only llama-bench, quantize and llama-server (with mtmd, which it links, and
+#       an empty web UI: the server's API is what we compare against).
 #   benchmarks/llama_cpp_build.sh build OUT.tar.xz DIR  (on the GPU machine) unpack into
-#       DIR and build llama-bench and llama-quantize for sm_90 with ninja.
+#       DIR and build llama-bench, llama-quantize and llama-server for sm_90 with ninja.
 set -euo pipefail
 
 case "${1:-}" in
@@ -22,8 +23,12 @@ trim)
     # ggml/src: the core files and the CPU + CUDA backends only
     find "$src/ggml/src" -maxdepth 1 -type f -exec cp {} "$dst/ggml/src/" \;
     cp -r "$src"/ggml/src/{ggml-cpu,ggml-cuda} "$dst/ggml/src/"
-    cp -r "$src"/tools/{llama-bench,quantize} "$dst/tools/"
-    printf 'find_package(Threads REQUIRED)\nllama_add_compile_flags()\nadd_subdirectory(llama-bench)\nadd_subdirectory(quantize)\n' \
+    cp -r "$src"/tools/{llama-bench,quantize,server,mtmd} "$dst/tools/"
+    rm -rf "$dst/tools/server/tests" "$dst/tools/server/bench"
+    mkdir -p "$dst/tools/ui" "$dst/scripts"
+    cp "$src"/tools/ui/{CMakeLists.txt,ui.cpp.in,ui.h.in,sources.cmake} "$dst/tools/ui/"
+    cp "$src"/scripts/ui-assets.cmake "$dst/scripts/"
+    printf 'find_package(Threads REQUIRED)\nllama_add_compile_flags()\nadd_subdirectory(llama-bench)\nadd_subdirectory(quantize)\nadd_subdirectory(mtmd)\nadd_subdirectory(ui)\nadd_subdirectory(server)\n' \
         > "$dst/tools/CMakeLists.txt"
     tar -C "$tmp" -cJf "$out" llama.cpp
     rm -rf "$tmp"
@@ -35,9 +40,10 @@ build)
     tar -C "$dir" -xJf "$tarball"
     cd "$dir/llama.cpp"
     cmake -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release \
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF \
+        -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
         -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON >/dev/null
-    cmake --build build --target llama-bench llama-quantize -j "$(nproc)"
+    cmake --build build --target llama-bench llama-quantize llama-server -j "$(nproc)"
     ls -la build/bin
     ;;
 *)
