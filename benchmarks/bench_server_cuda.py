@@ -10,12 +10,15 @@
    round (prefill included), and the decode rate: the sum over streams of
    (tokens - 1) / (last chunk - first chunk), and the steady rate: tokens produced while
    all N streams are decoding (from the last stream's first token to the first stream's
-   end; chunk times, scaled by each stream's tokens per chunk) / that window. Then the first streams' prompts again, each
-   alone: is each greedy text the one it got among 32 (the same up to float rounding of
-   batched matmuls; reported, with the length of the common prefix)?
+   end; chunk times, scaled by each stream's tokens per chunk) / that window. Then every
+   stream's prompt again, alone on the same server: is its greedy text the one it got
+   among the others (``identical_streams``), and the lone request's decode rate.
+3. With ``--llama-server BIN``: the same client load against llama-server
+   (``-ngl 99 -fa on --parallel N -cb``, the same context per slot), same run.
+4. ``generate()``'s decode rate for one request (the lone-request target's reference).
 
     python benchmarks/bench_server_cuda.py -m tinyllama-Q4_K_M.gguf [--streams 32] [--tokens 256] \\
-        [--rounds 3] [--json OUT]
+        [--rounds 3] [--llama-server build/bin/llama-server] [--json OUT]
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def step_sweep(model_path: str, widths: list[int], steps: int, n_ctx: int) -> li
 
 def stream_one(args: tuple[str, str, int]) -> dict:
     """One streamed chat completion: wall-clock times of its start, first and last content
-    chunk, and its completion tokens (from the usage chunk)."""
+    chunk, its completion tokens (the usage chunk, else one per content chunk) and text."""
     import httpx
 
     url, subject, n_tokens = args
@@ -91,12 +94,13 @@ def stream_one(args: tuple[str, str, int]) -> dict:
         for chunk in sse_chunks(r):
             if chunk.get("usage"):
                 n = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
                 last = time.time()
                 first = first or last
                 text.append(chunk["choices"][0]["delta"]["content"])
                 times.append(last)
-    return {"start": t0, "first": first, "last": last, "tokens": n, "text": "".join(text), "times": times}
+    return {"start": t0, "first": first, "last": last, "tokens": n or len(times), "text": "".join(text),
+            "times": times}
 
 
 def steady_rate(runs: list[dict]) -> float:
@@ -108,54 +112,92 @@ def steady_rate(runs: list[dict]) -> float:
     return made / (hi - lo)
 
 
-def http_rounds(model_path: str, streams: int, tokens: int, rounds: int, n_ctx: int) -> dict:
+def server_command(kind: str, model_path: str, port: int, streams: int, n_ctx: int, llama_server: str | None):
+    if kind == "gguflm":
+        return [sys.executable, "-m", "gguflm", "serve", "-m", model_path, "--device", "cuda", "--host", HOST,
+                "--port", str(port), "--parallel", str(streams), "-c", str(n_ctx), "--log-level", "warning"]
+    # llama-server: -c is the whole KV cache, split between the --parallel slots
+    return [llama_server, "-m", model_path, "-ngl", "99", "-fa", "on", "--parallel", str(streams), "-cb",
+            "-c", str(n_ctx * streams), "--host", HOST, "--port", str(port), "--no-webui"]
+
+
+def http_rounds(kind: str, model_path: str, streams: int, tokens: int, rounds: int, n_ctx: int,
+                llama_server: str | None = None) -> dict:
+    """``streams`` concurrent streams against one server (``kind``: gguflm or llama-server),
+    ``rounds`` times; then each stream's request again, alone on the same server: its text
+    (greedy) must be the one it got among the others; then one lone request's decode rate."""
     port = free_port()
     url = f"http://{HOST}:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "serve.log"
-        cmd = [sys.executable, "-m", "gguflm", "serve", "-m", model_path, "--device", "cuda", "--host", HOST,
-               "--port", str(port), "--parallel", str(streams), "-c", str(n_ctx), "--log-level", "warning"]
+        cmd = server_command(kind, model_path, port, streams, n_ctx, llama_server)
         proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             import httpx
 
             for _ in range(2400):
                 if proc.poll() is not None:
-                    sys.exit(f"gguflm serve exited:\n{log.read_text()}")
+                    sys.exit(f"{kind} server exited:\n{log.read_text()[-3000:]}")
                 try:
                     if httpx.get(url + "/health", timeout=2).status_code == 200:
                         break
                 except httpx.TransportError:
-                    time.sleep(0.25)
+                    pass
+                time.sleep(0.25)
             results = []
             with ProcessPoolExecutor(streams) as pool:
                 stream_one((url, "warm-up", 8))
-                list(pool.map(stream_one, [(url, SUBJECTS[i % 16], 16) for i in range(streams)]))  # capture widths
+                list(pool.map(stream_one, [(url, SUBJECTS[i % 16], 16) for i in range(streams)]))  # warm widths
                 for _ in range(rounds):
-                    runs = list(pool.map(stream_one, [(url, SUBJECTS[i % 16], tokens) for i in range(streams)]))
+                    runs = list(pool.map(stream_one, [(url, f"{SUBJECTS[i % 16]} ({i})", tokens)
+                                                      for i in range(streams)]))
                     total = sum(r["tokens"] for r in runs)
                     wall = max(r["last"] for r in runs) - min(r["start"] for r in runs)
                     decode = sum((r["tokens"] - 1) / (r["last"] - r["first"]) for r in runs)
                     steady = steady_rate(runs)
+                    ttft = sorted(r["first"] - r["start"] for r in runs)
                     results.append({"completion_tokens": total, "wall_s": wall, "end_to_end_tok_s": total / wall,
                                     "decode_tok_s": decode, "steady_decode_tok_s": steady,
-                                    "ttft_mean_s": statistics.mean(r["first"] - r["start"] for r in runs)})
-                    print(f"{streams} streams x {tokens}: {total} tokens in {wall:.2f} s = {total / wall:.0f} tok/s "
-                          f"end to end, decode {decode:.0f} tok/s, all {streams} decoding {steady:.0f} tok/s", flush=True)
+                                    "ttft_mean_s": statistics.mean(ttft), "ttft_p50_s": statistics.median(ttft)})
+                    print(f"{kind}: {streams} streams x {tokens}: {total} tokens in {wall:.2f} s = "
+                          f"{total / wall:.0f} tok/s end to end, decode {decode:.0f} tok/s, all decoding "
+                          f"{steady:.0f} tok/s, TTFT p50 {1e3 * statistics.median(ttft):.0f} ms", flush=True)
             alone = []
-            for i in range(min(4, streams)):
-                solo = stream_one((url, SUBJECTS[i % 16], tokens))["text"]
+            for i in range(streams):
+                solo = stream_one((url, f"{SUBJECTS[i % 16]} ({i})", tokens))
                 together = runs[i]["text"]
-                same = next((k for k, (a, b) in enumerate(zip(solo, together)) if a != b), min(len(solo), len(together)))
-                alone.append({"subject": SUBJECTS[i % 16], "identical": solo == together, "common_prefix_chars": same,
-                              "chars": len(together)})
-            print(f"alone == among {streams}:", [a["identical"] for a in alone], flush=True)
+                same = next((k for k, (a, b) in enumerate(zip(solo["text"], together)) if a != b),
+                            min(len(solo["text"]), len(together)))
+                alone.append({"stream": i, "identical": solo["text"] == together, "common_prefix_chars": same,
+                              "chars": len(together),
+                              "lone_decode_tok_s": (solo["tokens"] - 1) / (solo["last"] - solo["first"])})
+            n_same = sum(a["identical"] for a in alone)
+            lone = statistics.median(a["lone_decode_tok_s"] for a in alone)
+            print(f"{kind}: alone == among {streams}: {n_same}/{streams}; lone request decode {lone:.0f} tok/s",
+                  flush=True)
         finally:
             proc.terminate()
             proc.wait(30)
             tail = log.read_text()[-2000:]
-    return {"streams": streams, "tokens": tokens, "rounds": results, "alone_vs_batched": alone,
-            "server_log_tail": tail}
+    return {"server": kind, "streams": streams, "tokens": tokens, "rounds": results, "alone_vs_batched": alone,
+            "identical_streams": n_same, "lone_request_tps": lone, "server_log_tail": tail}
+
+
+def generate_tps(model_path: str, tokens: int) -> float:
+    """Decode tok/s of one request through ``gguflm.load(...).generate()`` (the user's path)."""
+    import gguflm
+
+    m = gguflm.load(model_path, device="cuda")
+    for _ in m.generate("Once upon a time", max_tokens=16, temperature=0, ignore_eos=True):
+        pass
+    t0 = None
+    n = 0
+    for _ in m.generate("Write a long story about the sea.", max_tokens=tokens, temperature=0, ignore_eos=True):
+        n += 1
+        if t0 is None:
+            t0 = time.perf_counter()
+            n = 0
+    return n / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -165,7 +207,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("-c", "--ctx", type=int, default=1024)
+    ap.add_argument("-c", "--ctx", type=int, default=1024, help="context per stream")
+    ap.add_argument("--llama-server", help="llama-server binary: the same client load against it, same run")
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--json")
@@ -179,7 +222,22 @@ def main() -> None:
         out["step_sweep"] = step_sweep(a.model, widths, a.steps, a.ctx)
         torch.cuda.empty_cache()
     if not a.skip_http:
-        out["http"] = http_rounds(a.model, a.streams, a.tokens, a.rounds, a.ctx)
+        ours = out["http"] = http_rounds("gguflm", a.model, a.streams, a.tokens, a.rounds, a.ctx)
+        row = {"ours_e2e_tps": max(r["end_to_end_tok_s"] for r in ours["rounds"]),
+               "ours_ttft_p50_ms": 1e3 * min(r["ttft_p50_s"] for r in ours["rounds"]),
+               "lone_request_tps": ours["lone_request_tps"],
+               "identical_streams": f"{ours['identical_streams']}/{a.streams}"}
+        if a.llama_server:
+            theirs = out["http_llama_server"] = http_rounds("llama-server", a.model, a.streams, a.tokens, a.rounds,
+                                                            a.ctx, a.llama_server)
+            row["llama_server_e2e_tps"] = max(r["end_to_end_tok_s"] for r in theirs["rounds"])
+            row["llama_server_ttft_p50_ms"] = 1e3 * min(r["ttft_p50_s"] for r in theirs["rounds"])
+            row["llama_server_identical_streams"] = f"{theirs['identical_streams']}/{a.streams}"
+            row["e2e_ratio"] = row["ours_e2e_tps"] / row["llama_server_e2e_tps"]
+        row["generate_tps"] = generate_tps(a.model, a.tokens)
+        row["lone_vs_generate"] = row["lone_request_tps"] / row["generate_tps"]
+        out["rows"] = [row]
+        print(json.dumps(row), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
 
