@@ -74,14 +74,10 @@ def test_logits_match_reference(name, quant, models, llama_cpp, llama_quantize):
     ids = _ids(path)
     model = gguflm.load(path, n_ctx=64).model
     assert model.config.arch == ARCHS[name][2]
-    from gguflm.model.layers import Block
-    from gguflm.quant.cpu import QuantLinear
+    from gguflm.kernels.cpu.block import FusedBlock
 
-    if isinstance(model.transformer.blocks[0].ffn.down if isinstance(model.transformer.blocks[0], Block)
-                  else model.transformer.blocks[0].block.ffn.down, QuantLinear):  # the CPU kernels are on
-        # the C++ block step runs Llama's choices only; Qwen3's q/k norms and Gemma's block keep the torch block
-        fused = not isinstance(model.transformer.blocks[0], Block)
-        assert fused == (ARCHS[name][2] in ("qwen2", "phi3", "llama")), name
+    # every architecture's block runs as the C++ block step (the CPU kernels cover these types)
+    assert all(isinstance(b, FusedBlock) for b in model.transformer.blocks), name
     ours = model.logits(ids).numpy()
     ref = reference_logits(path, ids)
     lc = llama_cpp_logits(llama_cpp, path, ids)

@@ -85,6 +85,10 @@ def test_gemma3_config(gemma3_model):
     assert c.n_swa == 512 and c.rope_freq_base_swa == 10000.0 and c.rope_freq_base == 1e6
     # llama.cpp's set_swa_pattern(6): layers 5, 11, 17 global
     assert [i for i, local in enumerate(c.swa_layers) if not local] == [5, 11, 17]
+    # every block runs as the CPU's C++ block step, composed from Gemma's choices
+    from gguflm.kernels.cpu.block import FusedBlock
+
+    assert all(isinstance(b, FusedBlock) for b in gemma3_model.model.transformer.blocks)
 
 
 def test_gemma3_tokenizer_matches_llama_cpp(gemma3_path, llama_cpp):

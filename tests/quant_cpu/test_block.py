@@ -3,15 +3,22 @@ with the same quantized linears: same outputs, same KV-cache writes, for a singl
 row, a batch of rows in different slots at different positions (some padding), a 16-row
 decode step (the server's batch), multi-token steps (causality inside the step), and
 prefill-sized steps (SDPA for one sequence, the row loop for a padded batch; panel
-products up to fused_max_m() rows, exact tiles into sgemm beyond)."""
+products up to fused_max_m() rows, exact tiles into sgemm beyond). The same for the real
+Gemma 3 (GeGLU, post norms, q/k norms, its attention scale, local layers with their own
+RoPE table and a 512-key window, crossed by the positions here). And the other side: a
+block with an op the C++ step lacks is refused at load, loudly, and runs as the torch block."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 
 import gguflm
+from gguflm.kernels.cpu import block as cpu_block
 from gguflm.kernels.cpu.block import FusedBlock
+from gguflm.model.layers import Block
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +27,15 @@ def model(cpu_kernels, requantized):
     return gguflm.load(requantized("Q4_K_M"), n_ctx=64).model
 
 
-def blocked_mask(positions: torch.Tensor) -> torch.Tensor:
-    """The Transformer's mask for the twin: key position > query position."""
+def blocked_mask(positions: torch.Tensor, n_swa: int = 0) -> torch.Tensor:
+    """The Transformer's mask for the twin: key position > query position, or (a local
+    layer) query position - key position >= n_swa."""
     q_pos = positions.clamp(min=0)
     key_pos = torch.arange(int(positions.max()) + 1)
-    return (key_pos[None, None, :] > q_pos[:, :, None])[:, None, None]
+    blocked = key_pos[None, None, :] > q_pos[:, :, None]
+    if n_swa:
+        blocked = blocked | (q_pos[:, :, None] - key_pos[None, None, :] >= n_swa)
+    return blocked[:, None, None]
 
 
 def prefilled_cache(model, n_slots: int, n_tokens: int):
@@ -70,3 +81,57 @@ def test_fused_block_matches_block(model, case, code_path, cpu_kernels):
         torch.testing.assert_close(cache_f.v, cache_t.v, rtol=1e-5, atol=1e-5)
 
 
+
+
+@pytest.fixture(scope="module")
+def gemma3(cpu_kernels, gemma3_path):
+    return gguflm.load(gemma3_path, n_ctx=700).model
+
+
+@pytest.mark.parametrize("case", ["one_row", "beyond_window", "batch_with_padding", "prefill_across_window",
+                                  "batch_multi_token"])
+def test_fused_block_matches_block_gemma3(gemma3, case, code_path):
+    tr, cfg = gemma3.transformer, gemma3.config
+    assert all(isinstance(b, FusedBlock) for b in tr.blocks)
+    assert cfg.n_swa == 512 and cfg.is_swa(0) and not cfg.is_swa(5)
+    positions, slots = {
+        "one_row": (torch.tensor([[17]]), torch.tensor([0])),
+        "beyond_window": (torch.tensor([[600]]), torch.tensor([1])),
+        "batch_with_padding": (torch.tensor([[5], [-1], [650]]), torch.tensor([2, 0, 1])),
+        "prefill_across_window": (torch.arange(500, 540)[None], torch.tensor([1])),   # SDPA with the window
+        "batch_multi_token": (torch.tensor([[3, 4, 5, 6], [520, 521, -1, -1]]), torch.tensor([0, 2])),
+    }[case]
+    B, T = positions.shape
+    x = torch.randn(B, T, cfg.n_embd, generator=torch.Generator().manual_seed(B * T)) * 3
+    for layer in (0, 5):  # local, global
+        block = tr.blocks[layer]
+        blocked = blocked_mask(positions, cfg.n_swa if cfg.is_swa(layer) else 0)
+        cache_f, cache_t = prefilled_cache(gemma3, 3, 700), prefilled_cache(gemma3, 3, 700)
+        with torch.inference_mode():
+            got = block(x, tr.rope, positions, blocked, cache_f, layer, slots)
+            want = block.block(x, tr.rope, positions, blocked, cache_t, layer, slots)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+        torch.testing.assert_close(cache_f.k, cache_t.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache_f.v, cache_t.v, rtol=1e-5, atol=1e-5)
+
+
+def test_an_op_the_step_lacks_is_refused_loudly(cpu_kernels, requantized, monkeypatch, caplog):
+    """Eligibility follows from the provider's ops: without SiLU in its table, a SiLU
+    model's blocks are refused at load with a warning naming the op, and run as the torch
+    block (same logits as the fused model); a norm kind it lacks is refused likewise."""
+    path = requantized("Q4_K_M")
+    ids = torch.tensor([[1, 300, 2000, 45, 9]])
+    fused = gguflm.load(path, n_ctx=16).model
+    monkeypatch.setattr(cpu_block, "ACTIVATIONS", {"gelu_tanh": 1})
+    with caplog.at_level(logging.WARNING, logger="gguflm.model"):
+        model = gguflm.load(path, n_ctx=16).model
+    assert all(type(b) is Block for b in model.transformer.blocks)
+    assert any("cannot run" in r.getMessage() and "'silu'" in r.getMessage() for r in caplog.records)
+    with pytest.raises(TypeError, match="silu"):
+        FusedBlock(model.transformer.blocks[0])
+    torch.testing.assert_close(model.logits(ids[0].tolist()), fused.logits(ids[0].tolist()), rtol=1e-4, atol=1e-4)
+    monkeypatch.undo()
+    block = model.transformer.blocks[0]
+    assert FusedBlock.unsupported(block) is None
+    monkeypatch.setattr(block.ffn_norm, "op", "layer_norm")
+    assert "layer_norm" in FusedBlock.unsupported(block)

@@ -27,6 +27,8 @@ from gguflm.model.config import ModelConfig
 class RMSNorm(nn.Module):
     """``y = x / sqrt(mean(x^2) + eps) * w`` over the last dim (ggml_rms_norm then mul)."""
 
+    op = "rms_norm"  # the op a fused provider must have to run this norm (kernels.cpu.block.NORMS)
+
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [E]
@@ -93,7 +95,8 @@ class Attention(nn.Module):
     """Causal grouped-query self-attention over the KV cache; query head h reads KV head
     ``h // (H / Hkv)``; scores scaled by ``cfg.scale`` (1/sqrt(D) unless the arch says
     otherwise). ``q_norm``/``k_norm``: RMSNorm over each head before RoPE (Qwen3, Gemma 3);
-    ``local``: this layer uses the sliding window and its own RoPE table."""
+    ``local``: this layer uses the sliding window (``window`` = cfg.n_swa keys, the mask the
+    Transformer passes) and its own RoPE table."""
 
     def __init__(self, cfg: ModelConfig, wq: nn.Module, wk: nn.Module, wv: nn.Module, wo: nn.Module,
                  q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, local: bool = False):
@@ -102,6 +105,7 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = q_norm, k_norm
         self.n_head, self.n_head_kv, self.head_dim = cfg.n_head, cfg.n_head_kv, cfg.head_dim
         self.scale, self.local = cfg.scale, local
+        self.window = cfg.n_swa if local else 0
 
     def forward(self, x: torch.Tensor, rope: Rope, positions: torch.Tensor, blocked: torch.Tensor,
                 cache: KVCache, layer: int, slots: torch.Tensor) -> torch.Tensor:

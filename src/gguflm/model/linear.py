@@ -78,9 +78,15 @@ def tied_embedding(output: nn.Module):
     return QuantEmbedding(output.weight)
 
 
-def fused_block(block: nn.Module) -> nn.Module:
-    """``block``, or on the CPU with quantized linears the same block run as one C++ call
-    per decode step (:class:`gguflm.kernels.cpu.block.FusedBlock`)."""
+def fused_block(block: nn.Module) -> tuple[nn.Module, str | None]:
+    """``(block run as one C++ call per step, None)`` on the CPU with quantized linears
+    (:class:`gguflm.kernels.cpu.block.FusedBlock`); ``(block, None)`` on the float path;
+    ``(block, why)`` where the C++ step lacks one of the block's ops (the caller says so)."""
+    from gguflm.quant.cpu import QuantLinear
+
+    if not isinstance(block.ffn.down, QuantLinear):
+        return block, None
     from gguflm.kernels.cpu.block import FusedBlock
 
-    return FusedBlock(block) if FusedBlock.eligible(block) else block
+    why = FusedBlock.unsupported(block)
+    return (block, why) if why is not None else (FusedBlock(block), None)

@@ -42,21 +42,19 @@ def build_transformer(f: GGUFFile, cfg: ModelConfig, n_ctx: int,
         output, embedding = lin("output"), embedding_from_table(w, "token_embd", device)
     freq_factors = w.rope_factors(n_ctx)
     blocks = []
-    n_fused = 0
+    refused: dict[str, list[int]] = {}  # why the C++ block step cannot run a block -> block ids
     for bid in range(cfg.n_layer):
         qk = (norm("attn_q_norm", bid), norm("attn_k_norm", bid)) if spec.qk_norm else (None, None)
         attn = Attention(cfg, *(lin(r, bid) for r in ("attn_q", "attn_k", "attn_v", "attn_output")), *qk,
                          local=cfg.is_swa(bid))
         ffn = FeedForward(*(lin(r, bid) for r in ("ffn_gate", "ffn_up", "ffn_down")), activation=spec.activation)
         post = (norm("attn_post_norm", bid), norm("ffn_post_norm", bid)) if spec.post_norms else (None, None)
-        block = fused_block(Block(norm("attn_norm", bid), attn, norm("ffn_norm", bid), ffn, *post))
-        n_fused += not isinstance(block, Block)
+        block, why = fused_block(Block(norm("attn_norm", bid), attn, norm("ffn_norm", bid), ffn, *post))
+        if why is not None:
+            refused.setdefault(why, []).append(bid)
         blocks.append(block)
-    if torch.device(device).type == "cpu":
-        if n_fused:
-            log.debug("%s: %d of %d blocks run as one C++ block step each", cfg.arch, n_fused, cfg.n_layer)
-        else:
-            log.debug("%s: the C++ block step covers Llama's block only; the torch block runs "
-                      "(with the exact quantized linears where the CPU kernels apply)", cfg.arch)
+    for why, bids in refused.items():
+        log.warning("%s: the C++ block step cannot run %d of %d blocks (%s); they run as torch blocks",
+                    cfg.arch, len(bids), cfg.n_layer, why)
     return Transformer(cfg, embedding, blocks, norm("output_norm"), output,
                        Rope(cfg, n_ctx, freq_factors.cpu() if freq_factors is not None else None, device))

@@ -1,27 +1,34 @@
-"""A whole decoder block in one C++ call, for the decode step on the CPU.
+"""A whole decoder block in one C++ call on the CPU: the provider of the block's fused ops.
 
-In a decode step every matrix product is a few microseconds of work on a 135M model, so
-the ~40 torch ops of an eager Llama block (norms, RoPE, cache writes, softmax, SiLU,
+In a decode step every matrix product is a few microseconds of work on a small model, so
+the ~40 torch ops of an eager block (norms, RoPE, cache writes, softmax, activation,
 residuals) and their Python dispatch cost as much as the products themselves; in a
-prefill the same ops each stream a [T, E] tensor through memory. Decode-sized steps run
-under the adaptive thread cap of :mod:`gguflm.kernels.cpu.threads` (one thread while
-another process keeps a core busy). :class:`FusedBlock` wraps
-the model's block and runs ``torch.ops.gguflm_cpu.block_step``, which computes
+prefill the same ops each stream a [T, E] tensor through memory. :class:`FusedBlock`
+wraps the model's block (``gguflm.model.layers.Block``, which stays the plain-torch twin
+and the one written composition) and runs ``torch.ops.gguflm_cpu.block_step``, which
+computes the same ops in the same order, with the choices the architecture made read
+from the block's own parts (the ArchSpec data the loader built it from)::
 
-    h   = x + Wo . attn(rope(Wq . n1(x)), rope(Wk . n1(x)), Wv . n1(x))
-    out = h + Wd . (silu(Wg . n2(h)) * (Wu . n2(h)))
+    n   = attn_norm(x);  q, k, v = Wq n, Wk n, Wv n (+ biases)
+    q, k = rope(q_norm(q)), rope(k_norm(k))          q/k norms: where the block has them
+    h   = x + attn_post_norm(Wo . attn(q, k, v))     post norms: where the block has them
+    out = h + ffn_post_norm(Wd . (act(Wg n2) * Wu n2)),  n2 = ffn_norm(h)
 
-with n1, n2 the RMSNorms ``x / sqrt(mean(x^2) + eps) * w``, the quantized products of
+with the RMSNorms ``x / sqrt(mean(x^2) + eps) * w``, the quantized products of
 :mod:`gguflm.quant.cpu` (fused GEMVs for a few rows, exact float tiles into sgemm for
-many), RoPE from the model's own cos/sin table (NORM or NEOX pairs), this step's
-keys/values written into the model's KV cache before attention, and causal grouped-query
-attention (query head h reads KV head ``h // (H / Hkv)``, keys at positions ``0..p``,
-scores scaled by ``D^-1/2``; a one-sequence prefill uses ATen's fused SDPA kernel). That is
-the block's own definition (``gguflm.model.layers.Block``), which stays the plain-torch
-twin, and runs whatever the C++ does not cover (another dtype or device).
+many), act one of :data:`ACTIVATIONS`, RoPE from the model's cos/sin table (NORM or NEOX
+pairs; a local layer's own table), this step's keys/values written into the model's KV
+cache before attention, and causal grouped-query attention (query head h reads KV head
+``h // (H / Hkv)``, keys at positions ``0..p``, or ``p - window + 1..p`` on a local
+layer, scores scaled by the block's scale; a one-sequence prefill uses ATen's fused SDPA
+kernel). Decode-sized steps run under the adaptive thread cap of
+:mod:`gguflm.kernels.cpu.threads`.
 
-The block is read duck-typed (attribute names of ``gguflm.model.layers``), so this module
-does not import the model package that builds on it.
+What the provider cannot compute it refuses at load (:meth:`FusedBlock.unsupported` says
+why; the loader logs it and keeps the torch block), never computing something else. At
+run time only another dtype or device falls back to the twin. The block is read
+duck-typed (attribute names of ``gguflm.model.layers``), so this module does not import
+the model package that builds on it.
 """
 
 from __future__ import annotations
@@ -37,70 +44,93 @@ GOVERNED_ROWS = 64  # steps of at most this many rows (decode, the server's batc
 
 _ROLES = (("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("attn", "wo"),
           ("ffn", "gate"), ("ffn", "up"), ("ffn", "down"))  # block_step's weight order
+_NORMS = ((None, "attn_norm"), (None, "ffn_norm"), ("attn", "q_norm"), ("attn", "k_norm"),
+          (None, "attn_post_norm"), (None, "ffn_post_norm"))  # block_step's norm order (arch.NORM_ROLES)
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the gated activations block_step computes (its ``act``)
+NORMS = frozenset({"rms_norm"})            # the norm kinds it computes (a norm module's ``op``)
+
+
+def _linears(block: nn.Module) -> list:
+    return [getattr(getattr(block, part), name) for part, name in _ROLES]
+
+
+def _norms(block: nn.Module) -> list:
+    return [getattr(block if part is None else getattr(block, part), name) for part, name in _NORMS]
 
 
 class FusedBlock(nn.Module):
-    """``block`` (a Llama pre-norm block whose seven linears are :class:`QuantLinear`) with
-    its forward done in one C++ call when the step has few rows; see the module doc."""
+    """``block`` with its forward done in one C++ call (see the module doc)."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
+        why = self.unsupported(block)
+        if why is not None:
+            raise TypeError(f"the C++ block step cannot run this block: {why}")
         self.block = block
-        linears = [getattr(getattr(block, part), name) for part, name in _ROLES]
-        if not all(isinstance(m, QuantLinear) for m in linears):
-            raise TypeError("FusedBlock needs every linear of the block to be a QuantLinear")
-        attn = block.attn
+        attn, linears, norms = block.attn, _linears(block), _norms(block)
         self.n_head, self.n_head_kv, self.head_dim = attn.n_head, attn.n_head_kv, attn.head_dim
         self.n_ff = block.ffn.gate.out_features
         self.eps = float(block.attn_norm.eps)
-        if float(block.ffn_norm.eps) != self.eps:
-            raise ValueError("the two norms of a block must share eps")
+        self.act = ACTIVATIONS[block.ffn.activation.value]
+        self.scale, self.local, self.window = float(attn.scale), bool(attn.local), int(attn.window)
         self._weights = [m.weight.raw for m in linears]
         self._types = [int(m.weight.ggml_type) for m in linears]
         self._biases = [m.bias for m in linears]
-        self._norms = (block.attn_norm.weight, block.ffn_norm.weight)
+        self._norms = [None if n is None else n.weight for n in norms]
         self._rope: tuple = (None, None)  # (rope module, its block_step arguments), read once
         # Blocks of one shape (a model's layers) share the thread governor's timing state.
         self._key = (self.n_head, self.n_head_kv, self.head_dim, self.n_ff)
 
     @staticmethod
-    def eligible(block: nn.Module) -> bool:
-        """True when ``block`` is exactly what block_step computes: the Llama block's parts
-        with quantized linears (biases allowed), SiLU gating, no post norms, no q/k norms,
-        no sliding window, scores scaled by D^-1/2 (RoPE NORM or NEOX). Any other
-        architecture's choices (Gemma's GELU and extra norms, Qwen3's q/k norms, ...) keep
-        the torch block."""
+    def unsupported(block: nn.Module) -> str | None:
+        """Why block_step cannot compute ``block`` exactly (None: it can). It computes the
+        composition of the module doc from: seven :class:`QuantLinear` (biases allowed),
+        norms whose ``op`` is in :data:`NORMS` sharing one eps (attn/ffn norms required;
+        q/k norms together; post norms optional), a gated activation in
+        :data:`ACTIVATIONS`, grouped-query heads, any score scale and sliding window."""
         try:
-            attn = block.attn
-            return (all(isinstance(getattr(getattr(block, part), name), QuantLinear) for part, name in _ROLES)
-                    and attn.n_head % attn.n_head_kv == 0
-                    and getattr(block.ffn, "activation", None) is not None and block.ffn.activation.value == "silu"
-                    and block.attn_post_norm is None and block.ffn_post_norm is None
-                    and attn.q_norm is None and attn.k_norm is None and not attn.local
-                    and attn.scale == attn.head_dim ** -0.5)
-        except AttributeError:
-            return False
+            attn, linears, norms = block.attn, _linears(block), _norms(block)
+            act = block.ffn.activation.value
+            n_head, n_head_kv, head_dim = attn.n_head, attn.n_head_kv, attn.head_dim
+            attn.scale, attn.local, attn.window  # noqa: B018  (read at construction)
+        except AttributeError as e:
+            return f"not a decoder block of gguflm.model.layers ({e})"
+        if not all(isinstance(m, QuantLinear) for m in linears):
+            return "its linears are not all quantized weights of the CPU kernels"
+        if act not in ACTIVATIONS:
+            return f"no {act!r} activation (it has {', '.join(ACTIVATIONS)})"
+        present = [n for n in norms if n is not None]
+        if norms[0] is None or norms[1] is None or (norms[2] is None) != (norms[3] is None):
+            return "it needs attn and ffn norms, and q and k norms together"
+        kinds = {getattr(n, "op", type(n).__name__) for n in present}
+        if not kinds <= NORMS:
+            return f"no {', '.join(sorted(kinds - NORMS))} norm (it has {', '.join(sorted(NORMS))})"
+        if len({float(n.eps) for n in present}) != 1:
+            return "its norms do not share one eps"
+        if n_head % n_head_kv or head_dim % 2:
+            return f"{n_head} query heads over {n_head_kv} KV heads of size {head_dim}"
+        return None
+
+    @staticmethod
+    def eligible(block: nn.Module) -> bool:
+        return FusedBlock.unsupported(block) is None
 
     def forward(self, x: torch.Tensor, rope: nn.Module, positions: torch.Tensor, blocked: torch.Tensor,
                 cache, layer: int, slots: torch.Tensor) -> torch.Tensor:
         # x: [B, T, E]; positions: [B, T] (< 0 = padding); slots: [B] -> [B, T, E]
         if self._rope[0] is not rope:
-            self._rope = (rope, (rope.cos, rope.sin, rope.style.value == "neox"))
+            table = (rope.cos_swa, rope.sin_swa) if self.local else (rope.cos, rope.sin)
+            self._rope = (rope, (*table, rope.style.value == "neox"))
         cos, sin, neox = self._rope[1]
-        if (x.dtype != torch.float32 or cache.k.dtype != torch.float32 or cos.shape[1] * 2 != self.head_dim
-                or x.device.type != "cpu"):
+        if x.dtype != torch.float32 or cache.k.dtype != torch.float32 or x.device.type != "cpu":
             return self.block(x, rope, positions, blocked, cache, layer, slots)
         gov = governor()
         rows = x.shape[0] * x.shape[1]
-        if gov is None:
-            return self._step(x, positions, slots, cache, layer, cos, sin, neox)
-        if rows > GOVERNED_ROWS:
-            gov.release()
-            return self._step(x, positions, slots, cache, layer, cos, sin, neox)
-        gov.step((self._key, rows), layer)
-        return self._step(x, positions, slots, cache, layer, cos, sin, neox)
-
-    def _step(self, x, positions, slots, cache, layer, cos, sin, neox):
+        if gov is not None:
+            if rows > GOVERNED_ROWS:
+                gov.release()
+            else:
+                gov.step((self._key, rows), layer)
         return ops().block_step(x.contiguous(), positions.contiguous(), slots, cache.k, cache.v, layer, cos, sin,
-                                *self._norms, self.eps, self._weights, self._types, self._biases, self.n_head,
-                                self.n_head_kv, self.n_ff, neox)
+                                self._norms, self.eps, self._weights, self._types, self._biases, self.n_head,
+                                self.n_head_kv, self.n_ff, neox, self.act, self.scale, self.window)

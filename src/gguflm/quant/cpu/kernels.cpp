@@ -17,8 +17,9 @@
 //       libggml's to_float) and multiplied with at::mm (MKL/oneDNN sgemm).
 //   dequantize_rows(w, type, N, K, rows int64 [R]) -> [R, K] f32, bit-identical to
 //     libggml's to_float (the embedding lookup, and the tiles above).
-//   block_step(...): a whole Llama decoder block for one step (see its comment), so a
-//     decode step costs one call per layer instead of ~40 torch ops.
+//   block_step(...): a whole decoder block for one step, composed from the architecture's
+//     choices passed in (see its comment), so a step costs one call per layer instead of
+//     ~40 torch ops.
 //
 // Two code paths with one result contract: AVX-512 (chosen at run time when the CPU has
 // avx512f/bw/vl) and portable C++ (any CPU). The file is compiled with -ffp-contract=off:
@@ -30,6 +31,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/_softmax.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/gelu.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <ATen/ops/silu.h>
@@ -1082,11 +1084,12 @@ void rope(float* v, int64_t n_heads, int64_t D, const float* c, const float* s, 
 }
 
 // Attention of the G query heads q [G, D] sharing one KV head, over keys/values [n, D]:
-// scores_rows fills sc [G, S] for key columns j0 <= j < j1: q . k_j * scale where j < n, -inf
-// beyond (then softmax over S); weighted_values fills out [G, D] columns i0 <= i < i1 with
-// sum_{j < n} p [G, S] * v_j. Tasks split keys (scores) or head dimensions (values).
-void scores_rows(const float* q, const float* keys, int64_t j0, int64_t j1, int64_t n, int64_t S, int64_t D, int64_t G,
-                 float scale, float* sc) {
+// scores_rows fills sc [G, S] for key columns j0 <= j < j1: q . k_j * scale where lo <= j < n,
+// -inf elsewhere (lo > 0: a sliding window; then softmax over S); weighted_values fills out
+// [G, D] columns i0 <= i < i1 with sum_{j < n} p [G, S] * v_j. Tasks split keys (scores) or
+// head dimensions (values).
+void scores_rows_from(const float* q, const float* keys, int64_t j0, int64_t j1, int64_t n, int64_t S, int64_t D,
+                      int64_t G, float scale, float* sc) {
 #ifdef GGUFLM_X86
   if (simd_active() && D % 16 == 0) { scores_rows_avx512(q, keys, j0, j1, n, S, D, G, scale, sc); return; }
 #endif
@@ -1097,6 +1100,13 @@ void scores_rows(const float* q, const float* keys, int64_t j0, int64_t j1, int6
         for (int64_t i = 0; i < D; ++i) d += q[g * D + i] * keys[j * D + i];
       sc[g * S + j] = j < n ? d * scale : -INFINITY;
     }
+}
+
+void scores_rows(const float* q, const float* keys, int64_t j0, int64_t j1, int64_t lo, int64_t n, int64_t S,
+                 int64_t D, int64_t G, float scale, float* sc) {
+  const int64_t a = std::min(std::max(j0, lo), j1);
+  for (int64_t g = 0; g < G; ++g) std::fill(sc + g * S + j0, sc + g * S + a, -INFINITY);
+  scores_rows_from(q, keys, a, j1, n, S, D, G, scale, sc);
 }
 
 void weighted_values(const float* p, const float* values, int64_t n, int64_t S, int64_t D, int64_t G, int64_t i0,
@@ -1130,24 +1140,32 @@ void project(const at::Tensor& x, std::initializer_list<std::tuple<QW, at::Tenso
     if (bias->has_value()) out->add_(**bias);
 }
 
-// Roles of the seven weights, in the order the op receives them.
+// Roles of the seven weights and the six norms, in the order the op receives them (the norms
+// in gguflm.model.arch.NORM_ROLES' order); the gated activations (gguflm.model.arch.Activation).
 enum Role { WQ, WK, WV, WO, WGATE, WUP, WDOWN, N_ROLES };
+enum Norm { ATTN_NORM, FFN_NORM, Q_NORM, K_NORM, ATTN_POST_NORM, FFN_POST_NORM, N_NORMS };
+enum Act { SILU, GELU_TANH };
 
 // x [B, T, E]: T new tokens of B sequences, at positions pos [B, T] (< 0: padding, rotated
 // as position 0, attends to key 0, not cached) in cache slots slot [B]; k_all, v_all: the
 // KV cache [n_layer, n_slots, Hkv, n_ctx, D], of which layer `layer` is read and written.
-// Returns the block output [B, T, E]:
-//   h = x + Wo attn(rope(Wq n1(x)), rope(Wk n1(x)), Wv n1(x));  out = h + Wd (silu(Wg n2(h)) * Wu n2(h))
+// Returns the block output [B, T, E], gguflm.model.layers.Block's composition:
+//   n = attn_norm(x); q, k, v = Wq n, Wk n, Wv n (+ biases)
+//   q, k = rope(q_norm(q)), rope(k_norm(k))        per-head RMSNorm where given (Qwen3, Gemma 3)
+//   h = x + attn_post_norm(Wo attn(q, k, v))       post norms where given (Gemma)
+//   out = h + ffn_post_norm(Wd (act(Wg n2) * Wu n2)),  n2 = ffn_norm(h), act SiLU or GELU-tanh
 // with every key/value of this step written to the cache before any query attends; a row
-// at position p attends to keys 0..max(p, 0) of its slot.
+// at position p attends to keys max(0, p - n_swa + 1)..max(p, 0) of its slot (n_swa 0: from
+// key 0), scores scaled by `scale`; cos/sin: this layer's RoPE table (a local layer's own).
 at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Tensor& slots, const at::Tensor& k_all,
                       const at::Tensor& v_all, int64_t layer, const at::Tensor& cos, const at::Tensor& sin,
-                      const at::Tensor& attn_norm, const at::Tensor& ffn_norm, double eps, at::TensorList weights,
+                      const c10::List<std::optional<at::Tensor>>& norms, double eps, at::TensorList weights,
                       at::IntArrayRef types, const c10::List<std::optional<at::Tensor>>& biases, int64_t n_head,
-                      int64_t n_head_kv, int64_t ff, bool neox) {
+                      int64_t n_head_kv, int64_t ff, bool neox, int64_t act, double scale_, int64_t n_swa) {
   TORCH_CHECK(x3.dim() == 3 && pos.dim() == 2 && pos.size(0) == x3.size(0) && pos.size(1) == x3.size(1) &&
               slots.dim() == 1 && slots.size(0) == x3.size(0), "x [B, T, E], positions [B, T], slots [B]");
   TORCH_CHECK(weights.size() == N_ROLES && types.size() == N_ROLES && biases.size() == N_ROLES, "seven weights");
+  TORCH_CHECK(norms.size() == N_NORMS && act >= SILU && act <= GELU_TANH && n_swa >= 0, "six norms, act 0 or 1");
   TORCH_CHECK(k_all.dim() == 5 && k_all.sizes() == v_all.sizes() && k_all.is_contiguous() && v_all.is_contiguous() &&
               k_all.scalar_type() == at::kFloat && v_all.scalar_type() == at::kFloat && layer >= 0 &&
               layer < k_all.size(0), "bad KV cache");
@@ -1161,8 +1179,16 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
   TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && slots.scalar_type() == at::kLong &&
               slots.is_contiguous(), "positions/slots must be contiguous int64");
   check_x(x, E);
-  for (const at::Tensor* nw : {&attn_norm, &ffn_norm})
-    TORCH_CHECK(nw->scalar_type() == at::kFloat && nw->is_contiguous() && nw->numel() == E, "bad norm weight");
+  const float* nw[N_NORMS];  // null: the block has no such norm
+  for (int i = 0; i < N_NORMS; ++i) {
+    const std::optional<at::Tensor> n = norms[i];
+    nw[i] = nullptr;
+    if (!n.has_value()) continue;
+    TORCH_CHECK(n->scalar_type() == at::kFloat && n->is_contiguous() && n->numel() == (i == Q_NORM || i == K_NORM ? D : E),
+                "bad norm weight ", i);
+    nw[i] = n->data_ptr<float>();
+  }
+  TORCH_CHECK(nw[ATTN_NORM] && nw[FFN_NORM] && !nw[Q_NORM] == !nw[K_NORM], "attn/ffn norms, q and k norms together");
   const int64_t QD = n_head * D, KD = n_head_kv * D;
   const int64_t n_in[N_ROLES] = {E, E, E, QD, E, E, ff};
   const int64_t n_out[N_ROLES] = {QD, KD, KD, E, ff, ff, E};
@@ -1188,9 +1214,10 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
   const float fe = static_cast<float>(eps);
   const float* xp = x.data_ptr<float>();
   auto rows = [&](auto&& f) { at::parallel_for(0, R, kRowGrain, [&](int64_t b, int64_t e) { for (int64_t r = b; r < e; ++r) f(r); }); };
+  auto row_norm = [&](float* y, Norm n) { if (nw[n]) rms_norm(y, nw[n], E, fe, y); };  // in place, where present
 
   at::Tensor xn = at::empty({R, E}, x.options()), q, k, v;
-  rows([&](int64_t r) { rms_norm(xp + r * E, attn_norm.data_ptr<float>(), E, fe, xn.data_ptr<float>() + r * E); });
+  rows([&](int64_t r) { rms_norm(xp + r * E, nw[ATTN_NORM], E, fe, xn.data_ptr<float>() + r * E); });
   project(xn, {{w[WQ], &q, &bias[WQ]}, {w[WK], &k, &bias[WK]}, {w[WV], &v, &bias[WV]}});
   float* kcp = kc.data_ptr<float>();
   float* vcp = vc.data_ptr<float>();
@@ -1198,28 +1225,36 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
     const int64_t p = std::max<int64_t>(pp[r], 0);
     const float* c = cos.data_ptr<float>() + p * (D / 2);
     const float* s = sin.data_ptr<float>() + p * (D / 2);
-    rope(q.data_ptr<float>() + r * QD, n_head, D, c, s, neox);
-    rope(k.data_ptr<float>() + r * KD, n_head_kv, D, c, s, neox);
+    float* qr = q.data_ptr<float>() + r * QD;
+    float* kr = k.data_ptr<float>() + r * KD;
+    if (nw[Q_NORM]) {
+      for (int64_t h = 0; h < n_head; ++h) rms_norm(qr + h * D, nw[Q_NORM], D, fe, qr + h * D);
+      for (int64_t h = 0; h < n_head_kv; ++h) rms_norm(kr + h * D, nw[K_NORM], D, fe, kr + h * D);
+    }
+    rope(qr, n_head, D, c, s, neox);
+    rope(kr, n_head_kv, D, c, s, neox);
     if (pp[r] < 0) return;
     for (int64_t h = 0; h < n_head_kv; ++h) {
       const int64_t dst = ((sp[r] * n_head_kv + h) * n_ctx + pp[r]) * D;
-      std::memcpy(kcp + dst, k.data_ptr<float>() + r * KD + h * D, D * sizeof(float));
+      std::memcpy(kcp + dst, kr + h * D, D * sizeof(float));
       std::memcpy(vcp + dst, v.data_ptr<float>() + r * KD + h * D, D * sizeof(float));
     }
   });
 
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float scale = static_cast<float>(scale_);
+  auto first_key = [&](int64_t r) { return n_swa > 0 ? std::max<int64_t>(0, pp[r] - n_swa + 1) : int64_t(0); };
   at::Tensor att;
-  if (R >= kSdpaMinRows && one_sequence) {  // prefill: fused causal attention over the slot's cache
+  if (R >= kSdpaMinRows && one_sequence) {  // prefill: fused attention over the slot's cache
     const int64_t S = pp[0] + R;
     at::Tensor qh = q.view({1, R, n_head, D}).transpose(1, 2);                      // [1, H, R, D]
     at::Tensor keys = kc.select(0, sp[0]).narrow(1, 0, S).unsqueeze(0);            // [1, Hkv, S, D]
     at::Tensor values = vc.select(0, sp[0]).narrow(1, 0, S).unsqueeze(0);
-    at::Tensor allowed = at::arange(S, pos.options()).unsqueeze(0).le(pos.reshape({R, 1}));  // [R, S]
-    att = at::scaled_dot_product_attention(qh, keys, values, allowed, 0.0, false, static_cast<double>(scale),
-                                           n_head != n_head_kv)
+    const at::Tensor key_pos = at::arange(S, pos.options()).unsqueeze(0), q_pos = pos.reshape({R, 1});
+    at::Tensor allowed = key_pos.le(q_pos);                                         // [R, S]
+    if (n_swa > 0) allowed.logical_and_(q_pos.sub(key_pos).lt(n_swa));
+    att = at::scaled_dot_product_attention(qh, keys, values, allowed, 0.0, false, scale_, n_head != n_head_kv)
               .transpose(1, 2).reshape({R, QD}).contiguous();                      // [R, H * D]
-  } else {  // per row: scores q . K[0..p] * D^-1/2 (masked beyond p), softmax, then . V[0..p]
+  } else {  // per row: scores q . K[lo..p] * scale (masked elsewhere), softmax, then . V[lo..p]
     int64_t S = 1;
     for (int64_t r = 0; r < R; ++r) S = std::max<int64_t>(S, pp[r] + 1);
     at::Tensor scores = at::empty({R, n_head, S}, x.options());                    // [R, H, S]
@@ -1234,7 +1269,7 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
       for (int64_t t = b; t < e; ++t) {
         const int64_t r = t / (n_head_kv * n_kb), hk = t / n_kb % n_head_kv, kb = t % n_kb;
         scores_rows(qp + r * QD + hk * G * D, kv_base(r, hk, kcp), kb * kKeyBlock, std::min(S, (kb + 1) * kKeyBlock),
-                    std::max<int64_t>(pp[r], 0) + 1, S, D, G, scale, scp + (r * n_head + hk * G) * S);
+                    first_key(r), std::max<int64_t>(pp[r], 0) + 1, S, D, G, scale, scp + (r * n_head + hk * G) * S);
       }
     });
     at::Tensor probs = at::_softmax(scores, -1, false);
@@ -1243,9 +1278,10 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
     float* ap = att.data_ptr<float>();
     parallel_range(R * n_head_kv * n_db, threads ? 1 : R * n_head_kv * n_db, [&](int64_t b, int64_t e, int) {
       for (int64_t t = b; t < e; ++t) {
-        const int64_t r = t / (n_head_kv * n_db), hk = t / n_db % n_head_kv, db = t % n_db;
-        weighted_values(pr + (r * n_head + hk * G) * S, kv_base(r, hk, vcp), std::max<int64_t>(pp[r], 0) + 1, S, D, G,
-                        db * 16, std::min(D, (db + 1) * 16), ap + r * QD + hk * G * D);
+        const int64_t r = t / (n_head_kv * n_db), hk = t / n_db % n_head_kv, db = t % n_db, lo = first_key(r);
+        weighted_values(pr + (r * n_head + hk * G) * S + lo, kv_base(r, hk, vcp) + lo * D,
+                        std::max<int64_t>(pp[r], 0) + 1 - lo, S, D, G, db * 16, std::min(D, (db + 1) * 16),
+                        ap + r * QD + hk * G * D);
       }
     });
   }
@@ -1253,12 +1289,19 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
   project(att, {{w[WO], &out, &bias[WO]}});
   float* op = out.data_ptr<float>();
   rows([&](int64_t r) {
+    row_norm(op + r * E, ATTN_POST_NORM);
     for (int64_t i = r * E; i < (r + 1) * E; ++i) op[i] += xp[i];  // h = x + attn
-    rms_norm(op + r * E, ffn_norm.data_ptr<float>(), E, fe, xn.data_ptr<float>() + r * E);
+    rms_norm(op + r * E, nw[FFN_NORM], E, fe, xn.data_ptr<float>() + r * E);
   });
   project(xn, {{w[WGATE], &g, &bias[WGATE]}, {w[WUP], &u, &bias[WUP]}});
-  at::silu_(g).mul_(u);  // ATen's vectorized SiLU (the twin's F.silu): a scalar exp loop cost ~0.1 ms a layer at 16 rows
+  // ATen's vectorized activations (the twin's F.silu / F.gelu(approximate="tanh")): a
+  // scalar exp loop cost ~0.1 ms a layer at 16 rows
+  (act == SILU ? at::silu_(g) : at::gelu_(g, "tanh")).mul_(u);
   project(g, {{w[WDOWN], &d, &bias[WDOWN]}});
+  if (nw[FFN_POST_NORM]) {
+    float* dp = d.data_ptr<float>();
+    rows([&](int64_t r) { row_norm(dp + r * E, FFN_POST_NORM); });
+  }
   out.add_(d);  // out = h + ffn
   return out.view(x3.sizes());
 }
@@ -1325,8 +1368,8 @@ TORCH_LIBRARY(gguflm_cpu, m) {
   m.def("qmatmul(Tensor x, Tensor w, int type, int n_out, int n_in) -> Tensor", &qmatmul);
   m.def("dequantize_rows(Tensor w, int type, int n_out, int n_in, Tensor rows) -> Tensor", &dequantize_rows);
   m.def("block_step(Tensor x, Tensor positions, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, "
-        "Tensor cos, Tensor sin, Tensor attn_norm, Tensor ffn_norm, float eps, Tensor[] weights, int[] types, "
-        "Tensor?[] biases, int n_head, int n_head_kv, int n_ff, bool neox) -> Tensor", &block_step);
+        "Tensor cos, Tensor sin, Tensor?[] norms, float eps, Tensor[] weights, int[] types, Tensor?[] biases, "
+        "int n_head, int n_head_kv, int n_ff, bool neox, int act, float scale, int n_swa) -> Tensor", &block_step);
   m.def("kernel_types() -> int[]", &kernel_types);
   m.def("use_simd(bool enable) -> bool", &use_simd);
   m.def("simd_available() -> bool", &simd_available);
