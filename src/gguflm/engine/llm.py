@@ -179,21 +179,37 @@ class LLM:
         pieces = [Piece(p) for p in text]
         return fmt.response(pieces, text.done, with_logprobs=False)
 
+    def close(self) -> None:
+        """Release what the model holds beyond memory (a tensor-parallel model's other ranks)."""
+        self.model.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         return f"LLM({self.model!r})"
 
 
 def load(path: str | os.PathLike | GGUFFile, device: str | torch.device = "cpu",
-         n_ctx: int | None = None, threads: int | None = None) -> LLM:
+         n_ctx: int | None = None, threads: int | None = None, tp: int = 1) -> LLM | None:
     """Load a GGUF model with its tokenizer: a file, or a name from gguflm.models
     (``"gemma3-270m"``, fetched into the cache on first use). ``n_ctx``: context size
     (default: the training context, at most 4096); ``threads``: torch CPU threads
-    (default: torch's own choice)."""
+    (default: torch's own choice; with ``tp``, per rank: the cores divided among them).
+    ``tp``: tensor parallel over that many processes (gloo on the CPU, NCCL with a GPU
+    each; see docs/scaling.md): this process is rank 0 and starts the others, or, under
+    ``torchrun``, every rank calls ``load`` and ranks other than 0 follow rank 0 inside it
+    and get None when it closes. ``close()`` (or ``with``) stops the other ranks."""
     from gguflm.tokenizer import Tokenizer
 
     f = path if isinstance(path, GGUFFile) else GGUFFile(resolve(path))
     tokenizer = Tokenizer.from_gguf(f)
-    model = load_model(f, device, n_ctx, threads)
+    model = load_model(f, device, n_ctx, threads, tp)
+    if model is None:  # a follower rank under torchrun: rank 0 has closed
+        return None
     if tokenizer.n_vocab != model.config.n_vocab:  # as llama.cpp: token_embd must be [n_embd, n_tokens]
         raise GGUFError(f"the tokenizer has {tokenizer.n_vocab} tokens but the embedding {model.config.n_vocab} "
                         "rows: every row must be a token (llama.cpp refuses the file too)")

@@ -355,8 +355,7 @@ class Scheduler:
         src = max(range(self.n_slots), key=shared)
         if shared(src) > n:  # another slot holds more: copy its keys/values  [n_layer, Hkv, L, D]
             n = shared(src)
-            self.cache.k[:, slot, :, :n] = self.cache.k[:, src, :, :n]
-            self.cache.v[:, slot, :, :n] = self.cache.v[:, src, :, :n]
+            self.cache.copy_prefix(slot, src, n)
         self._held[slot] = list(prompt[:n])
         self._clock += 1
         self._last_used[slot] = self._clock

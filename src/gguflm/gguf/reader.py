@@ -403,6 +403,15 @@ class GGUFFile:
             raise KeyError(f"no tensor named {name!r} in {self.path}") from None
         return np.frombuffer(self._mmap, dtype=np.uint8, count=t.nbytes, offset=t.file_offset)
 
+    def release(self, name: str) -> None:
+        """Unmap this process's resident pages of tensor ``name`` (the pages it shares
+        with neighbours included): a later read maps them again from the page cache. For a
+        process that copied what it needs of a tensor and should not keep the rest."""
+        t = self.tensors[name]
+        page = mmap.PAGESIZE
+        start = t.file_offset // page * page
+        self._mmap.madvise(mmap.MADV_DONTNEED, start, t.file_offset + t.nbytes - start)
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 

@@ -56,3 +56,8 @@ class KVCache:
         v_buf[rows, :, pos] = v.transpose(1, 2)[valid]
         return (k_buf[:, :, :n_seen].index_select(0, slots),
                 v_buf[:, :, :n_seen].index_select(0, slots))
+
+    def copy_prefix(self, dst: int, src: int, n: int) -> None:
+        """Give slot ``dst`` the keys/values of slot ``src``'s first ``n`` positions."""
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]

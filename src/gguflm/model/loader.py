@@ -24,18 +24,26 @@ def expected_shape(role: str, cfg: ModelConfig) -> tuple[int, ...]:
 
 
 def build_transformer(f: GGUFFile, cfg: ModelConfig, n_ctx: int,
-                      device: torch.device | str = "cpu") -> Transformer:
-    """The decoder of ``f`` with RoPE tables for ``n_ctx`` positions, weights on ``device``."""
-    w = WeightTable(f, cfg)
+                      device: torch.device | str = "cpu", shard=None, table: WeightTable | None = None) -> Transformer:
+    """The decoder of ``f`` with RoPE tables for ``n_ctx`` positions, weights on ``device``.
+    ``shard`` (a :class:`gguflm.model.parallel.Shard`): this rank's part of a tensor-parallel
+    model, the same blocks over its :class:`~gguflm.model.parallel.ShardedTable` (``table``)
+    with the split linears wrapped in their collectives."""
+    w = table or (WeightTable(f, cfg) if shard is None else shard.table(f, cfg))
     spec = w.spec
+    attn_cfg = cfg if shard is None else shard.local_config(cfg)  # this rank's head counts
 
     def lin(role: str, bid: int | None = None) -> torch.nn.Module:
-        return linear_from_table(w, role, bid, device)
+        m = linear_from_table(w, role, bid, device)
+        return m if shard is None else shard.wrap(w, role, bid, m)
 
     def norm(role: str, bid: int | None = None) -> RMSNorm:
         return RMSNorm(w.dense(role, bid, device), cfg.rms_eps)
 
-    if cfg.tied_output:  # one copy: the embedding shares the output's weight
+    if shard is not None:  # the output split by vocabulary rows, the embedding read by row
+        output = lin("output" if not cfg.tied_output else "token_embd")
+        embedding = shard.embedding(w, device)
+    elif cfg.tied_output:  # one copy: the embedding shares the output's weight
         output = lin("token_embd")
         embedding = tied_embedding(output)
     else:
@@ -45,13 +53,15 @@ def build_transformer(f: GGUFFile, cfg: ModelConfig, n_ctx: int,
     refused: dict[str, list[int]] = {}  # why the C++ block step cannot run a block -> block ids
     for bid in range(cfg.n_layer):
         qk = (norm("attn_q_norm", bid), norm("attn_k_norm", bid)) if spec.qk_norm else (None, None)
-        attn = Attention(cfg, *(lin(r, bid) for r in ("attn_q", "attn_k", "attn_v", "attn_output")), *qk,
+        attn = Attention(attn_cfg, *(lin(r, bid) for r in ("attn_q", "attn_k", "attn_v", "attn_output")), *qk,
                          local=cfg.is_swa(bid))
         ffn = FeedForward(*(lin(r, bid) for r in ("ffn_gate", "ffn_up", "ffn_down")), activation=spec.activation)
         post = (norm("attn_post_norm", bid), norm("ffn_post_norm", bid)) if spec.post_norms else (None, None)
-        block, why = fused_block(Block(norm("attn_norm", bid), attn, norm("ffn_norm", bid), ffn, *post))
-        if why is not None:
-            refused.setdefault(why, []).append(bid)
+        block = Block(norm("attn_norm", bid), attn, norm("ffn_norm", bid), ffn, *post)
+        if shard is None:  # (the C++ block step has no all-reduce inside)
+            block, why = fused_block(block)
+            if why is not None:
+                refused.setdefault(why, []).append(bid)
         blocks.append(block)
     for why, bids in refused.items():
         log.warning("%s: the C++ block step cannot run %d of %d blocks (%s); they run as torch blocks",

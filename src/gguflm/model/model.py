@@ -54,6 +54,9 @@ class Model:
         slots = torch.full((1,), slot, dtype=torch.long, device=cache.k.device)
         return self.forward(token.view(1, 1), position.view(1, 1), cache, slots, last_only=True)
 
+    def close(self) -> None:
+        """Release what the model holds beyond memory (a tensor-parallel model's other ranks)."""
+
     def pin_decode_width(self, cache: KVCache) -> None:
         """Run every later one-token step over ``cache`` with the same shapes, whatever
         number of rows it has (nothing to do where ``batch_invariant``)."""
@@ -77,9 +80,13 @@ class Model:
 
 
 def load_model(path: str | os.PathLike | GGUFFile, device: str | torch.device = "cpu",
-               n_ctx: int | None = None, threads: int | None = None) -> Model:
+               n_ctx: int | None = None, threads: int | None = None, tp: int = 1) -> Model | None:
     """Load a GGUF model's weights. ``n_ctx``: context size (default: the training context,
-    at most 4096); ``threads``: torch CPU threads (default: torch's own choice)."""
+    at most 4096); ``threads``: torch CPU threads (default: torch's own choice); ``tp``:
+    split it over that many processes (tensor parallel, :mod:`gguflm.model.parallel`:
+    under ``torchrun``, ranks other than 0 follow rank 0 here and get None)."""
+    if tp < 1:
+        raise ValueError("tp must be >= 1")
     if threads is not None:
         if threads < 1:
             raise ValueError("threads must be >= 1")
@@ -91,6 +98,10 @@ def load_model(path: str | os.PathLike | GGUFFile, device: str | torch.device = 
     if not 1 <= n_ctx <= MAX_CTX:
         raise ValueError(f"context size {n_ctx} out of range [1, {MAX_CTX}]")
     dev = torch.device(device)
+    if tp > 1:  # the generic block over each rank's shard (the fused CUDA path is not split)
+        from gguflm.model.parallel import load_parallel
+
+        return load_parallel(f, config, n_ctx, dev, tp, threads)
     if dev.type == "cuda" and config.spec.llama_like:  # quantized weights on the GPU, Triton kernels, CUDA graphs
         from gguflm.model.cuda import load_cuda
 
