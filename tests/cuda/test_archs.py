@@ -1,16 +1,18 @@
-"""Architectures other than Llama on the CUDA path, against the float64 reference, on the
-synthetic models of tests/model/synth.py quantized by llama.cpp's own quantizer.
+"""Every architecture on the fused CUDA path, against the float64 reference, on the
+synthetic models of tests/model/synth.py quantized by llama.cpp's own quantizer: qwen2
+(QKV biases, NEOX RoPE), phi3 (fused QKV and gate+up as row ranges), qwen3 (q/k norms),
+gemma3 (GeGLU, pre+post norms, q/k norms, sqrt(E) embedding scale, local layers with a
+sliding window of 8 and their own RoPE base, soft-cap). Llama itself: test_model.py.
 
-* qwen2 (QKV biases, NEOX RoPE) and phi3 (fused QKV and gate+up, resolved as row ranges)
-  are Llama's block with other data: the fused CUDA path runs them (here through Triton's
-  interpreter when there is no GPU).
-* qwen3 and gemma3 need ops the fused CUDA path lacks (q/k norms; GeGLU, post norms, the
-  sliding window): ``gguflm.load(..., device="cuda")`` runs the generic torch block on the
-  GPU instead (KL <= 1e-4 vs the reference; needs a GPU).
+Each of the CUDA path's runners goes through the one decoder: the plain prefill (from
+position 0 and continued), the padded many-row forward, the one-token decode step (the
+graphs' step, eager here) and the server's batched step. Without a GPU the Triton
+kernels run in Triton's interpreter (few tokens; the window still slides: 12 > 8).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 import torch
 
 import gguflm
+from gguflm.errors import GGUFError
 from gguflm.model.config import ModelConfig
 from gguflm.model.cuda import load_cuda
 from gguflm.verify.reference import reference_logits
@@ -27,49 +30,77 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from oracles import kl_rows  # noqa: E402
 from synth import synthetic_f16  # noqa: E402
 
-N = 6
+ON_GPU = torch.cuda.is_available()
+N = 24 if ON_GPU else 12
+CUT = N - 3                      # prefill CUT tokens, then one-token steps
 
 
-def _ids(path) -> list[int]:
-    n_vocab = gguflm.GGUFFile(path).tensors["token_embd.weight"].shape[1]
-    return np.random.default_rng(7).integers(0, n_vocab, N).tolist()
+def _check(name: str, what: str, ref: np.ndarray, got: torch.Tensor) -> None:
+    got = got.double().cpu().numpy().reshape(ref.shape)
+    kl = kl_rows(ref, got)
+    print(f"\n{name} {what}: KL(ref || cuda path) mean {kl.mean():.1e} max {kl.max():.1e}")
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    assert kl.mean() <= 1e-4 and kl.max() < 1e-3   # float16 activations into the many-token matmuls
 
 
-@pytest.mark.parametrize("name", ["qwen2", "phi3"])
-def test_fused_cuda_path_runs_llama_like_archs(name, shared_dir, llama_quantize, device):
-    path = llama_quantize(synthetic_f16(name, shared_dir / "vocab"), "Q4_0")
+@pytest.mark.parametrize("name", ["qwen2", "phi3", "qwen3", "gemma3"])
+def test_every_runner_of_the_fused_path_matches_reference(name, shared_dir, llama_quantize, device):
+    path = llama_quantize(synthetic_f16(name, shared_dir / "vocab"), "Q4_K_M" if ON_GPU else "Q4_0")
     f = gguflm.GGUFFile(path)
     cfg = ModelConfig.from_gguf(f)
-    assert cfg.spec.llama_like
-    m = load_cuda(f, cfg, 16, device, use_graphs=False)
-    ids = _ids(path)
+    m = load_cuda(f, cfg, 32, device, use_graphs=False)
+    ids = np.random.default_rng(7).integers(0, cfg.n_vocab, N).tolist()
     ref = reference_logits(path, ids)
-    got = m.logits(ids).double().cpu().numpy()
-    kl = kl_rows(ref, got)
-    print(f"\n{name} Q4_0 on {device}: KL(ref || cuda path) mean {kl.mean():.1e} max {kl.max():.1e}")
-    assert (got.argmax(-1) == ref.argmax(-1)).all()
-    assert kl.max() < 1e-3   # float16 activations into the many-token matmuls
-    cache = m.new_cache(1)
-    slots = torch.zeros(1, dtype=torch.long, device=m.device)
-    m.forward(torch.tensor([ids[:-1]], device=m.device), torch.arange(N - 1, device=m.device)[None], cache, slots)
-    step = m.forward(torch.tensor([[ids[-1]]], device=m.device), torch.tensor([[N - 1]], device=m.device), cache,
-                     slots, last_only=True)[0].double().cpu().numpy()
-    assert kl_rows(ref[-1:], step[None])[0] < 1e-3
+    dev = m.device
+    _check(name, "prefill", ref, m.logits(ids))
+
+    cache = m.new_cache(3)                                 # slot 2: continued prefill, then decode steps
+    slot2 = torch.tensor([2], device=dev)
+    m.forward(torch.tensor([ids[:4]], device=dev), torch.arange(4, device=dev)[None], cache, slot2)
+    out = m.forward(torch.tensor([ids[4:CUT]], device=dev), torch.arange(4, CUT, device=dev)[None], cache, slot2)
+    _check(name, "continued prefill", ref[4:CUT], out[0])
+    g = m.graphs(cache, 2)
+    steps = []
+    for p in range(CUT, N):
+        g.tok[0], g.pos[0] = ids[p], p
+        g.step(0)
+        steps.append(g.buf.logits.clone())
+    _check(name, "decode steps", ref[CUT:], torch.stack(steps))
+
+    # slot 0: a padded two-row forward (row 1 in slot 1 is shorter), then a batched step of slots 0 and 1
+    tokens = torch.tensor([ids[:CUT], ids[:4] + [0] * (CUT - 4)], device=dev)
+    positions = torch.tensor([list(range(CUT)), list(range(4)) + [-1] * (CUT - 4)], device=dev)
+    out = m.forward(tokens, positions, cache, torch.tensor([0, 1], device=dev), last_only=True)
+    _check(name, "padded rows", ref[[CUT - 1, 3]], out)
+    step = m.batched(cache, 2).step(torch.tensor([ids[CUT], ids[4]], device=dev), torch.tensor([CUT, 4], device=dev),
+                                    torch.tensor([0, 1], device=dev))
+    _check(name, "batched step", ref[[CUT, 4]], step)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
-def test_generic_path_is_chosen_for_other_blocks(name, shared_dir):
-    cfg = ModelConfig.from_gguf(gguflm.GGUFFile(synthetic_f16(name, shared_dir / "vocab")))
-    assert not cfg.spec.llama_like
+def test_a_head_size_the_kernels_lack_is_refused_at_load(shared_dir):
+    from gguflm.model.cuda.forward import check_supported
+
+    cfg = ModelConfig.from_gguf(gguflm.GGUFFile(synthetic_f16("phi3", shared_dir / "vocab")))
+    check_supported(cfg)
+    with pytest.raises(GGUFError, match="head size 96 is not supported on CUDA"):
+        check_supported(dataclasses.replace(cfg, head_dim=96, n_rot=96))
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("name", ["qwen3", "gemma3"])
-def test_generic_cuda_path_matches_reference(name, shared_dir, llama_quantize):
+def test_generate_runs_the_fused_path(name, shared_dir, llama_quantize):
+    """``gguflm.load(..., device="cuda")`` gives the fused path (no float32 torch block);
+    greedy generate() follows the reference's argmax at every step."""
+    from gguflm.engine.sampling import SamplingParams
+    from gguflm.model.cuda.model import CudaModel
+
     path = llama_quantize(synthetic_f16(name, shared_dir / "vocab"), "Q4_K_M")
-    m = gguflm.load(path, device="cuda", n_ctx=64)
-    ids = np.random.default_rng(7).integers(0, m.config.n_vocab, 24).tolist()
-    kl = kl_rows(reference_logits(path, ids), m.logits(ids).double().cpu().numpy())
-    print(f"\n{name} Q4_K_M generic CUDA path: KL mean {kl.mean():.1e} max {kl.max():.1e}")
-    assert kl.mean() <= 1e-4
+    llm = gguflm.load(path, device="cuda", n_ctx=64)
+    assert isinstance(llm.model, CudaModel)
+    ids = np.random.default_rng(7).integers(0, llm.model.config.n_vocab, 16).tolist()
+    s = llm.stream(ids, 12, SamplingParams(temperature=0), ignore_eos=True)
+    list(s)
+    got = s.result.tokens
+    ref = reference_logits(path, ids + got[:-1])
+    assert got == ref[len(ids) - 1:].argmax(-1).tolist()

@@ -135,6 +135,27 @@ def test_decode_attention_rotates_stores_and_attends(device, neox, pos):
     assert _rel(out, ref) < 4e-3                                        # float16 q, scores and weights
 
 
+@pytest.mark.parametrize("pos", [5, 21, 39])
+def test_decode_attention_sliding_window(device, pos):
+    """A window of 7: the row attends positions pos-6 .. pos only (llama.cpp masks keys
+    with pos - p >= window), whichever split holds them."""
+    H, Hkv, D, n_ctx, window = 4, 1, 16, 40, 7
+    gen = torch.Generator().manual_seed(pos)
+    qkv = torch.randn((H + 2 * Hkv) * D, generator=gen)
+    theta = torch.rand(n_ctx, D // 2, generator=gen) * 3
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    kd = torch.randn(Hkv, n_ctx, D, generator=gen).half().to(device)
+    vd = torch.randn(Hkv, n_ctx, D, generator=gen).half().to(device)
+    out = torch.full((H, D), float("nan"), device=device)
+    A.decode_attention(qkv.to(device), cos.to(device), sin.to(device),
+                       torch.tensor([pos], dtype=torch.int32, device=device), kd, vd, out,
+                       A.AttentionWorkspace(H, D, 4, device), D ** -0.5, True, block_s=16, window=window)
+    rq = A.rotate_reference(qkv[:H * D].view(H, D), cos[pos], sin[pos], True)
+    lo = max(0, pos + 1 - window)
+    ref = A.decode_attention_reference(rq, kd[:, lo:pos + 1].cpu(), vd[:, lo:pos + 1].cpu(), D ** -0.5)
+    assert _rel(out, ref) < 4e-3
+
+
 def test_batched_decode_attention_uses_each_rows_slot_and_position(device):
     """Rows in different cache slots at different positions, one padding row (slot -1):
     each row equals the float64 attention over its own slot; the padding row writes
@@ -183,12 +204,32 @@ def test_rms_norm_half(device):
     assert _rel(y, rms_norm_half_reference(x, w, 1e-5)) < 1e-3               # one float16 rounding
 
 
-def test_silu_mul_half(device):
-    from gguflm.kernels.triton.activations import silu_mul_half, silu_mul_half_reference
+@pytest.mark.parametrize("gelu", [False, True])
+def test_gated_act(device, gelu):
+    """SiLU and GELU-tanh gating (torch's gelu(approximate="tanh") is the twin): float16
+    in and out (the many-row path), float32 in and out (the one-row path)."""
+    from gguflm.kernels.triton.activations import gated_act, gated_act_reference
 
     gen = torch.Generator().manual_seed(4)
-    g, u = ((torch.randn(3, 1500, generator=gen) * 4).half() for _ in range(2))
-    assert _rel(silu_mul_half(g.to(device), u.to(device)), silu_mul_half_reference(g, u)) < 1e-3
+    g, u = ((torch.randn(3, 1500, generator=gen) * 4) for _ in range(2))
+    want = gated_act_reference(g, u, gelu)
+    assert _rel(gated_act(g.half().to(device), u.half().to(device), gelu), want) < 2e-3
+    out = torch.empty(1500, device=device)
+    assert _rel(gated_act(g[0].to(device), u[0].to(device), gelu, out=out), want[0]) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_head_rms_norm_normalizes_q_and_k_heads_only(device, dtype):
+    from gguflm.kernels.triton.activations import head_rms_norm_, head_rms_norm_reference
+
+    H, Hkv, D = 6, 2, 32
+    gen = torch.Generator().manual_seed(5)
+    qkv = (torch.randn(3, (H + 2 * Hkv) * D, generator=gen) * 3).to(dtype)
+    wq, wk = torch.randn(D, generator=gen), torch.randn(D, generator=gen)
+    got = head_rms_norm_(qkv.clone().to(device), wq.to(device), wk.to(device), H, Hkv, 1e-6)
+    want = head_rms_norm_reference(qkv, wq, wk, H, Hkv, 1e-6)
+    assert _rel(got, want) < (2e-3 if dtype == torch.float16 else 1e-6)
+    assert torch.equal(got[:, (H + Hkv) * D:].cpu(), qkv[:, (H + Hkv) * D:])            # v untouched
 
 
 @pytest.mark.parametrize("neox", [False, True])
@@ -219,3 +260,19 @@ def test_add_rms_norm_half(device):
     y = add_rms_norm_half(xd, r.to(device), w.to(device), 1e-6)
     want_x, want_y = add_rms_norm_half_reference(x, r, w, 1e-6)
     assert _rel(xd, want_x) < 1e-6 and _rel(y, want_y) < 1e-3
+
+
+def test_add_rms_norm_half_with_a_post_norm(device):
+    """Gemma's post norm: x += RMSNorm(r) * p, then the next norm (or none)."""
+    from gguflm.kernels.triton.activations import add_rms_norm_half, add_rms_norm_half_reference
+
+    gen = torch.Generator().manual_seed(6)
+    x, r = torch.randn(4, 640, generator=gen), (torch.randn(4, 640, generator=gen) * 5).half()
+    w, p = torch.randn(640, generator=gen), torch.randn(640, generator=gen)
+    want_x, want_y = add_rms_norm_half_reference(x, r, w, 1e-6, post=p)
+    xd = x.clone().to(device)
+    y = add_rms_norm_half(xd, r.to(device), w.to(device), 1e-6, post=p.to(device))
+    assert _rel(xd, want_x) < 1e-6 and _rel(y, want_y) < 1e-3
+    xd = x.clone().to(device)
+    assert add_rms_norm_half(xd, r.to(device), None, 1e-6, post=p.to(device)) is None
+    assert _rel(xd, want_x) < 1e-6

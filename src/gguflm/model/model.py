@@ -102,15 +102,9 @@ def load_model(path: str | os.PathLike | GGUFFile, device: str | torch.device = 
         from gguflm.model.parallel import load_parallel
 
         return load_parallel(f, config, n_ctx, dev, tp, threads)
-    if dev.type == "cuda" and config.spec.llama_like:  # quantized weights on the GPU, Triton kernels, CUDA graphs
+    if dev.type == "cuda":  # quantized weights on the GPU, Triton kernels, CUDA graphs (every arch)
         from gguflm.model.cuda import load_cuda
 
         return load_cuda(f, config, n_ctx, dev)
-    if dev.type != "cpu":  # the fused CUDA path runs Llama's block only: the generic torch block runs
-        import logging
-
-        logging.getLogger("gguflm.model").info(
-            "%s on %s: the fused CUDA path covers Llama's block only; running the torch block with "
-            "weights dequantized to float32 on the device", config.arch, dev)
     transformer = build_transformer(f, config, n_ctx, dev)
     return Model(f, config, transformer, n_ctx, dev)

@@ -2,16 +2,19 @@
 plain torch needs several:
 
     rms_norm_half   y = (x * rstd) * w, rstd = 1 / sqrt(mean(x^2) + eps)   x float32 -> float16
-    add_rms_norm_half  x += r (the residual, in place), then rms_norm_half(x)
-    silu_mul_half   y = silu(g) * u                                      float16 -> float16
+    add_rms_norm_half  x += r, or x += RMSNorm(r) * p (a post norm, Gemma), in place; then
+                    rms_norm_half(x) when a weight w is given
+    gated_act       y = act(g) * u, act = SiLU or GELU-tanh           float16/32 -> dtype of out
+    head_rms_norm_  RMSNorm over each q and k head of a [N, (H + 2 Hkv) D] QKV block, in place
     rope_prefill    rotate the q and k heads of a [T, (H + 2 Hkv) D] float16 QKV block at
                     positions p0 .. p0+T-1; q -> [T, H, D], k and v -> the cache rows
                     p0 .. p0+T-1 ([Hkv, n_ctx, D])
 
 Arithmetic is float32 throughout; only the stores round. Rotation as in
 :mod:`gguflm.kernels.triton.attention` (NORM pairs (2i, 2i+1), NEOX pairs (i, i + D/2)).
-Twins: :func:`rms_norm_half_reference`, :func:`silu_mul_half_reference`,
-:func:`rope_prefill_reference`, :func:`add_rms_norm_half_reference`.
+Twins: :func:`rms_norm_half_reference`, :func:`gated_act_reference`,
+:func:`rope_prefill_reference`, :func:`add_rms_norm_half_reference`,
+:func:`head_rms_norm_reference`.
 """
 
 from __future__ import annotations
@@ -42,43 +45,90 @@ def rms_norm_half(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _add_rms_norm_half_kernel(X_ptr, R_ptr, W_ptr, Y_ptr, E, eps, BLOCK: tl.constexpr):
-    """Row r: X[r] += R[r] (float32, in place), then Y[r] = (X[r] * rstd) * W in float16."""
+def _add_rms_norm_half_kernel(X_ptr, R_ptr, P_ptr, W_ptr, Y_ptr, E, eps, BLOCK: tl.constexpr,
+                              POST: tl.constexpr, NORM: tl.constexpr):
+    """Row r: X[r] += R[r] (POST: += RMSNorm(R[r]) * P), float32 in place; NORM: then
+    Y[r] = (X[r] * rstd) * W in float16."""
     r = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK)
     mask = k < E
-    x = tl.load(X_ptr + r * E + k, mask=mask, other=0.0) + tl.load(R_ptr + r * E + k, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(R_ptr + r * E + k, mask=mask, other=0.0).to(tl.float32)
+    if POST:
+        a = (a * (1.0 / tl.sqrt(tl.sum(a * a, axis=0) / E + eps))) * tl.load(P_ptr + k, mask=mask, other=0.0)
+    x = tl.load(X_ptr + r * E + k, mask=mask, other=0.0) + a
     tl.store(X_ptr + r * E + k, x, mask=mask)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / E + eps)
-    w = tl.load(W_ptr + k, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y_ptr + r * E + k, ((x * rstd) * w).to(tl.float16), mask=mask)
+    if NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / E + eps)
+        w = tl.load(W_ptr + k, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y_ptr + r * E + k, ((x * rstd) * w).to(tl.float16), mask=mask)
 
 
-def add_rms_norm_half(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """x += r (x float32 [N, E] in place, r [N, E] any float dtype); returns float16
-    RMSNorm(x) * w: the residual add fused with the norm that reads its result."""
+def add_rms_norm_half(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor | None, eps: float,
+                      post: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x += r, or x += RMSNorm(r) * post (x float32 [N, E] in place, r [N, E] any float
+    dtype); returns float16 RMSNorm(x) * w (None when w is None): the residual add fused
+    with the norm that reads its result."""
     n, e = x.shape
-    y = torch.empty(n, e, dtype=torch.float16, device=x.device)
-    _add_rms_norm_half_kernel[(n,)](x, r, w, y, e, eps, BLOCK=triton.next_power_of_2(e), num_warps=4)
-    return y
+    y = torch.empty(n, e, dtype=torch.float16, device=x.device) if w is not None else x
+    _add_rms_norm_half_kernel[(n,)](x, r, post if post is not None else x, w if w is not None else x, y, e, eps,
+                                    BLOCK=triton.next_power_of_2(e), POST=post is not None, NORM=w is not None,
+                                    num_warps=4)
+    return y if w is not None else None
 
 
 @triton.jit
-def _silu_mul_half_kernel(G_ptr, U_ptr, Y_ptr, n, BLOCK: tl.constexpr):
-    """Elements i .. i+BLOCK: Y = silu(G) * U, silu(g) = g * sigmoid(g)."""
+def _gated_act_kernel(G_ptr, U_ptr, Y_ptr, n, BLOCK: tl.constexpr, GELU: tl.constexpr):
+    """Elements i .. i+BLOCK: Y = act(G) * U; silu(g) = g sigmoid(g), gelu_tanh(g) =
+    0.5 g (1 + tanh(z)) = g sigmoid(2 z), z = sqrt(2/pi) (g + 0.044715 g^3)."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
     g = tl.load(G_ptr + i, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U_ptr + i, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y_ptr + i, (g * tl.sigmoid(g) * u).to(tl.float16), mask=mask)
+    if GELU:
+        s = tl.sigmoid(2.0 * 0.7978845608028654 * (g + 0.044715 * g * g * g))
+    else:
+        s = tl.sigmoid(g)
+    tl.store(Y_ptr + i, (g * s * u).to(Y_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_mul_half(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """g, u: float16 [N, F] (contiguous) -> float16 [N, F]."""
-    y = torch.empty_like(g, dtype=torch.float16)
+def gated_act(g: torch.Tensor, u: torch.Tensor, gelu: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """act(g) * u, act GELU-tanh (``gelu``) or SiLU: g, u [N, F] or [F] (contiguous, float16
+    or float32) -> ``out`` (default: float16 [N, F])."""
+    y = torch.empty_like(g, dtype=torch.float16) if out is None else out
     n, block = g.numel(), 2048
-    _silu_mul_half_kernel[(triton.cdiv(n, block),)](g, u, y, n, BLOCK=block, num_warps=4)
+    _gated_act_kernel[(triton.cdiv(n, block),)](g, u, y, n, BLOCK=block, GELU=gelu, num_warps=4)
     return y
+
+
+@triton.jit
+def _head_rms_norm_kernel(QKV_ptr, WQ_ptr, WK_ptr, row_stride, H, n_kv, eps,
+                          HP: tl.constexpr, D: tl.constexpr):
+    """Row r: each of its H query heads times rstd(head) * WQ, each of its Hkv key heads
+    times rstd(head) * WK (in place, float32 arithmetic)."""
+    r = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, HP)[:, None]
+    d = tl.arange(0, D)[None, :]
+    live = (h < H + n_kv) & (d >= 0)
+    ptr = QKV_ptr + r * row_stride + h * D + d
+    x = tl.load(ptr, mask=live, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    wq = tl.load(WQ_ptr + d + h * 0, mask=live & (h < H), other=0.0)
+    wk = tl.load(WK_ptr + d + h * 0, mask=live & (h >= H), other=0.0)
+    tl.store(ptr, ((x * rstd[:, None]) * (wq + wk)).to(QKV_ptr.dtype.element_ty), mask=live)
+
+
+def head_rms_norm_(qkv: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, n_head: int, n_kv: int,
+                   eps: float) -> torch.Tensor:
+    """Qwen3 / Gemma 3's q and k norms: qkv [N, (H + 2 Hkv) D] or [(H + 2 Hkv) D] (float16
+    or float32, contiguous rows), each q head RMSNormed times wq [D], each k head times wk,
+    in place (v untouched)."""
+    d = wq.numel()
+    rows = qkv.view(-1, (n_head + 2 * n_kv) * d)
+    if rows.stride(1) != 1 or d & (d - 1):
+        raise ValueError(f"contiguous rows and a power-of-two head size expected (head size {d})")
+    _head_rms_norm_kernel[(rows.shape[0],)](rows, wq, wk, rows.stride(0), n_head, n_kv, eps,
+                                            HP=triton.next_power_of_2(n_head + n_kv), D=d, num_warps=4)
+    return qkv
 
 
 @triton.jit
@@ -144,10 +194,10 @@ def rope_prefill(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p0: in
 # Plain-torch twins (float64)
 # ---------------------------------------------------------------------------------------
 
-def add_rms_norm_half_reference(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor,
-                                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + r, its RMSNorm times w) in float64."""
-    s = x.double() + r.double()
+def add_rms_norm_half_reference(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float,
+                                post: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + r or x + RMSNorm(r) * post, its RMSNorm times w) in float64."""
+    s = x.double() + (r.double() if post is None else rms_norm_half_reference(r, post, eps))
     return s, rms_norm_half_reference(s, w, eps)
 
 
@@ -156,9 +206,20 @@ def rms_norm_half_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> tor
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w.double()
 
 
-def silu_mul_half_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def gated_act_reference(g: torch.Tensor, u: torch.Tensor, gelu: bool) -> torch.Tensor:
     g, u = g.double(), u.double()
-    return g * torch.sigmoid(g) * u
+    act = torch.nn.functional.gelu(g, approximate="tanh") if gelu else g * torch.sigmoid(g)
+    return act * u
+
+
+def head_rms_norm_reference(qkv: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, n_head: int,
+                            n_kv: int, eps: float) -> torch.Tensor:
+    """[N, (H + 2 Hkv) D] float64 with the q and k heads normed."""
+    d = wq.numel()
+    x = qkv.double().reshape(qkv.shape[0], n_head + 2 * n_kv, d).clone()
+    x[:, :n_head] = rms_norm_half_reference(x[:, :n_head], wq, eps)
+    x[:, n_head:n_head + n_kv] = rms_norm_half_reference(x[:, n_head:n_head + n_kv], wk, eps)
+    return x.reshape(qkv.shape[0], -1)
 
 
 def rope_prefill_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p0: int,

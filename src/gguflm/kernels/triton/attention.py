@@ -10,8 +10,9 @@ pairs ``(2i, 2i+1)`` (NORM, llama) or ``(i, i + D/2)`` (NEOX); cos and sin are t
 [n_ctx, D/2] that already carry any attention factor. The rotated key and the value go
 to ``K[slot, h, pos]``, ``V[slot, h, pos]``.
 
-For query head ``h`` (KV head ``h // (H/Hkv)``) and the ``n = pos+1`` cached positions,
-``out[b, h] = softmax(q[h] K^T * scale) V`` with float32 scores and accumulation. The
+For query head ``h`` (KV head ``h // (H/Hkv)``) and the cached positions ``lo .. pos``
+(``lo = 0``, or ``max(0, pos + 1 - window)`` for a sliding window: llama.cpp masks keys
+with ``pos - p >= window``), ``out[b, h] = softmax(q[h] K^T * scale) V`` with float32 scores and accumulation. The
 positions are cut into ``n_splits`` ranges handled in parallel (flash-decoding); each
 program keeps a running max and sum for the query heads of one KV head of one row, and
 a second kernel merges the ranges: ``out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s``.
@@ -53,11 +54,11 @@ def _rotate(ptr, COS_ptr, SIN_ptr, pos, rows, ROWS: tl.constexpr, D: tl.constexp
 @triton.jit
 def _attn_split_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, SLOT_ptr, M_ptr, L_ptr, ACC_ptr,
                        H, n_kv, qkv_row_stride, cache_slot_stride, cache_head_stride, cache_pos_stride, scale,
-                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                       window, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
                        N_SPLITS: tl.constexpr, NEOX: tl.constexpr, SLOTS: tl.constexpr):
     """Program (kv head hk, split s, row b): query heads hk*G .. hk*G+G-1 (padded to GP)
-    of row b over positions [s*L, min((s+1)*L, n)), L = ceil(n / N_SPLITS) rounded up to
-    BLOCK_S. Writes running max M, sum L and unnormalised ACC per (row, head, split)."""
+    of row b over positions [lo + s*L, min(lo + (s+1)*L, n)), L = ceil((n - lo) / N_SPLITS)
+    rounded up to BLOCK_S (lo > 0 only under a sliding ``window`` > 0). Writes running max M, sum L and unnormalised ACC per (row, head, split)."""
     hk = tl.program_id(0)
     s = tl.program_id(1)
     b = tl.program_id(2)
@@ -69,13 +70,14 @@ def _attn_split_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, SLOT_pt
     live = (pos >= 0) & (slot >= 0)
     pos = tl.maximum(pos, 0)
     n = tl.where(live, pos + 1, 0)
-    per = tl.maximum(tl.cdiv(tl.cdiv(n, N_SPLITS), BLOCK_S) * BLOCK_S, BLOCK_S)
-    start = s * per
+    lo = tl.where(window > 0, tl.maximum(n - window, 0), 0)
+    per = tl.maximum(tl.cdiv(tl.cdiv(n - lo, N_SPLITS), BLOCK_S) * BLOCK_S, BLOCK_S)
+    start = lo + s * per
     end = tl.minimum(start + per, n)
     d = tl.arange(0, D)
     qkv = QKV_ptr + b * qkv_row_stride
     base = tl.maximum(slot, 0).to(tl.int64) * cache_slot_stride + hk * cache_head_stride
-    if live & (s == pos // per):                          # this range holds pos: store k, v first
+    if live & (s == (pos - lo) // per):                          # this range holds pos: store k, v first
         k_new = _rotate(qkv + H * D, COS_ptr, SIN_ptr, pos, hk + tl.arange(0, 1), 1, D, NEOX)
         tl.store(K_ptr + base + pos * cache_pos_stride + d[None, :], k_new.to(K_ptr.dtype.element_ty))
         v_new = tl.load(qkv + (H + n_kv + hk) * D + d)
@@ -139,12 +141,14 @@ class AttentionWorkspace:
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, ws: AttentionWorkspace,
-                     scale: float, neox: bool, block_s: int = 32, slots: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: float, neox: bool, block_s: int = 32, slots: torch.Tensor | None = None,
+                     window: int = 0) -> torch.Tensor:
     """One sequence: qkv [(H + 2 Hkv) D] (float32/16) of the new token, pos int32 [1],
     k_cache/v_cache [Hkv, n_ctx, D] holding positions 0..pos-1 (position pos is written
     here) -> out [H, D]. B rows: qkv [B, (H + 2 Hkv) D], pos [B], ``slots`` int [B] and
     caches [n_slots, Hkv, n_ctx, D] -> out [B, H, D]. cos/sin: float32 [n_ctx, D/2];
-    caches float16/bfloat16/float32 with contiguous rows; out float32 or float16."""
+    caches float16/bfloat16/float32 with contiguous rows; out float32 or float16.
+    ``window`` > 0: only the last ``window`` positions are attended (sliding window)."""
     if slots is None:
         k_cache, v_cache = k_cache[None], v_cache[None]
     n_rows = pos.numel()
@@ -162,7 +166,7 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
     _attn_split_kernel[(n_kv, ws.n_splits, n_rows)](
         qkv, cos, sin, k_cache, v_cache, pos, slots if slots is not None else pos, ws.m, ws.l, ws.acc,
         n_head, n_kv, row_stride, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale,
-        G=g, GP=gp, D=d, BLOCK_S=block_s, N_SPLITS=ws.n_splits, NEOX=neox, SLOTS=slots is not None,
+        window, G=g, GP=gp, D=d, BLOCK_S=block_s, N_SPLITS=ws.n_splits, NEOX=neox, SLOTS=slots is not None,
         num_warps=4)
     _attn_merge_kernel[(n_rows * n_head,)](ws.m, ws.l, ws.acc, out, D=d, N_SPLITS=ws.n_splits, num_warps=1)
     return out

@@ -1,9 +1,11 @@
 """The CUDA path: quantized weights on the GPU, Triton kernels, CUDA-graph decode.
 
     weights   GGUF tensors -> packed planes (or an explicit float16 fallback) on the device
-    forward   many tokens: tile dequantization + tensor-core matmuls, SDPA
-    decode    one token: fused GEMVs, split attention, captured as CUDA graphs
-    model     CudaModel: the Model interface over both paths
+    forward   the decoder written once from ArchSpec data, and its many-row ops (tile
+              dequantization + tensor-core matmuls, SDPA)
+    decode    its one-row ops (fused GEMVs, split attention), captured as CUDA graphs
+    batched   the server's step of many sequences, one token each, captured per width
+    model     CudaModel: the Model interface over these runners
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ def load_cuda(f: GGUFFile, config: ModelConfig, n_ctx: int, device: torch.device
               use_graphs: bool = True):
     """A :class:`CudaModel` of ``f`` on ``device`` (CUDA graphs off for a CPU device,
     where the Triton kernels run in the interpreter)."""
+    from gguflm.model.cuda.forward import check_supported
     from gguflm.model.cuda.model import CudaModel
     from gguflm.model.cuda.weights import load_weights
+
+    check_supported(config)
 
     # cuBLAS workspaces of 4 MiB (one buffer) and 1 MiB (cublasLt) instead of PyTorch's
     # larger defaults: the prefill matmuls pick the same kernels at the same speed

@@ -2,9 +2,9 @@
 new token each, every row in its own cache slot at its own position, padded to a width
 W (a power of two) and captured in a CUDA graph per width.
 
-The step is the many-token forward (:func:`.forward._blocks`: tile dequantization into
-tensor-core matmuls, fused RMSNorm / residual / SwiGLU kernels) with the attention of
-the decode kernel (:func:`gguflm.kernels.triton.attention.decode_attention`): RoPE at each
+The step is the decoder of :mod:`.forward` with the many-row ops (:class:`.forward.Rows`:
+tile dequantization into tensor-core matmuls, fused RMSNorm / residual / activation
+kernels) and the attention of the decode kernel (:func:`gguflm.kernels.triton.attention.decode_attention`): RoPE at each
 row's position, the cache write into each row's slot, and attention over that slot's
 positions ``0 .. pos``. Padding rows have slot -1: they write nothing and read nothing.
 
@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from gguflm.model.kv_cache import KVCache
 from gguflm.model.arch import RopeStyle
 from gguflm.model.config import ModelConfig
 from gguflm.model.cuda.decode import attention_splits
-from gguflm.model.cuda.forward import _blocks, _logits, _qkv
+from gguflm.model.cuda.forward import Rows, decoder, rope_tables
 from gguflm.model.cuda.weights import HALF, CudaLayer, CudaWeights
+from gguflm.model.kv_cache import KVCache
 from gguflm.model.layers import Rope
 from gguflm.kernels.triton.attention import AttentionWorkspace, decode_attention
 
@@ -61,19 +61,19 @@ class BatchedDecode:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
-    def _attention(self, layer: CudaLayer, index: int, h: torch.Tensor) -> torch.Tensor:
-        # h: float16 [W, E] -> float16 [W, E] (attention output through Wo)
+    def _attention(self, index: int, layer: CudaLayer, qkv: torch.Tensor) -> torch.Tensor:
+        # qkv: float16 [W, (H + 2 Hkv) D] -> float16 [W, H D]
         cfg = self.cfg
-        qkv = _qkv(layer, h, self.w.workspace)                                      # [W, (H + 2 Hkv) D]
-        decode_attention(qkv, self.rope.cos, self.rope.sin, self.pos, self.cache.k[index], self.cache.v[index],
-                         self.attn, self.attn_ws, cfg.head_dim ** -0.5, cfg.rope_style is RopeStyle.NEOX,
-                         slots=self.slot)
-        return layer.wo.matmul(self.attn.view(self.width, -1), self.w.workspace)
+        cos, sin = rope_tables(self.rope, layer)
+        decode_attention(qkv, cos, sin, self.pos, self.cache.k[index], self.cache.v[index], self.attn, self.attn_ws,
+                         cfg.scale, cfg.rope_style is RopeStyle.NEOX, slots=self.slot,
+                         window=cfg.n_swa if layer.local else 0)
+        return self.attn.view(self.width, -1)
 
     def _run(self) -> torch.Tensor:
-        x = self.w.token_embd.rows(self.tok)                                        # float32 [W, E]
-        _blocks(self.cfg, self.w, x, self._attention)
-        return _logits(self.cfg, self.w, x, self.w.workspace)                       # float32 [W, n_vocab]
+        ops = Rows(self.cfg, self.w, self.tok)                                      # float32 [W, E]
+        decoder(self.cfg, self.w, ops, self._attention)
+        return ops.logits()                                                         # float32 [W, n_vocab]
 
     def _capture(self, side: torch.cuda.Stream, pool: Any) -> None:
         """Warm up on the side stream (compiling every kernel; the inputs are the coming

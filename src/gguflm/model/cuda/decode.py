@@ -1,16 +1,17 @@
-"""The batch-1 decode step as a fixed sequence of kernels over static buffers, captured
-once in a CUDA graph and replayed for every token.
+"""The batch-1 decode step: the decoder of :mod:`.forward` over one row, with the ops of
+:class:`Token` over static buffers, captured once in a CUDA graph and replayed for every
+token. Per layer (x: the float32 residual stream, pos: the position, both on the device)::
 
-Per layer (x: the float32 residual stream, pos: the position, both on the device)::
-
-    qkv = Wqkv RMSNorm(x)                 fused GEMV, norm in the prologue
+    qkv = Wqkv RMSNorm(x)                 fused GEMV, norm in the prologue (Q, K, V in one launch)
     a = attention(rope(q), K[:pos+1], V[:pos+1])   RoPE, the cache write of the new key
                                           and value, and attention split over positions;
                                           then a merge of the splits
     x = x + Wo a                          GEMV, residual in the epilogue (in place)
-    f = silu(Wg RMSNorm(x)) * Wu RMSNorm(x)   one GEMV over both weights
+    f = silu(Wg RMSNorm(x)) * Wu RMSNorm(x)   one GEMV over both weights (SiLU), or the
+                                          two GEMVs and the activation kernel (GELU)
     x = x + Wd f                          GEMV, residual in the epilogue
 
+(plus, where the arch has them, the q/k norms and the post norms, as in :func:`.forward.decoder`),
 then ``logits = Wout RMSNorm(x)`` and the greedy ``next = argmax(logits)``. Nothing
 reads the host: the token and the position are device buffers, so a replay needs no
 arguments. Two graphs that hand each other their inputs (``(tok, pos)`` ->
@@ -21,13 +22,14 @@ copy in between.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from gguflm.model.config import ModelConfig
-from gguflm.model.arch import RopeStyle
-from gguflm.model.cuda.weights import CudaWeights
-from gguflm.model.layers import Rope
+from gguflm.kernels.triton.activations import add_rms_norm_half, gated_act
 from gguflm.kernels.triton.attention import AttentionWorkspace, decode_attention
+from gguflm.model.arch import Activation, RopeStyle
+from gguflm.model.config import ModelConfig
+from gguflm.model.cuda.forward import decoder, embd_scale, rope_tables, softcap_
+from gguflm.model.cuda.weights import CudaLayer, CudaLinear, CudaWeights
+from gguflm.model.layers import Rope
 from gguflm.quant.cuda.gemv import ArgmaxWorkspace, gemv_argmax, gemv_multi, gemv_swiglu
 
 
@@ -39,13 +41,17 @@ def attention_splits(n_ctx: int) -> int:
     return n
 
 
-class DecodeBuffers:
-    """Static inputs, activations and outputs of one decode step."""
+class Token:
+    """The ops of :func:`.forward.decoder` over one row: static float32 buffers, fused
+    GEMVs (the RMSNorm in the prologue, the residual add in the epilogue)."""
 
-    def __init__(self, cfg: ModelConfig, n_ctx: int, device: torch.device):
+    def __init__(self, cfg: ModelConfig, w: CudaWeights, n_ctx: int, device: torch.device):
         H, Hkv, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim
         f32 = dict(dtype=torch.float32, device=device)
+        self.cfg, self.w, self.eps = cfg, w, cfg.rms_eps
+        self.gelu = cfg.spec.activation is Activation.GELU_TANH
         self.x = torch.empty(cfg.n_embd, **f32)
+        self.tmp = torch.empty(cfg.n_embd, **f32)              # a block output before its post norm
         self.qkv = torch.empty((H + 2 * Hkv) * D, **f32)
         self.attn = torch.empty(H, D, **f32)
         self.gate = torch.empty(cfg.n_ff, **f32)
@@ -55,41 +61,74 @@ class DecodeBuffers:
         self.attn_ws = AttentionWorkspace(H, D, attention_splits(n_ctx), device)
         self.argmax_ws = ArgmaxWorkspace(device)
 
+    def embed(self, tok: torch.Tensor) -> None:
+        self.w.token_embd.rows(tok, out=self.x.view(1, -1))
+        if (scale := embd_scale(self.cfg)) is not None:
+            self.x.mul_(scale)
 
-def decode_step(cfg: ModelConfig, w: CudaWeights, rope: Rope, buf: DecodeBuffers,
-                k_cache: torch.Tensor, v_cache: torch.Tensor,
-                tok: torch.Tensor, pos: torch.Tensor, next_tok: torch.Tensor, next_pos: torch.Tensor) -> None:
-    """One token: tok int64 [1], pos int32 [1] -> buf.logits, next_tok = argmax,
-    next_pos = pos + 1. k_cache/v_cache: [n_layer, Hkv, n_ctx, D] of one sequence."""
-    D = cfg.head_dim
-    eps, neox = cfg.rms_eps, cfg.rope_style is RopeStyle.NEOX
-    x = buf.x
-    w.token_embd.rows(tok, out=x.view(1, -1))
-    for i, layer in enumerate(w.layers):
-        if all(lin.packed is not None and lin.bias is None for lin in layer.qkv):
-            # one launch: the stacked [Wq; Wk; Wv], or the three of different types as segments
-            outs = buf.qkv.split([lin.n_out for lin in layer.qkv])
-            gemv_multi([lin.packed for lin in layer.qkv], x, outs, norm_weight=layer.attn_norm, eps=eps)
+    def norm_linear(self, weight: torch.Tensor, lins: tuple[CudaLinear, ...]) -> torch.Tensor:
+        """The QKV projection of RMSNorm(x) * weight into ``qkv``: one launch for the
+        stacked [Wq; Wk; Wv] or the three of different types as segments."""
+        x = self.x
+        if all(lin.packed is not None and lin.bias is None for lin in lins):
+            gemv_multi([lin.packed for lin in lins], x, self.qkv.split([lin.n_out for lin in lins]),
+                       norm_weight=weight, eps=self.eps)
         else:
             start = 0
-            for lin in layer.qkv:  # one fused [Wq; Wk; Wv], or the three apart
-                lin.gemv(x, buf.qkv[start:start + lin.n_out], norm_weight=layer.attn_norm, eps=eps)
+            for lin in lins:
+                lin.gemv(x, self.qkv[start:start + lin.n_out], norm_weight=weight, eps=self.eps)
                 start += lin.n_out
-        decode_attention(buf.qkv, rope.cos, rope.sin, pos, k_cache[i], v_cache[i], buf.attn, buf.attn_ws,
-                         D ** -0.5, neox)
-        layer.wo.gemv(buf.attn.view(-1), x, residual=x)
-        if layer.swiglu_fused:
-            gemv_swiglu(layer.w_gate.packed, layer.w_up.packed, x, buf.ff, norm_weight=layer.ffn_norm, eps=eps)
+        return self.qkv
+
+    def linear_add(self, a: torch.Tensor, lin: CudaLinear, post: torch.Tensor | None) -> None:
+        """x += W a (the residual in the GEMV's epilogue), or x += RMSNorm(W a) * post."""
+        if post is None:
+            lin.gemv(a.view(-1), self.x, residual=self.x)
         else:
-            layer.w_gate.gemv(x, buf.gate, norm_weight=layer.ffn_norm, eps=eps)
-            layer.w_up.gemv(x, buf.up, norm_weight=layer.ffn_norm, eps=eps)
-            torch.mul(F.silu(buf.gate), buf.up, out=buf.ff)
-        layer.w_down.gemv(buf.ff, x, residual=x)
-    out = w.output
-    if not (out.packed is not None and out.bias is None
-            and gemv_argmax(out.packed, x, buf.logits, next_tok, buf.argmax_ws, norm_weight=w.output_norm, eps=eps)):
-        out.gemv(x, buf.logits, norm_weight=w.output_norm, eps=eps)
-        torch.argmax(buf.logits, dim=0, keepdim=True, out=next_tok)
+            lin.gemv(a.view(-1), self.tmp)
+            add_rms_norm_half(self.x.view(1, -1), self.tmp.view(1, -1), None, self.eps, post=post)
+
+    def norm_gated(self, layer: CudaLayer) -> torch.Tensor:
+        """ff = act(Wg h) * (Wu h), h = RMSNorm(x) * ffn_norm."""
+        x, g, u, nw = self.x, layer.w_gate, layer.w_up, layer.ffn_norm
+        if layer.gate_up_packed and not self.gelu:
+            gemv_swiglu(g.packed, u.packed, x, self.ff, norm_weight=nw, eps=self.eps)
+            return self.ff
+        if layer.gate_up_packed:
+            gemv_multi([g.packed, u.packed], x, [self.gate, self.up], norm_weight=nw, eps=self.eps)
+        else:
+            g.gemv(x, self.gate, norm_weight=nw, eps=self.eps)
+            u.gemv(x, self.up, norm_weight=nw, eps=self.eps)
+        return gated_act(self.gate, self.up, self.gelu, out=self.ff)
+
+    def logits_argmax(self, next_tok: torch.Tensor) -> None:
+        """logits = softcap(Wout RMSNorm(x)); next_tok = argmax (in the GEMV's epilogue
+        where the kernel has one and there is no soft-cap)."""
+        out, cfg = self.w.output, self.cfg
+        if (out.packed is not None and out.bias is None and not cfg.final_softcap
+                and gemv_argmax(out.packed, self.x, self.logits, next_tok, self.argmax_ws,
+                                norm_weight=self.w.output_norm, eps=self.eps)):
+            return
+        out.gemv(self.x, self.logits, norm_weight=self.w.output_norm, eps=self.eps)
+        softcap_(cfg, self.logits)
+        torch.argmax(self.logits, dim=0, keepdim=True, out=next_tok)
+
+
+def decode_step(cfg: ModelConfig, w: CudaWeights, rope: Rope, ops: Token,
+                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                tok: torch.Tensor, pos: torch.Tensor, next_tok: torch.Tensor, next_pos: torch.Tensor) -> None:
+    """One token: tok int64 [1], pos int32 [1] -> ops.logits, next_tok = argmax,
+    next_pos = pos + 1. k_cache/v_cache: [n_layer, Hkv, n_ctx, D] of one sequence."""
+    neox = cfg.rope_style is RopeStyle.NEOX
+
+    def attend(i: int, layer: CudaLayer, qkv: torch.Tensor) -> torch.Tensor:
+        cos, sin = rope_tables(rope, layer)
+        return decode_attention(qkv, cos, sin, pos, k_cache[i], v_cache[i], ops.attn, ops.attn_ws, cfg.scale, neox,
+                                window=cfg.n_swa if layer.local else 0)
+
+    ops.embed(tok)
+    decoder(cfg, w, ops, attend)
+    ops.logits_argmax(next_tok)
     torch.add(pos, 1, out=next_pos)
 
 
@@ -100,7 +139,7 @@ class DecodeGraphs:
     def __init__(self, cfg: ModelConfig, w: CudaWeights, rope: Rope, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, use_graphs: bool = True):
         device = k_cache.device
-        self.buf = DecodeBuffers(cfg, k_cache.shape[2], device)
+        self.buf = Token(cfg, w, k_cache.shape[2], device)
         self.tok = torch.zeros(2, dtype=torch.long, device=device)
         self.pos = torch.zeros(2, dtype=torch.int32, device=device)
         self.history = torch.zeros(k_cache.shape[2] + 1, dtype=torch.long, device=device)  # [p + 1] = argmax at p

@@ -1,43 +1,142 @@
-"""The many-token forward pass on CUDA (prefill, batched steps, ``logits``): the same
-computation as :class:`gguflm.model.layers.Transformer`, with each weight dequantized
-into the half-precision workspace right before its tensor-core matmul, float16
-activations into the matmuls, a float32 residual stream, and PyTorch's SDPA (flash
-attention) over a float16 KV cache.
+"""The CUDA path's decoder, written once: :func:`decoder` composes every architecture's
+block from fusion-level ops, as :class:`gguflm.model.layers.Block` does in torch, the
+architecture's choices coming from its ArchSpec (through the weights: q/k norms, post
+norms, local layers; through the config: activation, embedding scale, window, soft-cap)::
 
-One sequence filling its cache slot from position p0 with no padding (a prefill, or a
-continued chat) takes the fused path: no host sync inside the layer loop, RMSNorm,
-RoPE + cache write and SwiGLU as single kernels, gate and up as one matmul. Anything
-else (several rows, padding) goes through the engine's KVCache.update with masks.
+    x  = embed(tokens) (* sqrt(E))
+    x += post_attn_norm(Wo attention(qk_norm(Wqkv attn_norm(x))))      norm -> linear; attention;
+    x += post_ffn_norm(Wd act(Wg ffn_norm(x)) * Wu ffn_norm(x))          linear + residual; act * mul
+    logits = softcap(Wout output_norm(x))
+
+Two providers of the ops, one per activation shape (both run every architecture):
+
+* :class:`Rows` (here): N rows [N, E] (a prefill, the server's batched step): float16
+  activations into tensor-core matmuls over weights dequantized tile by tile, a float32
+  residual stream, each residual add deferred and fused with the RMSNorm that reads it.
+* :class:`~gguflm.model.cuda.decode.Token`: one row, float32, through the fused GEMVs
+  (RMSNorm in their prologue, the residual add in their epilogue).
+
+Attention is the one op whose kernels depend on the shape of the step: one sequence from
+``p0`` with no padding (:func:`attention_plain`: RoPE + cache write in one kernel, then
+SDPA, a causal or sliding-window mask), padded rows (:func:`attention_general`), one token
+per row (the split decode kernel, :mod:`.decode` and :mod:`.batched`). CUDA-graph capture
+(of a prefill, a decode step, a batched step) runs these same functions.
 
 Shapes: B rows, T tokens, N = B*T, S attended positions, E width, H/Hkv heads, D head size.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gguflm.model.kv_cache import KVCache
-from gguflm.model.arch import RopeStyle
+from gguflm.errors import GGUFError
+from gguflm.kernels.triton.activations import add_rms_norm_half, gated_act, head_rms_norm_, rms_norm_half, rope_prefill
+from gguflm.model.arch import Activation, RopeStyle
 from gguflm.model.config import ModelConfig
-from gguflm.model.cuda.weights import HALF, OUTPUT_ROW_CHUNK, CudaLayer, CudaWeights, Workspace
+from gguflm.model.cuda.weights import HALF, OUTPUT_ROW_CHUNK, CudaLayer, CudaLinear, CudaWeights
+from gguflm.model.kv_cache import KVCache
 from gguflm.model.layers import Rope
-from gguflm.kernels.triton.activations import add_rms_norm_half, rms_norm_half, rope_prefill, silu_mul_half
 
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-
-def _qkv(layer: CudaLayer, h: torch.Tensor, ws: Workspace) -> torch.Tensor:
-    # h: float16 [N, E] -> float16 [N, (H + 2 Hkv) D]
-    if len(layer.qkv) == 1:
-        return layer.qkv[0].matmul(h, ws)
-    return torch.cat([lin.matmul(h, ws) for lin in layer.qkv], dim=-1)
+# attention(layer index, layer, qkv [N, (H + 2 Hkv) D]) -> [N, H D] (before Wo)
+Attention = Callable[[int, CudaLayer, torch.Tensor], torch.Tensor]
 
 
-def _swiglu(layer: CudaLayer, h: torch.Tensor, ws: Workspace) -> torch.Tensor:
-    # h: float16 [N, E] -> float16 [N, F] = silu(h Wg^T) * (h Wu^T)
-    return silu_mul_half(layer.w_gate.matmul(h, ws), layer.w_up.matmul(h, ws))
+def check_supported(cfg: ModelConfig) -> None:
+    """Refuse, at load, what the CUDA kernels cannot compute (instead of computing
+    something else): the attention and RoPE kernels need a power-of-two head size."""
+    D = cfg.head_dim
+    if D & (D - 1) or not 16 <= D <= 256:
+        raise GGUFError(f"{cfg.arch}: head size {D} is not supported on CUDA (the Triton attention kernels "
+                        f"need a power of two in [16, 256]); load it with device='cpu'")
+
+
+def embd_scale(cfg: ModelConfig) -> float | None:
+    """Gemma's sqrt(n_embd) (ggml_scale in float32), else None."""
+    return float(np.sqrt(np.float32(cfg.n_embd))) if cfg.spec.embd_scale else None
+
+
+def softcap_(cfg: ModelConfig, logits: torch.Tensor) -> torch.Tensor:
+    """logits = c tanh(logits / c) in place when the arch has a final soft-cap c."""
+    if cfg.final_softcap:
+        logits.div_(cfg.final_softcap).tanh_().mul_(cfg.final_softcap)
+    return logits
+
+
+def rope_tables(rope: Rope, layer: CudaLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cos/sin tables [n_ctx, D/2] of a layer (local layers have their own base)."""
+    return (rope.cos_swa, rope.sin_swa) if layer.local else (rope.cos, rope.sin)
+
+
+def decoder(cfg: ModelConfig, w: CudaWeights, ops, attention: Attention) -> None:
+    """Every block over the residual stream ``ops`` holds (see the module docstring)."""
+    for i, layer in enumerate(w.layers):
+        qkv = ops.norm_linear(layer.attn_norm, layer.qkv)                          # [N, (H + 2 Hkv) D]
+        if layer.q_norm is not None:
+            head_rms_norm_(qkv, layer.q_norm, layer.k_norm, cfg.n_head, cfg.n_head_kv, cfg.rms_eps)
+        ops.linear_add(attention(i, layer, qkv), layer.wo, layer.attn_post_norm)
+        ops.linear_add(ops.norm_gated(layer), layer.w_down, layer.ffn_post_norm)
+
+
+class Rows:
+    """The ops over N rows: ``x`` float32 [N, E] (the residual stream), float16 into the
+    matmuls. ``linear_add`` keeps its result pending; the next ``normed`` adds it and
+    norms in one kernel (:func:`add_rms_norm_half`), ``flush`` adds it alone."""
+
+    def __init__(self, cfg: ModelConfig, w: CudaWeights, tokens: torch.Tensor):
+        self.cfg, self.w, self.ws = cfg, w, w.workspace
+        self.x = w.token_embd.rows(tokens)                                           # float32 [N, E]
+        if (scale := embd_scale(cfg)) is not None:
+            self.x *= scale
+        self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.gelu = cfg.spec.activation is Activation.GELU_TANH
+
+    def normed(self, weight: torch.Tensor) -> torch.Tensor:
+        """float16 RMSNorm(x) * weight [N, E], the pending residual added first."""
+        if self._pending is None:
+            return rms_norm_half(self.x, weight, self.cfg.rms_eps)
+        (r, post), self._pending = self._pending, None
+        return add_rms_norm_half(self.x, r, weight, self.cfg.rms_eps, post=post)
+
+    def flush(self) -> torch.Tensor:
+        if self._pending is not None:
+            (r, post), self._pending = self._pending, None
+            add_rms_norm_half(self.x, r, None, self.cfg.rms_eps, post=post)
+        return self.x
+
+    def norm_linear(self, weight: torch.Tensor, lins: tuple[CudaLinear, ...]) -> torch.Tensor:
+        h = self.normed(weight)                                                      # float16 [N, E]
+        if len(lins) == 1:
+            return lins[0].matmul(h, self.ws)
+        return torch.cat([lin.matmul(h, self.ws) for lin in lins], dim=-1)
+
+    def linear_add(self, a: torch.Tensor, lin: CudaLinear, post: torch.Tensor | None) -> None:
+        """x += W a, or x += RMSNorm(W a) * post (pending until the next norm)."""
+        self.flush()
+        self._pending = (lin.matmul(a, self.ws), post)
+
+    def norm_gated(self, layer: CudaLayer) -> torch.Tensor:
+        # float16 [N, F] = act(h Wg^T) * (h Wu^T), h = RMSNorm(x) * ffn_norm
+        h = self.normed(layer.ffn_norm)
+        return gated_act(layer.w_gate.matmul(h, self.ws), layer.w_up.matmul(h, self.ws), self.gelu)
+
+    def logits(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [N, n_vocab] of ``x`` (default: the stream); one row through the GEMV."""
+        cfg, w = self.cfg, self.w
+        x = self.flush() if x is None else x
+        if x.shape[0] == 1:
+            out = torch.empty(1, cfg.n_vocab, dtype=torch.float32, device=x.device)
+            w.output.gemv(x[0], out[0], norm_weight=w.output_norm, eps=cfg.rms_eps)
+        else:
+            out = w.output.matmul(rms_norm_half(x, w.output_norm, cfg.rms_eps), self.ws,
+                                  row_chunk=OUTPUT_ROW_CHUNK).float()
+        return softcap_(cfg, out)
 
 
 def _expand_kv(t: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -45,67 +144,63 @@ def _expand_kv(t: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-            causal: bool, scale: float) -> torch.Tensor:
+            scale: float) -> torch.Tensor:
     with sdpa_kernel(_BACKENDS):
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale)
 
 
-def _attention_plain(cfg: ModelConfig, layer: CudaLayer, h: torch.Tensor, rope: Rope, p0: int,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor, ws: Workspace) -> torch.Tensor:
-    """Attention of T tokens of one sequence at positions p0 .. p0+T-1: h float16 [T, E]
-    -> float16 [T, E] (before the residual add); k_cache/v_cache: [Hkv, n_ctx, D] of its slot."""
-    T = h.shape[0]
-    H, Hkv, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim
-    q = rope_prefill(_qkv(layer, h, ws), rope.cos, rope.sin, p0, k_cache, v_cache, H,
-                     cfg.rope_style is RopeStyle.NEOX)                               # [T, H, D]
+def plain_masks(cfg: ModelConfig, p0: int, T: int, device: torch.device) -> tuple:
+    """Masks [T, S] (True: attend) of T tokens from p0 over S = p0 + T positions, for
+    global and local layers; None where SDPA's own causal mask (p0 = 0) is the mask."""
     S = p0 + T
-    keys = _expand_kv(k_cache[:, :S], H // Hkv)[None]                                  # [1, H, S, D]
-    values = _expand_kv(v_cache[:, :S], H // Hkv)[None]
-    mask = None
-    if p0:  # query t sees keys 0 .. p0 + t
-        mask = torch.arange(S, device=h.device)[None, :] <= torch.arange(p0, S, device=h.device)[:, None]
-    out = _attend(q.transpose(0, 1)[None], keys, values, mask, p0 == 0, D ** -0.5)     # [1, H, T, D]
-    return layer.wo.matmul(out[0].transpose(0, 1).reshape(T, H * D), ws)
+    q_pos, k_pos = torch.arange(p0, S, device=device)[:, None], torch.arange(S, device=device)[None, :]
+    causal = None if p0 == 0 else k_pos <= q_pos
+    local = causal
+    if cfg.n_swa and S - 1 >= cfg.n_swa:  # llama.cpp's is_masked_swa: p1 - p0 >= n_swa is masked
+        local = (k_pos <= q_pos) & (q_pos - k_pos < cfg.n_swa)
+    return causal, local
 
 
-def _attention_general(cfg: ModelConfig, layer: CudaLayer, h: torch.Tensor, rope: Rope, positions: torch.Tensor,
-                       mask: torch.Tensor, cache: KVCache, index: int, slots: torch.Tensor,
-                       ws: Workspace) -> torch.Tensor:
-    """Attention of B rows (right padding: position < 0): h float16 [B*T, E] -> float16 [B*T, E]."""
+def attention_plain(cfg: ModelConfig, rope: Rope, p0: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    masks: tuple) -> Attention:
+    """Attention of T tokens of one sequence at positions p0 .. p0+T-1; k_cache/v_cache:
+    [n_layer, Hkv, n_ctx, D] of its slot."""
+    H, Hkv, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim
+    neox = cfg.rope_style is RopeStyle.NEOX
+
+    def attend(i: int, layer: CudaLayer, qkv: torch.Tensor) -> torch.Tensor:
+        T = qkv.shape[0]
+        cos, sin = rope_tables(rope, layer)
+        q = rope_prefill(qkv, cos, sin, p0, k_cache[i], v_cache[i], H, neox)                 # [T, H, D]
+        keys = _expand_kv(k_cache[i, :, :p0 + T], H // Hkv)[None]                          # [1, H, S, D]
+        values = _expand_kv(v_cache[i, :, :p0 + T], H // Hkv)[None]
+        out = _attend(q.transpose(0, 1)[None], keys, values, masks[layer.local], cfg.scale)  # [1, H, T, D]
+        return out[0].transpose(0, 1).reshape(T, H * D)
+
+    return attend
+
+
+def attention_general(cfg: ModelConfig, rope: Rope, positions: torch.Tensor, cache: KVCache,
+                      slots: torch.Tensor) -> Attention:
+    """Attention of B rows of T tokens (right padding: position < 0)."""
     B, T = positions.shape
     H, Hkv, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim
-    q, k, v = _qkv(layer, h, ws).split((H * D, Hkv * D, Hkv * D), dim=-1)
     rope_pos = positions.clamp(min=0)
-    q = rope(q.float().view(B, T, H, D).transpose(1, 2), rope_pos).to(HALF)              # [B, H, T, D]
-    k = rope(k.float().view(B, T, Hkv, D).transpose(1, 2), rope_pos).to(HALF)            # [B, Hkv, T, D]
-    v = v.view(B, T, Hkv, D).transpose(1, 2)
-    keys, values = cache.update(index, slots, positions, k, v)                           # [B, Hkv, S, D]
-    out = _attend(q, _expand_kv(keys, H // Hkv), _expand_kv(values, H // Hkv), mask, False, D ** -0.5)
-    return layer.wo.matmul(out.transpose(1, 2).reshape(B * T, H * D), ws)
+    key_pos = torch.arange(int(positions.max()) + 1, device=positions.device)
+    seen = key_pos[None, None, :] <= rope_pos[:, :, None]                                 # [B, T, S]
+    masks = (seen[:, None], seen[:, None])
+    if cfg.n_swa:
+        masks = (masks[0], (seen & (rope_pos[:, :, None] - key_pos[None, None, :] < cfg.n_swa))[:, None])
 
+    def attend(i: int, layer: CudaLayer, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+        q = rope(q.float().view(B, T, H, D).transpose(1, 2), rope_pos, layer.local).to(HALF)      # [B, H, T, D]
+        k = rope(k.float().view(B, T, Hkv, D).transpose(1, 2), rope_pos, layer.local).to(HALF)    # [B, Hkv, T, D]
+        keys, values = cache.update(i, slots, positions, k, v.view(B, T, Hkv, D).transpose(1, 2))  # [B, Hkv, S, D]
+        out = _attend(q, _expand_kv(keys, H // Hkv), _expand_kv(values, H // Hkv), masks[layer.local], cfg.scale)
+        return out.transpose(1, 2).reshape(B * T, H * D)
 
-def _blocks(cfg: ModelConfig, w: CudaWeights, x: torch.Tensor, attention) -> None:
-    """All blocks over the float32 residual stream x [N, E] (in place); ``attention(layer,
-    index, h)`` maps the normed float16 input to the attention output. Each residual add
-    is fused with the RMSNorm that follows it."""
-    eps = cfg.rms_eps
-    h = rms_norm_half(x, w.layers[0].attn_norm, eps)
-    for index, layer in enumerate(w.layers):
-        h = add_rms_norm_half(x, attention(layer, index, h), layer.ffn_norm, eps)
-        down = layer.w_down.matmul(_swiglu(layer, h, w.workspace), w.workspace)
-        if index + 1 < len(w.layers):
-            h = add_rms_norm_half(x, down, w.layers[index + 1].attn_norm, eps)
-        else:
-            x += down
-
-
-def _logits(cfg: ModelConfig, w: CudaWeights, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
-    # x: float32 [N, E] -> float32 [N, n_vocab]; one row through the fused GEMV
-    if x.shape[0] == 1:
-        out = torch.empty(cfg.n_vocab, dtype=torch.float32, device=x.device)
-        return w.output.gemv(x[0], out, norm_weight=w.output_norm, eps=cfg.rms_eps)[None]
-    h = rms_norm_half(x, w.output_norm, cfg.rms_eps)
-    return w.output.matmul(h, ws, row_chunk=OUTPUT_ROW_CHUNK).float()
+    return attend
 
 
 def plain_start(positions: torch.Tensor) -> int | None:
@@ -125,12 +220,10 @@ def forward_plain(cfg: ModelConfig, w: CudaWeights, rope: Rope, tokens: torch.Te
     ``k_cache``/``v_cache`` [n_layer, Hkv, n_ctx, D] of its slot. No host sync (it can be
     captured in a CUDA graph). -> float32 [1, n_vocab] (last_only) or [1, T, n_vocab]."""
     T = tokens.shape[0]
-    x = w.token_embd.rows(tokens)                                                       # float32 [T, E]
-    _blocks(cfg, w, x, lambda layer, i, h: _attention_plain(cfg, layer, h, rope, p0, k_cache[i], v_cache[i],
-                                                            w.workspace))
-    if last_only:
-        return _logits(cfg, w, x[-1:], w.workspace)                                    # [1, n_vocab]
-    return _logits(cfg, w, x, w.workspace).view(1, T, cfg.n_vocab)
+    ops = Rows(cfg, w, tokens)
+    decoder(cfg, w, ops, attention_plain(cfg, rope, p0, k_cache, v_cache, plain_masks(cfg, p0, T, tokens.device)))
+    x = ops.flush()
+    return ops.logits(x[-1:]) if last_only else ops.logits(x).view(1, T, cfg.n_vocab)
 
 
 @torch.inference_mode()
@@ -143,16 +236,11 @@ def forward_tokens(cfg: ModelConfig, w: CudaWeights, rope: Rope, tokens: torch.T
     if p0 is not None:
         slot = int(slots[0])
         return forward_plain(cfg, w, rope, tokens[0], p0, cache.k[:, slot], cache.v[:, slot], last_only)
-    ws = w.workspace
-    x = w.token_embd.rows(tokens.clamp(min=0).reshape(-1))                             # float32 [N, E]
-    q_pos = positions.clamp(min=0)
-    key_pos = torch.arange(int(positions.max()) + 1, device=positions.device)
-    mask = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]                        # [B, 1, T, S]
-    _blocks(cfg, w, x, lambda layer, i, h: _attention_general(cfg, layer, h, rope, positions, mask, cache, i,
-                                                              slots, ws))
-    x = x.view(B, T, cfg.n_embd)
+    ops = Rows(cfg, w, tokens.clamp(min=0).reshape(-1))
+    decoder(cfg, w, ops, attention_general(cfg, rope, positions, cache, slots))
+    x = ops.flush().view(B, T, cfg.n_embd)
     if last_only:
         last = (positions >= 0).sum(1) - 1                                              # [B]
         x = x[torch.arange(B, device=x.device), last]                                   # [B, E]
-        return torch.cat([_logits(cfg, w, x[b:b + 1], ws) for b in range(B)])           # [B, n_vocab]
-    return _logits(cfg, w, x.reshape(B * T, cfg.n_embd), ws).view(B, T, cfg.n_vocab)
+        return torch.cat([ops.logits(x[b:b + 1]) for b in range(B)])                    # [B, n_vocab]
+    return ops.logits(x.reshape(B * T, cfg.n_embd)).view(B, T, cfg.n_vocab)

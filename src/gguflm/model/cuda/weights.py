@@ -119,8 +119,10 @@ def place(lin: CudaLinear, device: torch.device) -> CudaLinear:
 @dataclass
 class CudaLayer:
     """One block's weights. ``qkv`` is the fused ``[Wq; Wk; Wv]`` when the three stack
-    (:func:`stacked`), else ``(Wq, Wk, Wv)``; ``swiglu_fused``: gate and up are packed in
-    one type, so one kernel reads both."""
+    (:func:`stacked`), else ``(Wq, Wk, Wv)``; ``gate_up_packed``: gate and up are packed in
+    one type without bias, so one kernel reads both. The arch's optional parts (ArchSpec):
+    ``q_norm``/``k_norm`` (Qwen3, Gemma 3), ``attn_post_norm``/``ffn_post_norm`` (Gemma),
+    ``local``: a sliding-window layer with its own RoPE table (Gemma 3)."""
 
     attn_norm: torch.Tensor
     qkv: tuple[CudaLinear, ...]
@@ -129,7 +131,12 @@ class CudaLayer:
     w_gate: CudaLinear
     w_up: CudaLinear
     w_down: CudaLinear
-    swiglu_fused: bool = False
+    gate_up_packed: bool = False
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    attn_post_norm: torch.Tensor | None = None
+    ffn_post_norm: torch.Tensor | None = None
+    local: bool = False
 
     def linears(self) -> tuple[CudaLinear, ...]:
         return (*self.qkv, self.wo, self.w_gate, self.w_up, self.w_down)
@@ -177,6 +184,9 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, device: torch.device, n_ctx: int
         fallback[slot.name] = ggml_type.name
         return CudaLinear(n_out, n_in, dense=w.dense(role, bid, device).to(HALF), bias=bias)
 
+    def norm(role: str, bid: int) -> torch.Tensor | None:
+        return w.dense(role, bid, device) if w.has(role, bid) else None
+
     layers = []
     for bid in range(cfg.n_layer):
         qkv = stacked((linear("attn_q", bid), linear("attn_k", bid), linear("attn_v", bid)))
@@ -187,8 +197,11 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, device: torch.device, n_ctx: int
             wo=place(linear("attn_output", bid), device),
             ffn_norm=w.dense("ffn_norm", bid, device),
             w_gate=place(g, device), w_up=place(u, device), w_down=place(linear("ffn_down", bid), device),
-            swiglu_fused=(g.packed is not None and u.packed is not None and g.bias is None and u.bias is None
-                          and g.packed.ggml_type == u.packed.ggml_type))
+            gate_up_packed=(g.packed is not None and u.packed is not None and g.bias is None and u.bias is None
+                            and g.packed.ggml_type == u.packed.ggml_type),
+            q_norm=norm("attn_q_norm", bid), k_norm=norm("attn_k_norm", bid),
+            attn_post_norm=norm("attn_post_norm", bid), ffn_post_norm=norm("ffn_post_norm", bid),
+            local=cfg.is_swa(bid))
         layers.append(layer)
     token_embd = place(linear("token_embd"), device)
     output = token_embd if cfg.tied_output else place(linear("output"), device)
