@@ -22,3 +22,20 @@ def test_serve_without_the_server_extra_is_one_line(blocked):
     assert r.returncode == 1, r.stderr
     assert r.stderr.splitlines() == ["gguflm serve needs the server extra: pip install 'gguflm[server]'"]
     assert r.stdout == ""
+
+
+def test_serve_replicas_without_the_ray_extra_is_one_line(smollm2_path):
+    r = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "ray", "serve", "-m", str(smollm2_path), "--replicas", "2",
+                        "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines() == ["gguflm serve needs the ray extra: pip install 'gguflm[ray]'"]
+    assert r.stdout == ""
+
+
+def test_serve_tensor_parallel_that_does_not_divide_is_one_line(smollm2_path):
+    r = subprocess.run([sys.executable, "-m", "gguflm", "serve", "-m", str(smollm2_path), "--tensor-parallel", "2",
+                        "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines() == [
+        "gguflm serve: error: tensor parallel 2 needs the query and key/value head counts to be multiples of 2: "
+        "this model has 9 query heads and 3 key/value heads (possible sizes: 1, 3)"]

@@ -21,7 +21,7 @@ class UserError(Exception):
 # Optional dependencies by top-level module -> the extra that installs them.
 EXTRAS = {"fastapi": "server", "uvicorn": "server", "anyio": "server", "starlette": "server",
           "pydantic": "server", "pydantic_core": "server", "h11": "server",
-          "matplotlib": "verify", "triton": "cuda"}
+          "matplotlib": "verify", "triton": "cuda", "ray": "ray"}
 
 
 def missing_extra(e: ModuleNotFoundError) -> str | None:

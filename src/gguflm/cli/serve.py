@@ -17,6 +17,13 @@ decoded together (continuous batching); requests beyond --parallel wait their tu
   gguflm serve -m model.gguf --port 8080 --parallel 8
   then point an OpenAI client at http://127.0.0.1:8080/v1 (any API key unless --api-key).
 
+Beyond one process (docs/scaling.md): --tensor-parallel N splits the model over N
+processes (one GPU each, or CPU processes over gloo); --replicas N serves N whole
+engines behind Ray Serve on a local Ray (pip install 'gguflm[ray]').
+
+  gguflm serve -m model.gguf --tensor-parallel 2
+  gguflm serve -m model.gguf --replicas 2 --parallel 8
+
 Access: requests must name this server in their Host header (localhost, an IP address,
 the --host name, or --allowed-hosts); web pages of other origins are refused (403) unless
 listed with --cors-origins; with --api-key (or $GGUFLM_API_KEY) every /v1/ request needs
@@ -48,6 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "('*': any; default: none, only the server's own page)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="close connections that take longer to send a request's headers (default: %(default)s)")
+    p.add_argument("--tensor-parallel", "-tp", type=int, default=1, metavar="N",
+                   help="split the model over N processes: heads and FFN rows, one all-reduce per "
+                        "attention and FFN (default: %(default)s)")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="serve N whole engines behind Ray Serve on a local Ray (the ray extra); "
+                        "requests are spread over them")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: %(default)s)")
 
@@ -68,12 +81,33 @@ def run(args: argparse.Namespace) -> int:
     if api_key is not None and (not api_key or not api_key.isprintable() or not api_key.isascii()
                                 or " " in api_key):
         raise UserError("--api-key must be printable ASCII without spaces")
+    if not 1 <= args.tensor_parallel <= 64:
+        raise UserError("--tensor-parallel must lie in [1, 64]")
+    if args.replicas is not None and not 1 <= args.replicas <= 64:
+        raise UserError("--replicas must lie in [1, 64]")
+    if args.replicas is not None:
+        import ray.serve  # noqa: F401  (the ray extra, checked before anything loads)
     device = options.device(args, "serve")
     path = resolve_model(args.model)
     from gguflm import GGUFFile
 
     with GGUFFile(path) as f:
         options.check_context(f, args.ctx_size, device, n_slots=args.parallel)
+        if args.tensor_parallel > 1:
+            from gguflm.model.arch import WeightTable
+            from gguflm.model.config import ModelConfig
+            from gguflm.model.parallel import check
+
+            check(WeightTable(f, ModelConfig.from_gguf(f)), args.tensor_parallel)
+    if args.replicas is not None:
+        from gguflm.server.ray_serve import run_local
+
+        run_local(path, args.replicas, args.host, args.port, args.log_level, device=device,
+                  parallel=args.parallel, n_ctx=args.ctx_size, threads=threads, batch_rows=args.batch_rows,
+                  tp=args.tensor_parallel, max_body=args.max_body, api_key=api_key,
+                  allowed_hosts=tuple(h for h in args.allowed_hosts.split(",") if h),
+                  cors_origins=tuple(o for o in args.cors_origins.split(",") if o))
+        return 0
     from gguflm.server import Security, serve
 
     security = Security(args.host, allowed_hosts=tuple(args.allowed_hosts.split(",")),
@@ -81,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         serve(path, args.host, args.port, device, args.parallel, args.ctx_size,
               threads, args.max_body, args.log_level, args.batch_rows, security=security,
-              header_timeout=args.header_timeout)
+              header_timeout=args.header_timeout, tp=args.tensor_parallel)
     except OSError as e:  # ModelFileChanged included
         raise UserError(str(e)) from None
     return 0

@@ -77,24 +77,39 @@ class FileWatch:
 def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, device: str = "cpu",
           parallel: int = 4, n_ctx: int | None = None, threads: int | None = None,
           max_body: int = DEFAULT_MAX_BODY, log_level: str = "info", batch_rows: int | None = None,
-          security: Security | None = None, header_timeout: float = DEFAULT_HEADER_TIMEOUT) -> None:
+          security: Security | None = None, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+          tp: int = 1) -> None:
     """Load the model at ``path`` and serve it until interrupted. Each of the ``parallel``
     slots holds a whole context of ``n_ctx`` tokens (default: the model's default);
     ``batch_rows`` caps the rows of one decode forward (default: CPU_BATCH_ROWS on the
     CPU, all of them elsewhere). ``security``: who may send requests (default: same-origin
     pages and clients that name this host, no API key; see :mod:`gguflm.server.security`);
-    ``header_timeout``: seconds a connection may take to send a request's headers.
+    ``header_timeout``: seconds a connection may take to send a request's headers;
+    ``tp``: tensor parallel over that many processes (this one serves HTTP and drives
+    the others; under ``torchrun`` the other ranks follow inside ``serve`` and return).
     Raises :class:`ModelFileChanged` when the model file is truncated or rewritten while
     served (see :class:`FileWatch`)."""
-    import uvicorn
+    import uvicorn  # noqa: F401  (the server extra, checked before the model loads)
 
     import gguflm
-    from gguflm.engine.scheduler import Scheduler
 
     # The model loop and the event loop hand the GIL to each other at every step; a
     # shorter switch interval than Python's 5 ms keeps either from waiting on the other.
     sys.setswitchinterval(SWITCH_INTERVAL)
-    model = gguflm.load(path, device=device, n_ctx=n_ctx, threads=threads)
+    model = gguflm.load(path, device=device, n_ctx=n_ctx, threads=threads, tp=tp)
+    if model is None:  # a rank other than 0 under torchrun: rank 0 has stopped serving
+        return
+    try:
+        _serve(model, path, host, port, parallel, max_body, log_level, batch_rows, security, header_timeout)
+    finally:
+        model.close()
+
+
+def _serve(model, path, host, port, parallel, max_body, log_level, batch_rows, security, header_timeout) -> None:
+    import uvicorn
+
+    from gguflm.engine.scheduler import Scheduler
+
     if batch_rows is None and model.device.type == "cpu":
         batch_rows = CPU_BATCH_ROWS
     # The model runs on this (main) thread, the one that loaded it, and HTTP on another:
