@@ -305,7 +305,8 @@ class ParallelModel(Model):
         self._lock = threading.RLock()
         self._next_id, self._dead = 0, []
         self._closed = False
-        self._finalizer = weakref.finalize(self, _stop_group, self._processes, own_group, [False])
+        self._state = {"done": False, "stopped": False}  # stopped: the other ranks were told to stop
+        self._finalizer = weakref.finalize(self, _stop_group, self._processes, own_group, self._state)
 
     @property
     def tp(self) -> int:
@@ -361,6 +362,7 @@ class ParallelModel(Model):
                 return
             try:
                 self._send(_STOP)
+                self._state["stopped"] = True
             finally:
                 self._closed = True
                 self._finalizer()
@@ -369,12 +371,16 @@ class ParallelModel(Model):
         return super().__repr__()[:-1] + f", tensor parallel {self.tp})"
 
 
-def _stop_group(processes, own_group: bool, done: list[bool]) -> None:
-    if done[0]:
+def _stop_group(processes, own_group: bool, state: dict) -> None:
+    """Reap the ranks this process started (told to stop: they exit by themselves; never
+    told, as when the model is dropped without ``close()``: ended now) and leave the group."""
+    if state["done"]:
         return
-    done[0] = True
+    state["done"] = True
     for p in processes:
         try:
+            if not state["stopped"]:
+                p.terminate()
             p.wait(30)
         except subprocess.TimeoutExpired:
             p.kill()
