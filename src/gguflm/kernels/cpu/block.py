@@ -18,7 +18,7 @@ with the RMSNorms ``x / sqrt(mean(x^2) + eps) * w``, the quantized products of
 :mod:`gguflm.quant.cpu` (fused GEMVs for a few rows, exact float tiles into sgemm for
 many), act one of :data:`ACTIVATIONS`, RoPE from the model's cos/sin table (NORM or NEOX
 pairs; a local layer's own table), this step's keys/values written into the model's KV
-cache before attention, and causal grouped-query attention (query head h reads KV head
+cache (through its block table: a paged cache) before attention, and causal grouped-query attention (query head h reads KV head
 ``h // (H / Hkv)``, keys at positions ``0..p``, or ``p - window + 1..p`` on a local
 layer, scores scaled by the block's scale; a one-sequence prefill uses ATen's fused SDPA
 kernel). Decode-sized steps run under the adaptive thread cap of
@@ -131,6 +131,7 @@ class FusedBlock(nn.Module):
                 gov.release()
             else:
                 gov.step((self._key, rows), layer)
-        return ops().block_step(x.contiguous(), positions.contiguous(), slots, cache.k, cache.v, layer, cos, sin,
+        return ops().block_step(x.contiguous(), positions.contiguous(), slots, cache.k, cache.v, cache.table, layer,
+                                cos, sin,
                                 self._norms, self.eps, self._weights, self._types, self._biases, self.n_head,
                                 self.n_head_kv, self.n_ff, neox, self.act, self.scale, self.window)

@@ -36,7 +36,8 @@ from gguflm.gguf.types import LAYOUTS, GGMLType
 from gguflm.quant.cpu.build import KernelsUnavailable, ops
 
 __all__ = ["QuantWeight", "QuantLinear", "QuantEmbedding", "KernelsUnavailable", "available", "supports",
-           "kernel_types", "qmatmul", "qmatmul_reference", "dequantize_rows", "use_simd", "simd_available"]
+           "kernel_types", "qmatmul", "qmatmul_reference", "dequantize_rows", "use_simd", "simd_available",
+           "set_batch_invariant"]
 
 
 @functools.cache
@@ -78,6 +79,16 @@ def use_simd(enable: bool) -> bool:
     """Choose the AVX-512 path (if the CPU has it) or the portable one; returns the previous
     choice. For tests and benchmarks: both paths have the same accuracy contract."""
     return bool(ops().use_simd(enable))
+
+
+def set_batch_invariant(enable: bool) -> bool:
+    """Batch-invariant mode (process-wide; returns the previous setting): every row of a
+    product and of the block step's attention is computed by the same code in the same
+    order whatever the number of rows of its step (AVX-512: the panel kernels at every M,
+    attention row by row), so a sequence's logits do not depend, to the bit, on who shares
+    its step or how its prompt was chunked. It costs a lone decode row the row kernels'
+    speed (docs/server.md). The portable path is not invariant."""
+    return bool(ops().set_batch_invariant(enable))
 
 
 class QuantWeight:

@@ -38,6 +38,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -71,6 +72,11 @@ constexpr int64_t kTileElems = 1 << 21;    // float32 elements of one dequantize
 constexpr int64_t kGrainElems = 1 << 14;   // weights per thread below which a GEMV stays serial
 
 bool g_use_simd = true;
+// Batch-invariant mode (set_batch_invariant): every row of a product or of attention is
+// computed by the same code in the same order whatever the number of rows of its step
+// (AVX-512 path: the panel kernels at every M, attention row by row, never SDPA), so a
+// sequence's results do not depend on who shares its step or how its prompt was chunked.
+bool g_invariant = false;
 
 inline uint16_t rd16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
 inline uint32_t rd32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
@@ -282,6 +288,36 @@ void dequant_rows_generic(const uint8_t* w, int64_t K, const int64_t* rows, int6
     for (int64_t i = 0; i < nb; ++i) T::dequant(row + i * T::BYTES, out + r * K + i * T::QK);
   }
 }
+
+// ---------------------------------------------------------------------------------------
+// The paged KV cache seen by attention: the keys (or values) of one sequence and one KV
+// head. Layer cache [n_blocks, Hkv, bs, D]; key j (counted from `off`, a sliding window's
+// first key) lies in block tbl[(off + j) / bs], row (off + j) % bs. A Cursor walks keys
+// j, j + 1, ... one block lookup per block, not per key.
+// ---------------------------------------------------------------------------------------
+struct Pages {
+  const float* base;   // the layer's cache
+  const int64_t* tbl;  // the sequence's blocks
+  int64_t bs, block_stride, head_off, D;  // bs, Hkv * bs * D, hk * bs * D, D
+  int64_t off = 0;
+  const float* block(int64_t b) const { return base + tbl[b] * block_stride + head_off; }
+  const float* row(int64_t j) const { return block((off + j) / bs) + (off + j) % bs * D; }
+  Pages from(int64_t lo) const { Pages p = *this; p.off += lo; return p; }
+};
+
+struct Cursor {
+  const Pages& pg;
+  int64_t b, o;
+  const float* blk = nullptr;  // block b's rows; fetched when first read (b may lie past the table)
+  Cursor(const Pages& p, int64_t j) : pg(p), b((p.off + j) / p.bs), o((p.off + j) % p.bs) {}
+  const float* get() {
+    if (!blk) blk = pg.block(b);
+    return blk + o * pg.D;
+  }
+  void next() {
+    if (++o == pg.bs) { o = 0; ++b; blk = nullptr; }
+  }
+};
 
 // ---------------------------------------------------------------------------------------
 // AVX-512 path. groups(block, f) calls f(g, qlo, qhi, dlo, dhi, m) for each 32-element
@@ -730,8 +766,10 @@ void panel_rows_avx512(const uint8_t* w, const float* xa, int64_t M, int64_t K, 
       const int64_t rows = (M - m) / (n_tiles - t);  // nearly equal heights, at most kTileRows
       const float* xt = xa + m * ldx;
       float* yt = y + m * N + n;
-      static_assert(kPanelMinM >= 3 && kTileRows == 6, "tiles of 3 to 6 rows");
-      switch (rows) {
+      static_assert(kPanelMinM >= 3 && kTileRows == 6, "tiles of 3 to 6 rows (1 or 2 when M is, batch-invariant mode)");
+      switch (rows) {  // each row's sums are the same in every tile height
+        case 1: panel_tile_avx512<1>(panel, ldx, xt, ldx, Kw, nr, yt, N); break;
+        case 2: panel_tile_avx512<2>(panel, ldx, xt, ldx, Kw, nr, yt, N); break;
         case 3: panel_tile_avx512<3>(panel, ldx, xt, ldx, Kw, nr, yt, N); break;
         case 4: panel_tile_avx512<4>(panel, ldx, xt, ldx, Kw, nr, yt, N); break;
         case 5: panel_tile_avx512<5>(panel, ldx, xt, ldx, Kw, nr, yt, N); break;
@@ -744,21 +782,29 @@ void panel_rows_avx512(const uint8_t* w, const float* xa, int64_t M, int64_t K, 
 
 // Attention inner loops (see scores_rows / weighted_values), D a multiple of 16; the G query
 // heads of a KV head share each key/value load.
-void scores_rows_avx512(const float* q, const float* keys, int64_t j0, int64_t j1, int64_t n, int64_t S, int64_t D,
+void scores_rows_avx512(const float* q, const Pages& keys, int64_t j0, int64_t j1, int64_t n, int64_t S, int64_t D,
                         int64_t G, float scale, float* sc) {
   const __m128 s4 = _mm_set1_ps(scale);
   const int64_t jn = std::min(j1, n);
   int64_t j = j0;
+  Cursor c(keys, j0);
   for (; j + 4 <= jn; j += 4) {  // four keys at a time: one shared reduction tree
-    const float* k = keys + j * D;
+    const float* k0 = c.get();
+    c.next();
+    const float* k1 = c.get();
+    c.next();
+    const float* k2 = c.get();
+    c.next();
+    const float* k3 = c.get();
+    c.next();
     for (int64_t g = 0; g < G; ++g) {
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t i = 0; i < D; i += 16) {
         const __m512 qv = _mm512_loadu_ps(q + g * D + i);
-        a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + i), a0);
-        a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + D + i), a1);
-        a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + 2 * D + i), a2);
-        a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + 3 * D + i), a3);
+        a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + i), a0);
+        a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k1 + i), a1);
+        a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k2 + i), a2);
+        a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k3 + i), a3);
       }
       _mm_storeu_ps(sc + g * S + j, _mm_mul_ps(hsum4(a0, a1, a2, a3), s4));
     }
@@ -766,22 +812,23 @@ void scores_rows_avx512(const float* q, const float* keys, int64_t j0, int64_t j
   for (; j < jn; ++j)
     for (int64_t g = 0; g < G; ++g) {
       __m512 acc = _mm512_setzero_ps();
-      for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + i), _mm512_loadu_ps(keys + j * D + i), acc);
+      for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + i), _mm512_loadu_ps(keys.row(j) + i), acc);
       sc[g * S + j] = _mm512_reduce_add_ps(acc) * scale;
     }
   for (int64_t g = 0; g < G; ++g) std::fill(sc + g * S + std::max(j0, jn), sc + g * S + j1, -INFINITY);
 }
 
-void weighted_values_avx512(const float* p, const float* values, int64_t n, int64_t S, int64_t D, int64_t G, int64_t i0,
+void weighted_values_avx512(const float* p, const Pages& values, int64_t n, int64_t S, int64_t D, int64_t G, int64_t i0,
                             int64_t i1, float* out) {
   for (int64_t g = 0; g < G; ++g)
     for (int64_t i = i0; i < i1; i += 16) {
       __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       int64_t j = 0;
+      Cursor v(values, 0);
       for (; j + 4 <= n; j += 4)  // four independent chains
-        for (int c = 0; c < 4; ++c)
-          acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * S + j + c]), _mm512_loadu_ps(values + (j + c) * D + i), acc[c]);
-      for (; j < n; ++j) acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * S + j]), _mm512_loadu_ps(values + j * D + i), acc[0]);
+        for (int c = 0; c < 4; ++c, v.next())
+          acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * S + j + c]), _mm512_loadu_ps(v.get() + i), acc[c]);
+      for (; j < n; ++j, v.next()) acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * S + j]), _mm512_loadu_ps(v.get() + i), acc[0]);
       _mm512_storeu_ps(out + g * D + i, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
     }
 }
@@ -895,7 +942,10 @@ QW make_qw(const at::Tensor& w, int64_t type, int64_t N, int64_t K) {
 
 // Rows up to which a product takes the fused kernels (see kPanelMinM); beyond, exact
 // tiles into sgemm.
-int64_t fused_max_m() { return simd_active() ? kPanelMaxM : kPortableFusedMaxM; }
+int64_t fused_max_m() {
+  if (simd_active() && g_invariant) return std::numeric_limits<int64_t>::max();
+  return simd_active() ? kPanelMaxM : kPortableFusedMaxM;
+}
 
 // The row kernels, for M < kPanelMinM (AVX-512) or M <= kPortableFusedMaxM (portable).
 void rows_kernel(const QW& w, const float* x, const float* xs, const float* xq, int64_t M, int64_t n0, int64_t n1,
@@ -953,7 +1003,7 @@ void gemv_multi(const float* x, int64_t M, const std::vector<std::pair<QW, float
   for (const auto& o : outs) TORCH_CHECK(o.first.K == K, "weights of one product must share K");
   bool panels = false;
 #ifdef GGUFLM_X86
-  panels = simd_active() && M >= kPanelMinM;
+  panels = simd_active() && (M >= kPanelMinM || g_invariant);
 #endif
   std::vector<float> xs(M * G);  // sum of x over each 32-group (the m * sum(x) term)
   for (int64_t m = 0; m < M; ++m)
@@ -1052,6 +1102,7 @@ constexpr int64_t kRowGrain = 16;              // rows per thread for the elemen
 constexpr int64_t kSdpaMinRows = 9;            // rows of a one-sequence step from which attention is ATen's SDPA
 constexpr int64_t kAttnGrainFlops = 1 << 16;   // query-key products below which attention stays serial
 constexpr int64_t kKeyBlock = 64;              // keys per attention-score task
+constexpr int64_t kAttnRows = 256;             // rows whose scores the row-by-row attention holds at once
 
 // y = x / sqrt(mean(x^2) + eps) * w, as (x * r) * w with r = 1 / sqrt(mean + eps).
 // The sum of squares in sixteen partial sums, which the compiler vectorizes (one chain of
@@ -1088,7 +1139,7 @@ void rope(float* v, int64_t n_heads, int64_t D, const float* c, const float* s, 
 // -inf elsewhere (lo > 0: a sliding window; then softmax over S); weighted_values fills out
 // [G, D] columns i0 <= i < i1 with sum_{j < n} p [G, S] * v_j. Tasks split keys (scores) or
 // head dimensions (values).
-void scores_rows_from(const float* q, const float* keys, int64_t j0, int64_t j1, int64_t n, int64_t S, int64_t D,
+void scores_rows_from(const float* q, const Pages& keys, int64_t j0, int64_t j1, int64_t n, int64_t S, int64_t D,
                       int64_t G, float scale, float* sc) {
 #ifdef GGUFLM_X86
   if (simd_active() && D % 16 == 0) { scores_rows_avx512(q, keys, j0, j1, n, S, D, G, scale, sc); return; }
@@ -1097,19 +1148,19 @@ void scores_rows_from(const float* q, const float* keys, int64_t j0, int64_t j1,
     for (int64_t j = j0; j < j1; ++j) {
       float d = 0.0f;
       if (j < n)
-        for (int64_t i = 0; i < D; ++i) d += q[g * D + i] * keys[j * D + i];
+        for (int64_t i = 0; i < D; ++i) d += q[g * D + i] * keys.row(j)[i];
       sc[g * S + j] = j < n ? d * scale : -INFINITY;
     }
 }
 
-void scores_rows(const float* q, const float* keys, int64_t j0, int64_t j1, int64_t lo, int64_t n, int64_t S,
+void scores_rows(const float* q, const Pages& keys, int64_t j0, int64_t j1, int64_t lo, int64_t n, int64_t S,
                  int64_t D, int64_t G, float scale, float* sc) {
   const int64_t a = std::min(std::max(j0, lo), j1);
   for (int64_t g = 0; g < G; ++g) std::fill(sc + g * S + j0, sc + g * S + a, -INFINITY);
   scores_rows_from(q, keys, a, j1, n, S, D, G, scale, sc);
 }
 
-void weighted_values(const float* p, const float* values, int64_t n, int64_t S, int64_t D, int64_t G, int64_t i0,
+void weighted_values(const float* p, const Pages& values, int64_t n, int64_t S, int64_t D, int64_t G, int64_t i0,
                      int64_t i1, float* out) {
 #ifdef GGUFLM_X86
   if (simd_active() && D % 16 == 0) { weighted_values_avx512(p, values, n, S, D, G, i0, i1, out); return; }
@@ -1117,8 +1168,10 @@ void weighted_values(const float* p, const float* values, int64_t n, int64_t S, 
   for (int64_t g = 0; g < G; ++g) {
     float* o = out + g * D;
     std::fill(o + i0, o + i1, 0.0f);
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t i = i0; i < i1; ++i) o[i] += p[g * S + j] * values[j * D + i];
+    for (int64_t j = 0; j < n; ++j) {
+      const float* v = values.row(j);
+      for (int64_t i = i0; i < i1; ++i) o[i] += p[g * S + j] * v[i];
+    }
   }
 }
 
@@ -1148,7 +1201,9 @@ enum Act { SILU, GELU_TANH };
 
 // x [B, T, E]: T new tokens of B sequences, at positions pos [B, T] (< 0: padding, rotated
 // as position 0, attends to key 0, not cached) in cache slots slot [B]; k_all, v_all: the
-// KV cache [n_layer, n_slots, Hkv, n_ctx, D], of which layer `layer` is read and written.
+// paged KV cache [n_layer, n_blocks, Hkv, bs, D], of which layer `layer` is read and
+// written; table [n_slots, blocks per slot]: position p of slot s lies in block
+// table[s, p / bs], row p % bs (a cache of one block per slot: table[s] = {s}, bs = n_ctx).
 // Returns the block output [B, T, E], gguflm.model.layers.Block's composition:
 //   n = attn_norm(x); q, k, v = Wq n, Wk n, Wv n (+ biases)
 //   q, k = rope(q_norm(q)), rope(k_norm(k))        per-head RMSNorm where given (Qwen3, Gemma 3)
@@ -1158,7 +1213,8 @@ enum Act { SILU, GELU_TANH };
 // at position p attends to keys max(0, p - n_swa + 1)..max(p, 0) of its slot (n_swa 0: from
 // key 0), scores scaled by `scale`; cos/sin: this layer's RoPE table (a local layer's own).
 at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Tensor& slots, const at::Tensor& k_all,
-                      const at::Tensor& v_all, int64_t layer, const at::Tensor& cos, const at::Tensor& sin,
+                      const at::Tensor& v_all, const at::Tensor& table, int64_t layer, const at::Tensor& cos,
+                      const at::Tensor& sin,
                       const c10::List<std::optional<at::Tensor>>& norms, double eps, at::TensorList weights,
                       at::IntArrayRef types, const c10::List<std::optional<at::Tensor>>& biases, int64_t n_head,
                       int64_t n_head_kv, int64_t ff, bool neox, int64_t act, double scale_, int64_t n_swa) {
@@ -1170,10 +1226,14 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
               k_all.scalar_type() == at::kFloat && v_all.scalar_type() == at::kFloat && layer >= 0 &&
               layer < k_all.size(0), "bad KV cache");
   const at::Tensor x = x3.reshape({-1, x3.size(2)});
-  const at::Tensor kc = k_all.select(0, layer), vc = v_all.select(0, layer);  // [n_slots, Hkv, n_ctx, D]
+  const at::Tensor kc = k_all.select(0, layer), vc = v_all.select(0, layer);  // [n_blocks, Hkv, bs, D]
   const int64_t R = x.size(0), E = x.size(1), T = x3.size(1);
-  const int64_t n_slots = kc.size(0), n_ctx = kc.size(2), D = kc.size(3), G = n_head / n_head_kv;
-  TORCH_CHECK(kc.size(1) == n_head_kv && n_head % n_head_kv == 0 && cos.size(1) * 2 == D && cos.size(0) >= n_ctx &&
+  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.dim() == 2 && table.is_contiguous(),
+              "the block table must be a contiguous int64 [n_slots, blocks] CPU tensor");
+  const int64_t n_blocks = kc.size(0), bs = kc.size(2), D = kc.size(3), G = n_head / n_head_kv;
+  const int64_t n_slots = table.size(0), n_bps = table.size(1);
+  const int64_t n_ctx = std::min<int64_t>(n_bps * bs, cos.size(0));  // positions a slot can hold
+  TORCH_CHECK(kc.size(1) == n_head_kv && n_head % n_head_kv == 0 && cos.size(1) * 2 == D &&
               cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat &&
               sin.scalar_type() == at::kFloat, "bad attention shapes");
   TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && slots.scalar_type() == at::kLong &&
@@ -1207,8 +1267,11 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
   for (int64_t r = 0; r < R; ++r) slot_of_row[r] = slots.data_ptr<int64_t>()[r / T];
   const int64_t* sp = slot_of_row.data();
   bool one_sequence = true;  // one slot, positions p0, p0 + 1, ... (a prefill)
+  const int64_t* tp = table.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r) {
     TORCH_CHECK(pp[r] < n_ctx && sp[r] >= 0 && sp[r] < n_slots, "position/slot outside the cache");
+    for (int64_t b = 0; b <= std::max<int64_t>(pp[r], 0) / bs; ++b)  // the blocks row r reads (and writes)
+      TORCH_CHECK(tp[sp[r] * n_bps + b] >= 0 && tp[sp[r] * n_bps + b] < n_blocks, "block table entry outside the cache");
     one_sequence = one_sequence && sp[r] == sp[0] && pp[r] == pp[0] + r && pp[0] >= 0;
   }
   const float fe = static_cast<float>(eps);
@@ -1235,7 +1298,7 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
     rope(kr, n_head_kv, D, c, s, neox);
     if (pp[r] < 0) return;
     for (int64_t h = 0; h < n_head_kv; ++h) {
-      const int64_t dst = ((sp[r] * n_head_kv + h) * n_ctx + pp[r]) * D;
+      const int64_t dst = ((tp[sp[r] * n_bps + pp[r] / bs] * n_head_kv + h) * bs + pp[r] % bs) * D;
       std::memcpy(kcp + dst, kr + h * D, D * sizeof(float));
       std::memcpy(vcp + dst, v.data_ptr<float>() + r * KD + h * D, D * sizeof(float));
     }
@@ -1244,46 +1307,60 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
   const float scale = static_cast<float>(scale_);
   auto first_key = [&](int64_t r) { return n_swa > 0 ? std::max<int64_t>(0, pp[r] - n_swa + 1) : int64_t(0); };
   at::Tensor att;
-  if (R >= kSdpaMinRows && one_sequence) {  // prefill: fused attention over the slot's cache
+  if (R >= kSdpaMinRows && one_sequence && !g_invariant) {  // prefill: fused attention over the slot's cache
     const int64_t S = pp[0] + R;
     at::Tensor qh = q.view({1, R, n_head, D}).transpose(1, 2);                      // [1, H, R, D]
-    at::Tensor keys = kc.select(0, sp[0]).narrow(1, 0, S).unsqueeze(0);            // [1, Hkv, S, D]
-    at::Tensor values = vc.select(0, sp[0]).narrow(1, 0, S).unsqueeze(0);
+    const int64_t nb = (S + bs - 1) / bs;  // the slot's blocks in order, as one [Hkv, S, D] sequence
+    auto gather = [&](const at::Tensor& c) {
+      if (nb == 1) return c.select(0, tp[sp[0] * n_bps]).narrow(1, 0, S).unsqueeze(0);  // a view
+      return c.index_select(0, table.select(0, sp[0]).narrow(0, 0, nb)).transpose(0, 1)
+          .reshape({n_head_kv, nb * bs, D}).narrow(1, 0, S).unsqueeze(0);
+    };
+    at::Tensor keys = gather(kc), values = gather(vc);                               // [1, Hkv, S, D]
     const at::Tensor key_pos = at::arange(S, pos.options()).unsqueeze(0), q_pos = pos.reshape({R, 1});
     at::Tensor allowed = key_pos.le(q_pos);                                         // [R, S]
     if (n_swa > 0) allowed.logical_and_(q_pos.sub(key_pos).lt(n_swa));
     att = at::scaled_dot_product_attention(qh, keys, values, allowed, 0.0, false, scale_, n_head != n_head_kv)
               .transpose(1, 2).reshape({R, QD}).contiguous();                      // [R, H * D]
   } else {  // per row: scores q . K[lo..p] * scale (masked elsewhere), softmax, then . V[lo..p]
-    int64_t S = 1;
-    for (int64_t r = 0; r < R; ++r) S = std::max<int64_t>(S, pp[r] + 1);
-    at::Tensor scores = at::empty({R, n_head, S}, x.options());                    // [R, H, S]
-    const float* qp = q.data_ptr<float>();
-    float* scp = scores.data_ptr<float>();
-    auto kv_base = [&](int64_t r, int64_t hk, const float* cache) { return cache + (sp[r] * n_head_kv + hk) * n_ctx * D; };
-    // Tasks: (row, KV head, block of kKeyBlock keys) for the scores, (row, KV head, 16 head
-    // dimensions) for the values; a short decode step's attention stays on one thread.
-    const bool threads = R * n_head * S * D >= kAttnGrainFlops;
-    const int64_t n_kb = (S + kKeyBlock - 1) / kKeyBlock, n_db = (D + 15) / 16;
-    parallel_range(R * n_head_kv * n_kb, threads ? 1 : R * n_head_kv * n_kb, [&](int64_t b, int64_t e, int) {
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t r = t / (n_head_kv * n_kb), hk = t / n_kb % n_head_kv, kb = t % n_kb;
-        scores_rows(qp + r * QD + hk * G * D, kv_base(r, hk, kcp), kb * kKeyBlock, std::min(S, (kb + 1) * kKeyBlock),
-                    first_key(r), std::max<int64_t>(pp[r], 0) + 1, S, D, G, scale, scp + (r * n_head + hk * G) * S);
-      }
-    });
-    at::Tensor probs = at::_softmax(scores, -1, false);
     att = at::empty({R, QD}, x.options());
-    const float* pr = probs.data_ptr<float>();
+    const float* qp = q.data_ptr<float>();
     float* ap = att.data_ptr<float>();
-    parallel_range(R * n_head_kv * n_db, threads ? 1 : R * n_head_kv * n_db, [&](int64_t b, int64_t e, int) {
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t r = t / (n_head_kv * n_db), hk = t / n_db % n_head_kv, db = t % n_db, lo = first_key(r);
-        weighted_values(pr + (r * n_head + hk * G) * S + lo, kv_base(r, hk, vcp) + lo * D,
-                        std::max<int64_t>(pp[r], 0) + 1 - lo, S, D, G, db * 16, std::min(D, (db + 1) * 16),
-                        ap + r * QD + hk * G * D);
-      }
-    });
+    auto kv_base = [&](int64_t r, int64_t hk, const float* cache) {
+      return Pages{cache, tp + sp[r] * n_bps, bs, n_head_kv * bs * D, hk * bs * D, D};
+    };
+    for (int64_t c0 = 0; c0 < R; c0 += kAttnRows) {  // rows in chunks: scores [rows, H, S] stay small
+      const int64_t c1 = std::min(R, c0 + kAttnRows), Rc = c1 - c0;
+      int64_t S = 1;
+      for (int64_t r = c0; r < c1; ++r) S = std::max<int64_t>(S, pp[r] + 1);
+      // Batch-invariant: whole 16-float vectors, so that ATen's softmax takes its vector
+      // path with key j in lane j % 16 for any S (a shorter row goes a scalar way).
+      if (g_invariant) S = (S + 15) / 16 * 16;
+      at::Tensor scores = at::empty({Rc, n_head, S}, x.options());                  // [Rc, H, S]
+      float* scp = scores.data_ptr<float>();
+      // Tasks: (row, KV head, block of kKeyBlock keys) for the scores, (row, KV head, 16 head
+      // dimensions) for the values; a short decode step's attention stays on one thread.
+      const bool threads = Rc * n_head * S * D >= kAttnGrainFlops;
+      const int64_t n_kb = (S + kKeyBlock - 1) / kKeyBlock, n_db = (D + 15) / 16;
+      parallel_range(Rc * n_head_kv * n_kb, threads ? 1 : Rc * n_head_kv * n_kb, [&](int64_t b, int64_t e, int) {
+        for (int64_t t = b; t < e; ++t) {
+          const int64_t i = t / (n_head_kv * n_kb), r = c0 + i, hk = t / n_kb % n_head_kv, kb = t % n_kb;
+          scores_rows(qp + r * QD + hk * G * D, kv_base(r, hk, kcp), kb * kKeyBlock, std::min(S, (kb + 1) * kKeyBlock),
+                      first_key(r), std::max<int64_t>(pp[r], 0) + 1, S, D, G, scale, scp + (i * n_head + hk * G) * S);
+        }
+      });
+      at::Tensor probs = at::_softmax(scores, -1, false);  // -inf outside a row's keys: exact zeros
+      const float* pr = probs.data_ptr<float>();
+      parallel_range(Rc * n_head_kv * n_db, threads ? 1 : Rc * n_head_kv * n_db, [&](int64_t b, int64_t e, int) {
+        for (int64_t t = b; t < e; ++t) {
+          const int64_t i = t / (n_head_kv * n_db), r = c0 + i, hk = t / n_db % n_head_kv, db = t % n_db;
+          const int64_t lo = first_key(r);
+          weighted_values(pr + (i * n_head + hk * G) * S + lo, kv_base(r, hk, vcp).from(lo),
+                          std::max<int64_t>(pp[r], 0) + 1 - lo, S, D, G, db * 16, std::min(D, (db + 1) * 16),
+                          ap + r * QD + hk * G * D);
+        }
+      });
+    }
   }
   at::Tensor out, g, u, d;
   project(att, {{w[WO], &out, &bias[WO]}});
@@ -1362,16 +1439,25 @@ bool use_simd(bool enable) {
 
 bool simd_available() { return cpu_has_avx512(); }
 
+// Turn the batch-invariant mode (see g_invariant) on or off; returns the old setting.
+bool set_batch_invariant(bool enable) {
+  const bool old = g_invariant;
+  g_invariant = enable;
+  return old;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gguflm_cpu, m) {
   m.def("qmatmul(Tensor x, Tensor w, int type, int n_out, int n_in) -> Tensor", &qmatmul);
   m.def("dequantize_rows(Tensor w, int type, int n_out, int n_in, Tensor rows) -> Tensor", &dequantize_rows);
-  m.def("block_step(Tensor x, Tensor positions, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, "
+  m.def("block_step(Tensor x, Tensor positions, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor table, "
+        "int layer, "
         "Tensor cos, Tensor sin, Tensor?[] norms, float eps, Tensor[] weights, int[] types, Tensor?[] biases, "
         "int n_head, int n_head_kv, int n_ff, bool neox, int act, float scale, int n_swa) -> Tensor", &block_step);
   m.def("kernel_types() -> int[]", &kernel_types);
   m.def("use_simd(bool enable) -> bool", &use_simd);
+  m.def("set_batch_invariant(bool enable) -> bool", &set_batch_invariant);
   m.def("simd_available() -> bool", &simd_available);
   m.def("fused_max_m() -> int", &fused_max_m);
   m.def("set_thread_limit(int n) -> int", &set_thread_limit);
