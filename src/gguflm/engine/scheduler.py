@@ -7,12 +7,15 @@ worker thread.
 Each admitted request owns a slot of a :class:`KVCache` (``n_slots`` of them). The worker
 loop repeats one *step*:
 
-1. drop cancelled requests (their slots are free again at once) and admit waiting ones
-   into free slots, first come first served; the rest keep waiting (never dropped).
-   A slot keeps the keys/values of the tokens it last held, so an admitted request
-   starts after the longest prefix of its prompt that any slot holds (copied into its
-   own slot if it was another's): a shared system prompt, or the earlier turns of a
-   conversation, is computed once (llama.cpp's prompt cache, across slots);
+1. drop cancelled requests (their slots and KV blocks are free again at once) and admit
+   waiting ones into free slots, first come first served, while the KV cache's block pool
+   can hold their prompts; the rest keep waiting (never dropped). The cache is paged
+   (:class:`gguflm.model.kv_cache.KVCache`: blocks taken as a sequence grows, none
+   reserved for a context it does not use), and whole blocks of prompt (and of generated
+   text, once a request ends) stay published under a hash chain of their tokens: an
+   admitted request shares the blocks of the longest run of whole blocks its prompt
+   starts with (a system prompt, the earlier turns of a conversation) and computes only
+   the rest (prefix caching; ``n_cached`` of :class:`Done`, ``prefix_hits`` of stats);
 2. prefill: the requests still reading their prompt feed their next chunk of at most
    ``prefill_chunk`` tokens (chunks follow each other from where the cached prefix ends,
    whoever else is running), as many requests as fit in ``prefill_budget`` padded
@@ -63,8 +66,9 @@ from typing import TYPE_CHECKING, Union
 import torch
 
 from gguflm.engine.generate import GenerationError, TextAssembler, check_request
+from gguflm.engine.metrics import Metrics
 from gguflm.engine.sampling import SamplingError, SamplingParams, choose, new_generator
-from gguflm.model.kv_cache import KVCache
+from gguflm.model.kv_cache import DEFAULT_BLOCK_SIZE, KVCache
 
 if TYPE_CHECKING:
     from gguflm.engine.llm import LLM
@@ -148,6 +152,7 @@ class Ticket:
     def __init__(self, job: Job, emit: Emit, scheduler: Scheduler):
         self.job, self.emit, self._scheduler = job, emit, scheduler
         self.cancelled = False
+        self.t_submit = time.perf_counter()
 
     def cancel(self) -> None:
         self._scheduler.cancel(self)
@@ -171,6 +176,7 @@ class _Seq:
     kept: list[torch.Tensor] = field(default_factory=list)      # Job.keep_logits rows
     t_start: float = field(default_factory=time.perf_counter)
     t_first: float | None = None    # when the first token was chosen
+    t_last: float | None = None     # when the last token was chosen
     ahead: tuple | None = None      # running ahead: (ids, host copy, event) chosen, not yet read
     pos_dev: torch.Tensor | None = None  # running ahead: the next position, on the device
 
@@ -194,7 +200,8 @@ class Scheduler:
 
     def __init__(self, llm: LLM, n_slots: int, n_ctx: int | None = None, *,
                  prefill_chunk: int = 256, prefill_budget: int = 512, max_waiting: int = 1024,
-                 max_batch_rows: int | None = None, start: bool = True, pipeline: bool | None = None):
+                 max_batch_rows: int | None = None, start: bool = True, pipeline: bool | None = None,
+                 block_size: int | None = DEFAULT_BLOCK_SIZE, kv_blocks: int | None = None):
         if n_slots < 1:
             raise ValueError("n_slots must be >= 1")
         if prefill_chunk < 1 or prefill_budget < 1 or max_waiting < 0:
@@ -206,13 +213,16 @@ class Scheduler:
         self.max_batch_rows = max_batch_rows
         self.llm, self.model = llm, llm.model
         model = llm.model
-        self.cache: KVCache = model.new_cache(n_slots, n_ctx)
+        if model.paged_cache and block_size is not None:
+            self.cache: KVCache = model.new_cache(n_slots, n_ctx, block_size=block_size, n_blocks=kv_blocks)
+        else:
+            self.cache = model.new_cache(n_slots, n_ctx)
         self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_budget
         self.max_waiting = max_waiting
         # rows independent of their company (the CPU's exact kernels) or made so: fixed step
         # shapes, one prompt per forward, no prompt cache (see the module docstring)
         self._shared_steps = model.batch_invariant or n_slots == 1
-        self._prompt_cache = model.batch_invariant  # reused keys/values equal computed ones
+        self._prompt_cache = model.batch_invariant and self.cache.paged  # reused keys/values equal computed ones
         if not self._shared_steps:
             model.pin_decode_width(self.cache)
         self._eog = frozenset(llm.tokenizer.eog_ids)
@@ -223,9 +233,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._free = list(range(n_slots))
-        self._held: list[list[int]] = [[] for _ in range(n_slots)]  # tokens at positions 0.. of each slot
-        self._last_used = [0] * n_slots
-        self._clock = 0
+        self.metrics = Metrics()
         self._active: list[_Seq] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -248,6 +256,11 @@ class Scheduler:
             busy = self.n_slots - len(self._free)
             return {"slots_total": self.n_slots, "slots_processing": busy,
                     "slots_idle": self.n_slots - busy, "requests_waiting": len(self._waiting)}
+
+    def kv_stats(self) -> dict[str, int]:
+        """The KV cache's blocks (see :meth:`KVCache.stats`) and running sequences."""
+        with self._cond:
+            return {**self.cache.stats(), "running": len(self._active)}
 
     def check(self, job: Job) -> None:
         """Raise :class:`GenerationError` (or its :class:`ContextLengthError`) if ``job``
@@ -323,43 +336,56 @@ class Scheduler:
             self._send(ticket, Failed("the server is shutting down"))
 
     def _reap_and_admit(self) -> None:
-        """(Lock held.) Free the slots of cancelled requests; move waiting ones into free slots."""
+        """(Lock held.) Free the slots of cancelled requests; move waiting ones into free
+        slots while the block pool holds their prompts."""
         for seq in [s for s in self._active if s.ticket.cancelled]:
             self._active.remove(seq)
-            self._free.append(seq.slot)
+            self._free_slot(seq)
         self._waiting = collections.deque(t for t in self._waiting if not t.cancelled)
         while self._waiting and self._free:
-            ticket = self._waiting.popleft()
+            ticket = self._waiting[0]
             job = ticket.job
+            slot = self._free[-1]
+            n_cached = self._start_slot(slot, job.prompt)
+            if n_cached is None:  # the pool is full: wait for running requests to end
+                if self._active:
+                    break
+                self._waiting.popleft()  # nobody will free blocks: the prompt can never fit
+                self._send(ticket, Failed(f"the prompt needs more KV cache blocks than the pool has "
+                                          f"({self.cache.n_blocks} of {self.cache.block_size} positions)"))
+                continue
+            self._waiting.popleft()
+            self._free.pop()
             gen = new_generator(job.params.seed, self.cache.k.device)
-            slot, n_cached = self._take_slot(job.prompt)
             seq = _Seq(ticket, slot, list(job.prompt[n_cached:]), list(job.prompt), gen, TextAssembler(job.stop),
                        n_past=n_cached, n_cached=n_cached)
+            self.metrics.admitted(len(job.prompt), n_cached, time.perf_counter() - ticket.t_submit)
             self._active.append(seq)
             if job.max_tokens == 0:
                 self._finish(seq, seq.done("length"), locked=True)
 
-    def _take_slot(self, prompt: tuple[int, ...]) -> tuple[int, int]:
-        """(Lock held.) A free slot for ``prompt`` and how many of its first tokens are
-        already there: the free slot holding the longest prefix of it (else the least
-        recently used one), topped up with the longest prefix any slot holds. At least
-        the last prompt token is left to compute (its logits give the first token)."""
-        def shared(slot: int) -> int:
-            if not self._prompt_cache:  # keys/values computed by this request only
-                return 0
-            return min(_common_prefix(self._held[slot], prompt), len(prompt) - 1)
+    def _start_slot(self, slot: int, prompt: tuple[int, ...]) -> int | None:
+        """(Lock held.) Give the free ``slot`` the blocks of ``prompt``: the published blocks
+        of its longest whole-block prefix (prefix caching), fresh ones for the rest. Returns
+        how many prompt tokens are cached (at least the last one is left to compute: its
+        logits give the first token), or None when the pool cannot hold the prompt."""
+        cache = self.cache
+        blocks = cache.lookup(prompt) if self._prompt_cache else []
+        while blocks and len(blocks) * cache.block_size >= len(prompt):
+            blocks.pop()
+        cache.share(slot, blocks)
+        if not cache.reserve(slot, len(prompt)):
+            cache.release(slot)
+            return None
+        return len(blocks) * cache.block_size
 
-        slot = max(self._free, key=lambda s: (shared(s), -self._last_used[s]))
-        self._free.remove(slot)
-        n = shared(slot)
-        src = max(range(self.n_slots), key=shared)
-        if shared(src) > n:  # another slot holds more: copy its keys/values  [n_layer, Hkv, L, D]
-            n = shared(src)
-            self.cache.copy_prefix(slot, src, n)
-        self._held[slot] = list(prompt[:n])
-        self._clock += 1
-        self._last_used[slot] = self._clock
-        return slot, n
+    def _free_slot(self, seq: _Seq) -> None:
+        """(Lock held.) ``seq`` left its slot: publish the whole blocks of what it computed
+        (prompt and generated tokens) and give its blocks back."""
+        if self._prompt_cache:
+            self.cache.publish(seq.slot, seq.history[:seq.n_past])
+        self.cache.release(seq.slot)
+        self._free.append(seq.slot)
 
     def _step(self) -> None:
         self._prefill()
@@ -392,7 +418,8 @@ class Scheduler:
         for i, (seq, chunk) in enumerate(zip(group, chunks)):
             seq.n_past += len(chunk)
             del seq.todo[:len(chunk)]
-            self._held[seq.slot] += chunk
+            if self._prompt_cache:  # whole blocks of prompt: shareable at once
+                self.cache.publish(seq.slot, seq.history[:seq.n_past])
             if not seq.todo:
                 self._accept_or_fail(seq, logits[i], chosen[i])
 
@@ -401,6 +428,11 @@ class Scheduler:
         or several of at most ``max_batch_rows`` rows."""
         ready = []
         for s in [s for s in self._active if not s.ticket.cancelled]:
+            feeds = s.n_past + (2 if s.ahead is not None else 1)  # positions written by this step (and the one ahead)
+            if (s.ahead is not None or s.last is not None) and not self.cache.reserve(s.slot, feeds):
+                self._finish(s, Failed("the KV cache is full (every block in use); start the server "
+                                       "with a larger --kv-size or fewer --parallel slots"))
+                continue
             if s.ahead is not None or (s.last is not None and self._runs_ahead(s)):
                 self._decode_ahead(s)
             elif s.last is not None:
@@ -417,7 +449,6 @@ class Scheduler:
         chosen = self._choose(rows, logits, range(len(rows)))
         for i, seq in enumerate(rows):
             seq.n_past += 1
-            self._held[seq.slot].append(seq.last)
             seq.last = None
             self._accept_or_fail(seq, logits[i], chosen[i])
 
@@ -435,7 +466,6 @@ class Scheduler:
             seq.pos_dev = torch.tensor([seq.n_past], device=device)
             self._launch(seq, torch.tensor([seq.last], device=device))
             seq.n_past += 1
-            self._held[seq.slot].append(seq.last)
             seq.last = None
             return
         ids, host, ready = seq.ahead
@@ -451,7 +481,6 @@ class Scheduler:
             seq.ahead = None
             return
         seq.n_past += 1           # fed already, by the step just launched
-        self._held[seq.slot].append(tok)
         seq.last = None
 
     def _launch(self, seq: _Seq, feed: torch.Tensor) -> None:
@@ -483,8 +512,11 @@ class Scheduler:
         job = seq.ticket.job
         if tok < 0:
             raise SamplingError("cannot sample: the logits are not finite")
+        now = time.perf_counter()
         if seq.t_first is None:
-            seq.t_first = time.perf_counter()
+            seq.t_first = now
+        self.metrics.token(seq.t_last is None, now - (seq.t_last or seq.ticket.t_submit), tok not in self._eog)
+        seq.t_last = now
         if job.keep_logits:
             seq.kept.append(logits.float().cpu())
         if tok in self._eog:
@@ -561,6 +593,7 @@ class Scheduler:
 
     def _finish(self, seq: _Seq, event: Done | Failed, locked: bool = False) -> None:
         """Release ``seq``'s slot and send its last event."""
+        self.metrics.ended(event.finish_reason if isinstance(event, Done) else "error")
         if locked:
             self._release(seq)
         else:
@@ -571,7 +604,7 @@ class Scheduler:
     def _release(self, seq: _Seq) -> None:
         if seq in self._active:
             self._active.remove(seq)
-            self._free.append(seq.slot)
+            self._free_slot(seq)
 
     @staticmethod
     def _send(ticket: Ticket, event: Event) -> None:
@@ -593,16 +626,6 @@ def _read(t: torch.Tensor) -> list:
         done.record()
         done.synchronize()
     return t.tolist()
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of ``a`` and ``b``."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _logprob(logits: torch.Tensor, tok: int, k: int) -> TokenLogprob:

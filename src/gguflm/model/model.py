@@ -24,10 +24,13 @@ class Model:
 
     ``batch_invariant``: a row's results do not depend on the other rows of its forward,
     on how its prompt was cut into chunks, or on whose computation its cached keys and
-    values came from (the CPU kernels are exact per row). A model without it (CUDA)
+    values came from: to the bit with the C++ kernels' batch-invariant mode
+    (:func:`gguflm.quant.cpu.set_batch_invariant`), else up to float rounding (the row
+    kernels, panel kernels and sgemm tiles sum in different orders). A model without it (CUDA)
     offers :meth:`pin_decode_width` so that a scheduler can keep every step's shapes fixed."""
 
     batch_invariant = True
+    paged_cache = True  # new_cache(block_size=...) works with forward
 
     def __init__(self, file: GGUFFile, config: ModelConfig, transformer: Transformer | None,
                  n_ctx: int, device: torch.device):
@@ -35,10 +38,14 @@ class Model:
         self.config, self.transformer = config, transformer
         self.n_ctx, self.device = n_ctx, device
 
-    def new_cache(self, n_slots: int = 1, n_ctx: int | None = None) -> KVCache:
-        """An empty KV cache of ``n_slots`` sequences of ``n_ctx`` (default: the model's) positions."""
+    def new_cache(self, n_slots: int = 1, n_ctx: int | None = None, block_size: int | None = None,
+                  n_blocks: int | None = None) -> KVCache:
+        """An empty KV cache of ``n_slots`` sequences of ``n_ctx`` (default: the model's)
+        positions: contiguous, or paged with ``block_size`` (``n_blocks`` in the pool,
+        default enough for every slot's whole context; see :class:`KVCache`)."""
         c = self.config
-        return KVCache(c.n_layer, n_slots, c.n_head_kv, n_ctx or self.n_ctx, c.head_dim, device=self.device)
+        return KVCache(c.n_layer, n_slots, c.n_head_kv, n_ctx or self.n_ctx, c.head_dim, device=self.device,
+                       block_size=block_size, n_blocks=n_blocks)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 slots: torch.Tensor, last_only: bool = False) -> torch.Tensor:

@@ -297,6 +297,8 @@ class ParallelModel(Model):
     rank (see the module doc). ``close()`` stops the other ranks (and the processes this
     one started)."""
 
+    paged_cache = False  # the other ranks' caches follow rank 0's through broadcast ops: one block per slot
+
     def __init__(self, file, config, transformer, n_ctx, device, shard: Shard, table: ShardedTable,
                  comm_device: torch.device, processes=(), own_group: bool = False):
         super().__init__(file, config, transformer, n_ctx, device)

@@ -46,6 +46,7 @@ class CudaModel(Model):
     step at one width, so that a row computes the same whoever shares its step."""
 
     batch_invariant = False
+    paged_cache = False  # its kernels address one contiguous block per slot
 
     def __init__(self, file: GGUFFile, config: ModelConfig, weights: CudaWeights,
                  n_ctx: int, device: torch.device, use_graphs: bool = True):
