@@ -126,3 +126,34 @@ def test_eight_streams_equal_alone(model) -> None:
     identical = [same(a, t) for a, t in zip(alone, together)]
     assert all(identical), f"{sum(identical)} of {len(jobs)} streams identical"
     assert all(d.n_completion == 16 for d in together)
+
+
+@pytest.mark.parametrize("which,kernels", [("smollm2_path", "1"), ("gemma3_path", "1"), ("smollm2_path", "0")])
+def test_paged_equals_contiguous(which, kernels, request, monkeypatch) -> None:
+    """The same steps through a paged cache (blocks of 16, taken out of order) and through
+    one contiguous block per slot: the same logits to the bit, the C++ block step's and the
+    torch block's (Gemma 3's sliding window of 512 crossed: positions up to 700)."""
+    import gguflm
+
+    monkeypatch.setenv("GGUFLM_CPU_KERNELS", kernels)     # "0": the torch block (KVCache.update's gather)
+    llm = gguflm.load(request.getfixturevalue(which), n_ctx=768)
+    model = llm.model
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 1000, (700,), generator=g).tolist()
+    chunks = [300, 250, 1, 1, 148]                     # a prefill, then single rows
+    paged = model.new_cache(2, 768, block_size=16)
+    paged.reserve(0, 48)                               # slot 0 takes blocks first: slot 1's are not in order
+    flat = model.new_cache(2, 768)
+    outs = []
+    for cache in (paged, flat):
+        got, p = [], 0
+        for c in chunks:
+            assert cache.reserve(1, p + c)
+            if cache.paged and p == 300:
+                cache.reserve(0, 200)                  # interleave the two slots' blocks
+            got.append(model.forward(torch.tensor([ids[p:p + c]]), torch.arange(p, p + c)[None], cache,
+                                     torch.tensor([1]), last_only=True))
+            p += c
+        outs.append(torch.cat(got))
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(paged.table[0, :3], torch.tensor([0, 1, 2]))

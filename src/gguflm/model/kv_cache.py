@@ -169,6 +169,9 @@ class KVCache:
     def share(self, slot: int, blocks: Sequence[int]) -> None:
         """Start ``slot`` (holding no block) on ``blocks`` (from :meth:`lookup`): its first
         ``len(blocks) * block_size`` positions are theirs, read-only."""
+        if not self.paged:  # a contiguous slot holds its whole context already
+            assert not blocks, "a contiguous cache shares no blocks"
+            return
         assert not self._table[slot], "share() starts a sequence"
         for b in blocks:
             if self._refs[b] == 0:
