@@ -3,8 +3,8 @@ new token each, every row in its own cache slot at its own position, padded to a
 W (a power of two) and captured in a CUDA graph per width.
 
 The step is the decoder of :mod:`.forward` with the many-row ops (:class:`.forward.Rows`:
-tile dequantization into tensor-core matmuls, fused RMSNorm / residual / activation
-kernels) and the attention of the decode kernel (:func:`gguflm.kernels.triton.attention.decode_attention`): RoPE at each
+the fused dequantize x GEMM, which reads each quantized weight once per step, fused
+RMSNorm / residual / activation kernels) and the attention of the decode kernel (:func:`gguflm.kernels.triton.attention.decode_attention`): RoPE at each
 row's position, the cache write into each row's slot, and attention over that slot's
 positions ``0 .. pos``. Padding rows have slot -1: they write nothing and read nothing.
 
@@ -14,8 +14,8 @@ Static buffers (W rows)::
     attn float16 [W, H, D]                             attention output
     logits float32 [W, n_vocab]                        output (the graph's own buffer)
 
-Rows do not interact: a row's logits do not depend on what the other rows hold, for a
-given width (the matmuls see the same shapes at every step of that width).
+Rows do not interact: a row's logits do not depend on what the other rows hold, nor, with
+the fused GEMM (the default), on the width (its reduction order is fixed per weight).
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ norms, local layers; through the config: activation, embedding scale, window, so
 Two providers of the ops, one per activation shape (both run every architecture):
 
 * :class:`Rows` (here): N rows [N, E] (a prefill, the server's batched step): float16
-  activations into tensor-core matmuls over weights dequantized tile by tile, a float32
-  residual stream, each residual add deferred and fused with the RMSNorm that reads it.
+  activations into the fused dequantize x GEMM on the tensor cores (batch invariant;
+  gate and up in one launch), a float32 residual stream, each residual add deferred and
+  fused with the RMSNorm that reads it.
 * :class:`~gguflm.model.cuda.decode.Token`: one row, float32, through the fused GEMVs
   (RMSNorm in their prologue, the residual add in their epilogue).
 
@@ -38,7 +39,8 @@ from gguflm.errors import GGUFError
 from gguflm.kernels.triton.activations import add_rms_norm_half, gated_act, head_rms_norm_, rms_norm_half, rope_prefill
 from gguflm.model.arch import Activation, RopeStyle
 from gguflm.model.config import ModelConfig
-from gguflm.model.cuda.weights import HALF, OUTPUT_ROW_CHUNK, CudaLayer, CudaLinear, CudaWeights
+from gguflm.model.cuda.weights import (HALF, OUTPUT_ROW_CHUNK, CudaLayer, CudaLinear, CudaWeights, gated_matmul,
+                                       qkv_matmul)
 from gguflm.model.kv_cache import KVCache
 from gguflm.model.layers import Rope
 
@@ -111,10 +113,7 @@ class Rows:
         return self.x
 
     def norm_linear(self, weight: torch.Tensor, lins: tuple[CudaLinear, ...]) -> torch.Tensor:
-        h = self.normed(weight)                                                      # float16 [N, E]
-        if len(lins) == 1:
-            return lins[0].matmul(h, self.ws)
-        return torch.cat([lin.matmul(h, self.ws) for lin in lins], dim=-1)
+        return qkv_matmul(lins, self.normed(weight), self.ws)                        # h: float16 [N, E]
 
     def linear_add(self, a: torch.Tensor, lin: CudaLinear, post: torch.Tensor | None) -> None:
         """x += W a, or x += RMSNorm(W a) * post (pending until the next norm)."""
@@ -124,7 +123,9 @@ class Rows:
     def norm_gated(self, layer: CudaLayer) -> torch.Tensor:
         # float16 [N, F] = act(h Wg^T) * (h Wu^T), h = RMSNorm(x) * ffn_norm
         h = self.normed(layer.ffn_norm)
-        return gated_act(layer.w_gate.matmul(h, self.ws), layer.w_up.matmul(h, self.ws), self.gelu)
+        y = gated_matmul(layer.w_gate, layer.w_up, h, layer.gate_up_packed, self.gelu)   # one fused GEMM
+        return y if y is not None else gated_act(layer.w_gate.matmul(h, self.ws), layer.w_up.matmul(h, self.ws),
+                                                 self.gelu)
 
     def logits(self, x: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [N, n_vocab] of ``x`` (default: the stream); one row through the GEMV."""

@@ -2,40 +2,67 @@
 
 Each linear weight becomes a :class:`CudaLinear`: the file's blocks regrouped into field
 planes (:class:`PackedWeight`, the file's byte count) when a Triton kernel covers the
-type, read by the fused GEMV for one token and dequantized tile by tile into a shared
-half-precision workspace for a many-token matmul. Types no kernel covers fall back,
-explicitly, to a float16 copy made once by the exact torch dequantizer (``fallback``
-names them). Norm weights and biases are small and kept in float32.
+type, read by the fused GEMV for one token and by the fused GEMM for many
+(:mod:`gguflm.quant.triton.gemm`: each weight tile decoded in registers, batch
+invariant). ``GGUFLM_MATMUL=cublas`` selects the former many-token path instead: the
+weight dequantized tile by tile into a shared half-precision workspace, then cuBLAS
+(a row's bits then depend on its batch). Types no kernel covers fall back, explicitly,
+to a float16 copy made once by the exact torch dequantizer (``fallback`` names them).
+Norm weights and biases are small and kept in float32.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from triton.errors import TritonError
 
 from gguflm.gguf.reader import GGUFFile
 from gguflm.model.arch import WeightTable
 from gguflm.model.config import ModelConfig
 from gguflm.quant.triton.codecs import codec
 from gguflm.quant.triton.dequant import dequantize_into
+from gguflm.quant.triton.gemm import gemm, gemm_gated
 from gguflm.quant.cuda.gemv import gemv  # the CUDA C++ kernel where it applies, else Triton
 from gguflm.quant.triton.planes import PackedWeight
 
 HALF = torch.float16  # activation / workspace dtype of the many-token path
-OUTPUT_ROW_CHUNK = 4096  # rows of the output projection dequantized per many-token matmul
+OUTPUT_ROW_CHUNK = 4096  # rows of the output projection dequantized per many-token matmul (cublas path)
+
+
+_gemm_failed: list[str] = []  # why the fused GEMM could not run here (said once; cuBLAS from then on)
+
+
+def fused_gemm() -> bool:
+    """Whether many-token matmuls of packed weights run the fused GEMM (the default) or
+    dequantize into the workspace for cuBLAS (``GGUFLM_MATMUL=cublas``, or after the
+    GEMM failed to compile or launch here, which is said once on stderr)."""
+    return not _gemm_failed and os.environ.get("GGUFLM_MATMUL", "gemm") != "cublas"
+
+
+def _gemm_failure(e: Exception) -> None:
+    _gemm_failed.append(f"{type(e).__name__}: {e}")
+    print(f"gguflm: the fused GEMM failed ({_gemm_failed[0][:300]}); many-token matmuls fall back to "
+          "dequantization + cuBLAS (not batch invariant)", file=sys.stderr)
 
 
 class Workspace:
-    """One half-precision buffer that every many-token matmul dequantizes its weight
-    into, in turn (the stream orders the uses). Sized for the largest weight, or a
-    chunk of rows of the output projection."""
+    """One half-precision buffer that every many-token matmul of the cuBLAS path
+    dequantizes its weight into, in turn (the stream orders the uses). Sized for the
+    largest weight, or a chunk of rows of the output projection; allocated on first use
+    (the fused GEMM needs none)."""
 
     def __init__(self, n_elements: int, device: torch.device):
-        self.buf = torch.empty(n_elements, dtype=HALF, device=device)
+        self.n_elements, self.device = n_elements, device
+        self.buf: torch.Tensor | None = None
 
     def view(self, n_rows: int, n_cols: int) -> torch.Tensor:
+        if self.buf is None:
+            self.buf = torch.empty(self.n_elements, dtype=HALF, device=self.device)
         return self.buf[:n_rows * n_cols].view(n_rows, n_cols)
 
 
@@ -70,9 +97,17 @@ class CudaLinear:
             out += self.bias
         return out
 
-    def matmul(self, x: torch.Tensor, ws: Workspace, row_chunk: int | None = None) -> torch.Tensor:
-        """Many tokens: x float16 [T, n_in] -> float16 [T, n_out] on the tensor cores
-        (float32 accumulation), W dequantized into ``ws`` ``row_chunk`` rows at a time."""
+    def matmul(self, x: torch.Tensor, ws: Workspace, row_chunk: int | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Many tokens: x float16 [T, n_in] -> float16 [T, n_out] (into ``out`` when given:
+        any row stride, e.g. a column slice) on the tensor cores, float32 accumulation.
+        Packed weights: the fused GEMM, or with ``GGUFLM_MATMUL=cublas`` W dequantized into
+        ``ws`` ``row_chunk`` rows at a time for cuBLAS."""
+        if self.packed is not None and fused_gemm():
+            try:
+                return gemm(self.packed, x, out, bias=self.bias)
+            except (RuntimeError, TritonError) as e:  # a failed compilation, too little shared memory
+                _gemm_failure(e)
         if self.packed is None:
             y = F.linear(x, self.dense)
         elif row_chunk is None or row_chunk >= self.n_out:
@@ -86,7 +121,7 @@ class CudaLinear:
                 torch.matmul(x, w.T, out=y[:, r0:r1])
         if self.bias is not None:
             y = y + self.bias.to(HALF)
-        return y
+        return y if out is None else out.copy_(y)
 
     def rows(self, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """W[ids]: the embedding lookup, ids int [n] on the device -> float32 [n, n_in]
@@ -107,6 +142,31 @@ def stacked(parts: tuple[CudaLinear, ...]) -> tuple[CudaLinear, ...]:
         return parts
     packed = PackedWeight.stack([p.packed for p in parts])
     return (CudaLinear(packed.n_rows, packed.n_cols, packed),)
+
+
+def qkv_matmul(qkv: tuple[CudaLinear, ...], h: torch.Tensor, ws: Workspace) -> torch.Tensor:
+    """h float16 [N, E] -> float16 [N, sum of n_out]: the fused [Wq; Wk; Wv], or each part
+    written into its columns of one buffer."""
+    if len(qkv) == 1:
+        return qkv[0].matmul(h, ws)
+    out = torch.empty(h.shape[0], sum(lin.n_out for lin in qkv), dtype=HALF, device=h.device)
+    start = 0
+    for lin in qkv:
+        lin.matmul(h, ws, out=out[:, start:start + lin.n_out])
+        start += lin.n_out
+    return out
+
+
+def gated_matmul(gate: CudaLinear, up: CudaLinear, h: torch.Tensor, packed: bool, gelu: bool) -> torch.Tensor | None:
+    """act(h Wg^T) * (h Wu^T), float16 [N, n_ff] (act SiLU, or GELU-tanh with ``gelu``), from
+    one GEMM over both weights when ``packed`` (gate and up packed in one type, no bias)
+    and the fused GEMM is on; else None (the caller multiplies two matmuls)."""
+    if packed and fused_gemm():
+        try:
+            return gemm_gated(gate.packed, up.packed, h, gelu=gelu)
+        except (RuntimeError, TritonError) as e:
+            _gemm_failure(e)
+    return None
 
 
 def place(lin: CudaLinear, device: torch.device) -> CudaLinear:

@@ -1,0 +1,208 @@
+"""Fused dequantize x GEMM for many activation rows (prefill, batched decode steps),
+straight from the field planes, on the tensor cores:
+
+    Y[m, r] = sum_k X[m, k] * W[r, k]  (+ b[r])                      (_gemm_kernel)
+    Y[m, r] = act(X[m] . Wg[r]) * (X[m] . Wu[r])                     (GATED; act SiLU or GELU-tanh)
+
+X is float16 [M, K] (row stride free), W a :class:`PackedWeight` [N, K], Y float16 or
+float32 [M, N] (row stride free: a column slice of a wider buffer, e.g. the V part of a
+QKV block). One program owns ``BLOCK_N`` weight rows x ``BLOCK_M`` activation rows and
+walks K ``BB`` blocks at a time: it decodes each weight tile once (the type's decoder
+from :mod:`gguflm.quant.triton.codecs`), rounds it to float16 in registers and feeds it
+with the matching activations to ``tl.dot`` (float32 accumulation). No float copy of
+W is written anywhere.
+
+Values come in the decoder's storage order, so the activations are gathered at the
+decoder's ``kidx`` (runs of 16-32 consecutive elements) and both tiles are flattened the
+same way: the dot runs over a permutation of the chunk's K positions, fixed per type.
+The weight tile is the dot's left operand (``BLOCK_N`` >= 64 rows: Hopper's warp-group
+MMA for any M), the activations its right one (``BLOCK_M`` >= 16 columns).
+
+**Batch invariance.** Each output element is one fixed sequence of MMA steps: the
+chunks in K order, BB blocks each, the same permutation inside a chunk, one float32
+accumulator, no split-K. ``BLOCK_N``, ``BB``, warps and stages depend on the weight
+only (:func:`gemm_config`); only ``BLOCK_M`` follows M (:func:`block_m`), and a row's
+result does not depend on the other rows of its tile. So a row of X gives the same bits
+whatever M is and wherever the row sits in the batch (tests/cuda/test_gemm.py checks
+it at M = 1, 3, 17, 64, 200).
+
+:func:`gemm_reference` is the plain-torch twin: dequantize exactly, round to float16,
+then matmul in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from gguflm.quant.triton.codecs import codebook, codec, unit
+from gguflm.quant.triton.planes import PackedWeight
+
+CHUNK = 256  # K values a program decodes per step (BB blocks): one K-quant super-block
+
+
+@triton.jit
+def _weight_tile(W_ptr, T_ptr, blk0, b0, nb, n_blocks,
+                 DECODE: tl.constexpr, QK: tl.constexpr, UNIT: tl.constexpr, BB: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Blocks b0 .. b0+BB-1 of BLOCK_N weight rows (``blk0``: [BLOCK_N] int64 first block
+    of each row) as float16 [BLOCK_N, BB * QK] in the decoder's storage order, and the
+    K positions of those values, [A, B, C] (``kidx`` offset by the chunk's start)."""
+    f, scale, bias, kidx = DECODE(W_ptr, T_ptr, blk0 + b0, n_blocks, nb - b0, BB)
+    if UNIT > 0:
+        q = (f - 1.0) * UNIT                                                  # the code, exactly
+    else:
+        q = f                                                                 # a codebook value
+    w = (q * scale + bias).to(tl.float16)                                     # [BN, A, B, C]
+    return tl.reshape(w, [BLOCK_N, BB * QK]), b0 * QK + kidx
+
+
+@triton.jit
+def _activation_tile(X_ptr, xrow, k, K, BLOCK_M: tl.constexpr, BK: tl.constexpr):
+    """X at rows ``xrow`` ([BLOCK_M] int64 offsets) and K positions ``k`` ([A, B, C]) as
+    float16 [BK, BLOCK_M] in the same order as the weight tile; 0 past K."""
+    x = tl.load(X_ptr + xrow[:, None, None, None] + k[None], mask=(k < K)[None], other=0.0)
+    return tl.trans(tl.reshape(x.to(tl.float16), [BLOCK_M, BK]))
+
+
+@triton.jit(do_not_specialize=["M"])  # one compilation for every M of a BLOCK_M
+def _gemm_kernel(W_ptr, WU_ptr, T_ptr, X_ptr, B_ptr, Y_ptr, M, N, K, nb, n_blocks, x_row_stride, y_row_stride,
+                 DECODE: tl.constexpr, QK: tl.constexpr, UNIT: tl.constexpr, BB: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GATED: tl.constexpr, GELU: tl.constexpr,
+                 BIAS: tl.constexpr):
+    """Y[m, r] for this program's BLOCK_M rows m (axis 0 of the grid: the programs that
+    share a weight tile run side by side) and BLOCK_N weight rows r (axis 1). GATED:
+    act(g) * u with silu(g) = g sigmoid(g), or with GELU gelu_tanh(g) = g sigmoid(2 z),
+    z = sqrt(2/pi) (g + 0.044715 g^3), on the float32 accumulators."""
+    ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    xrow = tl.minimum(ms, M - 1).to(tl.int64) * x_row_stride                  # loads stay inside X
+    blk0 = tl.minimum(rs, N - 1).to(tl.int64) * nb                            # and inside W
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if GATED:
+        acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for b0 in range(0, nb, BB):
+        w, k = _weight_tile(W_ptr, T_ptr, blk0, b0, nb, n_blocks, DECODE, QK, UNIT, BB, BLOCK_N)
+        x = _activation_tile(X_ptr, xrow, k, K, BLOCK_M, BB * QK)
+        acc = tl.dot(w, x, acc)
+        if GATED:
+            wu, k = _weight_tile(WU_ptr, T_ptr, blk0, b0, nb, n_blocks, DECODE, QK, UNIT, BB, BLOCK_N)
+            acc_u = tl.dot(wu, x, acc_u)
+    if GATED:
+        if GELU:
+            acc = acc * tl.sigmoid(2.0 * 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)) * acc_u
+        else:
+            acc = acc * tl.sigmoid(acc) * acc_u
+    if BIAS:
+        acc += tl.load(B_ptr + tl.minimum(rs, N - 1)).to(tl.float32)[:, None]
+    ptrs = Y_ptr + ms.to(tl.int64)[None, :] * y_row_stride + rs[:, None]
+    tl.store(ptrs, acc.to(Y_ptr.dtype.element_ty), mask=(rs < N)[:, None] & (ms < M)[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Launch shape that fixes every output element's reduction order: ``block_n``
+    weight rows per program, ``bb`` blocks per K step, warps and pipeline stages; and
+    the largest ``BLOCK_M`` (shared memory), which only bounds :func:`block_m`."""
+
+    block_n: int
+    bb: int
+    num_warps: int
+    num_stages: int
+    max_block_m: int = 128
+
+
+def gemm_config(w: PackedWeight) -> GemmConfig:
+    """The launch shape of ``w``: a function of the weight alone (never of M), so that a
+    row's result does not depend on its batch. 64 weight rows (one warp-group MMA
+    tile), CHUNK values per K step (fewer for a row shorter than that), 8 warps (no
+    register spills at BLOCK_M 128, sm_90), 2 stages. Codebook types (IQ4_NL, IQ4_XS)
+    gather through the codebook: 1 stage and BLOCK_M <= 64 keep them inside the shared
+    memory of an SM (checked by benchmarks/gemm_compile_check.py)."""
+    c = codec(w.ggml_type)
+    bb = max(1, min(CHUNK // w.layout.block_size, triton.next_power_of_2(w.blocks_per_row)))
+    if c is not None and c.bits == 0:
+        return GemmConfig(64, bb, 8, 1, 64)
+    return GemmConfig(64, bb, 8, 2, 128)
+
+
+def block_m(m: int, cap: int = 128) -> int:
+    """Activation rows per program for M rows: 16 .. ``cap`` (a power of two)."""
+    return min(cap, max(16, triton.next_power_of_2(m)))
+
+
+def _launch(w: PackedWeight, wu: PackedWeight | None, x: torch.Tensor, out: torch.Tensor | None,
+            bias: torch.Tensor | None, out_dtype: torch.dtype, config: GemmConfig | None,
+            bm: int | None, gelu: bool = False) -> torch.Tensor:
+    c = codec(w.ggml_type)
+    if c is None:
+        raise ValueError(f"no fused kernel for {w.ggml_type.name}")
+    if x.dim() != 2 or x.shape[1] != w.n_cols or x.stride(1) != 1 or x.dtype != torch.float16:
+        raise ValueError(f"x must be float16 [M, {w.n_cols}] with unit column stride")
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty(m, w.n_rows, dtype=out_dtype, device=x.device)
+    elif out.shape != (m, w.n_rows) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {w.n_rows}] with unit column stride")
+    if m == 0:
+        return out
+    cfg = config or gemm_config(w)
+    bm = bm or block_m(m, cfg.max_block_m)
+    nb = w.blocks_per_row
+    grid = (triton.cdiv(m, bm), triton.cdiv(w.n_rows, cfg.block_n))
+    _gemm_kernel[grid](
+        w.planes, wu.planes if wu is not None else w.planes, codebook(x.device), x,
+        bias if bias is not None else out, out, m, w.n_rows, w.n_cols, nb, w.n_rows * nb, x.stride(0), out.stride(0),
+        DECODE=c.fn, QK=c.block_size, UNIT=unit(c), BB=cfg.bb, BLOCK_N=cfg.block_n, BLOCK_M=bm,
+        GATED=wu is not None, GELU=gelu, BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def gemm(w: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
+         out_dtype: torch.dtype = torch.float16, config: GemmConfig | None = None,
+         bm: int | None = None) -> torch.Tensor:
+    """``x W^T (+ bias)``: x float16 [M, n_cols] -> [M, n_rows] (``out``, or a new tensor of
+    ``out_dtype``). ``bias``: [n_rows], added in float32 before the output rounding.
+    ``bm`` overrides :func:`block_m` (tests: it must not change a bit)."""
+    return _launch(w, None, x, out, bias, out_dtype, config, bm)
+
+
+def gemm_gated(wg: PackedWeight, wu: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
+               gelu: bool = False, config: GemmConfig | None = None, bm: int | None = None) -> torch.Tensor:
+    """``act(x Wg^T) * (x Wu^T)``, act SiLU (SwiGLU) or with ``gelu`` GELU-tanh (GeGLU), from
+    the float32 accumulators, rounded once to float16; Wg and Wu share type and shape.
+    -> float16 [M, n_rows]."""
+    if (wg.ggml_type, wg.n_rows, wg.n_cols) != (wu.ggml_type, wu.n_rows, wu.n_cols):
+        raise ValueError("gate and up weights must share type and shape")
+    return _launch(wg, wu, x, out, None, torch.float16, config, bm, gelu)
+
+
+# ---------------------------------------------------------------------------------------
+# Plain-torch twin
+# ---------------------------------------------------------------------------------------
+
+def _half_weight(w: PackedWeight) -> torch.Tensor:
+    """W as the kernel's operand: exact dequantization rounded to float16, as float64."""
+    from gguflm.quant import dequantize
+
+    return dequantize(w.blocks().reshape(-1), w.ggml_type, (w.n_cols, w.n_rows)).to(torch.float16).double()
+
+
+def gemm_reference(w: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What :func:`gemm` computes before its output rounding, in float64: x W16^T (+ b)."""
+    y = x.double().cpu() @ _half_weight(w).T
+    return y + bias.double().cpu() if bias is not None else y
+
+
+def gemm_gated_reference(wg: PackedWeight, wu: PackedWeight, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """What :func:`gemm_gated` computes before its output rounding, in float64."""
+    g, u = gemm_reference(wg, x), gemm_reference(wu, x)
+    act = torch.nn.functional.gelu(g, approximate="tanh") if gelu else torch.nn.functional.silu(g)
+    return act * u

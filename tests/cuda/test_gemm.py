@@ -1,0 +1,136 @@
+"""The fused dequantize x GEMM (quant/triton/gemm.py) against libggml's dequantizers
+(``to_float``, rounded to float16: the kernel's operand) times a float64 matmul, and its
+batch invariance: a row of X gives the same bits at any M, anywhere in the batch, with
+any BLOCK_M. Runs on the GPU, or in Triton's interpreter on the CPU (small shapes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gguflm.gguf.types import LAYOUTS, GGMLType
+from gguflm.quant.triton.gemm import block_m, gemm, gemm_config, gemm_gated, gemm_gated_reference, gemm_reference
+from gguflm.quant.triton.planes import PackedWeight
+
+FUSED = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q2_K,
+         GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS]
+
+
+def _weight(random_blocks, oracle, t: GGMLType, n_rows: int, blocks_per_row: int, device, seed: int = 0):
+    """A random packed weight and libggml's value of it rounded to float16, as float64."""
+    lay = LAYOUTS[t]
+    raw = random_blocks(t, n_rows * blocks_per_row, seed)
+    n_cols = blocks_per_row * lay.block_size
+    w = PackedWeight.from_raw(raw, t, (n_cols, n_rows), device)
+    ref = torch.from_numpy(oracle(raw.reshape(-1), t, n_rows * n_cols)).view(n_rows, n_cols)
+    return w, ref.half().double()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double().cpu() - b).abs().max() / b.abs().max())
+
+
+def _blocks_per_row(t: GGMLType) -> int:
+    # a ragged last K step: one block more than a whole number of steps (2 steps + 1 block)
+    bb = max(1, 256 // LAYOUTS[t].block_size)
+    return 2 * bb + 1
+
+
+@pytest.mark.parametrize("t", FUSED, ids=lambda t: t.name)
+def test_gemm_matches_libggml(random_blocks, oracle, device, t):
+    # 70 weight rows over 64-row programs, 5 activation rows in a 16-row tile
+    w, ref = _weight(random_blocks, oracle, t, 70, _blocks_per_row(t), device, seed=int(t))
+    x = torch.randn(5, w.n_cols, generator=torch.Generator().manual_seed(int(t))).half()
+    want = x.double() @ ref.T
+    y = gemm(w, x.to(device), out_dtype=torch.float32)
+    assert y.shape == (5, 70) and y.dtype == torch.float32
+    assert _rel(y, want) < 2e-5
+    assert _rel(gemm(w, x.to(device)), want) < 1e-3                                   # float16 output
+    assert _rel(gemm_reference(w, x.to(device)), want) < 1e-12                        # the twin, same oracle
+
+
+@pytest.mark.parametrize("t,gelu", [(GGMLType.Q4_K, False), (GGMLType.Q4_0, False), (GGMLType.Q6_K, True)],
+                         ids=["Q4_K-silu", "Q4_0-silu", "Q6_K-gelu"])
+def test_gemm_gated_matches_libggml(random_blocks, oracle, device, t, gelu):
+    wg, g_ref = _weight(random_blocks, oracle, t, 66, _blocks_per_row(t), device, seed=1)
+    wu, u_ref = _weight(random_blocks, oracle, t, 66, _blocks_per_row(t), device, seed=2)
+    x = (torch.randn(19, wg.n_cols, generator=torch.Generator().manual_seed(3)) / 64).half()  # |y| << 65504
+    g, u = x.double() @ g_ref.T, x.double() @ u_ref.T
+    act = torch.nn.functional.gelu(g, approximate="tanh") if gelu else torch.nn.functional.silu(g)
+    want = act * u
+    assert _rel(gemm_gated(wg, wu, x.to(device), gelu=gelu), want) < 2e-3
+    assert _rel(gemm_gated_reference(wg, wu, x.to(device), gelu=gelu), want) < 1e-12
+
+
+def test_gemm_bias_into_a_column_slice(random_blocks, oracle, device):
+    t = GGMLType.Q6_K
+    w, ref = _weight(random_blocks, oracle, t, 33, 2, device, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(7, w.n_cols, generator=gen).half()
+    b = torch.randn(33, generator=gen)
+    buf = torch.full((7, 50), -7.0, device=device)
+    gemm(w, x.to(device), buf[:, 10:43], bias=b.to(device))
+    want = x.double() @ ref.T + b.double()
+    assert _rel(buf[:, 10:43], want) < 2e-5
+    assert bool((buf[:, :10] == -7).all()) and bool((buf[:, 43:] == -7).all())       # nothing else written
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q4_0], ids=lambda t: t.name)
+def test_gemm_is_batch_invariant(random_blocks, oracle, device, t):
+    """Row ``probe`` of X gives bit-identical outputs alone, among 3, 17, 64 and 200 rows,
+    at the start, in the middle and at the end of the batch, and under every BLOCK_M."""
+    w, _ = _weight(random_blocks, oracle, t, 130, _blocks_per_row(t), device, seed=9)
+    gen = torch.Generator().manual_seed(9)
+    rows = lambda m: (torch.randn(m, w.n_cols, generator=gen) / 64).half().to(device)  # noqa: E731 (finite gated products)
+    probe = rows(1)
+    alone = gemm(w, probe)
+    alone_g = gemm_gated(w, w, probe)
+    cfg = gemm_config(w)
+    for m in (1, 3, 17, 64, 200):
+        for where in sorted({0, m // 2, m - 1}):
+            x = rows(m)
+            x[where] = probe[0]
+            assert torch.equal(gemm(w, x)[where], alone[0]), (m, where, block_m(m))
+            assert torch.equal(gemm(w, x, config=cfg)[where], alone[0])
+            assert torch.equal(gemm_gated(w, w, x)[where], alone_g[0]), (m, where)
+    x = rows(40)
+    x[21] = probe[0]
+    for bm in (16, 32, 64, 128):
+        assert torch.equal(gemm(w, x, bm=bm)[21], alone[0]), bm
+
+
+def test_gemm_refuses_what_it_cannot_run(random_blocks, device):
+    w = PackedWeight.from_raw(random_blocks(GGMLType.Q4_0, 8, 0), GGMLType.Q4_0, (64, 4), device)
+    with pytest.raises(ValueError, match="float16"):
+        gemm(w, torch.randn(2, 64, device=device))                                     # float32 activations
+    with pytest.raises(ValueError, match="out must be"):
+        gemm(w, torch.randn(2, 64, device=device).half(), torch.empty(2, 5, device=device))
+    f16 = PackedWeight(GGMLType.F16, 4, 64, torch.zeros(512, dtype=torch.uint8, device=device))
+    with pytest.raises(ValueError, match="F16"):
+        gemm(f16, torch.randn(2, 64, device=device).half())
+
+
+def test_batched_decode_rows_are_width_invariant(tiny_model, device):
+    """Through the model: a sequence's logits in a batched decode step are the same bits
+    whether it shares the step with one other row (width 2) or with four (width 8), at
+    another place in the batch (the fused GEMM, per-row norms and attention)."""
+    import gguflm
+    from gguflm.model.config import ModelConfig
+    from gguflm.model.cuda import load_cuda
+
+    f = gguflm.GGUFFile(tiny_model("Q4_K_M"))
+    m = load_cuda(f, ModelConfig.from_gguf(f), 32, device)
+    cache = m.new_cache(8)
+    prompts = {0: [1, 450, 439], 1: [1, 293, 110, 289], 2: [1, 17], 3: [1, 450, 439, 293, 110], 4: [1, 99, 98, 97]}
+    for slot, ids in prompts.items():
+        m.forward(torch.tensor([ids], device=device), torch.arange(len(ids), device=device)[None], cache,
+                  torch.tensor([slot], device=device))
+
+    def step(slots: list[int]) -> torch.Tensor:
+        toks = torch.tensor([[7 + s] for s in slots], device=device)
+        pos = torch.tensor([[len(prompts[s])] for s in slots], device=device)
+        return m.forward(toks, pos, cache, torch.tensor(slots, device=device), last_only=True).clone()
+
+    two = step([3, 1])                  # width 2
+    five = step([0, 1, 2, 3, 4])        # width 8, three padding rows
+    assert torch.equal(two[0], five[3]) and torch.equal(two[1], five[1])
