@@ -35,6 +35,13 @@ def load_cuda(f: GGUFFile, config: ModelConfig, n_ctx: int, device: torch.device
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:1")
     os.environ.setdefault("TORCH_CUBLASLT_WORKSPACE_SIZE", "1024")
 
+    # Triton's compiled kernels beside gguflm's own build of the GEMV kernels
+    # ($GGUFLM_KERNEL_CACHE, default ~/.cache/gguflm/kernels) instead of ~/.triton: one
+    # cache to keep or empty. Triton reads it at each compilation; a value the user set wins.
+    from gguflm.quant.cuda.build import kernel_cache_dir
+
+    os.environ.setdefault("TRITON_CACHE_DIR", str(kernel_cache_dir() / "triton"))
+
     from gguflm.quant.cuda.gemv import prepare
 
     prepare(device)  # nvcc's first build of the GEMV kernels (cached) runs while the weights load

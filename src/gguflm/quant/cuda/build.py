@@ -39,7 +39,8 @@ def nvcc() -> str | None:
     return None
 
 
-def _cache_dir() -> Path:
+def kernel_cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$GGUFLM_KERNEL_CACHE``, default ``~/.cache/gguflm/kernels``."""
     root = os.environ.get("GGUFLM_KERNEL_CACHE") or Path.home() / ".cache" / "gguflm" / "kernels"
     return Path(root)
 
@@ -86,7 +87,7 @@ def _quiet(arch: str) -> None:
 
 def _load(arch: str) -> ctypes.CDLL:
     name = _name(arch)
-    lib = _cache_dir() / name / f"lib{name}.so"
+    lib = kernel_cache_dir() / name / f"lib{name}.so"
     if not lib.exists():
         compiler = nvcc()
         if compiler is None:
