@@ -32,7 +32,10 @@ generate The user path, as issue 14 asks: ``gguflm.load(path).generate(ids, temp
          a fresh process per measurement, the same thread count:
            pp512     a fresh random 512-token prompt each repetition (no prefix cache can
                      help), max_tokens=1: 512 / seconds to the end of the call
-           tg        tokens/s from the first streamed piece to the last (--tg tokens)
+           tg        tokens/s from the first streamed piece to the last (--tg tokens), the
+                     greedy continuation of a short English text (TG_PROMPT, each engine's
+                     own tokenizer: a random-id prompt let a base model stop at its end-of-
+                     text token after one or two tokens, which timed one step, not --tg)
            tg_busy   the same while another process keeps core 1 busy (``--busy``): a
                      pinned ``while True: pass``; the ratio to tg says what contention costs
            peak RSS  VmHWM of the child
@@ -149,6 +152,9 @@ def random_prompt(rng, n: int, vocab: int) -> list[int]:
     return [rng.randrange(100, min(vocab, 30000)) for _ in range(n)]
 
 
+TG_PROMPT = "Once upon a time, in a small village by the sea, there lived"
+
+
 def child_gen(engine: str, path: str, threads: int, tg: int, pp_reps: int) -> dict:
     """One engine's user path: fresh-prompt prefill rates and a streamed greedy decode."""
     import random
@@ -161,6 +167,7 @@ def child_gen(engine: str, path: str, threads: int, tg: int, pp_reps: int) -> di
         llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=N_CTX, n_batch=N_PREFILL,
                               n_ubatch=N_PREFILL, verbose=False)
         vocab = llm.n_vocab()
+        tg_ids = llm.tokenize(TG_PROMPT.encode(), add_bos=True)
 
         def stream(ids, n):
             return (c["choices"][0]["text"] for c in llm.create_completion(ids, max_tokens=n, temperature=0.0,
@@ -170,6 +177,7 @@ def child_gen(engine: str, path: str, threads: int, tg: int, pp_reps: int) -> di
 
         llm = gguflm.load(path, n_ctx=N_CTX, threads=threads)
         vocab = llm.model.config.n_vocab
+        tg_ids = llm.tokenizer.encode(TG_PROMPT, add_special=True)
 
         def stream(ids, n):
             return llm.generate(ids, max_tokens=n, temperature=0.0)
@@ -184,7 +192,7 @@ def child_gen(engine: str, path: str, threads: int, tg: int, pp_reps: int) -> di
             pass
         pp.append(N_PREFILL / (time.perf_counter() - t0))
     times = []
-    for _ in stream(random_prompt(rng, 16, vocab), tg + 1):
+    for _ in stream(tg_ids, tg + 1):
         times.append(time.perf_counter())
     n = len(times) - 1
     return {"load_s": load, "pp512_tok_s": pp, "tg_tok_s": n / (times[-1] - times[0]) if n > 0 else None,

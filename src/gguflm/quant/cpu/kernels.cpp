@@ -1228,6 +1228,7 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
   const at::Tensor x = x3.reshape({-1, x3.size(2)});
   const at::Tensor kc = k_all.select(0, layer), vc = v_all.select(0, layer);  // [n_blocks, Hkv, bs, D]
   const int64_t R = x.size(0), E = x.size(1), T = x3.size(1);
+  TORCH_CHECK(R > 0, "a step of no rows");
   TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.dim() == 2 && table.is_contiguous(),
               "the block table must be a contiguous int64 [n_slots, blocks] CPU tensor");
   const int64_t n_blocks = kc.size(0), bs = kc.size(2), D = kc.size(3), G = n_head / n_head_kv;
