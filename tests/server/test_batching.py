@@ -127,3 +127,31 @@ def test_non_streaming_disconnect_frees_the_slot(server, client) -> None:
     assert seconds < 2.0
     r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4)
     assert r.choices[0].message.content
+
+
+def test_batch_invariant_server_all_streams_equal_alone(smollm2_path, tmp_path, start_server, questions) -> None:
+    """`serve --batch-invariant`: every one of 8 concurrent streams (greedy and seeded
+    sampling, prompts prefilled together) equals the same request alone, token ids and
+    their log-probabilities to the bit; a prompt larger than the --kv-size pool is a 400."""
+    openai = __import__("pytest").importorskip("openai")
+    from gguflm.quant import cpu
+
+    if not cpu.simd_available():
+        __import__("pytest").skip("batch invariance is the AVX-512 path's")
+    with start_server(smollm2_path, tmp_path / "serve.log", "--batch-invariant", "--kv-size", "768",
+                      parallel=8, n_ctx=1024) as srv:
+        client = openai.OpenAI(base_url=srv.api, api_key="x", max_retries=0, timeout=300)
+
+        def ask(i: int):
+            extra = {"seed": 7 + i, "temperature": 0.9} if i % 2 else {"temperature": 0}
+            r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": questions[i]}],
+                                               max_tokens=12, logprobs=True, extra_body={"ignore_eos": True}, **extra)
+            return [(t.token, t.logprob) for t in r.choices[0].logprobs.content]
+
+        alone = [ask(i) for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(ask, range(8)))
+        identical = sum(a == t for a, t in zip(alone, together))
+        assert identical == 8, f"{identical} of 8 streams identical"
+        r = httpx.post(srv.api + "/completions", json={"prompt": list(range(100, 900)), "max_tokens": 1}, timeout=60)
+        assert r.status_code == 400 and "KV cache" in r.json()["error"]["message"]

@@ -42,6 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-rows", type=int, default=None,
                    help="most requests decoded in one forward; more run as several forwards "
                         "(default: 64 on the CPU, past which wider forwards barely pay; else all)")
+    p.add_argument("--kv-size", type=int, default=None, metavar="N",
+                   help="positions in the KV cache's block pool, shared by all requests as they grow "
+                        "(default: --parallel x -c)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="CPU: a request's output is the same to the bit alone or among others, however "
+                        "its prompt is batched (a lone request decodes up to ~2x slower; docs/server.md)")
     p.add_argument("--max-body", type=int, default=1 << 20,
                    help="largest accepted request body in bytes (default: %(default)s)")
     p.add_argument("--api-key", default=None,
@@ -73,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     threads = options.check_threads(args)
     if args.batch_rows is not None and args.batch_rows < 1:
         raise UserError("--batch-rows must be at least 1")
+    if args.kv_size is not None and not 1 <= args.kv_size <= (1 << 24):
+        raise UserError("--kv-size must lie in [1, 16777216]")
     if args.max_body < 1:
         raise UserError("--max-body must be positive")
     if not 0 < args.header_timeout <= 3600:
@@ -115,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         serve(path, args.host, args.port, device, args.parallel, args.ctx_size,
               threads, args.max_body, args.log_level, args.batch_rows, security=security,
-              header_timeout=args.header_timeout, tp=args.tensor_parallel)
+              header_timeout=args.header_timeout, tp=args.tensor_parallel, kv_size=args.kv_size,
+              batch_invariant=args.batch_invariant)
     except OSError as e:  # ModelFileChanged included
         raise UserError(str(e)) from None
     return 0

@@ -270,6 +270,10 @@ class Scheduler:
         check_request(job.prompt, self.n_ctx, n_vocab, job.max_tokens)
         if job.top_logprobs is not None and not 0 <= job.top_logprobs <= n_vocab:
             raise GenerationError(f"top_logprobs must lie in [0, {n_vocab}]")
+        cache = self.cache
+        if cache.paged and -(-(len(job.prompt) + 1) // cache.block_size) > cache.n_blocks:
+            raise GenerationError(f"the prompt of {len(job.prompt)} tokens does not fit the KV cache's pool of "
+                                  f"{cache.n_blocks * cache.block_size} positions")
 
     def submit(self, job: Job, emit: Emit) -> Ticket:
         """Queue ``job`` (checked first); ``emit`` receives its events on the worker thread."""

@@ -78,7 +78,7 @@ def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, de
           parallel: int = 4, n_ctx: int | None = None, threads: int | None = None,
           max_body: int = DEFAULT_MAX_BODY, log_level: str = "info", batch_rows: int | None = None,
           security: Security | None = None, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
-          tp: int = 1) -> None:
+          tp: int = 1, kv_size: int | None = None, batch_invariant: bool = False) -> None:
     """Load the model at ``path`` and serve it until interrupted. Each of the ``parallel``
     slots holds a whole context of ``n_ctx`` tokens (default: the model's default);
     ``batch_rows`` caps the rows of one decode forward (default: CPU_BATCH_ROWS on the
@@ -87,6 +87,10 @@ def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, de
     ``header_timeout``: seconds a connection may take to send a request's headers;
     ``tp``: tensor parallel over that many processes (this one serves HTTP and drives
     the others; under ``torchrun`` the other ranks follow inside ``serve`` and return).
+    ``kv_size``: positions in the paged KV cache's block pool, shared by all requests
+    (default: ``parallel`` whole contexts; no request holds more than it uses);
+    ``batch_invariant``: the CPU kernels' batch-invariant mode (a request's logits are the
+    same to the bit alone or among others; a lone request decodes slower, docs/server.md).
     Raises :class:`ModelFileChanged` when the model file is truncated or rewritten while
     served (see :class:`FileWatch`)."""
     import uvicorn  # noqa: F401  (the server extra, checked before the model loads)
@@ -100,21 +104,30 @@ def serve(path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, de
     if model is None:  # a rank other than 0 under torchrun: rank 0 has stopped serving
         return
     try:
-        _serve(model, path, host, port, parallel, max_body, log_level, batch_rows, security, header_timeout)
+        _serve(model, path, host, port, parallel, max_body, log_level, batch_rows, security, header_timeout,
+               kv_size, batch_invariant)
     finally:
         model.close()
 
 
-def _serve(model, path, host, port, parallel, max_body, log_level, batch_rows, security, header_timeout) -> None:
+def _serve(model, path, host, port, parallel, max_body, log_level, batch_rows, security, header_timeout,
+           kv_size=None, batch_invariant=False) -> None:
     import uvicorn
 
     from gguflm.engine.scheduler import Scheduler
+    from gguflm.model.kv_cache import DEFAULT_BLOCK_SIZE
+
+    if batch_invariant and model.device.type == "cpu":
+        from gguflm.quant import cpu
+
+        cpu.set_batch_invariant(True)
 
     if batch_rows is None and model.device.type == "cpu":
         batch_rows = CPU_BATCH_ROWS
     # The model runs on this (main) thread, the one that loaded it, and HTTP on another:
     # see Scheduler's docstring on OpenMP teams.
-    scheduler = Scheduler(model, parallel, max_batch_rows=batch_rows, start=False)
+    kv_blocks = None if kv_size is None else -(-kv_size // DEFAULT_BLOCK_SIZE)
+    scheduler = Scheduler(model, parallel, max_batch_rows=batch_rows, start=False, kv_blocks=kv_blocks)
     if security is None:
         security = Security(host)
     app = create_app(Backend(model, scheduler), max_body=max_body, security=security)
@@ -147,7 +160,10 @@ def _serve(model, path, host, port, parallel, max_body, log_level, batch_rows, s
         finally:  # the server stopped (shut down, or it could not start): so does the loop
             scheduler.close()
 
-    print(f"gguflm serve: {model!r}, {parallel} slots of {scheduler.n_ctx} tokens; "
+    c = scheduler.cache
+    pool = (f", KV cache {c.n_blocks} blocks of {c.block_size} positions" if c.paged else "")
+    pool += ", batch invariant" if batch_invariant else ""
+    print(f"gguflm serve: {model!r}, {parallel} slots of {scheduler.n_ctx} tokens{pool}; "
           f"chat page and API at http://{host}:{port}/", file=sys.stderr, flush=True)
     if security.api_key is None and not _loopback(host):
         print(f"gguflm serve: warning: listening on {host} without --api-key: anyone who can reach "

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP app.
 
-Routes: ``GET /`` (the chat page), ``GET /health``, ``GET /v1/models``,
+Routes: ``GET /`` (the chat page), ``GET /health``, ``GET /metrics`` (Prometheus text),
+``GET /v1/models``,
 ``POST /v1/chat/completions``, ``POST /v1/completions``. Every error is answered in
 the OpenAI shape (see :mod:`gguflm.server.errors`): 400 for a malformed or invalid body,
 404/405 for unknown routes and methods, 413 for a body over ``max_body`` bytes, 503 when
@@ -28,6 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gguflm.engine.scheduler import Done, Failed, Piece
 from gguflm.server.backend import Backend, Generation
 from gguflm.server.errors import APIError
+from gguflm.server.metrics import CONTENT_TYPE as METRICS_TYPE
+from gguflm.server.metrics import render as render_metrics
 from gguflm.engine.formats import SSE_DONE, ChatFormat, CompletionFormat, sse
 from gguflm.server.schemas import ChatCompletionRequest, CompletionRequest, parse
 from gguflm.server.security import Guard, Security
@@ -163,6 +166,10 @@ def create_app(backend: Backend, max_body: int = DEFAULT_MAX_BODY, security: Sec
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", **backend.scheduler.stats()}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(render_metrics(backend.scheduler, backend.model_id), media_type=METRICS_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
