@@ -276,3 +276,44 @@ def test_add_rms_norm_half_with_a_post_norm(device):
     xd = x.clone().to(device)
     assert add_rms_norm_half(xd, r.to(device), None, 1e-6, post=p.to(device)) is None
     assert _rel(xd, want_x) < 1e-6
+
+
+@pytest.mark.parametrize("window", [0, 9])
+def test_paged_decode_attention_equals_contiguous(device, window):
+    """The same rows through a paged cache (blocks of 8 positions in a shuffled order, as
+    the block pool hands them out) and through one contiguous slot each: the same outputs
+    to the bit and the new keys/values in the blocks the table names (the contiguous run
+    is checked against float64 above)."""
+    H, Hkv, D, n_ctx, n_slots, bs = 4, 2, 16, 48, 3, 8
+    per = n_ctx // bs
+    gen = torch.Generator().manual_seed(11)
+    rows = [(2, 37), (0, 0), (-1, 5), (1, 20)]                             # (slot, position)
+    qkv = torch.randn(len(rows), (H + 2 * Hkv) * D, generator=gen).half()
+    theta = torch.rand(n_ctx, D // 2, generator=gen) * 3
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    k_flat = torch.randn(n_slots, Hkv, n_ctx, D, generator=gen).half()
+    v_flat = torch.randn(n_slots, Hkv, n_ctx, D, generator=gen).half()
+    order = torch.randperm(n_slots * per + 5, generator=gen)[:n_slots * per]  # a pool with spare blocks
+    table = order.view(n_slots, per).to(torch.int32)
+    k_pool = torch.zeros(n_slots * per + 5, Hkv, bs, D).half()
+    v_pool = torch.zeros_like(k_pool)
+    for s in range(n_slots):
+        for i in range(per):
+            k_pool[table[s, i]] = k_flat[s, :, i * bs:(i + 1) * bs]
+            v_pool[table[s, i]] = v_flat[s, :, i * bs:(i + 1) * bs]
+    slots = torch.tensor([s for s, _ in rows], dtype=torch.int32, device=device)
+    pos = torch.tensor([p for _, p in rows], dtype=torch.int32, device=device)
+    outs = []
+    for k, v, tab in ((k_flat, v_flat, None), (k_pool, v_pool, table)):
+        kd, vd = k.clone().to(device), v.clone().to(device)
+        out = torch.full((len(rows), H, D), float("nan"), dtype=torch.float16, device=device)
+        A.decode_attention(qkv.to(device), cos.to(device), sin.to(device), pos, kd, vd, out,
+                           A.AttentionWorkspace(H, D, 4, device, n_rows=len(rows)), D ** -0.5, False,
+                           block_s=16, slots=slots, window=window, table=None if tab is None else tab.to(device))
+        outs.append((out.cpu(), kd.cpu(), vd.cpu()))
+    (out_f, kf, vf), (out_p, kp, vp) = outs
+    assert torch.equal(out_f, out_p)
+    for slot, p in rows:
+        if slot >= 0:
+            blk = int(table[slot, p // bs])
+            assert torch.equal(kp[blk, :, p % bs], kf[slot, :, p]) and torch.equal(vp[blk, :, p % bs], vf[slot, :, p])

@@ -20,6 +20,10 @@ The program whose range holds ``pos`` writes the new key and value first (a CTA 
 makes them visible to its own reads); no other program reads that position. Rows must
 use distinct slots.
 
+A paged cache (``table``): the cache's first dimension counts blocks of ``block_size``
+positions, and a row's position p lies in block ``table[slot, p // block_size]`` (vLLM's
+PagedAttention layout; :class:`gguflm.model.kv_cache.KVCache`).
+
 Twins: :func:`decode_attention_reference`, :func:`rotate_reference` (float64 torch).
 """
 
@@ -52,13 +56,16 @@ def _rotate(ptr, COS_ptr, SIN_ptr, pos, rows, ROWS: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
-def _attn_split_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, SLOT_ptr, M_ptr, L_ptr, ACC_ptr,
+def _attn_split_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, SLOT_ptr, TABLE_ptr, M_ptr, L_ptr, ACC_ptr,
                        H, n_kv, qkv_row_stride, cache_slot_stride, cache_head_stride, cache_pos_stride, scale,
-                       window, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                       N_SPLITS: tl.constexpr, NEOX: tl.constexpr, SLOTS: tl.constexpr):
+                       window, table_row_stride, page, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                       BLOCK_S: tl.constexpr, N_SPLITS: tl.constexpr, NEOX: tl.constexpr, SLOTS: tl.constexpr,
+                       PAGED: tl.constexpr):
     """Program (kv head hk, split s, row b): query heads hk*G .. hk*G+G-1 (padded to GP)
     of row b over positions [lo + s*L, min(lo + (s+1)*L, n)), L = ceil((n - lo) / N_SPLITS)
-    rounded up to BLOCK_S (lo > 0 only under a sliding ``window`` > 0). Writes running max M, sum L and unnormalised ACC per (row, head, split)."""
+    rounded up to BLOCK_S (lo > 0 only under a sliding ``window`` > 0). Writes running max M, sum L and unnormalised ACC per (row, head, split).
+    PAGED: position p of the row's slot lies in cache block TABLE[slot, p // page], row
+    p % page (the cache's first dimension counts blocks, cache_slot_stride is a block's)."""
     hk = tl.program_id(0)
     s = tl.program_id(1)
     b = tl.program_id(2)
@@ -76,12 +83,18 @@ def _attn_split_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, SLOT_pt
     end = tl.minimum(start + per, n)
     d = tl.arange(0, D)
     qkv = QKV_ptr + b * qkv_row_stride
-    base = tl.maximum(slot, 0).to(tl.int64) * cache_slot_stride + hk * cache_head_stride
+    if PAGED:
+        table = TABLE_ptr + tl.maximum(slot, 0).to(tl.int64) * table_row_stride
+        base = hk * cache_head_stride
+        at = tl.load(table + pos // page).to(tl.int64) * cache_slot_stride + (pos % page) * cache_pos_stride
+    else:
+        base = tl.maximum(slot, 0).to(tl.int64) * cache_slot_stride + hk * cache_head_stride
+        at = pos * cache_pos_stride
     if live & (s == (pos - lo) // per):                          # this range holds pos: store k, v first
         k_new = _rotate(qkv + H * D, COS_ptr, SIN_ptr, pos, hk + tl.arange(0, 1), 1, D, NEOX)
-        tl.store(K_ptr + base + pos * cache_pos_stride + d[None, :], k_new.to(K_ptr.dtype.element_ty))
+        tl.store(K_ptr + base + at + d[None, :], k_new.to(K_ptr.dtype.element_ty))
         v_new = tl.load(qkv + (H + n_kv + hk) * D + d)
-        tl.store(V_ptr + base + pos * cache_pos_stride + d, v_new.to(V_ptr.dtype.element_ty))
+        tl.store(V_ptr + base + at + d, v_new.to(V_ptr.dtype.element_ty))
         tl.debug_barrier()
     g = tl.arange(0, GP)
     gmask = g < G
@@ -93,7 +106,11 @@ def _attn_split_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, SLOT_pt
     for p0 in range(start, end, BLOCK_S):
         p = p0 + tl.arange(0, BLOCK_S)
         pmask = p < end
-        kv_off = base + p[:, None] * cache_pos_stride + d[None, :]
+        if PAGED:  # each key's block from the table
+            blk = tl.load(table + p // page, mask=pmask, other=0).to(tl.int64)
+            kv_off = base + (blk * cache_slot_stride + (p % page) * cache_pos_stride)[:, None] + d[None, :]
+        else:
+            kv_off = base + p[:, None] * cache_pos_stride + d[None, :]
         k = tl.load(K_ptr + kv_off, mask=pmask[:, None], other=0.0)             # [BLOCK_S, D]
         v = tl.load(V_ptr + kv_off, mask=pmask[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k))                                          # [GP, BLOCK_S]
@@ -142,13 +159,18 @@ class AttentionWorkspace:
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, ws: AttentionWorkspace,
                      scale: float, neox: bool, block_s: int = 32, slots: torch.Tensor | None = None,
-                     window: int = 0) -> torch.Tensor:
+                     window: int = 0, table: torch.Tensor | None = None) -> torch.Tensor:
     """One sequence: qkv [(H + 2 Hkv) D] (float32/16) of the new token, pos int32 [1],
     k_cache/v_cache [Hkv, n_ctx, D] holding positions 0..pos-1 (position pos is written
     here) -> out [H, D]. B rows: qkv [B, (H + 2 Hkv) D], pos [B], ``slots`` int [B] and
     caches [n_slots, Hkv, n_ctx, D] -> out [B, H, D]. cos/sin: float32 [n_ctx, D/2];
     caches float16/bfloat16/float32 with contiguous rows; out float32 or float16.
-    ``window`` > 0: only the last ``window`` positions are attended (sliding window)."""
+    ``window`` > 0: only the last ``window`` positions are attended (sliding window).
+    ``table`` int [n_slots, blocks per slot] (with ``slots``): a paged cache
+    (:class:`gguflm.model.kv_cache.KVCache`), caches [n_blocks, Hkv, block_size, D],
+    position p of slot s in block ``table[s, p // block_size]``, row ``p % block_size``."""
+    if table is not None and (slots is None or table.dim() != 2):
+        raise ValueError("a block table needs slots and is [n_slots, blocks per slot]")
     if slots is None:
         k_cache, v_cache = k_cache[None], v_cache[None]
     n_rows = pos.numel()
@@ -164,10 +186,12 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
     gp = max(16, triton.next_power_of_2(g))
     row_stride = qkv.stride(0) if qkv.dim() == 2 else 0
     _attn_split_kernel[(n_kv, ws.n_splits, n_rows)](
-        qkv, cos, sin, k_cache, v_cache, pos, slots if slots is not None else pos, ws.m, ws.l, ws.acc,
+        qkv, cos, sin, k_cache, v_cache, pos, slots if slots is not None else pos,
+        table if table is not None else pos, ws.m, ws.l, ws.acc,
         n_head, n_kv, row_stride, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale,
-        window, G=g, GP=gp, D=d, BLOCK_S=block_s, N_SPLITS=ws.n_splits, NEOX=neox, SLOTS=slots is not None,
-        num_warps=4)
+        window, table.stride(0) if table is not None else 0, k_cache.shape[2],
+        G=g, GP=gp, D=d, BLOCK_S=block_s, N_SPLITS=ws.n_splits, NEOX=neox, SLOTS=slots is not None,
+        PAGED=table is not None, num_warps=4)
     _attn_merge_kernel[(n_rows * n_head,)](ws.m, ws.l, ws.acc, out, D=d, N_SPLITS=ws.n_splits, num_warps=1)
     return out
 
