@@ -20,14 +20,20 @@ import numpy as np
 import pytest
 import torch
 from oracles import kl_rows, top1
-from synth import synthetic_f16
+from synth import CACHE, Shape, synthetic_f16, write_llama
 
 import gguflm
 from gguflm.engine.sampling import SamplingParams
 from gguflm.model.parallel import ParallelError
 from gguflm.verify.reference import reference_logits
 
-CASES = [("mistral", "Q4_K_M"), ("qwen2", "F16"), ("qwen3", "F16"), ("phi3", "F16")]
+CASES = [("mistral", "Q4_K_M"), ("qwen2", "F16"), ("qwen3", "F16"), ("phi3", "F16"), ("llama-biases", "F16")]
+# Llama with biases on every linear of block 0 (llama.cpp reads optional ones): the row-parallel
+# ones (attn_output, ffn_down) must be added once, after the all-reduce, not once per rank.
+BIASED = Shape(n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_layer=2, n_ctx=256, head_dim=128,
+               extra_tensors={f"blk.0.{r}.bias": n for r, n in (("attn_q", 512), ("attn_k", 256), ("attn_v", 256),
+                                                                  ("attn_output", 256), ("ffn_gate", 512),
+                                                                  ("ffn_up", 512), ("ffn_down", 256))})
 N_TOKENS, N_GREEDY = 24, 16
 
 
@@ -40,7 +46,15 @@ def _keep_threads():
 
 
 def _file(name: str, quant: str, shared_dir: Path, llama_quantize) -> Path:
-    f16 = synthetic_f16(name, shared_dir / "vocab")
+    if name == "llama-biases":
+        f16 = CACHE / "synthetic-llama-biases-v1.F16.gguf"
+        if not f16.exists():
+            CACHE.mkdir(parents=True, exist_ok=True)
+            tmp = f16.with_suffix(f".{__import__('os').getpid()}.tmp")
+            write_llama(tmp, BIASED, shared_dir / "vocab" / "ggml-vocab-llama-spm.gguf", seed=5)
+            tmp.rename(f16)
+    else:
+        f16 = synthetic_f16(name, shared_dir / "vocab")
     return f16 if quant == "F16" else llama_quantize(f16, quant)
 
 

@@ -35,7 +35,7 @@ def build_transformer(f: GGUFFile, cfg: ModelConfig, n_ctx: int,
 
     def lin(role: str, bid: int | None = None) -> torch.nn.Module:
         m = linear_from_table(w, role, bid, device)
-        return m if shard is None else shard.wrap(w, role, bid, m)
+        return m if shard is None else shard.wrap(w, role, bid, m, device)
 
     def norm(role: str, bid: int | None = None) -> RMSNorm:
         return RMSNorm(w.dense(role, bid, device), cfg.rms_eps)

@@ -163,23 +163,20 @@ class ShardedTable(WeightTable):
         self._read[(role, bid)] = data.nbytes
         return data
 
-    def full_bias(self, role: str, bid: int) -> torch.Tensor | None:
+    def full_bias(self, role: str, bid: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The whole bias of a row-parallel role (added once, after the all-reduce)."""
-        return WeightTable.bias(_Unsharded(self), role, bid)
+        from gguflm.quant import dequantize
+
+        s = WeightTable.slot(self, role, bid)
+        if s.bias is None:
+            return None
+        info = self.f.tensors[s.bias]
+        b = dequantize(self.f.tensor_data(s.bias), info.ggml_type, info.shape)
+        return (b if s.rows is None else b[s.rows[0]:s.rows[1]]).to(device)
 
     def whole_bytes(self) -> int:
         """Bytes of every tensor the model reads: what one device would take from the map."""
         return sum(self.f.tensors[n].nbytes for n in self.used)
-
-
-class _Unsharded:
-    """``table`` seen through WeightTable's own methods with its unsplit slots."""
-
-    def __init__(self, table: ShardedTable):
-        self.f, self._table = table.f, table
-
-    def slot(self, role, bid=None):
-        return WeightTable.slot(self._table, role, bid)
 
 
 class RowParallel(nn.Module):
@@ -253,10 +250,11 @@ class Shard:
         """The config the attention of this rank sees: its own head counts."""
         return dataclasses.replace(cfg, n_head=cfg.n_head // self.world, n_head_kv=cfg.n_head_kv // self.world)
 
-    def wrap(self, table: ShardedTable, role: str, bid: int | None, linear: nn.Module) -> nn.Module:
+    def wrap(self, table: ShardedTable, role: str, bid: int | None, linear: nn.Module,
+             device: torch.device | str = "cpu") -> nn.Module:
         """``linear`` of ``role`` with the collective its split needs."""
         if role in ROW_ROLES:
-            return RowParallel(linear, table.full_bias(role, bid))
+            return RowParallel(linear, table.full_bias(role, bid, device))
         if role in VOCAB_ROLES:
             return VocabParallel(linear, table.cfg.n_vocab, self.world)
         return linear

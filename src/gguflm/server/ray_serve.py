@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -35,19 +36,24 @@ class Replica:
                  threads: int | None = None, batch_rows: int | None = None, tp: int = 1,
                  max_body: int | None = None, host: str = "127.0.0.1", api_key: str | None = None,
                  allowed_hosts: tuple[str, ...] = (), cors_origins: tuple[str, ...] = ()):
-        import gguflm
-        from gguflm.engine.scheduler import Scheduler
-        from gguflm.server import CPU_BATCH_ROWS, Backend, Security, create_app
+        from gguflm.server import Backend, Security, create_app
         from gguflm.server.app import DEFAULT_MAX_BODY
 
-        self.llm = gguflm.load(path, device=device, n_ctx=n_ctx, threads=threads, tp=tp)
-        if batch_rows is None and self.llm.device.type == "cpu":
-            batch_rows = CPU_BATCH_ROWS
-        self.scheduler = Scheduler(self.llm, parallel, max_batch_rows=batch_rows)
+        # The model is loaded and run on one thread of its own, as `gguflm serve` runs it on
+        # its main thread (a second thread running the CPU kernels brings a second OpenMP
+        # team: see Scheduler); this constructor waits until it is loaded.
+        loaded, box = threading.Event(), {}
+        args = (path, device, parallel, n_ctx, threads, batch_rows, tp)
+        self._thread = threading.Thread(target=_engine, args=(args, box, loaded), name="gguflm-engine", daemon=True)
+        self._thread.start()
+        loaded.wait()
+        if "error" in box:
+            raise box["error"]
+        self.llm, self.scheduler = box["llm"], box["scheduler"]
         security = Security(host, allowed_hosts=tuple(allowed_hosts), cors_origins=tuple(cors_origins),
                             api_key=api_key)
         self._app = create_app(Backend(self.llm, self.scheduler), max_body=max_body or DEFAULT_MAX_BODY,
-                              security=security)
+                               security=security)
         self._app.add_middleware(_ReplicaHeader, value=str(os.getpid()))
 
     def __serve_build_asgi_app__(self):
@@ -55,16 +61,38 @@ class Replica:
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose loop has stopped is replaced."""
-        thread = getattr(self.scheduler, "_thread", None)
-        if thread is not None and not thread.is_alive():
-            raise RuntimeError("the scheduler's loop has stopped")
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine's loop has stopped")
 
     def __del__(self) -> None:
-        scheduler, llm = getattr(self, "scheduler", None), getattr(self, "llm", None)
+        scheduler = getattr(self, "scheduler", None)
         if scheduler is not None:
             scheduler.close()
-        if llm is not None:
-            llm.close()
+            self._thread.join(10)
+
+
+def _engine(args, box: dict, loaded: threading.Event) -> None:
+    """The engine thread of a :class:`Replica`: load, then run the scheduler's loop until
+    it is closed, then release the model."""
+    import gguflm
+    from gguflm.engine.scheduler import Scheduler
+    from gguflm.server import CPU_BATCH_ROWS
+
+    path, device, parallel, n_ctx, threads, batch_rows, tp = args
+    try:
+        llm = gguflm.load(path, device=device, n_ctx=n_ctx, threads=threads, tp=tp)
+        if batch_rows is None and llm.device.type == "cpu":
+            batch_rows = CPU_BATCH_ROWS
+        box["llm"], box["scheduler"] = llm, Scheduler(llm, parallel, max_batch_rows=batch_rows, start=False)
+    except BaseException as e:  # the constructor raises it: Ray reports the replica's failure
+        box["error"] = e
+        return
+    finally:
+        loaded.set()
+    try:
+        box["scheduler"].run()
+    finally:
+        llm.close()
 
 
 class _ReplicaHeader:
