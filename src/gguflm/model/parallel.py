@@ -25,8 +25,10 @@ all-reduces form are the ones the single-device model forms, in another order, s
 logits differ by rounding only.
 
 Rank 0 drives: :class:`ParallelModel` is a :class:`~gguflm.model.model.Model` whose every
-operation (a forward, a new cache, a cache-slot copy) is first broadcast to the other
-ranks, which run :func:`follow` until rank 0 closes. The scheduler, the tokenizer and
+operation (a forward with its token ids, positions, slots and, for a paged cache, those
+slots' block tables; a new cache) is first broadcast to the other ranks, which run
+:func:`follow` until rank 0 closes. The KV-cache pool's bookkeeping (which blocks a slot
+holds, prefix caching) is rank 0's alone. The scheduler, the tokenizer and
 the server run on rank 0 only. :func:`load_parallel` either joins a process group that
 ``torchrun`` set up, or starts the other ranks itself (``gguflm.load(path, tp=N)``).
 """
@@ -273,21 +275,18 @@ class Shard:
 
 # --- rank 0 drives, the others follow ---------------------------------------------------
 
-_FORWARD, _NEW_CACHE, _FREE_CACHE, _COPY, _STATS, _STOP = range(1, 7)
+_FORWARD, _NEW_CACHE, _FREE_CACHE, _STATS, _STOP = range(1, 6)
 _HEADER = 8
 
 
 class ShardedCache(KVCache):
-    """Rank 0's part of a KV cache of the group (this rank's key/value heads); ``copy_prefix``
-    is repeated on every rank."""
+    """Rank 0's part of a KV cache of the group (this rank's key/value heads), known to the
+    other ranks by ``cache_id``. Its pool bookkeeping (block tables, prefix caching) runs
+    here only: each forward sends the table rows of its slots."""
 
     def __init__(self, owner: ParallelModel, cache_id: int, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._owner, self.cache_id = owner, cache_id
-
-    def copy_prefix(self, dst: int, src: int, n: int) -> None:
-        self._owner._send(_COPY, self.cache_id, dst, src, n)
-        super().copy_prefix(dst, src, n)
 
 
 class ParallelModel(Model):
@@ -295,7 +294,7 @@ class ParallelModel(Model):
     rank (see the module doc). ``close()`` stops the other ranks (and the processes this
     one started)."""
 
-    paged_cache = False  # the other ranks' caches follow rank 0's through broadcast ops: one block per slot
+    paged_cache = True  # rank 0 keeps the block tables; each forward carries its rows' table rows
 
     def __init__(self, file, config, transformer, n_ctx, device, shard: Shard, table: ShardedTable,
                  comm_device: torch.device, processes=(), own_group: bool = False):
@@ -329,22 +328,29 @@ class ParallelModel(Model):
         h[1:1 + len(values)] = torch.tensor(values, dtype=torch.int64)
         dist.broadcast(h.to(self.comm_device), 0)
 
-    def new_cache(self, n_slots: int = 1, n_ctx: int | None = None) -> KVCache:
+    def new_cache(self, n_slots: int = 1, n_ctx: int | None = None, block_size: int | None = None,
+                  n_blocks: int | None = None) -> KVCache:
         c, n_ctx = self.config, n_ctx or self.n_ctx
         with self._lock:
             cache_id, self._next_id = self._next_id, self._next_id + 1
-            self._send(_NEW_CACHE, cache_id, n_slots, n_ctx)
             cache = ShardedCache(self, cache_id, c.n_layer, n_slots, c.n_head_kv // self.tp, n_ctx, c.head_dim,
-                                 device=self.device)
+                                 device=self.device, block_size=block_size, n_blocks=n_blocks)
+            self._send(_NEW_CACHE, cache_id, n_slots, n_ctx, block_size or 0, cache.n_blocks if block_size else 0)
         weakref.finalize(cache, self._dead.append, cache_id)
         return cache
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 slots: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         B, T = tokens.shape
-        payload = torch.cat([tokens.reshape(-1), positions.reshape(-1), slots.reshape(-1)]).to(torch.int64)
+        parts = [tokens.reshape(-1), positions.reshape(-1), slots.reshape(-1)]
+        width = 0
+        if cache.paged:  # the block tables of this step's slots: the pool's bookkeeping is rank 0's
+            rows = cache.table.index_select(0, slots.to(cache.table.device))
+            width = rows.shape[1]
+            parts.append(rows.reshape(-1).to(tokens.device))
+        payload = torch.cat(parts).to(torch.int64)
         with self._lock:
-            self._send(_FORWARD, cache.cache_id, B, T, int(last_only), payload=payload)
+            self._send(_FORWARD, cache.cache_id, B, T, int(last_only), width, payload=payload)
             return self.transformer(tokens, positions, cache, slots, last_only)
 
     def stats(self) -> list[dict[str, int]]:
@@ -437,21 +443,26 @@ def follow(model: Model, table: ShardedTable, comm_device: torch.device) -> None
         dist.broadcast(header, 0)
         op, *v = header.cpu().tolist()
         if op == _FORWARD:
-            cache_id, B, T, last_only = v[:4]
-            payload = torch.empty(2 * B * T + B, dtype=torch.int64, device=comm_device)
+            cache_id, B, T, last_only, width = v[:5]
+            n = B * T
+            payload = torch.empty(2 * n + B + B * width, dtype=torch.int64, device=comm_device)
             dist.broadcast(payload, 0)
             payload = payload.to(model.device)
-            tokens, positions = payload[:B * T].view(B, T), payload[B * T:2 * B * T].view(B, T)
-            model.transformer(tokens, positions, caches[cache_id], payload[2 * B * T:], bool(last_only))
+            tokens, positions, slots = payload[:n].view(B, T), payload[n:2 * n].view(B, T), payload[2 * n:2 * n + B]
+            cache = caches[cache_id]
+            if width:  # rank 0's block tables of these slots
+                cache.table[slots] = payload[2 * n + B:].view(B, width)
+            model.transformer(tokens, positions, cache, slots, bool(last_only))
         elif op == _NEW_CACHE:
-            cache_id, n_slots, n_ctx = v[:3]
-            caches[cache_id] = KVCache(c.n_layer, n_slots, c.n_head_kv // world, n_ctx, c.head_dim,
-                                       device=model.device)
+            cache_id, n_slots, n_ctx, block_size, n_blocks = v[:5]
+            cache = KVCache(c.n_layer, n_slots, c.n_head_kv // world, n_ctx, c.head_dim, device=model.device,
+                            block_size=block_size or None, n_blocks=n_blocks or None)
+            if block_size:  # rank 0 zeroes a block when it first hands it out; here all at once
+                cache.k.zero_()
+                cache.v.zero_()
+            caches[cache_id] = cache
         elif op == _FREE_CACHE:
             caches.pop(v[0], None)
-        elif op == _COPY:
-            cache_id, dst, src, n = v[:4]
-            caches[cache_id].copy_prefix(dst, src, n)
         elif op == _STATS:
             _gather_stats(table, comm_device)
         elif op == _STOP:
