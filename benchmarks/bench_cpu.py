@@ -39,6 +39,10 @@ generate The user path, as issue 14 asks: ``gguflm.load(path).generate(ids, temp
            tg_busy   the same while another process keeps core 1 busy (``--busy``): a
                      pinned ``while True: pass``; the ratio to tg says what contention costs
            peak RSS  VmHWM of the child
+         ``--cpu-clock`` (one thread only): pp512 and tg timed by each child's process CPU
+         time instead of the wall clock, which a machine shared with other work slows
+         unevenly; with one thread (no thread waiting at a barrier) CPU time is the work
+         the engine does, a fair comparison while other processes run (not a wall-clock speed)
          Models: SmolLM2 Q4_1 / Q4_K_M / Q8_0 and, when present in ~/.cache/gguflm-bench
          (benchmarks/make_tinyllama.py + llama.cpp's quantizer), the TinyLlama-1.1B shape
          Q4_K_M / Q4_0 (``--models`` picks).
@@ -160,6 +164,7 @@ def child_gen(engine: str, path: str, threads: int, tg: int, pp_reps: int) -> di
     import random
 
     rng = random.Random(1234)
+    clock = time.process_time if CPU_CLOCK else time.perf_counter
     t0 = time.perf_counter()
     if engine == "llama":
         import llama_cpp
@@ -187,19 +192,20 @@ def child_gen(engine: str, path: str, threads: int, tg: int, pp_reps: int) -> di
     pp = []
     for _ in range(pp_reps):
         ids = random_prompt(rng, N_PREFILL, vocab)
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in stream(ids, 1):
             pass
-        pp.append(N_PREFILL / (time.perf_counter() - t0))
+        pp.append(N_PREFILL / (clock() - t0))
     times = []
     for _ in stream(tg_ids, tg + 1):
-        times.append(time.perf_counter())
+        times.append(clock())
     n = len(times) - 1
     return {"load_s": load, "pp512_tok_s": pp, "tg_tok_s": n / (times[-1] - times[0]) if n > 0 else None,
             "tg_pieces": n}
 
 
 BUSY_CPU = 1
+CPU_CLOCK = False  # --cpu-clock
 
 
 def busy_core(cpu: int | None = None) -> subprocess.Popen:
@@ -213,7 +219,7 @@ def run_gen_child(engine: str, path: Path, threads: int, tg: int, pp_reps: int, 
     try:
         time.sleep(0.2 if busy else 0)
         out = subprocess.run([sys.executable, __file__, "--child", f"gen-{engine}", "--path", str(path), "--threads",
-                              str(threads), "--tg", str(tg), "--pp-reps", str(pp_reps)],
+                              str(threads), "--tg", str(tg), "--pp-reps", str(pp_reps)] + ["--cpu-clock"] * CPU_CLOCK,
                              capture_output=True, text=True, check=True)
     finally:
         if hog is not None:
@@ -441,11 +447,16 @@ def main() -> int:
     ap.add_argument("--busy", action="store_true", help="generate part: also decode with core 1 kept busy")
     ap.add_argument("--busy-cpu", type=int, default=1, help="generate part: the core --busy keeps busy")
     ap.add_argument("--files", default=None, help="generate part: comma-separated GGUF files instead of the defaults")
+    ap.add_argument("--cpu-clock", action="store_true", help="generate part, one thread: time by process CPU time")
     ap.add_argument("--pp-reps", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default benchmarks/results/<date>-cpu.json)")
     ap.add_argument("--child", choices=("llama", "ours", "gen-llama", "gen-ours"), help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global CPU_CLOCK
+    CPU_CLOCK = args.cpu_clock
+    if CPU_CLOCK and args.threads != "1":
+        ap.error("--cpu-clock measures one thread (--threads 1)")
     if args.child:
         if args.child.startswith("gen-"):
             res = child_gen(args.child[4:], args.path, int(args.threads), args.tg, args.pp_reps)
@@ -455,7 +466,8 @@ def main() -> int:
         print(json.dumps(res))
         return 0
     threads = [int(t) for t in args.threads.split(",")]
-    report = {"date": datetime.date.today().isoformat(), "threads": threads, "machine": machine()}
+    report = {"date": datetime.date.today().isoformat(), "threads": threads, "machine": machine(),
+              "clock": "process CPU time" if CPU_CLOCK else "wall"}
     if args.part in ("kernels", "all"):
         report["kernels_gemv_m1"] = {str(t): bench_kernels(t) for t in threads}
     if args.part in ("model", "all"):
