@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
                   parallel=args.parallel, n_ctx=args.ctx_size, threads=threads, batch_rows=args.batch_rows,
                   tp=args.tensor_parallel, max_body=args.max_body, api_key=api_key,
                   allowed_hosts=tuple(h for h in args.allowed_hosts.split(",") if h),
-                  cors_origins=tuple(o for o in args.cors_origins.split(",") if o))
+                  cors_origins=tuple(o for o in args.cors_origins.split(",") if o),
+                  kv_size=args.kv_size, batch_invariant=args.batch_invariant)
         return 0
     from gguflm.server import Security, serve
 

@@ -61,6 +61,13 @@ class Model:
         slots = torch.full((1,), slot, dtype=torch.long, device=cache.k.device)
         return self.forward(token.view(1, 1), position.view(1, 1), cache, slots, last_only=True)
 
+    def set_batch_invariant(self, enable: bool) -> bool:
+        """The CPU kernels' batch-invariant mode (:func:`gguflm.quant.cpu.set_batch_invariant`,
+        process-wide); returns the previous setting."""
+        from gguflm.quant import cpu
+
+        return cpu.set_batch_invariant(enable)
+
     def close(self) -> None:
         """Release what the model holds beyond memory (a tensor-parallel model's other ranks)."""
 

@@ -275,7 +275,7 @@ class Shard:
 
 # --- rank 0 drives, the others follow ---------------------------------------------------
 
-_FORWARD, _NEW_CACHE, _FREE_CACHE, _STATS, _STOP = range(1, 6)
+_FORWARD, _NEW_CACHE, _FREE_CACHE, _STATS, _STOP, _INVARIANT = range(1, 7)
 _HEADER = 8
 
 
@@ -352,6 +352,12 @@ class ParallelModel(Model):
         with self._lock:
             self._send(_FORWARD, cache.cache_id, B, T, int(last_only), width, payload=payload)
             return self.transformer(tokens, positions, cache, slots, last_only)
+
+    def set_batch_invariant(self, enable: bool) -> bool:
+        """The CPU kernels' batch-invariant mode on every rank."""
+        with self._lock:
+            self._send(_INVARIANT, int(enable))
+            return super().set_batch_invariant(enable)
 
     def stats(self) -> list[dict[str, int]]:
         """Per rank: ``bytes_read`` (weights taken from the map), ``whole_bytes`` (what one
@@ -463,6 +469,8 @@ def follow(model: Model, table: ShardedTable, comm_device: torch.device) -> None
             caches[cache_id] = cache
         elif op == _FREE_CACHE:
             caches.pop(v[0], None)
+        elif op == _INVARIANT:
+            model.set_batch_invariant(bool(v[0]))
         elif op == _STATS:
             _gather_stats(table, comm_device)
         elif op == _STOP:

@@ -118,9 +118,7 @@ def _serve(model, path, host, port, parallel, max_body, log_level, batch_rows, s
     from gguflm.model.kv_cache import DEFAULT_BLOCK_SIZE
 
     if batch_invariant and model.device.type == "cpu":
-        from gguflm.quant import cpu
-
-        cpu.set_batch_invariant(True)
+        model.model.set_batch_invariant(True)  # (every rank of a tensor-parallel model)
 
     if batch_rows is None and model.device.type == "cpu":
         batch_rows = CPU_BATCH_ROWS

@@ -35,7 +35,8 @@ class Replica:
     def __init__(self, path: str, device: str = "cpu", parallel: int = 4, n_ctx: int | None = None,
                  threads: int | None = None, batch_rows: int | None = None, tp: int = 1,
                  max_body: int | None = None, host: str = "127.0.0.1", api_key: str | None = None,
-                 allowed_hosts: tuple[str, ...] = (), cors_origins: tuple[str, ...] = ()):
+                 allowed_hosts: tuple[str, ...] = (), cors_origins: tuple[str, ...] = (),
+                 kv_size: int | None = None, batch_invariant: bool = False):
         from gguflm.server import Backend, Security, create_app
         from gguflm.server.app import DEFAULT_MAX_BODY
 
@@ -43,7 +44,7 @@ class Replica:
         # its main thread (a second thread running the CPU kernels brings a second OpenMP
         # team: see Scheduler); this constructor waits until it is loaded.
         loaded, box = threading.Event(), {}
-        args = (path, device, parallel, n_ctx, threads, batch_rows, tp)
+        args = (path, device, parallel, n_ctx, threads, batch_rows, tp, kv_size, batch_invariant)
         self._thread = threading.Thread(target=_engine, args=(args, box, loaded), name="gguflm-engine", daemon=True)
         self._thread.start()
         loaded.wait()
@@ -76,14 +77,19 @@ def _engine(args, box: dict, loaded: threading.Event) -> None:
     it is closed, then release the model."""
     import gguflm
     from gguflm.engine.scheduler import Scheduler
+    from gguflm.model.kv_cache import DEFAULT_BLOCK_SIZE
     from gguflm.server import CPU_BATCH_ROWS
 
-    path, device, parallel, n_ctx, threads, batch_rows, tp = args
+    path, device, parallel, n_ctx, threads, batch_rows, tp, kv_size, batch_invariant = args
     try:
         llm = gguflm.load(path, device=device, n_ctx=n_ctx, threads=threads, tp=tp)
+        if batch_invariant and llm.device.type == "cpu":
+            llm.model.set_batch_invariant(True)
         if batch_rows is None and llm.device.type == "cpu":
             batch_rows = CPU_BATCH_ROWS
-        box["llm"], box["scheduler"] = llm, Scheduler(llm, parallel, max_batch_rows=batch_rows, start=False)
+        kv_blocks = None if kv_size is None else -(-kv_size // DEFAULT_BLOCK_SIZE)
+        box["llm"], box["scheduler"] = llm, Scheduler(llm, parallel, max_batch_rows=batch_rows, start=False,
+                                                      kv_blocks=kv_blocks)
     except BaseException as e:  # the constructor raises it: Ray reports the replica's failure
         box["error"] = e
         return
@@ -136,7 +142,7 @@ def deployment(path: str | os.PathLike, replicas: int = 2, *, num_cpus: float | 
     return dep.bind(str(path), **engine)
 
 
-_INT_ARGS = ("replicas", "parallel", "n_ctx", "threads", "batch_rows", "tp", "max_body")
+_INT_ARGS = ("replicas", "parallel", "n_ctx", "threads", "batch_rows", "tp", "max_body", "kv_size")
 
 
 def build(args: dict[str, Any]):
@@ -155,6 +161,8 @@ def build(args: dict[str, Any]):
     for k in ("allowed_hosts", "cors_origins"):
         if isinstance(args.get(k), str):
             args[k] = tuple(x for x in args[k].split(",") if x)
+    if isinstance(args.get("batch_invariant"), str):
+        args["batch_invariant"] = args["batch_invariant"].lower() in ("1", "true", "yes")
     for k in ("num_cpus", "num_gpus"):
         if k in args and args[k] is not None:
             args[k] = float(args[k])
