@@ -129,13 +129,6 @@ class ArchSpec:
             roles += ["attn_post_norm", "ffn_post_norm"]
         return tuple(roles)
 
-    @property
-    def llama_like(self) -> bool:
-        """True when the block is Llama's: pre-norm only, SwiGLU, no q/k norm, no embedding
-        scale, no sliding window, no soft-cap (what the fused C++ / CUDA block steps run)."""
-        return (self.activation is Activation.SILU and not self.post_norms and not self.qk_norm
-                and not self.embd_scale and not self.sliding_window and not self.final_softcap)
-
 
 ARCHS: dict[str, ArchSpec] = {
     # TinyLlama, SmolLM2, Llama 2, Llama 3.x and Mistral 7B all ship as "llama" (llama.cpp

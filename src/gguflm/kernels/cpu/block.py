@@ -92,7 +92,7 @@ class FusedBlock(nn.Module):
             attn, linears, norms = block.attn, _linears(block), _norms(block)
             act = block.ffn.activation.value
             n_head, n_head_kv, head_dim = attn.n_head, attn.n_head_kv, attn.head_dim
-            attn.scale, attn.local, attn.window  # noqa: B018  (read at construction)
+            _ = attn.scale, attn.local, attn.window  # read by the constructor
         except AttributeError as e:
             return f"not a decoder block of gguflm.model.layers ({e})"
         if not all(isinstance(m, QuantLinear) for m in linears):
@@ -110,10 +110,6 @@ class FusedBlock(nn.Module):
         if n_head % n_head_kv or head_dim % 2:
             return f"{n_head} query heads over {n_head_kv} KV heads of size {head_dim}"
         return None
-
-    @staticmethod
-    def eligible(block: nn.Module) -> bool:
-        return FusedBlock.unsupported(block) is None
 
     def forward(self, x: torch.Tensor, rope: nn.Module, positions: torch.Tensor, blocked: torch.Tensor,
                 cache, layer: int, slots: torch.Tensor) -> torch.Tensor:
