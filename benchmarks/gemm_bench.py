@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--m", default="1,2,8,16,32,64,128,256,512")
     p.add_argument("--json")
-    p.add_argument("--alt", action="store_true", help="also BLOCK_N 128 / 8 warps and 3 stages")
+    p.add_argument("--alt", action="store_true",
+                   help="also 32-row programs (mma.sync) at every M, and 128 rows / 3 / 1 stages at M >= 128")
     a = p.parse_args(argv)
     ms = [int(v) for v in a.m.split(",")]
     rows_out = []
@@ -95,8 +96,16 @@ def main(argv: list[str] | None = None) -> int:
                 return y
             t_cub = graph_us(cublas, copies)
             alt = ""
-            if a.alt and m >= 128:
+            if a.alt:  # 32 weight rows per program: mma.sync instead of the warp-group MMA, 4x the programs
                 base = gemm_config(w0)
+                small = GemmConfig(32, base.bb, 4, base.num_stages, base.max_block_m)
+                if swiglu:
+                    f = lambda i: gemm_gated(ws_list[i], us_list[i], x, config=small)  # noqa: E731
+                else:
+                    f = lambda i: gemm(ws_list[i], x, config=small)  # noqa: E731
+                same = torch.equal(f(0), run(0))  # same bits from the two MMA families? (batch invariance across them)
+                alt += f" 32/4w(mma.sync) {graph_us(f, copies):.1f} same_bits={same}"
+            if a.alt and m >= 128:
                 for cfg in (GemmConfig(128, base.bb, 8, 2), GemmConfig(64, base.bb, 8, 3),
                             GemmConfig(64, base.bb, 8, 1)):
                     if swiglu:

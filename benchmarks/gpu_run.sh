@@ -85,6 +85,19 @@ for phase in "$@"; do
         timeout 180 python3 benchmarks/profile_cuda.py "$W/tinyllama-Q4_K_M.gguf" 2>&1 | grep -v Warn | tail -40
         timeout 120 python3 benchmarks/profile_cuda.py "$W/tinyllama-Q4_0.gguf" > "$OUT/profile_q4_0.txt" 2>&1
         ;;
+    gemm)  # the fused GEMM: its tests, per-shape times against dequantization + cuBLAS, then the
+           # prefill / batched-step profile with each many-token path (needs `tinyllama` + `quantize`)
+        timeout 200 python3 -m pytest -q tests/cuda/test_gemm.py -p no:cacheprovider 2>&1 | tail -4
+        timeout 240 python3 benchmarks/gemm_bench.py --m 1,2,8,16,32,64,128,512 --alt --json "$OUT/gemm_bench.json" \
+            2>&1 | grep -v Warn | tee "$OUT/gemm_bench.txt" | tail -40
+        for q in Q4_K_M Q4_0; do
+            for mm in cublas gemm; do
+                GGUFLM_MATMUL=$mm timeout 150 python3 benchmarks/prefill_profile.py "$W/tinyllama-$q.gguf" \
+                    > "$OUT/prefill-$q-$mm.txt" 2>&1
+                echo "-- $q $mm"; grep -E "^pp|^eager|^batched|GPU kernel|^one cold" "$OUT/prefill-$q-$mm.txt"
+            done
+        done
+        ;;
     sweep)
         timeout 200 python3 benchmarks/gemv_sweep.py --json "$OUT/gemv_sweep.json" > "$OUT/gemv_sweep.txt" 2>&1
         tail -4 "$OUT/gemv_sweep.txt"
