@@ -299,6 +299,11 @@ class ParallelModel(Model):
     def __init__(self, file, config, transformer, n_ctx, device, shard: Shard, table: ShardedTable,
                  comm_device: torch.device, processes=(), own_group: bool = False):
         super().__init__(file, config, transformer, n_ctx, device)
+        # A rank runs the torch block, whose attention matmuls round differently with the
+        # step's shapes (measured: a row alone and beside another differ by ~5e-5 in its
+        # logits, one device or split): the scheduler keeps its steps' shapes fixed and
+        # reuses no cached prefix, as on CUDA.
+        self.batch_invariant = False
         self.shard, self.table, self.comm_device = shard, table, comm_device
         self._processes, self._own_group = list(processes), own_group
         self._lock = threading.RLock()
