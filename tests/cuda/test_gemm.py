@@ -110,7 +110,7 @@ def test_gemm_refuses_what_it_cannot_run(random_blocks, device):
         gemm(f16, torch.randn(2, 64, device=device).half())
 
 
-def test_batched_decode_rows_are_width_invariant(tiny_model, device):
+def test_batched_decode_rows_are_width_invariant(tiny_model, device, monkeypatch):
     """Through the model: a sequence's logits in a batched decode step are the same bits
     whether it shares the step with one other row (width 2) or with four (width 8), at
     another place in the batch (the fused GEMM, per-row norms and attention)."""
@@ -118,6 +118,7 @@ def test_batched_decode_rows_are_width_invariant(tiny_model, device):
     from gguflm.model.config import ModelConfig
     from gguflm.model.cuda import load_cuda
 
+    monkeypatch.setenv("GGUFLM_MATMUL", "gemm")
     f = gguflm.GGUFFile(tiny_model("Q4_K_M"))
     m = load_cuda(f, ModelConfig.from_gguf(f), 32, device)
     cache = m.new_cache(8)

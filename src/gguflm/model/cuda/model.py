@@ -41,8 +41,8 @@ MAX_BATCHED = 8  # batched decode steps kept (one per cache and width), least re
 class CudaModel(Model):
     """A model whose weights live on a CUDA device in their quantized form. Not batch
     invariant: one row decodes through the fused GEMVs (float32 activations), several
-    through the float16 fused GEMM (whose rows do not depend on the batch, but differ
-    from the GEMV's; with ``GGUFLM_MATMUL=cublas`` they depend on the shapes too);
+    through float16 cuBLAS matmuls whose rounding depends on the shapes (with
+    ``GGUFLM_MATMUL=gemm`` the fused GEMM: rows independent of the batch, but not the GEMV's);
     :meth:`pin_decode_width` makes every one-token step over a cache use the batched
     step at one width, so that a row computes the same whoever shares its step."""
 

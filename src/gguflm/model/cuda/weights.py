@@ -2,11 +2,12 @@
 
 Each linear weight becomes a :class:`CudaLinear`: the file's blocks regrouped into field
 planes (:class:`PackedWeight`, the file's byte count) when a Triton kernel covers the
-type, read by the fused GEMV for one token and by the fused GEMM for many
-(:mod:`gguflm.quant.triton.gemm`: each weight tile decoded in registers, batch
-invariant). ``GGUFLM_MATMUL=cublas`` selects the former many-token path instead: the
-weight dequantized tile by tile into a shared half-precision workspace, then cuBLAS
-(a row's bits then depend on its batch). Types no kernel covers fall back, explicitly,
+type, read by the fused GEMV for one token. Many tokens take, by default, the path
+measured on GPUs: the weight dequantized tile by tile into a shared half-precision
+workspace, then cuBLAS (a row's bits then depend on its batch). ``GGUFLM_MATMUL=gemm``
+selects the fused GEMM instead (:mod:`gguflm.quant.triton.gemm`: each weight tile
+decoded in registers, batch invariant) — opt-in until it has been timed and checked
+on a GPU (it was written in a session without one; see benchmarks/cuda_notes.md). Types no kernel covers fall back, explicitly,
 to a float16 copy made once by the exact torch dequantizer (``fallback`` names them).
 Norm weights and biases are small and kept in float32.
 """
@@ -38,10 +39,11 @@ _gemm_failed: list[str] = []  # why the fused GEMM could not run here (said once
 
 
 def fused_gemm() -> bool:
-    """Whether many-token matmuls of packed weights run the fused GEMM (the default) or
-    dequantize into the workspace for cuBLAS (``GGUFLM_MATMUL=cublas``, or after the
-    GEMM failed to compile or launch here, which is said once on stderr)."""
-    return not _gemm_failed and os.environ.get("GGUFLM_MATMUL", "gemm") != "cublas"
+    """Whether many-token matmuls of packed weights run the fused GEMM
+    (``GGUFLM_MATMUL=gemm``, opt-in: not yet measured on a GPU) or dequantize into the
+    workspace for cuBLAS (the default; also after the GEMM failed to compile or launch
+    here, which is said once on stderr)."""
+    return not _gemm_failed and os.environ.get("GGUFLM_MATMUL", "cublas") == "gemm"
 
 
 def _gemm_failure(e: Exception) -> None:
@@ -101,7 +103,7 @@ class CudaLinear:
                out: torch.Tensor | None = None) -> torch.Tensor:
         """Many tokens: x float16 [T, n_in] -> float16 [T, n_out] (into ``out`` when given:
         any row stride, e.g. a column slice) on the tensor cores, float32 accumulation.
-        Packed weights: the fused GEMM, or with ``GGUFLM_MATMUL=cublas`` W dequantized into
+        Packed weights: with ``GGUFLM_MATMUL=gemm`` the fused GEMM, else W dequantized into
         ``ws`` ``row_chunk`` rows at a time for cuBLAS."""
         if self.packed is not None and fused_gemm():
             try:
