@@ -29,6 +29,12 @@ loop repeats one *step*:
    so a request's tokens do not depend on who else is in the batch (up to float rounding
    of a batched matmul).
 
+On the CPU (a paged cache and the C++ block step: ``Model.flat_steps``) steps 2 and 3
+are ONE forward (:meth:`Scheduler._mixed_step`): a row per token, the decode rows and
+the prompt chunks side by side up to ``prefill_budget`` tokens, nothing padded, so the
+step is as wide as what is live and a prompt never waits for the decodes (chunked
+prefill mixed with decode).
+
 A scheduler of one slot on an asynchronous device (CUDA: ``generate()``, ``run``,
 ``bench``) *runs ahead* (``pipeline``): the id a decode step chooses stays on the device
 and is fed to the next step (:meth:`Model.decode_one`, the position counted there too),
@@ -230,6 +236,8 @@ class Scheduler:
         device = self.cache.k.device
         self._eog_dev = torch.tensor(self._eog_index, device=device) if self._eog_index else None
         self._pipeline = (n_slots == 1 and device.type == "cuda") if pipeline is None else pipeline
+        # prompt chunks ride in the decode step's forward as one-token rows (see _mixed_step)
+        self._mixed = self.cache.paged and model.flat_steps and self._shared_steps and not self._pipeline
         self._cond = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._free = list(range(n_slots))
@@ -392,8 +400,73 @@ class Scheduler:
         self._free.append(seq.slot)
 
     def _step(self) -> None:
+        if self._mixed:
+            self._mixed_step()
+            return
         self._prefill()
         self._decode()
+
+    def _mixed_step(self) -> None:
+        """Chunked prefill mixed with decode in ONE forward of one-token rows: every request
+        with a sampled token feeds it (at most ``max_batch_rows`` of them per forward; the
+        rest in further forwards), and the prompt chunks of reading requests (first come
+        first served, each at most ``prefill_chunk`` tokens) fill the step up to
+        ``prefill_budget`` tokens (always at least 16). A row per token, none padded: the
+        step's width is what is live. Logits are computed only for the decode rows and the
+        last token of each prompt that completes."""
+        live = [s for s in self._active if not s.ticket.cancelled]
+        ready = []
+        for s in live:
+            if s.last is None:
+                continue
+            if not self.cache.reserve(s.slot, s.n_past + 1):
+                self._finish(s, Failed("the KV cache is full (every block in use); start the server "
+                                       "with a larger --kv-size or fewer --parallel slots"))
+                continue
+            ready.append(s)
+        width = self.max_batch_rows or max(len(ready), 1)
+        groups = [ready[i:i + width] for i in range(0, len(ready), width)] or [[]]
+        left = max(self.prefill_budget - len(groups[0]), 16)
+        chunks: list[tuple[_Seq, list[int]]] = []
+        for s in live:
+            if s.todo and left > 0:
+                chunk = s.todo[:min(self.prefill_chunk, left)]
+                chunks.append((s, chunk))
+                left -= len(chunk)
+        for i, group in enumerate(groups):
+            self._flat_forward(group, chunks if i == 0 else [])
+
+    def _flat_forward(self, decode: list[_Seq], chunks: list[tuple[_Seq, list[int]]]) -> None:
+        if not decode and not chunks:
+            return
+        tokens = [s.last for s in decode]
+        positions = [s.n_past for s in decode]
+        slots = [s.slot for s in decode]
+        select = list(range(len(decode)))
+        finishing = []
+        for s, chunk in chunks:
+            tokens += chunk
+            positions += range(s.n_past, s.n_past + len(chunk))
+            slots += [s.slot] * len(chunk)
+            if len(chunk) == len(s.todo):    # the prompt is read after this chunk: its last token's logits
+                select.append(len(tokens) - 1)
+                finishing.append(s)
+        device = self.cache.k.device
+        inputs = torch.tensor([tokens, positions, slots], device=device)                      # [3, N]: one copy
+        logits = self.model.forward(inputs[0, :, None], inputs[1, :, None], self.cache, inputs[2],
+                                    select=torch.tensor(select, dtype=torch.long, device=device))  # [len(select), V]
+        seqs = decode + finishing
+        chosen = self._choose(seqs, logits, range(len(seqs)))
+        for s, chunk in chunks:
+            s.n_past += len(chunk)
+            del s.todo[:len(chunk)]
+            if self._prompt_cache:  # whole blocks of prompt: shareable at once
+                self.cache.publish(s.slot, s.history[:s.n_past])
+        for i, s in enumerate(seqs):
+            if i < len(decode):
+                s.n_past += 1
+                s.last = None
+            self._accept_or_fail(s, logits[i], chosen[i])
 
     def _prefill(self) -> None:
         """One batched forward over the next prompt chunk of as many reading requests (first

@@ -183,10 +183,13 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                slots: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+                slots: torch.Tensor, last_only: bool = False, select: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of ``tokens`` [B, T] at ``positions`` [B, T] for sequences in cache
         ``slots`` [B]. Padding (position < 0) must sit at the right end of a row.
-        Returns float32 [B, T, n_vocab], or [B, n_vocab] for each row's last real token.
+        Returns float32 [B, T, n_vocab], or [B, n_vocab] for each row's last real token,
+        or [len(select), n_vocab] for the tokens ``select`` (Long, flat indices b * T + t).
+        Rows may share a slot (a prompt chunk as T=1 rows beside other sequences' decode
+        rows): every key/value of the step is written before any query attends.
         """
         x = self.embedding[tokens.clamp(min=0)]                       # [B, T, E]
         if self.embd_scale is not None:
@@ -202,7 +205,11 @@ class Transformer(nn.Module):
         for layer, block in enumerate(self.blocks):
             mask = blocked_swa if blocked_swa is not None and self.cfg.is_swa(layer) else blocked
             x = block(x, self.rope, positions, mask, cache, layer, slots)
-        if last_only:
+        if select is not None:
+            x = x.reshape(-1, x.shape[-1]).index_select(0, select)    # [len(select), E]
+            if x.shape[0] == 0:                                       # only the cache was wanted
+                return x.new_zeros((0, self.cfg.n_vocab))
+        elif last_only:
             last = (positions >= 0).sum(1) - 1                        # [B]
             x = x[torch.arange(x.shape[0], device=x.device), last]    # [B, E]
         logits = self.output(self.output_norm(x))

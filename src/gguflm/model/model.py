@@ -12,7 +12,7 @@ import torch
 from gguflm.gguf.reader import GGUFFile
 from gguflm.model.config import MAX_CTX, ModelConfig
 from gguflm.model.kv_cache import KVCache
-from gguflm.model.layers import Transformer
+from gguflm.model.layers import Block, Transformer
 from gguflm.model.loader import build_transformer
 
 DEFAULT_MAX_CTX = 4096  # default context: the training context, capped here to bound cache memory
@@ -38,6 +38,15 @@ class Model:
         self.config, self.transformer = config, transformer
         self.n_ctx, self.device = n_ctx, device
 
+    @property
+    def flat_steps(self) -> bool:
+        """True when a step of one-token rows that share slots (a prompt chunk beside other
+        sequences' decode rows, :meth:`forward` with ``select``) costs no more than the same
+        tokens as [B, T] rows: every block runs the C++ block step, whose attention goes row
+        by row (the torch block would gather each row's keys)."""
+        t = self.transformer
+        return t is not None and self.device.type == "cpu" and not any(isinstance(b, Block) for b in t.blocks)
+
     def new_cache(self, n_slots: int = 1, n_ctx: int | None = None, block_size: int | None = None,
                   n_blocks: int | None = None) -> KVCache:
         """An empty KV cache of ``n_slots`` sequences of ``n_ctx`` (default: the model's)
@@ -48,9 +57,12 @@ class Model:
                        block_size=block_size, n_blocks=n_blocks)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                slots: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Batched step: tokens/positions Long[B, T], slots Long[B] -> logits (see Transformer)."""
-        return self.transformer(tokens, positions, cache, slots, last_only)
+                slots: torch.Tensor, last_only: bool = False, select: torch.Tensor | None = None) -> torch.Tensor:
+        """Batched step: tokens/positions Long[B, T], slots Long[B] -> logits (see Transformer;
+        ``select``: the flat indices of the tokens whose logits are wanted)."""
+        if select is None:
+            return self.transformer(tokens, positions, cache, slots, last_only)
+        return self.transformer(tokens, positions, cache, slots, last_only, select)
 
     @torch.inference_mode()
     def decode_one(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache, slot: int) -> torch.Tensor:
