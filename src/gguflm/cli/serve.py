@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: --parallel x -c)")
     p.add_argument("--batch-invariant", action="store_true",
                    help="CPU: a request's output is the same to the bit alone or among others, however "
-                        "its prompt is batched (a lone request decodes up to ~2x slower; docs/server.md)")
+                        "its prompt is batched (a lone request decodes ~1.35x slower; docs/server.md)")
     p.add_argument("--max-body", type=int, default=1 << 20,
                    help="largest accepted request body in bytes (default: %(default)s)")
     p.add_argument("--api-key", default=None,
