@@ -1,20 +1,10 @@
-"""The batch-1 decode step: the decoder of :mod:`.forward` over one row, with the ops of
-:class:`Token` over static buffers, captured once in a CUDA graph and replayed for every
-token. Per layer (x: the float32 residual stream, pos: the position, both on the device)::
-
-    qkv = Wqkv RMSNorm(x)                 fused GEMV, norm in the prologue (Q, K, V in one launch)
-    a = attention(rope(q), K[:pos+1], V[:pos+1])   RoPE, the cache write of the new key
-                                          and value, and attention split over positions;
-                                          then a merge of the splits
-    x = x + Wo a                          GEMV, residual in the epilogue (in place)
-    f = silu(Wg RMSNorm(x)) * Wu RMSNorm(x)   one GEMV over both weights (SiLU), or the
-                                          two GEMVs and the activation kernel (GELU)
-    x = x + Wd f                          GEMV, residual in the epilogue
-
-(plus, where the arch has them, the q/k norms and the post norms, as in :func:`.forward.decoder`),
-then ``logits = Wout RMSNorm(x)`` and the greedy ``next = argmax(logits)``. Nothing
-reads the host: the token and the position are device buffers, so a replay needs no
-arguments. Two graphs that hand each other their inputs (``(tok, pos)`` ->
+"""The batch-1 decode step: :func:`.forward.decoder` over one row with the ops of
+:class:`Token` (static buffers; Wqkv RMSNorm(x) in one GEMV launch, RoPE + cache write +
+attention split over positions in the decode kernel, x += Wo a and x += Wd f with the
+residual in the GEMV epilogue, SwiGLU as one GEMV over both weights), then
+``logits = Wout RMSNorm(x)`` and the greedy ``next = argmax(logits)``, captured once in a
+CUDA graph and replayed for every token. Nothing reads the host: the token and the
+position are device buffers, so a replay needs no arguments. Two graphs that hand each other their inputs (``(tok, pos)`` ->
 ``(next, pos + 1)`` and back) let greedy decoding run back to back with no launch or
 copy in between.
 """

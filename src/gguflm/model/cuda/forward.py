@@ -1,11 +1,10 @@
-"""The CUDA path's decoder, written once: :func:`decoder` composes every architecture's
-block from fusion-level ops, as :class:`gguflm.model.layers.Block` does in torch, the
-architecture's choices coming from its ArchSpec (through the weights: q/k norms, post
-norms, local layers; through the config: activation, embedding scale, window, soft-cap)::
+"""The CUDA path's decoder, written once (:func:`decoder`) from fusion-level ops, the
+architecture's choices coming from its ArchSpec (via the weights: q/k norms, post norms,
+local layers; via the config: activation, embedding scale, window, soft-cap)::
 
     x  = embed(tokens) (* sqrt(E))
-    x += post_attn_norm(Wo attention(qk_norm(Wqkv attn_norm(x))))      norm -> linear; attention;
-    x += post_ffn_norm(Wd act(Wg ffn_norm(x)) * Wu ffn_norm(x))          linear + residual; act * mul
+    x += post_attn_norm(Wo attention(qk_norm(Wqkv attn_norm(x))))
+    x += post_ffn_norm(Wd act(Wg ffn_norm(x)) * Wu ffn_norm(x))
     logits = softcap(Wout output_norm(x))
 
 Two providers of the ops, one per activation shape (both run every architecture):
@@ -233,10 +232,6 @@ def forward_tokens(cfg: ModelConfig, w: CudaWeights, rope: Rope, tokens: torch.T
     """Logits of ``tokens`` [B, T] at ``positions`` [B, T] (< 0: right padding) for cache
     ``slots`` [B]: float32 [B, T, n_vocab], or [B, n_vocab] for each row's last token."""
     B, T = tokens.shape
-    p0 = plain_start(positions) if B == 1 else None
-    if p0 is not None:
-        slot = int(slots[0])
-        return forward_plain(cfg, w, rope, tokens[0], p0, cache.k[:, slot], cache.v[:, slot], last_only)
     ops = Rows(cfg, w, tokens.clamp(min=0).reshape(-1))
     decoder(cfg, w, ops, attention_general(cfg, rope, positions, cache, slots))
     x = ops.flush().view(B, T, cfg.n_embd)

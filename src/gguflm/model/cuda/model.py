@@ -3,11 +3,14 @@
 A :class:`CudaModel` keeps the weights in their GGUF encoding (:mod:`.weights`) and
 runs two paths over float16 KV caches:
 
-* many tokens (prefill, batched steps, ``logits``): :func:`.forward.forward_tokens`;
+* many tokens (prefill, padded rows, ``logits``): :mod:`.forward`, a prefill captured once
+  its shape repeats;
 * one token of one sequence: the CUDA-graph decode step (:mod:`.decode`), used by
   ``forward`` whenever B = T = 1, and by :meth:`CudaModel.decode_greedy`;
 * one token of each of B > 1 sequences (the server's decode steps): the batched step
   (:mod:`.batched`), padded to a power-of-two width and captured per width.
+
+All of them run the one decoder of :mod:`.forward` (every architecture of the arch table).
 
 ``forward`` returns logits on the GPU; the engine's sampling chain then runs there
 too, and the only host sync per token is reading the sampled id. ``decode_one`` feeds
@@ -36,6 +39,16 @@ from gguflm.model.model import Model
 MAX_GRAPHS = 4  # captured decode graphs kept (one per cache slot in use), least recent dropped
 MAX_PREFILL_GRAPHS = 2  # captured prefills kept, least recent dropped
 MAX_BATCHED = 8  # batched decode steps kept (one per cache and width), least recent dropped
+
+
+def _lru(table: OrderedDict, key: tuple, limit: int, make: Any) -> Any:
+    """``table[key]``, made by ``make()`` on first use; the least recent beyond ``limit`` dropped."""
+    if key not in table:
+        table[key] = make()
+        while len(table) > limit:
+            table.popitem(last=False)
+    table.move_to_end(key)
+    return table[key]
 
 
 class CudaModel(Model):
@@ -72,17 +85,10 @@ class CudaModel(Model):
         return KVCache(c.n_layer, n_slots, c.n_head_kv, n_ctx, c.head_dim, dtype=HALF, device=self.device)
 
     def graphs(self, cache: KVCache, slot: int) -> DecodeGraphs:
-        """The decode graphs of one cache slot (built on first use)."""
-        key = (cache.k.data_ptr(), slot)  # the graphs hold views of the cache: the key stays unique
-        g = self._graphs.get(key)
-        if g is None:
-            g = DecodeGraphs(self.config, self.weights, self.rope, cache.k[:, slot], cache.v[:, slot],
-                             use_graphs=self.use_graphs)
-            self._graphs[key] = g
-            while len(self._graphs) > MAX_GRAPHS:
-                self._graphs.popitem(last=False)
-        self._graphs.move_to_end(key)
-        return g
+        """The decode graphs of one cache slot (built on first use; they hold views of the
+        cache, so its address keeps the key unique)."""
+        return _lru(self._graphs, (cache.k.data_ptr(), slot), MAX_GRAPHS, lambda: DecodeGraphs(
+            self.config, self.weights, self.rope, cache.k[:, slot], cache.v[:, slot], use_graphs=self.use_graphs))
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -102,16 +108,16 @@ class CudaModel(Model):
             logits = step.step(tokens, positions, slots, *self._stream_and_pool())
             return logits if last_only else logits[:, None]
         if on_gpu and tokens.shape == (1, 1):
-            g = self.graphs(cache, int(slots[0]))
-            g.tok[0:1].copy_(tokens.view(1))
-            g.pos[0:1].copy_(positions.view(1))
-            g.step(0)
-            return g.buf.logits.view(1, -1) if last_only else g.buf.logits.view(1, 1, -1)
-        if on_gpu and tokens.shape[0] == 1 and not pinned:
-            p0 = plain_start(positions)
-            if p0 is not None:
-                return self._prefill(tokens[0], p0, cache, int(slots[0]), last_only)
-        return forward_tokens(self.config, self.weights, self.rope, tokens, positions, cache, slots, last_only)
+            logits = self.decode_one(tokens.view(1), positions.view(1), cache, int(slots[0]))
+            return logits if last_only else logits[:, None]
+        p0 = plain_start(positions) if tokens.shape[0] == 1 else None
+        if p0 is None:
+            return forward_tokens(self.config, self.weights, self.rope, tokens, positions, cache, slots, last_only)
+        if on_gpu and not pinned:
+            return self._prefill(tokens[0], p0, cache, int(slots[0]), last_only)
+        slot = int(slots[0])
+        return forward_plain(self.config, self.weights, self.rope, tokens[0], p0, cache.k[:, slot], cache.v[:, slot],
+                             last_only)
 
     @torch.inference_mode()
     def decode_one(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache, slot: int) -> torch.Tensor:
@@ -141,16 +147,9 @@ class CudaModel(Model):
         """The batched decode step for ``n_rows`` rows of ``cache`` (built on first use), at
         ``width`` or the smallest power of two that holds them."""
         width = width or min(batch_width(n_rows), batch_width(cache.n_slots))
-        key = (cache.k.data_ptr(), width)
-        b = self._batched.get(key)
-        if b is None:
-            b = BatchedDecode(self.config, self.weights, self.rope, cache, width,
-                              use_graphs=self.use_graphs and cache.k.device.type == "cuda")
-            self._batched[key] = b
-            while len(self._batched) > MAX_BATCHED:
-                self._batched.popitem(last=False)
-        self._batched.move_to_end(key)
-        return b
+        return _lru(self._batched, (cache.k.data_ptr(), width), MAX_BATCHED, lambda: BatchedDecode(
+            self.config, self.weights, self.rope, cache, width,
+            use_graphs=self.use_graphs and cache.k.device.type == "cuda"))
 
     def _stream_and_pool(self) -> tuple[Any, Any]:
         """The side stream and memory pool of every capture (CUDA only; else None, None)."""
