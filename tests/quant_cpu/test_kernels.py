@@ -73,6 +73,7 @@ def test_qmatmul_keeps_leading_dims(cpu_kernels, random_weight):
     y = cpu_kernels.qmatmul(x, w)
     assert y.shape == (2, 3, 6)
     torch.testing.assert_close(y, cpu_kernels.qmatmul(x.reshape(6, 64), w).view(2, 3, 6))
+    assert cpu_kernels.qmatmul(torch.empty(0, 64), w).shape == (0, 6)   # no rows: no crash
 
 
 @pytest.mark.parametrize("quant", ["Q4_1", "Q4_K_M", "Q5_K_M", "Q8_0"])

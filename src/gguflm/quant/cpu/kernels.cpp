@@ -1069,6 +1069,7 @@ void dequant_range(const QW& w, int64_t n0, int64_t n1, float* out) {
 // y [M, N] = x [M, K] @ W^T: fused for M <= fused_max_m(), else exact float tiles into sgemm.
 at::Tensor matmul(const at::Tensor& x, const QW& w) {
   const int64_t M = x.size(0), N = w.N, K = w.K;
+  if (M == 0) return at::empty({0, N}, x.options());  // no rows (the kernels assume at least one)
   if (M > fused_max_m()) {
     const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(N, kTileElems / K));
     at::Tensor buf = at::empty({tile, K}, x.options());
