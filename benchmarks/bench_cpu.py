@@ -39,6 +39,10 @@ generate The user path, as issue 14 asks: ``gguflm.load(path).generate(ids, temp
            tg_busy   the same while another process keeps core 1 busy (``--busy``): a
                      pinned ``while True: pass``; the ratio to tg says what contention costs
            peak RSS  VmHWM of the child
+         Each run records ``others_cores``: how many cores other processes kept busy during
+         it, on average; ``--wait-idle PCT`` starts each child only once the machine was PCT %
+         idle over 2 s (a shared machine: runs then see little contention, which
+         ``others_cores`` shows).
          ``--cpu-clock`` (one thread only): pp512 and tg timed by each child's process CPU
          time instead of the wall clock, which a machine shared with other work slows
          unevenly; with one thread (no thread waiting at a barrier) CPU time is the work
@@ -206,6 +210,7 @@ def child_gen(engine: str, path: str, threads: int, tg: int, pp_reps: int) -> di
 
 BUSY_CPU = 1
 CPU_CLOCK = False  # --cpu-clock
+WAIT_IDLE = 0      # --wait-idle
 
 
 def busy_core(cpu: int | None = None) -> subprocess.Popen:
@@ -214,8 +219,30 @@ def busy_core(cpu: int | None = None) -> subprocess.Popen:
                              "while True: pass"])
 
 
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return sum(v) - v[3] - v[4], sum(v)
+
+
+def wait_idle(percent: int, limit_s: float = 600.0) -> float:
+    """Wait (at most limit_s) until the machine was idle >= percent % over 2 s; the last idle %."""
+    t_end = time.monotonic() + limit_s
+    while True:
+        b0, t0 = cpu_jiffies()
+        time.sleep(2)
+        b1, t1 = cpu_jiffies()
+        idle = 100.0 * (1 - (b1 - b0) / max(1, t1 - t0))
+        if idle >= percent or time.monotonic() > t_end:
+            return idle
+
+
 def run_gen_child(engine: str, path: Path, threads: int, tg: int, pp_reps: int, busy: bool) -> dict:
     hog = busy_core() if busy else None
+    idle = wait_idle(WAIT_IDLE) if WAIT_IDLE and not busy else None
+    busy0, _ = cpu_jiffies()
+    r0, w0 = os.times(), time.perf_counter()
     try:
         time.sleep(0.2 if busy else 0)
         out = subprocess.run([sys.executable, __file__, "--child", f"gen-{engine}", "--path", str(path), "--threads",
@@ -227,6 +254,13 @@ def run_gen_child(engine: str, path: Path, threads: int, tg: int, pp_reps: int, 
             hog.wait()
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res["loadavg"] = os.getloadavg()[0]
+    # cores that other processes kept busy during the child, on average (machine busy time
+    # minus the child's own CPU time): what contention the measurement saw
+    r1, busy1 = os.times(), cpu_jiffies()[0]
+    child = (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)
+    res["others_cores"] = max(0.0, ((busy1 - busy0) / os.sysconf("SC_CLK_TCK") - child) / (time.perf_counter() - w0))
+    if idle is not None:
+        res["idle_before_pct"] = idle
     return res
 
 
@@ -447,14 +481,16 @@ def main() -> int:
     ap.add_argument("--busy", action="store_true", help="generate part: also decode with core 1 kept busy")
     ap.add_argument("--busy-cpu", type=int, default=1, help="generate part: the core --busy keeps busy")
     ap.add_argument("--files", default=None, help="generate part: comma-separated GGUF files instead of the defaults")
+    ap.add_argument("--wait-idle", type=int, default=0, metavar="PCT",
+                    help="generate part: start each child once the machine was PCT %% idle over 2 s (at most 10 min)")
     ap.add_argument("--cpu-clock", action="store_true", help="generate part, one thread: time by process CPU time")
     ap.add_argument("--pp-reps", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default benchmarks/results/<date>-cpu.json)")
     ap.add_argument("--child", choices=("llama", "ours", "gen-llama", "gen-ours"), help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global CPU_CLOCK
-    CPU_CLOCK = args.cpu_clock
+    global CPU_CLOCK, WAIT_IDLE
+    CPU_CLOCK, WAIT_IDLE = args.cpu_clock, args.wait_idle
     if CPU_CLOCK and args.threads != "1":
         ap.error("--cpu-clock measures one thread (--threads 1)")
     if args.child:
