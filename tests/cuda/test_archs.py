@@ -77,13 +77,19 @@ def test_every_runner_of_the_fused_path_matches_reference(name, shared_dir, llam
     _check(name, "batched step", ref[[CUT, 4]], step)
 
 
-def test_a_head_size_the_kernels_lack_is_refused_at_load(shared_dir):
-    from gguflm.model.cuda.forward import check_supported
+def test_a_head_size_the_kernels_lack_is_refused_by_the_fused_path(shared_dir):
+    """The fused path refuses a head size its kernels lack (never computes something else);
+    load_model reads the same reason and runs such a model through the generic torch block
+    on the GPU instead (the documented fallback; Phi-3-mini's head size is 96)."""
+    from gguflm.model.cuda.forward import check_supported, cuda_unsupported
 
     cfg = ModelConfig.from_gguf(gguflm.GGUFFile(synthetic_f16("phi3", shared_dir / "vocab")))
     check_supported(cfg)
-    with pytest.raises(GGUFError, match="head size 96 is not supported on CUDA"):
-        check_supported(dataclasses.replace(cfg, head_dim=96, n_rot=96))
+    assert cuda_unsupported(cfg) is None
+    odd = dataclasses.replace(cfg, head_dim=96, n_rot=96)
+    assert "head size 96" in cuda_unsupported(odd)
+    with pytest.raises(GGUFError, match="head size 96: the Triton attention kernels need a power of two"):
+        check_supported(odd)
 
 
 @pytest.mark.cuda

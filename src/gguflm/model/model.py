@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
@@ -130,7 +131,14 @@ def load_model(path: str | os.PathLike | GGUFFile, device: str | torch.device = 
         return load_parallel(f, config, n_ctx, dev, tp, threads)
     if dev.type == "cuda":  # quantized weights on the GPU, Triton kernels, CUDA graphs (every arch)
         from gguflm.model.cuda import load_cuda
+        from gguflm.model.cuda.forward import cuda_unsupported
 
-        return load_cuda(f, config, n_ctx, dev)
+        why = cuda_unsupported(config)
+        if why is None:
+            return load_cuda(f, config, n_ctx, dev)
+        # documented fallback (docs/architectures.md): the generic block on the GPU
+        logging.getLogger("gguflm.model").warning(
+            "%s: the fused CUDA path cannot run it (%s); it runs the generic torch block on the GPU, "
+            "weights dequantized to float32 (slower, more memory)", config.arch, why)
     transformer = build_transformer(f, config, n_ctx, dev)
     return Model(f, config, transformer, n_ctx, dev)

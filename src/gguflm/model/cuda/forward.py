@@ -49,13 +49,22 @@ _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBack
 Attention = Callable[[int, CudaLayer, torch.Tensor], torch.Tensor]
 
 
-def check_supported(cfg: ModelConfig) -> None:
-    """Refuse, at load, what the CUDA kernels cannot compute (instead of computing
-    something else): the attention and RoPE kernels need a power-of-two head size."""
+def cuda_unsupported(cfg: ModelConfig) -> str | None:
+    """Why the fused CUDA kernels cannot compute this model, or None: the attention and
+    RoPE kernels need a power-of-two head size."""
     D = cfg.head_dim
     if D & (D - 1) or not 16 <= D <= 256:
-        raise GGUFError(f"{cfg.arch}: head size {D} is not supported on CUDA (the Triton attention kernels "
-                        f"need a power of two in [16, 256]); load it with device='cpu'")
+        return f"head size {D}: the Triton attention kernels need a power of two in [16, 256]"
+    return None
+
+
+def check_supported(cfg: ModelConfig) -> None:
+    """Refuse, at load of the fused path, what its kernels cannot compute (instead of
+    computing something else). ``load_model`` asks :func:`cuda_unsupported` first and
+    runs such a model through the generic torch block on the GPU instead."""
+    why = cuda_unsupported(cfg)
+    if why:
+        raise GGUFError(f"{cfg.arch}: {why}; the fused CUDA path cannot run it")
 
 
 def embd_scale(cfg: ModelConfig) -> float | None:
