@@ -70,6 +70,7 @@ def test_metrics_follow_the_requests(server, client) -> None:
     assert delta("generation_tokens") == sum(u.completion_tokens for u in usage)
     assert delta("prompt_tokens_cached") == usage[1].prompt_tokens_details.cached_tokens > 0
     assert delta("prefix_cache_queries") == 2 and delta("prefix_cache_hits") >= 1
+    assert delta("num_preemptions") == 0    # the default pool holds every slot's whole context
     assert delta("time_to_first_token_seconds") == 2
     assert delta("inter_token_latency_seconds") >= sum(u.completion_tokens - 1 for u in usage)
     assert sum(delta("request_success", finished_reason=r) for r in ("stop", "length")) == 2

@@ -54,12 +54,15 @@ class Metrics:
     """Counters since start. ``prompt_tokens``: prompt tokens admitted; ``cached_tokens``:
     those whose keys/values came from the prefix cache; ``generation_tokens``: tokens
     generated; ``prefix_queries``/``prefix_hits``: admitted requests, and those that
-    found at least one cached block; ``finished``: ended requests by reason."""
+    found at least one cached block; ``preemptions``: running requests sent back to the
+    queue because the KV cache's pool ran out of blocks; ``finished``: ended requests by
+    reason."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.prompt_tokens = self.cached_tokens = self.generation_tokens = 0
         self.prefix_queries = self.prefix_hits = 0
+        self.preemptions = 0
         self.finished: collections.Counter[str] = collections.Counter()
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
@@ -85,6 +88,10 @@ class Metrics:
             while self._recent and self._recent[0][0] < now - RATE_WINDOW:
                 self._recent.popleft()
 
+    def preempted(self) -> None:
+        with self._lock:
+            self.preemptions += 1
+
     def ended(self, reason: str) -> None:
         with self._lock:
             self.finished[reason] += 1
@@ -97,6 +104,7 @@ class Metrics:
             recent = sum(n for t, n in self._recent if t >= now - RATE_WINDOW)
             return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
                     "generation_tokens": self.generation_tokens, "prefix_queries": self.prefix_queries,
-                    "prefix_hits": self.prefix_hits, "finished": dict(self.finished),
+                    "prefix_hits": self.prefix_hits, "preemptions": self.preemptions,
+                    "finished": dict(self.finished),
                     "ttft": self.ttft.copy(), "itl": self.itl.copy(), "queue_time": self.queue_time.copy(),
                     "generation_tokens_per_second": recent / RATE_WINDOW}

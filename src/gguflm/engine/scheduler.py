@@ -29,6 +29,20 @@ loop repeats one *step*:
    so a request's tokens do not depend on who else is in the batch (up to float rounding
    of a batched matmul).
 
+Preemption (vLLM's recompute mode): when a running request needs a new KV block and the
+pool has none (no free block, no cached one to evict), the most recently admitted running
+request is *preempted*: its blocks go back to the pool (whole blocks published first, so
+prefix caching may keep them), its slot is freed, and it waits at the front of the queue
+with everything it had: prompt and generated tokens, sampler state (random generator,
+penalty history), text held back, logprobs not yet sent. Admitted again, it prefills
+its prompt and generated tokens (its last sampled token included: that prefill's last
+logits choose its next token, as the decode step would have) and goes on; preempted
+requests come back first, oldest admission first. The oldest running request is never
+preempted for a younger one, so it always advances. A request that does not fit the pool
+even alone is refused at :meth:`Scheduler.check` (:class:`KVPoolError`: its prompt plus
+``max_tokens``); one without ``max_tokens`` that fills the whole pool alone ends with
+"length", as at a full context.
+
 On the CPU (a paged cache and the C++ block step: ``Model.flat_steps``) steps 2 and 3
 are ONE forward (:meth:`Scheduler._mixed_step`): a row per token, the decode rows and
 the prompt chunks side by side up to ``prefill_budget`` tokens, nothing padded, so the
@@ -71,7 +85,7 @@ from typing import TYPE_CHECKING, Union
 
 import torch
 
-from gguflm.engine.generate import GenerationError, TextAssembler, check_request
+from gguflm.engine.generate import ContextLengthError, GenerationError, TextAssembler, check_request
 from gguflm.engine.metrics import Metrics
 from gguflm.engine.sampling import SamplingError, SamplingParams, choose, new_generator
 from gguflm.model.kv_cache import DEFAULT_BLOCK_SIZE, KVCache
@@ -150,6 +164,15 @@ Emit = Callable[[Event], None]
 
 class QueueFullError(GenerationError):
     """Too many requests are already waiting."""
+
+
+class KVPoolError(ContextLengthError):
+    """The request does not fit the KV cache's block pool even alone (``positions``: what
+    the pool holds; ``needed``: what the request needs)."""
+
+    def __init__(self, message: str, positions: int, needed: int):
+        super().__init__(message)
+        self.positions, self.needed = positions, needed
 
 
 class Ticket:
@@ -240,6 +263,7 @@ class Scheduler:
         self._mixed = self.cache.paged and model.flat_steps and self._shared_steps and not self._pipeline
         self._cond = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
+        self._preempted: collections.deque[_Seq] = collections.deque()  # admitted before _waiting
         self._free = list(range(n_slots))
         self.metrics = Metrics()
         self._active: list[_Seq] = []
@@ -263,7 +287,8 @@ class Scheduler:
         with self._cond:
             busy = self.n_slots - len(self._free)
             return {"slots_total": self.n_slots, "slots_processing": busy,
-                    "slots_idle": self.n_slots - busy, "requests_waiting": len(self._waiting)}
+                    "slots_idle": self.n_slots - busy,
+                    "requests_waiting": len(self._waiting) + len(self._preempted)}
 
     def kv_stats(self) -> dict[str, int]:
         """The KV cache's blocks (see :meth:`KVCache.stats`) and running sequences."""
@@ -279,9 +304,16 @@ class Scheduler:
         if job.top_logprobs is not None and not 0 <= job.top_logprobs <= n_vocab:
             raise GenerationError(f"top_logprobs must lie in [0, {n_vocab}]")
         cache = self.cache
-        if cache.paged and -(-(len(job.prompt) + 1) // cache.block_size) > cache.n_blocks:
-            raise GenerationError(f"the prompt of {len(job.prompt)} tokens does not fit the KV cache's pool of "
-                                  f"{cache.n_blocks * cache.block_size} positions")
+        pool = cache.n_blocks * cache.block_size
+        # positions written: the prompt, then every generated token but the last (at least one)
+        needed = len(job.prompt) + max((job.max_tokens or 0) - 1, 1)
+        if cache.paged and min(needed, self.n_ctx) > pool:
+            what = f"prompt of {len(job.prompt)} tokens" + (
+                f" plus max_tokens={job.max_tokens}" if job.max_tokens is not None else "")
+            raise KVPoolError(f"the {what} needs {min(needed, self.n_ctx)} positions of the KV cache, but its "
+                              f"whole pool holds {pool} ({cache.n_blocks} blocks of {cache.block_size}); "
+                              "lower max_tokens or shorten the prompt, or start the server with a larger "
+                              "--kv-size", pool, min(needed, self.n_ctx))
 
     def submit(self, job: Job, emit: Emit) -> Ticket:
         """Queue ``job`` (checked first); ``emit`` receives its events on the worker thread."""
@@ -329,7 +361,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._stopping or self._waiting or self._active):
+                while not (self._stopping or self._waiting or self._active or self._preempted):
                     self._cond.wait()
                 if self._stopping:
                     break
@@ -341,8 +373,9 @@ class Scheduler:
                 for seq in list(self._active):
                     self._finish(seq, Failed(f"generation failed: {type(e).__name__}: {e}"))
         with self._cond:
-            left = [s.ticket for s in self._active] + list(self._waiting)
+            left = [s.ticket for s in self._active + list(self._preempted)] + list(self._waiting)
             self._active.clear()
+            self._preempted.clear()
             self._waiting.clear()
         for ticket in left:
             self._send(ticket, Failed("the server is shutting down"))
@@ -354,6 +387,21 @@ class Scheduler:
             self._active.remove(seq)
             self._free_slot(seq)
         self._waiting = collections.deque(t for t in self._waiting if not t.cancelled)
+        self._preempted = collections.deque(s for s in self._preempted if not s.ticket.cancelled)
+        while self._preempted and self._free:  # first: they were admitted before anyone waiting
+            seq = self._preempted[0]
+            slot = self._free[-1]
+            n_cached = self._start_slot(slot, seq.history)
+            if n_cached is None:
+                if self._active:
+                    return     # first come first served: nobody overtakes a preempted request
+                self._preempted.popleft()  # alone it cannot hold what it has: its context is full
+                self._finish(seq, self._full(seq), locked=True)
+                continue
+            self._preempted.popleft()
+            self._free.pop()
+            seq.slot, seq.n_past, seq.todo, seq.last = slot, n_cached, seq.history[n_cached:], None
+            self._active.append(seq)
         while self._waiting and self._free:
             ticket = self._waiting[0]
             job = ticket.job
@@ -376,7 +424,7 @@ class Scheduler:
             if job.max_tokens == 0:
                 self._finish(seq, seq.done("length"), locked=True)
 
-    def _start_slot(self, slot: int, prompt: tuple[int, ...]) -> int | None:
+    def _start_slot(self, slot: int, prompt: Sequence[int]) -> int | None:
         """(Lock held.) Give the free ``slot`` the blocks of ``prompt``: the published blocks
         of its longest whole-block prefix (prefix caching), fresh ones for the rest. Returns
         how many prompt tokens are cached (at least the last one is left to compute: its
@@ -414,16 +462,9 @@ class Scheduler:
         ``prefill_budget`` tokens (always at least 16). A row per token, none padded: the
         step's width is what is live. Logits are computed only for the decode rows and the
         last token of each prompt that completes."""
+        ready = self._grow([(s, s.n_past + 1) for s in self._active
+                            if not s.ticket.cancelled and s.last is not None])
         live = [s for s in self._active if not s.ticket.cancelled]
-        ready = []
-        for s in live:
-            if s.last is None:
-                continue
-            if not self.cache.reserve(s.slot, s.n_past + 1):
-                self._finish(s, Failed("the KV cache is full (every block in use); start the server "
-                                       "with a larger --kv-size or fewer --parallel slots"))
-                continue
-            ready.append(s)
         width = self.max_batch_rows or max(len(ready), 1)
         groups = [ready[i:i + width] for i in range(0, len(ready), width)] or [[]]
         left = max(self.prefill_budget - len(groups[0]), 16)
@@ -504,12 +545,10 @@ class Scheduler:
         """Feed every request's last sampled token at its own position: one batched forward,
         or several of at most ``max_batch_rows`` rows."""
         ready = []
-        for s in [s for s in self._active if not s.ticket.cancelled]:
-            feeds = s.n_past + (2 if s.ahead is not None else 1)  # positions written by this step (and the one ahead)
-            if (s.ahead is not None or s.last is not None) and not self.cache.reserve(s.slot, feeds):
-                self._finish(s, Failed("the KV cache is full (every block in use); start the server "
-                                       "with a larger --kv-size or fewer --parallel slots"))
-                continue
+        # positions written by this step (and by the one ahead)
+        feeding = self._grow([(s, s.n_past + (2 if s.ahead is not None else 1)) for s in self._active
+                              if not s.ticket.cancelled and (s.ahead is not None or s.last is not None)])
+        for s in feeding:
             if s.ahead is not None or (s.last is not None and self._runs_ahead(s)):
                 self._decode_ahead(s)
             elif s.last is not None:
@@ -528,6 +567,41 @@ class Scheduler:
             seq.n_past += 1
             seq.last = None
             self._accept_or_fail(seq, logits[i], chosen[i])
+
+    def _grow(self, wants: list[tuple[_Seq, int]]) -> list[_Seq]:
+        """Give each request of ``wants`` (in admission order) blocks for its positions
+        ``0 .. n-1``; when the pool has none left, preempt the most recently admitted
+        running request (:meth:`_preempt`) until it has, or until the request is the last
+        one standing: alone it cannot grow (the pool is its context) and ends with "length".
+        Returns the requests that got their blocks (none of them preempted)."""
+        ready = []
+        for s, n in wants:
+            while s in self._active and not self.cache.reserve(s.slot, n):
+                gone = [v for v in self._active if v.ticket.cancelled]
+                if gone:                       # cancelled since the step began: their blocks first
+                    with self._cond:
+                        for v in gone:
+                            self._release(v)
+                elif len(self._active) == 1:   # s alone
+                    self._finish(s, self._full(s))
+                else:
+                    self._preempt(self._active[-1])
+            if s in self._active:
+                ready.append(s)
+        return ready
+
+    def _preempt(self, seq: _Seq) -> None:
+        """Take ``seq``'s slot and blocks back and queue it first (see the module docstring)."""
+        assert seq.ahead is None, "a request that runs ahead is alone: it is never preempted"
+        with self._cond:
+            self._release(seq)
+            self._preempted.appendleft(seq)
+        self.metrics.preempted()
+
+    def _full(self, seq: _Seq) -> Done:
+        """``seq`` filled the whole block pool alone (its context): it ends with "length"."""
+        self._emit_piece(seq, seq.text.flush())
+        return seq.done("length")
 
     def _runs_ahead(self, seq: _Seq) -> bool:
         job = seq.ticket.job

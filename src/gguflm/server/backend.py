@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gguflm.engine.generate import ContextLengthError, GenerationError
-from gguflm.engine.scheduler import Done, Event, Failed, Job, Piece, QueueFullError, Scheduler
+from gguflm.engine.scheduler import Done, Event, Failed, Job, KVPoolError, Piece, QueueFullError, Scheduler
 from gguflm.errors import TemplateError
 from gguflm.server.errors import APIError, invalid
 from gguflm.server.schemas import ChatCompletionRequest, CompletionRequest
@@ -132,6 +132,12 @@ class Backend:
                   ignore_eos=req.ignore_eos)
         try:
             self.scheduler.check(job)
+        except KVPoolError as e:
+            raise invalid(f"This server's KV cache holds {e.positions} tokens in all. However, your {param} "
+                          f"resulted in {len(prompt)} tokens and the request needs {e.needed} positions "
+                          f"(its prompt plus max_tokens). Please lower max_tokens or shorten the {param}, "
+                          f"or start the server with a larger --kv-size.", param, "context_length_exceeded",
+                          n_prompt_tokens=len(prompt), kv_size=e.positions) from None
         except ContextLengthError:
             n_ctx = self.scheduler.n_ctx
             raise invalid(f"This model's maximum context length is {n_ctx} tokens. However, your "

@@ -64,6 +64,9 @@ def render(scheduler: Scheduler, model: str) -> str:
              m["prefix_queries"])
     t.metric("prefix_cache_hits_total", "counter", "Admitted requests that found at least one cached KV block.",
              m["prefix_hits"])
+    t.metric("num_preemptions_total", "counter",
+             "Running requests preempted (KV blocks given back, recomputed later) because the KV cache's "
+             "pool ran out of blocks.", m["preemptions"])
     t.metric("kv_cache_blocks_total", "gauge", "KV cache blocks in the pool.", kv["blocks_total"])
     t.metric("kv_cache_blocks_used", "gauge", "KV cache blocks held by running requests.", kv["blocks_used"])
     t.metric("kv_cache_blocks_cached", "gauge",
