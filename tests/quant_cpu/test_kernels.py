@@ -117,3 +117,77 @@ def test_bad_inputs_are_errors(cpu_kernels, random_weight):
         cpu_kernels.dequantize_rows(w, torch.tensor([4]))
     with pytest.raises(RuntimeError, match="x must be"):
         cpu_kernels.ops().qmatmul(torch.randn(2, 32), w.raw, int(w.ggml_type), 4, 64)
+
+
+def _awkward_rows(k: int, gen: torch.Generator) -> torch.Tensor:
+    """Activation rows that stress an integer encoding of x: outliers beside tiny values,
+    zeros, subnormals, all-negative, huge and tiny groups, powers of two at the rounding
+    edges."""
+    rows = [torch.randn(k, generator=gen) * 3]
+    x = torch.randn(k, generator=gen) * 1e-3
+    x[::37] = 1e4 * torch.sign(torch.randn(x[::37].shape, generator=gen))  # outliers
+    rows.append(x)
+    x = torch.randn(k, generator=gen)
+    x[: k // 2] = 0.0                                                    # zero groups
+    rows.append(x)
+    rows.append(torch.full((k,), 1e-41) * torch.randint(-3, 4, (k,), generator=gen))  # subnormals only
+    rows.append(-torch.rand(k, generator=gen) - 0.5)                    # all negative
+    x = torch.randn(k, generator=gen) * 2.0 ** torch.randint(-60, 60, (k // 32, 1), generator=gen).repeat(1, 32).reshape(-1)
+    rows.append(x)                                                      # group scales far apart
+    x = torch.ones(k) * (1 - 2.0**-24)                                   # just below a power of two: rounds up to 2^E
+    x[1::2] = -(2.0**-30)
+    rows.append(x)
+    rows.append(torch.zeros(k))
+    return torch.stack(rows).float()
+
+
+@pytest.fixture(params=["vnni", "float"])
+def vnni_path(request, cpu_kernels):
+    """The AVX-512 path with the VNNI row kernels on, and off."""
+    if not cpu_kernels.simd_available() or (request.param == "vnni" and not cpu_kernels.vnni_available()):
+        pytest.skip("this CPU has no AVX-512 (VNNI)")
+    old_simd, old = cpu_kernels.use_simd(True), cpu_kernels.use_vnni(request.param == "vnni")
+    yield request.param
+    cpu_kernels.use_vnni(old)
+    cpu_kernels.use_simd(old_simd)
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q4_0], ids=lambda t: t.name)
+def test_row_kernels_on_awkward_x(t, cpu_kernels, vnni_path, random_weight):
+    """1-2 activation rows (the row kernels; Q4_K takes the VNNI kernel where the CPU has it)
+    on awkward activations: within the float32 bound of the float64 product of libggml's
+    dequantized weights."""
+    gen = torch.Generator().manual_seed(7)
+    for i, (n, k) in enumerate([(37, 3 * 256), (9, 2048)]):
+        w = cpu_kernels.QuantWeight(random_weight(t, n, k, seed=40 + i), t, (k, n))
+        dense = torch.from_numpy(libggml(w.raw.numpy(), t, n, k)).double()
+        xs = _awkward_rows(k, gen)
+        for x in [xs[j:j + 1] for j in range(len(xs))] + [xs[j:j + 2] for j in range(0, len(xs), 2)]:
+            y = cpu_kernels.qmatmul(x, w)
+            want = x.double() @ dense.T
+            bound = k * 2.0**-24 * (x.double().abs() @ dense.abs().T) + 1e-30
+            assert ((y.double() - want).abs() <= bound).all(), f"{t.name} {n}x{k} M={len(x)} {vnni_path}"
+
+
+def test_vnni_kernel_runs_and_falls_back_on_non_finite_x(cpu_kernels, random_weight):
+    """The VNNI switch really changes the Q4_K row kernel (its sums round differently), and
+    an activation row with inf or NaN gives what the float kernel gives (IEEE: not finite)."""
+    if not cpu_kernels.vnni_available():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    t, n, k = GGMLType.Q4_K, 64, 1024
+    w = cpu_kernels.QuantWeight(random_weight(t, n, k, seed=3), t, (k, n))
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(1))
+    bad = x.clone()
+    bad[0, 5], bad[1, 700] = float("inf"), float("nan")
+    old_simd, old = cpu_kernels.use_simd(True), cpu_kernels.use_vnni(True)
+    try:
+        on, on_bad = cpu_kernels.qmatmul(x, w), cpu_kernels.qmatmul(bad, w)
+        cpu_kernels.use_vnni(False)
+        off, off_bad = cpu_kernels.qmatmul(x, w), cpu_kernels.qmatmul(bad, w)
+    finally:
+        cpu_kernels.use_vnni(old)
+        cpu_kernels.use_simd(old_simd)
+    assert not torch.equal(on, off)
+    torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-5)
+    assert torch.equal(on_bad.isnan(), off_bad.isnan()) and torch.equal(on_bad.isinf(), off_bad.isinf())
+    assert torch.equal(on_bad.nan_to_num(), off_bad.nan_to_num())

@@ -5,7 +5,9 @@ memory mapping); nothing dequantizes a whole model to float.
 
     qmatmul(x, w)             y = x @ W^T, x float32 [..., K], W [N, K] quantized.
         Few rows (decode):    fused dequantize x dot in C++ (AVX-512 when the CPU has it),
-                              threaded over the rows of W.
+                              threaded over the rows of W; Q4_K with AVX-512 VNNI: the
+                              codes times x written as 4 int8 digits (30 bits) per
+                              element, exact integer sums (same accuracy class).
         Many rows (prefill):  W dequantized tile by tile (bit-identical to libggml) into an
                               sgemm.
     qmatmul_reference(x, w)   the twin: float64 matmul of the exactly dequantized weights.
@@ -37,7 +39,7 @@ from gguflm.quant.cpu.build import KernelsUnavailable, ops
 
 __all__ = ["QuantWeight", "QuantLinear", "QuantEmbedding", "KernelsUnavailable", "available", "supports",
            "kernel_types", "qmatmul", "qmatmul_reference", "dequantize_rows", "use_simd", "simd_available",
-           "set_batch_invariant"]
+           "use_vnni", "vnni_available", "set_batch_invariant"]
 
 
 @functools.cache
@@ -79,6 +81,18 @@ def use_simd(enable: bool) -> bool:
     """Choose the AVX-512 path (if the CPU has it) or the portable one; returns the previous
     choice. For tests and benchmarks: both paths have the same accuracy contract."""
     return bool(ops().use_simd(enable))
+
+
+def vnni_available() -> bool:
+    """True when this CPU runs the AVX-512 VNNI row kernels (Q4_K decode products)."""
+    return bool(ops().vnni_available())
+
+
+def use_vnni(enable: bool) -> bool:
+    """Choose the VNNI row kernels (if the CPU has them; the AVX-512 path must be on) or the
+    float32 ones for 1-2 activation rows; returns the previous choice. For tests and
+    benchmarks: both keep the accuracy contract (docs/cpu-kernels.md)."""
+    return bool(ops().use_vnni(enable))
 
 
 def set_batch_invariant(enable: bool) -> bool:
