@@ -1548,8 +1548,10 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
       });
     }
   }
+  q.reset(), k.reset(), v.reset();  // a prefill's working set: each buffer goes as soon as it is read
   at::Tensor out, g, u, d;
   project(att, {{w[WO], &out, &bias[WO]}});
+  att.reset();
   float* op = out.data_ptr<float>();
   rows([&](int64_t r) {
     row_norm(op + r * E, ATTN_POST_NORM);
@@ -1557,10 +1559,13 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
     rms_norm(op + r * E, nw[FFN_NORM], E, fe, xn.data_ptr<float>() + r * E);
   });
   project(xn, {{w[WGATE], &g, &bias[WGATE]}, {w[WUP], &u, &bias[WUP]}});
+  xn.reset();
   // ATen's vectorized activations (the twin's F.silu / F.gelu(approximate="tanh")): a
   // scalar exp loop cost ~0.1 ms a layer at 16 rows
   (act == SILU ? at::silu_(g) : at::gelu_(g, "tanh")).mul_(u);
+  u.reset();
   project(g, {{w[WDOWN], &d, &bias[WDOWN]}});
+  g.reset();
   if (nw[FFN_POST_NORM]) {
     float* dp = d.data_ptr<float>();
     rows([&](int64_t r) { row_norm(dp + r * E, FFN_POST_NORM); });
