@@ -65,6 +65,24 @@ def random_blocks():
     return make
 
 
+
+@pytest.fixture(scope="session")
+def packed_weight(random_blocks, oracle, device):
+    """``packed_weight(ggml_type, n_rows, blocks_per_row, seed) -> (w, ref)``: a random
+    :class:`~gguflm.quant.triton.planes.PackedWeight` of ``n_rows`` rows on ``device`` and
+    libggml's value of it (``to_float``) as float64 ``[n_rows, n_cols]``."""
+    from gguflm.gguf.types import LAYOUTS
+    from gguflm.quant.triton.planes import PackedWeight
+
+    def make(ggml_type, n_rows: int, blocks_per_row: int, seed: int = 0):
+        raw = random_blocks(ggml_type, n_rows * blocks_per_row, seed)
+        n_cols = blocks_per_row * LAYOUTS[ggml_type].block_size
+        w = PackedWeight.from_raw(raw, ggml_type, (n_cols, n_rows), device)
+        ref = torch.from_numpy(oracle(raw.reshape(-1), ggml_type, n_rows * n_cols)).double().view(n_rows, n_cols)
+        return w, ref
+
+    return make
+
 def _make_tiny(dst: Path, vocab: Path) -> None:
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_tinyllama.py"), str(dst), "--vocab", str(vocab),
                     "--layers", "2", "--width", "256", "--ffn", "768", "--heads", "4", "--kv-heads", "2",

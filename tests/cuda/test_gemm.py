@@ -9,21 +9,21 @@ import pytest
 import torch
 
 from gguflm.gguf.types import LAYOUTS, GGMLType
+from gguflm.quant.triton.codecs import CODECS
 from gguflm.quant.triton.gemm import block_m, gemm, gemm_config, gemm_gated, gemm_gated_reference, gemm_reference
 from gguflm.quant.triton.planes import PackedWeight
 
-FUSED = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q2_K,
-         GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS]
+FUSED = sorted(CODECS)  # every registered block decoder
 
 
-def _weight(random_blocks, oracle, t: GGMLType, n_rows: int, blocks_per_row: int, device, seed: int = 0):
-    """A random packed weight and libggml's value of it rounded to float16, as float64."""
-    lay = LAYOUTS[t]
-    raw = random_blocks(t, n_rows * blocks_per_row, seed)
-    n_cols = blocks_per_row * lay.block_size
-    w = PackedWeight.from_raw(raw, t, (n_cols, n_rows), device)
-    ref = torch.from_numpy(oracle(raw.reshape(-1), t, n_rows * n_cols)).view(n_rows, n_cols)
-    return w, ref.half().double()
+@pytest.fixture
+def weight(packed_weight):
+    """``packed_weight`` with libggml's value rounded to float16 (the kernel's operand)."""
+    def make(*args, **kw):
+        w, ref = packed_weight(*args, **kw)
+        return w, ref.half().double()
+
+    return make
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,9 +37,9 @@ def _blocks_per_row(t: GGMLType) -> int:
 
 
 @pytest.mark.parametrize("t", FUSED, ids=lambda t: t.name)
-def test_gemm_matches_libggml(random_blocks, oracle, device, t):
+def test_gemm_matches_libggml(weight, device, t):
     # 70 weight rows over 64-row programs, 5 activation rows in a 16-row tile
-    w, ref = _weight(random_blocks, oracle, t, 70, _blocks_per_row(t), device, seed=int(t))
+    w, ref = weight(t, 70, _blocks_per_row(t), seed=int(t))
     x = torch.randn(5, w.n_cols, generator=torch.Generator().manual_seed(int(t))).half()
     want = x.double() @ ref.T
     y = gemm(w, x.to(device), out_dtype=torch.float32)
@@ -51,9 +51,9 @@ def test_gemm_matches_libggml(random_blocks, oracle, device, t):
 
 @pytest.mark.parametrize("t,gelu", [(GGMLType.Q4_K, False), (GGMLType.Q4_0, False), (GGMLType.Q6_K, True)],
                          ids=["Q4_K-silu", "Q4_0-silu", "Q6_K-gelu"])
-def test_gemm_gated_matches_libggml(random_blocks, oracle, device, t, gelu):
-    wg, g_ref = _weight(random_blocks, oracle, t, 66, _blocks_per_row(t), device, seed=1)
-    wu, u_ref = _weight(random_blocks, oracle, t, 66, _blocks_per_row(t), device, seed=2)
+def test_gemm_gated_matches_libggml(weight, device, t, gelu):
+    wg, g_ref = weight(t, 66, _blocks_per_row(t), seed=1)
+    wu, u_ref = weight(t, 66, _blocks_per_row(t), seed=2)
     x = (torch.randn(19, wg.n_cols, generator=torch.Generator().manual_seed(3)) / 64).half()  # |y| << 65504
     g, u = x.double() @ g_ref.T, x.double() @ u_ref.T
     act = torch.nn.functional.gelu(g, approximate="tanh") if gelu else torch.nn.functional.silu(g)
@@ -62,9 +62,9 @@ def test_gemm_gated_matches_libggml(random_blocks, oracle, device, t, gelu):
     assert _rel(gemm_gated_reference(wg, wu, x.to(device), gelu=gelu), want) < 1e-12
 
 
-def test_gemm_bias_into_a_column_slice(random_blocks, oracle, device):
+def test_gemm_bias_into_a_column_slice(weight, device):
     t = GGMLType.Q6_K
-    w, ref = _weight(random_blocks, oracle, t, 33, 2, device, seed=5)
+    w, ref = weight(t, 33, 2, seed=5)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(7, w.n_cols, generator=gen).half()
     b = torch.randn(33, generator=gen)
@@ -76,10 +76,10 @@ def test_gemm_bias_into_a_column_slice(random_blocks, oracle, device):
 
 
 @pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q4_0], ids=lambda t: t.name)
-def test_gemm_is_batch_invariant(random_blocks, oracle, device, t):
+def test_gemm_is_batch_invariant(weight, device, t):
     """Row ``probe`` of X gives bit-identical outputs alone, among 3, 17, 64 and 200 rows,
     at the start, in the middle and at the end of the batch, and under every BLOCK_M."""
-    w, _ = _weight(random_blocks, oracle, t, 130, _blocks_per_row(t), device, seed=9)
+    w, _ = weight(t, 130, _blocks_per_row(t), seed=9)
     gen = torch.Generator().manual_seed(9)
     rows = lambda m: (torch.randn(m, w.n_cols, generator=gen) / 64).half().to(device)  # noqa: E731 (finite gated products)
     probe = rows(1)
