@@ -38,7 +38,12 @@ generate The user path, as issue 14 asks: ``gguflm.load(path).generate(ids, temp
                      text token after one or two tokens, which timed one step, not --tg)
            tg_busy   the same while another process keeps core 1 busy (``--busy``): a
                      pinned ``while True: pass``; the ratio to tg says what contention costs
-           peak RSS  VmHWM of the child
+           peak RSS  VmHWM of the child (the same number as the model part's column)
+           rss_stages  the child's resident set after each stage (``rss_stages``: VmRSS,
+                     VmHWM, anonymous and file-backed parts, MB): the engine's imports
+                     (gguflm: torch, then gguflm with its C++ kernels), load, warm-up, the
+                     pp512 runs, tg; printed as a breakdown (file-backed = code of the
+                     libraries and the mapped weights the run has touched)
          Each run records ``others_cores``: how many cores other processes kept busy during
          it, on average; ``--wait-idle PCT`` starts each child only once the machine was PCT %
          idle over 2 s (a shared machine: runs then see little contention, which
@@ -163,16 +168,34 @@ def random_prompt(rng, n: int, vocab: int) -> list[int]:
 TG_PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
 
+def rss_now() -> dict:
+    """This process's resident set now: VmRSS, VmHWM (peak so far), RssAnon, RssFile (MB)."""
+    keys = {"VmRSS": "rss", "VmHWM": "peak", "RssAnon": "anon", "RssFile": "file"}
+    out = {}
+    for line in open("/proc/self/status"):
+        k, _, v = line.partition(":")
+        if k in keys:
+            out[keys[k]] = round(int(v.split()[0]) / 1024, 1)
+    return out
+
+
 def child_gen(engine: str, path: str, threads: int, tg: int, pp_reps: int) -> dict:
     """One engine's user path: fresh-prompt prefill rates and a streamed greedy decode."""
     import random
 
     rng = random.Random(1234)
     clock = time.process_time if CPU_CLOCK else time.perf_counter
+    stages = []
+
+    def mark(stage: str) -> None:  # a few microseconds, outside the timed spans
+        stages.append({"stage": stage, **rss_now()})
+
     t0 = time.perf_counter()
+    mark("start")
     if engine == "llama":
         import llama_cpp
 
+        mark("import llama_cpp")
         llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=N_CTX, n_batch=N_PREFILL,
                               n_ubatch=N_PREFILL, verbose=False)
         vocab = llm.n_vocab()
@@ -182,8 +205,14 @@ def child_gen(engine: str, path: str, threads: int, tg: int, pp_reps: int) -> di
             return (c["choices"][0]["text"] for c in llm.create_completion(ids, max_tokens=n, temperature=0.0,
                                                                            stream=True))
     else:
-        import gguflm
+        import torch  # noqa: F401 (its import is its own stage of the breakdown)
 
+        mark("import torch")
+        import gguflm.engine.llm  # what gguflm.load imports
+        from gguflm.quant import cpu
+
+        cpu.kernel_types()  # loads the C++ kernels (load would)
+        mark("import gguflm + C++ kernels")
         llm = gguflm.load(path, n_ctx=N_CTX, threads=threads)
         vocab = llm.model.config.n_vocab
         tg_ids = llm.tokenizer.encode(TG_PROMPT, add_special=True)
@@ -191,21 +220,25 @@ def child_gen(engine: str, path: str, threads: int, tg: int, pp_reps: int) -> di
         def stream(ids, n):
             return llm.generate(ids, max_tokens=n, temperature=0.0)
     load = time.perf_counter() - t0
+    mark("load")
     for _ in stream(random_prompt(rng, 16, vocab), 4):  # warm-up: buffers, first touch of the weights
         pass
+    mark("warm-up (16 + 4 tokens)")
     pp = []
-    for _ in range(pp_reps):
+    for i in range(pp_reps):
         ids = random_prompt(rng, N_PREFILL, vocab)
         t0 = clock()
         for _ in stream(ids, 1):
             pass
         pp.append(N_PREFILL / (clock() - t0))
+        mark(f"pp{N_PREFILL} #{i + 1}")
     times = []
     for _ in stream(tg_ids, tg + 1):
         times.append(clock())
+    mark(f"tg{tg}")
     n = len(times) - 1
     return {"load_s": load, "pp512_tok_s": pp, "tg_tok_s": n / (times[-1] - times[0]) if n > 0 else None,
-            "tg_pieces": n}
+            "tg_pieces": n, "rss_stages": stages}
 
 
 BUSY_CPU = 1
@@ -285,7 +318,10 @@ def bench_generate(threads: int, reps: int, models: list[str] | None, tg: int, b
             if busy:
                 best[e]["tg_busy_tok_s"] = max(r["tg_tok_s"] or 0 for r in busy_runs[e])
                 best[e]["busy_over_idle"] = best[e]["tg_busy_tok_s"] / best[e]["tg_tok_s"]
-        ratios = {k: best["gguflm"][k] / best["llama.cpp"][k] for k in best["gguflm"] if best["llama.cpp"][k]}
+        for e in runs:  # the stages of the run with the lowest peak
+            best[e]["rss_stages"] = min(runs[e], key=lambda r: r["peak_rss_mb"]).get("rss_stages")
+        ratios = {k: best["gguflm"][k] / best["llama.cpp"][k] for k in best["gguflm"]
+                  if not isinstance(best["gguflm"][k], list) and best["llama.cpp"][k]}
         results[name] = {"file": str(path.name), "best": best, "ratio_ours_over_llama_cpp": ratios,
                          "runs": runs, "busy_runs": busy_runs if busy else None}
         for e in ("llama.cpp", "gguflm"):
@@ -294,6 +330,9 @@ def bench_generate(threads: int, reps: int, models: list[str] | None, tg: int, b
             print(f"{name:24s} {e:9s} tg {b['tg_tok_s']:7.1f} pp512 {b['pp512_tok_s']:7.1f} "
                   f"rss {b['peak_rss_mb']:5.0f} MB{extra}", flush=True)
         print(f"{name:24s} {'ratio':9s} " + " ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), flush=True)
+        for e in ("llama.cpp", "gguflm"):
+            print(f"{'':24s} {e:9s} rss MB after: " + ", ".join(
+                f"{st['stage']} {st['rss']:.0f}" for st in best[e]["rss_stages"] or ()), flush=True)
     return results
 
 
