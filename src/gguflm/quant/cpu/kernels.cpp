@@ -844,25 +844,26 @@ void weighted_values_avx512(const float* p, const Pages& values, int64_t n, int6
 // the activations written EXACTLY enough as integers, with vpdpbusd (u8 x s8, four
 // products summed per int32 lane).
 //
-// Activations (xint_avx512): each 32-group g of a row gets a power-of-two scale
+// Activations (xint_row_avx512): each 32-group g of a row gets a power-of-two scale
 // S_g = 2^(E_g - P), 2^E_g > max |x| over the group, and the integers X = round(x / S_g),
 // |X| <= 2^P, written as ND balanced base-256 digits X = sum_i D_i 256^(ND-1-i),
 // D_i in [-128, 127] (int8). P = 22 (ND = 3) or 30 (ND = 4): each x is replaced by a value
 // within 2^-(P+1) * 2^E_g <= 2^-P * max_g |x| of it (float32 itself keeps 2^-24 of each
 // element); the integer products and sums after that are exact.
 // Per group the kernel sums q * D_i over the 32 elements in int32 lanes (4 products a lane),
-// shifting by 8 between digits: |sum| <= 4 * 63 * 2^22 < 2^31 for 3 digits (Q6_K's 6-bit
-// codes); with 4 digits the top digit has its own lane sum and the lower three are chained.
-// The int32 lanes go to float once per group (rounding there: 2^-24 relative, as a float32
-// accumulation would), times the group's float scale d * sc * S_g (exact: S_g a power of two).
+// shifting by 8 between digits: |sum| <= 4 * 15 * 2^22 < 2^31 for 3 digits; with 4 digits
+// the top digit (|D_0| <= 64) has its own lane sum and the lower three are chained
+// (|sum| <= 4 * 15 * 128 * (2^16 + 2^8 + 1) < 2^29). The int32 lanes go to float once per
+// group (rounding there: 2^-24 relative, as a float32 accumulation would), times the group's
+// float scale d * sc * S_g (exact: S_g a power of two, unless the product is subnormal).
 // A row with an infinite or NaN activation takes the float kernels (the product is not
 // finite either way; they give the IEEE result).
 // ---------------------------------------------------------------------------------------
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
 
-// x [K] (K a multiple of 32) -> digits [K/32][ND][32] int8 and scales [K/32]; false when x has
-// an infinite or NaN element.
+// x [K] (K a multiple of 256) -> digits (K * ND int8, see below) and scales [K/32]; false when
+// x has an infinite or NaN element.
 template <int ND>
 bool xint_row_avx512(const float* x, int64_t K, int8_t* dig, float* scl) {
   constexpr int P = ND == 3 ? 22 : 30;
@@ -877,7 +878,11 @@ bool xint_row_avx512(const float* x, int64_t K, int8_t* dig, float* scl) {
     E = std::max(E, P - 120);           // tiny groups: 2^(P - E) stays a finite float, S_g a normal one
     scl[g] = std::ldexp(1.0f, E - P);
     const __m512 up = _mm512_set1_ps(std::ldexp(1.0f, P - E));  // exact scaling by a power of two
-    int8_t* dg = dig + g * ND * 32;
+    // Pairs of groups (0, 2), (1, 3), (4, 6), (5, 7) of each 256 (the order of Q4_K's codes in
+    // dot_row_q4k_vnni): pair p, digit i at 64 (ND p + i), the pair's first group in bytes
+    // 0-31, its second in 32-63.
+    const int64_t gb = g % 8, pr = gb / 4 * 2 + gb % 2, half = gb / 2 % 2;
+    int8_t* dg = dig + (g - gb) * ND * 32 + pr * ND * 64 + half * 32;
     for (int h = 0; h < 2; ++h) {
       __m512i X = _mm512_cvtps_epi32(_mm512_mul_ps(h ? b : a, up));  // round to nearest: |X| <= 2^P
       __m512i d[ND];
@@ -886,77 +891,87 @@ bool xint_row_avx512(const float* x, int64_t K, int8_t* dig, float* scl) {
         X = _mm512_srai_epi32(_mm512_sub_epi32(X, d[i]), 8);
       }
       d[0] = X;  // |X| <= 2^(P - 8 (ND - 1)) = 64
-      for (int i = 0; i < ND; ++i) _mm_storeu_si128(reinterpret_cast<__m128i*>(dg + 32 * i + 16 * h), _mm512_cvtepi32_epi8(d[i]));
+      for (int i = 0; i < ND; ++i) _mm_storeu_si128(reinterpret_cast<__m128i*>(dg + 64 * i + 16 * h), _mm512_cvtepi32_epi8(d[i]));
     }
   }
   return true;
 }
 
-// sum over the group of q * X as a float (ND digits of X at xd, 32 bytes each; q unsigned codes).
+// Per lane, sum q * X over four elements, as a float (ND digits of X at xd, 64 bytes each;
+// q unsigned codes). A 512-bit vector holds two 32-groups (lanes 0-7 and 8-15).
 template <int ND>
-[[gnu::always_inline]] inline __m256 group_dot_vnni(__m256i q, const int8_t* xd) {
-  auto ld = [&](int i) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xd + 32 * i)); };
-  const __m256i z = _mm256_setzero_si256();
+[[gnu::always_inline]] inline __m512 pair_dot_vnni(__m512i q, const int8_t* xd) {
+  auto ld = [&](int i) { return _mm512_loadu_si512(xd + 64 * i); };
+  const __m512i z = _mm512_setzero_si512();
   if constexpr (ND == 3) {
-    __m256i t = _mm256_dpbusd_epi32(z, q, ld(0));
-    t = _mm256_dpbusd_epi32(_mm256_slli_epi32(t, 8), q, ld(1));
-    t = _mm256_dpbusd_epi32(_mm256_slli_epi32(t, 8), q, ld(2));
-    return _mm256_cvtepi32_ps(t);
+    __m512i t = _mm512_dpbusd_epi32(z, q, ld(0));
+    t = _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), q, ld(1));
+    t = _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), q, ld(2));
+    return _mm512_cvtepi32_ps(t);
   } else {
-    const __m256i hi = _mm256_dpbusd_epi32(z, q, ld(0));
-    __m256i t = _mm256_dpbusd_epi32(z, q, ld(1));
-    t = _mm256_dpbusd_epi32(_mm256_slli_epi32(t, 8), q, ld(2));
-    t = _mm256_dpbusd_epi32(_mm256_slli_epi32(t, 8), q, ld(3));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(16777216.0f), _mm256_cvtepi32_ps(t));
+    const __m512i hi = _mm512_dpbusd_epi32(z, q, ld(0));
+    __m512i t = _mm512_dpbusd_epi32(z, q, ld(1));
+    t = _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), q, ld(2));
+    t = _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), q, ld(3));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(16777216.0f), _mm512_cvtepi32_ps(t));
   }
 }
 
 // Q4_K: y[m * N] = row . x[m] for M (1 or 2) rows: per block the eight d * sc_g (k4_scales)
-// times the rows' group scales S_g, the codes as unsigned bytes (a 32-byte vector holds one
-// group), group sums by group_dot_vnni, and the mins as in dot_row_avx512: one FMA of the
-// eight -dmin * mn_g against the exact float group sums of x.
+// times the rows' group scales S_g; the 128 code bytes in two 512-bit vectors whose low /
+// high nibbles are the unsigned codes of groups (0, 2) / (1, 3) and (4, 6) / (5, 7) (x's
+// digits laid out to match), each pair's sums by pair_dot_vnni times its two groups' scales;
+// the mins as in dot_row_avx512: one FMA of the eight -dmin * mn_g against the exact float
+// group sums of x. (256-bit vectors, one group each: 12-15 % slower, the same pipe work in
+// twice the instructions. Not inlined: inlined into gemv_multi's loop it ran 20 % slower.)
 template <int M, int ND>
-void dot_row_q4k_vnni(const uint8_t* row, const int8_t* xd, const float* xsc, const float* xs, int64_t K, float* y,
+[[gnu::noinline]] void dot_row_q4k_vnni(const uint8_t* row, const int8_t* xd, const float* xsc, const float* xs, int64_t K, float* y,
                       int64_t N, const uint8_t* pf) {
   const int64_t nb = K / 256, G = K / 32;
-  __m256 acc[4][M], mvec[M];
+  __m512 acc[2][M];
+  __m256 mvec[M];
   for (int m = 0; m < M; ++m) {
-    acc[0][m] = acc[1][m] = acc[2][m] = acc[3][m] = mvec[m] = _mm256_setzero_ps();
+    acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+    mvec[m] = _mm256_setzero_ps();
   }
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i sel[4] = {_mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0),
+                          _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1),
+                          _mm512_set_epi32(6, 6, 6, 6, 6, 6, 6, 6, 4, 4, 4, 4, 4, 4, 4, 4),
+                          _mm512_set_epi32(7, 7, 7, 7, 7, 7, 7, 7, 5, 5, 5, 5, 5, 5, 5, 5)};
   for (int64_t i = 0; i < nb; ++i) {
     const uint8_t* b = row + i * Q4_K::BYTES;
     const char* p = reinterpret_cast<const char*>(pf + i * Q4_K::BYTES);  // the next row, block by block
     _mm_prefetch(p, _MM_HINT_T0);
     _mm_prefetch(p + 64, _MM_HINT_T0);
     _mm_prefetch(p + 128, _MM_HINT_T0);
-    alignas(32) float dg[8], mg[8], s[M][8];
+    alignas(32) float dg[8], mg[8];
     const __m256 mins = k4_scales(b, dg, mg);
     const __m256 dv = _mm256_load_ps(dg);
+    __m512 s[M];
     for (int m = 0; m < M; ++m) {
-      _mm256_store_ps(s[m], _mm256_mul_ps(dv, _mm256_loadu_ps(xsc + m * G + 8 * i)));
+      s[m] = _mm512_castps256_ps512(_mm256_mul_ps(dv, _mm256_loadu_ps(xsc + m * G + 8 * i)));
       mvec[m] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xs + m * G + 8 * i), mvec[m]);
     }
-    static_for<4>([&](auto J) {
-      constexpr int j = J;
-      const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * j));
-      const __m256i lo = _mm256_and_si256(qb, m4), hi = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
-      for (int m = 0; m < M; ++m) {
-        const int8_t* xg = xd + (m * G + 8 * i + 2 * j) * ND * 32;
-        acc[(2 * j) & 3][m] = _mm256_fmadd_ps(group_dot_vnni<ND>(lo, xg), _mm256_broadcast_ss(&s[m][2 * j]), acc[(2 * j) & 3][m]);
-        acc[(2 * j + 1) & 3][m] = _mm256_fmadd_ps(group_dot_vnni<ND>(hi, xg + ND * 32), _mm256_broadcast_ss(&s[m][2 * j + 1]),
-                                                  acc[(2 * j + 1) & 3][m]);
-      }
+    static_for<2>([&](auto H) {
+      constexpr int h = H;
+      const __m512i qb = _mm512_loadu_si512(b + 16 + 64 * h);
+      const __m512i q[2] = {_mm512_and_si512(qb, m4), _mm512_and_si512(_mm512_srli_epi16(qb, 4), m4)};
+      static_for<2>([&](auto L) {
+        constexpr int l = L, pr = 2 * h + l;  // pair pr: groups (4h + l, 4h + l + 2)
+        for (int m = 0; m < M; ++m) {
+          const __m512 f = pair_dot_vnni<ND>(q[l], xd + (m * G + 8 * i) * ND * 32 + pr * ND * 64);
+          acc[l][m] = _mm512_fmadd_ps(f, _mm512_permutexvar_ps(sel[pr], s[m]), acc[l][m]);
+        }
+      });
     });
   }
   for (int m = 0; m < M; ++m) {
-    const __m256 t = _mm256_add_ps(_mm256_add_ps(acc[0][m], acc[1][m]), _mm256_add_ps(acc[2][m], acc[3][m]));
-    alignas(32) float a[8], mm[8];
-    _mm256_store_ps(a, t);
+    const __m512 t = _mm512_add_ps(acc[0][m], acc[1][m]);
+    alignas(32) float mm[8];
     _mm256_store_ps(mm, mvec[m]);
-    float sa = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-    float sm = ((mm[0] + mm[1]) + (mm[2] + mm[3])) + ((mm[4] + mm[5]) + (mm[6] + mm[7]));
-    y[m * N] = sa + sm;
+    const float sm = ((mm[0] + mm[1]) + (mm[2] + mm[3])) + ((mm[4] + mm[5]) + (mm[6] + mm[7]));
+    y[m * N] = _mm512_reduce_add_ps(t) + sm;
   }
 }
 
