@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: 64 on the CPU, past which wider forwards barely pay; else all)")
     p.add_argument("--kv-size", type=int, default=None, metavar="N",
                    help="positions in the KV cache's block pool, shared by all requests as they grow "
-                        "(default: --parallel x -c)")
+                        "(default: --parallel x -c); with --device cuda it turns on the paged cache there "
+                        "(otherwise one contiguous context per slot)")
     p.add_argument("--batch-invariant", action="store_true",
                    help="CPU: a request's output is the same to the bit alone or among others, however "
                         "its prompt is batched (a lone request decodes ~1.35x slower; docs/server.md)")

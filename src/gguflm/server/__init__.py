@@ -125,6 +125,8 @@ def _serve(model, path, host, port, parallel, max_body, log_level, batch_rows, s
     # The model runs on this (main) thread, the one that loaded it, and HTTP on another:
     # see Scheduler's docstring on OpenMP teams.
     kv_blocks = None if kv_size is None else -(-kv_size // DEFAULT_BLOCK_SIZE)
+    if kv_blocks is not None and hasattr(model.model, "use_paged_cache"):
+        model.model.use_paged_cache(True)  # CUDA: --kv-size asks for the (opt-in) paged cache
     scheduler = Scheduler(model, parallel, max_batch_rows=batch_rows, start=False, kv_blocks=kv_blocks)
     if security is None:
         security = Security(host)

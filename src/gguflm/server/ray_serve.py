@@ -88,6 +88,8 @@ def _engine(args, box: dict, loaded: threading.Event) -> None:
         if batch_rows is None and llm.device.type == "cpu":
             batch_rows = CPU_BATCH_ROWS
         kv_blocks = None if kv_size is None else -(-kv_size // DEFAULT_BLOCK_SIZE)
+        if kv_blocks is not None and hasattr(llm.model, "use_paged_cache"):
+            llm.model.use_paged_cache(True)  # CUDA: --kv-size asks for the (opt-in) paged cache
         box["llm"], box["scheduler"] = llm, Scheduler(llm, parallel, max_batch_rows=batch_rows, start=False,
                                                       kv_blocks=kv_blocks)
     except BaseException as e:  # the constructor raises it: Ray reports the replica's failure

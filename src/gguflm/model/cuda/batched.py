@@ -7,6 +7,9 @@ the fused dequantize x GEMM, which reads each quantized weight once per step, fu
 RMSNorm / residual / activation kernels) and the attention of the decode kernel (:func:`gguflm.kernels.triton.attention.decode_attention`): RoPE at each
 row's position, the cache write into each row's slot, and attention over that slot's
 positions ``0 .. pos``. Padding rows have slot -1: they write nothing and read nothing.
+Over a paged cache (:class:`KVCache` with ``block_size``) the kernel finds each position
+through the cache's block table (``cache.table``, read on the device at every step: a
+captured graph follows the blocks the scheduler hands out between steps).
 
 Static buffers (W rows)::
 
@@ -57,6 +60,7 @@ class BatchedDecode:
         self.pos = torch.zeros(width, dtype=torch.int32, device=device)
         self.slot = torch.full((width,), -1, dtype=torch.int32, device=device)
         self.attn = torch.zeros(width, H, D, dtype=HALF, device=device)
+        self.table = cache.table if cache.paged else None   # Long [n_slots, blocks per slot]
         self.attn_ws = AttentionWorkspace(H, D, attention_splits(cache.n_ctx), device, n_rows=width)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -67,7 +71,7 @@ class BatchedDecode:
         cos, sin = rope_tables(self.rope, layer)
         decode_attention(qkv, cos, sin, self.pos, self.cache.k[index], self.cache.v[index], self.attn, self.attn_ws,
                          cfg.scale, cfg.rope_style is RopeStyle.NEOX, slots=self.slot,
-                         window=cfg.n_swa if layer.local else 0)
+                         window=cfg.n_swa if layer.local else 0, table=self.table)
         return self.attn.view(self.width, -1)
 
     def _run(self) -> torch.Tensor:

@@ -12,6 +12,16 @@ runs two paths over float16 KV caches:
 
 All of them run the one decoder of :mod:`.forward` (every architecture of the arch table).
 
+Paged KV cache (opt-in: ``GGUFLM_CUDA_PAGED=1``, or ``gguflm serve --device cuda
+--kv-size N``; :meth:`CudaModel.use_paged_cache`): the scheduler then gives the model a
+:class:`KVCache` of blocks (``--kv-size``, prefix bookkeeping, preemption as on the CPU);
+one-token steps run the batched step reading/writing the blocks through the block table
+(any number of rows, one included), runs of tokens the padded-rows path
+(:func:`.forward.forward_tokens`: RoPE in torch, :meth:`KVCache.update`'s gather, SDPA).
+The single-sequence decode graph and the captured prefills address one contiguous slot
+and are not used over a paged cache. Not measured on a GPU yet: the default stays the
+contiguous cache.
+
 ``forward`` returns logits on the GPU; the engine's sampling chain then runs there
 too, and the only host sync per token is reading the sampled id. ``decode_one`` feeds
 the decode graph from device tensors (a token the device chose, a position counted
@@ -20,6 +30,7 @@ there): the one-slot loop launches the next step before it reads the last id.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -60,7 +71,7 @@ class CudaModel(Model):
     step at one width, so that a row computes the same whoever shares its step."""
 
     batch_invariant = False
-    paged_cache = False  # its kernels address one contiguous block per slot
+    paged_cache = False  # by default one contiguous block per slot (see the module docstring)
 
     def __init__(self, file: GGUFFile, config: ModelConfig, weights: CudaWeights,
                  n_ctx: int, device: torch.device, use_graphs: bool = True):
@@ -75,14 +86,23 @@ class CudaModel(Model):
         self._pool: Any = None
         self._side: torch.cuda.Stream | None = None    # warm-ups and captures of prefills
         self._session: KVCache | None = None
+        if os.environ.get("GGUFLM_CUDA_PAGED", "0") == "1":
+            self.use_paged_cache(True)
 
-    def new_cache(self, n_slots: int = 1, n_ctx: int | None = None) -> KVCache:
-        """An empty float16 KV cache on the device."""
+    def use_paged_cache(self, enable: bool) -> None:
+        """Schedulers made from now on give this model a paged cache (see the module docstring)."""
+        self.paged_cache = enable
+
+    def new_cache(self, n_slots: int = 1, n_ctx: int | None = None, block_size: int | None = None,
+                  n_blocks: int | None = None) -> KVCache:
+        """An empty float16 KV cache on the device: one contiguous block per slot, or with
+        ``block_size`` a pool of ``n_blocks`` blocks (see :class:`KVCache`)."""
         c = self.config
         n_ctx = n_ctx or self.n_ctx
         if n_ctx > self.n_ctx:
             raise ValueError(f"a cache of {n_ctx} positions exceeds the model's context of {self.n_ctx}")
-        return KVCache(c.n_layer, n_slots, c.n_head_kv, n_ctx, c.head_dim, dtype=HALF, device=self.device)
+        return KVCache(c.n_layer, n_slots, c.n_head_kv, n_ctx, c.head_dim, dtype=HALF, device=self.device,
+                       block_size=block_size, n_blocks=n_blocks)
 
     def graphs(self, cache: KVCache, slot: int) -> DecodeGraphs:
         """The decode graphs of one cache slot (built on first use; they hold views of the
@@ -100,17 +120,18 @@ class CudaModel(Model):
         slot) is seen and from a captured graph after that. Over a cache pinned by
         :meth:`pin_decode_width`, every one-token step is a batched step of the pinned
         width and prefills always run eagerly. Graph outputs are buffers that the graph's
-        next replay overwrites."""
+        next replay overwrites. Over a paged cache: one-token steps run the batched step,
+        other steps the padded-rows path."""
         on_gpu = self.use_graphs and cache.k.dtype == HALF and cache.k.device.type == "cuda"
         pinned = self._pinned.get(cache.k.data_ptr())
-        if tokens.shape[1] == 1 and (tokens.shape[0] > 1 or pinned) and cache.k.dtype == HALF:
+        if tokens.shape[1] == 1 and (tokens.shape[0] > 1 or pinned or cache.paged) and cache.k.dtype == HALF:
             step = self.batched(cache, tokens.shape[0], width=pinned)
             logits = step.step(tokens, positions, slots, *self._stream_and_pool())
             return logits if last_only else logits[:, None]
         if on_gpu and tokens.shape == (1, 1):
             logits = self.decode_one(tokens.view(1), positions.view(1), cache, int(slots[0]))
             return logits if last_only else logits[:, None]
-        p0 = plain_start(positions) if tokens.shape[0] == 1 else None
+        p0 = plain_start(positions) if tokens.shape[0] == 1 and not cache.paged else None
         if p0 is None:
             return forward_tokens(self.config, self.weights, self.rope, tokens, positions, cache, slots, last_only)
         if on_gpu and not pinned:
@@ -125,7 +146,7 @@ class CudaModel(Model):
         (nothing waits for the host); elsewhere :meth:`forward`. The logits are the graph's
         buffer, which the next replay overwrites."""
         if (self.use_graphs and cache.k.dtype == HALF and cache.k.device.type == "cuda"
-                and cache.k.data_ptr() not in self._pinned):
+                and cache.k.data_ptr() not in self._pinned and not cache.paged):
             g = self.graphs(cache, slot)
             g.tok[0:1].copy_(token)
             g.pos[0:1].copy_(position)
