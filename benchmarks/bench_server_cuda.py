@@ -17,8 +17,12 @@
    (``-ngl 99 -fa on --parallel N -cb``, the same context per slot), same run.
 4. ``generate()``'s decode rate for one request (the lone-request target's reference).
 
+``--kv-size N``: the paged KV cache (opt-in on the GPU): the step sweep runs over a pool
+of blocks of 16 and the server gets ``--kv-size N`` (the default contiguous cache
+otherwise).
+
     python benchmarks/bench_server_cuda.py -m tinyllama-Q4_K_M.gguf [--streams 32] [--tokens 256] \\
-        [--rounds 3] [--llama-server build/bin/llama-server] [--json OUT]
+        [--rounds 3] [--llama-server build/bin/llama-server] [--kv-size N] [--json OUT]
 """
 
 from __future__ import annotations
@@ -40,14 +44,18 @@ SUBJECTS = ["the sea", "a lighthouse", "winter", "a clockmaker", "the moon", "br
             "glass", "a library", "trains", "bees", "salt", "a bridge", "snow", "maps"]
 
 
-def step_sweep(model_path: str, widths: list[int], steps: int, n_ctx: int) -> list[dict]:
-    """Rows x steps / seconds of the batched decode step for each width (warm graphs)."""
+def step_sweep(model_path: str, widths: list[int], steps: int, n_ctx: int, kv_size: int | None = None) -> list[dict]:
+    """Rows x steps / seconds of the batched decode step for each width (warm graphs);
+    ``kv_size``: over a paged cache of that many positions (blocks of 16)."""
     import torch
 
     import gguflm
 
     m = gguflm.load(model_path, device="cuda", n_ctx=n_ctx).model
-    cache = m.new_cache(max(widths), n_ctx)
+    if kv_size is None:
+        cache = m.new_cache(max(widths), n_ctx)
+    else:
+        cache = m.new_cache(max(widths), n_ctx, block_size=16, n_blocks=-(-kv_size // 16))
     gen = torch.Generator().manual_seed(0)
     prompt_len = 32
     rows = []
@@ -56,6 +64,8 @@ def step_sweep(model_path: str, widths: list[int], steps: int, n_ctx: int) -> li
         last = []
         for s in range(b):  # each slot: its own 32-token prompt
             ids = torch.randint(3, m.config.n_vocab, (1, prompt_len), generator=gen).cuda()
+            if not cache.reserve(s, prompt_len + steps + 4):
+                raise SystemExit(f"--kv-size {kv_size} cannot hold {b} rows of {prompt_len + steps + 4} positions")
             logits = m.forward(ids, torch.arange(prompt_len, device="cuda")[None], cache, slots[s:s + 1],
                                last_only=True)
             last.append(int(logits[0].argmax()))
@@ -112,17 +122,19 @@ def steady_rate(runs: list[dict]) -> float:
     return made / (hi - lo)
 
 
-def server_command(kind: str, model_path: str, port: int, streams: int, n_ctx: int, llama_server: str | None):
+def server_command(kind: str, model_path: str, port: int, streams: int, n_ctx: int, llama_server: str | None,
+                   kv_size: int | None = None):
     if kind == "gguflm":
         return [sys.executable, "-m", "gguflm", "serve", "-m", model_path, "--device", "cuda", "--host", HOST,
-                "--port", str(port), "--parallel", str(streams), "-c", str(n_ctx), "--log-level", "warning"]
+                "--port", str(port), "--parallel", str(streams), "-c", str(n_ctx), "--log-level", "warning",
+                *(["--kv-size", str(kv_size)] if kv_size is not None else [])]
     # llama-server: -c is the whole KV cache, split between the --parallel slots
     return [llama_server, "-m", model_path, "-ngl", "99", "-fa", "on", "--parallel", str(streams), "-cb",
             "-c", str(n_ctx * streams), "--host", HOST, "--port", str(port), "--no-webui"]
 
 
 def http_rounds(kind: str, model_path: str, streams: int, tokens: int, rounds: int, n_ctx: int,
-                llama_server: str | None = None) -> dict:
+                llama_server: str | None = None, kv_size: int | None = None) -> dict:
     """``streams`` concurrent streams against one server (``kind``: gguflm or llama-server),
     ``rounds`` times; then each stream's request again, alone on the same server: its text
     (greedy) must be the one it got among the others; then one lone request's decode rate."""
@@ -130,7 +142,7 @@ def http_rounds(kind: str, model_path: str, streams: int, tokens: int, rounds: i
     url = f"http://{HOST}:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "serve.log"
-        cmd = server_command(kind, model_path, port, streams, n_ctx, llama_server)
+        cmd = server_command(kind, model_path, port, streams, n_ctx, llama_server, kv_size)
         proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             import httpx
@@ -209,6 +221,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("-c", "--ctx", type=int, default=1024, help="context per stream")
     ap.add_argument("--llama-server", help="llama-server binary: the same client load against it, same run")
+    ap.add_argument("--kv-size", type=int, default=None, help="the paged KV cache (opt-in on the GPU) of N positions")
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--json")
@@ -216,13 +229,13 @@ def main() -> None:
     import torch
 
     out = {"date": time.strftime("%Y-%m-%d"), "card": torch.cuda.get_device_name(), "model": os.path.basename(a.model),
-           "script": "benchmarks/bench_server_cuda.py"}
+           "script": "benchmarks/bench_server_cuda.py", "kv_size": a.kv_size}
     widths = [w for w in (1, 2, 4, 8, 16, 32, 64) if w <= max(64, a.streams)]
     if not a.skip_steps:
-        out["step_sweep"] = step_sweep(a.model, widths, a.steps, a.ctx)
+        out["step_sweep"] = step_sweep(a.model, widths, a.steps, a.ctx, a.kv_size)
         torch.cuda.empty_cache()
     if not a.skip_http:
-        ours = out["http"] = http_rounds("gguflm", a.model, a.streams, a.tokens, a.rounds, a.ctx)
+        ours = out["http"] = http_rounds("gguflm", a.model, a.streams, a.tokens, a.rounds, a.ctx, kv_size=a.kv_size)
         row = {"ours_e2e_tps": max(r["end_to_end_tok_s"] for r in ours["rounds"]),
                "ours_ttft_p50_ms": 1e3 * min(r["ttft_p50_s"] for r in ours["rounds"]),
                "lone_request_tps": ours["lone_request_tps"],
