@@ -111,6 +111,36 @@ def test_too_large_for_the_pool(model) -> None:
         sched.close()
 
 
+def test_cancel_while_preempted(model) -> None:
+    """A request cancelled while it waits preempted leaves the queue with no further event;
+    the others finish; the pool is whole again (the loop stepped by hand)."""
+    jobs = [Job(tuple(model.encode_prompt(p)), GREEDY, 40, ignore_eos=True) for p in PROMPTS[:3]]
+    sched = Scheduler(model, n_slots=3, block_size=16, kv_blocks=4, start=False)   # 64 positions
+    events: list[list] = [[] for _ in jobs]
+    tickets = [sched.submit(job, events[i].append) for i, job in enumerate(jobs)]
+    try:
+        for _ in range(200):
+            if sched._preempted:
+                break
+            sched.step()
+        assert sched._preempted, "no request was preempted"
+        victim = tickets.index(sched._preempted[0].ticket)
+        n_before = len(events[victim])
+        tickets[victim].cancel()
+        for _ in range(400):
+            if all(evs and isinstance(evs[-1], Done) for i, evs in enumerate(events) if i != victim):
+                break
+            sched.step()
+        sched.step()   # reap
+        assert len(events[victim]) == n_before and not any(isinstance(e, Done) for e in events[victim])
+        for i, evs in enumerate(events):
+            if i != victim:
+                assert isinstance(evs[-1], Done) and evs[-1].n_completion == 40
+        check_pool_whole(sched)
+    finally:
+        sched.close()
+
+
 def test_server_preempts_and_counts(model, smollm2_path, start_server, tmp_path) -> None:
     """The real server, 4 slots and --kv-size 96 (6 blocks): 4 concurrent completions of 40
     tokens each (greedy and seeded) equal, token texts and logprobs, the same requests sent
