@@ -9,7 +9,9 @@
 //       W never materialized. Each block is written w[j] = d * q[j] + m (d, m per group of
 //       32, or d per 16 for Q6_K) and every weight enters with that real value, products
 //       accumulated in float32, no rounding of the weights at all:
-//       1 or 2 rows (row kernels): d * sum_j q[j] x[j] + m * sum_j x[j] per group;
+//       1 or 2 rows (row kernels): d * sum_j q[j] x[j] + m * sum_j x[j] per group
+//         (Q4_K on AVX-512 VNNI CPUs: sum_j q[j] x[j] in exact integers, x written as 30-bit
+//         integers per 32-group, see dot_row_q4k_vnni);
 //       3 or more (panel kernels, AVX-512): each weight row is decoded once per product
 //         into q[j] * d (exact in float32) and its groups' m, then multiplied with all M
 //         rows in register tiles (see decode_panel_avx512).
