@@ -105,8 +105,9 @@ def test_tinyllama_like_model_passes(tinyllama_like, tmp_path):
     assert all(c["status"] == "pass" for c in report["checks"]), stdout
 
 
-def _gelu_ffn(self, x):  # the wrong activation in every FFN
-    return self.down(torch.nn.functional.gelu(self.gate(x)) * self.up(x))
+def _gelu_ffn(self, layer):  # the wrong activation in every FFN
+    n = layer.ffn_norm(self.x)
+    return torch.nn.functional.gelu(layer.w_gate(n)) * layer.w_up(n)
 
 
 def _shifted_rope(original):
@@ -135,7 +136,7 @@ def test_a_broken_engine_fails_where_it_is_broken(fault, tinyllama_like, tmp_pat
 
     if fault == "ffn_gelu":
         monkeypatch.setenv("GGUFLM_CPU_KERNELS", "0")  # the plain-torch blocks
-        monkeypatch.setattr(layers.FeedForward, "forward", _gelu_ffn)
+        monkeypatch.setattr(layers.TorchOps, "norm_gated", _gelu_ffn)
     elif fault == "rope_shift":
         monkeypatch.setenv("GGUFLM_CPU_KERNELS", "0")
         monkeypatch.setattr(layers.Rope, "forward", _shifted_rope(layers.Rope.forward))

@@ -2,7 +2,8 @@
 
 Follow a token: :func:`load_model` (model.py) -> :class:`ModelConfig` (config.py, key table) ->
 :func:`build_transformer` (loader.py, tensor names from arch.py) -> :class:`Transformer`
-(layers.py: embedding, blocks of RMSNorm/Attention+RoPE/FeedForward, output).
+(layers.py: embedding, blocks, output; each block the composition of decoder.py over
+layers.py's torch ops).
 """
 
 from gguflm.model.arch import ARCHS, ArchSpec, RopeStyle

@@ -1,12 +1,12 @@
-"""The decoder, written once: a block composed from the choices of the architecture's
-:class:`~gguflm.model.arch.ArchSpec` (see arch.py), as llama.cpp's ``llm_build_*`` graphs
-compute them::
+"""The torch reference of the decoder: the block's composition of :mod:`gguflm.model.decoder`
+(written once for every device) with :class:`TorchOps`, the plain-torch provider of its
+ops, as llama.cpp's ``llm_build_*`` graphs compute them::
 
-    h   = x + post_attn_norm(attn(attn_norm(x)))        post norms: Gemma only
-    out = h + post_ffn_norm(ffn(ffn_norm(h)))
-    attn: q, k, v = Wq n, Wk n, Wv n (+ biases); q, k = rope(qk_norm(q)), rope(qk_norm(k));
-          softmax(q k^T * scale + causal/sliding-window mask) v; Wo
-    ffn:  Wd (act(Wg n) * Wu n), act = SiLU or GELU-tanh
+    attention: q, k, v = Wq n, Wk n, Wv n (+ biases); q, k = rope(qk_norm(q)), rope(qk_norm(k));
+               softmax(q k^T * scale + causal/sliding-window mask) v
+    norm_gated: act(Wg n) * Wu n, act = SiLU or GELU-tanh
+
+plus the embedding, RoPE tables, output head (:class:`Transformer`).
 
 Shapes: B batch rows, T new tokens per row, S cached positions a row attends to,
 E = n_embd, H query heads, Hkv key/value heads, D head size.
@@ -14,11 +14,14 @@ E = n_embd, H query heads, Hkv key/value heads, D head size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gguflm.model import decoder
 from gguflm.model.arch import Activation, RopeStyle
 from gguflm.model.kv_cache import KVCache
 from gguflm.model.config import ModelConfig
@@ -91,80 +94,98 @@ class Rope(nn.Module):
         return torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
 
 
-class Attention(nn.Module):
-    """Causal grouped-query self-attention over the KV cache; query head h reads KV head
-    ``h // (H / Hkv)``; scores scaled by ``cfg.scale`` (1/sqrt(D) unless the arch says
-    otherwise). ``q_norm``/``k_norm``: RMSNorm over each head before RoPE (Qwen3, Gemma 3);
-    ``local``: this layer uses the sliding window (``window`` = cfg.n_swa keys, the mask the
-    Transformer passes) and its own RoPE table."""
+def attention(rope: Rope, positions: torch.Tensor, blocked: torch.Tensor, cache: KVCache,
+              slots: torch.Tensor) -> Callable:
+    """The decoder's ``attention`` op over the KV cache (see :mod:`gguflm.model.decoder`):
+    causal grouped-query self-attention, query head h reading KV head ``h // (H / Hkv)``,
+    scores scaled by the layer's ``scale``. positions: [B, T] (< 0 = padding); blocked:
+    Bool[B, 1, 1, T, S], True where a query may not see a key (the Transformer's mask: the
+    sliding window on a ``local`` layer, which also has its own RoPE table)."""
+    B, T = positions.shape
+    rope_pos = positions.clamp(min=0)
 
-    def __init__(self, cfg: ModelConfig, wq: nn.Module, wk: nn.Module, wv: nn.Module, wo: nn.Module,
-                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, local: bool = False):
-        super().__init__()
-        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
-        self.q_norm, self.k_norm = q_norm, k_norm
-        self.n_head, self.n_head_kv, self.head_dim = cfg.n_head, cfg.n_head_kv, cfg.head_dim
-        self.scale, self.local = cfg.scale, local
-        self.window = cfg.n_swa if local else 0
+    def attend(i: int, layer: Block, qkv: tuple) -> torch.Tensor:  # -> [B, T, H D]
+        H, Hkv, D = layer.n_head, layer.n_head_kv, layer.head_dim
+        q, k, v = qkv
+        q = q.view(B, T, H, D).transpose(1, 2)                                     # [B, H, T, D]
+        k = k.view(B, T, Hkv, D).transpose(1, 2)                                   # [B, Hkv, T, D]
+        v = v.view(B, T, Hkv, D).transpose(1, 2)                                   # [B, Hkv, T, D]
+        q, k = rope(q, rope_pos, layer.local), rope(k, rope_pos, layer.local)
+        keys, values = cache.update(i, slots, positions, k, v)                     # [B, Hkv, S, D]
+        g = H // Hkv
+        q = q.reshape(B, Hkv, g * T, D)                                            # heads of a KV group
+        scores = (q @ keys.transpose(-1, -2)) * layer.scale                        # [B, Hkv, g*T, S]
+        scores = scores.view(B, Hkv, g, T, -1).masked_fill(blocked, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(B, Hkv, g * T, -1)
+        out = (probs @ values).view(B, H, T, D)                                    # [B, H, T, D]
+        return out.transpose(1, 2).reshape(B, T, H * D)
 
-    def forward(self, x: torch.Tensor, rope: Rope, positions: torch.Tensor, blocked: torch.Tensor,
-                cache: KVCache, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        # x: [B, T, E]; positions: [B, T] (< 0 = padding);
-        # blocked: Bool[B, 1, 1, T, S], True where a query may not see a key -> [B, T, E]
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim)                      # [B, T, H, D]
-        k = self.wk(x).view(B, T, self.n_head_kv, self.head_dim)                   # [B, T, Hkv, D]
-        v = self.wv(x).view(B, T, self.n_head_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)                                # [B, nh, T, D]
-        rope_pos = positions.clamp(min=0)
-        q, k = rope(q, rope_pos, self.local), rope(k, rope_pos, self.local)
-        keys, values = cache.update(layer, slots, positions, k, v)                 # [B, Hkv, S, D]
-        g = self.n_head // self.n_head_kv
-        q = q.reshape(B, self.n_head_kv, g * T, self.head_dim)                     # heads of a KV group
-        scores = (q @ keys.transpose(-1, -2)) * self.scale                         # [B, Hkv, g*T, S]
-        scores = scores.view(B, self.n_head_kv, g, T, -1).masked_fill(blocked, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).view(B, self.n_head_kv, g * T, -1)
-        out = (probs @ values).view(B, self.n_head, T, self.head_dim)             # [B, H, T, D]
-        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+    return attend
 
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     Activation.SILU: F.silu,
     Activation.GELU_TANH: lambda g: F.gelu(g, approximate="tanh"),
 }
 
 
-class FeedForward(nn.Module):
-    """Gated FFN: ``down(act(gate(x)) * up(x))``, act SiLU (SwiGLU) or GELU-tanh (GeGLU)."""
+class TorchOps:
+    """The ops of :mod:`gguflm.model.decoder` in plain torch, float32 (the reference the
+    fused providers are tested against): the residual stream ``x`` [B, T, E]; ``qkv`` the
+    tuple of the three projections [B, T, H D], [B, T, Hkv D], [B, T, Hkv D] (after
+    ``head_norm``: [B, T, heads, D]). Every linear and norm is the layer's own module,
+    called as a module (verify's capture hooks observe them)."""
 
-    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module, activation: Activation = Activation.SILU):
-        super().__init__()
-        self.gate, self.up, self.down = gate, up, down
-        self.activation = activation
-        self._act = _ACTIVATIONS[activation]
+    def __init__(self, x: torch.Tensor):
+        self.x = x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., E] -> [..., E]
-        return self.down(self._act(self.gate(x)) * self.up(x))
+    def norm_linear(self, norm: RMSNorm, lins: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+        n = norm(self.x)
+        return tuple(lin(n) for lin in lins)
+
+    def head_norm(self, qkv: tuple, q_norm: RMSNorm, k_norm: RMSNorm) -> tuple:
+        q, k, v = qkv
+        D = q_norm.weight.shape[0]
+        return q_norm(q.unflatten(-1, (-1, D))), k_norm(k.unflatten(-1, (-1, D))), v
+
+    def linear_add(self, a: torch.Tensor, lin: nn.Module, post: RMSNorm | None) -> None:
+        y = lin(a)
+        self.x = self.x + (y if post is None else post(y))
+
+    def norm_gated(self, layer: Block) -> torch.Tensor:
+        n = layer.ffn_norm(self.x)
+        return ACTIVATIONS[layer.activation](layer.w_gate(n)) * layer.w_up(n)
 
 
 class Block(nn.Module):
-    """Decoder block: ``h = x + post1(attn(norm1(x)))``; ``out = h + post2(ffn(norm2(h)))``,
-    the post norms present only where the arch has them (Gemma)."""
+    """One decoder block's weights, named as :mod:`gguflm.model.decoder` reads a layer (the
+    roles of the ArchSpec; optional parts None), and its head counts (this rank's, under
+    tensor parallelism), score scale and activation. Its forward is the decoder's block
+    with the torch ops: ``h = x + post1(Wo attn(norm1(x)))``; ``out = h + post2(ffn(norm2(h)))``."""
 
-    def __init__(self, attn_norm: RMSNorm, attn: Attention, ffn_norm: RMSNorm, ffn: FeedForward,
-                 attn_post_norm: RMSNorm | None = None, ffn_post_norm: RMSNorm | None = None):
+    def __init__(self, cfg: ModelConfig, attn_norm: RMSNorm, wq: nn.Module, wk: nn.Module, wv: nn.Module,
+                 wo: nn.Module, ffn_norm: RMSNorm, w_gate: nn.Module, w_up: nn.Module, w_down: nn.Module,
+                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None,
+                 attn_post_norm: RMSNorm | None = None, ffn_post_norm: RMSNorm | None = None,
+                 local: bool = False, activation: Activation = Activation.SILU):
         super().__init__()
-        self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
+        self.attn_norm, self.wq, self.wk, self.wv, self.wo = attn_norm, wq, wk, wv, wo
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.ffn_norm, self.w_gate, self.w_up, self.w_down = ffn_norm, w_gate, w_up, w_down
         self.attn_post_norm, self.ffn_post_norm = attn_post_norm, ffn_post_norm
+        self.n_head, self.n_head_kv, self.head_dim = cfg.n_head, cfg.n_head_kv, cfg.head_dim
+        self.scale, self.local, self.activation = cfg.scale, local, activation
+        self.window = cfg.n_swa if local else 0
+
+    @property
+    def qkv(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return self.wq, self.wk, self.wv
 
     def forward(self, x: torch.Tensor, rope: Rope, positions: torch.Tensor, blocked: torch.Tensor,
                 cache: KVCache, layer: int, slots: torch.Tensor) -> torch.Tensor:  # [B, T, E]
-        a = self.attn(self.attn_norm(x), rope, positions, blocked, cache, layer, slots)
-        h = x + (a if self.attn_post_norm is None else self.attn_post_norm(a))
-        f = self.ffn(self.ffn_norm(h))
-        return h + (f if self.ffn_post_norm is None else self.ffn_post_norm(f))
+        ops = TorchOps(x)
+        decoder.block(ops, layer, self, attention(rope, positions, blocked, cache, slots))
+        return ops.x
 
 
 class Transformer(nn.Module):

@@ -84,7 +84,7 @@ def fused_block(block: nn.Module) -> tuple[nn.Module, str | None]:
     ``(block, why)`` where the C++ step lacks one of the block's ops (the caller says so)."""
     from gguflm.quant.cpu import QuantLinear
 
-    if not isinstance(block.ffn.down, QuantLinear):
+    if not isinstance(block.w_down, QuantLinear):
         return block, None
     from gguflm.kernels.cpu.block import FusedBlock
 

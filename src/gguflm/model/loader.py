@@ -12,7 +12,7 @@ import torch
 from gguflm.gguf.reader import GGUFFile
 from gguflm.model.arch import WeightTable, role_shapes
 from gguflm.model.config import ModelConfig
-from gguflm.model.layers import Attention, Block, FeedForward, RMSNorm, Rope, Transformer
+from gguflm.model.layers import Block, RMSNorm, Rope, Transformer
 from gguflm.model.linear import embedding_from_table, fused_block, linear_from_table, tied_embedding
 
 log = logging.getLogger("gguflm.model")
@@ -53,11 +53,11 @@ def build_transformer(f: GGUFFile, cfg: ModelConfig, n_ctx: int,
     refused: dict[str, list[int]] = {}  # why the C++ block step cannot run a block -> block ids
     for bid in range(cfg.n_layer):
         qk = (norm("attn_q_norm", bid), norm("attn_k_norm", bid)) if spec.qk_norm else (None, None)
-        attn = Attention(attn_cfg, *(lin(r, bid) for r in ("attn_q", "attn_k", "attn_v", "attn_output")), *qk,
-                         local=cfg.is_swa(bid))
-        ffn = FeedForward(*(lin(r, bid) for r in ("ffn_gate", "ffn_up", "ffn_down")), activation=spec.activation)
         post = (norm("attn_post_norm", bid), norm("ffn_post_norm", bid)) if spec.post_norms else (None, None)
-        block = Block(norm("attn_norm", bid), attn, norm("ffn_norm", bid), ffn, *post)
+        block = Block(attn_cfg, norm("attn_norm", bid), *(lin(r, bid) for r in ("attn_q", "attn_k", "attn_v")),
+                      lin("attn_output", bid), norm("ffn_norm", bid),
+                      *(lin(r, bid) for r in ("ffn_gate", "ffn_up", "ffn_down")), *qk, *post,
+                      local=cfg.is_swa(bid), activation=spec.activation)
         if shard is None:  # (the C++ block step has no all-reduce inside)
             block, why = fused_block(block)
             if why is not None:

@@ -33,17 +33,17 @@ from torch import nn
 # Module paths inside one Block: (recorded name, attribute path, what to keep).
 _BLOCK_PROBES: tuple[tuple[str, str, str], ...] = (
     ("attn_norm", "attn_norm", "out"),
-    ("q", "attn.wq", "out"),
-    ("k", "attn.wk", "out"),
-    ("v", "attn.wv", "out"),
-    ("attn", "attn.wo", "in"),
-    ("o", "attn.wo", "out"),
+    ("q", "wq", "out"),
+    ("k", "wk", "out"),
+    ("v", "wv", "out"),
+    ("attn", "wo", "in"),
+    ("o", "wo", "out"),
     ("h", "ffn_norm", "in"),
     ("ffn_norm", "ffn_norm", "out"),
-    ("gate", "ffn.gate", "out"),
-    ("up", "ffn.up", "out"),
-    ("swiglu", "ffn.down", "in"),
-    ("down", "ffn.down", "out"),
+    ("gate", "w_gate", "out"),
+    ("up", "w_up", "out"),
+    ("swiglu", "w_down", "in"),
+    ("down", "w_down", "out"),
 )
 # Probes of modules only some architectures have (Gemma's post norms), kept when present.
 _OPTIONAL_PROBES: tuple[tuple[str, str, str], ...] = (

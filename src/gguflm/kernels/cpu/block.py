@@ -42,20 +42,18 @@ from gguflm.quant.cpu.build import ops
 
 GOVERNED_ROWS = 64  # steps of at most this many rows (decode, the server's batches) get the adaptive thread cap
 
-_ROLES = (("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("attn", "wo"),
-          ("ffn", "gate"), ("ffn", "up"), ("ffn", "down"))  # block_step's weight order
-_NORMS = ((None, "attn_norm"), (None, "ffn_norm"), ("attn", "q_norm"), ("attn", "k_norm"),
-          (None, "attn_post_norm"), (None, "ffn_post_norm"))  # block_step's norm order (arch.NORM_ROLES)
+_ROLES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # block_step's weight order
+_NORMS = ("attn_norm", "ffn_norm", "q_norm", "k_norm", "attn_post_norm", "ffn_post_norm")  # its norm order
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the gated activations block_step computes (its ``act``)
 NORMS = frozenset({"rms_norm"})            # the norm kinds it computes (a norm module's ``op``)
 
 
 def _linears(block: nn.Module) -> list:
-    return [getattr(getattr(block, part), name) for part, name in _ROLES]
+    return [getattr(block, name) for name in _ROLES]
 
 
 def _norms(block: nn.Module) -> list:
-    return [getattr(block if part is None else getattr(block, part), name) for part, name in _NORMS]
+    return [getattr(block, name) for name in _NORMS]
 
 
 class FusedBlock(nn.Module):
@@ -67,12 +65,12 @@ class FusedBlock(nn.Module):
         if why is not None:
             raise TypeError(f"the C++ block step cannot run this block: {why}")
         self.block = block
-        attn, linears, norms = block.attn, _linears(block), _norms(block)
-        self.n_head, self.n_head_kv, self.head_dim = attn.n_head, attn.n_head_kv, attn.head_dim
-        self.n_ff = block.ffn.gate.out_features
+        linears, norms = _linears(block), _norms(block)
+        self.n_head, self.n_head_kv, self.head_dim = block.n_head, block.n_head_kv, block.head_dim
+        self.n_ff = block.w_gate.out_features
         self.eps = float(block.attn_norm.eps)
-        self.act = ACTIVATIONS[block.ffn.activation.value]
-        self.scale, self.local, self.window = float(attn.scale), bool(attn.local), int(attn.window)
+        self.act = ACTIVATIONS[block.activation.value]
+        self.scale, self.local, self.window = float(block.scale), bool(block.local), int(block.window)
         self._weights = [m.weight.raw for m in linears]
         self._types = [int(m.weight.ggml_type) for m in linears]
         self._biases = [m.bias for m in linears]
@@ -89,10 +87,10 @@ class FusedBlock(nn.Module):
         q/k norms together; post norms optional), a gated activation in
         :data:`ACTIVATIONS`, grouped-query heads, any score scale and sliding window."""
         try:
-            attn, linears, norms = block.attn, _linears(block), _norms(block)
-            act = block.ffn.activation.value
-            n_head, n_head_kv, head_dim = attn.n_head, attn.n_head_kv, attn.head_dim
-            _ = attn.scale, attn.local, attn.window  # read by the constructor
+            linears, norms = _linears(block), _norms(block)
+            act = block.activation.value
+            n_head, n_head_kv, head_dim = block.n_head, block.n_head_kv, block.head_dim
+            _ = block.scale, block.local, block.window  # read by the constructor
         except AttributeError as e:
             return f"not a decoder block of gguflm.model.layers ({e})"
         if not all(isinstance(m, QuantLinear) for m in linears):

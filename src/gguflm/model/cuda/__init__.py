@@ -1,8 +1,8 @@
 """The CUDA path: quantized weights on the GPU, Triton kernels, CUDA-graph decode.
 
     weights   GGUF tensors -> packed planes (or an explicit float16 fallback) on the device
-    forward   the decoder written once from ArchSpec data, and its many-row ops (the
-              fused dequantize x GEMM on the tensor cores, SDPA)
+    forward   the many-row ops of gguflm.model.decoder (the block written once for every
+              device): the fused dequantize x GEMM on the tensor cores, SDPA
     decode    its one-row ops (fused GEMVs, split attention), captured as CUDA graphs
     batched   the server's step of many sequences, one token each, captured per width
     model     CudaModel: the Model interface over these runners

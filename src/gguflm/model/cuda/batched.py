@@ -2,7 +2,7 @@
 new token each, every row in its own cache slot at its own position, padded to a width
 W (a power of two) and captured in a CUDA graph per width.
 
-The step is the decoder of :mod:`.forward` with the many-row ops (:class:`.forward.Rows`:
+The step is the decoder of :mod:`gguflm.model.decoder` with the many-row ops (:class:`.forward.Rows`:
 the fused dequantize x GEMM, which reads each quantized weight once per step, fused
 RMSNorm / residual / activation kernels) and the attention of the decode kernel (:func:`gguflm.kernels.triton.attention.decode_attention`): RoPE at each
 row's position, the cache write into each row's slot, and attention over that slot's
@@ -30,9 +30,10 @@ import torch
 from gguflm.model.arch import RopeStyle
 from gguflm.model.config import ModelConfig
 from gguflm.model.cuda.decode import attention_splits
-from gguflm.model.cuda.forward import Rows, decoder, rope_tables
+from gguflm.model.cuda.forward import Rows, rope_tables
 from gguflm.model.cuda.weights import HALF, CudaLayer, CudaWeights
 from gguflm.model.kv_cache import KVCache
+from gguflm.model.decoder import decoder
 from gguflm.model.layers import Rope
 from gguflm.kernels.triton.attention import AttentionWorkspace, decode_attention
 
@@ -76,7 +77,7 @@ class BatchedDecode:
 
     def _run(self) -> torch.Tensor:
         ops = Rows(self.cfg, self.w, self.tok)                                      # float32 [W, E]
-        decoder(self.cfg, self.w, ops, self._attention)
+        decoder(self.w.layers, ops, self._attention)
         return ops.logits()                                                         # float32 [W, n_vocab]
 
     def _capture(self, side: torch.cuda.Stream, pool: Any) -> None:

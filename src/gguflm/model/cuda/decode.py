@@ -1,4 +1,4 @@
-"""The batch-1 decode step: :func:`.forward.decoder` over one row with the ops of
+"""The batch-1 decode step: :func:`gguflm.model.decoder.decoder` over one row with the ops of
 :class:`Token` (static buffers; Wqkv RMSNorm(x) in one GEMV launch, RoPE + cache write +
 attention split over positions in the decode kernel, x += Wo a and x += Wd f with the
 residual in the GEMV epilogue, SwiGLU as one GEMV over both weights), then
@@ -17,8 +17,9 @@ from gguflm.kernels.triton.activations import add_rms_norm_half, gated_act
 from gguflm.kernels.triton.attention import AttentionWorkspace, decode_attention
 from gguflm.model.arch import Activation, RopeStyle
 from gguflm.model.config import ModelConfig
-from gguflm.model.cuda.forward import decoder, embd_scale, rope_tables, softcap_
+from gguflm.model.cuda.forward import HeadNorm, embd_scale, rope_tables, softcap_
 from gguflm.model.cuda.weights import CudaLayer, CudaLinear, CudaWeights
+from gguflm.model.decoder import decoder
 from gguflm.model.layers import Rope
 from gguflm.quant.cuda.gemv import ArgmaxWorkspace, gemv_argmax, gemv_multi, gemv_swiglu
 
@@ -31,8 +32,8 @@ def attention_splits(n_ctx: int) -> int:
     return n
 
 
-class Token:
-    """The ops of :func:`.forward.decoder` over one row: static float32 buffers, fused
+class Token(HeadNorm):
+    """The ops of :mod:`gguflm.model.decoder` over one row: static float32 buffers, fused
     GEMVs (the RMSNorm in the prologue, the residual add in the epilogue)."""
 
     def __init__(self, cfg: ModelConfig, w: CudaWeights, n_ctx: int, device: torch.device):
@@ -117,7 +118,7 @@ def decode_step(cfg: ModelConfig, w: CudaWeights, rope: Rope, ops: Token,
                                 window=cfg.n_swa if layer.local else 0)
 
     ops.embed(tok)
-    decoder(cfg, w, ops, attend)
+    decoder(w.layers, ops, attend)
     ops.logits_argmax(next_tok)
     torch.add(pos, 1, out=next_pos)
 

@@ -1,10 +1,9 @@
-"""The CUDA path's decoder, written once (:func:`decoder`) from fusion-level ops, the
-architecture's choices coming from its ArchSpec (via the weights: q/k norms, post norms,
-local layers; via the config: activation, embedding scale, window, soft-cap)::
+"""The CUDA path: the decoder of :mod:`gguflm.model.decoder` (the block's composition,
+written once for every device) over CUDA providers of its ops, between the embedding and
+the output head (the architecture's choices from its ArchSpec: q/k norms, post norms,
+local layers via the weights; activation, embedding scale, window, soft-cap via the config)::
 
-    x  = embed(tokens) (* sqrt(E))
-    x += post_attn_norm(Wo attention(qk_norm(Wqkv attn_norm(x))))
-    x += post_ffn_norm(Wd act(Wg ffn_norm(x)) * Wu ffn_norm(x))
+    x  = embed(tokens) (* sqrt(E));  decoder(layers, ops, attention)
     logits = softcap(Wout output_norm(x))
 
 Two providers of the ops, one per activation shape (both run every architecture):
@@ -27,8 +26,6 @@ Shapes: B rows, T tokens, N = B*T, S attended positions, E width, H/Hkv heads, D
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,14 +37,11 @@ from gguflm.model.arch import Activation, RopeStyle
 from gguflm.model.config import ModelConfig
 from gguflm.model.cuda.weights import (HALF, OUTPUT_ROW_CHUNK, CudaLayer, CudaLinear, CudaWeights, gated_matmul,
                                        qkv_matmul)
+from gguflm.model.decoder import Attention, decoder
 from gguflm.model.kv_cache import KVCache
 from gguflm.model.layers import Rope
 
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-# attention(layer index, layer, qkv [N, (H + 2 Hkv) D]) -> [N, H D] (before Wo)
-Attention = Callable[[int, CudaLayer, torch.Tensor], torch.Tensor]
-
 
 def cuda_unsupported(cfg: ModelConfig) -> str | None:
     """Why the fused CUDA kernels cannot compute this model, or None: the attention and
@@ -84,20 +78,21 @@ def rope_tables(rope: Rope, layer: CudaLayer) -> tuple[torch.Tensor, torch.Tenso
     return (rope.cos_swa, rope.sin_swa) if layer.local else (rope.cos, rope.sin)
 
 
-def decoder(cfg: ModelConfig, w: CudaWeights, ops, attention: Attention) -> None:
-    """Every block over the residual stream ``ops`` holds (see the module docstring)."""
-    for i, layer in enumerate(w.layers):
-        qkv = ops.norm_linear(layer.attn_norm, layer.qkv)                          # [N, (H + 2 Hkv) D]
-        if layer.q_norm is not None:
-            head_rms_norm_(qkv, layer.q_norm, layer.k_norm, cfg.n_head, cfg.n_head_kv, cfg.rms_eps)
-        ops.linear_add(attention(i, layer, qkv), layer.wo, layer.attn_post_norm)
-        ops.linear_add(ops.norm_gated(layer), layer.w_down, layer.ffn_post_norm)
+class HeadNorm:
+    """``head_norm`` of both CUDA providers: qkv [N, (H + 2 Hkv) D] normed in place."""
+
+    cfg: ModelConfig
+
+    def head_norm(self, qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor) -> torch.Tensor:
+        head_rms_norm_(qkv, q_norm, k_norm, self.cfg.n_head, self.cfg.n_head_kv, self.cfg.rms_eps)
+        return qkv
 
 
-class Rows:
-    """The ops over N rows: ``x`` float32 [N, E] (the residual stream), float16 into the
-    matmuls. ``linear_add`` keeps its result pending; the next ``normed`` adds it and
-    norms in one kernel (:func:`add_rms_norm_half`), ``flush`` adds it alone."""
+class Rows(HeadNorm):
+    """The ops of :mod:`gguflm.model.decoder` over N rows: ``x`` float32 [N, E] (the
+    residual stream), float16 into the matmuls; qkv float16 [N, (H + 2 Hkv) D].
+    ``linear_add`` keeps its result pending; the next ``normed`` adds it and norms in one
+    kernel (:func:`add_rms_norm_half`), ``flush`` adds it alone."""
 
     def __init__(self, cfg: ModelConfig, w: CudaWeights, tokens: torch.Tensor):
         self.cfg, self.w, self.ws = cfg, w, w.workspace
@@ -230,7 +225,7 @@ def forward_plain(cfg: ModelConfig, w: CudaWeights, rope: Rope, tokens: torch.Te
     captured in a CUDA graph). -> float32 [1, n_vocab] (last_only) or [1, T, n_vocab]."""
     T = tokens.shape[0]
     ops = Rows(cfg, w, tokens)
-    decoder(cfg, w, ops, attention_plain(cfg, rope, p0, k_cache, v_cache, plain_masks(cfg, p0, T, tokens.device)))
+    decoder(w.layers, ops, attention_plain(cfg, rope, p0, k_cache, v_cache, plain_masks(cfg, p0, T, tokens.device)))
     x = ops.flush()
     return ops.logits(x[-1:]) if last_only else ops.logits(x).view(1, T, cfg.n_vocab)
 
@@ -242,7 +237,7 @@ def forward_tokens(cfg: ModelConfig, w: CudaWeights, rope: Rope, tokens: torch.T
     ``slots`` [B]: float32 [B, T, n_vocab], or [B, n_vocab] for each row's last token."""
     B, T = tokens.shape
     ops = Rows(cfg, w, tokens.clamp(min=0).reshape(-1))
-    decoder(cfg, w, ops, attention_general(cfg, rope, positions, cache, slots))
+    decoder(w.layers, ops, attention_general(cfg, rope, positions, cache, slots))
     x = ops.flush().view(B, T, cfg.n_embd)
     if last_only:
         last = (positions >= 0).sum(1) - 1                                              # [B]

@@ -10,7 +10,7 @@ runs two paths over float16 KV caches:
 * one token of each of B > 1 sequences (the server's decode steps): the batched step
   (:mod:`.batched`), padded to a power-of-two width and captured per width.
 
-All of them run the one decoder of :mod:`.forward` (every architecture of the arch table).
+All of them run the one decoder of :mod:`gguflm.model.decoder` (every architecture of the arch table).
 
 Paged KV cache (opt-in: ``GGUFLM_CUDA_PAGED=1``, or ``gguflm serve --device cuda
 --kv-size N``; :meth:`CudaModel.use_paged_cache`): the scheduler then gives the model a
