@@ -31,6 +31,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/_softmax.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/gelu.h>
@@ -49,6 +50,8 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#include <sys/mman.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -1294,18 +1297,23 @@ void dequant_range(const QW& w, int64_t n0, int64_t n1, float* out) {
   });
 }
 
+// Rows of W dequantized at once for a product of many rows (a tile of at most kTileElems floats).
+int64_t tile_rows(const QW& w) { return std::max<int64_t>(1, std::min<int64_t>(w.N, kTileElems / w.K)); }
+
 // y [M, N] = x [M, K] @ W^T: fused for M <= fused_max_m(), else exact float tiles into sgemm.
-at::Tensor matmul(const at::Tensor& x, const QW& w) {
+// ``y`` (contiguous [M, N]) and ``tile`` (at least tile_rows(w) * K floats), where defined,
+// are the caller's memory (a block step's workspace); else they are allocated here.
+at::Tensor matmul(const at::Tensor& x, const QW& w, at::Tensor y = {}, const at::Tensor& tile_buf = {}) {
   const int64_t M = x.size(0), N = w.N, K = w.K;
   if (M == 0) return at::empty({0, N}, x.options());  // no rows (the kernels assume at least one)
   if (M > fused_max_m()) {
-    const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(N, kTileElems / K));
-    at::Tensor buf = at::empty({tile, K}, x.options());
+    const int64_t tile = tile_rows(w);
+    at::Tensor buf = tile_buf.defined() ? tile_buf.narrow(0, 0, tile * K).view({tile, K}) : at::empty({tile, K}, x.options());
+    if (!y.defined()) y = at::empty({M, N}, x.options());
     if (tile == N) {
       dequant_range(w, 0, N, buf.data_ptr<float>());
-      return at::mm(x, buf.t());
+      return at::mm_out(y, x, buf.t());
     }
-    at::Tensor y = at::empty({M, N}, x.options());
     for (int64_t n0 = 0; n0 < N; n0 += tile) {
       const int64_t t = std::min(tile, N - n0);
       dequant_range(w, n0, n0 + t, buf.data_ptr<float>());
@@ -1313,7 +1321,7 @@ at::Tensor matmul(const at::Tensor& x, const QW& w) {
     }
     return y;
   }
-  at::Tensor y = at::empty({M, N}, x.options());
+  if (!y.defined()) y = at::empty({M, N}, x.options());
   gemv_multi(x.data_ptr<float>(), M, {{w, y.data_ptr<float>()}});
   return y;
 }
@@ -1405,22 +1413,48 @@ void weighted_values(const float* p, const Pages& values, int64_t n, int64_t S, 
 }
 
 // Products of one step: out_i [R, N_i] = x [R, K] @ W_i^T (+ bias_i). Few rows: the fused
-// GEMVs, all weights in one parallel region; many rows: exact float tiles into sgemm.
-void project(const at::Tensor& x, std::initializer_list<std::tuple<QW, at::Tensor*, const std::optional<at::Tensor>*>> outs) {
+// GEMVs, all weights in one parallel region; many rows: exact float tiles into sgemm. An
+// out_i already defined is where its product goes; ``tile``: matmul's (see there).
+void project(const at::Tensor& x, std::initializer_list<std::tuple<QW, at::Tensor*, const std::optional<at::Tensor>*>> outs,
+             const at::Tensor& tile = {}) {
   const int64_t R = x.size(0);
   if (R <= fused_max_m()) {
     std::vector<std::pair<QW, float*>> targets;
     for (const auto& [w, out, bias] : outs) {
-      *out = at::empty({R, w.N}, x.options());
+      if (!out->defined()) *out = at::empty({R, w.N}, x.options());
       targets.emplace_back(w, out->data_ptr<float>());
     }
     gemv_multi(x.data_ptr<float>(), R, targets);
   } else {
-    for (const auto& [w, out, bias] : outs) *out = matmul(x, w);
+    for (const auto& [w, out, bias] : outs) *out = matmul(x, w, *out, tile);
   }
   for (const auto& [w, out, bias] : outs)
     if (bias->has_value()) out->add_(**bias);
 }
+
+// The workspace of a prefill's block steps (see block_step): anonymous memory of its own, not
+// the allocator's, kept from one layer's call to the next (faulted in once per step) and
+// unmapped after the model's last layer (or by a step of few rows, which needs none).
+struct Workspace {
+  float* p = nullptr;
+  size_t bytes = 0;
+  ~Workspace() { release(); }
+  void release() {
+    if (p) munmap(p, bytes);
+    p = nullptr, bytes = 0;
+  }
+  float* get(int64_t n) {
+    const size_t need = static_cast<size_t>(n) * sizeof(float);
+    if (need > bytes) {
+      release();
+      void* m = mmap(nullptr, need, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      TORCH_CHECK(m != MAP_FAILED, "cannot map a workspace of ", need, " bytes");
+      p = static_cast<float*>(m), bytes = need;
+    }
+    return p;
+  }
+};
+thread_local Workspace t_workspace;
 
 // Roles of the seven weights and the six norms, in the order the op receives them (the norms
 // in gguflm.model.arch.NORM_ROLES' order); the gated activations (gguflm.model.arch.Activation).
@@ -1509,9 +1543,27 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
   auto rows = [&](auto&& f) { at::parallel_for(0, R, kRowGrain, [&](int64_t b, int64_t e) { for (int64_t r = b; r < e; ++r) f(r); }); };
   auto row_norm = [&](float* y, Norm n) { if (nw[n]) rms_norm(y, nw[n], E, fe, y); };  // in place, where present
 
-  at::Tensor xn = at::empty({R, E}, x.options()), q, k, v;
+  // Many rows (a prefill): the step's intermediates in one workspace (t_workspace), not a
+  // dozen buffers per layer that the allocator interleaves with the long-lived ones (a
+  // 512-token SmolLM2 prefill held about twice its live bytes that way). Layout:
+  // [xn, then d] [q k v att, then g u] [the dequantized weight tile of matmul].
+  at::Tensor out;  // the block's output: never in the workspace
+  at::Tensor ws, xn, q, k, v, att, g, u, d, tile;
+  const int64_t ws_a = R * E, ws_b = std::max(R * (2 * QD + 2 * KD), 2 * R * ff);
+  auto part = [&](int64_t off, int64_t cols) { return ws.narrow(0, off, R * cols).view({R, cols}); };
+  if (R > fused_max_m()) {
+    int64_t n_tile = 0;
+    for (int r = 0; r < N_ROLES; ++r) n_tile = std::max(n_tile, tile_rows(w[r]) * w[r].K);
+    ws = at::from_blob(t_workspace.get(ws_a + ws_b + n_tile), {ws_a + ws_b + n_tile}, x.options());
+    xn = part(0, E), q = part(ws_a, QD), k = part(ws_a + R * QD, KD), v = part(ws_a + R * (QD + KD), KD);
+    att = part(ws_a + R * (QD + 2 * KD), QD);
+    tile = ws.narrow(0, ws_a + ws_b, n_tile);
+  } else {
+    t_workspace.release();
+    xn = at::empty({R, E}, x.options());
+  }
   rows([&](int64_t r) { rms_norm(xp + r * E, nw[ATTN_NORM], E, fe, xn.data_ptr<float>() + r * E); });
-  project(xn, {{w[WQ], &q, &bias[WQ]}, {w[WK], &k, &bias[WK]}, {w[WV], &v, &bias[WV]}});
+  project(xn, {{w[WQ], &q, &bias[WQ]}, {w[WK], &k, &bias[WK]}, {w[WV], &v, &bias[WV]}}, tile);
   float* kcp = kc.data_ptr<float>();
   float* vcp = vc.data_ptr<float>();
   rows([&](int64_t r) {
@@ -1536,7 +1588,6 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
 
   const float scale = static_cast<float>(scale_);
   auto first_key = [&](int64_t r) { return n_swa > 0 ? std::max<int64_t>(0, pp[r] - n_swa + 1) : int64_t(0); };
-  at::Tensor att;
   if (R >= kSdpaMinRows && one_sequence && !g_invariant) {  // prefill: fused attention over the slot's cache
     const int64_t S = pp[0] + R;
     at::Tensor qh = q.view({1, R, n_head, D}).transpose(1, 2);                      // [1, H, R, D]
@@ -1550,10 +1601,11 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
     const at::Tensor key_pos = at::arange(S, pos.options()).unsqueeze(0), q_pos = pos.reshape({R, 1});
     at::Tensor allowed = key_pos.le(q_pos);                                         // [R, S]
     if (n_swa > 0) allowed.logical_and_(q_pos.sub(key_pos).lt(n_swa));
-    att = at::scaled_dot_product_attention(qh, keys, values, allowed, 0.0, false, scale_, n_head != n_head_kv)
-              .transpose(1, 2).reshape({R, QD}).contiguous();                      // [R, H * D]
+    at::Tensor o = at::scaled_dot_product_attention(qh, keys, values, allowed, 0.0, false, scale_, n_head != n_head_kv);
+    if (!att.defined()) att = at::empty({R, QD}, x.options());
+    att.view({1, R, n_head, D}).transpose(1, 2).copy_(o);                          // [R, H * D]
   } else {  // per row: scores q . K[lo..p] * scale (masked elsewhere), softmax, then . V[lo..p]
-    att = at::empty({R, QD}, x.options());
+    if (!att.defined()) att = at::empty({R, QD}, x.options());
     const float* qp = q.data_ptr<float>();
     float* ap = att.data_ptr<float>();
     auto kv_base = [&](int64_t r, int64_t hk, const float* cache) {
@@ -1592,9 +1644,8 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
       });
     }
   }
-  q.reset(), k.reset(), v.reset();  // a prefill's working set: each buffer goes as soon as it is read
-  at::Tensor out, g, u, d;
-  project(att, {{w[WO], &out, &bias[WO]}});
+  q.reset(), k.reset(), v.reset();  // each buffer goes as soon as it is read (outside the workspace)
+  project(att, {{w[WO], &out, &bias[WO]}}, tile);
   att.reset();
   float* op = out.data_ptr<float>();
   rows([&](int64_t r) {
@@ -1602,19 +1653,22 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
     for (int64_t i = r * E; i < (r + 1) * E; ++i) op[i] += xp[i];  // h = x + attn
     rms_norm(op + r * E, nw[FFN_NORM], E, fe, xn.data_ptr<float>() + r * E);
   });
-  project(xn, {{w[WGATE], &g, &bias[WGATE]}, {w[WUP], &u, &bias[WUP]}});
+  if (ws.defined()) g = part(ws_a, ff), u = part(ws_a + R * ff, ff);  // over q k v att, read by now
+  project(xn, {{w[WGATE], &g, &bias[WGATE]}, {w[WUP], &u, &bias[WUP]}}, tile);
   xn.reset();
+  if (ws.defined()) d = part(0, E);  // over xn
   // ATen's vectorized activations (the twin's F.silu / F.gelu(approximate="tanh")): a
   // scalar exp loop cost ~0.1 ms a layer at 16 rows
   (act == SILU ? at::silu_(g) : at::gelu_(g, "tanh")).mul_(u);
   u.reset();
-  project(g, {{w[WDOWN], &d, &bias[WDOWN]}});
+  project(g, {{w[WDOWN], &d, &bias[WDOWN]}}, tile);
   g.reset();
   if (nw[FFN_POST_NORM]) {
     float* dp = d.data_ptr<float>();
     rows([&](int64_t r) { row_norm(dp + r * E, FFN_POST_NORM); });
   }
   out.add_(d);  // out = h + ffn
+  if (layer == k_all.size(0) - 1) t_workspace.release();  // the model's last block: the step is over
   return out.view(x3.sizes());
 }
 
