@@ -86,6 +86,30 @@ def test_smollm2_matches_official_reader(smollm2_path):
     assert isinstance(emb.ggml_type, gguflm.GGMLType)
 
 
+def _resident_kb(path) -> int:
+    """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    kb, ours = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's first line
+            ours = len(fields) >= 6 and fields[5] == str(path)
+        elif ours and fields[0] == "Rss:":
+            kb += int(fields[1])
+    return kb
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps (Linux)")
+def test_release_header_unmaps_the_parsed_header(smollm2_path):
+    f = gguflm.GGUFFile(smollm2_path.resolve())
+    before = _resident_kb(f.path)
+    assert before * 1024 >= f.data_offset // 2  # parsing mapped the header (1.7 MB: the vocabulary)
+    f.release_header()
+    assert _resident_kb(f.path) * 8 < before
+    fresh = gguflm.GGUFFile(smollm2_path)  # what was parsed, and views into the header, read the same
+    assert all(f.metadata[k] == v for k, v in fresh.metadata.items())
+    assert np.array_equal(f.tensor_data("token_embd.weight"), fresh.tensor_data("token_embd.weight"))
+
+
 def test_tensor_data_is_zero_copy(sample):
     f = gguflm.GGUFFile(sample)
     a = f.tensor_data("a.weight")

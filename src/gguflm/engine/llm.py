@@ -213,6 +213,7 @@ def load(path: str | os.PathLike | GGUFFile, device: str | torch.device = "cpu",
     if tokenizer.n_vocab != model.config.n_vocab:  # as llama.cpp: token_embd must be [n_embd, n_tokens]
         raise GGUFError(f"the tokenizer has {tokenizer.n_vocab} tokens but the embedding {model.config.n_vocab} "
                         "rows: every row must be a token (llama.cpp refuses the file too)")
+    f.release_header()  # parsed: the vocabulary's pages need not stay resident (~2 MB for SmolLM2)
     return LLM(model, tokenizer)
 
 

@@ -412,6 +412,14 @@ class GGUFFile:
         start = t.file_offset // page * page
         self._mmap.madvise(mmap.MADV_DONTNEED, start, t.file_offset + t.nbytes - start)
 
+    def release_header(self) -> None:
+        """Unmap this process's resident pages of the header (metadata and tensor infos,
+        parsed into Python objects at open), up to the page where tensor data begins: a later
+        read maps them again from the page cache."""
+        end = min(self.data_offset, self.file_size) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end:
+            self._mmap.madvise(mmap.MADV_DONTNEED, 0, end)
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 
