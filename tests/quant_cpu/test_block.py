@@ -135,3 +135,32 @@ def test_an_op_the_step_lacks_is_refused_loudly(cpu_kernels, requantized, monkey
     assert FusedBlock.unsupported(block) is None
     monkeypatch.setattr(block.ffn_norm, "op", "layer_norm")
     assert "layer_norm" in FusedBlock.unsupported(block)
+
+
+def test_the_step_runs_the_decoders_composition(model, monkeypatch):
+    """block_step interprets the program recorded from ``gguflm.model.decoder.block``: a
+    changed composition (here: the FFN before attention) is what both providers then run,
+    the C++ step still matching the torch block; an op the recorder lacks is refused."""
+    from gguflm.model import decoder
+
+    def ffn_first(ops, i, layer, attention):
+        ops.linear_add(ops.norm_gated(layer), layer.w_down, layer.ffn_post_norm)
+        ops.linear_add(attention(i, layer, ops.norm_linear(layer.attn_norm, layer.qkv)), layer.wo, None)
+
+    tr = model.transformer
+    plain = tr.blocks[0].block
+    positions, slots = torch.tensor([[5], [9]]), torch.tensor([0, 1])
+    x = torch.randn(2, 1, model.config.n_embd, generator=torch.Generator().manual_seed(3))
+    usual = FusedBlock(plain).program
+    monkeypatch.setattr(decoder, "block", ffn_first)
+    fused = FusedBlock(plain)
+    assert fused.program != usual and fused.program[0] == cpu_block.OPS.index("norm_gated")
+    cache_f, cache_t = prefilled_cache(model, 2, 64), prefilled_cache(model, 2, 64)
+    with torch.inference_mode():
+        got = fused(x, tr.rope, positions, blocked_mask(positions), cache_f, 0, slots)
+        want = plain(x, tr.rope, positions, blocked_mask(positions), cache_t, 0, slots)
+        usual_out = tr.blocks[0](x, tr.rope, positions, blocked_mask(positions), prefilled_cache(model, 2, 64), 0, slots)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert not torch.allclose(got, usual_out, rtol=1e-2, atol=1e-2)
+    monkeypatch.setattr(decoder, "block", lambda ops, i, layer, attention: ops.layer_norm(layer.attn_norm))
+    assert "layer_norm" in FusedBlock.unsupported(plain)

@@ -181,10 +181,15 @@ class Block(nn.Module):
     def qkv(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         return self.wq, self.wk, self.wv
 
+    def compose(self, ops, i: int, attention: Callable) -> None:
+        """The decoder's block over ``ops`` (how a fused provider, which does not import the
+        model, records the composition: :class:`gguflm.kernels.cpu.block.Program`)."""
+        decoder.block(ops, i, self, attention)
+
     def forward(self, x: torch.Tensor, rope: Rope, positions: torch.Tensor, blocked: torch.Tensor,
                 cache: KVCache, layer: int, slots: torch.Tensor) -> torch.Tensor:  # [B, T, E]
         ops = TorchOps(x)
-        decoder.block(ops, layer, self, attention(rope, positions, blocked, cache, slots))
+        self.compose(ops, layer, attention(rope, positions, blocked, cache, slots))
         return ops.x
 
 

@@ -1456,35 +1456,43 @@ struct Workspace {
 };
 thread_local Workspace t_workspace;
 
-// Roles of the seven weights and the six norms, in the order the op receives them (the norms
-// in gguflm.model.arch.NORM_ROLES' order); the gated activations (gguflm.model.arch.Activation).
+// Roles of the seven weights and the six norms, in the order the op receives them (the
+// slots a program's instructions name); the gated activations (gguflm.model.arch.Activation).
 enum Role { WQ, WK, WV, WO, WGATE, WUP, WDOWN, N_ROLES };
 enum Norm { ATTN_NORM, FFN_NORM, Q_NORM, K_NORM, ATTN_POST_NORM, FFN_POST_NORM, N_NORMS };
 enum Act { SILU, GELU_TANH };
+// A block's program: the ops of gguflm.model.decoder's composition in the order it calls
+// them, recorded by gguflm.kernels.cpu.block (kInstr ints each: op, dst, src, norm, a, b, c;
+// -1 where unused). dst/src name registers (a value: q, k, v; an attention output; a gated
+// activation); norm/a/b/c name norm and weight slots.
+enum Op { NORM_LINEAR, HEAD_NORM, ATTENTION, LINEAR_ADD, NORM_GATED, N_OPS };
+constexpr int64_t kInstr = 7, kRegs = 8;
 
 // x [B, T, E]: T new tokens of B sequences, at positions pos [B, T] (< 0: padding, rotated
 // as position 0, attends to key 0, not cached) in cache slots slot [B]; k_all, v_all: the
 // paged KV cache [n_layer, n_blocks, Hkv, bs, D], of which layer `layer` is read and
 // written; table [n_slots, blocks per slot]: position p of slot s lies in block
 // table[s, p / bs], row p % bs (a cache of one block per slot: table[s] = {s}, bs = n_ctx).
-// Returns the block output [B, T, E], gguflm.model.layers.Block's composition:
-//   n = attn_norm(x); q, k, v = Wq n, Wk n, Wv n (+ biases)
-//   q, k = rope(q_norm(q)), rope(k_norm(k))        per-head RMSNorm where given (Qwen3, Gemma 3)
-//   h = x + attn_post_norm(Wo attn(q, k, v))       post norms where given (Gemma)
-//   out = h + ffn_post_norm(Wd (act(Wg n2) * Wu n2)),  n2 = ffn_norm(h), act SiLU or GELU-tanh
-// with every key/value of this step written to the cache before any query attends; a row
+// Returns the block output [B, T, E]: `program` run over the residual stream x, its ops
+// (the provider of gguflm.model.decoder's ops):
+//   NORM_LINEAR dst norm a b c   dst = (W_a n, W_b n, W_c n) (+ biases), n = norm(x)
+//   HEAD_NORM dst src norm a     per-head RMSNorm of src's q (norm) and k (a)
+//   ATTENTION dst src            q, k = rope(q), rope(k); k, v into the cache; dst = attn(q, k, v)
+//   LINEAR_ADD src norm a        x += norm(W_a src) (norm -1: x += W_a src)
+//   NORM_GATED dst norm a b c    dst = act_c(W_a n) * W_b n, n = norm(x), act SiLU or GELU-tanh
+// Every key/value of this step is written to the cache before any query attends; a row
 // at position p attends to keys max(0, p - n_swa + 1)..max(p, 0) of its slot (n_swa 0: from
 // key 0), scores scaled by `scale`; cos/sin: this layer's RoPE table (a local layer's own).
 at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Tensor& slots, const at::Tensor& k_all,
                       const at::Tensor& v_all, const at::Tensor& table, int64_t layer, const at::Tensor& cos,
-                      const at::Tensor& sin,
+                      const at::Tensor& sin, at::IntArrayRef program,
                       const c10::List<std::optional<at::Tensor>>& norms, double eps, at::TensorList weights,
                       at::IntArrayRef types, const c10::List<std::optional<at::Tensor>>& biases, int64_t n_head,
-                      int64_t n_head_kv, int64_t ff, bool neox, int64_t act, double scale_, int64_t n_swa) {
+                      int64_t n_head_kv, int64_t ff, bool neox, double scale_, int64_t n_swa) {
   TORCH_CHECK(x3.dim() == 3 && pos.dim() == 2 && pos.size(0) == x3.size(0) && pos.size(1) == x3.size(1) &&
               slots.dim() == 1 && slots.size(0) == x3.size(0), "x [B, T, E], positions [B, T], slots [B]");
   TORCH_CHECK(weights.size() == N_ROLES && types.size() == N_ROLES && biases.size() == N_ROLES, "seven weights");
-  TORCH_CHECK(norms.size() == N_NORMS && act >= SILU && act <= GELU_TANH && n_swa >= 0, "six norms, act 0 or 1");
+  TORCH_CHECK(norms.size() == N_NORMS && n_swa >= 0 && program.size() % kInstr == 0, "six norms, a program");
   TORCH_CHECK(k_all.dim() == 5 && k_all.sizes() == v_all.sizes() && k_all.is_contiguous() && v_all.is_contiguous() &&
               k_all.scalar_type() == at::kFloat && v_all.scalar_type() == at::kFloat && layer >= 0 &&
               layer < k_all.size(0), "bad KV cache");
@@ -1503,16 +1511,6 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
   TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && slots.scalar_type() == at::kLong &&
               slots.is_contiguous(), "positions/slots must be contiguous int64");
   check_x(x, E);
-  const float* nw[N_NORMS];  // null: the block has no such norm
-  for (int i = 0; i < N_NORMS; ++i) {
-    const std::optional<at::Tensor> n = norms[i];
-    nw[i] = nullptr;
-    if (!n.has_value()) continue;
-    TORCH_CHECK(n->scalar_type() == at::kFloat && n->is_contiguous() && n->numel() == (i == Q_NORM || i == K_NORM ? D : E),
-                "bad norm weight ", i);
-    nw[i] = n->data_ptr<float>();
-  }
-  TORCH_CHECK(nw[ATTN_NORM] && nw[FFN_NORM] && !nw[Q_NORM] == !nw[K_NORM], "attn/ffn norms, q and k norms together");
   const int64_t QD = n_head * D, KD = n_head_kv * D;
   const int64_t n_in[N_ROLES] = {E, E, E, QD, E, E, ff};
   const int64_t n_out[N_ROLES] = {QD, KD, KD, E, ff, ff, E};
@@ -1526,6 +1524,14 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
   }
   const std::optional<at::Tensor> bias[N_ROLES] = {biases[0], biases[1], biases[2], biases[3],
                                                    biases[4], biases[5], biases[6]};
+  // The norm weight of slot n, of `size` floats (an instruction's operand: it must be there).
+  auto norm_w = [&](int64_t n, int64_t size) {
+    TORCH_CHECK(n >= 0 && n < N_NORMS && norms[n].has_value(), "the program names norm ", n, ", which is absent");
+    const at::Tensor t = *norms[n];
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == size, "bad norm weight ", n);
+    return t.data_ptr<float>();
+  };
+  auto role = [&](int64_t r) { TORCH_CHECK(r >= 0 && r < N_ROLES, "bad weight slot ", r); return r; };
   const int64_t* pp = pos.data_ptr<int64_t>();
   std::vector<int64_t> slot_of_row(R);  // row r = (b, t) lives in slot slots[b]
   for (int64_t r = 0; r < R; ++r) slot_of_row[r] = slots.data_ptr<int64_t>()[r / T];
@@ -1539,73 +1545,92 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
     one_sequence = one_sequence && sp[r] == sp[0] && pp[r] == pp[0] + r && pp[0] >= 0;
   }
   const float fe = static_cast<float>(eps);
-  const float* xp = x.data_ptr<float>();
   auto rows = [&](auto&& f) { at::parallel_for(0, R, kRowGrain, [&](int64_t b, int64_t e) { for (int64_t r = b; r < e; ++r) f(r); }); };
-  auto row_norm = [&](float* y, Norm n) { if (nw[n]) rms_norm(y, nw[n], E, fe, y); };  // in place, where present
+  float* kcp = kc.data_ptr<float>();
+  float* vcp = vc.data_ptr<float>();
+  const float scale = static_cast<float>(scale_);
+  auto first_key = [&](int64_t r) { return n_swa > 0 ? std::max<int64_t>(0, pp[r] - n_swa + 1) : int64_t(0); };
 
   // Many rows (a prefill): the step's intermediates in one workspace (t_workspace), not a
   // dozen buffers per layer that the allocator interleaves with the long-lived ones (a
-  // 512-token SmolLM2 prefill held about twice its live bytes that way). Layout:
-  // [xn, then d] [q k v att, then g u] [the dequantized weight tile of matmul].
-  at::Tensor out;  // the block's output: never in the workspace
-  at::Tensor ws, xn, q, k, v, att, g, u, d, tile;
+  // 512-token SmolLM2 prefill held about twice its live bytes that way). Layout: [a: a
+  // norm's output, then a residual's addend] [b: q k v att, or g u] [the dequantized weight
+  // tile of matmul]. Region b is only handed out while no other value is live (as in the
+  // decoder's order); otherwise a value is allocated.
+  at::Tensor ws, tile;
   const int64_t ws_a = R * E, ws_b = std::max(R * (2 * QD + 2 * KD), 2 * R * ff);
-  auto part = [&](int64_t off, int64_t cols) { return ws.narrow(0, off, R * cols).view({R, cols}); };
+  auto part = [&](int64_t off, int64_t cols) {
+    return ws.defined() ? ws.narrow(0, off, R * cols).view({R, cols}) : at::empty({R, cols}, x.options());
+  };
   if (R > fused_max_m()) {
     int64_t n_tile = 0;
     for (int r = 0; r < N_ROLES; ++r) n_tile = std::max(n_tile, tile_rows(w[r]) * w[r].K);
     ws = at::from_blob(t_workspace.get(ws_a + ws_b + n_tile), {ws_a + ws_b + n_tile}, x.options());
-    xn = part(0, E), q = part(ws_a, QD), k = part(ws_a + R * QD, KD), v = part(ws_a + R * (QD + KD), KD);
-    att = part(ws_a + R * (QD + 2 * KD), QD);
     tile = ws.narrow(0, ws_a + ws_b, n_tile);
   } else {
     t_workspace.release();
-    xn = at::empty({R, E}, x.options());
   }
-  rows([&](int64_t r) { rms_norm(xp + r * E, nw[ATTN_NORM], E, fe, xn.data_ptr<float>() + r * E); });
-  project(xn, {{w[WQ], &q, &bias[WQ]}, {w[WK], &k, &bias[WK]}, {w[WV], &v, &bias[WV]}}, tile);
-  float* kcp = kc.data_ptr<float>();
-  float* vcp = vc.data_ptr<float>();
-  rows([&](int64_t r) {
-    const int64_t p = std::max<int64_t>(pp[r], 0);
-    const float* c = cos.data_ptr<float>() + p * (D / 2);
-    const float* s = sin.data_ptr<float>() + p * (D / 2);
-    float* qr = q.data_ptr<float>() + r * QD;
-    float* kr = k.data_ptr<float>() + r * KD;
-    if (nw[Q_NORM]) {
-      for (int64_t h = 0; h < n_head; ++h) rms_norm(qr + h * D, nw[Q_NORM], D, fe, qr + h * D);
-      for (int64_t h = 0; h < n_head_kv; ++h) rms_norm(kr + h * D, nw[K_NORM], D, fe, kr + h * D);
-    }
-    rope(qr, n_head, D, c, s, neox);
-    rope(kr, n_head_kv, D, c, s, neox);
-    if (pp[r] < 0) return;
-    for (int64_t h = 0; h < n_head_kv; ++h) {
-      const int64_t dst = ((tp[sp[r] * n_bps + pp[r] / bs] * n_head_kv + h) * bs + pp[r] % bs) * D;
-      std::memcpy(kcp + dst, kr + h * D, D * sizeof(float));
-      std::memcpy(vcp + dst, v.data_ptr<float>() + r * KD + h * D, D * sizeof(float));
-    }
-  });
+  // Registers: each value is read once, and freed as it is read.
+  std::vector<at::Tensor> reg[kRegs];
+  auto take = [&](int64_t i, size_t n) {
+    TORCH_CHECK(i >= 0 && i < kRegs && reg[i].size() == n, "register ", i, " does not hold ", n, " values");
+    return std::move(reg[i]);
+  };
+  auto put = [&](int64_t i, std::vector<at::Tensor> v) {
+    TORCH_CHECK(i >= 0 && i < kRegs, "bad register ", i);
+    reg[i] = std::move(v);
+  };
+  auto region_b = [&](int64_t off, int64_t cols) {  // part of region b, or a fresh value if one is live
+    for (const auto& r : reg)
+      if (!r.empty()) return at::empty({R, cols}, x.options());
+    return part(ws_a + off, cols);
+  };
 
-  const float scale = static_cast<float>(scale_);
-  auto first_key = [&](int64_t r) { return n_swa > 0 ? std::max<int64_t>(0, pp[r] - n_swa + 1) : int64_t(0); };
-  if (R >= kSdpaMinRows && one_sequence && !g_invariant) {  // prefill: fused attention over the slot's cache
-    const int64_t S = pp[0] + R;
-    at::Tensor qh = q.view({1, R, n_head, D}).transpose(1, 2);                      // [1, H, R, D]
-    const int64_t nb = (S + bs - 1) / bs;  // the slot's blocks in order, as one [Hkv, S, D] sequence
-    auto gather = [&](const at::Tensor& c) {
-      if (nb == 1) return c.select(0, tp[sp[0] * n_bps]).narrow(1, 0, S).unsqueeze(0);  // a view
-      return c.index_select(0, table.select(0, sp[0]).narrow(0, 0, nb)).transpose(0, 1)
-          .reshape({n_head_kv, nb * bs, D}).narrow(1, 0, S).unsqueeze(0);
-    };
-    at::Tensor keys = gather(kc), values = gather(vc);                               // [1, Hkv, S, D]
-    const at::Tensor key_pos = at::arange(S, pos.options()).unsqueeze(0), q_pos = pos.reshape({R, 1});
-    at::Tensor allowed = key_pos.le(q_pos);                                         // [R, S]
-    if (n_swa > 0) allowed.logical_and_(q_pos.sub(key_pos).lt(n_swa));
-    at::Tensor o = at::scaled_dot_product_attention(qh, keys, values, allowed, 0.0, false, scale_, n_head != n_head_kv);
-    if (!att.defined()) att = at::empty({R, QD}, x.options());
-    att.view({1, R, n_head, D}).transpose(1, 2).copy_(o);                          // [R, H * D]
-  } else {  // per row: scores q . K[lo..p] * scale (masked elsewhere), softmax, then . V[lo..p]
-    if (!att.defined()) att = at::empty({R, QD}, x.options());
+  // The ops. `stream` is the residual stream [R, E]: the input until the first LINEAR_ADD,
+  // then that add's own buffer (x += y computed as y += x into y's buffer), never the workspace.
+  at::Tensor stream = x;
+  auto normed = [&](int64_t n) {  // [R, E] norm(stream), in region a
+    const float* nw = norm_w(n, E);
+    const float* xs = stream.data_ptr<float>();
+    at::Tensor xn = part(0, E);
+    float* xnp = xn.data_ptr<float>();
+    rows([&](int64_t r) { rms_norm(xs + r * E, nw, E, fe, xnp + r * E); });
+    return xn;
+  };
+  auto attention = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    rows([&](int64_t r) {
+      const int64_t p = std::max<int64_t>(pp[r], 0);
+      const float* c = cos.data_ptr<float>() + p * (D / 2);
+      const float* s = sin.data_ptr<float>() + p * (D / 2);
+      float* kr = k.data_ptr<float>() + r * KD;
+      rope(q.data_ptr<float>() + r * QD, n_head, D, c, s, neox);
+      rope(kr, n_head_kv, D, c, s, neox);
+      if (pp[r] < 0) return;
+      for (int64_t h = 0; h < n_head_kv; ++h) {
+        const int64_t dst = ((tp[sp[r] * n_bps + pp[r] / bs] * n_head_kv + h) * bs + pp[r] % bs) * D;
+        std::memcpy(kcp + dst, kr + h * D, D * sizeof(float));
+        std::memcpy(vcp + dst, v.data_ptr<float>() + r * KD + h * D, D * sizeof(float));
+      }
+    });
+    at::Tensor att = region_b(R * (QD + 2 * KD), QD);  // after q k v
+    if (R >= kSdpaMinRows && one_sequence && !g_invariant) {  // prefill: fused attention over the slot's cache
+      const int64_t S = pp[0] + R;
+      at::Tensor qh = q.view({1, R, n_head, D}).transpose(1, 2);                      // [1, H, R, D]
+      const int64_t nb = (S + bs - 1) / bs;  // the slot's blocks in order, as one [Hkv, S, D] sequence
+      auto gather = [&](const at::Tensor& c) {
+        if (nb == 1) return c.select(0, tp[sp[0] * n_bps]).narrow(1, 0, S).unsqueeze(0);  // a view
+        return c.index_select(0, table.select(0, sp[0]).narrow(0, 0, nb)).transpose(0, 1)
+            .reshape({n_head_kv, nb * bs, D}).narrow(1, 0, S).unsqueeze(0);
+      };
+      at::Tensor keys = gather(kc), values = gather(vc);                               // [1, Hkv, S, D]
+      const at::Tensor key_pos = at::arange(S, pos.options()).unsqueeze(0), q_pos = pos.reshape({R, 1});
+      at::Tensor allowed = key_pos.le(q_pos);                                         // [R, S]
+      if (n_swa > 0) allowed.logical_and_(q_pos.sub(key_pos).lt(n_swa));
+      at::Tensor o = at::scaled_dot_product_attention(qh, keys, values, allowed, 0.0, false, scale_, n_head != n_head_kv);
+      att.view({1, R, n_head, D}).transpose(1, 2).copy_(o);                        // [R, H * D]
+      return att;
+    }
+    // per row: scores q . K[lo..p] * scale (masked elsewhere), softmax, then . V[lo..p]
     const float* qp = q.data_ptr<float>();
     float* ap = att.data_ptr<float>();
     auto kv_base = [&](int64_t r, int64_t hk, const float* cache) {
@@ -1643,33 +1668,81 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
         }
       });
     }
+    return att;
+  };
+
+  for (size_t pc = 0; pc < program.size(); pc += kInstr) {
+    const int64_t op = program[pc], dst = program[pc + 1], src = program[pc + 2], nrm = program[pc + 3];
+    const int64_t a = program[pc + 4], b = program[pc + 5], c = program[pc + 6];
+    switch (op) {
+      case NORM_LINEAR: {  // the q, k, v roles (their shapes are those of WQ, WK, WV)
+        TORCH_CHECK(a == WQ && b == WK && c == WV, "NORM_LINEAR projects q, k, v");
+        std::vector<at::Tensor> out = {region_b(0, QD), region_b(R * QD, KD), region_b(R * (QD + KD), KD)};
+        project(normed(nrm), {{w[a], &out[0], &bias[a]}, {w[b], &out[1], &bias[b]}, {w[c], &out[2], &bias[c]}}, tile);
+        put(dst, std::move(out));
+        break;
+      }
+      case HEAD_NORM: {  // in place
+        std::vector<at::Tensor> qkv = take(src, 3);
+        const float* qn = norm_w(nrm, D);
+        const float* kn = norm_w(a, D);
+        float* qp = qkv[0].data_ptr<float>();
+        float* kp = qkv[1].data_ptr<float>();
+        rows([&](int64_t r) {
+          for (int64_t h = 0; h < n_head; ++h) rms_norm(qp + r * QD + h * D, qn, D, fe, qp + r * QD + h * D);
+          for (int64_t h = 0; h < n_head_kv; ++h) rms_norm(kp + r * KD + h * D, kn, D, fe, kp + r * KD + h * D);
+        });
+        put(dst, std::move(qkv));
+        break;
+      }
+      case ATTENTION: {
+        at::Tensor att;
+        {
+          const std::vector<at::Tensor> qkv = take(src, 3);
+          att = attention(qkv[0], qkv[1], qkv[2]);
+        }
+        put(dst, {att});
+        break;
+      }
+      case LINEAR_ADD: {  // x += post(W a): y = post(W a), then y += x into y (the new stream) or x += y
+        TORCH_CHECK(role(a) == WO || a == WDOWN, "LINEAR_ADD projects by Wo or Wdown");
+        const bool first = stream.data_ptr() == x.data_ptr();  // the input is not ours to write
+        at::Tensor y = first ? at::empty({R, E}, x.options()) : part(0, E);
+        {
+          const at::Tensor in = take(src, 1)[0];
+          TORCH_CHECK(in.dim() == 2 && in.size(0) == R && in.size(1) == w[a].K, "LINEAR_ADD: a value of the wrong width");
+          project(in, {{w[a], &y, &bias[a]}}, tile);
+        }
+        const float* post = nrm < 0 ? nullptr : norm_w(nrm, E);
+        float* yp = y.data_ptr<float>();
+        float* xp = stream.data_ptr<float>();
+        rows([&](int64_t r) {
+          if (post) rms_norm(yp + r * E, post, E, fe, yp + r * E);
+          if (first)
+            for (int64_t i = r * E; i < (r + 1) * E; ++i) yp[i] += xp[i];
+        });
+        if (first) stream = y;
+        else stream.add_(y);
+        break;
+      }
+      case NORM_GATED: {
+        TORCH_CHECK(a == WGATE && b == WUP && (c == SILU || c == GELU_TANH), "NORM_GATED: Wgate, Wup, act 0 or 1");
+        at::Tensor g = region_b(0, ff), u = region_b(R * ff, ff);
+        project(normed(nrm), {{w[a], &g, &bias[a]}, {w[b], &u, &bias[b]}}, tile);
+        // ATen's vectorized activations (the twin's F.silu / F.gelu(approximate="tanh")): a
+        // scalar exp loop cost ~0.1 ms a layer at 16 rows
+        (c == SILU ? at::silu_(g) : at::gelu_(g, "tanh")).mul_(u);
+        u.reset();
+        put(dst, {g});
+        break;
+      }
+      default:
+        TORCH_CHECK(false, "bad op ", op);
+    }
   }
-  q.reset(), k.reset(), v.reset();  // each buffer goes as soon as it is read (outside the workspace)
-  project(att, {{w[WO], &out, &bias[WO]}}, tile);
-  att.reset();
-  float* op = out.data_ptr<float>();
-  rows([&](int64_t r) {
-    row_norm(op + r * E, ATTN_POST_NORM);
-    for (int64_t i = r * E; i < (r + 1) * E; ++i) op[i] += xp[i];  // h = x + attn
-    rms_norm(op + r * E, nw[FFN_NORM], E, fe, xn.data_ptr<float>() + r * E);
-  });
-  if (ws.defined()) g = part(ws_a, ff), u = part(ws_a + R * ff, ff);  // over q k v att, read by now
-  project(xn, {{w[WGATE], &g, &bias[WGATE]}, {w[WUP], &u, &bias[WUP]}}, tile);
-  xn.reset();
-  if (ws.defined()) d = part(0, E);  // over xn
-  // ATen's vectorized activations (the twin's F.silu / F.gelu(approximate="tanh")): a
-  // scalar exp loop cost ~0.1 ms a layer at 16 rows
-  (act == SILU ? at::silu_(g) : at::gelu_(g, "tanh")).mul_(u);
-  u.reset();
-  project(g, {{w[WDOWN], &d, &bias[WDOWN]}}, tile);
-  g.reset();
-  if (nw[FFN_POST_NORM]) {
-    float* dp = d.data_ptr<float>();
-    rows([&](int64_t r) { row_norm(dp + r * E, FFN_POST_NORM); });
-  }
-  out.add_(d);  // out = h + ffn
+  TORCH_CHECK(stream.data_ptr() != x.data_ptr(), "a program that adds nothing to the stream");
   if (layer == k_all.size(0) - 1) t_workspace.release();  // the model's last block: the step is over
-  return out.view(x3.sizes());
+  return stream.view(x3.sizes());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1753,8 +1826,8 @@ TORCH_LIBRARY(gguflm_cpu, m) {
   m.def("dequantize_rows(Tensor w, int type, int n_out, int n_in, Tensor rows) -> Tensor", &dequantize_rows);
   m.def("block_step(Tensor x, Tensor positions, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor table, "
         "int layer, "
-        "Tensor cos, Tensor sin, Tensor?[] norms, float eps, Tensor[] weights, int[] types, Tensor?[] biases, "
-        "int n_head, int n_head_kv, int n_ff, bool neox, int act, float scale, int n_swa) -> Tensor", &block_step);
+        "Tensor cos, Tensor sin, int[] program, Tensor?[] norms, float eps, Tensor[] weights, int[] types, "
+        "Tensor?[] biases, int n_head, int n_head_kv, int n_ff, bool neox, float scale, int n_swa) -> Tensor", &block_step);
   m.def("kernel_types() -> int[]", &kernel_types);
   m.def("use_simd(bool enable) -> bool", &use_simd);
   m.def("set_batch_invariant(bool enable) -> bool", &set_batch_invariant);
