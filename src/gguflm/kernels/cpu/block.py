@@ -132,7 +132,7 @@ class FusedBlock(nn.Module):
         self.n_head, self.n_head_kv, self.head_dim = block.n_head, block.n_head_kv, block.head_dim
         self.n_ff = block.w_gate.out_features
         self.eps = float(block.attn_norm.eps)
-        self.program = Program(block).code
+        self.program = torch.tensor(Program(block).code, dtype=torch.long)  # block_step's program
         self.scale, self.local, self.window = float(block.scale), bool(block.local), int(block.window)
         self._weights = [m.weight.raw for m in linears]
         self._types = [int(m.weight.ggml_type) for m in linears]

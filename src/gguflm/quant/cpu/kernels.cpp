@@ -1485,14 +1485,17 @@ constexpr int64_t kInstr = 7, kRegs = 8;
 // key 0), scores scaled by `scale`; cos/sin: this layer's RoPE table (a local layer's own).
 at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Tensor& slots, const at::Tensor& k_all,
                       const at::Tensor& v_all, const at::Tensor& table, int64_t layer, const at::Tensor& cos,
-                      const at::Tensor& sin, at::IntArrayRef program,
+                      const at::Tensor& sin, const at::Tensor& program_t,
                       const c10::List<std::optional<at::Tensor>>& norms, double eps, at::TensorList weights,
                       at::IntArrayRef types, const c10::List<std::optional<at::Tensor>>& biases, int64_t n_head,
                       int64_t n_head_kv, int64_t ff, bool neox, double scale_, int64_t n_swa) {
   TORCH_CHECK(x3.dim() == 3 && pos.dim() == 2 && pos.size(0) == x3.size(0) && pos.size(1) == x3.size(1) &&
               slots.dim() == 1 && slots.size(0) == x3.size(0), "x [B, T, E], positions [B, T], slots [B]");
   TORCH_CHECK(weights.size() == N_ROLES && types.size() == N_ROLES && biases.size() == N_ROLES, "seven weights");
-  TORCH_CHECK(norms.size() == N_NORMS && n_swa >= 0 && program.size() % kInstr == 0, "six norms, a program");
+  TORCH_CHECK(norms.size() == N_NORMS && n_swa >= 0, "six norms");
+  TORCH_CHECK(program_t.device().is_cpu() && program_t.scalar_type() == at::kLong && program_t.dim() == 1 &&
+              program_t.is_contiguous() && program_t.numel() % kInstr == 0, "the program: int64 [n * ", kInstr, "]");
+  const int64_t* program = program_t.data_ptr<int64_t>();
   TORCH_CHECK(k_all.dim() == 5 && k_all.sizes() == v_all.sizes() && k_all.is_contiguous() && v_all.is_contiguous() &&
               k_all.scalar_type() == at::kFloat && v_all.scalar_type() == at::kFloat && layer >= 0 &&
               layer < k_all.size(0), "bad KV cache");
@@ -1580,6 +1583,12 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
     TORCH_CHECK(i >= 0 && i < kRegs, "bad register ", i);
     reg[i] = std::move(v);
   };
+  at::Tensor a_buf;  // region a when there is no workspace (one buffer for the step)
+  auto region_a = [&]() {
+    if (ws.defined()) return part(0, E);
+    if (!a_buf.defined()) a_buf = at::empty({R, E}, x.options());
+    return a_buf;
+  };
   auto region_b = [&](int64_t off, int64_t cols) {  // part of region b, or a fresh value if one is live
     for (const auto& r : reg)
       if (!r.empty()) return at::empty({R, cols}, x.options());
@@ -1592,7 +1601,7 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
   auto normed = [&](int64_t n) {  // [R, E] norm(stream), in region a
     const float* nw = norm_w(n, E);
     const float* xs = stream.data_ptr<float>();
-    at::Tensor xn = part(0, E);
+    at::Tensor xn = region_a();
     float* xnp = xn.data_ptr<float>();
     rows([&](int64_t r) { rms_norm(xs + r * E, nw, E, fe, xnp + r * E); });
     return xn;
@@ -1671,7 +1680,7 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
     return att;
   };
 
-  for (size_t pc = 0; pc < program.size(); pc += kInstr) {
+  for (int64_t pc = 0; pc < program_t.numel(); pc += kInstr) {
     const int64_t op = program[pc], dst = program[pc + 1], src = program[pc + 2], nrm = program[pc + 3];
     const int64_t a = program[pc + 4], b = program[pc + 5], c = program[pc + 6];
     switch (op) {
@@ -1707,7 +1716,7 @@ at::Tensor block_step(const at::Tensor& x3, const at::Tensor& pos, const at::Ten
       case LINEAR_ADD: {  // x += post(W a): y = post(W a), then y += x into y (the new stream) or x += y
         TORCH_CHECK(role(a) == WO || a == WDOWN, "LINEAR_ADD projects by Wo or Wdown");
         const bool first = stream.data_ptr() == x.data_ptr();  // the input is not ours to write
-        at::Tensor y = first ? at::empty({R, E}, x.options()) : part(0, E);
+        at::Tensor y = first ? at::empty({R, E}, x.options()) : region_a();
         {
           const at::Tensor in = take(src, 1)[0];
           TORCH_CHECK(in.dim() == 2 && in.size(0) == R && in.size(1) == w[a].K, "LINEAR_ADD: a value of the wrong width");
@@ -1826,7 +1835,7 @@ TORCH_LIBRARY(gguflm_cpu, m) {
   m.def("dequantize_rows(Tensor w, int type, int n_out, int n_in, Tensor rows) -> Tensor", &dequantize_rows);
   m.def("block_step(Tensor x, Tensor positions, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor table, "
         "int layer, "
-        "Tensor cos, Tensor sin, int[] program, Tensor?[] norms, float eps, Tensor[] weights, int[] types, "
+        "Tensor cos, Tensor sin, Tensor program, Tensor?[] norms, float eps, Tensor[] weights, int[] types, "
         "Tensor?[] biases, int n_head, int n_head_kv, int n_ff, bool neox, float scale, int n_swa) -> Tensor", &block_step);
   m.def("kernel_types() -> int[]", &kernel_types);
   m.def("use_simd(bool enable) -> bool", &use_simd);
