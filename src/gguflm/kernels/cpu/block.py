@@ -146,9 +146,9 @@ class FusedBlock(nn.Module):
     def unsupported(block: nn.Module) -> str | None:
         """Why block_step cannot compute ``block`` exactly (None: it can). It computes the
         composition of the module doc from: seven :class:`QuantLinear` (biases allowed),
-        norms whose ``op`` is in :data:`NORMS` sharing one eps (attn/ffn norms required;
-        q/k norms together; post norms optional), a gated activation in
-        :data:`ACTIVATIONS`, grouped-query heads, any score scale and sliding window."""
+        norms whose ``op`` is in :data:`NORMS` sharing one eps, a gated activation in
+        :data:`ACTIVATIONS`, grouped-query heads, any score scale and sliding window, and a
+        composition that :class:`Program` can record."""
         try:
             linears, norms = _linears(block), _norms(block)
             act = block.activation.value
@@ -160,9 +160,7 @@ class FusedBlock(nn.Module):
             return "its linears are not all quantized weights of the CPU kernels"
         if act not in ACTIVATIONS:
             return f"no {act!r} activation (it has {', '.join(ACTIVATIONS)})"
-        present = [n for n in norms if n is not None]
-        if norms[0] is None or norms[1] is None or (norms[2] is None) != (norms[3] is None):
-            return "it needs attn and ffn norms, and q and k norms together"
+        present = [n for n in norms if n is not None]  # which ones the block needs: Program
         kinds = {getattr(n, "op", type(n).__name__) for n in present}
         if not kinds <= NORMS:
             return f"no {', '.join(sorted(kinds - NORMS))} norm (it has {', '.join(sorted(NORMS))})"
