@@ -19,7 +19,8 @@ from gguflm.engine.sampling import SamplingParams
 from gguflm.engine.scheduler import Done, Job, Scheduler, run_jobs
 from gguflm.model.kv_cache import KVCache
 
-N_CTX = 256
+N_CTX = 256  # the invariant_model fixture's context (conftest.INVARIANT_N_CTX)
+
 GREEDY = SamplingParams(temperature=0)
 SYSTEM = ("You are a careful assistant. Answer in one short paragraph, cite no sources, and never "
           "use lists. If a question is unclear, say so and ask for details before answering. ")
@@ -55,17 +56,8 @@ def test_block_pool_bookkeeping() -> None:
 
 
 @pytest.fixture(scope="module")
-def model(smollm2_path):
-    import gguflm
-    from gguflm.quant import cpu
-
-    if not (cpu.available() and cpu.simd_available()):
-        pytest.skip("batch invariance is the AVX-512 path's (the portable path switches to sgemm)")
-    old = cpu.set_batch_invariant(True)
-    try:
-        yield gguflm.load(smollm2_path, n_ctx=N_CTX)
-    finally:
-        cpu.set_batch_invariant(old)
+def model(invariant_model):
+    return invariant_model
 
 
 def chat(model, question: str) -> tuple[int, ...]:

@@ -22,7 +22,8 @@ import torch
 from gguflm.engine.sampling import SamplingParams
 from gguflm.engine.scheduler import Done, Job, KVPoolError, Scheduler, run_jobs
 
-N_CTX = 256
+N_CTX = 256  # the invariant_model fixture's context (conftest.INVARIANT_N_CTX)
+
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = ["The history of the printing press begins", "Once upon a time, in a village by the sea,",
            "The three laws of thermodynamics state that", "A recipe for bread: first, take",
@@ -30,17 +31,8 @@ PROMPTS = ["The history of the printing press begins", "Once upon a time, in a v
 
 
 @pytest.fixture(scope="module")
-def model(smollm2_path):
-    import gguflm
-    from gguflm.quant import cpu
-
-    if not (cpu.available() and cpu.simd_available()):
-        pytest.skip("batch invariance is the AVX-512 path's (the portable path switches to sgemm)")
-    old = cpu.set_batch_invariant(True)
-    try:
-        yield gguflm.load(smollm2_path, n_ctx=N_CTX)
-    finally:
-        cpu.set_batch_invariant(old)
+def model(invariant_model):
+    return invariant_model
 
 
 def alone(model, job: Job) -> Done:
