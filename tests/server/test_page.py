@@ -47,23 +47,27 @@ def test_chat_page_streams_an_answer(server, client, browser_context, tmp_path: 
     page.fill("#max_tokens", str(MAX_TOKENS))
     page.click("summary")
     page.fill("#input", QUESTION)
+    # Every text the answer shows, recorded by the page itself as the DOM changes (polling
+    # from here could miss a short answer's intermediate states).
+    page.evaluate("""() => {
+        window.__seen = [];
+        new MutationObserver(() => {
+            const a = document.querySelector('.msg.assistant');
+            if (!a) return;
+            const text = a.querySelector('.text').textContent, seen = window.__seen;
+            if (!seen.length || seen[seen.length - 1] !== text) seen.push(text);
+        }).observe(document.body, {subtree: true, childList: true, characterData: true});
+    }""")
     page.keyboard.press("Enter")
 
-    seen: list[str] = []        # the answer's text, sampled while it streams
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        state = page.evaluate("""() => {
-            const a = document.querySelector('.msg.assistant');
-            return a && {text: a.querySelector('.text').textContent, done: !!a.querySelector('.meta')};
-        }""")
-        if state:
-            if not seen or seen[-1] != state["text"]:
-                seen.append(state["text"])
-            if state["done"]:
-                break
-        time.sleep(0.02)
+        if page.evaluate("() => !!document.querySelector('.msg.assistant .meta')"):
+            break
+        time.sleep(0.05)
     else:
-        pytest.fail(f"no complete answer within 120 s; saw {seen!r}")
+        pytest.fail(f"no complete answer within 120 s; saw {page.evaluate('() => window.__seen')!r}")
+    seen: list[str] = page.evaluate("() => window.__seen")  # the answer's texts, in order
 
     assert seen[-1] == expected
     partial = [s for s in seen if s and s != expected]
