@@ -197,7 +197,7 @@ def _half_weight(w: PackedWeight) -> torch.Tensor:
 
 def gemm_reference(w: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """What :func:`gemm` computes before its output rounding, in float64: x W16^T (+ b)."""
-    y = x.double().cpu() @ _half_weight(w).T
+    y = x.double().cpu() @ _half_weight(w).cpu().T
     return y + bias.double().cpu() if bias is not None else y
 
 
