@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import gguflm
-from gguflm.defaults import resolve_model
+from gguflm.models import resolve
 from gguflm.quant import dequantize
 from machine import cpu_model  # benchmarks/machine.py (this script's folder)
 
@@ -52,7 +52,7 @@ def main() -> int:
 
     import gguf  # gguf-py, the baseline (in the dev extra)
 
-    path = resolve_model(args.model)
+    path = resolve(args.model)
     f = gguflm.GGUFFile(path)
     items = [(info, f.tensor_data(name)) for name, info in f.tensors.items()]
     n_elements = sum(int(np.prod(info.shape)) for info, _ in items)

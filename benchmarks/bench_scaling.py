@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from gguflm.defaults import resolve_model
+from gguflm.models import resolve
 from machine import cpu_model  # benchmarks/machine.py (this script's folder)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--skip-replicas", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / f"{dt.date.today()}-cpu-scaling.json")
     args = ap.parse_args()
-    smollm2 = resolve_model("smollm2-135m")
+    smollm2 = resolve("smollm2-135m")
     out = {"date": str(dt.date.today()), "cpu": cpu_model(), "cores": os.cpu_count(), "tokens": args.tokens,
            "note": "a shared 2-core machine: other work ran during the measurement (load average recorded)"}
     if not args.skip_tp:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import httpx
 
-from gguflm.defaults import resolve_model
+from gguflm.models import resolve
 from machine import cpu_model  # benchmarks/machine.py (this script's folder)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -153,7 +153,7 @@ def main() -> None:
     ap.add_argument("--widths", default="1,2,4,8,16,32,64", help="decode step widths to time ('' for none)")
     ap.add_argument("--steps", type=int, default=16, help="timed decode steps per width")
     args = ap.parse_args()
-    model = resolve_model(args.model)
+    model = resolve(args.model)
     load_before = os.getloadavg()
     steps = decode_steps(model, [int(b) for b in args.widths.split(",") if b], args.threads, args.steps)
     with tempfile.TemporaryDirectory() as tmp:

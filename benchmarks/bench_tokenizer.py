@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import gguflm
-from gguflm.defaults import resolve_model
+from gguflm.models import resolve
 from machine import cpu_model  # benchmarks/machine.py (this script's folder)
 from gguflm.tokenizer.tokenizer import Tokenizer
 
@@ -108,7 +108,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
     args = ap.parse_args()
 
-    paths = args.model or [resolve_model(None), SHARED_SPM]
+    paths = args.model or [resolve(None), SHARED_SPM]
     text = corpus(args.size)
     runs = []
     for path in paths:

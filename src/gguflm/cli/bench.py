@@ -42,7 +42,7 @@ def run(args) -> int:
 
     import gguflm
     from gguflm.cli import UserError
-    from gguflm.defaults import resolve_model
+    from gguflm.models import resolve
     from gguflm.engine.bench import Bench, cold_start
 
     if args.n_prompt < 0 or args.n_gen < 0 or args.n_depth < 0 or args.repetitions < 1:
@@ -51,7 +51,7 @@ def run(args) -> int:
         raise UserError("nothing to measure: -p and -n are both 0")
     threads = options.check_threads(args)
     device = torch.device(options.device(args, "bench"))
-    path = resolve_model(args.model)
+    path = resolve(args.model)
     f = gguflm.GGUFFile(path)
     n_ctx = options.check_context(f, max(args.n_prompt + 1, args.n_gen + 1, args.n_depth + args.n_gen + 2),
                                   str(device), flag="-p/-n/-d")

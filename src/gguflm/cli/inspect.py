@@ -6,7 +6,7 @@ import json
 import sys
 from collections import defaultdict
 
-from gguflm.defaults import resolve_model
+from gguflm.models import resolve
 from gguflm.gguf.reader import GGUFFile, MetadataArray, ValueType
 
 HELP = "show a GGUF file's metadata, tokenizer, chat template and tensors"
@@ -159,7 +159,7 @@ def _print_text(s: dict, show_tensors: bool, out=sys.stdout) -> None:
 
 
 def run(args) -> int:
-    path = resolve_model(args.model or args.file)
+    path = resolve(args.model or args.file)
     with GGUFFile(path) as f:
         s = summary(f, full=args.full)
     if args.no_tensors:

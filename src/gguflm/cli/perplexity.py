@@ -6,7 +6,7 @@ import json
 import sys
 
 from gguflm.cli import options
-from gguflm.defaults import resolve_model
+from gguflm.models import resolve
 
 HELP = "perplexity of a text as llama-perplexity computes it; KL divergence against a base model"
 DESCRIPTION = """\
@@ -67,7 +67,7 @@ def run(args) -> int:
 
         if not llamacpp.available():
             raise UserError(f"--compare llama.cpp needs llama-cpp-python: {llamacpp.INSTALL_HINT}")
-    path = resolve_model(args.model)
+    path = resolve(args.model)
     f = gguflm.GGUFFile(path)
     tok = gguflm.Tokenizer.from_gguf(f)
     bos = tok.bos_id if tok.add_bos else None

@@ -60,11 +60,11 @@ def load_model(args: argparse.Namespace):
     large is allocated; load time to stderr with --verbose. The --chat-template choice is
     ``model_template(args, model)``."""
     import gguflm
-    from gguflm.defaults import resolve_model
+    from gguflm.models import resolve
 
     threads = options.check_threads(args)
     dev = options.device(args, args.command)
-    path = resolve_model(args.model)
+    path = resolve(args.model)
     t0 = time.perf_counter()
     f = gguflm.GGUFFile(path)
     n_ctx = options.check_context(f, args.ctx_size, dev)

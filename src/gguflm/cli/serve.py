@@ -6,7 +6,7 @@ import argparse
 import os
 
 from gguflm.cli import UserError, options
-from gguflm.defaults import resolve_model
+from gguflm.models import resolve
 
 HELP = "serve a model over an OpenAI-compatible HTTP API, with a chat page"
 DESCRIPTION = """\
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.replicas is not None:
         import ray.serve  # noqa: F401  (the ray extra, checked before anything loads)
     device = options.device(args, "serve")
-    path = resolve_model(args.model)
+    path = resolve(args.model)
     from gguflm import GGUFFile
 
     with GGUFFile(path) as f:

@@ -6,7 +6,7 @@ import json
 import sys
 
 from gguflm.cli import options
-from gguflm.defaults import resolve_model
+from gguflm.models import resolve
 
 HELP = "show the token ids and pieces of a text, as llama.cpp tokenizes it"
 DESCRIPTION = """\
@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from gguflm.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_gguf(resolve_model(args.model))
+    tok = Tokenizer.from_gguf(resolve(args.model))
     text = options.read_stdin() if args.text is None else args.text
     ids = tok.encode(text, add_special=not args.no_special, parse_special=args.parse_special)
     pieces = [tok.token_to_piece(t, special=True).decode("utf-8", "backslashreplace") for t in ids]

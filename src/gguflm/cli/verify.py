@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from gguflm.cli import options
-from gguflm.defaults import DEFAULT_PROMPT, resolve_model
+from gguflm.defaults import DEFAULT_PROMPT
+from gguflm.models import resolve
 
 NO_FIGURES = "none: matplotlib is missing, pip install 'gguflm[verify]'"
 HELP = "check a model against llama.cpp and a float64 reference; write a report"
@@ -63,7 +64,7 @@ def run(args) -> int:
         raise UserError("--n-predict and --top-k must be >= 1")
     options.check_threads(args)
     dev = options.device(args, "verify")  # cuda: the same report; the components section is skipped (fused kernels)
-    opts = VerifyOptions(model=resolve_model(args.model), prompt=args.prompt, reference=args.reference,
+    opts = VerifyOptions(model=resolve(args.model), prompt=args.prompt, reference=args.reference,
                          explain_token=args.explain_token, n_predict=args.n_predict, top_k=args.top_k,
                          threads=args.threads, device=dev)
     try:

@@ -26,7 +26,7 @@ import mmap
 import os
 import stat
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -445,12 +445,3 @@ class GGUFFile:
     def __repr__(self) -> str:
         return (f"GGUFFile({str(self.path)!r}, v{self.version}, {len(self.metadata)} keys, "
                 f"{len(self.tensors)} tensors)")
-
-
-def iter_tensors(f: GGUFFile) -> Iterator[tuple[TensorInfo, np.ndarray]]:
-    """(info, raw bytes) for every tensor in file order."""
-    for info in f.tensors.values():
-        yield info, f.tensor_data(info.name)
-
-
-Metadata = Mapping[str, Any]

@@ -56,11 +56,9 @@ class Activation(enum.Enum):
     GELU_TANH = "gelu_tanh"  # 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))  (LLM_FFN_GELU)
 
 
-# Tensor roles. Global roles are formatted without ``bid``. ``attn_q/k/v`` and ``ffn_gate/up``
-# are always roles; where the arch fuses them they name row ranges of ``attn_qkv`` / ``ffn_up``.
-GLOBAL_ROLES = ("token_embd", "output_norm", "output", "rope_freqs")
+# Tensor roles (_TEMPLATES' keys; global roles are formatted without ``bid``). ``attn_q/k/v`` and
+# ``ffn_gate/up`` are always roles; where the arch fuses them they name row ranges of ``attn_qkv`` / ``ffn_up``.
 LINEAR_ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-NORM_ROLES = ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "attn_post_norm", "ffn_post_norm")
 
 _TEMPLATES = {
     "token_embd": "token_embd.weight",
@@ -306,9 +304,11 @@ class WeightTable:
 
     def bias(self, role: str, bid: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The role's float32 bias [n_out] (its row range of a fused bias), or None."""
+        return self.slot_bias(self.slot(role, bid), device)
+
+    def slot_bias(self, s: Slot, device: torch.device | str = "cpu") -> torch.Tensor | None:
         from gguflm.quant import dequantize
 
-        s = self.slot(role, bid)
         if s.bias is None:
             return None
         info = self.f.tensors[s.bias]

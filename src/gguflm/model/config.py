@@ -113,11 +113,6 @@ class ModelConfig:
         """The attention score scale."""
         return self.attn_scale or self.head_dim ** -0.5
 
-    @property
-    def n_gqa(self) -> int:
-        """Query heads per KV head."""
-        return self.n_head // self.n_head_kv
-
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> ModelConfig:
         """Read and validate the config of ``f``; raises GGUFError naming the problem."""

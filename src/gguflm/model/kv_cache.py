@@ -196,12 +196,6 @@ class KVCache:
             self._block_of[key] = b
             self._key_of[b] = key
 
-    def copy_prefix(self, dst: int, src: int, n: int) -> None:
-        """(Contiguous cache.) Give slot ``dst`` the keys/values of slot ``src``'s first ``n`` positions."""
-        assert not self.paged, "a paged cache shares blocks instead (share)"
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
-
     # ---- the step (device) ------------------------------------------------------------
     def update(self, layer: int, slots: torch.Tensor, positions: torch.Tensor,
                k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

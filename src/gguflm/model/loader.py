@@ -10,17 +10,12 @@ import logging
 import torch
 
 from gguflm.gguf.reader import GGUFFile
-from gguflm.model.arch import WeightTable, role_shapes
+from gguflm.model.arch import WeightTable
 from gguflm.model.config import ModelConfig
 from gguflm.model.layers import Block, RMSNorm, Rope, Transformer
 from gguflm.model.linear import embedding_from_table, fused_block, linear_from_table, tied_embedding
 
 log = logging.getLogger("gguflm.model")
-
-
-def expected_shape(role: str, cfg: ModelConfig) -> tuple[int, ...]:
-    """The ggml shape (ne0 first) a role's weight must have; a linear's bias is ``(ne1,)``."""
-    return role_shapes(cfg)[role]
 
 
 def build_transformer(f: GGUFFile, cfg: ModelConfig, n_ctx: int,

@@ -167,14 +167,7 @@ class ShardedTable(WeightTable):
 
     def full_bias(self, role: str, bid: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The whole bias of a row-parallel role (added once, after the all-reduce)."""
-        from gguflm.quant import dequantize
-
-        s = WeightTable.slot(self, role, bid)
-        if s.bias is None:
-            return None
-        info = self.f.tensors[s.bias]
-        b = dequantize(self.f.tensor_data(s.bias), info.ggml_type, info.shape)
-        return (b if s.rows is None else b[s.rows[0]:s.rows[1]]).to(device)
+        return self.slot_bias(WeightTable.slot(self, role, bid), device)
 
     def whole_bytes(self) -> int:
         """Bytes of every tensor the model reads: what one device would take from the map."""

@@ -114,20 +114,9 @@ def _serve(model, path, host, port, parallel, max_body, log_level, batch_rows, s
            kv_size=None, batch_invariant=False) -> None:
     import uvicorn
 
-    from gguflm.engine.scheduler import Scheduler
-    from gguflm.model.kv_cache import DEFAULT_BLOCK_SIZE
-
-    if batch_invariant and model.device.type == "cpu":
-        model.model.set_batch_invariant(True)  # (every rank of a tensor-parallel model)
-
-    if batch_rows is None and model.device.type == "cpu":
-        batch_rows = CPU_BATCH_ROWS
     # The model runs on this (main) thread, the one that loaded it, and HTTP on another:
     # see Scheduler's docstring on OpenMP teams.
-    kv_blocks = None if kv_size is None else -(-kv_size // DEFAULT_BLOCK_SIZE)
-    if kv_blocks is not None and hasattr(model.model, "use_paged_cache"):
-        model.model.use_paged_cache(True)  # CUDA: --kv-size asks for the (opt-in) paged cache
-    scheduler = Scheduler(model, parallel, max_batch_rows=batch_rows, start=False, kv_blocks=kv_blocks)
+    scheduler = make_scheduler(model, parallel, batch_rows, kv_size, batch_invariant)
     if security is None:
         security = Security(host)
     app = create_app(Backend(model, scheduler), max_body=max_body, security=security)
@@ -185,6 +174,21 @@ def _serve(model, path, host, port, parallel, max_body, log_level, batch_rows, s
         raise ModelFileChanged(changed[0])
     if not server.started:
         raise OSError(f"could not serve on {host}:{port} (see the log above)") from (ended[0] if ended else None)
+
+
+def make_scheduler(model, parallel: int, batch_rows: int | None, kv_size: int | None, batch_invariant: bool):
+    """The scheduler of :func:`serve` (and of a Ray replica), not started; see its arguments."""
+    from gguflm.engine.scheduler import Scheduler
+    from gguflm.model.kv_cache import DEFAULT_BLOCK_SIZE
+
+    if batch_invariant and model.device.type == "cpu":
+        model.model.set_batch_invariant(True)  # (every rank of a tensor-parallel model)
+    if batch_rows is None and model.device.type == "cpu":
+        batch_rows = CPU_BATCH_ROWS
+    kv_blocks = None if kv_size is None else -(-kv_size // DEFAULT_BLOCK_SIZE)
+    if kv_blocks is not None and hasattr(model.model, "use_paged_cache"):
+        model.model.use_paged_cache(True)  # CUDA: --kv-size asks for the (opt-in) paged cache
+    return Scheduler(model, parallel, max_batch_rows=batch_rows, start=False, kv_blocks=kv_blocks)
 
 
 def _loopback(host: str) -> bool:

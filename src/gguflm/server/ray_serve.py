@@ -76,22 +76,12 @@ def _engine(args, box: dict, loaded: threading.Event) -> None:
     """The engine thread of a :class:`Replica`: load, then run the scheduler's loop until
     it is closed, then release the model."""
     import gguflm
-    from gguflm.engine.scheduler import Scheduler
-    from gguflm.model.kv_cache import DEFAULT_BLOCK_SIZE
-    from gguflm.server import CPU_BATCH_ROWS
+    from gguflm.server import make_scheduler
 
     path, device, parallel, n_ctx, threads, batch_rows, tp, kv_size, batch_invariant = args
     try:
         llm = gguflm.load(path, device=device, n_ctx=n_ctx, threads=threads, tp=tp)
-        if batch_invariant and llm.device.type == "cpu":
-            llm.model.set_batch_invariant(True)
-        if batch_rows is None and llm.device.type == "cpu":
-            batch_rows = CPU_BATCH_ROWS
-        kv_blocks = None if kv_size is None else -(-kv_size // DEFAULT_BLOCK_SIZE)
-        if kv_blocks is not None and hasattr(llm.model, "use_paged_cache"):
-            llm.model.use_paged_cache(True)  # CUDA: --kv-size asks for the (opt-in) paged cache
-        box["llm"], box["scheduler"] = llm, Scheduler(llm, parallel, max_batch_rows=batch_rows, start=False,
-                                                      kv_blocks=kv_blocks)
+        box["llm"], box["scheduler"] = llm, make_scheduler(llm, parallel, batch_rows, kv_size, batch_invariant)
     except BaseException as e:  # the constructor raises it: Ray reports the replica's failure
         box["error"] = e
         return
@@ -151,12 +141,12 @@ def build(args: dict[str, Any]):
     """The application builder of ``serve run gguflm.server.ray_serve:build model=PATH
     replicas=N ...`` (or a config file's ``args``): ``model`` (a path or a gguflm model
     name), ``replicas``, and :class:`Replica`'s arguments; strings are converted."""
-    from gguflm.defaults import resolve_model
+    from gguflm.models import resolve
 
     args = dict(args)
     if "model" not in args:
         raise ValueError("the gguflm Ray Serve application needs model=PATH")
-    path = str(resolve_model(args.pop("model")))
+    path = str(resolve(args.pop("model")))
     for k in _INT_ARGS:
         if k in args and args[k] is not None:
             args[k] = int(args[k])
