@@ -12,22 +12,15 @@ recorded once at load by :class:`Program`, a provider of its ops that turns each
 into an op code and its operand slots (which norm, which weights, which value). So the
 order of the ops and the choices the architecture made (q/k norms, post norms, the
 activation: the ArchSpec data the loader built the block from) come from the one written
-composition, and the C++ code holds only the ops::
-
-    NORM_LINEAR   q, k, v = Wq n, Wk n, Wv n (+ biases), n = attn_norm(x)
-    HEAD_NORM     q, k = q_norm(q), k_norm(k)      per head, where the block has them
-    ATTENTION     rope(q), rope(k); keys/values into the cache; attn(q, k, v)
-    LINEAR_ADD    x += post_norm(W a)              Wo, Wd; post norms where the block has them
-    NORM_GATED    act(Wg n2) * Wu n2, n2 = ffn_norm(x)
-
-with the RMSNorms ``x / sqrt(mean(x^2) + eps) * w``, the quantized products of
-:mod:`gguflm.quant.cpu` (fused GEMVs for a few rows, exact float tiles into sgemm for
-many), act one of :data:`ACTIVATIONS`, RoPE from the model's cos/sin table (NORM or NEOX
-pairs; a local layer's own table), this step's keys/values written into the model's KV
-cache (through its block table: a paged cache) before attention, and causal grouped-query attention (query head h reads KV head
-``h // (H / Hkv)``, keys at positions ``0..p``, or ``p - window + 1..p`` on a local
-layer, scores scaled by the block's scale; a one-sequence prefill uses ATen's fused SDPA
-kernel). Decode-sized steps run under the adaptive thread cap of
+composition, and the C++ code holds only the ops (:data:`OPS`, as the decoder's protocol
+defines them), with the RMSNorms ``x / sqrt(mean(x^2) + eps) * w``, the quantized
+products of :mod:`gguflm.quant.cpu` (fused GEMVs for a few rows, exact float tiles into
+sgemm for many), act one of :data:`ACTIVATIONS`, RoPE from the model's cos/sin table
+(NORM or NEOX pairs; a local layer's own table), this step's keys/values written into
+the model's KV cache (through its block table: a paged cache) before attention, and
+causal grouped-query attention (query head h reads KV head ``h // (H / Hkv)``, keys at
+positions ``0..p``, or ``p - window + 1..p`` on a local layer, scores scaled by the
+block's scale; a one-sequence prefill uses ATen's fused SDPA kernel). Decode-sized steps run under the adaptive thread cap of
 :mod:`gguflm.kernels.cpu.threads`.
 
 What the provider cannot compute it refuses at load (:meth:`FusedBlock.unsupported` says
