@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,7 @@ class Row:
     values: list[float] = field(default_factory=list)
     unit: str = "t/s"
     note: str = ""
+    phases: list[str] = field(default_factory=list)  # cold start: the child's progress and timing lines
 
     @property
     def mean(self) -> float:
@@ -131,22 +133,63 @@ class Bench:
 
 COLD_CHILD = """\
 import sys, time
+t0 = time.time()
+import torch
+t1 = time.time()
+from gguflm.quant.cuda import timing
+timing.note("interpreter up", at=t0)
+timing.note("import torch", t1 - t0, at=t1)
 import gguflm
 m = gguflm.load(sys.argv[1], device=sys.argv[2], n_ctx=64)
+timing.note("gguflm.load returned")
 next(iter(m.generate("Hello", max_tokens=1, temperature=0, ignore_eos=True)))
+timing.note("first token")
 print(time.time())
 """
+
+_TIMING = re.compile(r"^gguflm timing:\s+([\d.]+) s  (.*?)(?:  ([\d.]+) s)?$")
+
+
+def summarize(lines: list[str]) -> str:
+    """One line of a cold start's phases from its ``gguflm timing:`` lines (GGUFLM_TIMING=1)."""
+    sums: dict[str, float] = {}
+    n_triton = 0
+    first = None
+    for line in lines:
+        m = _TIMING.match(line.strip())
+        if not m:
+            continue
+        at, what, took = float(m[1]), m[2], float(m[3]) if m[3] else 0.0
+        for key, prefix in (("torch import", "import torch"), ("CUDA path import", "import the CUDA path"),
+                            ("CUDA init", "CUDA init"), ("weights", "weights to the device"),
+                            ("nvcc", "nvcc build"), ("waited for nvcc", "waited for the background build"),
+                            ("precompile", "precompile ("), ("decode warm-up+capture", "decode step:")):
+            if what.startswith(prefix):
+                sums[key] = sums.get(key, 0.0) + took
+        if what.startswith("triton compile"):
+            n_triton += 1
+            sums["triton"] = sums.get("triton", 0.0) + took
+        if what == "first token":
+            first = at
+    parts = [f"{k} {v:.2f} s" for k, v in sums.items() if k != "triton"]
+    if n_triton:
+        parts.append(f"{n_triton} Triton compilations {sums['triton']:.2f} s")
+    if first is not None:
+        parts.append(f"first token at {first:.2f} s after process start")
+    return ", ".join(parts)
 
 
 def cold_start(path: str, device: str, reps: int = 1, empty_kernel_cache: bool = False) -> Row:
     """Seconds from a fresh interpreter's start to its first generated token. With
     ``empty_kernel_cache``, Triton's and gguflm's kernel caches (TRITON_CACHE_DIR,
-    GGUFLM_KERNEL_CACHE) are a new empty folder each time: every kernel is compiled."""
+    GGUFLM_KERNEL_CACHE) are a new empty folder each time: every kernel is compiled. The
+    child runs with GGUFLM_TIMING=1: its phases (the last repetition's) are in ``phases``
+    and summed up in the note (and echoed on stderr when this process has GGUFLM_TIMING=1)."""
     row = Row("cold start" + (" (empty kernel cache)" if empty_kernel_cache else ""), unit="s",
               note="process start -> import -> load -> first token")
     for _ in range(reps):
         with tempfile.TemporaryDirectory() as tmp:
-            env = dict(os.environ)
+            env = dict(os.environ, GGUFLM_TIMING="1")
             if empty_kernel_cache:
                 env["TRITON_CACHE_DIR"] = env["GGUFLM_KERNEL_CACHE"] = tmp
             t0 = time.time()
@@ -155,4 +198,9 @@ def cold_start(path: str, device: str, reps: int = 1, empty_kernel_cache: bool =
             if r.returncode != 0:
                 raise RuntimeError(f"the cold-start child failed: {r.stderr.strip()[-500:]}")
             row.values.append(float(r.stdout.strip().splitlines()[-1]) - t0)
+            row.phases = [line for line in r.stderr.splitlines() if line.startswith("gguflm")]
+    if os.environ.get("GGUFLM_TIMING", "0") not in ("", "0"):
+        print("\n".join(f"[{row.test}] {line}" for line in row.phases), file=sys.stderr, flush=True)
+    if summary := summarize(row.phases):
+        row.note += f" ({summary})"
     return row

@@ -21,10 +21,15 @@ from gguflm.model.config import ModelConfig
 def load_cuda(f: GGUFFile, config: ModelConfig, n_ctx: int, device: torch.device,
               use_graphs: bool = True):
     """A :class:`CudaModel` of ``f`` on ``device`` (CUDA graphs off for a CPU device,
-    where the Triton kernels run in the interpreter)."""
-    from gguflm.model.cuda.forward import check_supported
-    from gguflm.model.cuda.model import CudaModel
-    from gguflm.model.cuda.weights import load_weights
+    where the Triton kernels run in the interpreter). ``GGUFLM_TIMING=1``: the phases on
+    stderr (:mod:`gguflm.quant.cuda.timing`)."""
+    from gguflm.quant.cuda import timing
+
+    timing.note("CUDA load starts (interpreter, imports, GGUF header, tokenizer before it)")
+    with timing.phase("import the CUDA path (triton, kernel modules)"):
+        from gguflm.model.cuda.forward import check_supported
+        from gguflm.model.cuda.model import CudaModel
+        from gguflm.model.cuda.weights import load_weights
 
     check_supported(config)
 
@@ -41,9 +46,22 @@ def load_cuda(f: GGUFFile, config: ModelConfig, n_ctx: int, device: torch.device
     from gguflm.quant.cuda.build import kernel_cache_dir
 
     os.environ.setdefault("TRITON_CACHE_DIR", str(kernel_cache_dir() / "triton"))
+    timing.watch_triton(os.environ["TRITON_CACHE_DIR"])  # the progress line of a first compilation
 
     from gguflm.quant.cuda.gemv import prepare
 
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    with timing.phase("CUDA init"):
+        if timing.ON and device.type == "cuda":
+            torch.zeros(1, device=device)
     prepare(device)  # nvcc's first build of the GEMV kernels (cached) runs while the weights load
-    weights = load_weights(f, config, device, n_ctx)
-    return CudaModel(f, config, weights, n_ctx, device, use_graphs=use_graphs and device.type == "cuda")
+    with timing.phase("weights to the device", sync):
+        weights = load_weights(f, config, device, n_ctx)
+    model = CudaModel(f, config, weights, n_ctx, device, use_graphs=use_graphs and device.type == "cuda")
+    from gguflm.model.cuda import precompile
+
+    if precompile.enabled():
+        with timing.phase("precompile (trace + compile the Triton kernels of a prompt and a decode step)"):
+            precompile.precompile(model)
+    timing.note("CUDA load done")
+    return model

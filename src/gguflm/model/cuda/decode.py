@@ -21,6 +21,7 @@ from gguflm.model.cuda.forward import HeadNorm, embd_scale, rope_tables, softcap
 from gguflm.model.cuda.weights import CudaLayer, CudaLinear, CudaWeights
 from gguflm.model.decoder import decoder
 from gguflm.model.layers import Rope
+from gguflm.quant.cuda import timing
 from gguflm.quant.cuda.gemv import ArgmaxWorkspace, gemv_argmax, gemv_multi, gemv_swiglu
 
 
@@ -166,5 +167,7 @@ class DecodeGraphs:
             self._run(i)
             return
         if not self.graphs:
-            self._capture()
+            with timing.phase("decode step: warm-up run (compiles its kernels) + 2 graph captures"):
+                self._capture()
+            timing.settled()
         self.graphs[i].replay()

@@ -20,7 +20,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
+
+from gguflm.quant.cuda import timing
 
 SOURCE = Path(__file__).with_name("gemv.cu")
 FLAGS = ["-O3", "-shared", "-Xcompiler", "-fPIC", "--split-compile=0", "-lineinfo"]
@@ -57,12 +60,15 @@ _built: dict[str, ctypes.CDLL | KernelsUnavailable] = {}
 def library(arch: str = "sm_90") -> ctypes.CDLL:
     """The kernels built for ``arch`` (e.g. ``sm_90``), building them first if needed (once
     per process: a concurrent caller waits for the build; a failure is remembered)."""
+    t = time.perf_counter()
     with _lock:
         if arch not in _built:
             try:
                 _built[arch] = _load(arch)
             except KernelsUnavailable as e:
                 _built[arch] = e
+        elif timing.ON and (waited := time.perf_counter() - t) > 0.005:
+            timing.note(f"waited for the background build of the CUDA GEMV kernels ({arch})", waited)
         lib = _built[arch]
     if isinstance(lib, KernelsUnavailable):
         raise lib
@@ -88,12 +94,13 @@ def _quiet(arch: str) -> None:
 def _load(arch: str) -> ctypes.CDLL:
     name = _name(arch)
     lib = kernel_cache_dir() / name / f"lib{name}.so"
+    t = time.perf_counter()
     if not lib.exists():
         compiler = nvcc()
         if compiler is None:
             raise KernelsUnavailable("nvcc (the CUDA compiler) was not found")
         lib.parent.mkdir(parents=True, exist_ok=True)
-        print(f"gguflm: compiling the CUDA GEMV kernels for {arch} (once; cached in {lib.parent})",
+        print(f"gguflm: compiling the CUDA GEMV kernels for {arch} (first run; cached in {lib.parent}) ...",
               file=sys.stderr, flush=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
         os.close(fd)
@@ -107,7 +114,13 @@ def _load(arch: str) -> ctypes.CDLL:
             os.unlink(tmp)
             raise KernelsUnavailable(f"nvcc failed ({r.returncode}): {r.stderr[-2000:]}")
         os.replace(tmp, lib)             # atomic: a concurrent process sees the whole file or none
+        took = time.perf_counter() - t
+        print(f"gguflm: compiled the CUDA GEMV kernels for {arch} in {took:.1f} s", file=sys.stderr, flush=True)
+        timing.note(f"nvcc build of the CUDA GEMV kernels ({arch}, {threading.current_thread().name})", took)
+        t = time.perf_counter()
     try:
-        return ctypes.CDLL(str(lib))
+        got = ctypes.CDLL(str(lib))
     except OSError as e:
         raise KernelsUnavailable(f"cannot load {lib}: {e}") from e
+    timing.note(f"CUDA GEMV kernels loaded ({arch}, {threading.current_thread().name})", time.perf_counter() - t)
+    return got

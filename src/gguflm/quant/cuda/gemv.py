@@ -20,7 +20,8 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,20 @@ def gemv_config(n_rows: int, n_cols: int, swiglu: bool = False) -> CudaGemvConfi
 
 _warned = False
 _libs: dict[int, ctypes.CDLL | None] = {}
+_dry = False  # see dry_run()
+
+
+@contextmanager
+def dry_run() -> Iterator[None]:
+    """Within: no CUDA GEMV launches, and :func:`enabled` says whether the kernels are
+    expected (built, or nvcc there to build them) without waiting for a build in progress.
+    For tracing which Triton kernels a step uses (:mod:`gguflm.model.cuda.precompile`)."""
+    global _dry
+    _dry = True
+    try:
+        yield
+    finally:
+        _dry = False
 
 
 def _arch(device: torch.device) -> str:
@@ -162,6 +177,11 @@ def enabled(device: torch.device) -> bool:
     """The CUDA kernels will run on ``device`` (a CUDA device, not forced off, built)."""
     if device.type != "cuda" or mode() == "triton":
         return False
+    if _dry:
+        from gguflm.quant.cuda.build import nvcc
+
+        key = torch.device(device).index or 0
+        return _libs[key] is not None if key in _libs else nvcc() is not None
     return library(device) is not None
 
 
@@ -245,6 +265,8 @@ def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Ten
         aws.ensure(p.n_cta)
         p.argmax_out, p.part_val, p.part_idx = target.data_ptr(), aws.val.data_ptr(), aws.idx.data_ptr()
         p.counter = aws.counter.data_ptr()
+    if _dry:
+        return
     lib = library(x.device)
     if x.device.type != "cuda" or lib is None:
         raise RuntimeError("the CUDA GEMV kernels are not available on this device")

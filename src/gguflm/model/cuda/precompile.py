@@ -1,0 +1,118 @@
+"""Compile, at load and several at once, the Triton kernels of a first prompt and the
+decode step (opt-in: ``GGUFLM_PRECOMPILE=1``; not yet measured on a GPU).
+
+Without it each kernel compiles when first launched, one after the other (about a
+second each on an H200: most of a cold start with an empty cache). Here a dry run of a
+3-token prefill and of one decode step, on a scratch cache, runs the same Python code as
+the real steps, but every Triton launch only asks for its kernel (``warmup``: nothing is
+launched) and Triton's ``jit_cache_hook`` records each specialization that would compile
+instead of compiling it; CUDA GEMV launches are skipped (:func:`gguflm.quant.cuda.gemv.dry_run`).
+The torch operations between them run on the scratch buffers' arbitrary contents, and
+nothing reads them back. The recorded specializations — exactly those the real steps
+will ask for — are then compiled by a thread pool (``JITFunction.preload``; Triton's
+compiler leaves the GIL for most of its work and runs ptxas as a subprocess). Any
+failure leaves the kernels to compile lazily, as without it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from gguflm.quant.cuda import timing
+
+PROMPT = 3  # tokens of the traced prefill: a length that is neither 1 nor a multiple of 16, as most prompts
+
+_tracing = threading.local()
+
+
+def enabled() -> bool:
+    return os.environ.get("GGUFLM_PRECOMPILE", "0") == "1"
+
+
+def trace(model: Any) -> list[tuple[Any, str]]:
+    """The (JITFunction, specialization data) pairs that a first prompt and decode step of
+    ``model`` (a CudaModel) would compile, none compiled or launched."""
+    from triton import knobs
+    from triton.runtime.jit import JITFunction
+
+    from gguflm.model.cuda.decode import DecodeGraphs
+    from gguflm.model.cuda.forward import forward_plain
+    from gguflm.quant.cuda.gemv import dry_run
+
+    rt = knobs.runtime
+    prev, orig_run = rt.jit_cache_hook, JITFunction.run
+    found: dict[tuple[int, str], tuple[Any, str]] = {}
+
+    def hook(*, key, fn, compile, **kw):
+        if getattr(_tracing, "on", False):
+            found.setdefault((id(fn.jit_function), str(key)), (fn.jit_function, compile["specialization_data"]))
+            return True                                   # not compiled now (run() then launches nothing)
+        return prev(key=key, fn=fn, compile=compile, **kw) if prev is not None else None
+
+    def run(self, *args, grid, warmup, **kwargs):
+        # while tracing (this thread only) every launch is a warm-up: compile at most, never launch
+        return orig_run(self, *args, grid=grid, warmup=warmup or getattr(_tracing, "on", False), **kwargs)
+
+    cfg, w, dev = model.config, model.weights, model.device
+    rt.jit_cache_hook, JITFunction.run = hook, run
+    _tracing.on = True
+    try:
+        with dry_run(), torch.inference_mode():
+            cache = model.new_cache(1)
+            k, v = cache.k[:, 0], cache.v[:, 0]
+            forward_plain(cfg, w, model.rope, torch.zeros(PROMPT, dtype=torch.long, device=dev), 0, k, v, True)
+            step = DecodeGraphs(cfg, w, model.rope, k, v, use_graphs=False)
+            step._run(0)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            del step, cache
+    finally:
+        _tracing.on = False
+        rt.jit_cache_hook, JITFunction.run = prev, orig_run
+    return list(found.values())
+
+
+def precompile(model: Any) -> None:
+    """Trace and compile (see the module docstring); never raises."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return
+    t = time.perf_counter()
+    try:
+        specs = trace(model)
+    except Exception as e:  # noqa: BLE001 - a Triton without these hooks, an unexpected path: lazy compiles
+        timing.note(f"precompile: tracing failed ({type(e).__name__}: {str(e)[:200]}); kernels compile lazily")
+        return
+    timing.note(f"precompile: traced {len(specs)} Triton kernels to compile", time.perf_counter() - t)
+    if not specs:
+        return
+    device = model.device
+    failed: list[str] = []
+
+    def one(item: tuple[Any, str]) -> None:
+        fn, data = item
+        try:
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    fn.preload(data)
+            else:  # the tests: compiled for the target of a stand-in driver
+                fn.preload(data)
+        except Exception as e:  # noqa: BLE001 - compiled lazily instead
+            failed.append(f"{getattr(fn, '__name__', fn)}: {type(e).__name__}: {str(e)[:200]}")
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, min(len(specs), os.cpu_count() or 4, 16)),
+                            thread_name_prefix="gguflm-triton") as pool:
+        list(pool.map(one, specs))
+    timing.settled()
+    timing.note(f"precompile: {len(specs) - len(failed)} of {len(specs)} Triton kernels ready",
+                time.perf_counter() - t)
+    if failed and timing.ON:
+        for why in failed:
+            print(f"{timing.PREFIX} precompile failed: {why}", file=sys.stderr)
