@@ -98,26 +98,33 @@ def _label(fn, compile_info) -> str:
 
 
 def _pre(prev):
-    def hook(*, key, fn, **kw):
-        with _lock:
-            _started[(id(fn.jit_function), str(key), threading.get_ident())] = time.perf_counter()
-        return prev(key=key, fn=fn, **kw) if prev is not None else None
+    def hook(**kw):
+        try:
+            with _lock:
+                _started[(id(kw["fn"].jit_function), str(kw["key"]), threading.get_ident())] = time.perf_counter()
+        except Exception:  # never in the way of a compilation
+            pass
+        return prev(**kw) if prev is not None else None
     return hook
 
 
 def _post(prev):
-    def hook(*, key, fn, **kw):
-        with _lock:
-            t = _started.pop((id(fn.jit_function), str(key), threading.get_ident()), None)
-        if t is not None:
-            seconds = time.perf_counter() - t
-            hit = seconds < CACHE_HIT_S
-            if not hit:
-                _count(seconds)
-            if ON:
-                note(f"triton {'load (disk cache)' if hit else 'compile'} {_label(fn, kw.get('compile') or {})}",
-                     seconds)
-        return prev(key=key, fn=fn, **kw) if prev is not None else None
+    def hook(**kw):
+        try:
+            fn = kw["fn"]
+            with _lock:
+                t = _started.pop((id(fn.jit_function), str(kw["key"]), threading.get_ident()), None)
+            if t is not None:
+                seconds = time.perf_counter() - t
+                hit = seconds < CACHE_HIT_S
+                if not hit:
+                    _count(seconds)
+                if ON:
+                    note(f"triton {'load (disk cache)' if hit else 'compile'} {_label(fn, kw.get('compile') or {})}",
+                         seconds)
+        except Exception:  # never in the way of a compilation
+            pass
+        return prev(**kw) if prev is not None else None
     return hook
 
 

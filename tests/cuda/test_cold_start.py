@@ -1,0 +1,143 @@
+"""Cold start (issue 14): the nvcc build's progress line and cache (a stand-in ``nvcc``
+that builds an empty shared library with the C compiler), the GGUFLM_TIMING lines and
+bench's summary of them, and the Triton precompilation: traced without a GPU (a stand-in
+driver that reports an sm_90 target; Triton's real compiler and ptxas build the kernels),
+checked against Triton itself — after it, tracing the same steps asks for no compilation,
+i.e. the real steps find every kernel they launch already compiled."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gguflm.engine.bench import summarize
+from gguflm.quant.cuda import build, timing
+
+
+@pytest.fixture
+def fake_nvcc(tmp_path, monkeypatch):
+    """An ``nvcc`` that records its calls and builds an empty shared library with cc."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to stand in for nvcc")
+    log = tmp_path / "calls"
+    script = tmp_path / "nvcc"
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "$@" >> {log}
+        out=""
+        while [ $# -gt 0 ]; do [ "$1" = "-o" ] && out="$2"; shift; done
+        exec {cc} -shared -fPIC -x c /dev/null -o "$out"
+        """))
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("GGUFLM_NVCC", str(script))
+    monkeypatch.setenv("GGUFLM_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "_built", {})
+    return log
+
+
+def test_nvcc_build_says_so_once_and_is_cached(fake_nvcc, capsys, monkeypatch):
+    build.library("sm_90")
+    err = capsys.readouterr().err
+    assert "compiling the CUDA GEMV kernels for sm_90 (first run; cached in" in err
+    assert "compiled the CUDA GEMV kernels for sm_90 in" in err
+    assert len(fake_nvcc.read_text().splitlines()) == 1
+    monkeypatch.setattr(build, "_built", {})  # a new process: the library comes from the cache, silently
+    build.library("sm_90")
+    assert capsys.readouterr().err == ""
+    assert len(fake_nvcc.read_text().splitlines()) == 1
+
+
+def test_background_build_then_wait(fake_nvcc, capsys):
+    build.start("sm_90")
+    assert build.library("sm_90") is build.library("sm_90")
+    assert len(fake_nvcc.read_text().splitlines()) == 1
+
+
+def test_timing_lines_only_when_asked(capsys, monkeypatch):
+    monkeypatch.setattr(timing, "ON", False)
+    with timing.phase("quiet"):
+        timing.note("nothing")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(timing, "ON", True)
+    with timing.phase("weights to the device"):
+        pass
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(timing.PREFIX) and "weights to the device" in line
+    assert 0 <= timing.since_start() < 3600 * 24 * 365
+
+
+def test_bench_summary_of_the_phases():
+    lines = ["gguflm timing:    0.100 s  interpreter up",
+             "gguflm timing:    2.500 s  import torch  2.400 s",
+             "gguflm timing:    3.100 s  CUDA init  0.600 s",
+             "gguflm timing:    3.600 s  weights to the device  0.500 s",
+             "gguflm timing:    5.000 s  triton compile _rms_norm_half_kernel[BLOCK=256]  1.250 s",
+             "gguflm timing:    5.010 s  triton load (disk cache) _gated_act_kernel[BLOCK=2048]  0.010 s",
+             "gguflm timing:    6.000 s  triton compile _attn_split_kernel[D=64]  0.750 s",
+             "gguflm timing:    9.000 s  nvcc build of the CUDA GEMV kernels (sm_90, gguflm-nvcc-sm_90)  8.000 s",
+             "gguflm timing:    9.000 s  waited for the background build of the CUDA GEMV kernels (sm_90)  2.000 s",
+             "gguflm timing:   10.000 s  first token",
+             "gguflm: compiling the Triton kernels (first run; cached in /x) ..."]
+    s = summarize(lines)
+    for part in ("torch import 2.40 s", "CUDA init 0.60 s", "weights 0.50 s", "nvcc 8.00 s", "waited for nvcc 2.00 s",
+                 "2 Triton compilations 2.00 s", "first token at 10.00 s"):
+        assert part in s, (part, s)
+
+
+TRACE = """\
+import os, sys
+os.environ["TRITON_INTERPRET"] = "0"
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+
+class StandIn:  # what JITFunction.run asks of the driver before it launches anything
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_active_torch_device(self): return torch.device("cpu")
+
+
+driver.set_active(StandIn())
+import gguflm
+from gguflm.model.config import ModelConfig
+from gguflm.model.cuda import load_cuda, precompile
+
+f = gguflm.GGUFFile(sys.argv[1])
+m = load_cuda(f, ModelConfig.from_gguf(f), 16, torch.device("cpu"))
+print("traced", " ".join(sorted({fn.__name__ for fn, _ in precompile.trace(m)})))
+precompile.precompile(m)
+print("after", " ".join(sorted({fn.__name__ for fn, _ in precompile.trace(m)})))
+"""
+
+
+def test_precompile_compiles_what_the_steps_launch(tiny_model, tmp_path):
+    pytest.importorskip("triton.knobs")
+    from triton.runtime.jit import JITFunction
+
+    if not hasattr(JITFunction, "preload"):
+        pytest.skip("this Triton has no JITFunction.preload")
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), GGUFLM_KERNEL_CACHE=str(tmp_path),
+               GGUFLM_GEMV="triton", TRITON_DEFAULT_FP_FUSION="1", GGUFLM_TIMING="0")
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-c", TRACE, str(tiny_model("Q4_0"))], capture_output=True, text=True,
+                       env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = dict(line.split(" ", 1) if " " in line else (line, "") for line in r.stdout.splitlines())
+    traced = set(out["traced"].split())
+    # the prefill (embedding rows, norms, dequantization for cuBLAS, RoPE, SwiGLU) and the decode step
+    assert {"_dequant_kernel", "_rms_norm_half_kernel", "_add_rms_norm_half_kernel", "_rope_prefill_kernel",
+            "_gated_act_kernel", "_attn_split_kernel", "_attn_merge_kernel", "_gemv_kernel"} <= traced, traced
+    assert out["after"] == "", "kernels left to compile after precompile: " + out["after"]
+    assert r.stderr.count("compiling the Triton kernels (first run") == 1
+    assert "Triton kernels in" in r.stderr
+    assert any(Path(tmp_path / "triton").rglob("*.cubin"))
