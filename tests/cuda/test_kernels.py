@@ -307,3 +307,89 @@ def test_paged_decode_attention_equals_contiguous(device, window):
         if slot >= 0:
             blk = int(table[slot, p // bs])
             assert torch.equal(kp[blk, :, p % bs], kf[slot, :, p]) and torch.equal(vp[blk, :, p % bs], vf[slot, :, p])
+
+
+def _run_attention_calls(device, calls, qkv, cos, sin, k, v, table, window, n_splits=4):
+    """Run ``calls`` (each a list of (slot, position, qkv row) rows and whether rows share
+    slots) in turn on copies of the caches ``k``, ``v``: {(slot, position): output} and the caches."""
+    H, D = 4, 16
+    kd, vd = k.clone().to(device), v.clone().to(device)
+    outs = {}
+    for rows, shared in calls:
+        n = len(rows)
+        out = torch.full((n, H, D), float("nan"), dtype=torch.float16, device=device)
+        slots = torch.tensor([s for s, _, _ in rows], dtype=torch.int32, device=device)
+        pos = torch.tensor([p for _, p, _ in rows], dtype=torch.int32, device=device)
+        x = qkv[[i for _, _, i in rows]].to(device)
+        A.decode_attention(x, cos.to(device), sin.to(device), pos, kd, vd, out,
+                           A.AttentionWorkspace(H, D, n_splits, device, n_rows=n), D ** -0.5, False, block_s=16,
+                           slots=slots, window=window, table=None if table is None else table.to(device),
+                           shared_slots=shared)
+        for b, (s, p, _) in enumerate(rows):
+            if s >= 0:
+                outs[(s, p)] = out[b].cpu()
+            else:
+                assert torch.equal(out[b].cpu(), torch.zeros(H, D, dtype=torch.float16))
+    return outs, kd.cpu(), vd.cpu()
+
+
+@pytest.mark.parametrize("window", [0, 9])
+def test_prompt_chunk_rows_equal_one_token_per_step(device, window):
+    """A prompt of 21 tokens (slot 1, positions 14..34 after a cached head; split ranges of
+    16 positions, so its rows cross ranges) as rows of ONE call in a shuffled order beside
+    two other slots' decode rows and a padding row (``shared_slots``: the keys/values are
+    stored in a launch before the attention, which then reads keys of rows of the same
+    call), in chunks of 5, 1 and 15 (reversed) with other company, and one token per call
+    through the one-launch path: every token's output and the whole cache the same to the
+    bit; through a paged cache (blocks of 8 in a shuffled order) too; and each token
+    against the float64 attention over its slot's positions."""
+    H, Hkv, D, n_ctx, n_slots, bs = 4, 2, 16, 48, 3, 8
+    gen = torch.Generator().manual_seed(13 + window)
+    prompt = [(1, p) for p in range(14, 35)]
+    others = [(0, 40), (2, 3)]
+    rows = prompt + others
+    qkv = torch.randn(len(rows), (H + 2 * Hkv) * D, generator=gen).half()
+    index = {r: i for i, r in enumerate(rows)}
+    theta = torch.rand(n_ctx, D // 2, generator=gen) * 3
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    k = torch.randn(n_slots, Hkv, n_ctx, D, generator=gen).half()
+    v = torch.randn(n_slots, Hkv, n_ctx, D, generator=gen).half()
+
+    def call(rs, shared=True):
+        return [(s, p, index.get((s, p), 0)) for s, p in rs], shared
+
+    mixed = [prompt[i] for i in torch.randperm(len(prompt), generator=gen).tolist()]
+    schedules = {
+        "one call": [call(mixed[:9] + [others[0], (-1, 7)] + mixed[9:] + [others[1]])],
+        "chunks": [call([others[1]] + prompt[:5]), call(prompt[5:6]), call(prompt[6:][::-1] + [others[0]])],
+        "one per call": [call([r], shared=False) for r in rows],
+    }
+    runs = {name: _run_attention_calls(device, calls, qkv, cos, sin, k, v, None, window)
+            for name, calls in schedules.items()}
+    want, kf, vf = runs["one per call"]
+    assert set(want) == set(rows)
+    for name, (outs, kd, vd) in runs.items():
+        assert all(torch.equal(outs[r], want[r]) for r in rows), name
+        assert torch.equal(kd, kf) and torch.equal(vd, vf), name
+    # paged: the same calls through a block table
+    per = n_ctx // bs
+    table = torch.randperm(n_slots * per + 3, generator=gen)[:n_slots * per].view(n_slots, per).to(torch.int32)
+    k_pool, v_pool = torch.zeros(n_slots * per + 3, Hkv, bs, D).half(), torch.zeros(n_slots * per + 3, Hkv, bs, D).half()
+    for s in range(n_slots):
+        for i in range(per):
+            k_pool[table[s, i]], v_pool[table[s, i]] = k[s, :, i * bs:(i + 1) * bs], v[s, :, i * bs:(i + 1) * bs]
+    for name in ("one call", "chunks"):
+        outs, kp, vp = _run_attention_calls(device, schedules[name], qkv, cos, sin, k_pool, v_pool, table, window)
+        assert all(torch.equal(outs[r], want[r]) for r in rows), name
+        for s, p in rows:
+            blk = int(table[s, p // bs])
+            assert torch.equal(kp[blk, :, p % bs], kf[s, :, p]) and torch.equal(vp[blk, :, p % bs], vf[s, :, p])
+    # float64: the stored keys/values, and each row's attention over its slot
+    for s, p in rows:
+        q, kn, vn = qkv[index[(s, p)]].double().split((H * D, Hkv * D, Hkv * D))
+        assert (kf[s, :, p].double() - A.rotate_reference(kn.view(Hkv, D), cos[p], sin[p], False)).abs().max() < 2e-3
+        assert (vf[s, :, p].double() - vn.view(Hkv, D)).abs().max() < 2e-3
+        lo = max(0, p + 1 - window) if window else 0
+        ref = A.decode_attention_reference(A.rotate_reference(q.view(H, D), cos[p], sin[p], False),
+                                           kf[s, :, lo:p + 1], vf[s, :, lo:p + 1], D ** -0.5)
+        assert _rel(want[(s, p)].float(), ref) < 4e-3

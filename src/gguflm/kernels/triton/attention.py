@@ -17,8 +17,14 @@ positions are cut into ``n_splits`` ranges handled in parallel (flash-decoding);
 program keeps a running max and sum for the query heads of one KV head of one row, and
 a second kernel merges the ranges: ``out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s``.
 The program whose range holds ``pos`` writes the new key and value first (a CTA barrier
-makes them visible to its own reads); no other program reads that position. Rows must
-use distinct slots.
+makes them visible to its own reads); no other program reads that position: one launch,
+rows in distinct slots. Rows that share a slot (``shared_slots``: a prompt chunk, several
+consecutive positions of one sequence in one step, beside other sequences' rows) read keys
+that other rows of the same step write, so the writes are a launch of their own before the
+attention (a row at position p then reads positions 0..p of its slot, written by earlier
+steps or by this one). The attention of a row is the same arithmetic either way, in an
+order fixed by its position, ``n_splits`` and ``block_s`` alone: a token's output does not
+depend on the rows beside it, nor on how its prompt was cut into steps.
 
 A paged cache (``table``): the cache's first dimension counts blocks of ``block_size``
 positions, and a row's position p lies in block ``table[slot, p // block_size]`` (vLLM's
@@ -56,16 +62,56 @@ def _rotate(ptr, COS_ptr, SIN_ptr, pos, rows, ROWS: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
+def _store_kv(qkv, COS_ptr, SIN_ptr, K_ptr, V_ptr, TABLE_ptr, hk, pos, slot, H, n_kv, cache_slot_stride,
+              cache_head_stride, cache_pos_stride, table_row_stride, page, D: tl.constexpr, NEOX: tl.constexpr,
+              PAGED: tl.constexpr):
+    """KV head ``hk`` of the row at ``qkv``: its key rotated at ``pos`` and its value, stored
+    at position ``pos`` of ``slot`` (a live row: slot >= 0, pos >= 0)."""
+    d = tl.arange(0, D)
+    if PAGED:
+        table = TABLE_ptr + slot.to(tl.int64) * table_row_stride
+        at = (tl.load(table + pos // page).to(tl.int64) * cache_slot_stride + hk * cache_head_stride
+              + (pos % page) * cache_pos_stride)
+    else:
+        at = slot.to(tl.int64) * cache_slot_stride + hk * cache_head_stride + pos * cache_pos_stride
+    k_new = _rotate(qkv + H * D, COS_ptr, SIN_ptr, pos, hk + tl.arange(0, 1), 1, D, NEOX)
+    tl.store(K_ptr + at + d[None, :], k_new.to(K_ptr.dtype.element_ty))
+    v_new = tl.load(qkv + (H + n_kv + hk) * D + d)
+    tl.store(V_ptr + at + d, v_new.to(V_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _kv_write_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, SLOT_ptr, TABLE_ptr,
+                     H, n_kv, qkv_row_stride, cache_slot_stride, cache_head_stride, cache_pos_stride,
+                     table_row_stride, page, D: tl.constexpr, NEOX: tl.constexpr, SLOTS: tl.constexpr,
+                     PAGED: tl.constexpr):
+    """Program (kv head hk, row b): the row's rotated key and value of head hk into the
+    cache (nothing for a padding row)."""
+    hk = tl.program_id(0)
+    b = tl.program_id(1)
+    pos = tl.load(POS_ptr + b).to(tl.int32)
+    if SLOTS:
+        slot = tl.load(SLOT_ptr + b).to(tl.int32)
+    else:
+        slot = pos * 0
+    if (pos >= 0) & (slot >= 0):
+        _store_kv(QKV_ptr + b * qkv_row_stride, COS_ptr, SIN_ptr, K_ptr, V_ptr, TABLE_ptr, hk, pos, slot, H, n_kv,
+                  cache_slot_stride, cache_head_stride, cache_pos_stride, table_row_stride, page, D, NEOX, PAGED)
+
+
+@triton.jit
 def _attn_split_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, SLOT_ptr, TABLE_ptr, M_ptr, L_ptr, ACC_ptr,
                        H, n_kv, qkv_row_stride, cache_slot_stride, cache_head_stride, cache_pos_stride, scale,
                        window, table_row_stride, page, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                        BLOCK_S: tl.constexpr, N_SPLITS: tl.constexpr, NEOX: tl.constexpr, SLOTS: tl.constexpr,
-                       PAGED: tl.constexpr):
+                       PAGED: tl.constexpr, WRITE: tl.constexpr):
     """Program (kv head hk, split s, row b): query heads hk*G .. hk*G+G-1 (padded to GP)
     of row b over positions [lo + s*L, min(lo + (s+1)*L, n)), L = ceil((n - lo) / N_SPLITS)
     rounded up to BLOCK_S (lo > 0 only under a sliding ``window`` > 0). Writes running max M, sum L and unnormalised ACC per (row, head, split).
     PAGED: position p of the row's slot lies in cache block TABLE[slot, p // page], row
-    p % page (the cache's first dimension counts blocks, cache_slot_stride is a block's)."""
+    p % page (the cache's first dimension counts blocks, cache_slot_stride is a block's).
+    WRITE: the program whose range holds pos first stores the row's key and value (else
+    :func:`_kv_write_kernel` did, in a launch before this one)."""
     hk = tl.program_id(0)
     s = tl.program_id(1)
     b = tl.program_id(2)
@@ -73,7 +119,7 @@ def _attn_split_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, SLOT_pt
     if SLOTS:
         slot = tl.load(SLOT_ptr + b).to(tl.int32)
     else:
-        slot = 0
+        slot = pos * 0
     live = (pos >= 0) & (slot >= 0)
     pos = tl.maximum(pos, 0)
     n = tl.where(live, pos + 1, 0)
@@ -86,16 +132,13 @@ def _attn_split_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, SLOT_pt
     if PAGED:
         table = TABLE_ptr + tl.maximum(slot, 0).to(tl.int64) * table_row_stride
         base = hk * cache_head_stride
-        at = tl.load(table + pos // page).to(tl.int64) * cache_slot_stride + (pos % page) * cache_pos_stride
     else:
         base = tl.maximum(slot, 0).to(tl.int64) * cache_slot_stride + hk * cache_head_stride
-        at = pos * cache_pos_stride
-    if live & (s == (pos - lo) // per):                          # this range holds pos: store k, v first
-        k_new = _rotate(qkv + H * D, COS_ptr, SIN_ptr, pos, hk + tl.arange(0, 1), 1, D, NEOX)
-        tl.store(K_ptr + base + at + d[None, :], k_new.to(K_ptr.dtype.element_ty))
-        v_new = tl.load(qkv + (H + n_kv + hk) * D + d)
-        tl.store(V_ptr + base + at + d, v_new.to(V_ptr.dtype.element_ty))
-        tl.debug_barrier()
+    if WRITE:
+        if live & (s == (pos - lo) // per):                      # this range holds pos: store k, v first
+            _store_kv(qkv, COS_ptr, SIN_ptr, K_ptr, V_ptr, TABLE_ptr, hk, pos, slot, H, n_kv, cache_slot_stride,
+                      cache_head_stride, cache_pos_stride, table_row_stride, page, D, NEOX, PAGED)
+            tl.debug_barrier()
     g = tl.arange(0, GP)
     gmask = g < G
     q = _rotate(qkv, COS_ptr, SIN_ptr, pos, hk * G + tl.minimum(g, G - 1), GP, D, NEOX)
@@ -159,7 +202,7 @@ class AttentionWorkspace:
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, ws: AttentionWorkspace,
                      scale: float, neox: bool, block_s: int = 32, slots: torch.Tensor | None = None,
-                     window: int = 0, table: torch.Tensor | None = None) -> torch.Tensor:
+                     window: int = 0, table: torch.Tensor | None = None, shared_slots: bool = False) -> torch.Tensor:
     """One sequence: qkv [(H + 2 Hkv) D] (float32/16) of the new token, pos int32 [1],
     k_cache/v_cache [Hkv, n_ctx, D] holding positions 0..pos-1 (position pos is written
     here) -> out [H, D]. B rows: qkv [B, (H + 2 Hkv) D], pos [B], ``slots`` int [B] and
@@ -168,7 +211,12 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
     ``window`` > 0: only the last ``window`` positions are attended (sliding window).
     ``table`` int [n_slots, blocks per slot] (with ``slots``): a paged cache
     (:class:`gguflm.model.kv_cache.KVCache`), caches [n_blocks, Hkv, block_size, D],
-    position p of slot s in block ``table[s, p // block_size]``, row ``p % block_size``."""
+    position p of slot s in block ``table[s, p // block_size]``, row ``p % block_size``.
+    ``shared_slots``: rows may share a slot (a prompt chunk: consecutive positions of one
+    sequence, in any order among the rows): every row's key and value are stored first, in
+    a launch of their own, then the attention launch reads each row's positions from the
+    cache, those stored by this call included. A row's result is the same either way (the
+    same arithmetic, the same cached keys), whichever rows share its call."""
     if table is not None and (slots is None or table.dim() != 2):
         raise ValueError("a block table needs slots and is [n_slots, blocks per slot]")
     if slots is None:
@@ -185,13 +233,18 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
     g = n_head // n_kv
     gp = max(16, triton.next_power_of_2(g))
     row_stride = qkv.stride(0) if qkv.dim() == 2 else 0
+    slot_arg, table_arg = slots if slots is not None else pos, table if table is not None else pos
+    strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+    table_stride, page = table.stride(0) if table is not None else 0, k_cache.shape[2]
+    if shared_slots:
+        _kv_write_kernel[(n_kv, n_rows)](
+            qkv, cos, sin, k_cache, v_cache, pos, slot_arg, table_arg, n_head, n_kv, row_stride, *strides,
+            table_stride, page, D=d, NEOX=neox, SLOTS=slots is not None, PAGED=table is not None, num_warps=1)
     _attn_split_kernel[(n_kv, ws.n_splits, n_rows)](
-        qkv, cos, sin, k_cache, v_cache, pos, slots if slots is not None else pos,
-        table if table is not None else pos, ws.m, ws.l, ws.acc,
-        n_head, n_kv, row_stride, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale,
-        window, table.stride(0) if table is not None else 0, k_cache.shape[2],
+        qkv, cos, sin, k_cache, v_cache, pos, slot_arg, table_arg, ws.m, ws.l, ws.acc,
+        n_head, n_kv, row_stride, *strides, scale, window, table_stride, page,
         G=g, GP=gp, D=d, BLOCK_S=block_s, N_SPLITS=ws.n_splits, NEOX=neox, SLOTS=slots is not None,
-        PAGED=table is not None, num_warps=4)
+        PAGED=table is not None, WRITE=not shared_slots, num_warps=4)
     _attn_merge_kernel[(n_rows * n_head,)](ws.m, ws.l, ws.acc, out, D=d, N_SPLITS=ws.n_splits, num_warps=1)
     return out
 
