@@ -114,18 +114,17 @@ from gguflm.model.cuda import load_cuda, precompile
 
 f = gguflm.GGUFFile(sys.argv[1])
 m = load_cuda(f, ModelConfig.from_gguf(f), 16, torch.device("cpu"))
-print("traced", " ".join(sorted({fn.__name__ for fn, _ in precompile.trace(m)})))
+print("traced", " ".join(sorted({item[0].__name__ for item in precompile.trace(m)})))
 precompile.precompile(m)
-print("after", " ".join(sorted({fn.__name__ for fn, _ in precompile.trace(m)})))
+print("after", " ".join(sorted({item[0].__name__ for item in precompile.trace(m)})))
 """
 
 
 def test_precompile_compiles_what_the_steps_launch(tiny_model, tmp_path):
-    pytest.importorskip("triton.knobs")
     from triton.runtime.jit import JITFunction
 
-    if not hasattr(JITFunction, "preload"):
-        pytest.skip("this Triton has no JITFunction.preload")
+    if not hasattr(JITFunction, "_do_compile"):
+        pytest.skip("this Triton compiles elsewhere than JITFunction._do_compile")
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), GGUFLM_KERNEL_CACHE=str(tmp_path),
                GGUFLM_GEMV="triton", TRITON_DEFAULT_FP_FUSION="1", GGUFLM_TIMING="0")
     env.pop("TRITON_INTERPRET", None)

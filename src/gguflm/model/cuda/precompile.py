@@ -5,12 +5,13 @@ Without it each kernel compiles when first launched, one after the other (about 
 second each on an H200: most of a cold start with an empty cache). Here a dry run of a
 3-token prefill and of one decode step, on a scratch cache, runs the same Python code as
 the real steps, but every Triton launch only asks for its kernel (``warmup``: nothing is
-launched) and Triton's ``jit_cache_hook`` records each specialization that would compile
-instead of compiling it; CUDA GEMV launches are skipped (:func:`gguflm.quant.cuda.gemv.dry_run`).
+launched) and each compilation that would follow (``JITFunction._do_compile``, with the
+exact key, signature, constexprs, attributes and options of the launch) is recorded
+instead of run; CUDA GEMV launches are skipped (:func:`gguflm.quant.cuda.gemv.dry_run`).
 The torch operations between them run on the scratch buffers' arbitrary contents, and
-nothing reads them back. The recorded specializations — exactly those the real steps
-will ask for — are then compiled by a thread pool (``JITFunction.preload``; Triton's
-compiler leaves the GIL for most of its work and runs ptxas as a subprocess). Any
+nothing reads them back. The recorded compilations are then run by a thread pool (Triton's
+compiler leaves the GIL for most of its work and runs ptxas as a subprocess): each kernel
+lands in its in-memory and disk caches under the key its launch will look up. Any
 failure leaves the kernels to compile lazily, as without it.
 """
 
@@ -36,32 +37,30 @@ def enabled() -> bool:
     return os.environ.get("GGUFLM_PRECOMPILE", "0") == "1"
 
 
-def trace(model: Any) -> list[tuple[Any, str]]:
-    """The (JITFunction, specialization data) pairs that a first prompt and decode step of
-    ``model`` (a CudaModel) would compile, none compiled or launched."""
-    from triton import knobs
+def trace(model: Any) -> list[tuple[Any, tuple, dict]]:
+    """What a first prompt and decode step of ``model`` (a CudaModel) would compile: the
+    (JITFunction, args, kwargs) of each ``_do_compile`` call, none compiled or launched."""
     from triton.runtime.jit import JITFunction
 
     from gguflm.model.cuda.decode import DecodeGraphs
     from gguflm.model.cuda.forward import forward_plain
     from gguflm.quant.cuda.gemv import dry_run
 
-    rt = knobs.runtime
-    prev, orig_run = rt.jit_cache_hook, JITFunction.run
-    found: dict[tuple[int, str], tuple[Any, str]] = {}
+    orig_compile, orig_run = JITFunction._do_compile, JITFunction.run
+    found: dict[tuple[int, str], tuple[Any, tuple, dict]] = {}
 
-    def hook(*, key, fn, compile, **kw):
+    def _do_compile(self, key, *args, **kwargs):
         if getattr(_tracing, "on", False):
-            found.setdefault((id(fn.jit_function), str(key)), (fn.jit_function, compile["specialization_data"]))
-            return True                                   # not compiled now (run() then launches nothing)
-        return prev(key=key, fn=fn, compile=compile, **kw) if prev is not None else None
+            found.setdefault((id(self), str(key)), (self, (key, *args), kwargs))
+            return None                                   # not compiled now (run() then launches nothing)
+        return orig_compile(self, key, *args, **kwargs)
 
     def run(self, *args, grid, warmup, **kwargs):
         # while tracing (this thread only) every launch is a warm-up: compile at most, never launch
         return orig_run(self, *args, grid=grid, warmup=warmup or getattr(_tracing, "on", False), **kwargs)
 
     cfg, w, dev = model.config, model.weights, model.device
-    rt.jit_cache_hook, JITFunction.run = hook, run
+    JITFunction._do_compile, JITFunction.run = _do_compile, run
     _tracing.on = True
     try:
         with dry_run(), torch.inference_mode():
@@ -75,7 +74,7 @@ def trace(model: Any) -> list[tuple[Any, str]]:
             del step, cache
     finally:
         _tracing.on = False
-        rt.jit_cache_hook, JITFunction.run = prev, orig_run
+        JITFunction._do_compile, JITFunction.run = orig_compile, orig_run
     return list(found.values())
 
 
@@ -95,14 +94,10 @@ def precompile(model: Any) -> None:
     device = model.device
     failed: list[str] = []
 
-    def one(item: tuple[Any, str]) -> None:
-        fn, data = item
+    def one(item: tuple[Any, tuple, dict]) -> None:
+        fn, args, kwargs = item
         try:
-            if device.type == "cuda":
-                with torch.cuda.device(device):
-                    fn.preload(data)
-            else:  # the tests: compiled for the target of a stand-in driver
-                fn.preload(data)
+            fn._do_compile(*args, **kwargs)   # what run() would have called: the kernel lands in its caches
         except Exception as e:  # noqa: BLE001 - compiled lazily instead
             failed.append(f"{getattr(fn, '__name__', fn)}: {type(e).__name__}: {str(e)[:200]}")
 

@@ -3,8 +3,8 @@
 ``GGUFLM_TIMING=1`` prints one ``gguflm timing:`` line on stderr per phase of the CUDA
 path's start (CUDA init, weights to the device, the nvcc build, each Triton compilation
 with its kernel and seconds, the decode graph capture), each with the seconds since the
-process started. Off (the default), :func:`phase` and :func:`note` do nothing and the
-Triton hooks only watch compilations (never a launch of a compiled kernel).
+process started. Off (the default), :func:`phase` and :func:`note` do nothing, and the
+wrapper of Triton's compile step runs on a kernel cache miss only (never for a launch).
 
 The progress line: the first Triton compilation that is not a disk-cache hit prints
 ``gguflm: compiling the Triton kernels (first run; cached in DIR) ...``, and
@@ -72,60 +72,56 @@ def phase(what: str, sync=None) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------
-# Triton compilations: timed by Triton's JIT hooks (called around each compilation only)
+# Triton compilations: JITFunction._do_compile (called on a miss of a kernel's in-memory
+# cache only: never for a launch of a compiled kernel) timed by a wrapper. Triton's own
+# jit_cache_hook is not used: with a hook set, Triton 3.6 serializes every specialization
+# to JSON and fails on a @triton.jit function given as a constexpr (our decoders).
 # ---------------------------------------------------------------------------------------
 
 _lock = threading.Lock()
-_started: dict[tuple, float] = {}
 _compiled = {"n": 0, "seconds": 0.0, "first": 0.0, "announced": False, "cache": ""}
 _installed = False
 
 
-def _label(fn, compile_info) -> str:
-    """``name[CONST=value, ...]`` of the specialization being compiled."""
+def _label(fn, args: tuple) -> str:
+    """``name[CONST=value, ...]`` of the specialization being compiled (``args``: those of
+    ``_do_compile``: key, signature, device, constexprs, ...)."""
+    name = getattr(fn, "__name__", "kernel")
     try:
-        names = fn.jit_function.arg_names
+        names = fn.arg_names
         consts = []
-        for path, value in (compile_info.get("constants") or {}).items():
+        for path, value in (args[3] if len(args) > 3 and isinstance(args[3], dict) else {}).items():
             i = path[0] if isinstance(path, tuple) else path
-            name = names[i] if isinstance(i, int) and i < len(names) else str(i)
+            arg = names[i] if isinstance(i, int) and i < len(names) else str(i)
             value = getattr(value, "__name__", None) or getattr(getattr(value, "fn", None), "__name__", None) or value
-            consts.append(f"{name}={value}")
-        label = f"{fn.name}[{', '.join(consts)}]" if consts else fn.name
-    except Exception:  # a Triton whose hook arguments differ: the name alone
-        label = str(getattr(fn, "name", "kernel"))
+            consts.append(f"{arg}={value}")
+        label = f"{name}[{', '.join(consts)}]" if consts else name
+    except Exception:  # another Triton's layout: the name alone
+        label = name
     return label[:160]
 
 
-def _pre(prev):
-    def hook(**kw):
-        try:
-            with _lock:
-                _started[(id(kw["fn"].jit_function), str(kw["key"]), threading.get_ident())] = time.perf_counter()
-        except Exception:  # never in the way of a compilation
-            pass
-        return prev(**kw) if prev is not None else None
-    return hook
+def compiled(fn, args: tuple, seconds: float) -> None:
+    """Account one ``_do_compile`` of ``fn`` that took ``seconds`` (a disk-cache load when fast)."""
+    hit = seconds < CACHE_HIT_S
+    if not hit:
+        _count(seconds)
+    if ON:
+        note(f"triton {'load (disk cache)' if hit else 'compile'} {_label(fn, args)}", seconds)
 
 
-def _post(prev):
-    def hook(**kw):
-        try:
-            fn = kw["fn"]
-            with _lock:
-                t = _started.pop((id(fn.jit_function), str(kw["key"]), threading.get_ident()), None)
-            if t is not None:
-                seconds = time.perf_counter() - t
-                hit = seconds < CACHE_HIT_S
-                if not hit:
-                    _count(seconds)
-                if ON:
-                    note(f"triton {'load (disk cache)' if hit else 'compile'} {_label(fn, kw.get('compile') or {})}",
-                         seconds)
-        except Exception:  # never in the way of a compilation
-            pass
-        return prev(**kw) if prev is not None else None
-    return hook
+def _timed(orig):
+    def _do_compile(self, *args, **kwargs):
+        t = time.perf_counter()
+        kernel = orig(self, *args, **kwargs)
+        if kernel is not None:
+            try:
+                compiled(self, args, time.perf_counter() - t)
+            except Exception:  # never in the way of a compilation
+                pass
+        return kernel
+    _do_compile.__wrapped__ = orig
+    return _do_compile
 
 
 def _count(seconds: float) -> None:
@@ -153,35 +149,18 @@ def settled() -> None:
           f"({busy:.1f} s of compiler time)", file=sys.stderr, flush=True)
 
 
-def _serializable() -> bool:
-    """With a hook set, Triton serializes each specialization to JSON before compiling it;
-    a Triton that cannot serialize a @triton.jit function given as a constexpr (the
-    quantized types' decoders are) would then fail every such compilation: no hooks there."""
-    from types import SimpleNamespace
-
-    from triton.runtime.jit import serialize_specialization_data
-
-    from gguflm.quant.triton.codecs import _q4_0
-
-    serialize_specialization_data("probe", {}, {(0,): _q4_0}, {}, SimpleNamespace(), "key", SimpleNamespace())
-    return True
-
-
 def watch_triton(cache_dir: str) -> None:
-    """Install the compile hooks (once; chained after any hook already set). A Triton
-    without ``triton.knobs.runtime``'s JIT hooks: nothing is watched."""
+    """Time Triton's compilations (once per process). A Triton without
+    ``JITFunction._do_compile``: nothing is watched (no progress line, no timing)."""
     global _installed
     _compiled["cache"] = cache_dir
     if _installed:
         return
     try:
-        from triton import knobs
+        from triton.runtime.jit import JITFunction
 
-        rt = knobs.runtime
-        if not (hasattr(rt, "jit_cache_hook") and hasattr(rt, "jit_post_compile_hook")) or not _serializable():
-            return
-        rt.jit_cache_hook = _pre(rt.jit_cache_hook)
-        rt.jit_post_compile_hook = _post(rt.jit_post_compile_hook)
-        _installed = True
-    except Exception:  # an older Triton: no progress line, no per-kernel timing
+        if callable(getattr(JITFunction, "_do_compile", None)):
+            JITFunction._do_compile = _timed(JITFunction._do_compile)
+            _installed = True
+    except Exception:  # no Triton here
         return
