@@ -1,5 +1,7 @@
-"""Cold start (issue 14): the nvcc build's progress line and cache (a stand-in ``nvcc``
-that builds an empty shared library with the C compiler), the GGUFLM_TIMING lines and
+"""Cold start (issue 14): the nvcc build in parts, its progress line and cache (a stand-in
+``nvcc`` that builds an empty shared library with the C compiler; the real build of the
+parts gave the same SASS for all 52 kernels as one translation unit, checked by hand with
+CUDA 13.0's nvcc and cuobjdump), the GGUFLM_TIMING lines and
 bench's summary of them, and the Triton precompilation: traced without a GPU (a stand-in
 driver that reports an sm_90 target; Triton's real compiler and ptxas build the kernels),
 checked against Triton itself — after it, tracing the same steps asks for no compilation,
@@ -23,7 +25,8 @@ from gguflm.quant.cuda import build, timing
 
 @pytest.fixture
 def fake_nvcc(tmp_path, monkeypatch):
-    """An ``nvcc`` that records its calls and builds an empty shared library with cc."""
+    """An ``nvcc`` that records its calls and writes an empty shared library with cc for
+    every output (objects included); it fails a call whose arguments hold ``$FAIL_ON``."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler to stand in for nvcc")
@@ -32,6 +35,7 @@ def fake_nvcc(tmp_path, monkeypatch):
     script.write_text(textwrap.dedent(f"""\
         #!/bin/sh
         echo "$@" >> {log}
+        case " $* " in *" $FAIL_ON "*) [ -n "$FAIL_ON" ] && exit 3;; esac
         out=""
         while [ $# -gt 0 ]; do [ "$1" = "-o" ] && out="$2"; shift; done
         exec {cc} -shared -fPIC -x c /dev/null -o "$out"
@@ -39,26 +43,44 @@ def fake_nvcc(tmp_path, monkeypatch):
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("GGUFLM_NVCC", str(script))
     monkeypatch.setenv("GGUFLM_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FAIL_ON", raising=False)
     monkeypatch.setattr(build, "_built", {})
     return log
 
 
-def test_nvcc_build_says_so_once_and_is_cached(fake_nvcc, capsys, monkeypatch):
+def _calls(log: Path) -> list[list[str]]:
+    return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_nvcc_build_in_parts_says_so_once_and_is_cached(fake_nvcc, capsys, monkeypatch):
     build.library("sm_90")
     err = capsys.readouterr().err
     assert "compiling the CUDA GEMV kernels for sm_90 (first run; cached in" in err
     assert "compiled the CUDA GEMV kernels for sm_90 in" in err
-    assert len(fake_nvcc.read_text().splitlines()) == 1
+    calls = _calls(fake_nvcc)
+    parts = sorted(a for c in calls for a in c if a.startswith("-DGGUFLM_PART="))
+    assert parts == [f"-DGGUFLM_PART={k}" for k in range(build.PARTS)]       # one nvcc per part ...
+    assert all("-c" in c and "-shared" not in c for c in calls[:-1])
+    link = calls[-1]                                                          # ... then one link of them all
+    assert "-shared" in link and sum(a.endswith(".o") for a in link) == build.PARTS
     monkeypatch.setattr(build, "_built", {})  # a new process: the library comes from the cache, silently
     build.library("sm_90")
     assert capsys.readouterr().err == ""
-    assert len(fake_nvcc.read_text().splitlines()) == 1
+    assert len(_calls(fake_nvcc)) == build.PARTS + 1
 
 
-def test_background_build_then_wait(fake_nvcc, capsys):
+def test_a_failed_part_falls_back_to_one_translation_unit(fake_nvcc, monkeypatch):
+    monkeypatch.setenv("FAIL_ON", "-DGGUFLM_PART=3")
+    build.library("sm_90")
+    last = _calls(fake_nvcc)[-1]
+    assert "-shared" in last and not any(a.startswith("-DGGUFLM_PART") or a.endswith(".o") for a in last)
+    assert last[-1] == str(build.SOURCE)
+
+
+def test_background_build_then_wait(fake_nvcc):
     build.start("sm_90")
     assert build.library("sm_90") is build.library("sm_90")
-    assert len(fake_nvcc.read_text().splitlines()) == 1
+    assert len(_calls(fake_nvcc)) == build.PARTS + 1
 
 
 def test_timing_lines_only_when_asked(capsys, monkeypatch):

@@ -6,8 +6,12 @@ name that carries the architecture and a hash of the source and flags, so an edi
 never loads a stale build and a cache shared between GPUs keeps one build per
 architecture. The library has plain C entry points (no torch headers: it builds in seconds
 per kernel and loads without ``torch.utils.cpp_extension``); the kernels are launched on
-the caller's stream, so CUDA graphs capture them. A failed build raises
-:class:`KernelsUnavailable` with the compiler's message; callers fall back to Triton.
+the caller's stream, so CUDA graphs capture them. The build runs one nvcc per part of the
+file at once (``-DGGUFLM_PART=k``: the C entry points, then the kernels of one type or pair
+each), then links the objects (the same SASS as one translation unit; one nvcc over the
+whole file if that fails, or with ``GGUFLM_NVCC_SPLIT=0``); model loads start it in a
+background thread (:func:`start`). A failed build raises :class:`KernelsUnavailable` with
+the compiler's message; callers fall back to Triton.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from gguflm.quant.cuda import timing
 
 SOURCE = Path(__file__).with_name("gemv.cu")
 FLAGS = ["-O3", "-shared", "-Xcompiler", "-fPIC", "--split-compile=0", "-lineinfo"]
+PARTS = 7  # gemv.cu's GGUFLM_PART values, compiled concurrently (see _split_build)
 
 
 class KernelsUnavailable(RuntimeError):
@@ -91,6 +96,62 @@ def _quiet(arch: str) -> None:
         pass                            # said by the caller that needs the kernels
 
 
+def _run(cmd: list[str]) -> None:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise KernelsUnavailable(f"cannot run nvcc: {e}") from e
+    if r.returncode != 0:
+        raise KernelsUnavailable(f"nvcc failed ({r.returncode}): {r.stderr[-2000:]}")
+
+
+def _compile(compiler: str, arch: str, out: str) -> None:
+    """Build the library into ``out``: the parts of gemv.cu concurrently then one link
+    (``GGUFLM_NVCC_SPLIT=0``: one nvcc over the whole file, also the fallback when the
+    split build fails)."""
+    gencode = f"-gencode=arch=compute_{arch[3:]},code={arch}"
+    if os.environ.get("GGUFLM_NVCC_SPLIT", "1") != "0":
+        try:
+            _split_build(compiler, gencode, out)
+            return
+        except KernelsUnavailable as e:
+            timing.note(f"the split nvcc build failed ({str(e)[:300]}); building one translation unit")
+    _run([compiler, *FLAGS, gencode, "-o", out, str(SOURCE)])
+
+
+def _split_build(compiler: str, gencode: str, out: str) -> None:
+    """One nvcc per part of gemv.cu (``-DGGUFLM_PART=k``: the C entry points, then one type
+    or pair of types of kernels each), all at once, then one link into ``out``."""
+    flags = [f for f in FLAGS if f != "-shared"]
+    with tempfile.TemporaryDirectory(dir=Path(out).parent) as tmp:
+        objs = [os.path.join(tmp, f"part{k}.o") for k in range(PARTS)]
+        procs = []
+        try:
+            for k, obj in enumerate(objs):
+                procs.append(subprocess.Popen([compiler, *flags, gencode, f"-DGGUFLM_PART={k}", "-c", "-o", obj,
+                                               str(SOURCE)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                              text=True))
+            errors = []
+            for k, p in enumerate(procs):
+                try:
+                    _, err = p.communicate(timeout=900)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    _, err = p.communicate()
+                if p.returncode != 0:
+                    errors.append(f"part {k} ({p.returncode}): {err[-1500:]}")
+        except OSError as e:
+            raise KernelsUnavailable(f"cannot run nvcc: {e}") from e
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        if errors:
+            raise KernelsUnavailable("nvcc failed: " + "; ".join(errors))
+        _run([compiler, "-shared", gencode, "-o", out, *objs])
+
+
 def _load(arch: str) -> ctypes.CDLL:
     name = _name(arch)
     lib = kernel_cache_dir() / name / f"lib{name}.so"
@@ -104,15 +165,11 @@ def _load(arch: str) -> ctypes.CDLL:
               file=sys.stderr, flush=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
         os.close(fd)
-        cmd = [compiler, *FLAGS, f"-gencode=arch=compute_{arch[3:]},code={arch}", "-o", tmp, str(SOURCE)]
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as e:
+            _compile(compiler, arch, tmp)
+        except KernelsUnavailable:
             os.unlink(tmp)
-            raise KernelsUnavailable(f"cannot run nvcc: {e}") from e
-        if r.returncode != 0:
-            os.unlink(tmp)
-            raise KernelsUnavailable(f"nvcc failed ({r.returncode}): {r.stderr[-2000:]}")
+            raise
         os.replace(tmp, lib)             # atomic: a concurrent process sees the whole file or none
         took = time.perf_counter() - t
         print(f"gguflm: compiled the CUDA GEMV kernels for {arch} in {took:.1f} s", file=sys.stderr, flush=True)

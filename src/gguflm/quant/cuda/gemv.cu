@@ -336,7 +336,7 @@ __device__ __forceinline__ void run16(const float* sx, int k, float* v, float& s
 
 // x' into shared memory (swizzled), returns rstd (1 without norm); all threads of the CTA
 template <typename T>
-__device__ float stage(const Params& p, float* sx, float* red, uint32_t dep) {
+static __device__ float stage(const Params& p, float* sx, float* red, uint32_t dep) {
     const int n4 = p.K >> 2;
     const float4* x4 = reinterpret_cast<const float4*>(p.x);
     const float4* w4 = reinterpret_cast<const float4*>(p.norm);
@@ -397,7 +397,7 @@ __device__ __forceinline__ void warp_best(float& v, int& i) {
 
 // Each CTA's best row into part_*[cta]; the CTA that finishes last reduces all parts in
 // a fixed order (which CTA that is does not change the result) and resets the counter.
-__device__ void argmax_epilogue(const Params& p, int cta, float v, int i) {
+static __device__ void argmax_epilogue(const Params& p, int cta, float v, int i) {
     __shared__ float bv[32];
     __shared__ int bi[32];
     __shared__ bool last;
@@ -643,6 +643,43 @@ static int emulate_seg(const Params& p, const Seg& s, int swiglu) {
     return 0;
 }
 
+// The kernels of one type (or pair), behind one function each. build.py compiles the file
+// once per part (-DGGUFLM_PART=k, in parallel): part k in 1..6 instantiates only the kernels
+// of its function, part 0 holds the C entry points; the objects link into one library.
+// Without GGUFLM_PART the file is the whole library in one translation unit.
+#define GGUFLM_DISPATCH(NAME, TA, TB)                                                          \
+    int NAME(const Params& p, int warps, int R, int U, int swiglu, int pdl, cudaStream_t st) { \
+        return dispatch_ru<TA, TB>(p, warps, R, U, swiglu, pdl, st);                            \
+    }
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 1
+GGUFLM_DISPATCH(gguflm_dispatch_q4_0, Q4_0, Q4_0)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 2
+GGUFLM_DISPATCH(gguflm_dispatch_q8_0, Q8_0, Q8_0)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 3
+GGUFLM_DISPATCH(gguflm_dispatch_q4_k, Q4_K, Q4_K)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 4
+GGUFLM_DISPATCH(gguflm_dispatch_q6_k, Q6_K, Q6_K)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 5
+GGUFLM_DISPATCH(gguflm_dispatch_q4_k_q6_k, Q4_K, Q6_K)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 6
+GGUFLM_DISPATCH(gguflm_dispatch_q4_0_q8_0, Q4_0, Q8_0)
+#endif
+
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 0
+#ifdef GGUFLM_PART
+int gguflm_dispatch_q4_0(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_dispatch_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_dispatch_q4_k(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_dispatch_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_dispatch_q4_k_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_dispatch_q4_0_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
+#endif
+
 extern "C" {
 
 // 0 on success, a cudaError_t code otherwise; -1: no such (R, U) instance
@@ -651,15 +688,15 @@ int gguflm_gemv(const Params* p, int ta, int tb, int warps, int R, int U, int sw
     cudaStream_t st = (cudaStream_t)stream;
     if (ta == tb) {
         switch (ta) {
-            case GT_Q4_0: return dispatch_ru<Q4_0, Q4_0>(*p, warps, R, U, swiglu, pdl, st);
-            case GT_Q8_0: return dispatch_ru<Q8_0, Q8_0>(*p, warps, R, U, swiglu, pdl, st);
-            case GT_Q4_K: return dispatch_ru<Q4_K, Q4_K>(*p, warps, R, U, swiglu, pdl, st);
-            case GT_Q6_K: return dispatch_ru<Q6_K, Q6_K>(*p, warps, R, U, swiglu, pdl, st);
+            case GT_Q4_0: return gguflm_dispatch_q4_0(*p, warps, R, U, swiglu, pdl, st);
+            case GT_Q8_0: return gguflm_dispatch_q8_0(*p, warps, R, U, swiglu, pdl, st);
+            case GT_Q4_K: return gguflm_dispatch_q4_k(*p, warps, R, U, swiglu, pdl, st);
+            case GT_Q6_K: return gguflm_dispatch_q6_k(*p, warps, R, U, swiglu, pdl, st);
         }
         return -1;
     }
-    if (ta == GT_Q4_K && tb == GT_Q6_K) return dispatch_ru<Q4_K, Q6_K>(*p, warps, R, U, swiglu, pdl, st);
-    if (ta == GT_Q4_0 && tb == GT_Q8_0) return dispatch_ru<Q4_0, Q8_0>(*p, warps, R, U, swiglu, pdl, st);
+    if (ta == GT_Q4_K && tb == GT_Q6_K) return gguflm_dispatch_q4_k_q6_k(*p, warps, R, U, swiglu, pdl, st);
+    if (ta == GT_Q4_0 && tb == GT_Q8_0) return gguflm_dispatch_q4_0_q8_0(*p, warps, R, U, swiglu, pdl, st);
     return -1;
 }
 
@@ -683,3 +720,4 @@ int gguflm_params_size(void) { return (int)sizeof(Params); }
 
 const char* gguflm_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
 }
+#endif  // part 0
