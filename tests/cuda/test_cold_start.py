@@ -45,6 +45,7 @@ def fake_nvcc(tmp_path, monkeypatch):
     monkeypatch.setenv("GGUFLM_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("FAIL_ON", raising=False)
     monkeypatch.setattr(build, "_built", {})
+    monkeypatch.setattr(build, "_started", set())
     return log
 
 
@@ -79,6 +80,7 @@ def test_a_failed_part_falls_back_to_one_translation_unit(fake_nvcc, monkeypatch
 
 def test_background_build_then_wait(fake_nvcc):
     build.start("sm_90")
+    build.start("sm_90")                        # a second load meanwhile: no second build, no wait
     assert build.library("sm_90") is build.library("sm_90")
     assert len(_calls(fake_nvcc)) == build.PARTS + 1
 

@@ -23,9 +23,18 @@ def load_cuda(f: GGUFFile, config: ModelConfig, n_ctx: int, device: torch.device
     """A :class:`CudaModel` of ``f`` on ``device`` (CUDA graphs off for a CPU device,
     where the Triton kernels run in the interpreter). ``GGUFLM_TIMING=1``: the phases on
     stderr (:mod:`gguflm.quant.cuda.timing`)."""
-    from gguflm.quant.cuda import timing
+    from gguflm.quant.cuda import build, timing
 
     timing.note("CUDA load starts (interpreter, imports, GGUF header, tokenizer before it)")
+    if device.type == "cuda":
+        with timing.phase("CUDA init"):
+            major, minor = torch.cuda.get_device_capability(device)
+            if timing.ON:
+                torch.zeros(1, device=device)
+        # nvcc's first build of the GEMV kernels (cached) starts before anything else: it runs
+        # while the rest loads (and the Triton kernels compile); their first use waits for it
+        if os.environ.get("GGUFLM_GEMV", "").lower() != "triton" and build.nvcc() is not None:
+            build.start(f"sm_{major}{minor}")
     with timing.phase("import the CUDA path (triton, kernel modules)"):
         from gguflm.model.cuda.forward import check_supported
         from gguflm.model.cuda.model import CudaModel
@@ -43,18 +52,10 @@ def load_cuda(f: GGUFFile, config: ModelConfig, n_ctx: int, device: torch.device
     # Triton's compiled kernels beside gguflm's own build of the GEMV kernels
     # ($GGUFLM_KERNEL_CACHE, default ~/.cache/gguflm/kernels) instead of ~/.triton: one
     # cache to keep or empty. Triton reads it at each compilation; a value the user set wins.
-    from gguflm.quant.cuda.build import kernel_cache_dir
-
-    os.environ.setdefault("TRITON_CACHE_DIR", str(kernel_cache_dir() / "triton"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(build.kernel_cache_dir() / "triton"))
     timing.watch_triton(os.environ["TRITON_CACHE_DIR"])  # the progress line of a first compilation
 
-    from gguflm.quant.cuda.gemv import prepare
-
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-    with timing.phase("CUDA init"):
-        if timing.ON and device.type == "cuda":
-            torch.zeros(1, device=device)
-    prepare(device)  # nvcc's first build of the GEMV kernels (cached) runs while the weights load
     with timing.phase("weights to the device", sync):
         weights = load_weights(f, config, device, n_ctx)
     model = CudaModel(f, config, weights, n_ctx, device, use_graphs=use_graphs and device.type == "cuda")

@@ -60,6 +60,7 @@ def _name(arch: str) -> str:
 
 _lock = threading.Lock()
 _built: dict[str, ctypes.CDLL | KernelsUnavailable] = {}
+_started: set[str] = set()
 
 
 def library(arch: str = "sm_90") -> ctypes.CDLL:
@@ -83,9 +84,9 @@ def library(arch: str = "sm_90") -> ctypes.CDLL:
 def start(arch: str) -> None:
     """Build (or load) the kernels for ``arch`` in a background thread, so that nvcc runs
     while the model loads; :func:`library` then waits for it."""
-    with _lock:
-        if arch in _built:
-            return
+    if arch in _built or arch in _started:        # never waits for a build in progress
+        return
+    _started.add(arch)
     threading.Thread(target=lambda: _quiet(arch), name=f"gguflm-nvcc-{arch}", daemon=True).start()
 
 

@@ -150,15 +150,6 @@ def library(device: torch.device | None = None, quiet: bool = False) -> ctypes.C
     return lib
 
 
-def prepare(device: torch.device) -> None:
-    """Start building the kernels for ``device`` in the background (a model load calls this
-    first, so that nvcc's first build overlaps the weight upload)."""
-    from gguflm.quant.cuda.build import nvcc, start
-
-    if device.type == "cuda" and mode() != "triton" and nvcc() is not None:
-        start(_arch(device))
-
-
 def mode() -> str:
     """``GGUFLM_GEMV``: ``triton`` (never the CUDA kernels), ``cuda`` (wherever they apply;
     the default: fastest decode step on the H200, with PDL), ``hybrid`` (only gate+up, the
