@@ -3,7 +3,7 @@ decode step (opt-in: ``GGUFLM_PRECOMPILE=1``; not yet measured on a GPU).
 
 Without it each kernel compiles when first launched, one after the other (about a
 second each on an H200: most of a cold start with an empty cache). Here a dry run of a
-3-token prefill and of one decode step, on a scratch cache, runs the same Python code as
+3-token prefill and of the decode step (both of its graphs' inputs), on a scratch cache, runs the same Python code as
 the real steps, but every Triton launch only asks for its kernel (``warmup``: nothing is
 launched) and each compilation that would follow (``JITFunction._do_compile``, with the
 exact key, signature, constexprs, attributes and options of the launch) is recorded
@@ -69,6 +69,8 @@ def trace(model: Any) -> list[tuple[Any, tuple, dict]]:
             forward_plain(cfg, w, model.rope, torch.zeros(PROMPT, dtype=torch.long, device=dev), 0, k, v, True)
             step = DecodeGraphs(cfg, w, model.rope, k, v, use_graphs=False)
             step._run(0)
+            if k.shape[2] >= 2:  # graph 1 reads its token/position at another alignment: its own specializations
+                step._run(1)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             del step, cache
