@@ -34,11 +34,11 @@ def _process_start() -> float:
     try:
         with open("/proc/self/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        with open("/proc/uptime") as f:  # (not /proc/stat's btime: whole seconds)
+            boot = time.time() - float(f.read().split()[0])
         start = boot + ticks / os.sysconf("SC_CLK_TCK")
         return start if start <= _t0 else _t0
-    except (OSError, ValueError, IndexError, StopIteration):
+    except (OSError, ValueError, IndexError):
         return _t0
 
 
