@@ -1,9 +1,13 @@
 """The fused dequantize x GEMM (quant/triton/gemm.py) against libggml's dequantizers
 (``to_float``, rounded to float16: the kernel's operand) times a float64 matmul, and its
 batch invariance: a row of X gives the same bits at any M, anywhere in the batch, with
-any BLOCK_M. Runs on the GPU, or in Triton's interpreter on the CPU (small shapes)."""
+any BLOCK_M, with its runs of K (split-K) in programs of their own or in turn. Runs on
+the GPU, or in Triton's interpreter on the CPU (small shapes: the weights here have 2-3
+tiles of 64 rows and 3 K steps, so :func:`gemm_config` splits K in 3)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -37,14 +41,24 @@ def _blocks_per_row(t: GGMLType) -> int:
 
 
 @pytest.mark.parametrize("t", FUSED, ids=lambda t: t.name)
+def _splits(w: PackedWeight, n: int):
+    """``w``'s launch shape with K cut into ``n`` runs."""
+    return dataclasses.replace(gemm_config(w), splits=n)
+
+
+@pytest.mark.parametrize("t", FUSED, ids=lambda t: t.name)
 def test_gemm_matches_libggml(weight, device, t):
-    # 70 weight rows over 64-row programs, 5 activation rows in a 16-row tile
+    # 70 weight rows over 64-row programs, 5 activation rows in a 16-row tile; K in 3 runs
+    # (partials and their reduction), in turn in one program, and in one run
     w, ref = weight(t, 70, _blocks_per_row(t), seed=int(t))
+    assert gemm_config(w).splits == 3
     x = torch.randn(5, w.n_cols, generator=torch.Generator().manual_seed(int(t))).half()
     want = x.double() @ ref.T
     y = gemm(w, x.to(device), out_dtype=torch.float32)
     assert y.shape == (5, 70) and y.dtype == torch.float32
     assert _rel(y, want) < 2e-5
+    assert torch.equal(gemm(w, x.to(device), out_dtype=torch.float32, parallel=False), y)
+    assert _rel(gemm(w, x.to(device), out_dtype=torch.float32, config=_splits(w, 1)), want) < 2e-5
     assert _rel(gemm(w, x.to(device)), want) < 1e-3                                   # float16 output
     assert _rel(gemm_reference(w, x.to(device)), want) < 1e-12                        # the twin, same oracle
 
@@ -58,7 +72,10 @@ def test_gemm_gated_matches_libggml(weight, device, t, gelu):
     g, u = x.double() @ g_ref.T, x.double() @ u_ref.T
     act = torch.nn.functional.gelu(g, approximate="tanh") if gelu else torch.nn.functional.silu(g)
     want = act * u
-    assert _rel(gemm_gated(wg, wu, x.to(device), gelu=gelu), want) < 2e-3
+    y = gemm_gated(wg, wu, x.to(device), gelu=gelu)                                   # K in 3 runs
+    assert _rel(y, want) < 2e-3
+    assert torch.equal(gemm_gated(wg, wu, x.to(device), gelu=gelu, parallel=False), y)
+    assert _rel(gemm_gated(wg, wu, x.to(device), gelu=gelu, config=_splits(wg, 1)), want) < 2e-3
     assert _rel(gemm_gated_reference(wg, wu, x.to(device), gelu=gelu), want) < 1e-12
 
 
@@ -68,35 +85,40 @@ def test_gemm_bias_into_a_column_slice(weight, device):
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(7, w.n_cols, generator=gen).half()
     b = torch.randn(33, generator=gen)
-    buf = torch.full((7, 50), -7.0, device=device)
-    gemm(w, x.to(device), buf[:, 10:43], bias=b.to(device))
     want = x.double() @ ref.T + b.double()
-    assert _rel(buf[:, 10:43], want) < 2e-5
-    assert bool((buf[:, :10] == -7).all()) and bool((buf[:, 43:] == -7).all())       # nothing else written
+    for splits in (1, 2):                                  # the bias in the GEMM's epilogue, in the reduction's
+        buf = torch.full((7, 50), -7.0, device=device)
+        gemm(w, x.to(device), buf[:, 10:43], bias=b.to(device), config=_splits(w, splits))
+        assert _rel(buf[:, 10:43], want) < 2e-5
+        assert bool((buf[:, :10] == -7).all()) and bool((buf[:, 43:] == -7).all())   # nothing else written
 
 
-@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q4_0], ids=lambda t: t.name)
-def test_gemm_is_batch_invariant(weight, device, t):
-    """Row ``probe`` of X gives bit-identical outputs alone, among 3, 17, 64 and 200 rows,
-    at the start, in the middle and at the end of the batch, and under every BLOCK_M."""
+@pytest.mark.parametrize("t,splits", [(GGMLType.Q4_K, 3), (GGMLType.Q6_K, 3), (GGMLType.Q4_0, 3), (GGMLType.Q4_K, 1)],
+                         ids=["Q4_K", "Q6_K", "Q4_0", "Q4_K-unsplit"])
+def test_gemm_is_batch_invariant(weight, device, t, splits):
+    """Row ``probe`` of X gives bit-identical outputs (plain and gated) alone and among
+    3, 17 and 64 rows, at the start, in the middle and at the end of the batch, whatever
+    the other rows hold, under every BLOCK_M, and with K's runs in programs of their own
+    (partials, as for M <= 64) or added in turn in one program (as for more rows)."""
     w, _ = weight(t, 130, _blocks_per_row(t), seed=9)
+    cfg = _splits(w, splits)
     gen = torch.Generator().manual_seed(9)
     rows = lambda m: (torch.randn(m, w.n_cols, generator=gen) / 64).half().to(device)  # noqa: E731 (finite gated products)
     probe = rows(1)
-    alone = gemm(w, probe)
-    alone_g = gemm_gated(w, w, probe)
-    cfg = gemm_config(w)
-    for m in (1, 3, 17, 64, 200):
-        for where in sorted({0, m // 2, m - 1}):
+    alone = gemm(w, probe, config=cfg)
+    alone_g = gemm_gated(w, w, probe, config=cfg)
+    assert torch.equal(gemm(w, probe, config=cfg, parallel=False), alone)
+    for m, places in ((1, [0]), (3, [0, 2]), (17, [8]), (64, [0, 63])):
+        for where in places:
             x = rows(m)
             x[where] = probe[0]
-            assert torch.equal(gemm(w, x)[where], alone[0]), (m, where, block_m(m))
-            assert torch.equal(gemm(w, x, config=cfg)[where], alone[0])
-            assert torch.equal(gemm_gated(w, w, x)[where], alone_g[0]), (m, where)
+            assert torch.equal(gemm(w, x, config=cfg)[where], alone[0]), (m, where, block_m(m))
+            assert torch.equal(gemm_gated(w, w, x, config=cfg)[where], alone_g[0]), (m, where)
     x = rows(40)
     x[21] = probe[0]
     for bm in (16, 32, 64, 128):
-        assert torch.equal(gemm(w, x, bm=bm)[21], alone[0]), bm
+        assert torch.equal(gemm(w, x, config=cfg, bm=bm, parallel=bm < 64)[21], alone[0]), bm
+    assert torch.equal(gemm_gated(w, w, x, config=cfg, parallel=False)[21], alone_g[0])
 
 
 def test_gemm_refuses_what_it_cannot_run(random_blocks, device):

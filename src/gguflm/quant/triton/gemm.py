@@ -18,13 +18,25 @@ same way: the dot runs over a permutation of the chunk's K positions, fixed per 
 The weight tile is the dot's left operand (``BLOCK_N`` >= 64 rows: Hopper's warp-group
 MMA for any M), the activations its right one (``BLOCK_M`` >= 16 columns).
 
+**Split-K.** A weight with few ``BLOCK_N`` tiles (2048 rows: 32 programs for a batched
+decode step on a 132-SM GPU) cuts K into ``splits`` runs of whole K steps
+(:func:`gemm_config`, from the weight's N and K alone). Each run's sum starts from zero,
+and the runs' sums are added in order s = 0, 1, ..., S-1, from zero, in float32. For a
+few rows (M <= SPLIT_MAX_M) the runs are programs of their own (grid axis 2) that store
+float32 partials [1 + GATED, S, M, N] (a fresh tensor from torch's caching allocator: a
+CUDA graph captures its address in its own pool); :func:`_reduce_kernel` adds them and
+ends the product (bias, act(g) * u, the output rounding). For more rows one program runs
+the runs in turn and adds them itself: the same operations in the same order, the same
+bits, no partials traffic.
+
 **Batch invariance.** Each output element is one fixed sequence of MMA steps: the
-chunks in K order, BB blocks each, the same permutation inside a chunk, one float32
-accumulator, no split-K. ``BLOCK_N``, ``BB``, warps and stages depend on the weight
-only (:func:`gemm_config`); only ``BLOCK_M`` follows M (:func:`block_m`), and a row's
-result does not depend on the other rows of its tile. So a row of X gives the same bits
-whatever M is and wherever the row sits in the batch (tests/cuda/test_gemm.py checks
-it at M = 1, 3, 17, 64, 200).
+chunks in K order, BB blocks each, the same permutation inside a chunk, float32
+accumulators, the runs of K added in order. ``BLOCK_N``, ``BB``, the splits, warps and
+stages depend on the weight only (:func:`gemm_config`); only ``BLOCK_M`` and whether the
+runs run in parallel follow M, and a row's result depends on neither nor on the other
+rows of its tile. So a row of X gives the same bits whatever M is and wherever the row
+sits in the batch (tests/cuda/test_gemm.py checks it at M = 1, 3, 17, 64, with and
+without split-K, on the GPU and in Triton's interpreter).
 
 :func:`gemm_reference` is the plain-torch twin: dequantize exactly, round to float16,
 then matmul in float64.
@@ -42,6 +54,9 @@ from gguflm.quant.triton.codecs import codebook, codec, unit
 from gguflm.quant.triton.planes import PackedWeight
 
 CHUNK = 256  # K values a program decodes per step (BB blocks): one K-quant super-block
+SPLIT_PROGRAMS = 256  # programs a split weight aims at for one BLOCK_M of rows (132 SMs on an H200)
+SPLIT_MAX_M = 64  # up to this many rows the runs of K of a split weight run in parallel (partials)
+REDUCE_N, REDUCE_M = 64, 16  # tile of the reduction of the partials
 
 
 @triton.jit
@@ -68,29 +83,12 @@ def _activation_tile(X_ptr, xrow, k, K, BLOCK_M: tl.constexpr, BK: tl.constexpr)
     return tl.trans(tl.reshape(x.to(tl.float16), [BLOCK_M, BK]))
 
 
-@triton.jit(do_not_specialize=["M"])  # one compilation for every M of a BLOCK_M
-def _gemm_kernel(W_ptr, WU_ptr, T_ptr, X_ptr, B_ptr, Y_ptr, M, N, K, nb, n_blocks, x_row_stride, y_row_stride,
-                 DECODE: tl.constexpr, QK: tl.constexpr, UNIT: tl.constexpr, BB: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GATED: tl.constexpr, GELU: tl.constexpr,
-                 BIAS: tl.constexpr):
-    """Y[m, r] for this program's BLOCK_M rows m (axis 0 of the grid: the programs that
-    share a weight tile run side by side) and BLOCK_N weight rows r (axis 1). GATED:
-    act(g) * u with silu(g) = g sigmoid(g), or with GELU gelu_tanh(g) = g sigmoid(2 z),
-    z = sqrt(2/pi) (g + 0.044715 g^3), on the float32 accumulators."""
-    ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    xrow = tl.minimum(ms, M - 1).to(tl.int64) * x_row_stride                  # loads stay inside X
-    blk0 = tl.minimum(rs, N - 1).to(tl.int64) * nb                            # and inside W
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    if GATED:
-        acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for b0 in range(0, nb, BB):
-        w, k = _weight_tile(W_ptr, T_ptr, blk0, b0, nb, n_blocks, DECODE, QK, UNIT, BB, BLOCK_N)
-        x = _activation_tile(X_ptr, xrow, k, K, BLOCK_M, BB * QK)
-        acc = tl.dot(w, x, acc)
-        if GATED:
-            wu, k = _weight_tile(WU_ptr, T_ptr, blk0, b0, nb, n_blocks, DECODE, QK, UNIT, BB, BLOCK_N)
-            acc_u = tl.dot(wu, x, acc_u)
+@triton.jit
+def _epilogue(acc, acc_u, B_ptr, rs, N, GATED: tl.constexpr, GELU: tl.constexpr, BIAS: tl.constexpr):
+    """The float32 sums [BLOCK_N, BLOCK_M] of rows ``rs`` -> the output before its rounding:
+    GATED act(g) * u with silu(g) = g sigmoid(g), or with GELU gelu_tanh(g) = g sigmoid(2 z),
+    z = sqrt(2/pi) (g + 0.044715 g^3); then + b. One function for both kernels that end a
+    product (the same operations, so the same bits)."""
     if GATED:
         if GELU:
             acc = acc * tl.sigmoid(2.0 * 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)) * acc_u
@@ -98,8 +96,94 @@ def _gemm_kernel(W_ptr, WU_ptr, T_ptr, X_ptr, B_ptr, Y_ptr, M, N, K, nb, n_block
             acc = acc * tl.sigmoid(acc) * acc_u
     if BIAS:
         acc += tl.load(B_ptr + tl.minimum(rs, N - 1)).to(tl.float32)[:, None]
-    ptrs = Y_ptr + ms.to(tl.int64)[None, :] * y_row_stride + rs[:, None]
-    tl.store(ptrs, acc.to(Y_ptr.dtype.element_ty), mask=(rs < N)[:, None] & (ms < M)[None, :])
+    return acc
+
+
+@triton.jit(do_not_specialize=["M"])  # one compilation for every M of a BLOCK_M
+def _gemm_kernel(W_ptr, WU_ptr, T_ptr, X_ptr, B_ptr, Y_ptr, P_ptr, M, N, K, nb, n_blocks, x_row_stride, y_row_stride,
+                 split_blocks, n_splits,
+                 DECODE: tl.constexpr, QK: tl.constexpr, UNIT: tl.constexpr, BB: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GATED: tl.constexpr, GELU: tl.constexpr,
+                 BIAS: tl.constexpr, SPLIT: tl.constexpr, PARTIAL: tl.constexpr):
+    """Y[m, r] for this program's BLOCK_M rows m (axis 0 of the grid: the programs that
+    share a weight tile run side by side) and BLOCK_N weight rows r (axis 1).
+
+    SPLIT: K is cut into ``n_splits`` runs of ``split_blocks`` blocks; each run's sum
+    starts from zero and the runs' sums are added in order s = 0, 1, ... PARTIAL: this
+    program computes run s = axis 2 only and stores its raw sums into the float32
+    partials P [1 + GATED, n_splits, M, N] (:func:`_reduce_kernel` adds and ends them);
+    else it runs every split in turn itself (the same additions, in registers)."""
+    ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    xrow = tl.minimum(ms, M - 1).to(tl.int64) * x_row_stride                  # loads stay inside X
+    blk0 = tl.minimum(rs, N - 1).to(tl.int64) * nb                            # and inside W
+    if SPLIT:
+        total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        if GATED:
+            total_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        if PARTIAL:
+            s_lo = tl.program_id(2)
+            s_hi = s_lo + 1
+        else:
+            s_lo = 0
+            s_hi = n_splits
+    else:
+        s_lo = 0
+        s_hi = 1
+        split_blocks = nb
+    for s in range(s_lo, s_hi):
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        if GATED:
+            acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for b0 in range(s * split_blocks, tl.minimum(s * split_blocks + split_blocks, nb), BB):
+            w, k = _weight_tile(W_ptr, T_ptr, blk0, b0, nb, n_blocks, DECODE, QK, UNIT, BB, BLOCK_N)
+            x = _activation_tile(X_ptr, xrow, k, K, BLOCK_M, BB * QK)
+            acc = tl.dot(w, x, acc)
+            if GATED:
+                wu, k = _weight_tile(WU_ptr, T_ptr, blk0, b0, nb, n_blocks, DECODE, QK, UNIT, BB, BLOCK_N)
+                acc_u = tl.dot(wu, x, acc_u)
+        if SPLIT:
+            total += acc
+            if GATED:
+                total_u += acc_u
+    if SPLIT:
+        acc = total
+        if GATED:
+            acc_u = total_u
+    inside = (rs < N)[:, None] & (ms < M)[None, :]
+    if PARTIAL:
+        ptrs = P_ptr + (tl.program_id(2) * M + ms.to(tl.int64))[None, :] * N + rs[:, None]
+        tl.store(ptrs, total, mask=inside)
+        if GATED:
+            tl.store(ptrs + n_splits * M * N, total_u, mask=inside)
+    else:
+        if not GATED:
+            acc_u = acc
+        acc = _epilogue(acc, acc_u, B_ptr, rs, N, GATED, GELU, BIAS)
+        ptrs = Y_ptr + ms.to(tl.int64)[None, :] * y_row_stride + rs[:, None]
+        tl.store(ptrs, acc.to(Y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _reduce_kernel(P_ptr, B_ptr, Y_ptr, M, N, n_splits, y_row_stride,
+                   GATED: tl.constexpr, GELU: tl.constexpr, BIAS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Y from the partials P [1 + GATED, n_splits, M, N]: the split sums added in order
+    s = 0 .. n_splits - 1 from zero (as :func:`_gemm_kernel` adds them itself), then the
+    epilogue and the output rounding."""
+    ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = (rs < N)[:, None] & (ms < M)[None, :]
+    ptrs = P_ptr + ms.to(tl.int64)[None, :] * N + rs[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for s in range(0, n_splits):
+        acc += tl.load(ptrs + s * M * N, mask=inside, other=0.0)
+        if GATED:
+            acc_u += tl.load(ptrs + (n_splits + s) * M * N, mask=inside, other=0.0)
+    acc = _epilogue(acc, acc_u, B_ptr, rs, N, GATED, GELU, BIAS)
+    tl.store(Y_ptr + ms.to(tl.int64)[None, :] * y_row_stride + rs[:, None], acc.to(Y_ptr.dtype.element_ty),
+             mask=inside)
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,14 +193,16 @@ def _gemm_kernel(W_ptr, WU_ptr, T_ptr, X_ptr, B_ptr, Y_ptr, M, N, K, nb, n_block
 @dataclass(frozen=True)
 class GemmConfig:
     """Launch shape that fixes every output element's reduction order: ``block_n``
-    weight rows per program, ``bb`` blocks per K step, warps and pipeline stages; and
-    the largest ``BLOCK_M`` (shared memory), which only bounds :func:`block_m`."""
+    weight rows per program, ``bb`` blocks per K step, warps and pipeline stages,
+    ``splits`` runs of K summed apart then added in order (1: one sum over all of K);
+    and the largest ``BLOCK_M`` (shared memory), which only bounds :func:`block_m`."""
 
     block_n: int
     bb: int
     num_warps: int
     num_stages: int
     max_block_m: int = 128
+    splits: int = 1
 
 
 def gemm_config(w: PackedWeight) -> GemmConfig:
@@ -125,12 +211,16 @@ def gemm_config(w: PackedWeight) -> GemmConfig:
     tile), CHUNK values per K step (fewer for a row shorter than that), 8 warps (no
     register spills at BLOCK_M 128, sm_90), 2 stages. Codebook types (IQ4_NL, IQ4_XS)
     gather through the codebook: 1 stage and BLOCK_M <= 64 keep them inside the shared
-    memory of an SM (checked by benchmarks/gemm_compile_check.py)."""
+    memory of an SM (checked by benchmarks/gemm_compile_check.py). ``splits``: enough
+    runs of K that a few rows (one BLOCK_M) keep SPLIT_PROGRAMS programs busy, at most
+    one per K step (1 for wide weights: the output head)."""
     c = codec(w.ggml_type)
     bb = max(1, min(CHUNK // w.layout.block_size, triton.next_power_of_2(w.blocks_per_row)))
+    tiles = triton.cdiv(w.n_rows, 64)
+    splits = max(1, min(triton.cdiv(w.blocks_per_row, bb), triton.cdiv(SPLIT_PROGRAMS, tiles)))
     if c is not None and c.bits == 0:
-        return GemmConfig(64, bb, 8, 1, 64)
-    return GemmConfig(64, bb, 8, 2, 128)
+        return GemmConfig(64, bb, 8, 1, 64, splits)
+    return GemmConfig(64, bb, 8, 2, 128, splits)
 
 
 def block_m(m: int, cap: int = 128) -> int:
@@ -138,9 +228,17 @@ def block_m(m: int, cap: int = 128) -> int:
     return min(cap, max(16, triton.next_power_of_2(m)))
 
 
+def split_blocks(cfg: GemmConfig, blocks_per_row: int) -> tuple[int, int]:
+    """(blocks per run of K, number of runs) of ``cfg.splits`` over a row of
+    ``blocks_per_row`` blocks: whole K steps per run, no empty run."""
+    steps = triton.cdiv(blocks_per_row, cfg.bb)
+    per_run = triton.cdiv(steps, max(1, min(cfg.splits, steps))) * cfg.bb
+    return per_run, triton.cdiv(blocks_per_row, per_run)
+
+
 def _launch(w: PackedWeight, wu: PackedWeight | None, x: torch.Tensor, out: torch.Tensor | None,
             bias: torch.Tensor | None, out_dtype: torch.dtype, config: GemmConfig | None,
-            bm: int | None, gelu: bool = False) -> torch.Tensor:
+            bm: int | None, gelu: bool = False, parallel: bool | None = None) -> torch.Tensor:
     c = codec(w.ggml_type)
     if c is None:
         raise ValueError(f"no fused kernel for {w.ggml_type.name}")
@@ -154,34 +252,50 @@ def _launch(w: PackedWeight, wu: PackedWeight | None, x: torch.Tensor, out: torc
     if m == 0:
         return out
     cfg = config or gemm_config(w)
-    bm = bm or block_m(m, cfg.max_block_m)
-    nb = w.blocks_per_row
-    grid = (triton.cdiv(m, bm), triton.cdiv(w.n_rows, cfg.block_n))
+    nb, n = w.blocks_per_row, w.n_rows
+    per_run, runs = split_blocks(cfg, nb)
+    if parallel is None:
+        parallel = m <= SPLIT_MAX_M
+    parallel = parallel and runs > 1
+    cap = cfg.max_block_m if parallel or runs == 1 or wu is None else min(cfg.max_block_m, 64)  # registers
+    bm = bm or block_m(m, cap)
+    gated = wu is not None
+    partials = torch.empty((1 + gated) * runs * m * n if parallel else 1, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, cfg.block_n), runs if parallel else 1)
     _gemm_kernel[grid](
-        w.planes, wu.planes if wu is not None else w.planes, codebook(x.device), x,
-        bias if bias is not None else out, out, m, w.n_rows, w.n_cols, nb, w.n_rows * nb, x.stride(0), out.stride(0),
+        w.planes, wu.planes if gated else w.planes, codebook(x.device), x,
+        bias if bias is not None else out, out, partials, m, n, w.n_cols, nb, n * nb, x.stride(0), out.stride(0),
+        per_run, runs,
         DECODE=c.fn, QK=c.block_size, UNIT=unit(c), BB=cfg.bb, BLOCK_N=cfg.block_n, BLOCK_M=bm,
-        GATED=wu is not None, GELU=gelu, BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        GATED=gated, GELU=gelu, BIAS=bias is not None, SPLIT=runs > 1, PARTIAL=parallel,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if parallel:
+        _reduce_kernel[(triton.cdiv(m, REDUCE_M), triton.cdiv(n, REDUCE_N))](
+            partials, bias if bias is not None else out, out, m, n, runs, out.stride(0),
+            GATED=gated, GELU=gelu, BIAS=bias is not None, BLOCK_N=REDUCE_N, BLOCK_M=REDUCE_M, num_warps=4)
     return out
 
 
 def gemm(w: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
          out_dtype: torch.dtype = torch.float16, config: GemmConfig | None = None,
-         bm: int | None = None) -> torch.Tensor:
+         bm: int | None = None, parallel: bool | None = None) -> torch.Tensor:
     """``x W^T (+ bias)``: x float16 [M, n_cols] -> [M, n_rows] (``out``, or a new tensor of
     ``out_dtype``). ``bias``: [n_rows], added in float32 before the output rounding.
-    ``bm`` overrides :func:`block_m` (tests: it must not change a bit)."""
-    return _launch(w, None, x, out, bias, out_dtype, config, bm)
+    ``bm`` overrides :func:`block_m`, ``parallel`` whether the runs of K of a split
+    weight run in programs of their own (default: for M <= SPLIT_MAX_M) — tests: neither
+    may change a bit."""
+    return _launch(w, None, x, out, bias, out_dtype, config, bm, parallel=parallel)
 
 
 def gemm_gated(wg: PackedWeight, wu: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
-               gelu: bool = False, config: GemmConfig | None = None, bm: int | None = None) -> torch.Tensor:
+               gelu: bool = False, config: GemmConfig | None = None, bm: int | None = None,
+               parallel: bool | None = None) -> torch.Tensor:
     """``act(x Wg^T) * (x Wu^T)``, act SiLU (SwiGLU) or with ``gelu`` GELU-tanh (GeGLU), from
     the float32 accumulators, rounded once to float16; Wg and Wu share type and shape.
     -> float16 [M, n_rows]."""
     if (wg.ggml_type, wg.n_rows, wg.n_cols) != (wu.ggml_type, wu.n_rows, wu.n_cols):
         raise ValueError("gate and up weights must share type and shape")
-    return _launch(wg, wu, x, out, None, torch.float16, config, bm, gelu)
+    return _launch(wg, wu, x, out, None, torch.float16, config, bm, gelu, parallel)
 
 
 # ---------------------------------------------------------------------------------------
