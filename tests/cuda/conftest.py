@@ -1,6 +1,8 @@
 """Fixtures of the CUDA-path tests. Without a GPU the Triton kernels run in Triton's
 interpreter on the CPU (TRITON_INTERPRET=1, set here before any kernel module is
-imported), on small shapes; tests marked ``cuda`` need the real device.
+imported), on small shapes, the model's many-token matmuls there through torch
+(GGUFLM_MATMUL=cublas) unless a test asks for the fused GEMM; tests marked ``cuda`` need
+the real device.
 
 Oracles: libggml's own dequantizers (``gguflm.verify.ggml_oracle``), float64
 recomputations of each formula, and the float64 reference forward pass
@@ -20,6 +22,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # the model's many-token matmuls: dequantization + torch matmul (the fused GEMM, the
+    # GPU's default, costs minutes per model test in the interpreter); tests/cuda/test_gemm.py
+    # and the tests that need the GEMM through the model set GGUFLM_MATMUL=gemm themselves
+    os.environ.setdefault("GGUFLM_MATMUL", "cublas")
 
 pytest.importorskip("triton")
 

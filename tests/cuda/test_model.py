@@ -11,6 +11,7 @@ import torch
 import gguflm
 from gguflm.model.config import ModelConfig
 from gguflm.model.cuda import load_cuda
+from gguflm.quant.triton.gemm import gemm_config
 from gguflm.verify.reference import reference_logits
 
 IDS = [1, 450, 439, 293, 110, 289]  # "<s>The quick brown" in the llama SPM vocabulary (first 512 tokens)
@@ -251,6 +252,35 @@ def test_batched_graph_equals_eager_batched_steps(tiny_model):
     assert runs[0] == runs[1]
 
 
+def test_batched_step_rows_are_width_invariant(tiny_model, device, monkeypatch):
+    """With the fused GEMM (the default; its split-K in the FFN down projection here) every
+    linear of the model is packed, so the batched step's rows do not depend on the width:
+    a sequence's logits are the same bits at widths 2, 4 and 8, at another place in the
+    batch beside other sequences (and padding rows)."""
+    monkeypatch.setenv("GGUFLM_MATMUL", "gemm")
+    m = _load(tiny_model("Q4_K_M"), device)
+    assert m.decode_width_free
+    assert max(gemm_config(lin.packed).splits for lin in m.weights.layers[0].linears()) > 1
+    cache = m.new_cache(8)
+    prompts = {0: [1, 450, 439], 1: [1, 293, 110, 289], 2: [1, 17], 3: [1, 450, 439, 293, 110], 4: [1, 99, 98]}
+    n = max(map(len, prompts.values()))
+    tokens = torch.tensor([p + [0] * (n - len(p)) for p in prompts.values()], device=device)
+    positions = torch.tensor([list(range(len(p))) + [-1] * (n - len(p)) for p in prompts.values()], device=device)
+    m.forward(tokens, positions, cache, torch.tensor(list(prompts), device=device), last_only=True)
+
+    def step(slots: list[int]) -> torch.Tensor:
+        toks = torch.tensor([[7 + s] for s in slots], device=device)
+        pos = torch.tensor([[len(prompts[s])] for s in slots], device=device)
+        return m.forward(toks, pos, cache, torch.tensor(slots, device=device), last_only=True).clone()
+
+    two = step([3, 1])                  # width 2
+    three = step([1, 2, 3])             # width 4, one padding row
+    five = step([0, 1, 2, 3, 4])        # width 8, three padding rows
+    assert torch.equal(two[0], three[2]) and torch.equal(two[0], five[3])
+    assert torch.equal(two[1], three[0]) and torch.equal(two[1], five[1])
+    assert {w for _, w in m._batched} == {2, 4, 8}
+
+
 def test_row_chunked_matmul_equals_whole(model_and_ref):
     """A many-token matmul dequantizing its weight 64 rows at a time (as the output
     projection does) gives the same float16 product as one whole-weight dequantization."""
@@ -263,15 +293,21 @@ def test_row_chunked_matmul_equals_whole(model_and_ref):
     assert (pieces - whole).abs().max() <= 1e-3 * whole.abs().max()
 
 
-def test_scheduler_output_alone_equals_among_others(model_and_ref):
-    """Served through the scheduler (which pins the decode width, reads one prompt per
-    forward and reuses no cached keys), a request's greedy tokens and their
-    log-probabilities are bit-for-bit the same alone as among others that start, run
-    and stop at other times (a shared prompt prefix included)."""
+@pytest.mark.parametrize("matmul", ["cublas", "gemm"])
+def test_scheduler_output_alone_equals_among_others(model_and_ref, matmul, monkeypatch):
+    """Served through the scheduler (which runs every one-token step through the batched
+    step, reads one prompt per forward and reuses no cached keys), a request's greedy
+    tokens and their log-probabilities are bit-for-bit the same alone as among others
+    that start, run and stop at other times (a shared prompt prefix included). With the
+    fused GEMM the steps run at the width of the live rows (alone: 2, of 4 slots); with
+    cuBLAS (rounding by shape) all at the width of all slots."""
     from gguflm.engine.sampling import SamplingParams
     from gguflm.engine.scheduler import Job, Piece, Scheduler, run_jobs
 
     m, _ = model_and_ref
+    monkeypatch.setenv("GGUFLM_MATMUL", matmul)
+    if matmul == "gemm" and m.device.type == "cpu" and "Q4_0" in str(m.file.path):
+        pytest.skip("one quantization is enough in Triton's interpreter (slow)")
     greedy = SamplingParams(temperature=0)
     target = Job(tuple(IDS[:6]), greedy, 10, top_logprobs=0)
     others = [Job(tuple(IDS[:4]), greedy, 3), Job(tuple(IDS[:6] + IDS[1:3]), greedy, 14),
@@ -284,9 +320,11 @@ def test_scheduler_output_alone_equals_among_others(model_and_ref):
         finally:
             sched.close()
 
+    m._batched.clear()
     alone = served([target])[0]
+    assert {w for _, w in m._batched} == ({2} if matmul == "gemm" else {4})
     together = served(others[:2] + [target] + others[2:])[2]
-    assert not m.batch_invariant
+    assert not m.batch_invariant and m.decode_width_free == (matmul == "gemm")
 
     def logprobs(events) -> list:
         return [(lp.id, lp.logprob) for e in events if isinstance(e, Piece) for lp in e.logprobs]

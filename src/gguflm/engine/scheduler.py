@@ -61,11 +61,14 @@ full context) no extra step is launched. The tokens are the same as without runn
 ahead (the chain draws in the same order; a request that keeps logits, asks for
 log-probabilities or uses penalties, which need the host's history, does not run ahead).
 
-For a model that is not ``batch_invariant`` (CUDA: its kernels round differently with
-the shapes of a step), the scheduler keeps what a request computes independent of the
-others: every one-token step has the same width (``Model.pin_decode_width``), each
-forward reads the prompt of one request, and no keys/values are reused from another
-computation (no prompt cache). A request's output is then the same alone or among others.
+For a model that is not ``batch_invariant`` (CUDA: one row and many rows, a prompt alone
+and padded beside others, run different kernels), the scheduler keeps what a request
+computes independent of the others: every one-token step runs the same kernels whoever
+shares it (``Model.pin_decode_width``: on CUDA the batched step for one row too, at the
+width of the live rows when its rows do not depend on the width — the fused GEMM — else
+at the width of all slots), each forward reads the prompt of one request, and no
+keys/values are reused from another computation (no prompt cache). A request's output is
+then the same alone or among others.
 
 Requests join and leave between steps. Results go out through each request's ``emit``
 callback, called on the worker thread, as :class:`Piece`, then one :class:`Done` or

@@ -85,8 +85,9 @@ class Model:
         """Release what the model holds beyond memory (a tensor-parallel model's other ranks)."""
 
     def pin_decode_width(self, cache: KVCache) -> None:
-        """Run every later one-token step over ``cache`` with the same shapes, whatever
-        number of rows it has (nothing to do where ``batch_invariant``)."""
+        """Run every later one-token step over ``cache`` through the same kernels (at the
+        same shapes where their rounding depends on them), whatever number of rows it has
+        (nothing to do where ``batch_invariant``)."""
 
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """Float32 [len(ids), n_vocab]: the logits after each token, from a fresh context."""

@@ -43,7 +43,7 @@ from gguflm.model.config import ModelConfig
 from gguflm.model.cuda.batched import BatchedDecode, batch_width
 from gguflm.model.cuda.decode import DecodeGraphs
 from gguflm.model.cuda.forward import forward_plain, forward_tokens, plain_start
-from gguflm.model.cuda.weights import HALF, CudaWeights
+from gguflm.model.cuda.weights import HALF, CudaWeights, fused_gemm
 from gguflm.model.layers import Rope
 from gguflm.model.model import Model
 
@@ -63,12 +63,16 @@ def _lru(table: OrderedDict, key: tuple, limit: int, make: Any) -> Any:
 
 
 class CudaModel(Model):
-    """A model whose weights live on a CUDA device in their quantized form. Not batch
-    invariant: one row decodes through the fused GEMVs (float32 activations), several
-    through float16 cuBLAS matmuls whose rounding depends on the shapes (with
-    ``GGUFLM_MATMUL=gemm`` the fused GEMM: rows independent of the batch, but not the GEMV's);
-    :meth:`pin_decode_width` makes every one-token step over a cache use the batched
-    step at one width, so that a row computes the same whoever shares its step."""
+    """A model whose weights live on a CUDA device in their quantized form. Not
+    ``batch_invariant``: one row decodes through the fused GEMVs (float32 activations),
+    several through the batched step (float16 activations into the fused GEMM), and
+    prompts through attention kernels that depend on the step's shape (one sequence or
+    padded rows, where a chunk starts). :meth:`pin_decode_width` makes every one-token
+    step over a cache run the batched step (one row too), so that a row computes the
+    same whoever shares its step: at the width of the live rows where
+    :attr:`decode_width_free` (a row of the batched step gives the same bits at any
+    width: the fused GEMM runs every linear of it), else at one width for all steps
+    (``GGUFLM_MATMUL=cublas``, a float16 fallback weight: cuBLAS rounds by shape)."""
 
     batch_invariant = False
     paged_cache = False  # by default one contiguous block per slot (see the module docstring)
@@ -77,6 +81,8 @@ class CudaModel(Model):
                  n_ctx: int, device: torch.device, use_graphs: bool = True):
         super().__init__(file, config, None, n_ctx, device)
         self.weights = weights
+        self._all_packed = all(lin.packed is not None for lin in
+                               [weights.output] + [lin for layer in weights.layers for lin in layer.linears()])
         self.rope = Rope(config, n_ctx, weights.rope_freqs, device)
         self.use_graphs = use_graphs
         self._graphs: OrderedDict[tuple[int, int], DecodeGraphs] = OrderedDict()
@@ -118,14 +124,15 @@ class CudaModel(Model):
         of a T = 1 step must have positions >= 0 and distinct slots); a run of tokens of
         one sequence (a prefill) runs eagerly the first time its shape (length, start,
         slot) is seen and from a captured graph after that. Over a cache pinned by
-        :meth:`pin_decode_width`, every one-token step is a batched step of the pinned
-        width and prefills always run eagerly. Graph outputs are buffers that the graph's
-        next replay overwrites. Over a paged cache: one-token steps run the batched step,
+        :meth:`pin_decode_width`, every one-token step is a batched step (of the pinned
+        width unless :attr:`decode_width_free`) and prefills always run eagerly. Graph
+        outputs are buffers that the graph's next replay overwrites. Over a paged cache: one-token steps run the batched step,
         other steps the padded-rows path."""
         on_gpu = self.use_graphs and cache.k.dtype == HALF and cache.k.device.type == "cuda"
         pinned = self._pinned.get(cache.k.data_ptr())
         if tokens.shape[1] == 1 and (tokens.shape[0] > 1 or pinned or cache.paged) and cache.k.dtype == HALF:
-            step = self.batched(cache, tokens.shape[0], width=pinned)
+            width = None if self.decode_width_free else pinned       # None: the live rows' width
+            step = self.batched(cache, tokens.shape[0], width=width)
             logits = step.step(tokens, positions, slots, *self._stream_and_pool())
             return logits if last_only else logits[:, None]
         if on_gpu and tokens.shape == (1, 1):
@@ -159,9 +166,18 @@ class CudaModel(Model):
         one does (eagerly). For measuring what a never-seen prompt costs."""
         self._prefills.clear()
 
+    @property
+    def decode_width_free(self) -> bool:
+        """A row of the batched step computes the same bits at any width: every linear it
+        runs (the layers' and the output head) is packed and the fused GEMM is on (its
+        reduction order is fixed per weight; norms and the decode attention go row by
+        row). Then a pinned cache's steps run at the width of their live rows."""
+        return self._all_packed and fused_gemm()
+
     def pin_decode_width(self, cache: KVCache) -> None:
-        """Every later one-token step over ``cache`` (one row too) runs the batched step
-        at the width of all its slots (see the class docstring)."""
+        """Every later one-token step over ``cache`` (one row too) runs the batched step:
+        at the width of its live rows where :attr:`decode_width_free`, else at the width
+        of all its slots (see the class docstring)."""
         self._pinned[cache.k.data_ptr()] = batch_width(cache.n_slots)
 
     def batched(self, cache: KVCache, n_rows: int, width: int | None = None) -> BatchedDecode:

@@ -84,6 +84,22 @@ def _activation_tile(X_ptr, xrow, k, K, BLOCK_M: tl.constexpr, BK: tl.constexpr)
 
 
 @triton.jit
+def _k_run(acc, acc_u, W_ptr, WU_ptr, T_ptr, X_ptr, xrow, blk0, b_lo, b_hi, nb, n_blocks, K,
+           DECODE: tl.constexpr, QK: tl.constexpr, UNIT: tl.constexpr, BB: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GATED: tl.constexpr):
+    """Blocks b_lo .. b_hi-1 of K, BB at a time, MMA-accumulated onto ``acc`` (and, GATED,
+    the up weight's onto ``acc_u``): float32 [BLOCK_N, BLOCK_M]."""
+    for b0 in range(b_lo, b_hi, BB):
+        w, k = _weight_tile(W_ptr, T_ptr, blk0, b0, nb, n_blocks, DECODE, QK, UNIT, BB, BLOCK_N)
+        x = _activation_tile(X_ptr, xrow, k, K, BLOCK_M, BB * QK)
+        acc = tl.dot(w, x, acc)
+        if GATED:
+            wu, k = _weight_tile(WU_ptr, T_ptr, blk0, b0, nb, n_blocks, DECODE, QK, UNIT, BB, BLOCK_N)
+            acc_u = tl.dot(wu, x, acc_u)
+    return acc, acc_u
+
+
+@triton.jit
 def _epilogue(acc, acc_u, B_ptr, rs, N, GATED: tl.constexpr, GELU: tl.constexpr, BIAS: tl.constexpr):
     """The float32 sums [BLOCK_N, BLOCK_M] of rows ``rs`` -> the output before its rounding:
     GATED act(g) * u with silu(g) = g sigmoid(g), or with GELU gelu_tanh(g) = g sigmoid(2 z),
@@ -117,48 +133,38 @@ def _gemm_kernel(W_ptr, WU_ptr, T_ptr, X_ptr, B_ptr, Y_ptr, P_ptr, M, N, K, nb, 
     rs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     xrow = tl.minimum(ms, M - 1).to(tl.int64) * x_row_stride                  # loads stay inside X
     blk0 = tl.minimum(rs, N - 1).to(tl.int64) * nb                            # and inside W
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     if SPLIT:
-        total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        if GATED:
-            total_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         if PARTIAL:
             s_lo = tl.program_id(2)
             s_hi = s_lo + 1
         else:
             s_lo = 0
             s_hi = n_splits
-    else:
-        s_lo = 0
-        s_hi = 1
-        split_blocks = nb
-    for s in range(s_lo, s_hi):
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        if GATED:
-            acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for b0 in range(s * split_blocks, tl.minimum(s * split_blocks + split_blocks, nb), BB):
-            w, k = _weight_tile(W_ptr, T_ptr, blk0, b0, nb, n_blocks, DECODE, QK, UNIT, BB, BLOCK_N)
-            x = _activation_tile(X_ptr, xrow, k, K, BLOCK_M, BB * QK)
-            acc = tl.dot(w, x, acc)
+        total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        total_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for s in range(s_lo, s_hi):
+            run, run_u = _k_run(tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
+                                tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
+                                W_ptr, WU_ptr, T_ptr, X_ptr, xrow, blk0, s * split_blocks,
+                                tl.minimum(s * split_blocks + split_blocks, nb), nb, n_blocks, K,
+                                DECODE, QK, UNIT, BB, BLOCK_N, BLOCK_M, GATED)
+            total += run
             if GATED:
-                wu, k = _weight_tile(WU_ptr, T_ptr, blk0, b0, nb, n_blocks, DECODE, QK, UNIT, BB, BLOCK_N)
-                acc_u = tl.dot(wu, x, acc_u)
-        if SPLIT:
-            total += acc
-            if GATED:
-                total_u += acc_u
-    if SPLIT:
+                total_u += run_u
         acc = total
-        if GATED:
-            acc_u = total_u
+        acc_u = total_u
+    else:
+        acc, acc_u = _k_run(acc, acc_u, W_ptr, WU_ptr, T_ptr, X_ptr, xrow, blk0, 0, nb, nb, n_blocks, K,
+                            DECODE, QK, UNIT, BB, BLOCK_N, BLOCK_M, GATED)
     inside = (rs < N)[:, None] & (ms < M)[None, :]
     if PARTIAL:
         ptrs = P_ptr + (tl.program_id(2) * M + ms.to(tl.int64))[None, :] * N + rs[:, None]
-        tl.store(ptrs, total, mask=inside)
+        tl.store(ptrs, acc, mask=inside)
         if GATED:
-            tl.store(ptrs + n_splits * M * N, total_u, mask=inside)
+            tl.store(ptrs + n_splits * M * N, acc_u, mask=inside)
     else:
-        if not GATED:
-            acc_u = acc
         acc = _epilogue(acc, acc_u, B_ptr, rs, N, GATED, GELU, BIAS)
         ptrs = Y_ptr + ms.to(tl.int64)[None, :] * y_row_stride + rs[:, None]
         tl.store(ptrs, acc.to(Y_ptr.dtype.element_ty), mask=inside)
@@ -260,10 +266,11 @@ def _launch(w: PackedWeight, wu: PackedWeight | None, x: torch.Tensor, out: torc
     cap = cfg.max_block_m if parallel or runs == 1 or wu is None else min(cfg.max_block_m, 64)  # registers
     bm = bm or block_m(m, cap)
     gated = wu is not None
-    partials = torch.empty((1 + gated) * runs * m * n if parallel else 1, dtype=torch.float32, device=x.device)
+    table = codebook(x.device)
+    partials = torch.empty((1 + gated) * runs * m * n, dtype=torch.float32, device=x.device) if parallel else table
     grid = (triton.cdiv(m, bm), triton.cdiv(n, cfg.block_n), runs if parallel else 1)
     _gemm_kernel[grid](
-        w.planes, wu.planes if gated else w.planes, codebook(x.device), x,
+        w.planes, wu.planes if gated else w.planes, table, x,
         bias if bias is not None else out, out, partials, m, n, w.n_cols, nb, n * nb, x.stride(0), out.stride(0),
         per_run, runs,
         DECODE=c.fn, QK=c.block_size, UNIT=unit(c), BB=cfg.bb, BLOCK_N=cfg.block_n, BLOCK_M=bm,
