@@ -150,16 +150,18 @@ def test_precompile_compiles_what_the_steps_launch(tiny_model, tmp_path):
     if not hasattr(JITFunction, "_do_compile"):
         pytest.skip("this Triton compiles elsewhere than JITFunction._do_compile")
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), GGUFLM_KERNEL_CACHE=str(tmp_path),
-               GGUFLM_GEMV="triton", TRITON_DEFAULT_FP_FUSION="1", GGUFLM_TIMING="0")
+               GGUFLM_GEMV="triton", TRITON_DEFAULT_FP_FUSION="1", GGUFLM_TIMING="0",
+               GGUFLM_MATMUL="gemm")  # the default (tests/cuda/conftest.py picks cublas in the interpreter)
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run([sys.executable, "-c", TRACE, str(tiny_model("Q4_0"))], capture_output=True, text=True,
                        env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = dict(line.split(" ", 1) if " " in line else (line, "") for line in r.stdout.splitlines())
     traced = set(out["traced"].split())
-    # the prefill (embedding rows, norms, dequantization for cuBLAS, RoPE, SwiGLU) and the decode step
+    # the prefill (embedding rows, norms, the fused GEMM: split-K in the FFN down projection, RoPE)
+    # and the decode step
     assert {"_dequant_kernel", "_rms_norm_half_kernel", "_add_rms_norm_half_kernel", "_rope_prefill_kernel",
-            "_gated_act_kernel", "_attn_split_kernel", "_attn_merge_kernel", "_gemv_kernel"} <= traced, traced
+            "_gemm_kernel", "_reduce_kernel", "_attn_split_kernel", "_attn_merge_kernel", "_gemv_kernel"} <= traced, traced
     assert out["after"] == "", "kernels left to compile after precompile: " + out["after"]
     assert r.stderr.count("compiling the Triton kernels (first run") == 1
     assert "Triton kernels in" in r.stderr
