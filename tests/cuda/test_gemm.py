@@ -121,6 +121,17 @@ def test_gemm_is_batch_invariant(weight, device, t, splits):
     assert torch.equal(gemm_gated(w, w, x, config=cfg, parallel=False)[21], alone_g[0])
 
 
+def test_gemm_partials_in_row_chunks(weight, device, monkeypatch):
+    """Rows past PARTIAL_ROWS take another launch of the partials path: the same bits."""
+    from gguflm.quant.triton import gemm as G
+
+    w, _ = weight(GGMLType.Q4_K, 66, _blocks_per_row(GGMLType.Q4_K), seed=4)
+    x = (torch.randn(20, w.n_cols, generator=torch.Generator().manual_seed(4)) / 64).half().to(device)
+    whole, whole_g = gemm(w, x), gemm_gated(w, w, x)
+    monkeypatch.setattr(G, "PARTIAL_ROWS", 8)
+    assert torch.equal(gemm(w, x), whole) and torch.equal(gemm_gated(w, w, x), whole_g)
+
+
 def test_gemm_refuses_what_it_cannot_run(random_blocks, device):
     w = PackedWeight.from_raw(random_blocks(GGMLType.Q4_0, 8, 0), GGMLType.Q4_0, (64, 4), device)
     with pytest.raises(ValueError, match="float16"):

@@ -22,12 +22,14 @@ MMA for any M), the activations its right one (``BLOCK_M`` >= 16 columns).
 decode step on a 132-SM GPU) cuts K into ``splits`` runs of whole K steps
 (:func:`gemm_config`, from the weight's N and K alone). Each run's sum starts from zero,
 and the runs' sums are added in order s = 0, 1, ..., S-1, from zero, in float32. For a
-few rows (M <= SPLIT_MAX_M) the runs are programs of their own (grid axis 2) that store
-float32 partials [1 + GATED, S, M, N] (a fresh tensor from torch's caching allocator: a
-CUDA graph captures its address in its own pool); :func:`_reduce_kernel` adds them and
-ends the product (bias, act(g) * u, the output rounding). For more rows one program runs
-the runs in turn and adds them itself: the same operations in the same order, the same
-bits, no partials traffic.
+few rows (M <= SPLIT_MAX_M), and for a gated product at any M (its runs in turn would
+need four accumulators: register spills past BLOCK_M 64), the runs are programs of their
+own (grid axis 2) that store float32 partials [1 + GATED, S, M, N] (a fresh tensor from
+torch's caching allocator: a CUDA graph captures its address in its own pool; at most
+PARTIAL_ROWS rows per launch); :func:`_reduce_kernel` adds them and ends the product
+(bias, act(g) * u, the output rounding). Otherwise one program runs the runs in turn and
+adds them itself: the same operations in the same order, the same bits, no partials
+traffic.
 
 **Batch invariance.** Each output element is one fixed sequence of MMA steps: the
 chunks in K order, BB blocks each, the same permutation inside a chunk, float32
@@ -56,6 +58,7 @@ from gguflm.quant.triton.planes import PackedWeight
 CHUNK = 256  # K values a program decodes per step (BB blocks): one K-quant super-block
 SPLIT_PROGRAMS = 256  # programs a split weight aims at for one BLOCK_M of rows (132 SMs on an H200)
 SPLIT_MAX_M = 64  # up to this many rows the runs of K of a split weight run in parallel (partials)
+PARTIAL_ROWS = 512  # rows of X per launch of the partials path (bounds the partials: a long prompt's gated GEMM)
 REDUCE_N, REDUCE_M = 64, 16  # tile of the reduction of the partials
 
 
@@ -259,27 +262,31 @@ def _launch(w: PackedWeight, wu: PackedWeight | None, x: torch.Tensor, out: torc
         return out
     cfg = config or gemm_config(w)
     nb, n = w.blocks_per_row, w.n_rows
-    per_run, runs = split_blocks(cfg, nb)
-    if parallel is None:
-        parallel = m <= SPLIT_MAX_M
-    parallel = parallel and runs > 1
-    cap = cfg.max_block_m if parallel or runs == 1 or wu is None else min(cfg.max_block_m, 64)  # registers
-    bm = bm or block_m(m, cap)
     gated = wu is not None
+    per_run, runs = split_blocks(cfg, nb)
+    if parallel is None:  # a gated product's runs in turn need 4 accumulators: spills past BLOCK_M 64
+        parallel = m <= SPLIT_MAX_M or gated
+    parallel = parallel and runs > 1
+    cap = cfg.max_block_m if parallel or runs == 1 or not gated else min(cfg.max_block_m, 64)   # registers
+    bm = bm or block_m(m, cap)
     table = codebook(x.device)
-    partials = torch.empty((1 + gated) * runs * m * n, dtype=torch.float32, device=x.device) if parallel else table
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, cfg.block_n), runs if parallel else 1)
-    _gemm_kernel[grid](
-        w.planes, wu.planes if gated else w.planes, table, x,
-        bias if bias is not None else out, out, partials, m, n, w.n_cols, nb, n * nb, x.stride(0), out.stride(0),
-        per_run, runs,
-        DECODE=c.fn, QK=c.block_size, UNIT=unit(c), BB=cfg.bb, BLOCK_N=cfg.block_n, BLOCK_M=bm,
-        GATED=gated, GELU=gelu, BIAS=bias is not None, SPLIT=runs > 1, PARTIAL=parallel,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if parallel:
-        _reduce_kernel[(triton.cdiv(m, REDUCE_M), triton.cdiv(n, REDUCE_N))](
-            partials, bias if bias is not None else out, out, m, n, runs, out.stride(0),
-            GATED=gated, GELU=gelu, BIAS=bias is not None, BLOCK_N=REDUCE_N, BLOCK_M=REDUCE_M, num_warps=4)
+    rows = PARTIAL_ROWS if parallel else m                  # partials of at most PARTIAL_ROWS rows at once
+    partials = torch.empty((1 + gated) * runs * min(m, rows) * n, dtype=torch.float32, device=x.device) \
+        if parallel else table
+    for r0 in range(0, m, rows):
+        xs, ys, mr = x[r0:r0 + rows], out[r0:r0 + rows], min(rows, m - r0)
+        grid = (triton.cdiv(mr, bm), triton.cdiv(n, cfg.block_n), runs if parallel else 1)
+        _gemm_kernel[grid](
+            w.planes, wu.planes if gated else w.planes, table, xs,
+            bias if bias is not None else ys, ys, partials, mr, n, w.n_cols, nb, n * nb, x.stride(0), out.stride(0),
+            per_run, runs,
+            DECODE=c.fn, QK=c.block_size, UNIT=unit(c), BB=cfg.bb, BLOCK_N=cfg.block_n, BLOCK_M=bm,
+            GATED=gated, GELU=gelu, BIAS=bias is not None, SPLIT=runs > 1, PARTIAL=parallel,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if parallel:
+            _reduce_kernel[(triton.cdiv(mr, REDUCE_M), triton.cdiv(n, REDUCE_N))](
+                partials, bias if bias is not None else ys, ys, mr, n, runs, out.stride(0),
+                GATED=gated, GELU=gelu, BIAS=bias is not None, BLOCK_N=REDUCE_N, BLOCK_M=REDUCE_M, num_warps=4)
     return out
 
 
@@ -289,8 +296,8 @@ def gemm(w: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *, b
     """``x W^T (+ bias)``: x float16 [M, n_cols] -> [M, n_rows] (``out``, or a new tensor of
     ``out_dtype``). ``bias``: [n_rows], added in float32 before the output rounding.
     ``bm`` overrides :func:`block_m`, ``parallel`` whether the runs of K of a split
-    weight run in programs of their own (default: for M <= SPLIT_MAX_M) — tests: neither
-    may change a bit."""
+    weight run in programs of their own (default: for M <= SPLIT_MAX_M, gated always) —
+    tests: neither may change a bit."""
     return _launch(w, None, x, out, bias, out_dtype, config, bm, parallel=parallel)
 
 
