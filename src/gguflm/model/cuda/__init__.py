@@ -58,6 +58,8 @@ def load_cuda(f: GGUFFile, config: ModelConfig, n_ctx: int, device: torch.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     with timing.phase("weights to the device", sync):
         weights = load_weights(f, config, device, n_ctx)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the file's bytes, uploaded then regrouped: not kept reserved
     model = CudaModel(f, config, weights, n_ctx, device, use_graphs=use_graphs and device.type == "cuda")
     from gguflm.model.cuda import precompile
 

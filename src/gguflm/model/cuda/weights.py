@@ -243,8 +243,8 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, device: torch.device, n_ctx: int
         n_in, n_out = slot.shape
         bias = w.bias(role, bid, device)
         ggml_type = w.ggml_type(role, bid)
-        if codec(ggml_type) is not None:  # packed on the CPU; moved by `place`
-            packed = PackedWeight.from_raw(w.raw(role, bid), ggml_type, slot.shape, "cpu")
+        if codec(ggml_type) is not None:  # the file's bytes uploaded as they are, regrouped on the device
+            packed = PackedWeight.from_raw(w.raw(role, bid), ggml_type, slot.shape, device)
             return CudaLinear(n_out, n_in, packed=packed, bias=bias)
         fallback[slot.name] = ggml_type.name
         return CudaLinear(n_out, n_in, dense=w.dense(role, bid, device).to(HALF), bias=bias)

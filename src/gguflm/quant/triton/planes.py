@@ -77,7 +77,9 @@ class PackedWeight:
                  device: torch.device | str) -> PackedWeight:
         """Pack a tensor's bytes (e.g. ``GGUFFile.tensor_data``) of ggml shape ``(ne0, ne1)``.
 
-        The bytes are regrouped on the CPU and copied to ``device`` once. A shape that is not
+        The bytes are copied to ``device`` as they are and regrouped there (on a GPU: one
+        plain upload, then device copies, instead of a strided copy on the CPU: seconds for
+        a 1.1B model on a small CPU). A shape that is not
         2-D, a row length that is not a whole number of blocks, or a byte count that does
         not match the shape raises :class:`GGUFError` naming the problem.
         """
@@ -99,8 +101,8 @@ class PackedWeight:
         if data.dtype != torch.uint8 or data.numel() != n_blocks * lay.type_size:
             raise GGUFError(f"{gt.name} weight of shape {list(dims)} needs {n_blocks * lay.type_size} bytes, "
                             f"got {data.numel()} of {data.dtype}")
-        planes = pack_planes(data.view(n_blocks, lay.type_size), lay)
-        return cls(gt, n_rows, n_cols, planes.to(device))
+        planes = pack_planes(data.to(device).view(n_blocks, lay.type_size), lay)
+        return cls(gt, n_rows, n_cols, planes)
 
     @classmethod
     def stack(cls, parts: Sequence[PackedWeight]) -> PackedWeight:
