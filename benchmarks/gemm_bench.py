@@ -3,7 +3,8 @@ dequantization into float16 + cuBLAS) and, at M = 1, the batch-1 GEMV, on the we
 shapes of the TinyLlama-1.1B files (random blocks, llama.cpp's Q4_K_M / Q4_0 types).
 
 Each figure is the median of CUDA-graph replays over enough copies of the weight to
-spill the L2 (every launch reads its weight from HBM), per launch, in microseconds.
+spill the L2 (every launch reads its weight from HBM), per launch, in microseconds. For a
+weight that :func:`gemm_config` splits along K, the same launch without split-K too.
 
     python benchmarks/gemm_bench.py [--m 1,2,8,16,32,64,128,256,512] [--json out.json]
 """
@@ -11,6 +12,7 @@ spill the L2 (every launch reads its weight from HBM), per launch, in microsecon
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -87,6 +89,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run = lambda i: gemm(ws_list[i], x)  # noqa: E731
             t_gemm = graph_us(run, copies)
+            alt = ""
+            base = gemm_config(w0)
+            if base.splits > 1:  # the same launch shape without split-K (other bits: for timing only)
+                one = dataclasses.replace(base, splits=1)
+                if swiglu:
+                    f1 = lambda i: gemm_gated(ws_list[i], us_list[i], x, config=one)  # noqa: E731
+                else:
+                    f1 = lambda i: gemm(ws_list[i], x, config=one)  # noqa: E731
+                alt += f" split-K {base.splits}: unsplit {graph_us(f1, copies):.1f}"
 
             def cublas(i):
                 y = torch.nn.functional.linear(x, dequantize_into(ws_list[i], ws[:rows * cols].view(rows, cols)))
@@ -95,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                     y = torch.nn.functional.silu(y) * u
                 return y
             t_cub = graph_us(cublas, copies)
-            alt = ""
             if a.alt:  # 32 weight rows per program: mma.sync instead of the warp-group MMA, 4x the programs
-                base = gemm_config(w0)
                 small = GemmConfig(32, base.bb, 4, base.num_stages, base.max_block_m)
                 if swiglu:
                     f = lambda i: gemm_gated(ws_list[i], us_list[i], x, config=small)  # noqa: E731
