@@ -99,7 +99,11 @@ def precompile(model: Any) -> None:
     def one(item: tuple[Any, tuple, dict]) -> None:
         fn, args, kwargs = item
         try:
-            fn._do_compile(*args, **kwargs)   # what run() would have called: the kernel lands in its caches
+            if device.type == "cuda":     # the model's device current in this thread too
+                with torch.cuda.device(device):
+                    fn._do_compile(*args, **kwargs)   # what run() would have called: into its caches
+            else:
+                fn._do_compile(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - compiled lazily instead
             failed.append(f"{getattr(fn, '__name__', fn)}: {type(e).__name__}: {str(e)[:200]}")
 
