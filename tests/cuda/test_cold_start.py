@@ -166,3 +166,31 @@ def test_precompile_compiles_what_the_steps_launch(tiny_model, tmp_path):
     assert r.stderr.count("compiling the Triton kernels (first run") == 1
     assert "Triton kernels in" in r.stderr
     assert any(Path(tmp_path / "triton").rglob("*.cubin"))
+
+
+GENERATE = """\
+import sys
+import gguflm
+m = gguflm.load(sys.argv[1], device="cuda", n_ctx=64)
+print("ids", repr("".join(m.generate("Hello", max_tokens=6, temperature=0, ignore_eos=True))))
+"""
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_precompile_on_the_gpu(tiny_model, tmp_path):
+    """GGUFLM_PRECOMPILE=1 on the device: the same greedy tokens as the lazy compiles, and
+    no Triton compilation left after the load for the first prompt and the decode steps."""
+    runs = {}
+    for pre in ("0", "1"):
+        env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / f"triton{pre}"), GGUFLM_PRECOMPILE=pre,
+                   GGUFLM_TIMING="1")
+        r = subprocess.run([sys.executable, "-c", GENERATE, str(tiny_model("Q4_K_M"))], capture_output=True,
+                           text=True, env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[pre] = r
+    ids = [next(line for line in runs[p].stdout.splitlines() if line.startswith("ids")) for p in ("0", "1")]
+    assert ids[0] == ids[1]
+    err = runs["1"].stderr.splitlines()
+    after = err[next(i for i, line in enumerate(err) if "CUDA load done" in line):]
+    late = [line for line in after if "triton compile" in line]
+    assert not late, "compiled after the precompile: " + "\n".join(late)
