@@ -377,3 +377,113 @@ def test_running_ahead_equals_step_by_step(model_and_ref):
     ahead = run(True)
     assert ahead == run(False)
     assert len(ahead[0][1]) == 7 and ahead[0][2] == "length"   # n_ctx 12: 6 prompt + 6 fed, a 7th chosen
+
+
+@pytest.fixture(scope="module")
+def mixed_model(tiny_model, device):
+    """The Q4_K_M tiny model loaded with mixed steps on (``GGUFLM_CUDA_MIXED=1``) and its path."""
+    path = tiny_model("Q4_K_M")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GGUFLM_CUDA_MIXED", "1")
+        m = _load(path, device)
+    assert m.mixed_steps
+    return m, path
+
+
+def test_mixed_step_rows_equal_one_token_steps(mixed_model, monkeypatch):
+    """Mixed steps (``forward`` with ``select``: one-token rows that may share slots, the
+    batched step's keys/values stored before its attention): prompt a (6 tokens, slot 2)
+    whole in one step beside the first 2 tokens of prompt b (slot 0), then b's last 2
+    tokens beside a's first decode row; and the same tokens one per step in pairs of other
+    company. Every token's logits the same to the bit, over the contiguous cache and over
+    a paged one (blocks of 4, interleaved), and a's agree with the float64 reference. The
+    fused GEMM (the default on a GPU) makes the rows independent of the step's width."""
+    m, path = mixed_model
+    monkeypatch.setenv("GGUFLM_MATMUL", "gemm")
+    assert m.batch_invariant and m.flat_steps
+    dev = m.device
+    a, b = IDS, IDS[:4]
+    ref = reference_logits(path, a)
+    nxt = int(np.argmax(ref[-1]))
+
+    def steps(cache, plan):
+        """plan: steps of rows (slot, position, token); -> {(slot, position): logits}"""
+        got = {}
+        for rows in plan:
+            t = torch.tensor([[tok] for _, _, tok in rows], device=dev)
+            p = torch.tensor([[pos] for _, pos, _ in rows], device=dev)
+            s = torch.tensor([slot for slot, _, _ in rows], device=dev)
+            out = m.forward(t, p, cache, s, select=torch.arange(len(rows), device=dev)).cpu()
+            got.update({(slot, pos): out[i] for i, (slot, pos, _) in enumerate(rows)})
+        return got
+
+    rows_a = [(2, i, tok) for i, tok in enumerate(a)] + [(2, len(a), nxt)]
+    rows_b = [(0, i, tok) for i, tok in enumerate(b)]
+    plans = {"mixed": [rows_a[:6][::-1] + rows_b[:2], rows_b[2:] + rows_a[6:]],
+             "one per step": [[ra, rb] for ra, rb in zip(rows_a, rows_b)] + [[r] for r in rows_a[4:]]}
+    runs = {}
+    for name, plan in plans.items():
+        for paged in (False, True):
+            cache = m.new_cache(3, block_size=4, n_blocks=12) if paged else m.new_cache(3)
+            if paged:
+                for n in (4, 8):                  # slot 0 and slot 2 take turns: blocks out of order
+                    assert cache.reserve(0, n) and cache.reserve(2, n)
+            runs[name, paged] = steps(cache, plan)
+    want = runs["one per step", False]
+    assert len(want) == len(rows_a) + len(rows_b)
+    for key, got in runs.items():
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), key
+    _agree(torch.stack([want[2, i] for i in range(len(a))]), ref, tol=2e-2)
+    _agree(want[2, len(a)][None], reference_logits(path, a + [nxt])[-1:], tol=2e-2)
+
+
+def test_mixed_scheduler_alone_equals_among_others(mixed_model, monkeypatch):
+    """The scheduler's mixed steps on this path (``GGUFLM_CUDA_MIXED=1`` over the
+    batch-invariant kernels, a paged cache of blocks of 4): four requests, each alone with
+    its prompt read in one chunk, and together on 3 slots with prompts cut into chunks of
+    2 under a budget of 5 tokens per step beside the others' decode rows (the last one
+    admitted when the first ends, its prompt head reused from blocks that the others
+    published: prefix caching): every request's greedy tokens,
+    log-probabilities and logits the same to the bit, and each chosen token the float64
+    reference's (or within a near-tie of it), with a small KL divergence to it."""
+    from gguflm.engine.sampling import SamplingParams
+    from gguflm.engine.scheduler import Job, Piece, Scheduler, run_jobs
+
+    m, path = mixed_model
+    monkeypatch.setenv("GGUFLM_MATMUL", "gemm")
+    assert m.batch_invariant and m.flat_steps
+    greedy = SamplingParams(temperature=0)
+    jobs = [Job(tuple(IDS[:4]), greedy, 3, top_logprobs=0, keep_logits=True),
+            Job(tuple(IDS[:6] + IDS[1:3]), greedy, 9, top_logprobs=0, keep_logits=True),
+            Job(tuple(IDS[2:5]), greedy, 5, top_logprobs=0, keep_logits=True),
+            Job(tuple(IDS[:6]), greedy, 7, top_logprobs=0, keep_logits=True)]
+
+    def served(jobs: list[Job], chunk: int, budget: int) -> list:
+        sched = Scheduler(_llm(m), n_slots=3, n_ctx=32, block_size=4, prefill_chunk=chunk, prefill_budget=budget)
+        try:
+            assert sched.cache.paged and sched._mixed
+            return run_jobs(sched, jobs)
+        finally:
+            sched.close()
+
+    def result(events) -> tuple:
+        lps = [(lp.id, lp.logprob) for e in events if isinstance(e, Piece) for lp in e.logprobs]
+        return events[-1].tokens, lps, events[-1].logits
+
+    m.use_paged_cache(True)
+    try:
+        events = served(jobs, 2, 5)
+        together = [result(ev) for ev in events]
+        alone = [result(served([job], 16, 512)[0]) for job in jobs]
+    finally:
+        m.use_paged_cache(False)
+    assert events[-1][-1].n_cached == 4                  # its first block: the others' keys/values
+    for job, (toks, lps, logits), (toks1, lps1, logits1) in zip(jobs, together, alone):
+        assert len(toks) == job.max_tokens and toks == toks1 and lps == lps1
+        assert all(torch.equal(x, y) for x, y in zip(logits, logits1))
+        ref = torch.from_numpy(reference_logits(path, list(job.prompt) + list(toks[:-1]))[len(job.prompt) - 1:])
+        got = torch.stack(logits).double()
+        for row, tok in zip(ref, toks):
+            assert row.max() - row[tok] <= 2e-2 * row.std(), (job.prompt, toks)
+        kl = (ref.softmax(-1) * (ref.log_softmax(-1) - got.log_softmax(-1))).sum(-1)
+        assert float(kl.max()) < 1e-5, float(kl.max())   # ~3e-8 for whole-prompt logits here

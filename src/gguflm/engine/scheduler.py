@@ -47,7 +47,8 @@ On the CPU (a paged cache and the C++ block step: ``Model.flat_steps``) steps 2 
 are ONE forward (:meth:`Scheduler._mixed_step`): a row per token, the decode rows and
 the prompt chunks side by side up to ``prefill_budget`` tokens, nothing padded, so the
 step is as wide as what is live and a prompt never waits for the decodes (chunked
-prefill mixed with decode).
+prefill mixed with decode). On CUDA the same with ``GGUFLM_CUDA_MIXED=1`` over
+batch-invariant kernels (the batched step, captured per power-of-two width).
 
 A scheduler of one slot on an asynchronous device (CUDA: ``generate()``, ``run``,
 ``bench``) *runs ahead* (``pipeline``): the id a decode step chooses stays on the device
@@ -263,7 +264,7 @@ class Scheduler:
         self._eog_dev = torch.tensor(self._eog_index, device=device) if self._eog_index else None
         self._pipeline = (n_slots == 1 and device.type == "cuda") if pipeline is None else pipeline
         # prompt chunks ride in the decode step's forward as one-token rows (see _mixed_step)
-        self._mixed = self.cache.paged and model.flat_steps and self._shared_steps and not self._pipeline
+        self._mixed = model.flat_steps_over(self.cache) and self._shared_steps and not self._pipeline
         self._cond = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._preempted: collections.deque[_Seq] = collections.deque()  # admitted before _waiting

@@ -48,6 +48,10 @@ class Model:
         t = self.transformer
         return t is not None and self.device.type == "cpu" and not any(isinstance(b, Block) for b in t.blocks)
 
+    def flat_steps_over(self, cache: KVCache) -> bool:
+        """:attr:`flat_steps` over ``cache`` (the C++ block step reads the block table of a paged cache)."""
+        return cache.paged and self.flat_steps
+
     def new_cache(self, n_slots: int = 1, n_ctx: int | None = None, block_size: int | None = None,
                   n_blocks: int | None = None) -> KVCache:
         """An empty KV cache of ``n_slots`` sequences of ``n_ctx`` (default: the model's)

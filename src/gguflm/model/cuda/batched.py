@@ -11,6 +11,14 @@ Over a paged cache (:class:`KVCache` with ``block_size``) the kernel finds each 
 through the cache's block table (``cache.table``, read on the device at every step: a
 captured graph follows the blocks the scheduler hands out between steps).
 
+Rows that share a slot (``shared_slots``, the mixed steps of ``GGUFLM_CUDA_MIXED=1``): a
+prompt chunk as one-token rows at consecutive positions of one sequence beside other
+sequences' decode rows. The kernel then stores every row's key/value in a launch of its
+own before the attention (one more small launch per layer), and a row at position p reads
+positions 0..p of its slot, this step's rows included. Its arithmetic is the same as in a
+decode step: a prompt token's result does not depend on how its prompt was cut into steps
+nor on the rows beside it.
+
 Static buffers (W rows)::
 
     tok int64 [W], pos int32 [W], slot int32 [W]      inputs, copied in before a replay
@@ -57,11 +65,11 @@ class BatchedDecode:
     """The decode step of up to ``width`` sequences of ``cache``, captured on first use."""
 
     def __init__(self, cfg: ModelConfig, w: CudaWeights, rope: Rope, cache: KVCache, width: int,
-                 use_graphs: bool = True):
+                 use_graphs: bool = True, shared_slots: bool = False):
         device = cache.k.device
         H, D = cfg.n_head, cfg.head_dim
         self.cfg, self.w, self.rope, self.cache, self.width = cfg, w, rope, cache, width
-        self.use_graphs = use_graphs
+        self.use_graphs, self.shared_slots = use_graphs, shared_slots
         self.tok = torch.zeros(width, dtype=torch.long, device=device)
         self.pos = torch.zeros(width, dtype=torch.int32, device=device)
         self.slot = torch.full((width,), -1, dtype=torch.int32, device=device)
@@ -77,7 +85,7 @@ class BatchedDecode:
         cos, sin = rope_tables(self.rope, layer)
         decode_attention(qkv, cos, sin, self.pos, self.cache.k[index], self.cache.v[index], self.attn, self.attn_ws,
                          cfg.scale, cfg.rope_style is RopeStyle.NEOX, slots=self.slot,
-                         window=cfg.n_swa if layer.local else 0, table=self.table)
+                         window=cfg.n_swa if layer.local else 0, table=self.table, shared_slots=self.shared_slots)
         return self.attn.view(self.width, -1)
 
     def _run(self) -> torch.Tensor:
@@ -101,7 +109,8 @@ class BatchedDecode:
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
              side: torch.cuda.Stream | None = None, pool: Any = None) -> torch.Tensor:
-        """tokens, positions, slots: [B] (B <= width, distinct slots, positions >= 0) ->
+        """tokens, positions, slots: [B] (B <= width, positions >= 0; distinct (slot,
+        position) pairs, distinct slots unless ``shared_slots``) ->
         float32 [B, n_vocab], a view of the graph's buffer (valid until the next step)."""
         n = tokens.numel()
         if n > self.width:

@@ -22,6 +22,15 @@ The single-sequence decode graph and the captured prefills address one contiguou
 and are not used over a paged cache. Not measured on a GPU yet: the default stays the
 contiguous cache.
 
+Mixed steps (opt-in: ``GGUFLM_CUDA_MIXED=1``, read at load; over either cache):
+:attr:`CudaModel.flat_steps`, so that a scheduler over a batch-invariant model feeds prompt
+chunks as one-token rows of the batched step beside the decode rows (chunked prefill mixed
+with decode, :meth:`gguflm.engine.scheduler.Scheduler._mixed_step`); ``forward`` with
+``select`` runs them, and every batched step of the model stores its keys/values in a
+launch of its own (:class:`BatchedDecode` ``shared_slots``), so a row computes the same in
+a mixed step as in a pure decode step. Steps are captured per power-of-two width up to
+the scheduler's token budget.
+
 ``forward`` returns logits on the GPU; the engine's sampling chain then runs there
 too, and the only host sync per token is reading the sampled id. ``decode_one`` feeds
 the decode graph from device tensors (a token the device chose, a position counted
@@ -49,7 +58,7 @@ from gguflm.model.model import Model
 
 MAX_GRAPHS = 4  # captured decode graphs kept (one per cache slot in use), least recent dropped
 MAX_PREFILL_GRAPHS = 2  # captured prefills kept, least recent dropped
-MAX_BATCHED = 8  # batched decode steps kept (one per cache and width), least recent dropped
+MAX_BATCHED = 12  # batched steps kept (one per cache and width: 2 .. 4096), least recent dropped
 
 
 def _lru(table: OrderedDict, key: tuple, limit: int, make: Any) -> Any:
@@ -64,7 +73,7 @@ def _lru(table: OrderedDict, key: tuple, limit: int, make: Any) -> Any:
 
 class CudaModel(Model):
     """A model whose weights live on a CUDA device in their quantized form. Not
-    ``batch_invariant``: one row decodes through the fused GEMVs (float32 activations),
+    ``batch_invariant`` (except in mixed steps, below): one row decodes through the fused GEMVs (float32 activations),
     several through the batched step (float16 activations into the fused GEMM), and
     prompts through attention kernels that depend on the step's shape (one sequence or
     padded rows, where a chunk starts). :meth:`pin_decode_width` makes every one-token
@@ -72,9 +81,14 @@ class CudaModel(Model):
     same whoever shares its step: at the width of the live rows where
     :attr:`decode_width_free` (a row of the batched step gives the same bits at any
     width: the fused GEMM runs every linear of it), else at one width for all steps
-    (``GGUFLM_MATMUL=cublas``, a float16 fallback weight: cuBLAS rounds by shape)."""
+    (``GGUFLM_MATMUL=cublas``, a float16 fallback weight: cuBLAS rounds by shape).
 
-    batch_invariant = False
+    With ``GGUFLM_CUDA_MIXED=1`` where :attr:`decode_width_free`, every token of a
+    scheduler's steps, prompt tokens included, is a row of the batched step (:attr:`flat_steps`):
+    the model is then ``batch_invariant`` for those steps (a row's bits depend neither on
+    the width, nor on the other rows, nor on how its prompt was cut into chunks), and a
+    scheduler mixes prompt chunks with decode rows and reuses cached prompt blocks."""
+
     paged_cache = False  # by default one contiguous block per slot (see the module docstring)
 
     def __init__(self, file: GGUFFile, config: ModelConfig, weights: CudaWeights,
@@ -92,8 +106,23 @@ class CudaModel(Model):
         self._pool: Any = None
         self._side: torch.cuda.Stream | None = None    # warm-ups and captures of prefills
         self._session: KVCache | None = None
+        self.mixed_steps = os.environ.get("GGUFLM_CUDA_MIXED", "0") == "1"   # see the module docstring
         if os.environ.get("GGUFLM_CUDA_PAGED", "0") == "1":
             self.use_paged_cache(True)
+
+    @property
+    def batch_invariant(self) -> bool:   # see the class docstring
+        return self.mixed_steps and self.decode_width_free
+
+    @property
+    def flat_steps(self) -> bool:
+        """:attr:`Model.flat_steps`: with ``GGUFLM_CUDA_MIXED=1`` over width-free kernels
+        (a prompt token's row then computes the same in any company and any chunking)."""
+        return self.batch_invariant
+
+    def flat_steps_over(self, cache: KVCache) -> bool:
+        """The batched step takes a paged or a contiguous cache."""
+        return self.flat_steps
 
     def use_paged_cache(self, enable: bool) -> None:
         """Schedulers made from now on give this model a paged cache (see the module docstring)."""
@@ -118,7 +147,7 @@ class CudaModel(Model):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                slots: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+                slots: torch.Tensor, last_only: bool = False, select: torch.Tensor | None = None) -> torch.Tensor:
         """Batched step (see :meth:`Transformer.forward`). One token of one sequence runs
         the decode graph; one token of each of several sequences the batched step (rows
         of a T = 1 step must have positions >= 0 and distinct slots); a run of tokens of
@@ -127,7 +156,14 @@ class CudaModel(Model):
         :meth:`pin_decode_width`, every one-token step is a batched step (of the pinned
         width unless :attr:`decode_width_free`) and prefills always run eagerly. Graph
         outputs are buffers that the graph's next replay overwrites. Over a paged cache: one-token steps run the batched step,
-        other steps the padded-rows path."""
+        other steps the padded-rows path. ``select`` (Long, flat row indices): a mixed step of
+        one-token rows that may share slots (see the module docstring) -> float32
+        [len(select), n_vocab], the logits of those rows."""
+        if select is not None:
+            if tokens.shape[1] != 1 or cache.k.dtype != HALF:
+                raise ValueError("a step with select is one token per row over a float16 cache")
+            step = self.batched(cache, tokens.shape[0], width=batch_width(tokens.shape[0]))
+            return step.step(tokens, positions, slots, *self._stream_and_pool()).index_select(0, select)
         on_gpu = self.use_graphs and cache.k.dtype == HALF and cache.k.device.type == "cuda"
         pinned = self._pinned.get(cache.k.data_ptr())
         if tokens.shape[1] == 1 and (tokens.shape[0] > 1 or pinned or cache.paged) and cache.k.dtype == HALF:
@@ -186,7 +222,7 @@ class CudaModel(Model):
         width = width or min(batch_width(n_rows), batch_width(cache.n_slots))
         return _lru(self._batched, (cache.k.data_ptr(), width), MAX_BATCHED, lambda: BatchedDecode(
             self.config, self.weights, self.rope, cache, width,
-            use_graphs=self.use_graphs and cache.k.device.type == "cuda"))
+            use_graphs=self.use_graphs and cache.k.device.type == "cuda", shared_slots=self.mixed_steps))
 
     def _stream_and_pool(self) -> tuple[Any, Any]:
         """The side stream and memory pool of every capture (CUDA only; else None, None)."""
