@@ -300,12 +300,14 @@ def test_scheduler_output_alone_equals_among_others(model_and_ref, matmul, monke
     tokens and their log-probabilities are bit-for-bit the same alone as among others
     that start, run and stop at other times (a shared prompt prefix included). With the
     fused GEMM the steps run at the width of the live rows (alone: 2, of 4 slots); with
-    cuBLAS (rounding by shape) all at the width of all slots."""
+    cuBLAS (rounding by shape) all at the width of all slots. Without mixed steps
+    (``GGUFLM_CUDA_MIXED=0``; with them: test_mixed_scheduler_alone_equals_among_others)."""
     from gguflm.engine.sampling import SamplingParams
     from gguflm.engine.scheduler import Job, Piece, Scheduler, run_jobs
 
     m, _ = model_and_ref
     monkeypatch.setenv("GGUFLM_MATMUL", matmul)
+    monkeypatch.setattr(m, "mixed_steps", False)
     if matmul == "gemm" and m.device.type == "cpu" and "Q4_0" in str(m.file.path):
         pytest.skip("one quantization is enough in Triton's interpreter (slow)")
     greedy = SamplingParams(temperature=0)

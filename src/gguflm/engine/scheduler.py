@@ -47,7 +47,7 @@ On the CPU (a paged cache and the C++ block step: ``Model.flat_steps``) steps 2 
 are ONE forward (:meth:`Scheduler._mixed_step`): a row per token, the decode rows and
 the prompt chunks side by side up to ``prefill_budget`` tokens, nothing padded, so the
 step is as wide as what is live and a prompt never waits for the decodes (chunked
-prefill mixed with decode). On CUDA the same with ``GGUFLM_CUDA_MIXED=1`` over
+prefill mixed with decode). On CUDA the same (unless ``GGUFLM_CUDA_MIXED=0``) over
 batch-invariant kernels (the batched step, captured per power-of-two width).
 
 A scheduler of one slot on an asynchronous device (CUDA: ``generate()``, ``run``,

@@ -11,7 +11,7 @@ Over a paged cache (:class:`KVCache` with ``block_size``) the kernel finds each 
 through the cache's block table (``cache.table``, read on the device at every step: a
 captured graph follows the blocks the scheduler hands out between steps).
 
-Rows that share a slot (``shared_slots``, the mixed steps of ``GGUFLM_CUDA_MIXED=1``): a
+Rows that share a slot (``shared_slots``, the mixed steps, on unless ``GGUFLM_CUDA_MIXED=0``): a
 prompt chunk as one-token rows at consecutive positions of one sequence beside other
 sequences' decode rows. The kernel then stores every row's key/value in a launch of its
 own before the attention (one more small launch per layer), and a row at position p reads
