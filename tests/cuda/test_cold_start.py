@@ -158,10 +158,10 @@ def test_precompile_compiles_what_the_steps_launch(tiny_model, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = dict(line.split(" ", 1) if " " in line else (line, "") for line in r.stdout.splitlines())
     traced = set(out["traced"].split())
-    # the prefill (embedding rows, norms, the fused GEMM: split-K in the FFN down projection, RoPE)
-    # and the decode step
+    # the prefill (embedding rows, norms, the fused GEMM — unsplit for one sequence's prompt,
+    # weights.one_sequence —, RoPE) and the decode step
     assert {"_dequant_kernel", "_rms_norm_half_kernel", "_add_rms_norm_half_kernel", "_rope_prefill_kernel",
-            "_gemm_kernel", "_reduce_kernel", "_attn_split_kernel", "_attn_merge_kernel", "_gemv_kernel"} <= traced, traced
+            "_gemm_kernel", "_attn_split_kernel", "_attn_merge_kernel", "_gemv_kernel"} <= traced, traced
     assert out["after"] == "", "kernels left to compile after precompile: " + out["after"]
     assert r.stderr.count("compiling the Triton kernels (first run") == 1
     assert "Triton kernels in" in r.stderr

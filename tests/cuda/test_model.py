@@ -59,6 +59,28 @@ def test_prefill_logits_match_reference(model_and_ref):
     _agree(m.logits(IDS), ref, tol=2e-2)          # float16 activations into the matmuls
 
 
+def test_one_sequence_prefill_runs_the_unsplit_gemm(tiny_model, device, monkeypatch):
+    """A prompt read alone (forward_plain) takes the fused GEMM without split-K
+    (weights.one_sequence), also for a weight whose own launch shape splits K (the FFN
+    down projection here), and its logits follow the float64 reference."""
+    import gguflm.model.cuda.weights as weights
+
+    monkeypatch.setenv("GGUFLM_MATMUL", "gemm")
+    path = tiny_model("Q4_K_M")
+    m = _load(path, device)
+    assert any(gemm_config(layer.w_down.packed).splits > 1 for layer in m.weights.layers)
+    splits = []
+    for name in ("gemm", "gemm_gated"):
+        real = getattr(weights, name)
+
+        def spy(*args, _real=real, **kw):
+            splits.append(kw["config"].splits if kw.get("config") is not None else None)
+            return _real(*args, **kw)
+        monkeypatch.setattr(weights, name, spy)
+    _agree(m.logits(IDS), reference_logits(path, IDS), tol=2e-2)
+    assert splits and set(splits) == {1}, splits
+
+
 def test_decode_steps_match_reference(model_and_ref):
     m, ref = model_and_ref
     cache = m.new_cache(1)

@@ -36,7 +36,7 @@ from gguflm.kernels.triton.activations import add_rms_norm_half, gated_act, head
 from gguflm.model.arch import Activation, RopeStyle
 from gguflm.model.config import ModelConfig
 from gguflm.model.cuda.weights import (HALF, OUTPUT_ROW_CHUNK, CudaLayer, CudaLinear, CudaWeights, gated_matmul,
-                                       qkv_matmul)
+                                       one_sequence, qkv_matmul)
 from gguflm.model.decoder import Attention, decoder
 from gguflm.model.kv_cache import KVCache
 from gguflm.model.layers import Rope
@@ -224,10 +224,11 @@ def forward_plain(cfg: ModelConfig, w: CudaWeights, rope: Rope, tokens: torch.Te
     ``k_cache``/``v_cache`` [n_layer, Hkv, n_ctx, D] of its slot. No host sync (it can be
     captured in a CUDA graph). -> float32 [1, n_vocab] (last_only) or [1, T, n_vocab]."""
     T = tokens.shape[0]
-    ops = Rows(cfg, w, tokens)
-    decoder(w.layers, ops, attention_plain(cfg, rope, p0, k_cache, v_cache, plain_masks(cfg, p0, T, tokens.device)))
-    x = ops.flush()
-    return ops.logits(x[-1:]) if last_only else ops.logits(x).view(1, T, cfg.n_vocab)
+    with one_sequence():                                   # the unsplit fused GEMM (see weights.one_sequence)
+        ops = Rows(cfg, w, tokens)
+        decoder(w.layers, ops, attention_plain(cfg, rope, p0, k_cache, v_cache, plain_masks(cfg, p0, T, tokens.device)))
+        x = ops.flush()
+        return ops.logits(x[-1:]) if last_only else ops.logits(x).view(1, T, cfg.n_vocab)
 
 
 @torch.inference_mode()

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ from gguflm.model.arch import WeightTable
 from gguflm.model.config import ModelConfig
 from gguflm.quant.triton.codecs import codec
 from gguflm.quant.triton.dequant import dequantize_into
-from gguflm.quant.triton.gemm import gemm, gemm_gated
+from gguflm.quant.triton.gemm import gemm, gemm_config, gemm_gated
 from gguflm.quant.cuda.gemv import gemv  # the CUDA C++ kernel where it applies, else Triton
 from gguflm.quant.triton.planes import PackedWeight
 
@@ -47,6 +49,30 @@ def fused_gemm() -> bool:
     dequantize into the workspace for cuBLAS (``GGUFLM_MATMUL=cublas``; also after the
     GEMM failed to compile or launch here, which is said once on stderr)."""
     return not _gemm_failed and os.environ.get("GGUFLM_MATMUL", "gemm") != "cublas"
+
+
+_one_sequence: ContextVar[bool] = ContextVar("gguflm_one_sequence", default=False)
+
+
+@contextmanager
+def one_sequence():
+    """Many-token matmuls of one sequence's run of tokens (``forward_plain``: a prompt
+    read alone) take the fused GEMM without split-K: no other rows share the launch, so
+    batch invariance across a step's rows is not at stake, and the unsplit kernel is the
+    faster one for a prompt (H200, TinyLlama-1.1B shape Q4_K_M, fresh pp512: 27.2k tok/s
+    unsplit, 18.8k with the splits; benchmarks/results/2026-12-05-h200-generate*.json).
+    The batched step's rows (the server) keep the splits, fixed by the weight alone."""
+    token = _one_sequence.set(True)
+    try:
+        yield
+    finally:
+        _one_sequence.reset(token)
+
+
+def _config(w: PackedWeight):
+    """The GEMM's launch shape for ``w`` here: unsplit inside :func:`one_sequence`, else
+    the weight's own (None: :func:`gemm_config`)."""
+    return replace(gemm_config(w), splits=1) if _one_sequence.get() else None
 
 
 def _gemm_failure(e: Exception) -> None:
@@ -110,7 +136,7 @@ class CudaLinear:
         ``ws`` ``row_chunk`` rows at a time for cuBLAS."""
         if self.packed is not None and fused_gemm():
             try:
-                return gemm(self.packed, x, out, bias=self.bias)
+                return gemm(self.packed, x, out, bias=self.bias, config=_config(self.packed))
             except (RuntimeError, TritonError) as e:  # a failed compilation, too little shared memory
                 _gemm_failure(e)
         if self.packed is None:
@@ -168,7 +194,7 @@ def gated_matmul(gate: CudaLinear, up: CudaLinear, h: torch.Tensor, packed: bool
     and the fused GEMM is on; else None (the caller multiplies two matmuls)."""
     if packed and fused_gemm():
         try:
-            return gemm_gated(gate.packed, up.packed, h, gelu=gelu)
+            return gemm_gated(gate.packed, up.packed, h, gelu=gelu, config=_config(gate.packed))
         except (RuntimeError, TritonError) as e:
             _gemm_failure(e)
     return None
