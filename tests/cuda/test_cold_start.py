@@ -194,3 +194,26 @@ def test_precompile_on_the_gpu(tiny_model, tmp_path):
     after = err[next(i for i, line in enumerate(err) if "CUDA load done" in line):]
     late = [line for line in after if "triton compile" in line]
     assert not late, "compiled after the precompile: " + "\n".join(late)
+
+
+def test_loading_for_the_gpu_never_builds_the_cpu_kernels(tiny_model, monkeypatch):
+    """The weights a GPU keeps as floats (norms, biases, types no kernel covers) are
+    dequantized on that device by the torch path (no CPU kernel asked), and float tensors
+    never ask the CPU kernels on the CPU either: their first build (10-40 s; 14-17 s of the H200's empty-cache cold start
+    before this) stays out of a CUDA load. ``meta`` stands in for the GPU here."""
+    import torch
+
+    from gguflm.gguf.reader import GGUFFile
+    from gguflm.model.arch import WeightTable
+    from gguflm.model.config import ModelConfig
+    from gguflm.quant import cpu
+
+    def asked(*args, **kwargs):
+        raise AssertionError("the CPU kernels were consulted")
+
+    monkeypatch.setattr(cpu, "supports", asked)
+    f = GGUFFile(tiny_model("Q4_0"))
+    w = WeightTable(f, ModelConfig.from_gguf(f))
+    norm = w.dense("attn_norm", 0, "meta")
+    assert norm.device.type == "meta" and norm.shape == (256,)
+    assert w.dense("output_norm", None, "cpu").dtype == torch.float32      # float32 on the CPU: torch path

@@ -187,6 +187,16 @@ def role_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
+def _off_cpu(device: torch.device | str) -> torch.device | None:
+    """``device`` when it is not the CPU, else None: a GPU-bound tensor is dequantized
+    there, by the torch path, so that loading for a GPU never builds the CPU kernels
+    (their first build, 10-40 s, would otherwise sit in the CUDA cold start)."""
+    import torch
+
+    d = torch.device(device)
+    return None if d.type == "cpu" else d
+
+
 class WeightTable:
     """Every tensor role of one file, resolved and checked once against the config.
 
@@ -300,7 +310,7 @@ class WeightTable:
         from gguflm.quant import dequantize
 
         s = self.slot(role, bid)
-        return dequantize(self.raw(role, bid), self.ggml_type(role, bid), s.shape).to(device)
+        return dequantize(self.raw(role, bid), self.ggml_type(role, bid), s.shape, device=_off_cpu(device)).to(device)
 
     def bias(self, role: str, bid: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The role's float32 bias [n_out] (its row range of a fused bias), or None."""
@@ -312,5 +322,5 @@ class WeightTable:
         if s.bias is None:
             return None
         info = self.f.tensors[s.bias]
-        b = dequantize(self.f.tensor_data(s.bias), info.ggml_type, info.shape)
+        b = dequantize(self.f.tensor_data(s.bias), info.ggml_type, info.shape, device=_off_cpu(device))
         return (b if s.rows is None else b[s.rows[0]:s.rows[1]]).to(device)

@@ -327,7 +327,7 @@ def dequantize(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: Sequence[i
     out_shape = tuple(reversed(dims))
     if n_blocks == 0:
         return torch.empty(out_shape, dtype=torch.float32, device=data.device)
-    if data.device.type == "cpu" and _cpu_kernel(cls.ggml_type):
+    if data.device.type == "cpu" and lay.block_size > 1 and _cpu_kernel(cls.ggml_type):
         # The compiled CPU kernels decode blocks to the same bits as libggml several times
         # faster (the tests run both paths); other devices and types use torch.
         from gguflm.quant import cpu
