@@ -63,7 +63,7 @@ def load_cuda(f: GGUFFile, config: ModelConfig, n_ctx: int, device: torch.device
     model = CudaModel(f, config, weights, n_ctx, device, use_graphs=use_graphs and device.type == "cuda")
     from gguflm.model.cuda import precompile
 
-    if precompile.enabled():
+    if precompile.enabled() and device.type == "cuda":
         with timing.phase("precompile (trace + compile the Triton kernels of a prompt and a decode step)"):
             precompile.precompile(model)
     timing.note("CUDA load done")
