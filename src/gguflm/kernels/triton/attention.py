@@ -81,6 +81,17 @@ def _store_kv(qkv, COS_ptr, SIN_ptr, K_ptr, V_ptr, TABLE_ptr, hk, pos, slot, H, 
 
 
 @triton.jit
+def _row_pos_slot(POS_ptr, SLOT_ptr, b, SLOTS: tl.constexpr):
+    """Row b's position and cache slot (slot 0 without SLOTS; either < 0: a padding row)."""
+    pos = tl.load(POS_ptr + b).to(tl.int32)
+    if SLOTS:
+        slot = tl.load(SLOT_ptr + b).to(tl.int32)
+    else:
+        slot = pos * 0
+    return pos, slot
+
+
+@triton.jit
 def _kv_write_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, SLOT_ptr, TABLE_ptr,
                      H, n_kv, qkv_row_stride, cache_slot_stride, cache_head_stride, cache_pos_stride,
                      table_row_stride, page, D: tl.constexpr, NEOX: tl.constexpr, SLOTS: tl.constexpr,
@@ -89,11 +100,7 @@ def _kv_write_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, SLOT_ptr,
     cache (nothing for a padding row)."""
     hk = tl.program_id(0)
     b = tl.program_id(1)
-    pos = tl.load(POS_ptr + b).to(tl.int32)
-    if SLOTS:
-        slot = tl.load(SLOT_ptr + b).to(tl.int32)
-    else:
-        slot = pos * 0
+    pos, slot = _row_pos_slot(POS_ptr, SLOT_ptr, b, SLOTS)
     if (pos >= 0) & (slot >= 0):
         _store_kv(QKV_ptr + b * qkv_row_stride, COS_ptr, SIN_ptr, K_ptr, V_ptr, TABLE_ptr, hk, pos, slot, H, n_kv,
                   cache_slot_stride, cache_head_stride, cache_pos_stride, table_row_stride, page, D, NEOX, PAGED)
@@ -115,11 +122,7 @@ def _attn_split_kernel(QKV_ptr, COS_ptr, SIN_ptr, K_ptr, V_ptr, POS_ptr, SLOT_pt
     hk = tl.program_id(0)
     s = tl.program_id(1)
     b = tl.program_id(2)
-    pos = tl.load(POS_ptr + b).to(tl.int32)
-    if SLOTS:
-        slot = tl.load(SLOT_ptr + b).to(tl.int32)
-    else:
-        slot = pos * 0
+    pos, slot = _row_pos_slot(POS_ptr, SLOT_ptr, b, SLOTS)
     live = (pos >= 0) & (slot >= 0)
     pos = tl.maximum(pos, 0)
     n = tl.where(live, pos + 1, 0)
