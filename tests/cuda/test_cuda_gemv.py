@@ -160,3 +160,36 @@ def test_argmax_epilogue_is_torch_argmax(random_blocks):
                     launch([w], x, [out], config=cfg, argmax=(am, ws))
                     assert int(am) == int(torch.argmax(out))
                     assert int(ws.counter) == 0
+
+
+# --- x [R, K]: every row bit-identical to its call alone ---------------------------------
+
+def test_rows_api_each_row_as_alone(packed_weight, device):
+    """gemv / gemv_multi / gemv_swiglu with x [R, K] and strided [R, N] outputs and residuals
+    (whatever kernel runs here): row r is bit-identical to the 1-row call with x[r], and near
+    the float64 product of libggml's dequantization."""
+    from gguflm.quant.cuda.gemv import gemv, gemv_multi, gemv_swiglu
+
+    wq, q_ref = packed_weight(GGMLType.Q4_K, 16, 1, seed=1)
+    wk, k_ref = packed_weight(GGMLType.Q4_K, 8, 1, seed=2)
+    wu, u_ref = packed_weight(GGMLType.Q4_K, 16, 1, seed=3)
+    gen = torch.Generator().manual_seed(5)
+    R = 3
+    x = torch.randn(R, wq.n_cols, generator=gen).to(device)
+    nw = torch.randn(wq.n_cols, generator=gen).to(device)
+    buf = torch.full((R, 16 + 8 + 5), float("nan"), device=device)      # QKV-like: strided views
+    q, k = buf[:, :16], buf[:, 16:24]
+    gemv_multi([wq, wk], x, [q, k], norm_weight=nw, eps=1e-5)
+    res = torch.randn(R, 40, generator=gen).to(device)[:, 3:19]           # row stride 40
+    want_res = res.clone()
+    gemv(wq, x, res, residual=res)
+    y = gemv_swiglu(wq, wu, x, norm_weight=nw, eps=1e-5)
+    for r in range(R):
+        q1, k1 = torch.empty(16, device=device), torch.empty(8, device=device)
+        gemv_multi([wq, wk], x[r], [q1, k1], norm_weight=nw, eps=1e-5)
+        assert torch.equal(q[r], q1) and torch.equal(k[r], k1)
+        assert torch.equal(res[r], gemv(wq, x[r], residual=want_res[r].clone()))
+        assert torch.equal(y[r], gemv_swiglu(wq, wu, x[r], norm_weight=nw, eps=1e-5))
+        xd = x[r].double().cpu()
+        assert _rel(res[r], want_res[r].double().cpu() + q_ref @ xd) < 1e-5
+    assert torch.isnan(buf[:, 24:]).all()                                 # nothing written past the views

@@ -291,12 +291,41 @@ def emulate(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Te
 # Dispatch: CUDA kernel where it applies, Triton otherwise
 # ---------------------------------------------------------------------------------------
 
+def _rows_of(x: torch.Tensor) -> int | None:
+    """None for one activation row x [K]; R for x [R, K]."""
+    if x.dim() == 1:
+        return None
+    if x.dim() != 2:
+        raise ValueError("x must be [n_cols] or [rows, n_cols]")
+    return x.shape[0]
+
+
+def _check_rows(x: torch.Tensor, n_cols: int, tensors: Sequence[tuple[torch.Tensor | None, int]]) -> None:
+    """x [R, n_cols]; each (t, n) of ``tensors`` (None: absent) is [R, n] with stride(-1) == 1."""
+    if x.shape[1] != n_cols:
+        raise ValueError(f"x has {x.shape[1]} columns, the weight {n_cols}")
+    for t, n in tensors:
+        if t is not None and (t.dim() != 2 or tuple(t.shape) != (x.shape[0], n)
+                              or (n > 1 and t.stride(-1) != 1)):
+            raise ValueError(f"expected [{x.shape[0]}, {n}] with unit column stride, got {tuple(t.shape)}")
+
+
 def gemv(w: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
          config: CudaGemvConfig | None = None) -> torch.Tensor:
-    """``W @ x'`` (see :func:`gguflm.quant.triton.gemv.gemv`): CUDA kernel or Triton."""
+    """``W @ x'`` (see :func:`gguflm.quant.triton.gemv.gemv`): CUDA kernel or Triton.
+
+    x [n_cols] -> [n_rows], or x [R, n_cols] -> [R, n_rows] (out/residual [R, n_rows], any
+    row stride): row r of the result is bit-identical to the call with x[r] alone."""
+    rows = _rows_of(x)
     if out is None:
-        out = torch.empty(w.n_rows, dtype=torch.float32, device=x.device)
+        out = torch.empty(w.n_rows if rows is None else (rows, w.n_rows), dtype=torch.float32, device=x.device)
+    if rows is not None:
+        _check_rows(x, w.n_cols, [(out, w.n_rows), (residual, w.n_rows)])
+        for r in range(rows):
+            gemv(w, x[r], out[r], norm_weight=norm_weight, eps=eps,
+                 residual=residual[r] if residual is not None else None, config=config)
+        return out
     if (enabled(x.device) and (mode() == "cuda" or w.n_rows >= 16384) and supported(w, x)
             and (norm_weight is None or _aligned(norm_weight))):
         launch([w], x, [out], norm_weight=norm_weight, eps=eps, residuals=[residual], config=config)
@@ -320,7 +349,15 @@ def gemv_multi(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch
                norm_weight: torch.Tensor | None = None, eps: float = 0.0,
                config: CudaGemvConfig | None = None) -> None:
     """``outs[i] = W_i @ x'`` for weights of one row length (e.g. Q, K, V): one launch when
-    the CUDA kernel covers all of them, else one Triton launch each."""
+    the CUDA kernel covers all of them, else one Triton launch each. x [R, n_cols] with outs
+    [R, n_i] (any row stride, e.g. a [R, total] buffer split along dim 1): row r of each
+    output is bit-identical to the call with x[r] alone."""
+    rows = _rows_of(x)
+    if rows is not None:
+        _check_rows(x, ws[0].n_cols, [(o, w.n_rows) for w, o in zip(ws, outs)])
+        for r in range(rows):
+            gemv_multi(ws, x[r], [o[r] for o in outs], norm_weight=norm_weight, eps=eps, config=config)
+        return
     types = {w.ggml_type for w in ws}
     if (enabled(x.device) and len(ws) <= MAX_SEGS and len({w.n_cols for w in ws}) == 1
             and (len(types) == 1 or (len(types) == 2 and tuple(sorted(types)) in PAIRS))
@@ -335,11 +372,18 @@ def gemv_multi(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch
 def gemv_swiglu(wg: PackedWeight, wu: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
                 norm_weight: torch.Tensor | None = None, eps: float = 0.0,
                 config: CudaGemvConfig | None = None) -> torch.Tensor:
-    """``silu(Wg @ x') * (Wu @ x')`` (see :func:`gguflm.quant.triton.gemv.gemv_swiglu`)."""
+    """``silu(Wg @ x') * (Wu @ x')`` (see :func:`gguflm.quant.triton.gemv.gemv_swiglu`); x
+    [R, n_cols] -> [R, n_rows] as in :func:`gemv`."""
     if (wg.ggml_type, wg.n_rows, wg.n_cols) != (wu.ggml_type, wu.n_rows, wu.n_cols):
         raise ValueError("gate and up weights must share type and shape")
+    rows = _rows_of(x)
     if out is None:
-        out = torch.empty(wg.n_rows, dtype=torch.float32, device=x.device)
+        out = torch.empty(wg.n_rows if rows is None else (rows, wg.n_rows), dtype=torch.float32, device=x.device)
+    if rows is not None:
+        _check_rows(x, wg.n_cols, [(out, wg.n_rows)])
+        for r in range(rows):
+            gemv_swiglu(wg, wu, x[r], out[r], norm_weight=norm_weight, eps=eps, config=config)
+        return out
     if (enabled(x.device) and supported(wg, x) and _aligned(wu.planes)
             and (norm_weight is None or _aligned(norm_weight))):
         launch([wg], x, [out], norm_weight=norm_weight, eps=eps, ups=[wu], config=config)
