@@ -27,6 +27,19 @@ softmax) kept a 2-thread team whose every region waited for the descheduled thre
 1-thread process at 71-81). Results do not depend on the thread count (every output of
 our kernels is computed by one thread, in the same order). ``GGUFLM_ADAPTIVE_THREADS=0``
 turns it off.
+
+A busy core is also *seen* directly, not only through slower steps: every
+``PROBE_WINDOW`` steps outside a probe the governor reads how much CPU time other
+processes took on the cores this process may run on (``/proc/stat`` minus this process's
+own CPU time, :func:`others_cpu_seconds`). When home is every thread and they kept more
+cores busy than this process leaves free (``BUSY_CORES`` of a core more), it probes one
+thread at once instead of waiting for the end of a window or its probe interval; when home
+is one thread and they no longer do, it probes every thread. A decode that starts beside a
+busy core then pays ~``PROBE_WINDOW`` slow steps before the probe instead of ``2 x WINDOW``,
+and one that outlives the busy process gets its threads back within a few steps instead of
+up to ``PROBE_MAX``. The decision is still the probe's measured step times, and a probe that
+loses silences the sensor for the probe interval; an idle machine never probes early, so
+it pays nothing for the sensor but one read of ``/proc/stat`` per ``PROBE_WINDOW`` steps.
 """
 
 from __future__ import annotations
@@ -44,11 +57,12 @@ SLOWDOWN = 1.5      # a window this much slower than the last one (same count) s
 GAIN = 0.85         # the other count wins when its median is below GAIN x home's
 PROBE_MIN = 256     # steps between probes, first
 PROBE_MAX = 4096    # ... and at most (the interval doubles after each losing probe)
+BUSY_CORES = 0.5    # others' CPU use beyond the cores this process leaves free that starts a probe
 FULL, ONE = 0, 1    # the two thread counts: all of torch's threads, one thread
 
 
 class _State:
-    __slots__ = ("home", "mode", "times", "median", "steps", "interval", "next_probe", "t_last")
+    __slots__ = ("home", "mode", "times", "median", "steps", "interval", "next_probe", "t_last", "seen", "quiet_until")
 
     def __init__(self):
         self.home = self.mode = FULL
@@ -58,6 +72,8 @@ class _State:
         self.interval = PROBE_MIN
         self.next_probe = 2 * WINDOW  # the first probe early: the core may be busy from the start
         self.t_last: float | None = None  # when the step in progress began
+        self.seen: tuple[int, float, float] | None = None  # (steps, clock, others' CPU s) at the last look
+        self.quiet_until = 0  # no early probe before this step (after a losing probe: its interval)
 
 
 class ThreadGovernor:
@@ -67,11 +83,16 @@ class ThreadGovernor:
     time outside the blocks (output head, sampling, Python) counts too: under contention
     that is where a 2-thread team stalls as much as in the blocks.
     ``set_threads(n)`` / ``threads()``: set / read the thread count (torch's);
-    ``clock``: seconds. All injectable, for tests."""
+    ``clock``: seconds; ``others()``: CPU seconds other processes have used on this
+    process's cores so far (None: unknown); ``cores``: how many cores this process may
+    use. All injectable, for tests."""
 
     def __init__(self, set_threads: Callable[[int], object] = torch.set_num_threads,
-                 threads: Callable[[], int] = torch.get_num_threads, clock: Callable[[], float] = time.perf_counter):
+                 threads: Callable[[], int] = torch.get_num_threads, clock: Callable[[], float] = time.perf_counter,
+                 others: Callable[[], float | None] | None = None, cores: int | None = None):
         self._set_threads, self._threads, self.clock = set_threads, threads, clock
+        self._others = others if others is not None else others_cpu_seconds
+        self._cores = cores if cores is not None else len(_allowed_cpus())
         self._states: dict[Hashable, _State] = {}
         self._applied = 0      # the cap in force (0: none)
         self._full = 0         # the thread count to restore when the cap is lifted
@@ -103,6 +124,7 @@ class ThreadGovernor:
             now = self.clock()
             if st.t_last is not None:
                 self._record(st, now - st.t_last)
+                self._look(st, now)
             st.t_last = now
         self._apply(1 if st.mode == ONE else 0)
 
@@ -111,6 +133,30 @@ class ThreadGovernor:
         self._apply(0)
         for st in self._states.values():
             st.t_last = None
+
+    def _look(self, st: _State, now: float) -> None:
+        """Every PROBE_WINDOW steps outside a probe: probe the other count at once when what
+        other processes did since the last look says it may win (home is every thread and
+        they kept more than the spare cores busy, or home is one thread and they no longer
+        do). Not again before the probe interval once a probe ended: the sensor cannot make
+        the governor probe more often than its interval allows."""
+        if st.mode != st.home or st.steps < st.quiet_until:
+            st.seen = None
+            return
+        if st.seen is not None and st.steps - st.seen[0] < PROBE_WINDOW:
+            return
+        others = self._others()
+        if others is None:
+            return
+        if st.seen is not None and now > st.seen[1] and len(st.times) >= PROBE_WINDOW:
+            busy = (others - st.seen[2]) / (now - st.seen[1])          # cores others kept busy
+            contended = busy >= max(0, self._cores - self.full_threads()) + BUSY_CORES
+            if contended == (st.home == FULL):
+                st.median[st.home] = statistics.median(st.times)       # the window so far stands for home
+                st.times.clear()
+                st.mode, st.seen = ONE - st.home, None
+                return
+        st.seen = (st.steps, now, others)
 
     def _record(self, st: _State, dt: float) -> None:
         st.steps += 1
@@ -124,8 +170,10 @@ class ThreadGovernor:
         if st.mode != st.home:  # a probe's window ended
             if m < GAIN * st.median[st.home]:
                 st.home, st.interval = st.mode, PROBE_MIN
+                st.quiet_until = st.steps + PROBE_WINDOW   # the sensor may look again at once
             else:
                 st.interval = min(2 * st.interval, PROBE_MAX)
+                st.quiet_until = st.steps + st.interval
             st.mode = st.home
             st.next_probe = st.steps + st.interval
         elif st.steps >= st.next_probe or (last is not None and m > SLOWDOWN * last):
@@ -135,6 +183,32 @@ class ThreadGovernor:
         """The thread cap steps of shape ``key`` settle on now (0: none)."""
         st = self._states.get(key)
         return 1 if st is not None and st.home == ONE else 0
+
+
+def _allowed_cpus() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def others_cpu_seconds() -> float | None:
+    """CPU seconds (busy: not idle nor iowait) used so far on the cores this process may run
+    on, minus this process's own CPU time: what other processes took there. None where
+    ``/proc/stat`` cannot be read (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    allowed = {f"cpu{i}" for i in _allowed_cpus()}
+    ticks = 0
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        if name in allowed:
+            v = [int(x) for x in rest.split()]
+            ticks += sum(v[:8]) - v[3] - v[4]     # user nice system idle iowait irq softirq steal
+    return ticks / os.sysconf("SC_CLK_TCK") - time.process_time()
 
 
 _governor: ThreadGovernor | None = None
