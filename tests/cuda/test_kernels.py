@@ -393,3 +393,79 @@ def test_prompt_chunk_rows_equal_one_token_per_step(device, window):
         ref = A.decode_attention_reference(A.rotate_reference(q.view(H, D), cos[p], sin[p], False),
                                            kf[s, :, lo:p + 1], vf[s, :, lo:p + 1], D ** -0.5)
         assert _rel(want[(s, p)].float(), ref) < 4e-3
+
+
+# ---- the GEMV over activation rows: row i bit-identical to the one-row call on x[i] ----
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q4_1, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("n_x", [1, 2, 3, 8, 17])
+def test_gemv_rows_are_the_one_row_call(packed_weight, device, t, n_x):
+    w, ref = packed_weight(t, 13, 3, seed=20 + n_x)
+    gen = torch.Generator().manual_seed(n_x)
+    x = torch.randn(n_x, w.n_cols, generator=gen).to(device)
+    nw = torch.randn(w.n_cols, generator=gen).to(device)
+    res = torch.randn(n_x, w.n_rows, generator=gen).to(device)
+    cfg = GemvConfig(block_n=8, bb=2, num_warps=4, x_rows=2)       # 2 rows per program: several row groups
+    y = gemv(w, x, norm_weight=nw, eps=1e-5, residual=res, config=cfg)
+    assert y.shape == (n_x, w.n_rows)
+    for i in range(n_x):
+        alone = gemv(w, x[i].clone(), norm_weight=nw, eps=1e-5, residual=res[i].clone(), config=cfg)
+        assert torch.equal(y[i], alone)
+    # grouping of the rows does not change a bit either (all rows in one program)
+    assert torch.equal(gemv(w, x, norm_weight=nw, eps=1e-5, residual=res, config=GemvConfig(8, 2, 4, 32)), y)
+    # the float64 oracle: libggml's weights, RMSNorm and residual recomputed
+    xd = x.double().cpu()
+    want = res.double().cpu() + (xd / torch.sqrt((xd * xd).mean(-1, keepdim=True) + 1e-5) * nw.double().cpu()) @ ref.T
+    assert _rel(y, want) < 1e-5
+    assert _rel(gemv_reference(w, x, norm_weight=nw, eps=1e-5, residual=res), want) < 1e-12
+
+
+@pytest.mark.parametrize("n_x", [1, 2, 3, 8, 17])
+def test_gemv_rows_strided_in_place_and_half(packed_weight, device, n_x):
+    # rows of a wider buffer (any row stride) in and out, the residual being the output, float16 x
+    w, ref = packed_weight(GGMLType.Q4_0, 11, 2, seed=40 + n_x)
+    gen = torch.Generator().manual_seed(100 + n_x)
+    xbuf = torch.randn(n_x, w.n_cols + 7, generator=gen).half().to(device)
+    x = xbuf[:, 3:3 + w.n_cols]
+    obuf = torch.randn(n_x, w.n_rows + 5, generator=gen).to(device)
+    out = obuf[:, 2:2 + w.n_rows]
+    before, margins = out.clone(), obuf.clone()
+    gemv(w, x, out, residual=out)
+    for i in range(n_x):
+        assert torch.equal(out[i], gemv(w, x[i].contiguous(), residual=before[i].clone()))
+    assert _rel(out, before.double().cpu() + x.double().cpu() @ ref.T) < 1e-5
+    keep = torch.ones_like(obuf, dtype=torch.bool)
+    keep[:, 2:2 + w.n_rows] = False
+    assert torch.equal(obuf[keep], margins[keep])                   # nothing written outside the rows
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q5_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("n_x", [1, 2, 3, 8, 17])
+def test_gemv_swiglu_rows_are_the_one_row_call(packed_weight, device, t, n_x):
+    wg, g_ref = packed_weight(t, 9, 2, seed=60 + n_x)
+    wu, u_ref = packed_weight(t, 9, 2, seed=80 + n_x)
+    gen = torch.Generator().manual_seed(7 * n_x)
+    x = torch.randn(n_x, wg.n_cols, generator=gen).to(device)
+    nw = torch.randn(wg.n_cols, generator=gen).to(device)
+    cfg = GemvConfig(block_n=4, bb=1, num_warps=4, x_rows=3)
+    obuf = torch.zeros(n_x, wg.n_rows + 3, device=device)
+    y = gemv_swiglu(wg, wu, x, obuf[:, 1:1 + wg.n_rows], norm_weight=nw, eps=1e-6, config=cfg)
+    for i in range(n_x):
+        assert torch.equal(y[i], gemv_swiglu(wg, wu, x[i].clone(), norm_weight=nw, eps=1e-6, config=cfg))
+    xd = x.double().cpu()
+    xd = xd / torch.sqrt((xd * xd).mean(-1, keepdim=True) + 1e-6) * nw.double().cpu()
+    g, u = xd @ g_ref.T, xd @ u_ref.T
+    assert _rel(y, g * torch.sigmoid(g) * u) < 1e-5
+    assert _rel(gemv_swiglu_reference(wg, wu, x, norm_weight=nw, eps=1e-6), g * torch.sigmoid(g) * u) < 1e-12
+
+
+def test_gemv_rows_refuses_mismatched_shapes(packed_weight, device):
+    w, _ = packed_weight(GGMLType.Q4_0, 5, 1, seed=1)
+    x = torch.randn(3, w.n_cols, device=device)
+    with pytest.raises(ValueError):
+        gemv(w, x, torch.empty(2, w.n_rows, device=device))
+    with pytest.raises(ValueError):
+        gemv(w, x, residual=torch.empty(w.n_rows, device=device))
+    with pytest.raises(ValueError):
+        gemv(w, x.t())
+    assert gemv(w, x[:0]).shape == (0, w.n_rows)

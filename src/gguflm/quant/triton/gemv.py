@@ -1,14 +1,21 @@
-"""Fused dequantize x GEMV for batch-1 decode, straight from the field planes.
+"""Fused dequantize x GEMV for decode, straight from the field planes, for one activation
+row or for each of R rows:
 
-    y[r] = sum_k W[r, k] * x'[k]                               (_gemv_kernel)
-    y[r] = silu(Wg[r] . x') * (Wu[r] . x')                      (_gemv_swiglu_kernel)
+    y[i, r] = sum_k W[r, k] * x'[i, k]                         (_gemv_kernel)
+    y[i, r] = silu(Wg[r] . x'[i]) * (Wu[r] . x'[i])             (_gemv_swiglu_kernel)
 
 with ``x' = x`` or, with ``NORM``, the RMS-normalised ``x' = (x * rstd) * norm_w``,
 ``rstd = 1 / sqrt(mean(x^2) + eps)`` (ggml_rms_norm then ggml_mul), computed by every
-program from the whole ``x``; with ``RESIDUAL``, ``y[r] = R[r] + W[r] . x'`` (``R`` may
-be ``y`` itself). ``W`` is dequantized block by block in registers (the type's decoder
-from :mod:`gguflm.quant.triton.codecs`) and never written out; products and sums are
-float32. One program owns ``BLOCK_N`` rows and walks their blocks ``BB`` at a time.
+program from the whole row ``x[i]``; with ``RESIDUAL``, ``y[i, r] = R[i, r] + W[r] . x'[i]``
+(``R`` may be ``y`` itself). ``W`` is dequantized block by block in registers (the type's
+decoder from :mod:`gguflm.quant.triton.codecs`) and never written out; products and sums
+are float32. One program owns ``BLOCK_N`` weight rows, walks their blocks ``BB`` at a
+time, and does so for ``XR`` activation rows one after the other (the tile, read once
+from memory, is then in cache for the next rows); every activation row runs the same
+code on the same shapes, so row i's bits are those of the one-row call on ``x[i]``,
+whatever R and however the rows are grouped (the server's decode rows: a row computes
+the same alone or among others). The row count is not a specialised argument: one
+compiled kernel for every R.
 
 :func:`gemv_reference` is the plain-torch twin: dequantize, then matmul in float64.
 """
@@ -85,36 +92,46 @@ def _row_dots(W_ptr, T_ptr, X_ptr, NW_ptr, rows, K, nb, n_blocks,
     return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
 
 
-@triton.jit
-def _gemv_kernel(W_ptr, T_ptr, X_ptr, NW_ptr, R_ptr, Y_ptr, N, K, nb, n_blocks, eps,
+@triton.jit(do_not_specialize=["n_x"])
+def _gemv_kernel(W_ptr, T_ptr, X_ptr, NW_ptr, R_ptr, Y_ptr, N, K, nb, n_blocks, eps, n_x, sx, sr, sy,
                  DECODE: tl.constexpr, QK: tl.constexpr, UNIT: tl.constexpr, BB: tl.constexpr,
-                 BLOCK_N: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, EVEN: tl.constexpr):
-    """Y[r] = (R[r] +) W[r] . x' for the BLOCK_N rows of this program."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+                 BLOCK_N: tl.constexpr, XR: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+                 EVEN: tl.constexpr):
+    """Y[i, r] = (R[i, r] +) W[r] . x'[i] for the BLOCK_N weight rows r of this program
+    (grid axis 1) and its activation rows i (grid axis 0: XR of them, one after the other,
+    each by the same code: row i's bits do not depend on n_x)."""
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     rows_in = tl.minimum(rows, N - 1)                     # loads stay inside W
-    acc = _row_dots(W_ptr, T_ptr, X_ptr, NW_ptr, rows_in, K, nb, n_blocks, DECODE, QK, UNIT, BB, NORM, EVEN)
-    if NORM:
-        acc = acc * _rstd(X_ptr, K, eps, 1024)
-    if RESIDUAL:
-        acc += tl.load(R_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(Y_ptr + rows, acc, mask=rmask)
+    i0 = tl.program_id(0) * XR
+    for i in range(i0, tl.minimum(i0 + XR, n_x)):
+        x_ptr = X_ptr + i * sx
+        acc = _row_dots(W_ptr, T_ptr, x_ptr, NW_ptr, rows_in, K, nb, n_blocks, DECODE, QK, UNIT, BB, NORM, EVEN)
+        if NORM:
+            acc = acc * _rstd(x_ptr, K, eps, 1024)
+        if RESIDUAL:
+            acc += tl.load(R_ptr + i * sr + rows, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(Y_ptr + i * sy + rows, acc, mask=rmask)
 
 
-@triton.jit
-def _gemv_swiglu_kernel(WG_ptr, WU_ptr, T_ptr, X_ptr, NW_ptr, Y_ptr, N, K, nb, n_blocks, eps,
+@triton.jit(do_not_specialize=["n_x"])
+def _gemv_swiglu_kernel(WG_ptr, WU_ptr, T_ptr, X_ptr, NW_ptr, Y_ptr, N, K, nb, n_blocks, eps, n_x, sx, sy,
                         DECODE: tl.constexpr, QK: tl.constexpr, UNIT: tl.constexpr, BB: tl.constexpr,
-                        BLOCK_N: tl.constexpr, NORM: tl.constexpr, EVEN: tl.constexpr):
-    """Y[r] = silu(Wg[r] . x') * (Wu[r] . x'), silu(g) = g * sigmoid(g)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+                        BLOCK_N: tl.constexpr, XR: tl.constexpr, NORM: tl.constexpr, EVEN: tl.constexpr):
+    """Y[i, r] = silu(Wg[r] . x'[i]) * (Wu[r] . x'[i]), silu(g) = g * sigmoid(g) (rows as
+    in :func:`_gemv_kernel`)."""
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_in = tl.minimum(rows, N - 1)
-    g = _row_dots(WG_ptr, T_ptr, X_ptr, NW_ptr, rows_in, K, nb, n_blocks, DECODE, QK, UNIT, BB, NORM, EVEN)
-    u = _row_dots(WU_ptr, T_ptr, X_ptr, NW_ptr, rows_in, K, nb, n_blocks, DECODE, QK, UNIT, BB, NORM, EVEN)
-    if NORM:
-        rstd = _rstd(X_ptr, K, eps, 1024)
-        g = g * rstd
-        u = u * rstd
-    tl.store(Y_ptr + rows, g * tl.sigmoid(g) * u, mask=rows < N)
+    i0 = tl.program_id(0) * XR
+    for i in range(i0, tl.minimum(i0 + XR, n_x)):
+        x_ptr = X_ptr + i * sx
+        g = _row_dots(WG_ptr, T_ptr, x_ptr, NW_ptr, rows_in, K, nb, n_blocks, DECODE, QK, UNIT, BB, NORM, EVEN)
+        u = _row_dots(WU_ptr, T_ptr, x_ptr, NW_ptr, rows_in, K, nb, n_blocks, DECODE, QK, UNIT, BB, NORM, EVEN)
+        if NORM:
+            rstd = _rstd(x_ptr, K, eps, 1024)
+            g = g * rstd
+            u = u * rstd
+        tl.store(Y_ptr + i * sy + rows, g * tl.sigmoid(g) * u, mask=rows < N)
 
 
 # ---------------------------------------------------------------------------------------
@@ -123,49 +140,78 @@ def _gemv_swiglu_kernel(WG_ptr, WU_ptr, T_ptr, X_ptr, NW_ptr, Y_ptr, N, K, nb, n
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch shape: BLOCK_N rows per program, BB blocks per step, warps per program."""
+    """Launch shape: BLOCK_N weight rows per program, BB blocks per step, warps per
+    program, and ``x_rows`` activation rows per program (one after the other; any value
+    gives the same bits)."""
 
     block_n: int
     bb: int
     num_warps: int
+    x_rows: int = 4
 
 
 def gemv_config(w: PackedWeight) -> GemvConfig:
-    """A launch shape for ``w`` (from the H100 sweep, benchmarks/gemv_sweep.py): 4 rows
-    per program and 1024 values per row per step; for very tall weights (the output
-    projection) 8 rows and 512 values. On the CPU (Triton's interpreter, which runs
-    programs one after the other) few large programs."""
+    """A launch shape for ``w`` (from the H100 sweep, benchmarks/gemv_sweep.py, one
+    activation row): 4 rows per program and 1024 values per row per step; for very tall
+    weights (the output projection) 8 rows and 512 values. Activation rows: 4 per program
+    (not measured). On the CPU (Triton's interpreter, which runs programs one after the
+    other) few large programs."""
     qk = w.layout.block_size
     nb = w.blocks_per_row
     if w.planes.device.type == "cpu":
-        return GemvConfig(min(64, triton.next_power_of_2(w.n_rows)), triton.next_power_of_2(nb), 4)
+        return GemvConfig(min(64, triton.next_power_of_2(w.n_rows)), triton.next_power_of_2(nb), 4, 64)
     tall = w.n_rows >= 16384
     values = 512 if tall else 1024
     bb = max(1, min(triton.next_power_of_2(nb), values // qk))
     return GemvConfig(8 if tall else 4, bb, 4)
 
 
+def _rows_of(x: torch.Tensor, n_cols: int, n_rows: int, out: torch.Tensor | None,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, int, tuple[int, int, int]]:
+    """Check the activation rows: x [n_cols] or [R, n_cols], out / residual [n_rows] or
+    [R, n_rows] alike (made when None), each with contiguous rows (any row stride) ->
+    (out, R, (x, residual, out) row strides)."""
+    if x.dim() not in (1, 2) or x.shape[-1] != n_cols or (x.shape[-1] > 1 and x.stride(-1) != 1):
+        raise ValueError(f"x must be [{n_cols}] or [R, {n_cols}] with contiguous rows, not {tuple(x.shape)}")
+    lead = tuple(x.shape[:-1])
+    if out is None:
+        out = torch.empty(*lead, n_rows, dtype=torch.float32, device=x.device)
+    for t in (out, residual):
+        if t is not None and (tuple(t.shape) != lead + (n_rows,) or (n_rows > 1 and t.stride(-1) != 1)
+                              or t.dtype != torch.float32):
+            raise ValueError(f"outputs and residuals must be float32 {lead + (n_rows,)} with contiguous rows")
+    n_x = x.shape[0] if x.dim() == 2 else 1
+
+    def stride(t: torch.Tensor | None) -> int:
+        return t.stride(0) if t is not None and t.dim() == 2 else 0
+
+    return out, n_x, (stride(x), stride(residual), stride(out))
+
+
 def gemv(w: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0,
          residual: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
-    """``W @ x'`` for x: [n_cols] (float32/16, contiguous) -> float32 [n_rows].
+    """``W @ x'`` for x: [n_cols] (float32/16) -> float32 [n_rows]; or for each row of
+    x: [R, n_cols] -> float32 [R, n_rows], row i bit-identical to the call on ``x[i]``
+    (the same program, whatever R). Rows contiguous, any row stride (also of ``out``).
 
-    ``norm_weight`` [n_cols] turns on the fused RMSNorm prologue with ``eps``;
-    ``residual`` [n_rows] float32 is added (it may be ``out``).
+    ``norm_weight`` [n_cols] turns on the fused RMSNorm prologue with ``eps`` (each row
+    normed by its own RMS); ``residual`` float32 shaped as ``out`` is added (it may be ``out``).
     """
     c = codec(w.ggml_type)
     if c is None:
         raise ValueError(f"no fused kernel for {w.ggml_type.name}")
-    if out is None:
-        out = torch.empty(w.n_rows, dtype=torch.float32, device=x.device)
+    out, n_x, (sx, sr, sy) = _rows_of(x, w.n_cols, w.n_rows, out, residual)
+    if n_x == 0:
+        return out
     cfg = config or gemv_config(w)
     nb = w.blocks_per_row
-    grid = (triton.cdiv(w.n_rows, cfg.block_n),)
+    grid = (triton.cdiv(n_x, cfg.x_rows), triton.cdiv(w.n_rows, cfg.block_n))
     _gemv_kernel[grid](
         w.planes, codebook(x.device), x, norm_weight if norm_weight is not None else x,
         residual if residual is not None else out, out,
-        w.n_rows, w.n_cols, nb, w.n_rows * nb, eps,
-        DECODE=c.fn, QK=c.block_size, UNIT=unit(c), BB=cfg.bb, BLOCK_N=cfg.block_n,
+        w.n_rows, w.n_cols, nb, w.n_rows * nb, eps, n_x, sx, sr, sy,
+        DECODE=c.fn, QK=c.block_size, UNIT=unit(c), BB=cfg.bb, BLOCK_N=cfg.block_n, XR=cfg.x_rows,
         NORM=norm_weight is not None, RESIDUAL=residual is not None, EVEN=nb % cfg.bb == 0,
         num_warps=cfg.num_warps)
     return out
@@ -174,21 +220,23 @@ def gemv(w: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
 def gemv_swiglu(wg: PackedWeight, wu: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
                 norm_weight: torch.Tensor | None = None, eps: float = 0.0,
                 config: GemvConfig | None = None) -> torch.Tensor:
-    """``silu(Wg @ x') * (Wu @ x')``; Wg and Wu share type and shape. -> float32 [n_rows]."""
+    """``silu(Wg @ x') * (Wu @ x')``; Wg and Wu share type and shape. -> float32 [n_rows],
+    or [R, n_rows] for x [R, n_cols] (rows as in :func:`gemv`)."""
     if (wg.ggml_type, wg.n_rows, wg.n_cols) != (wu.ggml_type, wu.n_rows, wu.n_cols):
         raise ValueError("gate and up weights must share type and shape")
     c = codec(wg.ggml_type)
     if c is None:
         raise ValueError(f"no fused kernel for {wg.ggml_type.name}")
-    if out is None:
-        out = torch.empty(wg.n_rows, dtype=torch.float32, device=x.device)
+    out, n_x, (sx, _, sy) = _rows_of(x, wg.n_cols, wg.n_rows, out)
+    if n_x == 0:
+        return out
     cfg = config or gemv_config(wg)
     nb = wg.blocks_per_row
-    grid = (triton.cdiv(wg.n_rows, cfg.block_n),)
+    grid = (triton.cdiv(n_x, cfg.x_rows), triton.cdiv(wg.n_rows, cfg.block_n))
     _gemv_swiglu_kernel[grid](
         wg.planes, wu.planes, codebook(x.device), x, norm_weight if norm_weight is not None else x, out,
-        wg.n_rows, wg.n_cols, nb, wg.n_rows * nb, eps,
-        DECODE=c.fn, QK=c.block_size, UNIT=unit(c), BB=cfg.bb, BLOCK_N=cfg.block_n,
+        wg.n_rows, wg.n_cols, nb, wg.n_rows * nb, eps, n_x, sx, sy,
+        DECODE=c.fn, QK=c.block_size, UNIT=unit(c), BB=cfg.bb, BLOCK_N=cfg.block_n, XR=cfg.x_rows,
         NORM=norm_weight is not None, EVEN=nb % cfg.bb == 0, num_warps=cfg.num_warps)
     return out
 
@@ -206,11 +254,11 @@ def dequantized(w: PackedWeight) -> torch.Tensor:
 
 def gemv_reference(w: PackedWeight, x: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
                    eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """What :func:`gemv` computes, in float64 torch ops."""
+    """What :func:`gemv` computes, in float64 torch ops (x [n_cols] or [R, n_cols])."""
     x = x.double()
     if norm_weight is not None:
-        x = x / torch.sqrt((x * x).mean() + eps) * norm_weight.double()
-    y = dequantized(w) @ x
+        x = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * norm_weight.double()
+    y = x @ dequantized(w).T
     return y + residual.double() if residual is not None else y
 
 
