@@ -78,6 +78,75 @@ def test_emulation_of_mixed_segments_and_swiglu(random_blocks, oracle):
     assert _rel(out, g * torch.sigmoid(g) * u) < 1e-5
 
 
+# --- x [R, K] through the emulation: the rows path's addressing, bit for bit --------------
+
+ROWS = [1, 2, 3, 5, 8, 17]
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_emulation_rows_each_row_as_alone(random_blocks, oracle, t):
+    """x [R, K] (row stride padded), outputs and residuals as strided [R, N] views: each row
+    bit-identical to the 1-row emulation of x[r] alone, at every R and place (the emulation
+    runs the kernel's arithmetic in its order, through the rows kernel's row addressing);
+    and near libggml's dequantization times x in float64."""
+    _cuda_lib()
+    from gguflm.quant.cuda.gemv import emulate
+
+    bpr = 2 if LAYOUTS[t].block_size == 256 else 16
+    w, ref = _weight(random_blocks, oracle, t, 12, bpr, seed=int(t) + 7)
+    wu, u_ref = _weight(random_blocks, oracle, t, 12, bpr, seed=int(t) + 8)
+    K, N = w.n_cols, w.n_rows
+    gen = torch.Generator().manual_seed(int(t))
+    nw = torch.randn(K, generator=gen)
+    for R in ROWS:
+        x = torch.randn(R, K + 4, generator=gen)[:, :K]                   # row stride K + 4
+        res = torch.randn(R, N + 3, generator=gen)[:, 1:N + 1]            # row stride N + 3
+        for kind in ("norm", "residual", "swiglu"):
+            buf = torch.full((R, N + 5), float("nan"))
+            out = buf[:, 2:N + 2]
+            kw = {"norm": dict(norm_weight=nw, eps=1e-5), "residual": dict(residuals=[res]),
+                  "swiglu": dict(norm_weight=nw, eps=1e-5, ups=[wu])}[kind]
+            emulate([w], x, [out], **kw)
+            assert torch.isnan(buf[:, :2]).all() and torch.isnan(buf[:, N + 2:]).all(), (R, kind)
+            for r in range(R):
+                one = torch.full((N,), float("nan"))
+                kw1 = dict(kw, residuals=[res[r].clone()]) if kind == "residual" else kw
+                emulate([w], x[r].contiguous(), [one], **kw1)
+                assert torch.equal(out[r], one), (R, kind, r)
+                xd = x[r].double()
+                xn = xd / torch.sqrt((xd * xd).mean() + 1e-5) * nw.double()
+                want = {"norm": ref @ xn, "residual": res[r].double() + ref @ xd,
+                        "swiglu": torch.nn.functional.silu(ref @ xn) * (u_ref @ xn)}[kind]
+                assert _rel(out[r], want) < 1e-5, (R, kind, r)
+
+
+def test_emulation_rows_of_mixed_segments(random_blocks, oracle):
+    """Q4_K and Q6_K segments in one call (a QKV buffer [R, total] split along dim 1), and
+    Q4_0 with Q8_0: every row of every segment as alone."""
+    _cuda_lib()
+    from gguflm.quant.cuda.gemv import emulate
+
+    for (ta, tb), bpr in (((GGMLType.Q4_K, GGMLType.Q6_K), 2), ((GGMLType.Q4_0, GGMLType.Q8_0), 16)):
+        wq, q_ref = _weight(random_blocks, oracle, ta, 16, bpr, seed=11)
+        wk, k_ref = _weight(random_blocks, oracle, ta, 8, bpr, seed=12)
+        wv, v_ref = _weight(random_blocks, oracle, tb, 8, bpr, seed=13)
+        gen = torch.Generator().manual_seed(14)
+        nw = torch.randn(wq.n_cols, generator=gen)
+        for R in ROWS:
+            x = torch.randn(R, wq.n_cols, generator=gen)
+            qkv = torch.full((R, 32), float("nan"))
+            outs = list(qkv.split([16, 8, 8], dim=1))
+            emulate([wq, wk, wv], x, outs, norm_weight=nw, eps=1e-6)
+            for r in range(R):
+                ones = [torch.full((n,), float("nan")) for n in (16, 8, 8)]
+                emulate([wq, wk, wv], x[r], ones, norm_weight=nw, eps=1e-6)
+                xd = x[r].double()
+                xn = xd / torch.sqrt((xd * xd).mean() + 1e-6) * nw.double()
+                for o, one, ref in zip(outs, ones, (q_ref, k_ref, v_ref)):
+                    assert torch.equal(o[r], one), (ta.name, R, r)
+                    assert _rel(o[r], ref @ xn) < 1e-5
+
+
 # --- on the GPU: the kernels themselves against the torch twins ---------------------------
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels run on a GPU only")
@@ -193,3 +262,93 @@ def test_rows_api_each_row_as_alone(packed_weight, device):
         xd = x[r].double().cpu()
         assert _rel(res[r], want_res[r].double().cpu() + q_ref @ xd) < 1e-5
     assert torch.isnan(buf[:, 24:]).all()                                 # nothing written past the views
+
+
+GPU_ROWS = [1, 2, 3, 8, 17, 32, 64]
+
+
+@gpu
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("bpr", [8, 22])
+def test_rows_kernel_each_row_as_alone(random_blocks, t, bpr):
+    """The rows kernel (x [R, K], strided outputs/residuals) against R launches of the 1-row
+    kernel on x[r]: bit-identical at every R and place, run to run, for the plain, NORM,
+    residual (in place) and SWIGLU epilogues, with the launch shapes the model uses (K = 2048:
+    4 warps, K = 5632: 8 warps); and near the float64 twin."""
+    _cuda_lib()
+    from gguflm.quant.cuda.gemv import launch
+
+    qk = LAYOUTS[t].block_size
+    bpr = bpr * 256 // qk
+    n = 72
+    w = PackedWeight.from_raw(random_blocks(t, n * bpr, seed=bpr + int(t)), t, (bpr * qk, n), "cuda")
+    wu = PackedWeight.from_raw(random_blocks(t, n * bpr, seed=bpr + int(t) + 1), t, (bpr * qk, n), "cuda")
+    K = w.n_cols
+    gen = torch.Generator().manual_seed(bpr)
+    nw = torch.randn(K, generator=gen).cuda()
+    for R in GPU_ROWS:
+        x = torch.randn(R, K + 8, generator=gen).cuda()[:, 4:K + 4]          # row stride K + 8
+        res0 = torch.randn(R, n + 7, generator=gen).cuda()
+        for kind in ("plain", "norm", "residual", "swiglu"):
+            kw = {"plain": {}, "norm": dict(norm_weight=nw, eps=1e-5), "residual": {},
+                  "swiglu": dict(norm_weight=nw, eps=1e-5, ups=[wu])}[kind]
+            got = []
+            for _ in range(2):
+                buf = res0.clone()
+                out = buf[:, 3:n + 3]
+                if kind != "residual":
+                    buf.fill_(float("nan"))
+                launch([w], x, [out], residuals=[out] if kind == "residual" else None, **kw)
+                got.append(buf)
+            assert torch.equal(got[0], got[1]), (R, kind)                    # run to run
+            if kind != "residual":
+                assert torch.isnan(got[0][:, :3]).all() and torch.isnan(got[0][:, n + 3:]).all()
+            for r in range(R):
+                one = res0[r, 3:n + 3].clone() if kind == "residual" else torch.full((n,), float("nan"), device="cuda")
+                launch([w], x[r].contiguous(), [one], residuals=[one] if kind == "residual" else None, **kw)
+                assert torch.equal(got[0][r, 3:n + 3], one), (t.name, K, R, kind, r)
+            r = R - 1
+            if kind == "swiglu":
+                want = gemv_swiglu_reference(w, wu, x[r].contiguous(), norm_weight=nw, eps=1e-5)
+            else:
+                want = gemv_reference(w, x[r].contiguous(), norm_weight=kw.get("norm_weight"), eps=1e-5 if kw else 0.0,
+                                      residual=res0[r, 3:n + 3] if kind == "residual" else None)
+            assert _rel(got[0][r, 3:n + 3], want.cpu()) < 1e-5, (R, kind)
+
+
+@gpu
+def test_rows_api_segments_on_the_gpu(random_blocks):
+    """gemv_multi over a QKV buffer [R, total] split along dim 1 (Q4_K + Q6_K, Q4_0 + Q8_0),
+    gemv_swiglu and gemv with an in-place residual of row stride != N, through the public
+    API at the TinyLlama shapes: each row bit-identical to the 1-row call (generate()'s)."""
+    _cuda_lib()
+    from gguflm.quant.cuda.gemv import gemv, gemv_multi, gemv_swiglu
+
+    def w_(t, rows, cols, seed):
+        qk = LAYOUTS[t].block_size
+        return PackedWeight.from_raw(random_blocks(t, rows * cols // qk, seed), t, (cols, rows), "cuda")
+
+    gen = torch.Generator().manual_seed(0)
+    nw = torch.randn(2048, generator=gen).cuda()
+    for R in (2, 5, 32):
+        x = torch.randn(R, 2048, generator=gen).cuda()
+        for ws in ([w_(GGMLType.Q4_K, 256, 2048, 1), w_(GGMLType.Q4_K, 64, 2048, 2), w_(GGMLType.Q6_K, 64, 2048, 3)],
+                   [w_(GGMLType.Q4_0, 256, 2048, 1), w_(GGMLType.Q4_0, 64, 2048, 2), w_(GGMLType.Q8_0, 64, 2048, 3)]):
+            qkv = torch.full((R, 384), float("nan"), device="cuda")
+            outs = list(qkv.split([256, 64, 64], dim=1))
+            gemv_multi(ws, x, outs, norm_weight=nw, eps=1e-6)
+            for r in range(R):
+                ones = [torch.empty(w.n_rows, device="cuda") for w in ws]
+                gemv_multi(ws, x[r], ones, norm_weight=nw, eps=1e-6)
+                assert all(torch.equal(o[r], one) for o, one in zip(outs, ones)), (R, r)
+        wg, wu = w_(GGMLType.Q4_K, 704, 2048, 5), w_(GGMLType.Q4_K, 704, 2048, 6)
+        y = gemv_swiglu(wg, wu, x, norm_weight=nw, eps=1e-6)
+        a = torch.randn(R, 5632, generator=gen).cuda()
+        wd = w_(GGMLType.Q6_K, 2048, 5632, 7)
+        h0 = torch.randn(R, 2100, generator=gen).cuda()
+        h = h0.clone()
+        gemv(wd, a, h[:, :2048], residual=h[:, :2048])
+        for r in range(R):
+            assert torch.equal(y[r], gemv_swiglu(wg, wu, x[r], norm_weight=nw, eps=1e-6)), (R, r)
+            assert torch.equal(h[r, :2048], gemv(wd, a[r], residual=h0[r, :2048].clone())), (R, r)
+        assert torch.equal(h[:, 2048:], h0[:, 2048:])

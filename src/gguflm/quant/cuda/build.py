@@ -30,7 +30,7 @@ from pathlib import Path
 from gguflm.quant.cuda import timing
 
 SOURCE = Path(__file__).with_name("gemv.cu")
-FLAGS = ["-O3", "-shared", "-Xcompiler", "-fPIC", "--split-compile=0", "-lineinfo"]
+FLAGS = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-ffp-contract=off", "--split-compile=0", "-lineinfo"]
 PARTS = 7  # gemv.cu's GGUFLM_PART values, compiled concurrently (see _split_build)
 
 

@@ -32,6 +32,13 @@
 // (griddepcontrol.wait) before it reads x. The output projection can fold the greedy argmax
 // into its epilogue (per-CTA partials, reduced in a fixed order by the CTA that ends last).
 //
+// Several activation rows (x [R, K], the server's batched decode step): gemv_rows_kernel runs
+// one weight row per warp over a tile of up to ROWS_NX rows of x per CTA (grid axis y), each
+// weight chunk decoded once for the tile, and for each activation row the 1-row kernel's float
+// operations in its order, so that row r of the output is bit-identical to the 1-row kernel on
+// x[r] alone whatever R and the row's place (the roundings are spelled out below so that nvcc
+// cannot contract differently in the two kernels).
+//
 // Built by gguflm/quant/cuda/build.py with nvcc into a shared library called through ctypes.
 
 #include <cuda_fp16.h>
@@ -75,7 +82,22 @@ struct Params {
     float* part_val;          // [n_cta] each CTA's best, then reduced by the last CTA
     int* part_idx;
     unsigned int* counter;    // 0 before the launch; the last CTA sets it back to 0
+    // Several activation rows (gemv_rows_kernel; appended, so the 1-row kernels' parameter
+    // offsets are unchanged): x is [n_x, K] with row stride x_ld (floats); CTA column
+    // blockIdx.y takes rows [tile * blockIdx.y, + tile); segment i writes row j of its output
+    // at out + j * out_ld[i] and reads its residual at residual + j * res_ld[i]
+    int n_x, x_ld, tile, pad2_;
+    int out_ld[MAX_SEGS], res_ld[MAX_SEGS];
 };
+
+// where activation row j of x, of segment i's output and residual start (shared by the
+// rows kernel and the emulation)
+#define HDI __host__ __device__ __forceinline__
+HDI const float* x_row(const Params& p, int j) { return p.x + (long long)j * p.x_ld; }
+HDI float* out_row(const Params& p, int i, int j) { return p.seg[i].out + (long long)j * p.out_ld[i]; }
+HDI const float* res_row(const Params& p, int i, int j) {
+    return p.seg[i].residual ? p.seg[i].residual + (long long)j * p.res_ld[i] : nullptr;
+}
 
 // The per-type code below is host-and-device (HD): gguflm_gemv_emulate runs it on the CPU,
 // so that its indexing is tested without a GPU (tests/cuda/test_cuda_gemv.py).
@@ -132,9 +154,56 @@ HD float as_f(uint32_t u) {
 #endif
 }
 
+// Roundings spelled out: the per-row float operations below are written so that nvcc cannot
+// contract a product and a sum differently in the kernel over several activation rows than in
+// the 1-row kernel (each is the operation the 1-row kernel's SASS had: the sm_90 build read
+// with cuobjdump, 2026-12-05). On the host (the emulation) plain operations: gcc contracts
+// nothing without FMA instructions, and build.py passes -ffp-contract=off.
+HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+HD float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fadd_rn(a, b);
+#else
+    return a + b;
+#endif
+}
+HD float sub_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fsub_rn(a, b);
+#else
+    return a - b;
+#endif
+}
+// the sum of a run of 16 activations, in the kernel's order
+HD float sum16(const float* v) {
+    return add_rn(add_rn(add_rn(add_rn(v[0], v[1]), add_rn(v[2], v[3])), add_rn(add_rn(v[4], v[5]), add_rn(v[6], v[7]))),
+                  add_rn(add_rn(add_rn(v[8], v[9]), add_rn(v[10], v[11])), add_rn(add_rn(v[12], v[13]), add_rn(v[14], v[15]))));
+}
+
+// A row's output from its (lane-reduced) dot products g (and u: SWIGLU) and rstd.
+template <bool SWIGLU>
+HD float epilogue(float g, float u, float rstd, const float* residual, int row) {
+    if (SWIGLU) {
+        g = mul_rn(g, rstd);
+        u = mul_rn(u, rstd);
+        // 1 + expf(-g) stays a plain sum: nvcc fuses it with the last product inside expf (an
+        // FFMA ..., 1 in the 1-row kernel's SASS), the same in every kernel using this function
+        return mul_rn(g / (1.f + expf(-g)), u);
+    }
+    const float y = mul_rn(g, rstd);
+    return residual ? add_rn(y, residual[row]) : y;
+}
+
 // ---------------------------------------------------------------------------------------
 // Per-type traits: chunks per block (CPB), values per block (QK), the shared-memory swizzle,
-// the chunk's raw data, its two activation runs, and its contribution given those runs.
+// the chunk's raw data, its two activation runs, and acc plus its contribution given those
+// runs (dot).
 // ---------------------------------------------------------------------------------------
 
 struct Q4_0 {
@@ -150,7 +219,7 @@ struct Q4_0 {
     HD static int off0(int) { return 0; }
     HD static int off1(int) { return 16; }
     // y = d (q - 8); lo nibble of byte l -> a[l], hi -> b[l]
-    HD static float dot(const Raw& r, int, const float* a, const float* b, float xa, float xb) {
+    HD static float dot(const Raw& r, int, const float* a, const float* b, float xa, float xb, float acc) {
         const uint32_t w[4] = {r.q.x, r.q.y, r.q.z, r.q.w};
         float s = 0.f, t = 0.f;
 #pragma unroll
@@ -164,8 +233,8 @@ struct Q4_0 {
             t = fmaf(as_f(field<20, 19, 0x780000u>(w[i])), b[4 * i + 2], t);
             t = fmaf(as_f(field<28, 19, 0x780000u>(w[i])), b[4 * i + 3], t);
         }
-        const float X = xa + xb;
-        return r.d * fmaf(16.f, (s - xa) + (t - xb), -8.f * X);
+        const float X = add_rn(xa, xb);
+        return fmaf(r.d, fmaf(16.f, add_rn(sub_rn(s, xa), sub_rn(t, xb)), mul_rn(-8.f, X)), acc);
     }
 };
 
@@ -195,10 +264,10 @@ struct Q8_0 {
         return s;
     }
     // y = d q = d (u - 128)
-    HD static float dot(const Raw& r, int, const float* a, const float* b, float xa, float xb) {
+    HD static float dot(const Raw& r, int, const float* a, const float* b, float xa, float xb, float acc) {
         const float s = run(r.q0, a), t = run(r.q1, b);
-        const float X = xa + xb;
-        return r.d * fmaf(256.f, (s - xa) + (t - xb), -128.f * X);
+        const float X = add_rn(xa, xb);
+        return fmaf(r.d, fmaf(256.f, add_rn(sub_rn(s, xa), sub_rn(t, xb)), mul_rn(-128.f, X)), acc);
     }
 };
 
@@ -236,7 +305,7 @@ struct Q4_K {
         sc = (float)a;
         mn = (float)b;
     }
-    HD static float dot(const Raw& r, int c, const float* a, const float* b, float xa, float xb) {
+    HD static float dot(const Raw& r, int c, const float* a, const float* b, float xa, float xb, float acc) {
         const uint32_t w[4] = {r.q.x, r.q.y, r.q.z, r.q.w};
         float s = 0.f, t = 0.f;
 #pragma unroll
@@ -255,7 +324,9 @@ struct Q4_K {
         scale_min(r, 2 * j, sc0, m0);
         scale_min(r, 2 * j + 1, sc1, m1);
         // y = d sc q - dmin m
-        return r.d * 16.f * fmaf(sc0, s - xa, sc1 * (t - xb)) - r.dmin * fmaf(m0, xa, m1 * xb);
+        const float y = fmaf(mul_rn(r.d, 16.f), fmaf(sc0, sub_rn(s, xa), mul_rn(sc1, sub_rn(t, xb))),
+                             -mul_rn(r.dmin, fmaf(m0, xa, mul_rn(m1, xb))));
+        return add_rn(acc, y);
     }
 };
 
@@ -281,7 +352,7 @@ struct Q6_K {
     }
     HD static int off0(int c) { return 128 * (c >> 2) + 32 * ((c >> 1) & 1) + 16 * (c & 1); }
     HD static int off1(int c) { return off0(c) + 64; }
-    HD static float dot(const Raw& r, int c, const float* a, const float* b, float xa, float xb) {
+    HD static float dot(const Raw& r, int c, const float* a, const float* b, float xa, float xb, float acc) {
         const uint32_t lo[4] = {r.ql.x, r.ql.y, r.ql.z, r.ql.w};
         const int sh = 2 * ((c >> 1) & 1);
         const uint32_t qa[4] = {r.qh.x >> sh, r.qh.y >> sh, r.qh.z >> sh, r.qh.w >> sh};
@@ -298,8 +369,10 @@ struct Q6_K {
             t = fmaf(as_f(field<20, 17, 0x1E0000u>(lo[i]) | field<16, 21, 0x600000u>(qb[i])), b[4 * i + 2], t);
             t = fmaf(as_f(field<28, 17, 0x1E0000u>(lo[i]) | field<24, 21, 0x600000u>(qb[i])), b[4 * i + 3], t);
         }
-        const float da = r.d * (float)r.sc0, db = r.d * (float)r.sc1;
-        return da * fmaf(64.f, s - xa, -32.f * xa) + db * fmaf(64.f, t - xb, -32.f * xb);
+        const float da = mul_rn(r.d, (float)r.sc0), db = mul_rn(r.d, (float)r.sc1);
+        const float y = fmaf(da, fmaf(64.f, sub_rn(s, xa), mul_rn(-32.f, xa)),
+                             mul_rn(db, fmaf(64.f, sub_rn(t, xb), mul_rn(-32.f, xb))));
+        return add_rn(acc, y);
     }
 };
 
@@ -330,8 +403,7 @@ __device__ __forceinline__ void run16(const float* sx, int k, float* v, float& s
         const float4 q = *reinterpret_cast<const float4*>(sx + 4 * T::swz(g0 + i));
         v[4 * i] = q.x; v[4 * i + 1] = q.y; v[4 * i + 2] = q.z; v[4 * i + 3] = q.w;
     }
-    sum = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))
-        + (((v[8] + v[9]) + (v[10] + v[11])) + ((v[12] + v[13]) + (v[14] + v[15])));
+    sum = sum16(v);
 }
 
 // x' into shared memory (swizzled), returns rstd (1 without norm); all threads of the CTA
@@ -495,7 +567,7 @@ __device__ void run_seg(const Params& p, const Seg& s, int cta, float* sx, float
 #pragma unroll
                 for (int w = 0; w < W; ++w)
 #pragma unroll
-                    for (int r = 0; r < R; ++r) acc[w][r] += T::dot(raw[u][w][r], c, a, bb, xa, xb);
+                    for (int r = 0; r < R; ++r) acc[w][r] = T::dot(raw[u][w][r], c, a, bb, xa, xb, acc[w][r]);
             }
         }
     }
@@ -515,15 +587,7 @@ __device__ void run_seg(const Params& p, const Seg& s, int cta, float* sx, float
             if (lane == r) { g = acc[0][r]; u = acc[W - 1][r]; }
         const int row = row0 + lane;
         if (row < s.n_rows) {
-            float y;
-            if (SWIGLU) {
-                g *= rstd;
-                u *= rstd;
-                y = g / (1.f + expf(-g)) * u;
-            } else {
-                y = g * rstd;
-                if (s.residual) y += s.residual[row];
-            }
+            const float y = epilogue<SWIGLU>(g, u, rstd, s.residual, row);
             s.out[row] = y;
             yv = y;
             yrow = row;
@@ -553,6 +617,160 @@ __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Param
     }
 }
 
+
+// ---------------------------------------------------------------------------------------
+// Several activation rows per launch: each CTA takes one tile of up to NX rows of x and the
+// weight rows of its warps (one per warp), decodes each weight chunk once and runs, for every
+// activation row, exactly the 1-row kernel's float operations: the same chunk order per lane,
+// the same lane butterfly, the same sum of squares (thread partition and warp order: launch
+// with the 1-row kernel's warps), so row j of the output is bit-identical to the 1-row
+// kernel's output for x[j] alone, whatever the number of rows and the row's place.
+// ---------------------------------------------------------------------------------------
+
+// x rows [x0, x0 + nh) into shared memory (row j at sx + j K, swizzled) and the warps' sums
+// of squares of row j into red[32 j + warp]: the per-row code of stage(), row after row; one
+// barrier. rstd_rows() then reduces a row's sums as stage() does.
+template <typename T>
+static __device__ void stage_rows(const Params& p, float* sx, float* red, int x0, int nh, uint32_t dep) {
+    const int n4 = p.K >> 2;
+    const float4* w4 = reinterpret_cast<const float4*>(p.norm);
+    pdl_wait(dep);
+    constexpr int UNR = 4;
+    for (int j = 0; j < nh; ++j) {
+        const float4* x4 = reinterpret_cast<const float4*>(x_row(p, x0 + j));
+        float* sxj = sx + j * p.K;
+        float ss = 0.f;
+        for (int g0 = threadIdx.x; g0 < n4; g0 += UNR * blockDim.x) {
+            float4 v[UNR], w[UNR];
+#pragma unroll
+            for (int u = 0; u < UNR; ++u) {
+                const int g = g0 + u * blockDim.x;
+                if (g < n4) {
+                    v[u] = x4[g];
+                    if (p.norm) w[u] = w4[g];
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < UNR; ++u) {
+                const int g = g0 + u * blockDim.x;
+                if (g < n4) {
+                    if (p.norm) {
+                        ss = fmaf(v[u].x, v[u].x, fmaf(v[u].y, v[u].y, fmaf(v[u].z, v[u].z, fmaf(v[u].w, v[u].w, ss))));
+                        v[u].x = mul_rn(v[u].x, w[u].x); v[u].y = mul_rn(v[u].y, w[u].y);
+                        v[u].z = mul_rn(v[u].z, w[u].z); v[u].w = mul_rn(v[u].w, w[u].w);
+                    }
+                    *reinterpret_cast<float4*>(sxj + 4 * T::swz(g)) = v[u];
+                }
+            }
+        }
+        if (p.norm) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) ss = add_rn(ss, __shfl_xor_sync(0xffffffffu, ss, o));
+            if ((threadIdx.x & 31) == 0) red[32 * j + (threadIdx.x >> 5)] = ss;
+        }
+    }
+    __syncthreads();
+}
+static __device__ float rstd_rows(const Params& p, const float* red, int j) {
+    if (!p.norm) return 1.f;
+    float tot = 0.f;
+    for (int i = 0; i < (int)(blockDim.x >> 5); ++i) tot = add_rn(tot, red[32 * j + i]);
+    return rsqrtf(tot / (float)p.K + p.eps);
+}
+
+template <typename T, int U, bool SWIGLU, int NX>
+__device__ void run_rows(const Params& p, int si, int cta, float* sx, float* red) {
+    constexpr int W = SWIGLU ? 2 : 1;
+    const Seg& s = p.seg[si];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int row = cta * (int)(blockDim.x >> 5) + warp;
+    const int x0 = blockIdx.y * p.tile, nh = min(p.tile, p.n_x - x0);
+    const int nbpr = p.K / T::QK;
+    const int nch = nbpr * T::CPB;
+    const long long rowblk = (long long)min(row, s.n_rows - 1) * nbpr;
+    const uint8_t* P[2] = {s.planes, s.planes2};
+
+    float acc[NX][W];
+#pragma unroll
+    for (int j = 0; j < NX; ++j)
+#pragma unroll
+        for (int w = 0; w < W; ++w) acc[j][w] = 0.f;
+
+    typename T::Raw raw[U][W];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int ch = min(lane + 32 * u, nch - 1);
+#pragma unroll
+        for (int w = 0; w < W; ++w) T::load(raw[u][w], P[w], s.n_blocks, rowblk + ch / T::CPB, ch % T::CPB);
+    }
+    stage_rows<T>(p, sx, red, x0, nh, T::dep(raw[0][0]));
+    pdl_trigger();
+
+    for (int base = 0; base < nch; base += 32 * U) {
+        if (base > 0) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int ch = min(base + lane + 32 * u, nch - 1);
+#pragma unroll
+                for (int w = 0; w < W; ++w) T::load(raw[u][w], P[w], s.n_blocks, rowblk + ch / T::CPB, ch % T::CPB);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int ch = base + lane + 32 * u;
+            if (ch < nch) {
+                const int b = ch / T::CPB, c = ch % T::CPB;
+#pragma unroll
+                for (int j = 0; j < NX; ++j) {
+                    if (j < nh) {
+                        float a[16], bb[16], xa, xb;
+                        run16<T>(sx + j * p.K, b * T::QK + T::off0(c), a, xa);
+                        run16<T>(sx + j * p.K, b * T::QK + T::off1(c), bb, xb);
+#pragma unroll
+                        for (int w = 0; w < W; ++w) acc[j][w] = T::dot(raw[u][w], c, a, bb, xa, xb, acc[j][w]);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < NX; ++j)
+#pragma unroll
+        for (int w = 0; w < W; ++w)
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) acc[j][w] = add_rn(acc[j][w], __shfl_xor_sync(0xffffffffu, acc[j][w], o));
+    if (lane < nh && row < s.n_rows) {
+        // lane j stores activation row j (unrolled select keeps acc in registers)
+        float g = acc[0][0], u = acc[0][W - 1];
+#pragma unroll
+        for (int j = 1; j < NX; ++j)
+            if (lane == j) { g = acc[j][0]; u = acc[j][W - 1]; }
+        const float r = rstd_rows(p, red, lane);
+        out_row(p, si, x0 + lane)[row] = epilogue<SWIGLU>(g, u, r, res_row(p, si, x0 + lane), row);
+    }
+}
+
+template <typename TA, typename TB, int U, bool SWIGLU, int NX>
+__global__ void __launch_bounds__(256) gemv_rows_kernel(const __grid_constant__ Params p) {
+    extern __shared__ float4 smem4[];
+    float* sx = reinterpret_cast<float*>(smem4);
+    __shared__ float red[32 * NX];
+    int i = 0;
+#pragma unroll
+    for (int k = 1; k < MAX_SEGS; ++k)
+        if (k < p.n_seg && (int)blockIdx.x >= p.seg[k].cta_begin) i = k;
+    const int cta = blockIdx.x - p.seg[i].cta_begin;
+    if constexpr (std::is_same<TA, TB>::value) {
+        run_rows<TA, U, SWIGLU, NX>(p, i, cta, sx, red);
+    } else {
+        if (p.seg[i].type == TA::ID) run_rows<TA, U, SWIGLU, NX>(p, i, cta, sx, red);
+        else run_rows<TB, U, SWIGLU, NX>(p, i, cta, sx, red);
+    }
+}
+
+// the rows kernel's instance: U chunks per lane in flight, up to NX rows per tile
+constexpr int ROWS_U = 2, ROWS_NX = 8;
+
 template <typename TA, typename TB, int R, int U, bool SWIGLU>
 static int launch(const Params& p, int warps, int pdl, cudaStream_t stream) {
     const size_t smem = (size_t)p.K * sizeof(float);
@@ -576,12 +794,41 @@ static int launch(const Params& p, int warps, int pdl, cudaStream_t stream) {
     return (int)cudaGetLastError();
 }
 
+template <typename TA, typename TB, bool SWIGLU>
+static int launch_rows(const Params& p, int warps, int pdl, cudaStream_t stream) {
+    const size_t smem = (size_t)p.tile * p.K * sizeof(float);
+    auto fn = gemv_rows_kernel<TA, TB, ROWS_U, SWIGLU, ROWS_NX>;
+    if (p.tile < 1 || p.tile > ROWS_NX || p.n_x < 1) return -1;
+    if (smem > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return (int)e;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(p.n_cta, (p.n_x + p.tile - 1) / p.tile);
+    cfg.blockDim = dim3(32 * warps);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    cudaError_t e = cudaLaunchKernelEx(&cfg, fn, p);
+    if (e != cudaSuccess) return (int)e;
+    return (int)cudaGetLastError();
+}
+
 template <typename TA, typename TB>
 static int dispatch_ru(const Params& p, int warps, int R, int U, int swiglu, int pdl, cudaStream_t st) {
 #define CASE(R_, U_)                                                                          \
     if (R == R_ && U == U_)                                                                   \
         return swiglu ? launch<TA, TB, R_, U_, true>(p, warps, pdl, st)                       \
                       : launch<TA, TB, R_, U_, false>(p, warps, pdl, st);
+    if (R == 0) {  // several activation rows (p.n_x), one weight row per warp
+        if (!swiglu) return launch_rows<TA, TB, false>(p, warps, pdl, st);
+        if constexpr (std::is_same<TA, TB>::value) return launch_rows<TA, TB, true>(p, warps, pdl, st);
+        return -1;
+    }
     if constexpr (std::is_same<TA, TB>::value) {
         CASE(1, 1) CASE(1, 2) CASE(2, 1) CASE(2, 2) CASE(1, 3) CASE(1, 6)
     } else {
@@ -592,55 +839,85 @@ static int dispatch_ru(const Params& p, int warps, int R, int U, int swiglu, int
     return -1;
 }
 
+// The kernel's arithmetic on the CPU, operation for operation: the sum of squares of a CTA
+// of `warps` warps (each thread's groups in order, the lane butterfly, the warps in order),
+// each lane's chunks l, l + 32, ... then the lane butterfly, the same epilogue. Only rsqrtf
+// (1 / sqrtf here) and expf may round differently from the GPU's.
 template <typename T>
-static float emulate_row(const Params& p, const uint8_t* P, long long n_blocks, int row, const float* sx) {
+static float emulate_stage(const Params& p, const float* x, float* sx, int warps) {
+    const int n4 = p.K / 4, nt = 32 * warps;
+    float tot = 0.f;
+    for (int w = 0; w < warps; ++w) {
+        float ss[32];
+        for (int l = 0; l < 32; ++l) {
+            float a = 0.f;
+            for (int g = 32 * w + l; g < n4; g += nt) {
+                float v[4] = {x[4 * g], x[4 * g + 1], x[4 * g + 2], x[4 * g + 3]};
+                if (p.norm) {
+                    a = fmaf(v[0], v[0], fmaf(v[1], v[1], fmaf(v[2], v[2], fmaf(v[3], v[3], a))));
+                    for (int e = 0; e < 4; ++e) v[e] = mul_rn(v[e], p.norm[4 * g + e]);
+                }
+                for (int e = 0; e < 4; ++e) sx[4 * T::swz(g) + e] = v[e];
+            }
+            ss[l] = a;
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            float t[32];
+            for (int l = 0; l < 32; ++l) t[l] = add_rn(ss[l], ss[l ^ o]);
+            memcpy(ss, t, sizeof(t));
+        }
+        tot = add_rn(tot, ss[0]);
+    }
+    return p.norm ? 1.f / sqrtf(tot / (float)p.K + p.eps) : 1.f;
+}
+
+template <typename T>
+static float emulate_dot(const Params& p, const uint8_t* P, long long n_blocks, int row, const float* sx) {
     const int nbpr = p.K / T::QK, nch = nbpr * T::CPB;
-    float acc = 0.f;
+    float lanes[32] = {0.f};
     for (int ch = 0; ch < nch; ++ch) {
         const int b = ch / T::CPB, c = ch % T::CPB;
         typename T::Raw raw;
         T::load(raw, P, n_blocks, (long long)row * nbpr + b, c);
-        float a[16], bb[16], xa = 0.f, xb = 0.f;
+        float a[16], bb[16];
         for (int half = 0; half < 2; ++half) {
             const int k = b * T::QK + (half ? T::off1(c) : T::off0(c));
             float* v = half ? bb : a;
-            for (int i = 0; i < 16; ++i) {
-                const int g = (k + i) >> 2;
-                v[i] = sx[4 * T::swz(g) + ((k + i) & 3)];
-                (half ? xb : xa) += v[i];
+            for (int i = 0; i < 16; ++i) v[i] = sx[4 * T::swz((k + i) >> 2) + ((k + i) & 3)];
+        }
+        lanes[ch & 31] = T::dot(raw, c, a, bb, sum16(a), sum16(bb), lanes[ch & 31]);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float t[32];
+        for (int l = 0; l < 32; ++l) t[l] = add_rn(lanes[l], lanes[l ^ o]);
+        memcpy(lanes, t, sizeof(t));
+    }
+    return lanes[0];
+}
+
+// every activation row of every tile (as the rows kernel's CTA columns), through the same
+// row addressing (x_row, out_row, res_row) as the kernel
+template <typename T, bool SWIGLU>
+static int emulate_seg(const Params& p, int si, int warps) {
+    const Seg& s = p.seg[si];
+    float* sx = (float*)malloc(sizeof(float) * p.K);
+    if (!sx) return 2;
+    for (int x0 = 0; x0 < p.n_x; x0 += p.tile)
+        for (int j = x0; j < p.n_x && j < x0 + p.tile; ++j) {
+            const float rstd = emulate_stage<T>(p, x_row(p, j), sx, warps);
+            for (int row = 0; row < s.n_rows; ++row) {
+                const float g = emulate_dot<T>(p, s.planes, s.n_blocks, row, sx);
+                const float u = SWIGLU ? emulate_dot<T>(p, s.planes2, s.n_blocks, row, sx) : 0.f;
+                out_row(p, si, j)[row] = epilogue<SWIGLU>(g, u, rstd, res_row(p, si, j), row);
             }
         }
-        acc += T::dot(raw, c, a, bb, xa, xb);
-    }
-    return acc;
+    free(sx);
+    return 0;
 }
 
 template <typename T>
-static int emulate_seg(const Params& p, const Seg& s, int swiglu) {
-    float* sx = (float*)malloc(sizeof(float) * p.K);
-    if (!sx) return 2;
-    double ss = 0.0;
-    for (int g = 0; g < p.K / 4; ++g)
-        for (int e = 0; e < 4; ++e) {
-            float v = p.x[4 * g + e];
-            if (p.norm) {
-                ss += (double)v * v;
-                v *= p.norm[4 * g + e];
-            }
-            sx[4 * T::swz(g) + e] = v;
-        }
-    const float rstd = p.norm ? (float)(1.0 / sqrt(ss / p.K + p.eps)) : 1.f;
-    for (int row = 0; row < s.n_rows; ++row) {
-        float g = emulate_row<T>(p, s.planes, s.n_blocks, row, sx) * rstd;
-        if (swiglu) {
-            const float u = emulate_row<T>(p, s.planes2, s.n_blocks, row, sx) * rstd;
-            s.out[row] = g / (1.f + expf(-g)) * u;
-        } else {
-            s.out[row] = g + (s.residual ? s.residual[row] : 0.f);
-        }
-    }
-    free(sx);
-    return 0;
+static int emulate_any(const Params& p, int si, int swiglu, int warps) {
+    return swiglu ? emulate_seg<T, true>(p, si, warps) : emulate_seg<T, false>(p, si, warps);
 }
 
 // The kernels of one type (or pair), behind one function each. build.py compiles the file
@@ -682,7 +959,8 @@ int gguflm_dispatch_q4_0_q8_0(const Params&, int, int, int, int, int, cudaStream
 
 extern "C" {
 
-// 0 on success, a cudaError_t code otherwise; -1: no such (R, U) instance
+// 0 on success, a cudaError_t code otherwise; -1: no such (R, U) instance. R = 0: the rows
+// kernel over p.n_x activation rows (one weight row per warp; U unused)
 // ta, tb: the GGML types of the segments (tb = ta for one type); pdl: programmatic launch
 int gguflm_gemv(const Params* p, int ta, int tb, int warps, int R, int U, int swiglu, int pdl, void* stream) {
     cudaStream_t st = (cudaStream_t)stream;
@@ -700,16 +978,17 @@ int gguflm_gemv(const Params* p, int ta, int tb, int warps, int R, int U, int sw
     return -1;
 }
 
-// The same per-type code on the CPU, one row and chunk after another (host pointers): what
-// the kernel computes up to the order of its float32 sums. For the tests of the indexing.
-int gguflm_gemv_emulate(const Params* p, int swiglu) {
+// The same per-type code on the CPU in the kernel's order (host pointers; x of p.n_x rows):
+// what a CTA of `warps` warps computes, up to rsqrtf and expf. For the tests of the indexing.
+int gguflm_gemv_emulate(const Params* p, int swiglu, int warps) {
+    if (warps < 1 || warps > 8 || p->tile < 1 || p->n_x < 1) return -1;
     for (int i = 0; i < p->n_seg; ++i) {
         int rc = -1;
         switch (p->seg[i].type) {
-            case GT_Q4_0: rc = emulate_seg<Q4_0>(*p, p->seg[i], swiglu); break;
-            case GT_Q8_0: rc = emulate_seg<Q8_0>(*p, p->seg[i], swiglu); break;
-            case GT_Q4_K: rc = emulate_seg<Q4_K>(*p, p->seg[i], swiglu); break;
-            case GT_Q6_K: rc = emulate_seg<Q6_K>(*p, p->seg[i], swiglu); break;
+            case GT_Q4_0: rc = emulate_any<Q4_0>(*p, i, swiglu, warps); break;
+            case GT_Q8_0: rc = emulate_any<Q8_0>(*p, i, swiglu, warps); break;
+            case GT_Q4_K: rc = emulate_any<Q4_K>(*p, i, swiglu, warps); break;
+            case GT_Q6_K: rc = emulate_any<Q6_K>(*p, i, swiglu, warps); break;
         }
         if (rc) return rc;
     }

@@ -36,6 +36,7 @@ SMEM_LIMIT = 200 * 1024  # bytes of activations a CTA stages (dynamic shared mem
 INSTANCES = {(1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (1, 6)}  # (R, U) built for each type
 PAIRS = {(GGMLType.Q4_K, GGMLType.Q6_K), (GGMLType.Q4_0, GGMLType.Q8_0)}  # two types in one launch
 PAIR_INSTANCES = {(1, 2), (2, 1)}
+ROWS_NX = 8  # gemv.cu's ROWS_NX: activation rows per CTA of the rows kernel (its one instance)
 
 
 class _Seg(ctypes.Structure):
@@ -48,7 +49,8 @@ class _Params(ctypes.Structure):
     _fields_ = [("seg", _Seg * MAX_SEGS), ("x", ctypes.c_void_p), ("norm", ctypes.c_void_p),
                 ("eps", ctypes.c_float), ("K", ctypes.c_int), ("n_seg", ctypes.c_int), ("n_cta", ctypes.c_int),
                 ("argmax_out", ctypes.c_void_p), ("part_val", ctypes.c_void_p), ("part_idx", ctypes.c_void_p),
-                ("counter", ctypes.c_void_p)]
+                ("counter", ctypes.c_void_p), ("n_x", ctypes.c_int), ("x_ld", ctypes.c_int), ("tile", ctypes.c_int),
+                ("pad2_", ctypes.c_int), ("out_ld", ctypes.c_int * MAX_SEGS), ("res_ld", ctypes.c_int * MAX_SEGS)]
 
 
 class ArgmaxWorkspace:
@@ -121,7 +123,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gguflm_gemv.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                 ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.gguflm_gemv.restype = ctypes.c_int
-    lib.gguflm_gemv_emulate.argtypes = [ctypes.POINTER(_Params), ctypes.c_int]
+    lib.gguflm_gemv_emulate.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int]
     lib.gguflm_gemv_emulate.restype = ctypes.c_int
     lib.gguflm_error_string.restype = ctypes.c_char_p
     if lib.gguflm_params_size() != ctypes.sizeof(_Params):
@@ -186,8 +188,18 @@ def _aligned(t: torch.Tensor, n: int = 16) -> bool:
 
 def supported(w: PackedWeight, x: torch.Tensor) -> bool:
     """The CUDA kernel covers ``w`` times ``x``: a covered type, float32 contiguous x whose
-    row fits the CTA's shared memory, and 16-byte aligned quant planes."""
-    if w.ggml_type not in TYPES or x.dtype != torch.float32 or not x.is_contiguous() or not _aligned(x):
+    row fits the CTA's shared memory, and 16-byte aligned quant planes. x [R, K]: contiguous
+    rows, each 16-byte aligned (the row stride a multiple of 4)."""
+    if x.dtype != torch.float32 or not _aligned(x):
+        return False
+    if not (x.is_contiguous() if x.dim() == 1 else (x.stride(-1) == 1 and x.stride(0) % 4 == 0)):
+        return False
+    return _weight_supported(w)
+
+
+def _weight_supported(w: PackedWeight) -> bool:
+    """What :func:`supported` asks of the weight alone."""
+    if w.ggml_type not in TYPES:
         return False
     if w.n_cols % 32 or w.n_cols * 4 > SMEM_LIMIT or not _aligned(w.planes):
         return False
@@ -202,7 +214,10 @@ def _params(ws: Sequence[PackedWeight], outs: Sequence[torch.Tensor], x: torch.T
             rows_per_cta: int, ups: Sequence[PackedWeight] | None = None) -> _Params:
     p = _Params()
     cta = 0
+    two_d = x.dim() == 2
     for i, w in enumerate(ws):
+        p.out_ld[i] = outs[i].stride(0) if two_d else 0
+        p.res_ld[i] = residuals[i].stride(0) if two_d and residuals[i] is not None else 0
         s = p.seg[i]
         s.planes = w.planes.data_ptr()
         s.planes2 = ups[i].planes.data_ptr() if ups is not None else 0
@@ -219,12 +234,31 @@ def _params(ws: Sequence[PackedWeight], outs: Sequence[torch.Tensor], x: torch.T
     p.K = ws[0].n_cols
     p.n_seg = len(ws)
     p.n_cta = cta
+    p.n_x = x.shape[0] if two_d else 1
+    p.x_ld = x.stride(0) if two_d else p.K
+    p.tile = rows_tile(p.K, p.n_x)
     return p
 
 
-def _check_out(out: torch.Tensor, n: int) -> None:
-    if out.dtype != torch.float32 or out.numel() != n or (out.numel() > 1 and out.stride(-1) != 1):
-        raise ValueError("outputs must be contiguous float32 of the weight's row count")
+def rows_tile(n_cols: int, n_x: int) -> int:
+    """Activation rows per CTA of the rows kernel: up to ROWS_NX, as many as fit the shared
+    memory (x' of each row staged); 0: none fits."""
+    return max(0, min(ROWS_NX, n_x, SMEM_LIMIT // (4 * n_cols)))
+
+
+def _check_out(out: torch.Tensor, n: int, rows: int | None = None) -> None:
+    shape = (n,) if rows is None else (rows, n)
+    if out.dtype != torch.float32 or tuple(out.shape) != shape or (n > 1 and out.stride(-1) != 1):
+        raise ValueError(f"outputs must be float32 {list(shape)} with unit column stride")
+
+
+def _config(ws: Sequence[PackedWeight], swiglu: bool, config: CudaGemvConfig | None) -> CudaGemvConfig:
+    """The 1-row launch shape (the rows kernel takes its warps: the sum of squares of x is
+    reduced over a CTA's threads, so equal warps give equal bits)."""
+    cfg = config or gemv_config(max(w.n_rows for w in ws), ws[0].n_cols, swiglu=swiglu)
+    if len({w.ggml_type for w in ws}) == 2 and (cfg.rows, cfg.unroll) not in PAIR_INSTANCES:
+        cfg = CudaGemvConfig(1, 2, cfg.warps)
+    return cfg
 
 
 def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Tensor], *,
@@ -234,21 +268,33 @@ def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Ten
     """One launch of the CUDA kernel over the weights ``ws`` (segments of one grid) that all
     read ``x``; the caller has checked :func:`supported`. ``ups``: SWIGLU (one segment).
     ``argmax``: (int64 [1] out, workspace): also the first index of the largest output (one
-    segment, no SWIGLU)."""
+    segment, no SWIGLU, x [K]). x [R, K] with outs (and residuals) [R, n_i]: the rows kernel,
+    one weight row per warp and up to ROWS_NX activation rows per CTA, with the warps of the
+    1-row launch shape; row r of each output is bit-identical to the 1-row kernel on x[r]
+    (R = 1 runs the 1-row kernel itself)."""
     if not 1 <= len(ws) <= MAX_SEGS or any(w.n_cols != ws[0].n_cols for w in ws):
         raise ValueError(f"1..{MAX_SEGS} weights of one row length")
     residuals = residuals or [None] * len(ws)
-    for w, o in zip(ws, outs):
-        _check_out(o, w.n_rows)
+    rows = None if x.dim() == 1 else x.shape[0]
+    if rows == 0:
+        return
+    for w, o, r in zip(ws, outs, residuals):
+        _check_out(o, w.n_rows, rows)
+        if r is not None:
+            _check_out(r, w.n_rows, rows)
+    if rows == 1:
+        return launch(ws, x[0], [o[0] for o in outs], norm_weight=norm_weight, eps=eps,
+                      residuals=[r[0] if r is not None else None for r in residuals], ups=ups, config=config,
+                      argmax=argmax)
     types = sorted({int(w.ggml_type) for w in ws})
     if len(types) > 2 or (len(types) == 2 and tuple(types) not in {(int(a), int(b)) for a, b in PAIRS}):
         raise ValueError(f"no kernel for the types {types} in one launch")
-    cfg = config or gemv_config(max(w.n_rows for w in ws), ws[0].n_cols, swiglu=ups is not None)
-    if len(types) == 2 and (cfg.rows, cfg.unroll) not in PAIR_INSTANCES:
-        cfg = CudaGemvConfig(1, 2, cfg.warps)
+    cfg = _config(ws, ups is not None, config)
     if (cfg.rows, cfg.unroll) not in INSTANCES or not 1 <= cfg.warps <= 8:
         raise ValueError(f"no kernel instance for {cfg}")
-    p = _params(ws, outs, x, norm_weight, eps, residuals, cfg.rows * cfg.warps, ups)
+    if rows is not None and (argmax is not None or rows_tile(ws[0].n_cols, rows) < 1):
+        raise ValueError("x [R, K]: no argmax epilogue, and a row of x must fit the shared memory")
+    p = _params(ws, outs, x, norm_weight, eps, residuals, cfg.rows * cfg.warps if rows is None else cfg.warps, ups)
     if argmax is not None:
         target, aws = argmax
         if len(ws) != 1 or ups is not None or target.dtype != torch.int64 or target.numel() != 1:
@@ -262,8 +308,8 @@ def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Ten
     if x.device.type != "cuda" or lib is None:
         raise RuntimeError("the CUDA GEMV kernels are not available on this device")
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    rc = lib.gguflm_gemv(ctypes.byref(p), types[0], types[-1], cfg.warps, cfg.rows, cfg.unroll,
-                         int(ups is not None), int(pdl(x.device)), ctypes.c_void_p(stream))
+    rc = lib.gguflm_gemv(ctypes.byref(p), types[0], types[-1], cfg.warps, cfg.rows if rows is None else 0,
+                         cfg.unroll, int(ups is not None), int(pdl(x.device)), ctypes.c_void_p(stream))
     if rc != 0:
         msg = "no such instance" if rc < 0 else lib.gguflm_error_string(rc).decode()
         raise RuntimeError(f"CUDA GEMV launch failed: {msg}")
@@ -272,8 +318,10 @@ def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Ten
 def emulate(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Tensor], *,
             norm_weight: torch.Tensor | None = None, eps: float = 0.0,
             residuals: Sequence[torch.Tensor | None] | None = None,
-            ups: Sequence[PackedWeight] | None = None) -> None:
-    """The kernel's per-type code run on the CPU (CPU tensors): for the tests, without a GPU."""
+            ups: Sequence[PackedWeight] | None = None, warps: int | None = None) -> None:
+    """The kernel's arithmetic run on the CPU (CPU tensors), in the order of a CTA of
+    ``warps`` warps (default: the launch shape's): for the tests, without a GPU. Bit for bit
+    the kernel's but for rsqrtf and expf (the host's). x [K] or [R, K] as :func:`launch`."""
     lib = library(None, quiet=True)
     if lib is None:
         raise RuntimeError("the CUDA kernels cannot be built here (no nvcc)")
@@ -281,8 +329,13 @@ def emulate(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Te
     tensors = [x, norm_weight, *outs, *[w.planes for w in ws], *[r for r in residuals if r is not None]]
     if any(t is not None and t.device.type != "cpu" for t in tensors):
         raise ValueError("emulate() takes CPU tensors")
-    p = _params(ws, outs, x.contiguous(), norm_weight, eps, residuals, 1, ups)
-    rc = lib.gguflm_gemv_emulate(ctypes.byref(p), int(ups is not None))
+    if x.stride(-1) != 1:
+        raise ValueError("x rows must be contiguous")
+    p = _params(ws, outs, x, norm_weight, eps, residuals, 1, ups)
+    if p.tile < 1:
+        raise ValueError("a row of x must fit the shared memory")
+    warps = warps or _config(ws, ups is not None, None).warps
+    rc = lib.gguflm_gemv_emulate(ctypes.byref(p), int(ups is not None), warps)
     if rc != 0:
         raise RuntimeError(f"emulation failed ({rc})")
 
@@ -295,8 +348,8 @@ def _rows_of(x: torch.Tensor) -> int | None:
     """None for one activation row x [K]; R for x [R, K]."""
     if x.dim() == 1:
         return None
-    if x.dim() != 2:
-        raise ValueError("x must be [n_cols] or [rows, n_cols]")
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError("x must be [n_cols] or [rows, n_cols] with contiguous rows")
     return x.shape[0]
 
 
@@ -310,6 +363,19 @@ def _check_rows(x: torch.Tensor, n_cols: int, tensors: Sequence[tuple[torch.Tens
             raise ValueError(f"expected [{x.shape[0]}, {n}] with unit column stride, got {tuple(t.shape)}")
 
 
+def _route(ws: Sequence[PackedWeight], x: torch.Tensor, norm_weight: torch.Tensor | None, cuda: bool) -> str:
+    """How x [R, K] runs so that each row gets the bits of its 1-row call: ``cuda`` (the
+    1-row call's conditions on the device, mode and weights hold): "rows" (the CUDA rows
+    kernel, when x's rows are aligned for it too), else "each" (one 1-row call per row:
+    some rows might take the CUDA kernel, some not); "triton" (no row would take the CUDA
+    kernel: one Triton launch over the rows)."""
+    if not cuda or not all(_weight_supported(w) for w in ws):
+        return "triton"
+    if x.dtype != torch.float32 or (norm_weight is not None and not _aligned(norm_weight)):
+        return "triton"
+    return "rows" if all(supported(w, x) for w in ws) else "each"
+
+
 def gemv(w: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
          config: CudaGemvConfig | None = None) -> torch.Tensor:
@@ -320,14 +386,20 @@ def gemv(w: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
     rows = _rows_of(x)
     if out is None:
         out = torch.empty(w.n_rows if rows is None else (rows, w.n_rows), dtype=torch.float32, device=x.device)
+    cuda = enabled(x.device) and (mode() == "cuda" or w.n_rows >= 16384)
     if rows is not None:
         _check_rows(x, w.n_cols, [(out, w.n_rows), (residual, w.n_rows)])
-        for r in range(rows):
-            gemv(w, x[r], out[r], norm_weight=norm_weight, eps=eps,
-                 residual=residual[r] if residual is not None else None, config=config)
+        route = _route([w], x, norm_weight, cuda)
+        if route == "rows":
+            launch([w], x, [out], norm_weight=norm_weight, eps=eps, residuals=[residual], config=config)
+        elif route == "triton":
+            tg.gemv(w, x, out, norm_weight=norm_weight, eps=eps, residual=residual)
+        else:
+            for r in range(rows):
+                gemv(w, x[r], out[r], norm_weight=norm_weight, eps=eps,
+                     residual=residual[r] if residual is not None else None, config=config)
         return out
-    if (enabled(x.device) and (mode() == "cuda" or w.n_rows >= 16384) and supported(w, x)
-            and (norm_weight is None or _aligned(norm_weight))):
+    if cuda and supported(w, x) and (norm_weight is None or _aligned(norm_weight)):
         launch([w], x, [out], norm_weight=norm_weight, eps=eps, residuals=[residual], config=config)
         return out
     return tg.gemv(w, x, out, norm_weight=norm_weight, eps=eps, residual=residual)
@@ -337,8 +409,8 @@ def gemv_argmax(w: PackedWeight, x: torch.Tensor, out: torch.Tensor, argmax_out:
                 ws: ArgmaxWorkspace, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> bool:
     """``out = W @ x'`` and ``argmax_out[0] = argmax(out)`` (torch.argmax's choice: the first
     index of the largest value, NaN largest) in one launch: True when done, False when the
-    CUDA kernel does not apply (the caller computes both its own way)."""
-    if (enabled(x.device) and mode() == "cuda" and supported(w, x)
+    CUDA kernel does not apply (the caller computes both its own way; x [R, K] never)."""
+    if (x.dim() == 1 and enabled(x.device) and mode() == "cuda" and supported(w, x)
             and (norm_weight is None or _aligned(norm_weight))):
         launch([w], x, [out], norm_weight=norm_weight, eps=eps, argmax=(argmax_out, ws))
         return True
@@ -353,16 +425,23 @@ def gemv_multi(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch
     [R, n_i] (any row stride, e.g. a [R, total] buffer split along dim 1): row r of each
     output is bit-identical to the call with x[r] alone."""
     rows = _rows_of(x)
+    types = {w.ggml_type for w in ws}
+    cuda = (enabled(x.device) and len(ws) <= MAX_SEGS and len({w.n_cols for w in ws}) == 1
+            and (len(types) == 1 or (len(types) == 2 and tuple(sorted(types)) in PAIRS))
+            and (mode() == "cuda" or len(types) == 2))
     if rows is not None:
         _check_rows(x, ws[0].n_cols, [(o, w.n_rows) for w, o in zip(ws, outs)])
-        for r in range(rows):
-            gemv_multi(ws, x[r], [o[r] for o in outs], norm_weight=norm_weight, eps=eps, config=config)
+        route = _route(ws, x, norm_weight, cuda)
+        if route == "rows":
+            launch(ws, x, outs, norm_weight=norm_weight, eps=eps, config=config)
+        elif route == "triton":
+            for w, o in zip(ws, outs):
+                tg.gemv(w, x, o, norm_weight=norm_weight, eps=eps)
+        else:
+            for r in range(rows):
+                gemv_multi(ws, x[r], [o[r] for o in outs], norm_weight=norm_weight, eps=eps, config=config)
         return
-    types = {w.ggml_type for w in ws}
-    if (enabled(x.device) and len(ws) <= MAX_SEGS and len({w.n_cols for w in ws}) == 1
-            and (len(types) == 1 or (len(types) == 2 and tuple(sorted(types)) in PAIRS))
-            and (mode() == "cuda" or len(types) == 2)
-            and all(supported(w, x) for w in ws) and (norm_weight is None or _aligned(norm_weight))):
+    if cuda and all(supported(w, x) for w in ws) and (norm_weight is None or _aligned(norm_weight)):
         launch(ws, x, outs, norm_weight=norm_weight, eps=eps, config=config)
         return
     for w, o in zip(ws, outs):
@@ -379,13 +458,19 @@ def gemv_swiglu(wg: PackedWeight, wu: PackedWeight, x: torch.Tensor, out: torch.
     rows = _rows_of(x)
     if out is None:
         out = torch.empty(wg.n_rows if rows is None else (rows, wg.n_rows), dtype=torch.float32, device=x.device)
+    cuda = enabled(x.device) and _aligned(wu.planes)
     if rows is not None:
         _check_rows(x, wg.n_cols, [(out, wg.n_rows)])
-        for r in range(rows):
-            gemv_swiglu(wg, wu, x[r], out[r], norm_weight=norm_weight, eps=eps, config=config)
+        route = _route([wg], x, norm_weight, cuda)
+        if route == "rows":
+            launch([wg], x, [out], norm_weight=norm_weight, eps=eps, ups=[wu], config=config)
+        elif route == "triton":
+            tg.gemv_swiglu(wg, wu, x, out, norm_weight=norm_weight, eps=eps)
+        else:
+            for r in range(rows):
+                gemv_swiglu(wg, wu, x[r], out[r], norm_weight=norm_weight, eps=eps, config=config)
         return out
-    if (enabled(x.device) and supported(wg, x) and _aligned(wu.planes)
-            and (norm_weight is None or _aligned(norm_weight))):
+    if cuda and supported(wg, x) and (norm_weight is None or _aligned(norm_weight)):
         launch([wg], x, [out], norm_weight=norm_weight, eps=eps, ups=[wu], config=config)
         return out
     return tg.gemv_swiglu(wg, wu, x, out, norm_weight=norm_weight, eps=eps)
