@@ -818,17 +818,20 @@ static int launch_rows(const Params& p, int warps, int pdl, cudaStream_t stream)
     return (int)cudaGetLastError();
 }
 
+// several activation rows (p.n_x), one weight row per warp
+template <typename TA, typename TB>
+static int dispatch_rows(const Params& p, int warps, int swiglu, int pdl, cudaStream_t st) {
+    if (!swiglu) return launch_rows<TA, TB, false>(p, warps, pdl, st);
+    if constexpr (std::is_same<TA, TB>::value) return launch_rows<TA, TB, true>(p, warps, pdl, st);
+    return -1;
+}
+
 template <typename TA, typename TB>
 static int dispatch_ru(const Params& p, int warps, int R, int U, int swiglu, int pdl, cudaStream_t st) {
 #define CASE(R_, U_)                                                                          \
     if (R == R_ && U == U_)                                                                   \
         return swiglu ? launch<TA, TB, R_, U_, true>(p, warps, pdl, st)                       \
                       : launch<TA, TB, R_, U_, false>(p, warps, pdl, st);
-    if (R == 0) {  // several activation rows (p.n_x), one weight row per warp
-        if (!swiglu) return launch_rows<TA, TB, false>(p, warps, pdl, st);
-        if constexpr (std::is_same<TA, TB>::value) return launch_rows<TA, TB, true>(p, warps, pdl, st);
-        return -1;
-    }
     if constexpr (std::is_same<TA, TB>::value) {
         CASE(1, 1) CASE(1, 2) CASE(2, 1) CASE(2, 2) CASE(1, 3) CASE(1, 6)
     } else {
@@ -921,12 +924,18 @@ static int emulate_any(const Params& p, int si, int swiglu, int warps) {
 }
 
 // The kernels of one type (or pair), behind one function each. build.py compiles the file
-// once per part (-DGGUFLM_PART=k, in parallel): part k in 1..6 instantiates only the kernels
-// of its function, part 0 holds the C entry points; the objects link into one library.
-// Without GGUFLM_PART the file is the whole library in one translation unit.
+// once per part (-DGGUFLM_PART=k, in parallel): part k in 1..6 instantiates only the 1-row
+// kernels of its function, part k + 6 its rows kernels (a part of their own: they compile
+// beside the 1-row kernels instead of after them), part 0 holds the C entry points; the
+// objects link into one library. Without GGUFLM_PART the file is the whole library in one
+// translation unit.
 #define GGUFLM_DISPATCH(NAME, TA, TB)                                                          \
     int NAME(const Params& p, int warps, int R, int U, int swiglu, int pdl, cudaStream_t st) { \
         return dispatch_ru<TA, TB>(p, warps, R, U, swiglu, pdl, st);                            \
+    }
+#define GGUFLM_ROWS(NAME, TA, TB)                                                              \
+    int NAME(const Params& p, int warps, int, int, int swiglu, int pdl, cudaStream_t st) {     \
+        return dispatch_rows<TA, TB>(p, warps, swiglu, pdl, st);                                \
     }
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 1
 GGUFLM_DISPATCH(gguflm_dispatch_q4_0, Q4_0, Q4_0)
@@ -946,6 +955,24 @@ GGUFLM_DISPATCH(gguflm_dispatch_q4_k_q6_k, Q4_K, Q6_K)
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 6
 GGUFLM_DISPATCH(gguflm_dispatch_q4_0_q8_0, Q4_0, Q8_0)
 #endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 7
+GGUFLM_ROWS(gguflm_rows_q4_0, Q4_0, Q4_0)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 8
+GGUFLM_ROWS(gguflm_rows_q8_0, Q8_0, Q8_0)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 9
+GGUFLM_ROWS(gguflm_rows_q4_k, Q4_K, Q4_K)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 10
+GGUFLM_ROWS(gguflm_rows_q6_k, Q6_K, Q6_K)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 11
+GGUFLM_ROWS(gguflm_rows_q4_k_q6_k, Q4_K, Q6_K)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 12
+GGUFLM_ROWS(gguflm_rows_q4_0_q8_0, Q4_0, Q8_0)
+#endif
 
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 0
 #ifdef GGUFLM_PART
@@ -955,7 +982,14 @@ int gguflm_dispatch_q4_k(const Params&, int, int, int, int, int, cudaStream_t);
 int gguflm_dispatch_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
 int gguflm_dispatch_q4_k_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
 int gguflm_dispatch_q4_0_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows_q4_0(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows_q4_k(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows_q4_k_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows_q4_0_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
 #endif
+typedef int (*DispatchFn)(const Params&, int, int, int, int, int, cudaStream_t);
 
 extern "C" {
 
@@ -964,18 +998,21 @@ extern "C" {
 // ta, tb: the GGML types of the segments (tb = ta for one type); pdl: programmatic launch
 int gguflm_gemv(const Params* p, int ta, int tb, int warps, int R, int U, int swiglu, int pdl, void* stream) {
     cudaStream_t st = (cudaStream_t)stream;
+    const bool rows = R == 0;
+    DispatchFn fn = nullptr;
     if (ta == tb) {
         switch (ta) {
-            case GT_Q4_0: return gguflm_dispatch_q4_0(*p, warps, R, U, swiglu, pdl, st);
-            case GT_Q8_0: return gguflm_dispatch_q8_0(*p, warps, R, U, swiglu, pdl, st);
-            case GT_Q4_K: return gguflm_dispatch_q4_k(*p, warps, R, U, swiglu, pdl, st);
-            case GT_Q6_K: return gguflm_dispatch_q6_k(*p, warps, R, U, swiglu, pdl, st);
+            case GT_Q4_0: fn = rows ? gguflm_rows_q4_0 : gguflm_dispatch_q4_0; break;
+            case GT_Q8_0: fn = rows ? gguflm_rows_q8_0 : gguflm_dispatch_q8_0; break;
+            case GT_Q4_K: fn = rows ? gguflm_rows_q4_k : gguflm_dispatch_q4_k; break;
+            case GT_Q6_K: fn = rows ? gguflm_rows_q6_k : gguflm_dispatch_q6_k; break;
         }
-        return -1;
+    } else if (ta == GT_Q4_K && tb == GT_Q6_K) {
+        fn = rows ? gguflm_rows_q4_k_q6_k : gguflm_dispatch_q4_k_q6_k;
+    } else if (ta == GT_Q4_0 && tb == GT_Q8_0) {
+        fn = rows ? gguflm_rows_q4_0_q8_0 : gguflm_dispatch_q4_0_q8_0;
     }
-    if (ta == GT_Q4_K && tb == GT_Q6_K) return gguflm_dispatch_q4_k_q6_k(*p, warps, R, U, swiglu, pdl, st);
-    if (ta == GT_Q4_0 && tb == GT_Q8_0) return gguflm_dispatch_q4_0_q8_0(*p, warps, R, U, swiglu, pdl, st);
-    return -1;
+    return fn ? fn(*p, warps, R, U, swiglu, pdl, st) : -1;
 }
 
 // The same per-type code on the CPU in the kernel's order (host pointers; x of p.n_x rows):

@@ -1,0 +1,145 @@
+"""The CUDA C++ GEMV over R activation rows (gguflm/quant/cuda/gemv.cu, gemv_rows_kernel)
+against R launches of the 1-row kernel and the split-K fused Triton GEMM
+(gguflm/quant/triton/gemm.py, what the batched step runs today) at the same R, on the
+TinyLlama-1.1B decode shapes of the Q4_K_M and Q4_0 mixes (random weights of those types
+and shapes, made on the GPU), in one device call.
+
+First a check: at every R the rows kernel's row r is bit-identical to the 1-row kernel on
+x[r] (the contract; tests/cuda/test_cuda_gemv.py has the full one). Then, per shape and R in
+{1, 2, 4, 8, 16, 32, 64}: one launch's time (a CUDA graph of launches over enough weight
+copies to spill the L2 cache, replayed; median of 5; cuda_gemv_bench.graph_us), for
+``rows`` (one launch of x [R, K]), ``gemm`` (x float16 [R, K], split-K GEMM + reduction,
+the gated GEMM for gate/up) and, for R <= 8, ``loop`` (R 1-row launches: what the API did
+before the rows kernel).
+
+    python benchmarks/cuda_gemv_rows_bench.py --out DIR [--rows 1,2,4,8,16,32,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_gemv_bench import graph_us, weight  # noqa: E402  (random planes on the GPU, graph timing)
+
+from gguflm.gguf.types import LAYOUTS, GGMLType  # noqa: E402
+from gguflm.quant.cuda import gemv as cg  # noqa: E402
+from gguflm.quant.triton import gemm as tgemm  # noqa: E402
+
+Q4_K, Q6_K, Q4_0, Q8_0 = GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q4_0, GGMLType.Q8_0
+E, F, KV, VOCAB = 2048, 5632, 256, 32000
+CASES = [  # name, kind, segments [(type, rows)], cols
+    ("qkv", "norm", [(Q4_K, E), (Q4_K, KV), (Q6_K, KV)], E),
+    ("o", "residual", [(Q4_K, E)], E),
+    ("gate_up", "swiglu", [(Q4_K, F)], E),
+    ("down", "residual", [(Q6_K, E)], F),
+    ("output", "norm", [(Q6_K, VOCAB)], E),
+    ("qkv", "norm", [(Q4_0, E + 2 * KV)], E),
+    ("gate_up", "swiglu", [(Q4_0, F)], E),
+    ("down", "residual", [(Q4_0, E)], F),
+]
+
+
+def check(rng, rows: list[int]) -> bool:
+    ok = True
+    for name, kind, segs, cols in CASES:
+        ws = [weight(t, n, cols, rng) for t, n in segs]
+        ups = [weight(segs[0][0], segs[0][1], cols, rng)] if kind == "swiglu" else None
+        nw = torch.randn(cols, device="cuda")
+        for R in rows:
+            x = torch.randn(R, cols, device="cuda")
+            outs = [torch.randn(R, n, device="cuda") for _, n in segs]
+            base = [o.clone() for o in outs]
+            kw = dict(norm_weight=nw, eps=1e-5) if kind != "residual" else dict(residuals=outs)
+            cg.launch(ws, x, outs, ups=ups, **kw)
+            for r in range(R):
+                one = [b[r].clone() for b in base]
+                kw1 = dict(kw, residuals=one) if kind == "residual" else kw
+                cg.launch(ws, x[r], one, ups=ups, **kw1)
+                if not all(torch.equal(o[r], e) for o, e in zip(outs, one)):
+                    print(f"check {name} {segs[0][0].name} R={R} row {r}: NOT bit-identical", flush=True)
+                    ok = False
+                    break
+    print(f"check: rows kernel == 1-row kernel per row: {ok}", flush=True)
+    return ok
+
+
+def run(rows: list[int], rng) -> list[dict]:
+    results = []
+    for name, kind, segs, cols in CASES:
+        per_copy = sum(n * cols // LAYOUTS[t].block_size * LAYOUTS[t].type_size for t, n in segs)
+        per_copy *= 2 if kind == "swiglu" else 1
+        n_copies = min(64, max(20, int(240e6 // per_copy) + 1))
+        copies = [[weight(t, n, cols, rng) for t, n in segs] for _ in range(n_copies)]
+        ups = [weight(segs[0][0], segs[0][1], cols, rng) for _ in range(n_copies)] if kind == "swiglu" else None
+        nw = torch.randn(cols, device="cuda")
+        label = f"{name}:{'+'.join(f'{t.name}x{n}' for t, n in segs)}:{cols}"
+        for R in rows:
+            x = torch.randn(R, cols, device="cuda")
+            xh = x.half()
+            outs = [torch.zeros(R, n, device="cuda") for _, n in segs]
+            outh = [torch.zeros(R, n, device="cuda", dtype=torch.float16) for _, n in segs]
+
+            def rows_call(i):
+                up = [ups[i]] if ups else None
+                if kind == "residual":
+                    return lambda: cg.launch(copies[i], x, outs, residuals=outs)
+                return lambda: cg.launch(copies[i], x, outs, norm_weight=nw, eps=1e-5, ups=up)
+
+            def loop_call(i):
+                up = [ups[i]] if ups else None
+                if kind == "residual":
+                    return lambda: [cg.launch(copies[i], x[r], [o[r] for o in outs], residuals=[o[r] for o in outs])
+                                    for r in range(R)]
+                return lambda: [cg.launch(copies[i], x[r], [o[r] for o in outs], norm_weight=nw, eps=1e-5, ups=up)
+                                for r in range(R)]
+
+            def gemm_call(i):
+                if kind == "swiglu":
+                    return lambda: tgemm.gemm_gated(copies[i][0], ups[i], xh, outh[0])
+                return lambda: [tgemm.gemm(w, xh, o) for w, o in zip(copies[i], outh)]
+
+            row = {"case": label, "rows": R, "weight_bytes": per_copy}
+            for backend, make in (("rows", rows_call), ("gemm", gemm_call)) + ((("loop", loop_call),) if R <= 8 else ()):
+                try:
+                    row[f"{backend}_us"] = graph_us([make(i) for i in range(n_copies)])
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    print(f"{label} R={R} {backend} failed: {e}", flush=True)
+            results.append(row)
+            print(f"{label:42s} R={R:3d} " + "  ".join(f"{k[:-3]} {v:8.2f} us" for k, v in row.items()
+                                                      if k.endswith("_us")), flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    p.add_argument("--rows", default="1,2,4,8,16,32,64")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [int(r) for r in a.rows.split(",")]
+    meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    t0 = time.time()
+    if cg.library(torch.device("cuda")) is None:
+        print("the CUDA kernels did not build", flush=True)
+        return 1
+    meta["build_s"] = time.time() - t0
+    rng = np.random.default_rng(int(time.time()))
+    meta["check_ok"] = check(rng, [1, 2, 3, 8, 17, 64])
+    results = run(rows, rng)
+    (out / "cuda_gemv_rows_bench.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    return 0 if meta["check_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
