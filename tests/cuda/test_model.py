@@ -300,7 +300,7 @@ def test_batched_step_rows_are_width_invariant(tiny_model, device, monkeypatch):
     five = step([0, 1, 2, 3, 4])        # width 8, three padding rows
     assert torch.equal(two[0], three[2]) and torch.equal(two[0], five[3])
     assert torch.equal(two[1], three[0]) and torch.equal(two[1], five[1])
-    assert {w for _, w in m._batched} == {2, 4, 8}
+    assert {k[1] for k in m._batched} == {2, 4, 8}
 
 
 def test_row_chunked_matmul_equals_whole(model_and_ref):
@@ -346,7 +346,7 @@ def test_scheduler_output_alone_equals_among_others(model_and_ref, matmul, monke
 
     m._batched.clear()
     alone = served([target])[0]
-    assert {w for _, w in m._batched} == ({2} if matmul == "gemm" else {4})
+    assert {k[1] for k in m._batched} == ({2} if matmul == "gemm" else {4})
     together = served(others[:2] + [target] + others[2:])[2]
     assert not m.batch_invariant and m.decode_width_free == (matmul == "gemm")
 
@@ -461,7 +461,8 @@ def test_mixed_step_rows_equal_one_token_steps(mixed_model, monkeypatch):
     _agree(want[2, len(a)][None], reference_logits(path, a + [nxt])[-1:], tol=2e-2)
 
 
-def test_mixed_scheduler_alone_equals_among_others(mixed_model, monkeypatch):
+@pytest.mark.parametrize("decode_rows", ["gemm", "gemv"])
+def test_mixed_scheduler_alone_equals_among_others(mixed_model, monkeypatch, decode_rows):
     """The scheduler's mixed steps on this path (``GGUFLM_CUDA_MIXED=1`` over the
     batch-invariant kernels, a paged cache of blocks of 4): four requests, each alone with
     its prompt read in one chunk, and together on 3 slots with prompts cut into chunks of
@@ -475,7 +476,8 @@ def test_mixed_scheduler_alone_equals_among_others(mixed_model, monkeypatch):
 
     m, path = mixed_model
     monkeypatch.setenv("GGUFLM_MATMUL", "gemm")
-    assert m.batch_invariant and m.flat_steps
+    monkeypatch.setattr(m, "decode_rows", decode_rows == "gemv")   # GGUFLM_CUDA_DECODE_ROWS=gemv: row kinds
+    assert m.batch_invariant and m.flat_steps and m.row_kinds == (decode_rows == "gemv")
     greedy = SamplingParams(temperature=0)
     jobs = [Job(tuple(IDS[:4]), greedy, 3, top_logprobs=0, keep_logits=True),
             Job(tuple(IDS[:6] + IDS[1:3]), greedy, 9, top_logprobs=0, keep_logits=True),
@@ -511,3 +513,95 @@ def test_mixed_scheduler_alone_equals_among_others(mixed_model, monkeypatch):
             assert row.max() - row[tok] <= 2e-2 * row.std(), (job.prompt, toks)
         kl = (ref.softmax(-1) * (ref.log_softmax(-1) - got.log_softmax(-1))).sum(-1)
         assert float(kl.max()) < 1e-5, float(kl.max())   # ~3e-8 for whole-prompt logits here
+
+
+# ---- GGUFLM_CUDA_DECODE_ROWS=gemv: the batched step's decode rows through the rows GEMV ----
+
+def _kl(ref: np.ndarray, got: torch.Tensor) -> float:
+    ref_t = torch.from_numpy(ref).double()
+    return float((ref_t.softmax(-1) * (ref_t.log_softmax(-1) - got.double().cpu().log_softmax(-1))).sum(-1).max())
+
+
+@pytest.fixture(scope="module")
+def rows_model(tiny_model, device):
+    """The Q4_K_M tiny model loaded with ``GGUFLM_CUDA_DECODE_ROWS=gemv`` (decode rows through
+    the GEMV), and its path."""
+    path = tiny_model("Q4_K_M")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GGUFLM_CUDA_DECODE_ROWS", "gemv")
+        m = _load(path, device)
+    assert m.row_kinds and m.decode_rows
+    return m, path
+
+
+PROMPTS = {0: [1, 450, 439], 1: [1, 293, 110, 289], 2: [1, 17], 3: [1, 450, 439, 293, 110], 4: [1, 99, 98],
+           5: [1, 33], 6: [1, 289, 17, 5], 7: [1, 7]}
+
+
+def _prefill(m, cache, device) -> None:
+    n = max(map(len, PROMPTS.values()))
+    tokens = torch.tensor([p + [0] * (n - len(p)) for p in PROMPTS.values()], device=device)
+    positions = torch.tensor([list(range(len(p))) + [-1] * (n - len(p)) for p in PROMPTS.values()], device=device)
+    m.forward(tokens, positions, cache, torch.tensor(list(PROMPTS), device=device), last_only=True)
+
+
+def _rows(slots, device):
+    """The decode rows of ``slots``: token 7 + slot at the position after the slot's prompt."""
+    return (torch.tensor([7 + s for s in slots], device=device), torch.tensor([len(PROMPTS[s]) for s in slots],
+                                                                              device=device),
+            torch.tensor(slots, device=device))
+
+
+def test_decode_rows_through_the_gemv_are_width_invariant(rows_model, device):
+    """With decode rows through the GEMV, a sequence's decode row gives the same bits in
+    steps of 1, 2, 3 and 8 rows (decode widths 1, 2, 4, 8: padding rows beside it), at any
+    place among other sequences; each row agrees with the float64 reference over its own
+    sequence (KL <= 1e-4)."""
+    m, path = rows_model
+    cache = m.new_cache(8)
+    _prefill(m, cache, device)
+    m._batched.clear()
+
+    def step(slots: list[int]) -> torch.Tensor:
+        t, p, s = _rows(slots, device)
+        if len(slots) == 1:                   # forward() takes one row of a contiguous cache to the decode graph
+            return m.batched(cache, 1, width=1, decode_width=1).step(t, p, s)[:1].clone()
+        return m.forward(t[:, None], p[:, None], cache, s, last_only=True).clone()
+
+    one = step([3])
+    two = step([3, 1])
+    three = step([1, 2, 3])
+    eight = step([7, 6, 5, 4, 3, 2, 1, 0])
+    assert torch.equal(one[0], two[0]) and torch.equal(one[0], three[2]) and torch.equal(one[0], eight[4])
+    assert torch.equal(two[1], three[0]) and torch.equal(two[1], eight[6])
+    assert torch.equal(three[1], eight[5])
+    assert {(k[1], k[2]) for k in m._batched} == {(1, 1), (2, 2), (4, 4), (8, 8)}
+    for i, s in enumerate([7, 6, 5, 4, 3, 2, 1, 0]):
+        ref = reference_logits(path, PROMPTS[s] + [7 + s])[-1:]
+        _agree(eight[i:i + 1], ref, tol=2e-2)
+        assert _kl(ref, eight[i:i + 1]) <= 1e-4
+
+
+def test_mixed_step_leaves_decode_rows_unchanged(rows_model, device):
+    """A mixed step (3 decode rows, then a 5-token prompt chunk of another sequence as
+    prompt rows through the GEMM) gives the decode rows the bits they have alone (a
+    one-row step); the chunk's last row agrees with the float64 reference of its prompt."""
+    m, path = rows_model
+    cache = m.new_cache(9)
+    _prefill(m, cache, device)
+    dec = [2, 0, 5]
+    alone = [m.batched(cache, 1, width=1, decode_width=1).step(*_rows([s], device))[:1].clone() for s in dec]
+    t, p, s = _rows(dec, device)
+    chunk = [1, 450, 439, 293, 110]
+    tokens = torch.cat([t, torch.tensor(chunk, device=device)])
+    positions = torch.cat([p, torch.arange(5, device=device)])
+    slots = torch.cat([s, torch.full((5,), 8, device=device)])
+    select = torch.tensor([0, 1, 2, 7], device=device)
+    out = m.forward(tokens[:, None], positions[:, None], cache, slots, select=select, n_decode=3).cpu()
+    assert any(k[1:] == (4 + 8, 4) for k in m._batched)       # decode width 4, prompt width 8
+    for i in range(3):
+        assert torch.equal(out[i], alone[i][0].cpu())
+    _agree(out[3:], reference_logits(path, chunk)[-1:], tol=2e-2)
+    # the same step without n_decode: every row a prompt row (today's arithmetic), decode rows not bitwise the GEMV's
+    again = m.forward(tokens[:, None], positions[:, None], cache, slots, select=select).cpu()
+    _agree(again[3:], reference_logits(path, chunk)[-1:], tol=2e-2)

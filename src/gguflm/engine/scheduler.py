@@ -205,6 +205,7 @@ class _Seq:
     last: int | None = None         # sampled token waiting to be fed
     n_gen: int = 0
     n_cached: int = 0               # prompt tokens reused from the prompt cache
+    n_read: int = 0                 # positions computed as prompt (or reused): the publishable head
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet emitted
     kept: list[torch.Tensor] = field(default_factory=list)      # Job.keep_logits rows
     t_start: float = field(default_factory=time.perf_counter)
@@ -256,6 +257,7 @@ class Scheduler:
         # shapes, one prompt per forward, no prompt cache (see the module docstring)
         self._shared_steps = model.batch_invariant or n_slots == 1
         self._prompt_cache = model.batch_invariant and self.cache.paged  # reused keys/values equal computed ones
+        self._row_kinds = model.row_kinds   # decode rows computed unlike prompt rows
         if not self._shared_steps:
             model.pin_decode_width(self.cache)
         self._eog = frozenset(llm.tokenizer.eog_ids)
@@ -405,6 +407,7 @@ class Scheduler:
             self._preempted.popleft()
             self._free.pop()
             seq.slot, seq.n_past, seq.todo, seq.last = slot, n_cached, seq.history[n_cached:], None
+            seq.n_read = n_cached
             self._active.append(seq)
         while self._waiting and self._free:
             ticket = self._waiting[0]
@@ -422,7 +425,7 @@ class Scheduler:
             self._free.pop()
             gen = new_generator(job.params.seed, self.cache.k.device)
             seq = _Seq(ticket, slot, list(job.prompt[n_cached:]), list(job.prompt), gen, TextAssembler(job.stop),
-                       n_past=n_cached, n_cached=n_cached)
+                       n_past=n_cached, n_cached=n_cached, n_read=n_cached)
             self.metrics.admitted(len(job.prompt), n_cached, time.perf_counter() - ticket.t_submit)
             self._active.append(seq)
             if job.max_tokens == 0:
@@ -447,9 +450,16 @@ class Scheduler:
         """(Lock held.) ``seq`` left its slot: publish the whole blocks of what it computed
         (prompt and generated tokens) and give its blocks back."""
         if self._prompt_cache:
-            self.cache.publish(seq.slot, seq.history[:seq.n_past])
+            self.cache.publish(seq.slot, seq.history[:self._computed(seq)])
         self.cache.release(seq.slot)
         self._free.append(seq.slot)
+
+    def _computed(self, seq: _Seq) -> int:
+        """The positions of ``seq`` whose keys/values a prompt would reuse: all of them, or
+        where the model computes decode rows differently from prompt rows
+        (``Model.row_kinds``) those read as prompt (a later request reading them as its
+        prompt computes prompt rows)."""
+        return seq.n_read if self._row_kinds else seq.n_past
 
     def _step(self) -> None:
         if self._mixed:
@@ -498,12 +508,14 @@ class Scheduler:
                 finishing.append(s)
         device = self.cache.k.device
         inputs = torch.tensor([tokens, positions, slots], device=device)                      # [3, N]: one copy
+        kinds = {"n_decode": len(decode)} if self._row_kinds else {}  # decode rows lead (Model.row_kinds)
         logits = self.model.forward(inputs[0, :, None], inputs[1, :, None], self.cache, inputs[2],
-                                    select=torch.tensor(select, dtype=torch.long, device=device))  # [len(select), V]
+                                    select=torch.tensor(select, dtype=torch.long, device=device), **kinds)
         seqs = decode + finishing
         chosen = self._choose(seqs, logits, range(len(seqs)))
         for s, chunk in chunks:
             s.n_past += len(chunk)
+            s.n_read = s.n_past
             del s.todo[:len(chunk)]
             if self._prompt_cache:  # whole blocks of prompt: shareable at once
                 self.cache.publish(s.slot, s.history[:s.n_past])
@@ -539,6 +551,7 @@ class Scheduler:
         chosen = self._choose([group[i] for i in finishing], logits, finishing)
         for i, (seq, chunk) in enumerate(zip(group, chunks)):
             seq.n_past += len(chunk)
+            seq.n_read = seq.n_past
             del seq.todo[:len(chunk)]
             if self._prompt_cache:  # whole blocks of prompt: shareable at once
                 self.cache.publish(seq.slot, seq.history[:seq.n_past])

@@ -39,6 +39,14 @@ class Model:
         self.config, self.transformer = config, transformer
         self.n_ctx, self.device = n_ctx, device
 
+    #: The model computes a step's decode rows (a sampled token of each sequence) with other
+    #: kernels than its prompt rows (CUDA with ``GGUFLM_CUDA_DECODE_ROWS=gemv``): ``forward``
+    #: with ``select`` then takes ``n_decode``, the count of the leading decode rows, and the
+    #: scheduler publishes for prefix caching only positions read as prompt. A preempted
+    #: request recomputes its generated tokens as prompt rows: its continuation is then not
+    #: bit-identical to an uninterrupted run (not handled).
+    row_kinds = False
+
     @property
     def flat_steps(self) -> bool:
         """True when a step of one-token rows that share slots (a prompt chunk beside other

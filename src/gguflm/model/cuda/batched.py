@@ -32,6 +32,21 @@ rows. Measured on an H200 (TinyLlama-1.1B shape, Q4_K_M) with the former default
 (dequantization + cuBLAS, every step pinned to the width of all slots): ~3 ms per step at
 any width 1..64 (2.99 ms at 1 row, 3.07 at 32, 3.34 at 64), a lone request on ``--parallel
 32`` 301 tok/s vs 1141 through ``generate()``; the split-K GEMM path is not yet measured.
+
+Decode rows through the GEMV (opt-in, ``GGUFLM_CUDA_DECODE_ROWS=gemv``, read at load; NOT yet
+measured on a GPU): a step of ``decode_width`` Wd > 0 runs its first Wd rows, the decode rows
+(one sampled token of each of up to Wd sequences), through the ops of
+:class:`~gguflm.model.cuda.decode.DecodeRows` — the fused GEMVs of the one-row step over Wd
+activation rows (RMSNorm in the prologue, residual in the epilogue, SwiGLU and QKV in one
+launch each), float32 activations, the decode attention without shared slots — and the
+rest, the prompt rows of a mixed step, through :class:`Rows` (the fused GEMM) as before. A
+row's kernels follow its kind, never the step: a decode row computes the same bits at any
+Wd and beside any prompt rows (the rows GEMV's row r is the one-row call on it), a prompt
+row the same as in a step without decode rows. The layout of such a step (Wd + Wp rows)::
+
+    rows [0, Wd)        decode rows (padding: slot -1)      DecodeRows, float32
+    rows [Wd, Wd + Wp)  prompt rows (padding: slot -1)      Rows, float16 into the GEMM
+    logits float32 [Wd + Wp, n_vocab]                       both heads (a GEMV, the GEMM)
 """
 
 from __future__ import annotations
@@ -42,7 +57,7 @@ import torch
 
 from gguflm.model.arch import RopeStyle
 from gguflm.model.config import ModelConfig
-from gguflm.model.cuda.decode import attention_splits
+from gguflm.model.cuda.decode import DecodeRows, attention_splits
 from gguflm.model.cuda.forward import Rows, rope_tables
 from gguflm.model.cuda.weights import HALF, CudaLayer, CudaWeights
 from gguflm.model.kv_cache import KVCache
@@ -51,6 +66,12 @@ from gguflm.model.layers import Rope
 from gguflm.kernels.triton.attention import AttentionWorkspace, decode_attention
 
 MIN_WIDTH = 2
+
+
+def decode_width(n_rows: int) -> int:
+    """The padded count of the decode rows of a step (decode rows through the GEMV): 0 for
+    none, else the next power of two (1 included)."""
+    return 0 if n_rows == 0 else 1 << (n_rows - 1).bit_length()
 
 
 def batch_width(n_rows: int) -> int:
@@ -62,36 +83,69 @@ def batch_width(n_rows: int) -> int:
 
 
 class BatchedDecode:
-    """The decode step of up to ``width`` sequences of ``cache``, captured on first use."""
+    """The decode step of up to ``width`` sequences of ``cache``, captured on first use;
+    with ``decode_width`` Wd > 0 its first Wd rows are decode rows through the GEMV (see the
+    module docstring), the other ``width - Wd`` prompt rows."""
 
     def __init__(self, cfg: ModelConfig, w: CudaWeights, rope: Rope, cache: KVCache, width: int,
-                 use_graphs: bool = True, shared_slots: bool = False):
+                 use_graphs: bool = True, shared_slots: bool = False, decode_width: int = 0):
         device = cache.k.device
         H, D = cfg.n_head, cfg.head_dim
+        if not 0 <= decode_width <= width:
+            raise ValueError(f"decode width {decode_width} outside 0 .. {width}")
         self.cfg, self.w, self.rope, self.cache, self.width = cfg, w, rope, cache, width
         self.use_graphs, self.shared_slots = use_graphs, shared_slots
+        self.dw, self.pw = decode_width, width - decode_width
         self.tok = torch.zeros(width, dtype=torch.long, device=device)
         self.pos = torch.zeros(width, dtype=torch.int32, device=device)
         self.slot = torch.full((width,), -1, dtype=torch.int32, device=device)
-        self.attn = torch.zeros(width, H, D, dtype=HALF, device=device)
+        self.attn = torch.zeros(self.pw, H, D, dtype=HALF, device=device)
         self.table = cache.table if cache.paged else None   # Long [n_slots, blocks per slot]
-        self.attn_ws = AttentionWorkspace(H, D, attention_splits(cache.n_ctx), device, n_rows=width)
+        splits = attention_splits(cache.n_ctx)
+        self.attn_ws = AttentionWorkspace(H, D, splits, device, n_rows=max(self.pw, 1))
+        self.dec: DecodeRows | None = None
+        if self.dw:
+            self.dec = DecodeRows(cfg, w, self.dw, device)
+            self.dec_ws = AttentionWorkspace(H, D, splits, device, n_rows=self.dw)
+            self.out = torch.empty(width, cfg.n_vocab, dtype=torch.float32, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
-    def _attention(self, index: int, layer: CudaLayer, qkv: torch.Tensor) -> torch.Tensor:
-        # qkv: float16 [W, (H + 2 Hkv) D] -> float16 [W, H D]
+    def _attend(self, index: int, layer: CudaLayer, qkv: torch.Tensor, rows: slice, out: torch.Tensor,
+                ws: AttentionWorkspace, shared: bool) -> torch.Tensor:
         cfg = self.cfg
         cos, sin = rope_tables(self.rope, layer)
-        decode_attention(qkv, cos, sin, self.pos, self.cache.k[index], self.cache.v[index], self.attn, self.attn_ws,
-                         cfg.scale, cfg.rope_style is RopeStyle.NEOX, slots=self.slot,
-                         window=cfg.n_swa if layer.local else 0, table=self.table, shared_slots=self.shared_slots)
+        return decode_attention(qkv, cos, sin, self.pos[rows], self.cache.k[index], self.cache.v[index], out, ws,
+                                cfg.scale, cfg.rope_style is RopeStyle.NEOX, slots=self.slot[rows],
+                                window=cfg.n_swa if layer.local else 0, table=self.table, shared_slots=shared)
+
+    def _attention(self, index: int, layer: CudaLayer, qkv: torch.Tensor) -> torch.Tensor:
+        # qkv: float16 [W, (H + 2 Hkv) D] -> float16 [W, H D]
+        self._attend(index, layer, qkv, slice(0, self.width), self.attn, self.attn_ws, self.shared_slots)
         return self.attn.view(self.width, -1)
 
+    def _kinds_attention(self, index: int, layer: CudaLayer, qkv: tuple) -> tuple:
+        """Decode rows (float32, their own slots: no shared slots, as the one-row step), then
+        the prompt rows (float16, shared slots as the batched step): disjoint slots."""
+        q_dec, q_rows = qkv
+        a_dec = self._attend(index, layer, q_dec, slice(0, self.dw), self.dec.attn, self.dec_ws, False)
+        if q_rows is None:
+            return a_dec, None
+        self._attend(index, layer, q_rows, slice(self.dw, self.width), self.attn, self.attn_ws, self.shared_slots)
+        return a_dec, self.attn.view(self.pw, -1)
+
     def _run(self) -> torch.Tensor:
-        ops = Rows(self.cfg, self.w, self.tok)                                      # float32 [W, E]
-        decoder(self.w.layers, ops, self._attention)
-        return ops.logits()                                                         # float32 [W, n_vocab]
+        if self.dec is None:
+            ops = Rows(self.cfg, self.w, self.tok)                                  # float32 [W, E]
+            decoder(self.w.layers, ops, self._attention)
+            return ops.logits()                                                     # float32 [W, n_vocab]
+        self.dec.embed(self.tok[:self.dw])
+        rows = Rows(self.cfg, self.w, self.tok[self.dw:]) if self.pw else None
+        decoder(self.w.layers, KindRows(self.dec, rows), self._kinds_attention)
+        self.dec.logits(self.out[:self.dw])
+        if rows is not None:
+            self.out[self.dw:].copy_(rows.logits())
+        return self.out
 
     def _capture(self, side: torch.cuda.Stream, pool: Any) -> None:
         """Warm up on the side stream (compiling every kernel; the inputs are the coming
@@ -106,22 +160,71 @@ class BatchedDecode:
             self.logits = self._run()
         self.graph = graph
 
+    def _inputs(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, n_decode: int) -> None:
+        """Rows [0, n_decode) of the inputs into the decode rows, the rest into the prompt rows."""
+        n = tokens.numel()
+        tokens, positions, slots = tokens.reshape(-1), positions.reshape(-1), slots.reshape(-1)
+        if self.dw == 0:
+            n_decode = 0
+        if n_decode > self.dw or n - n_decode > self.pw:
+            raise ValueError(f"{n_decode} decode and {n - n_decode} prompt rows exceed the step's "
+                             f"{self.dw} + {self.pw}")
+        self.slot.fill_(-1)
+        for src, dst in ((slice(0, n_decode), slice(0, n_decode)),
+                         (slice(n_decode, n), slice(self.dw, self.dw + n - n_decode))):
+            self.tok[dst].copy_(tokens[src])
+            self.pos[dst].copy_(positions[src])
+            self.slot[dst].copy_(slots[src])
+
+    def row_index(self, index: torch.Tensor, n_decode: int) -> torch.Tensor:
+        """The rows of :meth:`step`'s buffer that hold input rows ``index`` (Long, on the device)."""
+        if self.dw == 0 or n_decode == self.dw:
+            return index
+        return index + (index >= n_decode).long() * (self.dw - n_decode)
+
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-             side: torch.cuda.Stream | None = None, pool: Any = None) -> torch.Tensor:
+             side: torch.cuda.Stream | None = None, pool: Any = None, n_decode: int | None = None) -> torch.Tensor:
         """tokens, positions, slots: [B] (B <= width, positions >= 0; distinct (slot,
         position) pairs, distinct slots unless ``shared_slots``) ->
-        float32 [B, n_vocab], a view of the graph's buffer (valid until the next step)."""
+        float32 [B, n_vocab], a view of the graph's buffer (valid until the next step).
+        With a decode width: the first ``n_decode`` rows (default: all) are decode rows
+        (distinct slots), the others prompt rows; -> the whole buffer [width, n_vocab],
+        input row i at :meth:`row_index`."""
         n = tokens.numel()
         if n > self.width:
             raise ValueError(f"{n} rows exceed the step's width {self.width}")
-        self.tok[:n].copy_(tokens.reshape(-1))
-        self.pos[:n].copy_(positions.reshape(-1))
-        self.slot[:n].copy_(slots.reshape(-1))
-        self.slot[n:].fill_(-1)
+        self._inputs(tokens, positions, slots, n if n_decode is None else n_decode)
         if not self.use_graphs:
-            return self._run()[:n]
-        if self.graph is None:
-            self._capture(side or torch.cuda.Stream(), pool)
-        self.graph.replay()
-        return self.logits[:n]
+            logits = self._run()
+        else:
+            if self.graph is None:
+                self._capture(side or torch.cuda.Stream(), pool)
+            self.graph.replay()
+            logits = self.logits
+        return logits if self.dec is not None else logits[:n]
+
+
+class KindRows:
+    """The ops of :mod:`gguflm.model.decoder` over a step's two kinds of rows: the decode
+    rows (:class:`DecodeRows`, the GEMV) and the prompt rows (:class:`Rows`, the GEMM; None
+    when the step has none), each op run on both; values are (decode, prompt) pairs."""
+
+    def __init__(self, dec: DecodeRows, rows: Rows | None):
+        self.dec, self.rows = dec, rows
+
+    def norm_linear(self, weight: torch.Tensor, lins: tuple) -> tuple:
+        return (self.dec.norm_linear(weight, lins),
+                self.rows.norm_linear(weight, lins) if self.rows is not None else None)
+
+    def head_norm(self, qkv: tuple, q_norm: torch.Tensor, k_norm: torch.Tensor) -> tuple:
+        return (self.dec.head_norm(qkv[0], q_norm, k_norm),
+                self.rows.head_norm(qkv[1], q_norm, k_norm) if self.rows is not None else None)
+
+    def linear_add(self, a: tuple, lin, post: torch.Tensor | None) -> None:
+        self.dec.linear_add(a[0], lin, post)
+        if self.rows is not None:
+            self.rows.linear_add(a[1], lin, post)
+
+    def norm_gated(self, layer: CudaLayer) -> tuple:
+        return self.dec.norm_gated(layer), self.rows.norm_gated(layer) if self.rows is not None else None

@@ -106,6 +106,69 @@ class Token(HeadNorm):
         torch.argmax(self.logits, dim=0, keepdim=True, out=next_tok)
 
 
+class DecodeRows(HeadNorm):
+    """The ops of :class:`Token` over R rows (one token of each of R sequences: the decode
+    rows of the server's batched step, :mod:`.batched` with ``GGUFLM_CUDA_DECODE_ROWS=gemv``):
+    float32 buffers [R, ...], the same fused GEMVs over R activation rows
+    (:func:`gguflm.quant.cuda.gemv.gemv` and kin with x [R, K]: row r bit-identical to the
+    one-row call on x[r]), so a row computes the same bits at any R and beside any other
+    rows. The output head is a GEMV over the rows too (no argmax: rows are sampled).
+    ``x`` is the residual stream [R, E]; ``embed`` fills it."""
+
+    def __init__(self, cfg: ModelConfig, w: CudaWeights, n_rows: int, device: torch.device):
+        H, Hkv, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim
+        f32 = dict(dtype=torch.float32, device=device)
+        self.cfg, self.w, self.eps, self.n_rows = cfg, w, cfg.rms_eps, n_rows
+        self.gelu = cfg.spec.activation is Activation.GELU_TANH
+        self.x = torch.empty(n_rows, cfg.n_embd, **f32)
+        self.tmp = torch.empty(n_rows, cfg.n_embd, **f32)
+        self.qkv = torch.empty(n_rows, (H + 2 * Hkv) * D, **f32)
+        self.attn = torch.empty(n_rows, H, D, **f32)
+        self.gate = torch.empty(n_rows, cfg.n_ff, **f32)
+        self.up = torch.empty(n_rows, cfg.n_ff, **f32)
+        self.ff = torch.empty(n_rows, cfg.n_ff, **f32)
+
+    def embed(self, tok: torch.Tensor) -> None:
+        self.w.token_embd.rows(tok, out=self.x)
+        if (scale := embd_scale(self.cfg)) is not None:
+            self.x.mul_(scale)
+
+    def norm_linear(self, weight: torch.Tensor, lins: tuple[CudaLinear, ...]) -> torch.Tensor:
+        x = self.x
+        outs = self.qkv.split([lin.n_out for lin in lins], dim=1)
+        if all(lin.packed is not None and lin.bias is None for lin in lins):
+            gemv_multi([lin.packed for lin in lins], x, outs, norm_weight=weight, eps=self.eps)
+        else:
+            for lin, o in zip(lins, outs):
+                lin.gemv(x, o, norm_weight=weight, eps=self.eps)
+        return self.qkv
+
+    def linear_add(self, a: torch.Tensor, lin: CudaLinear, post: torch.Tensor | None) -> None:
+        a = a.view(self.n_rows, -1)
+        if post is None:
+            lin.gemv(a, self.x, residual=self.x)
+        else:
+            lin.gemv(a, self.tmp)
+            add_rms_norm_half(self.x, self.tmp, None, self.eps, post=post)
+
+    def norm_gated(self, layer: CudaLayer) -> torch.Tensor:
+        x, g, u, nw = self.x, layer.w_gate, layer.w_up, layer.ffn_norm
+        if layer.gate_up_packed and not self.gelu:
+            gemv_swiglu(g.packed, u.packed, x, self.ff, norm_weight=nw, eps=self.eps)
+            return self.ff
+        if layer.gate_up_packed:
+            gemv_multi([g.packed, u.packed], x, [self.gate, self.up], norm_weight=nw, eps=self.eps)
+        else:
+            g.gemv(x, self.gate, norm_weight=nw, eps=self.eps)
+            u.gemv(x, self.up, norm_weight=nw, eps=self.eps)
+        return gated_act(self.gate, self.up, self.gelu, out=self.ff)
+
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        """out float32 [R, n_vocab] (any row stride) = softcap(Wout RMSNorm(x))."""
+        self.w.output.gemv(self.x, out, norm_weight=self.w.output_norm, eps=self.eps)
+        return softcap_(self.cfg, out)
+
+
 def decode_step(cfg: ModelConfig, w: CudaWeights, rope: Rope, ops: Token,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 tok: torch.Tensor, pos: torch.Tensor, next_tok: torch.Tensor, next_pos: torch.Tensor) -> None:

@@ -52,7 +52,7 @@ import torch
 from gguflm.model.kv_cache import KVCache
 from gguflm.gguf.reader import GGUFFile
 from gguflm.model.config import ModelConfig
-from gguflm.model.cuda.batched import BatchedDecode, batch_width
+from gguflm.model.cuda.batched import BatchedDecode, batch_width, decode_width
 from gguflm.model.cuda.decode import DecodeGraphs
 from gguflm.model.cuda.forward import forward_plain, forward_tokens, plain_start
 from gguflm.model.cuda.weights import HALF, CudaWeights, fused_gemm
@@ -61,7 +61,7 @@ from gguflm.model.model import Model
 
 MAX_GRAPHS = 4  # captured decode graphs kept (one per cache slot in use), least recent dropped
 MAX_PREFILL_GRAPHS = 2  # captured prefills kept, least recent dropped
-MAX_BATCHED = 12  # batched steps kept (one per cache and width: 2 .. 4096), least recent dropped
+MAX_BATCHED = 12  # batched steps kept (one per cache, width and decode width), least recent dropped
 
 
 def _lru(table: OrderedDict, key: tuple, limit: int, make: Any) -> Any:
@@ -110,12 +110,25 @@ class CudaModel(Model):
         self._side: torch.cuda.Stream | None = None    # warm-ups and captures of prefills
         self._session: KVCache | None = None
         self.mixed_steps = os.environ.get("GGUFLM_CUDA_MIXED", "1") != "0"   # see the module docstring
+        # decode rows of the batched step through the GEMV (opt-in; see row_kinds)
+        self.decode_rows = os.environ.get("GGUFLM_CUDA_DECODE_ROWS", "").lower() == "gemv"
         if os.environ.get("GGUFLM_CUDA_PAGED", "0") == "1":
             self.use_paged_cache(True)
 
     @property
     def batch_invariant(self) -> bool:   # see the class docstring
         return self.mixed_steps and self.decode_width_free
+
+    @property
+    def row_kinds(self) -> bool:
+        """:attr:`Model.row_kinds`: with ``GGUFLM_CUDA_DECODE_ROWS=gemv`` (opt-in, read at load;
+        not yet measured on a GPU) the batched step runs its decode rows (a sampled token of
+        each sequence) through the fused GEMVs of the one-row step over many rows
+        (:class:`~gguflm.model.cuda.decode.DecodeRows`) and its prompt rows through the
+        fused GEMM (:mod:`.batched`): ``forward`` then takes ``n_decode``, the count of the
+        leading decode rows of a mixed step. A row's bits depend on its kind, never on the
+        step's width or company."""
+        return self.decode_rows
 
     @property
     def flat_steps(self) -> bool:
@@ -150,7 +163,8 @@ class CudaModel(Model):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                slots: torch.Tensor, last_only: bool = False, select: torch.Tensor | None = None) -> torch.Tensor:
+                slots: torch.Tensor, last_only: bool = False, select: torch.Tensor | None = None,
+                n_decode: int | None = None) -> torch.Tensor:
         """Batched step (see :meth:`Transformer.forward`). One token of one sequence runs
         the decode graph; one token of each of several sequences the batched step (rows
         of a T = 1 step must have positions >= 0 and distinct slots); a run of tokens of
@@ -161,18 +175,35 @@ class CudaModel(Model):
         outputs are buffers that the graph's next replay overwrites. Over a paged cache: one-token steps run the batched step,
         other steps the padded-rows path. ``select`` (Long, flat row indices): a mixed step of
         one-token rows that may share slots (see the module docstring) -> float32
-        [len(select), n_vocab], the logits of those rows."""
+        [len(select), n_vocab], the logits of those rows. ``n_decode`` (with :attr:`row_kinds`):
+        the first ``n_decode`` rows of such a step are decode rows (default: none)."""
         if select is not None:
             if tokens.shape[1] != 1 or cache.k.dtype != HALF:
                 raise ValueError("a step with select is one token per row over a float16 cache")
-            step = self.batched(cache, tokens.shape[0], width=batch_width(tokens.shape[0]))
+            n = tokens.shape[0]
+            if self.decode_rows:
+                n_dec = n_decode or 0
+                if not 0 <= n_dec <= n:
+                    raise ValueError(f"{n_dec} decode rows in a step of {n}")
+                dw = decode_width(n_dec)
+                step = self.batched(cache, n, width=dw + (batch_width(n - n_dec) if n > n_dec else 0),
+                                    decode_width=dw)
+                logits = step.step(tokens, positions, slots, *self._stream_and_pool(), n_decode=n_dec)
+                return logits.index_select(0, step.row_index(select, n_dec))
+            step = self.batched(cache, n, width=batch_width(n))
             return step.step(tokens, positions, slots, *self._stream_and_pool()).index_select(0, select)
         on_gpu = self.use_graphs and cache.k.dtype == HALF and cache.k.device.type == "cuda"
         pinned = self._pinned.get(cache.k.data_ptr())
         if tokens.shape[1] == 1 and (tokens.shape[0] > 1 or pinned or cache.paged) and cache.k.dtype == HALF:
+            n = tokens.shape[0]
             width = None if self.decode_width_free else pinned       # None: the live rows' width
-            step = self.batched(cache, tokens.shape[0], width=width)
-            logits = step.step(tokens, positions, slots, *self._stream_and_pool())
+            if self.decode_rows:                                     # every row a decode row
+                width = decode_width(n) if width is None else width
+                step = self.batched(cache, n, width=width, decode_width=width)
+                logits = step.step(tokens, positions, slots, *self._stream_and_pool())[:n]
+            else:
+                step = self.batched(cache, n, width=width)
+                logits = step.step(tokens, positions, slots, *self._stream_and_pool())
             return logits if last_only else logits[:, None]
         if on_gpu and tokens.shape == (1, 1):
             logits = self.decode_one(tokens.view(1), positions.view(1), cache, int(slots[0]))
@@ -219,13 +250,17 @@ class CudaModel(Model):
         of all its slots (see the class docstring)."""
         self._pinned[cache.k.data_ptr()] = batch_width(cache.n_slots)
 
-    def batched(self, cache: KVCache, n_rows: int, width: int | None = None) -> BatchedDecode:
+    def batched(self, cache: KVCache, n_rows: int, width: int | None = None, decode_width: int = 0) -> BatchedDecode:
         """The batched decode step for ``n_rows`` rows of ``cache`` (built on first use), at
-        ``width`` or the smallest power of two that holds them."""
+        ``width`` or the smallest power of two that holds them; its first ``decode_width``
+        rows decode rows through the GEMV (:attr:`row_kinds`). One captured step per
+        (cache, width, decode width), at most :data:`MAX_BATCHED` kept: with row kinds the
+        keys are (decode rows, prompt rows) pairs of powers of two."""
         width = width or min(batch_width(n_rows), batch_width(cache.n_slots))
-        return _lru(self._batched, (cache.k.data_ptr(), width), MAX_BATCHED, lambda: BatchedDecode(
+        return _lru(self._batched, (cache.k.data_ptr(), width, decode_width), MAX_BATCHED, lambda: BatchedDecode(
             self.config, self.weights, self.rope, cache, width,
-            use_graphs=self.use_graphs and cache.k.device.type == "cuda", shared_slots=self.mixed_steps))
+            use_graphs=self.use_graphs and cache.k.device.type == "cuda", shared_slots=self.mixed_steps,
+            decode_width=decode_width))
 
     def _stream_and_pool(self) -> tuple[Any, Any]:
         """The side stream and memory pool of every capture (CUDA only; else None, None)."""

@@ -116,12 +116,13 @@ class CudaLinear:
     def gemv(self, x: torch.Tensor, out: torch.Tensor, norm_weight: torch.Tensor | None = None,
              eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
         """One token: x float32 [n_in] -> out float32 [n_out] = (residual +) W x' (+ b),
-        x' = RMSNorm(x) * norm_weight when ``norm_weight`` is given."""
+        x' = RMSNorm(x) * norm_weight when ``norm_weight`` is given; or each of R rows:
+        x [R, n_in] -> out [R, n_out] (any row stride)."""
         if self.packed is not None:
             gemv(self.packed, x, out, norm_weight=norm_weight, eps=eps, residual=residual)
         else:
             if norm_weight is not None:
-                x = x * torch.rsqrt(x.pow(2).mean() + eps) * norm_weight
+                x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight
             y = F.linear(x.to(HALF), self.dense).float()
             out.copy_(y if residual is None else residual + y)
         if self.bias is not None:
