@@ -21,6 +21,11 @@
 of blocks of 16 and the server gets ``--kv-size N`` (the default contiguous cache
 otherwise).
 
+``GGUFLM_CUDA_DECODE_ROWS=gemv`` in the environment (the in-process step sweep and the
+server inherit it; recorded as ``decode_rows``): the batched step's decode rows through
+the rows GEMV instead of the GEMM (opt-in, model/cuda/batched.py). Compare a run with and
+one without it on the same card: e2e tok/s, TTFT p50, identical_streams, lone_request_tps.
+
     python benchmarks/bench_server_cuda.py -m tinyllama-Q4_K_M.gguf [--streams 32] [--tokens 256] \\
         [--rounds 3] [--llama-server build/bin/llama-server] [--kv-size N] [--json OUT]
 """
@@ -229,7 +234,8 @@ def main() -> None:
     import torch
 
     out = {"date": time.strftime("%Y-%m-%d"), "card": torch.cuda.get_device_name(), "model": os.path.basename(a.model),
-           "script": "benchmarks/bench_server_cuda.py", "kv_size": a.kv_size}
+           "script": "benchmarks/bench_server_cuda.py", "kv_size": a.kv_size,
+           "decode_rows": os.environ.get("GGUFLM_CUDA_DECODE_ROWS", "") or "gemm"}
     widths = [w for w in (1, 2, 4, 8, 16, 32, 64) if w <= max(64, a.streams)]
     if not a.skip_steps:
         out["step_sweep"] = step_sweep(a.model, widths, a.steps, a.ctx, a.kv_size)
@@ -239,7 +245,7 @@ def main() -> None:
         row = {"ours_e2e_tps": max(r["end_to_end_tok_s"] for r in ours["rounds"]),
                "ours_ttft_p50_ms": 1e3 * min(r["ttft_p50_s"] for r in ours["rounds"]),
                "lone_request_tps": ours["lone_request_tps"],
-               "identical_streams": f"{ours['identical_streams']}/{a.streams}"}
+               "identical_streams": f"{ours['identical_streams']}/{a.streams}", "decode_rows": out["decode_rows"]}
         if a.llama_server:
             theirs = out["http_llama_server"] = http_rounds("llama-server", a.model, a.streams, a.tokens, a.rounds,
                                                             a.ctx, a.llama_server)
