@@ -6,7 +6,8 @@ sliding window of 8 and their own RoPE base, soft-cap). Llama itself: test_model
 
 Each of the CUDA path's runners goes through the one decoder: the plain prefill (from
 position 0 and continued), the padded many-row forward, the one-token decode step (the
-graphs' step, eager here) and the server's batched step. Without a GPU the Triton
+graphs' step, eager here) and the server's batched step (its rows through the GEMM, and as
+decode rows through the rows GEMV: ``GGUFLM_CUDA_DECODE_ROWS=gemv``). Without a GPU the Triton
 kernels run in Triton's interpreter (few tokens; the window still slides: 12 > 8).
 """
 
@@ -75,6 +76,15 @@ def test_every_runner_of_the_fused_path_matches_reference(name, shared_dir, llam
     step = m.batched(cache, 2).step(torch.tensor([ids[CUT], ids[4]], device=dev), torch.tensor([CUT, 4], device=dev),
                                     torch.tensor([0, 1], device=dev))
     _check(name, "batched step", ref[[CUT, 4]], step)
+    # the same rows as decode rows through the rows GEMV (GGUFLM_CUDA_DECODE_ROWS=gemv), then
+    # slot 1's row alone in a one-row step: the same bits
+    rows = m.batched(cache, 2, width=2, decode_width=2).step(
+        torch.tensor([ids[CUT], ids[4]], device=dev), torch.tensor([CUT, 4], device=dev),
+        torch.tensor([0, 1], device=dev))[:2].clone()
+    _check(name, "decode rows (GEMV)", ref[[CUT, 4]], rows)
+    one = m.batched(cache, 1, width=1, decode_width=1).step(
+        torch.tensor([ids[4]], device=dev), torch.tensor([4], device=dev), torch.tensor([1], device=dev))[:1]
+    assert torch.equal(one[0], rows[1])
 
 
 def test_a_head_size_the_kernels_lack_is_refused_by_the_fused_path(shared_dir):

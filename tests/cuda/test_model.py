@@ -605,3 +605,19 @@ def test_mixed_step_leaves_decode_rows_unchanged(rows_model, device):
     # the same step without n_decode: every row a prompt row (today's arithmetic), decode rows not bitwise the GEMV's
     again = m.forward(tokens[:, None], positions[:, None], cache, slots, select=select).cpu()
     _agree(again[3:], reference_logits(path, chunk)[-1:], tol=2e-2)
+
+
+def test_a_lone_decode_row_is_the_one_row_decode_step(rows_model, device):
+    """A decode row alone (decode width 1, as a lone request on a server) runs the ops of
+    the one-row decode step (Token: generate()'s graphs) over one row: the same logits to
+    the bit as that step from the same cache."""
+    m, _ = rows_model
+    cache = m.new_cache(8)
+    _prefill(m, cache, device)
+    slot = 3
+    t, p, s = _rows([slot], device)
+    rows = m.batched(cache, 1, width=1, decode_width=1).step(t, p, s)[:1].clone()
+    g = m.graphs(cache, slot)
+    g.tok[0], g.pos[0] = int(t[0]), int(p[0])
+    g.step(0)
+    assert torch.equal(rows[0], g.buf.logits)
