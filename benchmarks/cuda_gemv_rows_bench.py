@@ -8,7 +8,8 @@ First a check: at every R the rows kernel's row r is bit-identical to the 1-row 
 x[r] (the contract; tests/cuda/test_cuda_gemv.py has the full one). Then, per shape and R in
 {1, 2, 4, 8, 16, 32, 64}: one launch's time (a CUDA graph of launches over enough weight
 copies to spill the L2 cache, replayed; median of 5; cuda_gemv_bench.graph_us), for
-``rows`` (one launch of x [R, K]), ``gemm`` (x float16 [R, K], split-K GEMM + reduction,
+``rows_rw1`` / ``rows_rw2`` (one launch of x [R, K], one or two weight rows per warp; R = 1
+runs the 1-row kernel), ``gemm`` (x float16 [R, K], split-K GEMM + reduction,
 the gated GEMM for gate/up) and, for R <= 8, ``loop`` (R 1-row launches: what the API did
 before the rows kernel).
 
@@ -59,7 +60,7 @@ def check(rng, rows: list[int]) -> bool:
             outs = [torch.randn(R, n, device="cuda") for _, n in segs]
             base = [o.clone() for o in outs]
             kw = dict(norm_weight=nw, eps=1e-5) if kind != "residual" else dict(residuals=outs)
-            cg.launch(ws, x, outs, ups=ups, **kw)
+            cg.launch(ws, x, outs, ups=ups, rows_rw=2 if R % 2 else 1, **kw)
             for r in range(R):
                 one = [b[r].clone() for b in base]
                 kw1 = dict(kw, residuals=one) if kind == "residual" else kw
@@ -88,11 +89,11 @@ def run(rows: list[int], rng) -> list[dict]:
             outs = [torch.zeros(R, n, device="cuda") for _, n in segs]
             outh = [torch.zeros(R, n, device="cuda", dtype=torch.float16) for _, n in segs]
 
-            def rows_call(i):
+            def rows_call(i, rw):
                 up = [ups[i]] if ups else None
                 if kind == "residual":
-                    return lambda: cg.launch(copies[i], x, outs, residuals=outs)
-                return lambda: cg.launch(copies[i], x, outs, norm_weight=nw, eps=1e-5, ups=up)
+                    return lambda: cg.launch(copies[i], x, outs, residuals=outs, rows_rw=rw)
+                return lambda: cg.launch(copies[i], x, outs, norm_weight=nw, eps=1e-5, ups=up, rows_rw=rw)
 
             def loop_call(i):
                 up = [ups[i]] if ups else None
@@ -108,7 +109,9 @@ def run(rows: list[int], rng) -> list[dict]:
                 return lambda: [tgemm.gemm(w, xh, o) for w, o in zip(copies[i], outh)]
 
             row = {"case": label, "rows": R, "weight_bytes": per_copy}
-            for backend, make in (("rows", rows_call), ("gemm", gemm_call)) + ((("loop", loop_call),) if R <= 8 else ()):
+            makers = [("rows_rw1", lambda i: rows_call(i, 1)), ("rows_rw2", lambda i: rows_call(i, 2)),
+                      ("gemm", gemm_call)] + ([("loop", loop_call)] if R <= 8 else [])
+            for backend, make in makers:
                 try:
                     row[f"{backend}_us"] = graph_us([make(i) for i in range(n_copies)])
                 except Exception as e:  # noqa: BLE001 - report and go on

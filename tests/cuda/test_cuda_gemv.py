@@ -270,17 +270,18 @@ GPU_ROWS = [1, 2, 3, 8, 17, 32, 64]
 @gpu
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("bpr", [8, 22])
-def test_rows_kernel_each_row_as_alone(random_blocks, t, bpr):
-    """The rows kernel (x [R, K], strided outputs/residuals) against R launches of the 1-row
-    kernel on x[r]: bit-identical at every R and place, run to run, for the plain, NORM,
-    residual (in place) and SWIGLU epilogues, with the launch shapes the model uses (K = 2048:
-    4 warps, K = 5632: 8 warps); and near the float64 twin."""
+@pytest.mark.parametrize("rw", [1, 2])
+def test_rows_kernel_each_row_as_alone(random_blocks, t, bpr, rw):
+    """The rows kernel (x [R, K], strided outputs/residuals; 1 and 2 weight rows per warp)
+    against R launches of the 1-row kernel on x[r]: bit-identical at every R and place, run
+    to run, for the plain, NORM, residual (in place) and SWIGLU epilogues, with the launch
+    shapes the model uses (K = 2048: 4 warps, K = 5632: 8 warps); and near the float64 twin."""
     _cuda_lib()
     from gguflm.quant.cuda.gemv import launch
 
     qk = LAYOUTS[t].block_size
     bpr = bpr * 256 // qk
-    n = 72
+    n = 75                                                                 # ragged: 75 weight rows
     w = PackedWeight.from_raw(random_blocks(t, n * bpr, seed=bpr + int(t)), t, (bpr * qk, n), "cuda")
     wu = PackedWeight.from_raw(random_blocks(t, n * bpr, seed=bpr + int(t) + 1), t, (bpr * qk, n), "cuda")
     K = w.n_cols
@@ -298,7 +299,7 @@ def test_rows_kernel_each_row_as_alone(random_blocks, t, bpr):
                 out = buf[:, 3:n + 3]
                 if kind != "residual":
                     buf.fill_(float("nan"))
-                launch([w], x, [out], residuals=[out] if kind == "residual" else None, **kw)
+                launch([w], x, [out], residuals=[out] if kind == "residual" else None, rows_rw=rw, **kw)
                 got.append(buf)
             assert torch.equal(got[0], got[1]), (R, kind)                    # run to run
             if kind != "residual":

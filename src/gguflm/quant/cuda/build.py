@@ -8,9 +8,9 @@ architecture. The library has plain C entry points (no torch headers: it builds 
 per kernel and loads without ``torch.utils.cpp_extension``); the kernels are launched on
 the caller's stream, so CUDA graphs capture them. The build runs one nvcc per part of the
 file at once (``-DGGUFLM_PART=k``: the C entry points, then the 1-row kernels of one type or
-pair each, then the rows kernels of one type or pair each), then links the objects (the
-same SASS as one translation unit; one nvcc over the whole file if that fails, or with
-``GGUFLM_NVCC_SPLIT=0``); model loads start it in a
+pair each, then the rows kernels of one type or pair each, of one and of two weight rows
+per warp), then links the objects (the same SASS as one translation unit; one nvcc over
+the whole file if that fails, or with ``GGUFLM_NVCC_SPLIT=0``); model loads start it in a
 background thread (:func:`start`). A failed build raises :class:`KernelsUnavailable` with
 the compiler's message; callers fall back to Triton.
 """
@@ -32,7 +32,7 @@ from gguflm.quant.cuda import timing
 
 SOURCE = Path(__file__).with_name("gemv.cu")
 FLAGS = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-ffp-contract=off", "--split-compile=0", "-lineinfo"]
-PARTS = 13  # gemv.cu's GGUFLM_PART values, compiled concurrently (see _split_build)
+PARTS = 19  # gemv.cu's GGUFLM_PART values, compiled concurrently (see _split_build)
 
 
 class KernelsUnavailable(RuntimeError):

@@ -678,32 +678,40 @@ static __device__ float rstd_rows(const Params& p, const float* red, int j) {
     return rsqrtf(tot / (float)p.K + p.eps);
 }
 
-template <typename T, int U, bool SWIGLU, int NX>
+// RW weight rows per warp (the activation runs read from shared memory once for all of them)
+template <typename T, int U, bool SWIGLU, int NX, int RW>
 __device__ void run_rows(const Params& p, int si, int cta, float* sx, float* red) {
     constexpr int W = SWIGLU ? 2 : 1;
     const Seg& s = p.seg[si];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int row = cta * (int)(blockDim.x >> 5) + warp;
+    const int row0 = (cta * (int)(blockDim.x >> 5) + warp) * RW;
     const int x0 = blockIdx.y * p.tile, nh = min(p.tile, p.n_x - x0);
     const int nbpr = p.K / T::QK;
     const int nch = nbpr * T::CPB;
-    const long long rowblk = (long long)min(row, s.n_rows - 1) * nbpr;
+    long long rowblk[RW];
+#pragma unroll
+    for (int r = 0; r < RW; ++r) rowblk[r] = (long long)min(row0 + r, s.n_rows - 1) * nbpr;
     const uint8_t* P[2] = {s.planes, s.planes2};
 
-    float acc[NX][W];
+    float acc[NX][W][RW];
 #pragma unroll
     for (int j = 0; j < NX; ++j)
 #pragma unroll
-        for (int w = 0; w < W; ++w) acc[j][w] = 0.f;
+        for (int w = 0; w < W; ++w)
+#pragma unroll
+            for (int r = 0; r < RW; ++r) acc[j][w][r] = 0.f;
 
-    typename T::Raw raw[U][W];
+    typename T::Raw raw[U][W][RW];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         const int ch = min(lane + 32 * u, nch - 1);
 #pragma unroll
-        for (int w = 0; w < W; ++w) T::load(raw[u][w], P[w], s.n_blocks, rowblk + ch / T::CPB, ch % T::CPB);
+        for (int w = 0; w < W; ++w)
+#pragma unroll
+            for (int r = 0; r < RW; ++r)
+                T::load(raw[u][w][r], P[w], s.n_blocks, rowblk[r] + ch / T::CPB, ch % T::CPB);
     }
-    stage_rows<T>(p, sx, red, x0, nh, T::dep(raw[0][0]));
+    stage_rows<T>(p, sx, red, x0, nh, T::dep(raw[0][0][0]));
     pdl_trigger();
 
     for (int base = 0; base < nch; base += 32 * U) {
@@ -712,7 +720,10 @@ __device__ void run_rows(const Params& p, int si, int cta, float* sx, float* red
             for (int u = 0; u < U; ++u) {
                 const int ch = min(base + lane + 32 * u, nch - 1);
 #pragma unroll
-                for (int w = 0; w < W; ++w) T::load(raw[u][w], P[w], s.n_blocks, rowblk + ch / T::CPB, ch % T::CPB);
+                for (int w = 0; w < W; ++w)
+#pragma unroll
+                    for (int r = 0; r < RW; ++r)
+                        T::load(raw[u][w][r], P[w], s.n_blocks, rowblk[r] + ch / T::CPB, ch % T::CPB);
             }
         }
 #pragma unroll
@@ -727,7 +738,10 @@ __device__ void run_rows(const Params& p, int si, int cta, float* sx, float* red
                         run16<T>(sx + j * p.K, b * T::QK + T::off0(c), a, xa);
                         run16<T>(sx + j * p.K, b * T::QK + T::off1(c), bb, xb);
 #pragma unroll
-                        for (int w = 0; w < W; ++w) acc[j][w] = T::dot(raw[u][w], c, a, bb, xa, xb, acc[j][w]);
+                        for (int w = 0; w < W; ++w)
+#pragma unroll
+                            for (int r = 0; r < RW; ++r)
+                                acc[j][w][r] = T::dot(raw[u][w][r], c, a, bb, xa, xb, acc[j][w][r]);
                     }
                 }
             }
@@ -738,19 +752,28 @@ __device__ void run_rows(const Params& p, int si, int cta, float* sx, float* red
 #pragma unroll
         for (int w = 0; w < W; ++w)
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) acc[j][w] = add_rn(acc[j][w], __shfl_xor_sync(0xffffffffu, acc[j][w], o));
-    if (lane < nh && row < s.n_rows) {
-        // lane j stores activation row j (unrolled select keeps acc in registers)
-        float g = acc[0][0], u = acc[0][W - 1];
+            for (int r = 0; r < RW; ++r)
 #pragma unroll
-        for (int j = 1; j < NX; ++j)
-            if (lane == j) { g = acc[j][0]; u = acc[j][W - 1]; }
-        const float r = rstd_rows(p, red, lane);
-        out_row(p, si, x0 + lane)[row] = epilogue<SWIGLU>(g, u, r, res_row(p, si, x0 + lane), row);
+                for (int o = 16; o > 0; o >>= 1)
+                    acc[j][w][r] = add_rn(acc[j][w][r], __shfl_xor_sync(0xffffffffu, acc[j][w][r], o));
+    if (lane < nh) {
+        // lane j stores activation row j (unrolled select keeps acc in registers)
+        const float rs = rstd_rows(p, red, lane);
+        float* out = out_row(p, si, x0 + lane);
+        const float* res = res_row(p, si, x0 + lane);
+#pragma unroll
+        for (int r = 0; r < RW; ++r) {
+            float g = acc[0][0][r], u = acc[0][W - 1][r];
+#pragma unroll
+            for (int j = 1; j < NX; ++j)
+                if (lane == j) { g = acc[j][0][r]; u = acc[j][W - 1][r]; }
+            const int row = row0 + r;
+            if (row < s.n_rows) out[row] = epilogue<SWIGLU>(g, u, rs, res, row);
+        }
     }
 }
 
-template <typename TA, typename TB, int U, bool SWIGLU, int NX>
+template <typename TA, typename TB, int U, bool SWIGLU, int NX, int RW>
 __global__ void __launch_bounds__(256) gemv_rows_kernel(const __grid_constant__ Params p) {
     extern __shared__ float4 smem4[];
     float* sx = reinterpret_cast<float*>(smem4);
@@ -761,15 +784,17 @@ __global__ void __launch_bounds__(256) gemv_rows_kernel(const __grid_constant__ 
         if (k < p.n_seg && (int)blockIdx.x >= p.seg[k].cta_begin) i = k;
     const int cta = blockIdx.x - p.seg[i].cta_begin;
     if constexpr (std::is_same<TA, TB>::value) {
-        run_rows<TA, U, SWIGLU, NX>(p, i, cta, sx, red);
+        run_rows<TA, U, SWIGLU, NX, RW>(p, i, cta, sx, red);
     } else {
-        if (p.seg[i].type == TA::ID) run_rows<TA, U, SWIGLU, NX>(p, i, cta, sx, red);
-        else run_rows<TB, U, SWIGLU, NX>(p, i, cta, sx, red);
+        if (p.seg[i].type == TA::ID) run_rows<TA, U, SWIGLU, NX, RW>(p, i, cta, sx, red);
+        else run_rows<TB, U, SWIGLU, NX, RW>(p, i, cta, sx, red);
     }
 }
 
-// the rows kernel's instance: U chunks per lane in flight, up to NX rows per tile
-constexpr int ROWS_U = 2, ROWS_NX = 8;
+// the rows kernel's instances: up to NX rows of x per tile; one weight row per warp with 2
+// chunks per lane in flight, or two with one (RW = 2: half the shared-memory reads of x per
+// product, for many rows of x)
+constexpr int ROWS_NX = 8;
 
 template <typename TA, typename TB, int R, int U, bool SWIGLU>
 static int launch(const Params& p, int warps, int pdl, cudaStream_t stream) {
@@ -794,10 +819,10 @@ static int launch(const Params& p, int warps, int pdl, cudaStream_t stream) {
     return (int)cudaGetLastError();
 }
 
-template <typename TA, typename TB, bool SWIGLU>
+template <typename TA, typename TB, bool SWIGLU, int RW>
 static int launch_rows(const Params& p, int warps, int pdl, cudaStream_t stream) {
     const size_t smem = (size_t)p.tile * p.K * sizeof(float);
-    auto fn = gemv_rows_kernel<TA, TB, ROWS_U, SWIGLU, ROWS_NX>;
+    auto fn = gemv_rows_kernel<TA, TB, RW == 1 ? 2 : 1, SWIGLU, ROWS_NX, RW>;
     if (p.tile < 1 || p.tile > ROWS_NX || p.n_x < 1) return -1;
     if (smem > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -818,11 +843,11 @@ static int launch_rows(const Params& p, int warps, int pdl, cudaStream_t stream)
     return (int)cudaGetLastError();
 }
 
-// several activation rows (p.n_x), one weight row per warp
-template <typename TA, typename TB>
+// several activation rows (p.n_x), RW weight rows per warp
+template <typename TA, typename TB, int RW>
 static int dispatch_rows(const Params& p, int warps, int swiglu, int pdl, cudaStream_t st) {
-    if (!swiglu) return launch_rows<TA, TB, false>(p, warps, pdl, st);
-    if constexpr (std::is_same<TA, TB>::value) return launch_rows<TA, TB, true>(p, warps, pdl, st);
+    if (!swiglu) return launch_rows<TA, TB, false, RW>(p, warps, pdl, st);
+    if constexpr (std::is_same<TA, TB>::value) return launch_rows<TA, TB, true, RW>(p, warps, pdl, st);
     return -1;
 }
 
@@ -925,17 +950,18 @@ static int emulate_any(const Params& p, int si, int swiglu, int warps) {
 
 // The kernels of one type (or pair), behind one function each. build.py compiles the file
 // once per part (-DGGUFLM_PART=k, in parallel): part k in 1..6 instantiates only the 1-row
-// kernels of its function, part k + 6 its rows kernels (a part of their own: they compile
-// beside the 1-row kernels instead of after them), part 0 holds the C entry points; the
+// kernels of its function, parts k + 6 and k + 12 its rows kernels of one and two weight
+// rows per warp (parts of their own: they compile beside the 1-row kernels instead of after
+// them), part 0 holds the C entry points; the
 // objects link into one library. Without GGUFLM_PART the file is the whole library in one
 // translation unit.
 #define GGUFLM_DISPATCH(NAME, TA, TB)                                                          \
     int NAME(const Params& p, int warps, int R, int U, int swiglu, int pdl, cudaStream_t st) { \
         return dispatch_ru<TA, TB>(p, warps, R, U, swiglu, pdl, st);                            \
     }
-#define GGUFLM_ROWS(NAME, TA, TB)                                                              \
+#define GGUFLM_ROWS(NAME, TA, TB, RW)                                                          \
     int NAME(const Params& p, int warps, int, int, int swiglu, int pdl, cudaStream_t st) {     \
-        return dispatch_rows<TA, TB>(p, warps, swiglu, pdl, st);                                \
+        return dispatch_rows<TA, TB, RW>(p, warps, swiglu, pdl, st);                            \
     }
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 1
 GGUFLM_DISPATCH(gguflm_dispatch_q4_0, Q4_0, Q4_0)
@@ -956,22 +982,40 @@ GGUFLM_DISPATCH(gguflm_dispatch_q4_k_q6_k, Q4_K, Q6_K)
 GGUFLM_DISPATCH(gguflm_dispatch_q4_0_q8_0, Q4_0, Q8_0)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 7
-GGUFLM_ROWS(gguflm_rows_q4_0, Q4_0, Q4_0)
+GGUFLM_ROWS(gguflm_rows_q4_0, Q4_0, Q4_0, 1)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 8
-GGUFLM_ROWS(gguflm_rows_q8_0, Q8_0, Q8_0)
+GGUFLM_ROWS(gguflm_rows_q8_0, Q8_0, Q8_0, 1)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 9
-GGUFLM_ROWS(gguflm_rows_q4_k, Q4_K, Q4_K)
+GGUFLM_ROWS(gguflm_rows_q4_k, Q4_K, Q4_K, 1)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 10
-GGUFLM_ROWS(gguflm_rows_q6_k, Q6_K, Q6_K)
+GGUFLM_ROWS(gguflm_rows_q6_k, Q6_K, Q6_K, 1)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 11
-GGUFLM_ROWS(gguflm_rows_q4_k_q6_k, Q4_K, Q6_K)
+GGUFLM_ROWS(gguflm_rows_q4_k_q6_k, Q4_K, Q6_K, 1)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 12
-GGUFLM_ROWS(gguflm_rows_q4_0_q8_0, Q4_0, Q8_0)
+GGUFLM_ROWS(gguflm_rows_q4_0_q8_0, Q4_0, Q8_0, 1)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 13
+GGUFLM_ROWS(gguflm_rows2_q4_0, Q4_0, Q4_0, 2)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 14
+GGUFLM_ROWS(gguflm_rows2_q8_0, Q8_0, Q8_0, 2)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 15
+GGUFLM_ROWS(gguflm_rows2_q4_k, Q4_K, Q4_K, 2)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 16
+GGUFLM_ROWS(gguflm_rows2_q6_k, Q6_K, Q6_K, 2)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 17
+GGUFLM_ROWS(gguflm_rows2_q4_k_q6_k, Q4_K, Q6_K, 2)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 18
+GGUFLM_ROWS(gguflm_rows2_q4_0_q8_0, Q4_0, Q8_0, 2)
 #endif
 
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 0
@@ -988,30 +1032,39 @@ int gguflm_rows_q4_k(const Params&, int, int, int, int, int, cudaStream_t);
 int gguflm_rows_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
 int gguflm_rows_q4_k_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
 int gguflm_rows_q4_0_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows2_q4_0(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows2_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows2_q4_k(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows2_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows2_q4_k_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows2_q4_0_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
 #endif
 typedef int (*DispatchFn)(const Params&, int, int, int, int, int, cudaStream_t);
 
 extern "C" {
 
 // 0 on success, a cudaError_t code otherwise; -1: no such (R, U) instance. R = 0: the rows
-// kernel over p.n_x activation rows (one weight row per warp; U unused)
+// kernel over p.n_x activation rows with U (1 or 2) weight rows per warp
 // ta, tb: the GGML types of the segments (tb = ta for one type); pdl: programmatic launch
 int gguflm_gemv(const Params* p, int ta, int tb, int warps, int R, int U, int swiglu, int pdl, void* stream) {
     cudaStream_t st = (cudaStream_t)stream;
-    const bool rows = R == 0;
+    const int k = R > 0 ? 0 : U == 1 ? 1 : U == 2 ? 2 : -1;   // 1-row kernel, rows kernel RW = U
+    if (k < 0) return -1;
     DispatchFn fn = nullptr;
+#define PICK(N) fn = k == 0 ? gguflm_dispatch_##N : k == 1 ? gguflm_rows_##N : gguflm_rows2_##N
     if (ta == tb) {
         switch (ta) {
-            case GT_Q4_0: fn = rows ? gguflm_rows_q4_0 : gguflm_dispatch_q4_0; break;
-            case GT_Q8_0: fn = rows ? gguflm_rows_q8_0 : gguflm_dispatch_q8_0; break;
-            case GT_Q4_K: fn = rows ? gguflm_rows_q4_k : gguflm_dispatch_q4_k; break;
-            case GT_Q6_K: fn = rows ? gguflm_rows_q6_k : gguflm_dispatch_q6_k; break;
+            case GT_Q4_0: PICK(q4_0); break;
+            case GT_Q8_0: PICK(q8_0); break;
+            case GT_Q4_K: PICK(q4_k); break;
+            case GT_Q6_K: PICK(q6_k); break;
         }
     } else if (ta == GT_Q4_K && tb == GT_Q6_K) {
-        fn = rows ? gguflm_rows_q4_k_q6_k : gguflm_dispatch_q4_k_q6_k;
+        PICK(q4_k_q6_k);
     } else if (ta == GT_Q4_0 && tb == GT_Q8_0) {
-        fn = rows ? gguflm_rows_q4_0_q8_0 : gguflm_dispatch_q4_0_q8_0;
+        PICK(q4_0_q8_0);
     }
+#undef PICK
     return fn ? fn(*p, warps, R, U, swiglu, pdl, st) : -1;
 }
 

@@ -36,7 +36,17 @@ SMEM_LIMIT = 200 * 1024  # bytes of activations a CTA stages (dynamic shared mem
 INSTANCES = {(1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (1, 6)}  # (R, U) built for each type
 PAIRS = {(GGMLType.Q4_K, GGMLType.Q6_K), (GGMLType.Q4_0, GGMLType.Q8_0)}  # two types in one launch
 PAIR_INSTANCES = {(1, 2), (2, 1)}
-ROWS_NX = 8  # gemv.cu's ROWS_NX: activation rows per CTA of the rows kernel (its one instance)
+ROWS_NX = 8  # gemv.cu's ROWS_NX: activation rows per CTA of the rows kernel
+ROWS_RW = (1, 2)  # weight rows per warp of its instances
+
+
+def rows_per_warp(n_x: int) -> int:
+    """Weight rows per warp of the rows kernel for ``n_x`` activation rows: 2 from 8 rows
+    (each activation run read from shared memory serves two weight rows: the reads of x
+    bound the kernel when many rows share a weight chunk), else 1 (more warps in flight).
+    A guess until timed on the GPU (benchmarks/cuda_gemv_rows_bench.py); the bits of a row
+    never depend on it."""
+    return 2 if n_x >= 8 else 1
 
 
 class _Seg(ctypes.Structure):
@@ -264,14 +274,16 @@ def _config(ws: Sequence[PackedWeight], swiglu: bool, config: CudaGemvConfig | N
 def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Tensor], *,
            norm_weight: torch.Tensor | None = None, eps: float = 0.0,
            residuals: Sequence[torch.Tensor | None] | None = None, ups: Sequence[PackedWeight] | None = None,
-           config: CudaGemvConfig | None = None, argmax: tuple[torch.Tensor, ArgmaxWorkspace] | None = None) -> None:
+           config: CudaGemvConfig | None = None, argmax: tuple[torch.Tensor, ArgmaxWorkspace] | None = None,
+           rows_rw: int | None = None) -> None:
     """One launch of the CUDA kernel over the weights ``ws`` (segments of one grid) that all
     read ``x``; the caller has checked :func:`supported`. ``ups``: SWIGLU (one segment).
     ``argmax``: (int64 [1] out, workspace): also the first index of the largest output (one
     segment, no SWIGLU, x [K]). x [R, K] with outs (and residuals) [R, n_i]: the rows kernel,
     one weight row per warp and up to ROWS_NX activation rows per CTA, with the warps of the
-    1-row launch shape; row r of each output is bit-identical to the 1-row kernel on x[r]
-    (R = 1 runs the 1-row kernel itself)."""
+    1-row launch shape and ``rows_rw`` weight rows per warp (default :func:`rows_per_warp`);
+    row r of each output is bit-identical to the 1-row kernel on x[r] (R = 1 runs the 1-row
+    kernel itself)."""
     if not 1 <= len(ws) <= MAX_SEGS or any(w.n_cols != ws[0].n_cols for w in ws):
         raise ValueError(f"1..{MAX_SEGS} weights of one row length")
     residuals = residuals or [None] * len(ws)
@@ -292,9 +304,12 @@ def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Ten
     cfg = _config(ws, ups is not None, config)
     if (cfg.rows, cfg.unroll) not in INSTANCES or not 1 <= cfg.warps <= 8:
         raise ValueError(f"no kernel instance for {cfg}")
-    if rows is not None and (argmax is not None or rows_tile(ws[0].n_cols, rows) < 1):
-        raise ValueError("x [R, K]: no argmax epilogue, and a row of x must fit the shared memory")
-    p = _params(ws, outs, x, norm_weight, eps, residuals, cfg.rows * cfg.warps if rows is None else cfg.warps, ups)
+    rw = rows_rw or rows_per_warp(rows or 1)
+    if rows is not None and (argmax is not None or rows_tile(ws[0].n_cols, rows) < 1 or rw not in ROWS_RW):
+        raise ValueError("x [R, K]: no argmax epilogue, a row of x must fit the shared memory, "
+                         f"{ROWS_RW} weight rows per warp")
+    p = _params(ws, outs, x, norm_weight, eps, residuals, cfg.rows * cfg.warps if rows is None else cfg.warps * rw,
+                ups)
     if argmax is not None:
         target, aws = argmax
         if len(ws) != 1 or ups is not None or target.dtype != torch.int64 or target.numel() != 1:
@@ -309,7 +324,8 @@ def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Ten
         raise RuntimeError("the CUDA GEMV kernels are not available on this device")
     stream = torch.cuda.current_stream(x.device).cuda_stream
     rc = lib.gguflm_gemv(ctypes.byref(p), types[0], types[-1], cfg.warps, cfg.rows if rows is None else 0,
-                         cfg.unroll, int(ups is not None), int(pdl(x.device)), ctypes.c_void_p(stream))
+                         cfg.unroll if rows is None else rw, int(ups is not None), int(pdl(x.device)),
+                         ctypes.c_void_p(stream))
     if rc != 0:
         msg = "no such instance" if rc < 0 else lib.gguflm_error_string(rc).decode()
         raise RuntimeError(f"CUDA GEMV launch failed: {msg}")
