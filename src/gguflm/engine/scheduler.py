@@ -205,7 +205,7 @@ class _Seq:
     last: int | None = None         # sampled token waiting to be fed
     n_gen: int = 0
     n_cached: int = 0               # prompt tokens reused from the prompt cache
-    n_read: int = 0                 # positions computed as prompt (or reused): the publishable head
+    replay: list[int] = field(default_factory=list)  # generated tokens to feed again after ``last`` (row kinds)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet emitted
     kept: list[torch.Tensor] = field(default_factory=list)      # Job.keep_logits rows
     t_start: float = field(default_factory=time.perf_counter)
@@ -267,6 +267,8 @@ class Scheduler:
         self._pipeline = (n_slots == 1 and device.type == "cuda") if pipeline is None else pipeline
         # prompt chunks ride in the decode step's forward as one-token rows (see _mixed_step)
         self._mixed = model.flat_steps_over(self.cache) and self._shared_steps and not self._pipeline
+        # a preempted request's generated tokens fed again as decode rows (see _Seq.replay)
+        self._kind_replay = self._row_kinds and self._mixed
         self._cond = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._preempted: collections.deque[_Seq] = collections.deque()  # admitted before _waiting
@@ -397,7 +399,8 @@ class Scheduler:
         while self._preempted and self._free:  # first: they were admitted before anyone waiting
             seq = self._preempted[0]
             slot = self._free[-1]
-            n_cached = self._start_slot(slot, seq.history)
+            n_prompt = len(seq.ticket.job.prompt)
+            n_cached = self._start_slot(slot, seq.history, limit=n_prompt if self._kind_replay else None)
             if n_cached is None:
                 if self._active:
                     return     # first come first served: nobody overtakes a preempted request
@@ -407,7 +410,10 @@ class Scheduler:
             self._preempted.popleft()
             self._free.pop()
             seq.slot, seq.n_past, seq.todo, seq.last = slot, n_cached, seq.history[n_cached:], None
-            seq.n_read = n_cached
+            if self._kind_replay:  # its generated tokens again as decode rows, one per step
+                seq.todo, seq.replay = seq.history[n_cached:n_prompt], seq.history[max(n_cached, n_prompt):]
+                if not seq.todo:
+                    seq.last = seq.replay.pop(0)
             self._active.append(seq)
         while self._waiting and self._free:
             ticket = self._waiting[0]
@@ -425,20 +431,22 @@ class Scheduler:
             self._free.pop()
             gen = new_generator(job.params.seed, self.cache.k.device)
             seq = _Seq(ticket, slot, list(job.prompt[n_cached:]), list(job.prompt), gen, TextAssembler(job.stop),
-                       n_past=n_cached, n_cached=n_cached, n_read=n_cached)
+                       n_past=n_cached, n_cached=n_cached)
             self.metrics.admitted(len(job.prompt), n_cached, time.perf_counter() - ticket.t_submit)
             self._active.append(seq)
             if job.max_tokens == 0:
                 self._finish(seq, seq.done("length"), locked=True)
 
-    def _start_slot(self, slot: int, prompt: Sequence[int]) -> int | None:
+    def _start_slot(self, slot: int, prompt: Sequence[int], limit: int | None = None) -> int | None:
         """(Lock held.) Give the free ``slot`` the blocks of ``prompt``: the published blocks
         of its longest whole-block prefix (prefix caching), fresh ones for the rest. Returns
         how many prompt tokens are cached (at least the last one is left to compute: its
-        logits give the first token), or None when the pool cannot hold the prompt."""
+        logits give the first token; at most ``limit``), or None when the pool cannot hold
+        the prompt."""
         cache = self.cache
         blocks = cache.lookup(prompt) if self._prompt_cache else []
-        while blocks and len(blocks) * cache.block_size >= len(prompt):
+        while blocks and (len(blocks) * cache.block_size >= len(prompt)
+                          or (limit is not None and len(blocks) * cache.block_size > limit)):
             blocks.pop()
         cache.share(slot, blocks)
         if not cache.reserve(slot, len(prompt)):
@@ -457,9 +465,10 @@ class Scheduler:
     def _computed(self, seq: _Seq) -> int:
         """The positions of ``seq`` whose keys/values a prompt would reuse: all of them, or
         where the model computes decode rows differently from prompt rows
-        (``Model.row_kinds``) those read as prompt (a later request reading them as its
-        prompt computes prompt rows)."""
-        return seq.n_read if self._row_kinds else seq.n_past
+        (``Model.row_kinds``) those of its prompt (a later request reading them as its
+        prompt computes prompt rows; generated tokens are decode rows, also when a
+        preempted request feeds them again: ``_Seq.replay``)."""
+        return min(seq.n_past, len(seq.ticket.job.prompt)) if self._row_kinds else seq.n_past
 
     def _step(self) -> None:
         if self._mixed:
@@ -497,13 +506,14 @@ class Scheduler:
         tokens = [s.last for s in decode]
         positions = [s.n_past for s in decode]
         slots = [s.slot for s in decode]
-        select = list(range(len(decode)))
+        fed = [s for s in decode if not s.replay]          # replayed tokens (not the last) choose nothing
+        select = [i for i, s in enumerate(decode) if not s.replay]
         finishing = []
         for s, chunk in chunks:
             tokens += chunk
             positions += range(s.n_past, s.n_past + len(chunk))
             slots += [s.slot] * len(chunk)
-            if len(chunk) == len(s.todo):    # the prompt is read after this chunk: its last token's logits
+            if len(chunk) == len(s.todo) and not s.replay:  # the prompt is read after this chunk: its last logits
                 select.append(len(tokens) - 1)
                 finishing.append(s)
         device = self.cache.k.device
@@ -511,16 +521,21 @@ class Scheduler:
         kinds = {"n_decode": len(decode)} if self._row_kinds else {}  # decode rows lead (Model.row_kinds)
         logits = self.model.forward(inputs[0, :, None], inputs[1, :, None], self.cache, inputs[2],
                                     select=torch.tensor(select, dtype=torch.long, device=device), **kinds)
-        seqs = decode + finishing
+        seqs = fed + finishing
         chosen = self._choose(seqs, logits, range(len(seqs)))
         for s, chunk in chunks:
             s.n_past += len(chunk)
-            s.n_read = s.n_past
             del s.todo[:len(chunk)]
             if self._prompt_cache:  # whole blocks of prompt: shareable at once
                 self.cache.publish(s.slot, s.history[:s.n_past])
+            if not s.todo and s.replay:       # a preempted request's generated tokens come next
+                s.last = s.replay.pop(0)
+        for s in decode:
+            if s.replay:
+                s.n_past += 1
+                s.last = s.replay.pop(0)
         for i, s in enumerate(seqs):
-            if i < len(decode):
+            if i < len(fed):
                 s.n_past += 1
                 s.last = None
             self._accept_or_fail(s, logits[i], chosen[i])
@@ -551,7 +566,6 @@ class Scheduler:
         chosen = self._choose([group[i] for i in finishing], logits, finishing)
         for i, (seq, chunk) in enumerate(zip(group, chunks)):
             seq.n_past += len(chunk)
-            seq.n_read = seq.n_past
             del seq.todo[:len(chunk)]
             if self._prompt_cache:  # whole blocks of prompt: shareable at once
                 self.cache.publish(seq.slot, seq.history[:seq.n_past])

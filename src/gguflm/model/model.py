@@ -42,9 +42,8 @@ class Model:
     #: The model computes a step's decode rows (a sampled token of each sequence) with other
     #: kernels than its prompt rows (CUDA with ``GGUFLM_CUDA_DECODE_ROWS=gemv``): ``forward``
     #: with ``select`` then takes ``n_decode``, the count of the leading decode rows, and the
-    #: scheduler publishes for prefix caching only positions read as prompt. A preempted
-    #: request recomputes its generated tokens as prompt rows: its continuation is then not
-    #: bit-identical to an uninterrupted run (not handled).
+    #: scheduler publishes for prefix caching only the positions of prompts, and feeds a
+    #: preempted request's generated tokens again as decode rows, one per step.
     row_kinds = False
 
     @property
