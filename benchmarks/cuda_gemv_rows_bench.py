@@ -9,7 +9,7 @@ x[r] (the contract; tests/cuda/test_cuda_gemv.py has the full one). Then, per sh
 {1, 2, 4, 8, 16, 32, 64}: one launch's time (a CUDA graph of launches over enough weight
 copies to spill the L2 cache, replayed; median of 5; cuda_gemv_bench.graph_us), for
 ``rows_rw1`` / ``rows_rw2`` (one launch of x [R, K], one or two weight rows per warp; R = 1
-runs the 1-row kernel), ``gemm`` (x float16 [R, K], split-K GEMM + reduction,
+runs the 1-row kernel; from 8 rows also the other tile of x rows per CTA), ``gemm`` (x float16 [R, K], split-K GEMM + reduction,
 the gated GEMM for gate/up) and, for R <= 8, ``loop`` (R 1-row launches: what the API did
 before the rows kernel).
 
@@ -89,11 +89,12 @@ def run(rows: list[int], rng) -> list[dict]:
             outs = [torch.zeros(R, n, device="cuda") for _, n in segs]
             outh = [torch.zeros(R, n, device="cuda", dtype=torch.float16) for _, n in segs]
 
-            def rows_call(i, rw):
+            def rows_call(i, rw, tile=None):
                 up = [ups[i]] if ups else None
                 if kind == "residual":
-                    return lambda: cg.launch(copies[i], x, outs, residuals=outs, rows_rw=rw)
-                return lambda: cg.launch(copies[i], x, outs, norm_weight=nw, eps=1e-5, ups=up, rows_rw=rw)
+                    return lambda: cg.launch(copies[i], x, outs, residuals=outs, rows_rw=rw, rows_tile_=tile)
+                return lambda: cg.launch(copies[i], x, outs, norm_weight=nw, eps=1e-5, ups=up, rows_rw=rw,
+                                         rows_tile_=tile)
 
             def loop_call(i):
                 up = [ups[i]] if ups else None
@@ -111,6 +112,10 @@ def run(rows: list[int], rng) -> list[dict]:
             row = {"case": label, "rows": R, "weight_bytes": per_copy}
             makers = [("rows_rw1", lambda i: rows_call(i, 1)), ("rows_rw2", lambda i: rows_call(i, 2)),
                       ("gemm", gemm_call)] + ([("loop", loop_call)] if R <= 8 else [])
+            if R >= 8:   # the default tile (rows_tile: 8 rows of 2048, 4 of 5632) against the other
+                alt = 4 if cg.rows_tile(cols, R) == 8 else 8
+                if 4 * alt * cols <= cg.SMEM_LIMIT:
+                    makers.append((f"rows_rw2_tile{alt}", lambda i, alt=alt: rows_call(i, 2, alt)))
             for backend, make in makers:
                 try:
                     row[f"{backend}_us"] = graph_us([make(i) for i in range(n_copies)])

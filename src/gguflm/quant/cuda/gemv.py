@@ -38,6 +38,7 @@ PAIRS = {(GGMLType.Q4_K, GGMLType.Q6_K), (GGMLType.Q4_0, GGMLType.Q8_0)}  # two 
 PAIR_INSTANCES = {(1, 2), (2, 1)}
 ROWS_NX = 8  # gemv.cu's ROWS_NX: activation rows per CTA of the rows kernel
 ROWS_RW = (1, 2)  # weight rows per warp of its instances
+ROWS_SMEM = 100 * 1024  # bytes of staged rows of x per CTA of the rows kernel (see rows_tile)
 
 
 def rows_per_warp(n_x: int) -> int:
@@ -251,9 +252,12 @@ def _params(ws: Sequence[PackedWeight], outs: Sequence[torch.Tensor], x: torch.T
 
 
 def rows_tile(n_cols: int, n_x: int) -> int:
-    """Activation rows per CTA of the rows kernel: up to ROWS_NX, as many as fit the shared
-    memory (x' of each row staged); 0: none fits."""
-    return max(0, min(ROWS_NX, n_x, SMEM_LIMIT // (4 * n_cols)))
+    """Activation rows per CTA of the rows kernel (x' of each staged in shared memory): up to
+    ROWS_NX, as many as fit ROWS_SMEM (two CTAs per SM: 8 rows of 2048 values, 4 of 5632),
+    at least one if it fits SMEM_LIMIT; 0: none fits. The bits of a row never depend on it."""
+    if 4 * n_cols > SMEM_LIMIT:
+        return 0
+    return max(1, min(ROWS_NX, n_x, ROWS_SMEM // (4 * n_cols)))
 
 
 def _check_out(out: torch.Tensor, n: int, rows: int | None = None) -> None:
@@ -275,14 +279,15 @@ def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Ten
            norm_weight: torch.Tensor | None = None, eps: float = 0.0,
            residuals: Sequence[torch.Tensor | None] | None = None, ups: Sequence[PackedWeight] | None = None,
            config: CudaGemvConfig | None = None, argmax: tuple[torch.Tensor, ArgmaxWorkspace] | None = None,
-           rows_rw: int | None = None) -> None:
+           rows_rw: int | None = None, rows_tile_: int | None = None) -> None:
     """One launch of the CUDA kernel over the weights ``ws`` (segments of one grid) that all
     read ``x``; the caller has checked :func:`supported`. ``ups``: SWIGLU (one segment).
     ``argmax``: (int64 [1] out, workspace): also the first index of the largest output (one
     segment, no SWIGLU, x [K]). x [R, K] with outs (and residuals) [R, n_i]: the rows kernel,
     one weight row per warp and up to ROWS_NX activation rows per CTA, with the warps of the
-    1-row launch shape and ``rows_rw`` weight rows per warp (default :func:`rows_per_warp`);
-    row r of each output is bit-identical to the 1-row kernel on x[r] (R = 1 runs the 1-row
+    1-row launch shape, ``rows_rw`` weight rows per warp (default :func:`rows_per_warp`) and
+    ``rows_tile_`` rows of x per CTA (default :func:`rows_tile`; both for timing sweeps); row
+    r of each output is bit-identical to the 1-row kernel on x[r] (R = 1 runs the 1-row
     kernel itself)."""
     if not 1 <= len(ws) <= MAX_SEGS or any(w.n_cols != ws[0].n_cols for w in ws):
         raise ValueError(f"1..{MAX_SEGS} weights of one row length")
@@ -310,6 +315,10 @@ def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Ten
                          f"{ROWS_RW} weight rows per warp")
     p = _params(ws, outs, x, norm_weight, eps, residuals, cfg.rows * cfg.warps if rows is None else cfg.warps * rw,
                 ups)
+    if rows is not None and rows_tile_ is not None:
+        if not 1 <= rows_tile_ <= ROWS_NX or 4 * rows_tile_ * p.K > SMEM_LIMIT:
+            raise ValueError(f"rows_tile_ must be 1..{ROWS_NX} rows fitting {SMEM_LIMIT} bytes")
+        p.tile = rows_tile_
     if argmax is not None:
         target, aws = argmax
         if len(ws) != 1 or ups is not None or target.dtype != torch.int64 or target.numel() != 1:
