@@ -8,10 +8,12 @@ architecture. The library has plain C entry points (no torch headers: it builds 
 per kernel and loads without ``torch.utils.cpp_extension``); the kernels are launched on
 the caller's stream, so CUDA graphs capture them. The build runs one nvcc per part of the
 file at once (``-DGGUFLM_PART=k``: the C entry points, then the 1-row kernels of one type or
-pair each, then the rows kernels of one type or pair each, of one and of two weight rows
-per warp), then links the objects (the same SASS as one translation unit; one nvcc over
+pair each), then links the objects (the same SASS as one translation unit; one nvcc over
 the whole file if that fails, or with ``GGUFLM_NVCC_SPLIT=0``); model loads start it in a
-background thread (:func:`start`). A failed build raises :class:`KernelsUnavailable` with
+background thread (:func:`start`). The kernels over several activation rows (the server's
+batched decode rows) are a second library (``kind="rows"``, :data:`PARTS`) built the same
+way on their first use or :func:`start`, so that generate()'s cold build never waits for
+them. A failed build raises :class:`KernelsUnavailable` with
 the compiler's message; callers fall back to Triton.
 """
 
@@ -32,7 +34,11 @@ from gguflm.quant.cuda import timing
 
 SOURCE = Path(__file__).with_name("gemv.cu")
 FLAGS = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-ffp-contract=off", "--split-compile=0", "-lineinfo"]
-PARTS = 19  # gemv.cu's GGUFLM_PART values, compiled concurrently (see _split_build)
+# gemv.cu's GGUFLM_PART values of each library, compiled concurrently (see _split_build):
+# "gemv" the 1-row kernels (what generate() needs, built at model load), "rows" the kernels
+# over several activation rows (the server's batched decode rows), built apart so that the
+# 1-row library's cold build stays as it was
+PARTS = {"gemv": tuple(range(0, 7)), "rows": tuple(range(7, 20))}
 
 
 class KernelsUnavailable(RuntimeError):
@@ -54,46 +60,48 @@ def kernel_cache_dir() -> Path:
     return Path(root)
 
 
-def _name(arch: str) -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + arch.encode()).hexdigest()[:12]
-    return f"gguflm_cuda_{arch}_{digest}"
+def _name(arch: str, kind: str = "gemv") -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + arch.encode()
+                            + (b"" if kind == "gemv" else kind.encode())).hexdigest()[:12]
+    return f"gguflm_cuda_{arch}_{digest}" if kind == "gemv" else f"gguflm_cuda_{kind}_{arch}_{digest}"
 
 
-_lock = threading.Lock()
-_built: dict[str, ctypes.CDLL | KernelsUnavailable] = {}
-_started: set[str] = set()
+_locks = {kind: threading.Lock() for kind in PARTS}
+_built: dict[tuple[str, str], ctypes.CDLL | KernelsUnavailable] = {}
+_started: set[tuple[str, str]] = set()
 
 
-def library(arch: str = "sm_90") -> ctypes.CDLL:
-    """The kernels built for ``arch`` (e.g. ``sm_90``), building them first if needed (once
-    per process: a concurrent caller waits for the build; a failure is remembered)."""
+def library(arch: str = "sm_90", kind: str = "gemv") -> ctypes.CDLL:
+    """The kernels of ``kind`` (:data:`PARTS`) built for ``arch`` (e.g. ``sm_90``), building
+    them first if needed (once per process: a concurrent caller waits for the build; a
+    failure is remembered)."""
     t = time.perf_counter()
-    with _lock:
-        if arch not in _built:
+    with _locks[kind]:
+        if (arch, kind) not in _built:
             try:
-                _built[arch] = _load(arch)
+                _built[arch, kind] = _load(arch, kind)
             except KernelsUnavailable as e:
-                _built[arch] = e
+                _built[arch, kind] = e
         elif timing.ON and (waited := time.perf_counter() - t) > 0.005:
-            timing.note(f"waited for the background build of the CUDA GEMV kernels ({arch})", waited)
-        lib = _built[arch]
+            timing.note(f"waited for the background build of the CUDA {kind} kernels ({arch})", waited)
+        lib = _built[arch, kind]
     if isinstance(lib, KernelsUnavailable):
         raise lib
     return lib
 
 
-def start(arch: str) -> None:
-    """Build (or load) the kernels for ``arch`` in a background thread, so that nvcc runs
-    while the model loads; :func:`library` then waits for it."""
-    if arch in _built or arch in _started:        # never waits for a build in progress
+def start(arch: str, kind: str = "gemv") -> None:
+    """Build (or load) the kernels of ``kind`` for ``arch`` in a background thread, so that
+    nvcc runs while the model loads; :func:`library` then waits for it."""
+    if (arch, kind) in _built or (arch, kind) in _started:        # never waits for a build in progress
         return
-    _started.add(arch)
-    threading.Thread(target=lambda: _quiet(arch), name=f"gguflm-nvcc-{arch}", daemon=True).start()
+    _started.add((arch, kind))
+    threading.Thread(target=lambda: _quiet(arch, kind), name=f"gguflm-nvcc-{kind}-{arch}", daemon=True).start()
 
 
-def _quiet(arch: str) -> None:
+def _quiet(arch: str, kind: str) -> None:
     try:
-        library(arch)
+        library(arch, kind)
     except KernelsUnavailable:
         pass                            # said by the caller that needs the kernels
 
@@ -107,34 +115,34 @@ def _run(cmd: list[str]) -> None:
         raise KernelsUnavailable(f"nvcc failed ({r.returncode}): {r.stderr[-2000:]}")
 
 
-def _compile(compiler: str, arch: str, out: str) -> None:
-    """Build the library into ``out``: the parts of gemv.cu concurrently then one link
-    (``GGUFLM_NVCC_SPLIT=0``: one nvcc over the whole file, also the fallback when the
-    split build fails)."""
+def _compile(compiler: str, arch: str, out: str, kind: str = "gemv") -> None:
+    """Build the library of ``kind`` into ``out``: its parts of gemv.cu concurrently then
+    one link (``GGUFLM_NVCC_SPLIT=0``: one nvcc over the whole file, both kinds in one, also
+    the fallback when the split build fails)."""
     gencode = f"-gencode=arch=compute_{arch[3:]},code={arch}"
     if os.environ.get("GGUFLM_NVCC_SPLIT", "1") != "0":
         try:
-            _split_build(compiler, gencode, out)
+            _split_build(compiler, gencode, out, PARTS[kind])
             return
         except KernelsUnavailable as e:
             timing.note(f"the split nvcc build failed ({str(e)[:300]}); building one translation unit")
     _run([compiler, *FLAGS, gencode, "-o", out, str(SOURCE)])
 
 
-def _split_build(compiler: str, gencode: str, out: str) -> None:
-    """One nvcc per part of gemv.cu (``-DGGUFLM_PART=k``: the C entry points, then one type
-    or pair of types of kernels each), all at once, then one link into ``out``."""
+def _split_build(compiler: str, gencode: str, out: str, parts: tuple[int, ...] = PARTS["gemv"]) -> None:
+    """One nvcc per part of gemv.cu in ``parts`` (``-DGGUFLM_PART=k``: C entry points, or
+    the kernels of one type or pair of types each), all at once, then one link into ``out``."""
     flags = [f for f in FLAGS if f != "-shared"]
     with tempfile.TemporaryDirectory(dir=Path(out).parent) as tmp:
-        objs = [os.path.join(tmp, f"part{k}.o") for k in range(PARTS)]
+        objs = {k: os.path.join(tmp, f"part{k}.o") for k in parts}
         procs = []
         try:
-            for k, obj in enumerate(objs):
+            for k, obj in objs.items():
                 procs.append(subprocess.Popen([compiler, *flags, gencode, f"-DGGUFLM_PART={k}", "-c", "-o", obj,
                                                str(SOURCE)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                               text=True))
             errors = []
-            for k, p in enumerate(procs):
+            for k, p in zip(objs, procs):
                 try:
                     _, err = p.communicate(timeout=900)
                 except subprocess.TimeoutExpired:
@@ -151,35 +159,36 @@ def _split_build(compiler: str, gencode: str, out: str) -> None:
                     p.wait()
         if errors:
             raise KernelsUnavailable("nvcc failed: " + "; ".join(errors))
-        _run([compiler, "-shared", gencode, "-o", out, *objs])
+        _run([compiler, "-shared", gencode, "-o", out, *objs.values()])
 
 
-def _load(arch: str) -> ctypes.CDLL:
-    name = _name(arch)
+def _load(arch: str, kind: str = "gemv") -> ctypes.CDLL:
+    name = _name(arch, kind)
     lib = kernel_cache_dir() / name / f"lib{name}.so"
+    what = "CUDA GEMV kernels" if kind == "gemv" else f"CUDA GEMV kernels ({kind})"
     t = time.perf_counter()
     if not lib.exists():
         compiler = nvcc()
         if compiler is None:
             raise KernelsUnavailable("nvcc (the CUDA compiler) was not found")
         lib.parent.mkdir(parents=True, exist_ok=True)
-        print(f"gguflm: compiling the CUDA GEMV kernels for {arch} (first run; cached in {lib.parent}) ...",
+        print(f"gguflm: compiling the {what} for {arch} (first run; cached in {lib.parent}) ...",
               file=sys.stderr, flush=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
         os.close(fd)
         try:
-            _compile(compiler, arch, tmp)
+            _compile(compiler, arch, tmp, kind)
         except KernelsUnavailable:
             os.unlink(tmp)
             raise
         os.replace(tmp, lib)             # atomic: a concurrent process sees the whole file or none
         took = time.perf_counter() - t
-        print(f"gguflm: compiled the CUDA GEMV kernels for {arch} in {took:.1f} s", file=sys.stderr, flush=True)
-        timing.note(f"nvcc build of the CUDA GEMV kernels ({arch}, {threading.current_thread().name})", took)
+        print(f"gguflm: compiled the {what} for {arch} in {took:.1f} s", file=sys.stderr, flush=True)
+        timing.note(f"nvcc build of the {what} ({arch}, {threading.current_thread().name})", took)
         t = time.perf_counter()
     try:
         got = ctypes.CDLL(str(lib))
     except OSError as e:
         raise KernelsUnavailable(f"cannot load {lib}: {e}") from e
-    timing.note(f"CUDA GEMV kernels loaded ({arch}, {threading.current_thread().name})", time.perf_counter() - t)
+    timing.note(f"{what} loaded ({arch}, {threading.current_thread().name})", time.perf_counter() - t)
     return got

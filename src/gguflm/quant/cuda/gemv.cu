@@ -951,10 +951,9 @@ static int emulate_any(const Params& p, int si, int swiglu, int warps) {
 // The kernels of one type (or pair), behind one function each. build.py compiles the file
 // once per part (-DGGUFLM_PART=k, in parallel): part k in 1..6 instantiates only the 1-row
 // kernels of its function, parts k + 6 and k + 12 its rows kernels of one and two weight
-// rows per warp (parts of their own: they compile beside the 1-row kernels instead of after
-// them), part 0 holds the C entry points; the
-// objects link into one library. Without GGUFLM_PART the file is the whole library in one
-// translation unit.
+// rows per warp, part 0 holds the C entry points of the 1-row kernels and part 19 those of
+// the rows kernels: build.py links parts 0-6 into one library and 7-19 into another.
+// Without GGUFLM_PART the file is the whole of both in one translation unit.
 #define GGUFLM_DISPATCH(NAME, TA, TB)                                                          \
     int NAME(const Params& p, int warps, int R, int U, int swiglu, int pdl, cudaStream_t st) { \
         return dispatch_ru<TA, TB>(p, warps, R, U, swiglu, pdl, st);                            \
@@ -1026,46 +1025,26 @@ int gguflm_dispatch_q4_k(const Params&, int, int, int, int, int, cudaStream_t);
 int gguflm_dispatch_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
 int gguflm_dispatch_q4_k_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
 int gguflm_dispatch_q4_0_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows_q4_0(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows_q4_k(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows_q4_k_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows_q4_0_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows2_q4_0(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows2_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows2_q4_k(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows2_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows2_q4_k_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows2_q4_0_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
 #endif
-typedef int (*DispatchFn)(const Params&, int, int, int, int, int, cudaStream_t);
 
 extern "C" {
 
-// 0 on success, a cudaError_t code otherwise; -1: no such (R, U) instance. R = 0: the rows
-// kernel over p.n_x activation rows with U (1 or 2) weight rows per warp
+// 0 on success, a cudaError_t code otherwise; -1: no such (R, U) instance
 // ta, tb: the GGML types of the segments (tb = ta for one type); pdl: programmatic launch
 int gguflm_gemv(const Params* p, int ta, int tb, int warps, int R, int U, int swiglu, int pdl, void* stream) {
     cudaStream_t st = (cudaStream_t)stream;
-    const int k = R > 0 ? 0 : U == 1 ? 1 : U == 2 ? 2 : -1;   // 1-row kernel, rows kernel RW = U
-    if (k < 0) return -1;
-    DispatchFn fn = nullptr;
-#define PICK(N) fn = k == 0 ? gguflm_dispatch_##N : k == 1 ? gguflm_rows_##N : gguflm_rows2_##N
     if (ta == tb) {
         switch (ta) {
-            case GT_Q4_0: PICK(q4_0); break;
-            case GT_Q8_0: PICK(q8_0); break;
-            case GT_Q4_K: PICK(q4_k); break;
-            case GT_Q6_K: PICK(q6_k); break;
+            case GT_Q4_0: return gguflm_dispatch_q4_0(*p, warps, R, U, swiglu, pdl, st);
+            case GT_Q8_0: return gguflm_dispatch_q8_0(*p, warps, R, U, swiglu, pdl, st);
+            case GT_Q4_K: return gguflm_dispatch_q4_k(*p, warps, R, U, swiglu, pdl, st);
+            case GT_Q6_K: return gguflm_dispatch_q6_k(*p, warps, R, U, swiglu, pdl, st);
         }
-    } else if (ta == GT_Q4_K && tb == GT_Q6_K) {
-        PICK(q4_k_q6_k);
-    } else if (ta == GT_Q4_0 && tb == GT_Q8_0) {
-        PICK(q4_0_q8_0);
+        return -1;
     }
-#undef PICK
-    return fn ? fn(*p, warps, R, U, swiglu, pdl, st) : -1;
+    if (ta == GT_Q4_K && tb == GT_Q6_K) return gguflm_dispatch_q4_k_q6_k(*p, warps, R, U, swiglu, pdl, st);
+    if (ta == GT_Q4_0 && tb == GT_Q8_0) return gguflm_dispatch_q4_0_q8_0(*p, warps, R, U, swiglu, pdl, st);
+    return -1;
 }
 
 // The same per-type code on the CPU in the kernel's order (host pointers; x of p.n_x rows):
@@ -1090,3 +1069,51 @@ int gguflm_params_size(void) { return (int)sizeof(Params); }
 const char* gguflm_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
 }
 #endif  // part 0
+
+// The rows kernels' library (build.py's "rows" kind: parts 7-19, built apart from the 1-row
+// kernels so that generate()'s cold start never compiles them).
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 19
+#ifdef GGUFLM_PART
+int gguflm_rows_q4_0(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows_q4_k(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows_q4_k_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows_q4_0_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows2_q4_0(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows2_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows2_q4_k(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows2_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows2_q4_k_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
+int gguflm_rows2_q4_0_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
+#endif
+
+extern "C" {
+
+// 0 on success, a cudaError_t code otherwise; -1: no such instance. x of p->n_x rows; rw: 1
+// or 2 weight rows per warp; ta, tb, warps, swiglu, pdl as gguflm_gemv
+int gguflm_gemv_rows(const Params* p, int ta, int tb, int warps, int rw, int swiglu, int pdl, void* stream) {
+    typedef int (*Fn)(const Params&, int, int, int, int, int, cudaStream_t);
+    cudaStream_t st = (cudaStream_t)stream;
+    if (rw != 1 && rw != 2) return -1;
+    Fn fn = nullptr;
+#define PICK(N) fn = rw == 1 ? gguflm_rows_##N : gguflm_rows2_##N
+    if (ta == tb) {
+        switch (ta) {
+            case GT_Q4_0: PICK(q4_0); break;
+            case GT_Q8_0: PICK(q8_0); break;
+            case GT_Q4_K: PICK(q4_k); break;
+            case GT_Q6_K: PICK(q6_k); break;
+        }
+    } else if (ta == GT_Q4_K && tb == GT_Q6_K) {
+        PICK(q4_k_q6_k);
+    } else if (ta == GT_Q4_0 && tb == GT_Q8_0) {
+        PICK(q4_0_q8_0);
+    }
+#undef PICK
+    return fn ? fn(*p, warps, 0, rw, swiglu, pdl, st) : -1;
+}
+
+int gguflm_rows_params_size(void) { return (int)sizeof(Params); }
+}
+#endif  // part 19

@@ -11,6 +11,11 @@ entry points the model uses: each runs the CUDA kernel when it covers the call
 torch.argmax) otherwise. ``GGUFLM_GEMV=triton`` forces the Triton kernels, ``hybrid`` uses
 the CUDA ones only where they won launch by launch without PDL; ``GGUFLM_PDL=0`` turns
 programmatic dependent launch off. A failed build says so once on stderr and falls back.
+
+With x [R, K] (the server's batched decode rows) :func:`gemv`, :func:`gemv_multi` and
+:func:`gemv_swiglu` run the rows kernel (a second library, :func:`rows_library`, built on
+first use or by :func:`start_rows`): one launch, row r bit-identical to the 1-row call on
+x[r] whatever R (see gemv.cu); the Triton rows kernel where no row would take the CUDA one.
 Measured on an H200 (benchmarks/cuda_notes.md, 2026-12-04): the decode step of TinyLlama
 Q4_K_M 967 -> 815 us, Q4_0 841 -> 763 us against the Triton kernels.
 """
@@ -161,6 +166,43 @@ def library(device: torch.device | None = None, quiet: bool = False) -> ctypes.C
         lib = None
     _libs[key] = lib
     return lib
+
+
+_rows_libs: dict[int, ctypes.CDLL | None] = {}
+
+
+def rows_library(device: torch.device, quiet: bool = True) -> ctypes.CDLL | None:
+    """The rows kernels (x [R, K]; build.py's second library, built on first use or by
+    :func:`start_rows`) for the CUDA ``device``, or None when they cannot be built here
+    (then x [R, K] runs one 1-row launch per row: the same bits)."""
+    from gguflm.quant.cuda.build import KernelsUnavailable, library as build
+
+    key = torch.device(device).index or 0
+    if key in _rows_libs:
+        return _rows_libs[key]
+    try:
+        lib = build(_arch(torch.device(device)), "rows")
+        lib.gguflm_gemv_rows.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        lib.gguflm_gemv_rows.restype = ctypes.c_int
+        if lib.gguflm_rows_params_size() != ctypes.sizeof(_Params):
+            raise RuntimeError("gemv.cu's Params and the ctypes mirror disagree")
+    except (KernelsUnavailable, RuntimeError, OSError, AttributeError) as e:
+        if not quiet:
+            print(f"gguflm: the CUDA rows GEMV kernels are unavailable ({str(e).splitlines()[0][:300]}); "
+                  f"one launch per row", file=sys.stderr)
+        lib = None
+    _rows_libs[key] = lib
+    return lib
+
+
+def start_rows(device: torch.device) -> None:
+    """Start building the rows kernels for ``device`` in the background (a server that will
+    batch decode rows calls it at load: the first x [R, K] call then does not wait for nvcc)."""
+    from gguflm.quant.cuda.build import nvcc, start
+
+    if device.type == "cuda" and mode() != "triton" and nvcc() is not None:
+        start(_arch(device), "rows")
 
 
 def mode() -> str:
@@ -329,12 +371,16 @@ def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Ten
     if _dry:
         return
     lib = library(x.device)
-    if x.device.type != "cuda" or lib is None:
+    rlib = rows_library(x.device) if rows is not None and x.device.type == "cuda" else None
+    if x.device.type != "cuda" or lib is None or (rows is not None and rlib is None):
         raise RuntimeError("the CUDA GEMV kernels are not available on this device")
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    rc = lib.gguflm_gemv(ctypes.byref(p), types[0], types[-1], cfg.warps, cfg.rows if rows is None else 0,
-                         cfg.unroll if rows is None else rw, int(ups is not None), int(pdl(x.device)),
-                         ctypes.c_void_p(stream))
+    if rows is None:
+        rc = lib.gguflm_gemv(ctypes.byref(p), types[0], types[-1], cfg.warps, cfg.rows, cfg.unroll,
+                             int(ups is not None), int(pdl(x.device)), ctypes.c_void_p(stream))
+    else:
+        rc = rlib.gguflm_gemv_rows(ctypes.byref(p), types[0], types[-1], cfg.warps, rw, int(ups is not None),
+                                   int(pdl(x.device)), ctypes.c_void_p(stream))
     if rc != 0:
         msg = "no such instance" if rc < 0 else lib.gguflm_error_string(rc).decode()
         raise RuntimeError(f"CUDA GEMV launch failed: {msg}")
@@ -391,14 +437,16 @@ def _check_rows(x: torch.Tensor, n_cols: int, tensors: Sequence[tuple[torch.Tens
 def _route(ws: Sequence[PackedWeight], x: torch.Tensor, norm_weight: torch.Tensor | None, cuda: bool) -> str:
     """How x [R, K] runs so that each row gets the bits of its 1-row call: ``cuda`` (the
     1-row call's conditions on the device, mode and weights hold): "rows" (the CUDA rows
-    kernel, when x's rows are aligned for it too), else "each" (one 1-row call per row:
-    some rows might take the CUDA kernel, some not); "triton" (no row would take the CUDA
-    kernel: one Triton launch over the rows)."""
+    kernel, when x's rows are aligned for it too and it is built), else "each" (one 1-row
+    call per row: some rows might take the CUDA kernel, some not); "triton" (no row would
+    take the CUDA kernel: one Triton launch over the rows)."""
     if not cuda or not all(_weight_supported(w) for w in ws):
         return "triton"
     if x.dtype != torch.float32 or (norm_weight is not None and not _aligned(norm_weight)):
         return "triton"
-    return "rows" if all(supported(w, x) for w in ws) else "each"
+    if all(supported(w, x) for w in ws) and (_dry or rows_library(x.device) is not None):
+        return "rows"
+    return "each"
 
 
 def gemv(w: PackedWeight, x: torch.Tensor, out: torch.Tensor | None = None, *,
