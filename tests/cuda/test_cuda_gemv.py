@@ -8,6 +8,8 @@ run to run."""
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -145,6 +147,22 @@ def test_emulation_rows_of_mixed_segments(random_blocks, oracle):
                 for o, one, ref in zip(outs, ones, (q_ref, k_ref, v_ref)):
                     assert torch.equal(o[r], one), (ta.name, R, r)
                     assert _rel(o[r], ref @ xn) < 1e-5
+
+
+def test_rows_library_builds_for_sm_90():
+    """The rows kernels' library (build.py kind "rows", parts of gemv.cu of its own) compiles
+    for sm_90 offline and agrees with the ctypes mirror of Params; the 1-row library keeps
+    its parts."""
+    from gguflm.quant.cuda import build
+    from gguflm.quant.cuda.gemv import _Params
+
+    if build.nvcc() is None:
+        pytest.skip("nvcc is not available")
+    assert not set(build.PARTS["gemv"]) & set(build.PARTS["rows"]) and 0 in build.PARTS["gemv"]
+    assert build._name("sm_90", "rows") != build._name("sm_90")
+    lib = build.library("sm_90", "rows")
+    assert lib.gguflm_rows_params_size() == ctypes.sizeof(_Params)
+    assert hasattr(lib, "gguflm_gemv_rows") and not hasattr(lib, "gguflm_gemv_emulate")
 
 
 # --- on the GPU: the kernels themselves against the torch twins ---------------------------
