@@ -33,13 +33,15 @@
 // into its epilogue (per-CTA partials, reduced in a fixed order by the CTA that ends last).
 //
 // Several activation rows (x [R, K], the server's batched decode step): gemv_rows_kernel runs
-// one weight row per warp over a tile of up to ROWS_NX rows of x per CTA (grid axis y), each
-// weight chunk decoded once for the tile, and for each activation row the 1-row kernel's float
-// operations in its order, so that row r of the output is bit-identical to the 1-row kernel on
-// x[r] alone whatever R and the row's place (the roundings are spelled out below so that nvcc
-// cannot contract differently in the two kernels).
+// one or two weight rows per warp over a tile of up to ROWS_NX rows of x per CTA (grid axis
+// y), each weight chunk decoded once for the tile, and for each activation row the 1-row
+// kernel's float operations in its order, so that row r of the output is bit-identical to the
+// 1-row kernel on x[r] alone whatever R, the row's place, the tile and the weight rows per warp
+// (the roundings are spelled out below so that nvcc cannot contract differently in the two
+// kernels).
 //
-// Built by gguflm/quant/cuda/build.py with nvcc into a shared library called through ctypes.
+// Built by gguflm/quant/cuda/build.py with nvcc into two shared libraries (the 1-row kernels;
+// the rows kernels) called through ctypes.
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
