@@ -35,6 +35,8 @@ def load_cuda(f: GGUFFile, config: ModelConfig, n_ctx: int, device: torch.device
         # while the rest loads (and the Triton kernels compile); their first use waits for it
         if os.environ.get("GGUFLM_GEMV", "").lower() != "triton" and build.nvcc() is not None:
             build.start(f"sm_{major}{minor}")
+            if os.environ.get("GGUFLM_CUDA_DECODE_ROWS", "").lower() == "gemv":
+                build.start(f"sm_{major}{minor}", "rows")     # the batched step's decode rows (x [R, K])
     with timing.phase("import the CUDA path (triton, kernel modules)"):
         from gguflm.model.cuda.forward import check_supported
         from gguflm.model.cuda.model import CudaModel
