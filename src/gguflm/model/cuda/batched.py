@@ -46,7 +46,8 @@ row the same as in a step without decode rows. The layout of such a step (Wd + W
 
     rows [0, Wd)        decode rows (padding: slot -1)      DecodeRows, float32
     rows [Wd, Wd + Wp)  prompt rows (padding: slot -1)      Rows, float16 into the GEMM
-    logits float32 [Wd + Wp, n_vocab]                       both heads (a GEMV, the GEMM)
+    logits float32 [Wd, n_vocab] and [Wp, n_vocab]          the heads (a GEMV, the GEMM);
+                                                            select_rows gathers a step's selection
 """
 
 from __future__ import annotations
@@ -107,9 +108,10 @@ class BatchedDecode:
         if self.dw:
             self.dec = DecodeRows(cfg, w, self.dw, device)
             self.dec_ws = AttentionWorkspace(H, D, splits, device, n_rows=self.dw)
-            self.out = torch.empty(width, cfg.n_vocab, dtype=torch.float32, device=device)
+            self.out = torch.empty(self.dw, cfg.n_vocab, dtype=torch.float32, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        self.logits: Any = None       # the graph's outputs
+        self._last: Any = None        # the last step's outputs
 
     def _attend(self, index: int, layer: CudaLayer, qkv: torch.Tensor, rows: slice, out: torch.Tensor,
                 ws: AttentionWorkspace, shared: bool) -> torch.Tensor:
@@ -134,7 +136,7 @@ class BatchedDecode:
         self._attend(index, layer, q_rows, slice(self.dw, self.width), self.attn, self.attn_ws, self.shared_slots)
         return a_dec, self.attn.view(self.pw, -1)
 
-    def _run(self) -> torch.Tensor:
+    def _run(self) -> Any:
         if self.dec is None:
             ops = Rows(self.cfg, self.w, self.tok)                                  # float32 [W, E]
             decoder(self.w.layers, ops, self._attention)
@@ -142,10 +144,7 @@ class BatchedDecode:
         self.dec.embed(self.tok[:self.dw])
         rows = Rows(self.cfg, self.w, self.tok[self.dw:]) if self.pw else None
         decoder(self.w.layers, KindRows(self.dec, rows), self._kinds_attention)
-        self.dec.logits(self.out[:self.dw])
-        if rows is not None:
-            self.out[self.dw:].copy_(rows.logits())
-        return self.out
+        return self.dec.logits(self.out), rows.logits() if rows is not None else None
 
     def _capture(self, side: torch.cuda.Stream, pool: Any) -> None:
         """Warm up on the side stream (compiling every kernel; the inputs are the coming
@@ -176,11 +175,19 @@ class BatchedDecode:
             self.pos[dst].copy_(positions[src])
             self.slot[dst].copy_(slots[src])
 
-    def row_index(self, index: torch.Tensor, n_decode: int) -> torch.Tensor:
-        """The rows of :meth:`step`'s buffer that hold input rows ``index`` (Long, on the device)."""
-        if self.dw == 0 or n_decode == self.dw:
-            return index
-        return index + (index >= n_decode).long() * (self.dw - n_decode)
+    def select_rows(self, index: torch.Tensor, n_decode: int) -> torch.Tensor:
+        """float32 [len(index), n_vocab]: the logits of input rows ``index`` (Long, on the
+        device) of the last :meth:`step` (``n_decode`` decode rows): with a decode width
+        gathered from the decode rows' and the prompt rows' buffers, no host sync."""
+        if self.dec is None:
+            return self._last.index_select(0, index)
+        dec, rows = self._last
+        if rows is None:
+            return dec.index_select(0, index)
+        first = index < n_decode
+        d = dec.index_select(0, index.clamp(max=self.dw - 1))
+        r = rows.index_select(0, (index - n_decode).clamp(min=0, max=self.pw - 1))
+        return torch.where(first[:, None], d, r)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -189,8 +196,8 @@ class BatchedDecode:
         position) pairs, distinct slots unless ``shared_slots``) ->
         float32 [B, n_vocab], a view of the graph's buffer (valid until the next step).
         With a decode width: the first ``n_decode`` rows (default: all) are decode rows
-        (distinct slots), the others prompt rows; -> the whole buffer [width, n_vocab],
-        input row i at :meth:`row_index`."""
+        (distinct slots), the others prompt rows; -> the decode rows' logits [Wd, n_vocab]
+        (the prompt rows' through :meth:`select_rows`)."""
         n = tokens.numel()
         if n > self.width:
             raise ValueError(f"{n} rows exceed the step's width {self.width}")
@@ -202,7 +209,8 @@ class BatchedDecode:
                 self._capture(side or torch.cuda.Stream(), pool)
             self.graph.replay()
             logits = self.logits
-        return logits if self.dec is not None else logits[:n]
+        self._last = logits
+        return logits[0] if self.dec is not None else logits[:n]
 
 
 class KindRows:

@@ -188,8 +188,8 @@ class CudaModel(Model):
                 dw = decode_width(n_dec)
                 step = self.batched(cache, n, width=dw + (batch_width(n - n_dec) if n > n_dec else 0),
                                     decode_width=dw)
-                logits = step.step(tokens, positions, slots, *self._stream_and_pool(), n_decode=n_dec)
-                return logits.index_select(0, step.row_index(select, n_dec))
+                step.step(tokens, positions, slots, *self._stream_and_pool(), n_decode=n_dec)
+                return step.select_rows(select, n_dec)
             step = self.batched(cache, n, width=batch_width(n))
             return step.step(tokens, positions, slots, *self._stream_and_pool()).index_select(0, select)
         on_gpu = self.use_graphs and cache.k.dtype == HALF and cache.k.device.type == "cuda"
