@@ -144,14 +144,18 @@ print("after", " ".join(sorted({item[0].__name__ for item in precompile.trace(m)
 """
 
 
-def test_precompile_compiles_what_the_steps_launch(tiny_model, tmp_path):
+@pytest.mark.parametrize("decode_rows", ["", "gemv"])
+def test_precompile_compiles_what_the_steps_launch(tiny_model, tmp_path, decode_rows):
+    """(With ``GGUFLM_CUDA_DECODE_ROWS=gemv`` the batched step of one decode row is traced
+    and compiled too: the rows GEMV's Triton kernels and the attention over slots, sm_90.)"""
     from triton.runtime.jit import JITFunction
 
     if not hasattr(JITFunction, "_do_compile"):
         pytest.skip("this Triton compiles elsewhere than JITFunction._do_compile")
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), GGUFLM_KERNEL_CACHE=str(tmp_path),
                GGUFLM_GEMV="triton", TRITON_DEFAULT_FP_FUSION="1", GGUFLM_TIMING="0",
-               GGUFLM_MATMUL="gemm")  # the default (tests/cuda/conftest.py picks cublas in the interpreter)
+               GGUFLM_MATMUL="gemm",  # the default (tests/cuda/conftest.py picks cublas in the interpreter)
+               GGUFLM_CUDA_DECODE_ROWS=decode_rows)
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run([sys.executable, "-c", TRACE, str(tiny_model("Q4_0"))], capture_output=True, text=True,
                        env=env, timeout=900)

@@ -7,7 +7,8 @@ with an empty one.
 
 Without it each kernel compiles when first launched, one after the other (about a
 second each on an H200: most of a cold start with an empty cache). Here a dry run of a
-3-token prefill and of the decode step (both of its graphs' inputs), on a scratch cache, runs the same Python code as
+3-token prefill and of the decode step (both of its graphs' inputs; with ``GGUFLM_CUDA_DECODE_ROWS=gemv``
+also the batched step of one decode row), on a scratch cache, runs the same Python code as
 the real steps, but every Triton launch only asks for its kernel (``warmup``: nothing is
 launched) and each compilation that would follow (``JITFunction._do_compile``, with the
 exact key, signature, constexprs, attributes and options of the launch) is recorded
@@ -75,6 +76,12 @@ def trace(model: Any) -> list[tuple[Any, tuple, dict]]:
             step._run(0)
             if k.shape[2] >= 2:  # graph 1 reads its token/position at another alignment: its own specializations
                 step._run(1)
+            if getattr(model, "decode_rows", False):   # GGUFLM_CUDA_DECODE_ROWS=gemv: a lone decode row of the server
+                from gguflm.model.cuda.batched import BatchedDecode
+
+                one = torch.zeros(1, dtype=torch.long, device=dev)
+                BatchedDecode(cfg, w, model.rope, cache, 1, use_graphs=False, shared_slots=model.mixed_steps,
+                              decode_width=1).step(one, one, one)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             del step, cache
