@@ -665,3 +665,39 @@ def test_mixed_scheduler_with_decode_rows_preempts_bit_identically(mixed_model, 
         ref = reference_logits(path, list(prompt) + list(toks[:-1]))[len(prompt) - 1:]
         for row, tok in zip(ref, toks):
             assert row.max() - row[tok] <= 2e-2 * row.std(), (prompt, toks)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_decode_rows_graphs_equal_eager_on_the_gpu(tiny_model, monkeypatch):
+    """On the device (the CUDA rows GEMV, captured graphs) with ``GGUFLM_CUDA_DECODE_ROWS=gemv``:
+    decode steps of 1, 2, 3 and 8 rows and a mixed step (3 decode rows + a 5-token prompt
+    chunk) give the same logits from their graphs as eagerly, and a decode row the same
+    bits at every width and beside the prompt rows."""
+    from gguflm.model.cuda.batched import decode_width
+
+    monkeypatch.setenv("GGUFLM_CUDA_DECODE_ROWS", "gemv")
+    dev = torch.device("cuda")
+    runs = []
+    for graphs in (False, True):
+        m = _load(tiny_model("Q4_K_M"), dev, use_graphs=graphs)
+        assert m.row_kinds
+        cache = m.new_cache(9)
+        _prefill(m, cache, dev)
+        got = []
+        for slots in ([3], [3, 1], [1, 2, 3], [7, 6, 5, 4, 3, 2, 1, 0]):
+            dw = decode_width(len(slots))
+            got.append(m.batched(cache, len(slots), width=dw, decode_width=dw).step(*_rows(slots, dev))[:len(slots)]
+                       .clone())
+        t, p, s = _rows([2, 0, 3], dev)
+        tokens = torch.cat([t, torch.tensor([1, 450, 439, 293, 110], device=dev)])
+        positions = torch.cat([p, torch.arange(5, device=dev)])
+        slots = torch.cat([s, torch.full((5,), 8, device=dev)])
+        got.append(m.forward(tokens[:, None], positions[:, None], cache, slots,
+                             select=torch.tensor([0, 1, 2, 7], device=dev), n_decode=3).clone())
+        runs.append(got)
+    for eager, graph in zip(*runs):
+        assert torch.equal(eager, graph)
+    one, two, three, eight, mixed = runs[1]
+    assert torch.equal(one[0], two[0]) and torch.equal(one[0], three[2]) and torch.equal(one[0], eight[4])
+    assert torch.equal(one[0], mixed[2]) and torch.equal(three[1], mixed[0]) and torch.equal(eight[6], two[1])
