@@ -34,6 +34,15 @@ concurrent streaming chats of 256 tokens, benchmarks/results/2026-12-05-h200-ser
 5020 tok/s end to end and TTFT p50 74 ms, vs 3143 tok/s and 643 ms without them (prompts
 prefilled one request at a time), every stream bit-identical to the request alone.
 
+Decode rows through the GEMV (opt-in: ``GGUFLM_CUDA_DECODE_ROWS=gemv``, read at load; NOT yet
+measured on a GPU): :attr:`CudaModel.row_kinds`. The batched step then runs its decode rows
+(a sampled token of each sequence) through the fused GEMVs of the one-row step over many
+rows and its prompt rows through the fused GEMM (:mod:`.batched`), a row's kernels chosen by
+its kind, never by the step; ``forward`` with ``select`` takes ``n_decode`` (the leading
+decode rows), and steps are captured per (decode width, prompt width), powers of two. Meant
+for the lone request on a wide server (the one-row GEMV step costs ~0.88 ms on the H200, the
+GEMM step ~2.6-3.6 ms at any width) and small decode batches.
+
 ``forward`` returns logits on the GPU; the engine's sampling chain then runs there
 too, and the only host sync per token is reading the sampled id. ``decode_one`` feeds
 the decode graph from device tensors (a token the device chose, a position counted
