@@ -598,10 +598,18 @@ def test_mixed_step_leaves_decode_rows_unchanged(rows_model, device):
     slots = torch.cat([s, torch.full((5,), 8, device=device)])
     select = torch.tensor([0, 1, 2, 7], device=device)
     out = m.forward(tokens[:, None], positions[:, None], cache, slots, select=select, n_decode=3).cpu()
-    assert any(k[1:] == (4 + 8, 4) for k in m._batched)       # decode width 4, prompt width 8
+    assert any(k[1:3] == (4 + 8, 4) for k in m._batched)      # decode width 4, prompt width 8
     for i in range(3):
         assert torch.equal(out[i], alone[i][0].cpu())
     _agree(out[3:], reference_logits(path, chunk)[-1:], tol=2e-2)
+    # the output head over 2 of the 8 prompt rows (the selected one and a filler): the same rows
+    step = m.batched(cache, 8, width=12, decode_width=4, head_rows=2)
+    assert (step.hp, step.pw) == (2, 8)
+    at = step.head_rows(select.tolist(), 3)
+    step.step(tokens, positions, slots, n_decode=3)
+    head = step.select_rows(select, 3, at).cpu()
+    assert torch.equal(head[:3], out[:3])
+    assert torch.allclose(head[3:], out[3:], rtol=0, atol=1e-5 * float(out[3:].abs().max()))  # torch matmul here
     # the same step without n_decode: every row a prompt row (today's arithmetic), decode rows not bitwise the GEMV's
     again = m.forward(tokens[:, None], positions[:, None], cache, slots, select=select).cpu()
     _agree(again[3:], reference_logits(path, chunk)[-1:], tol=2e-2)

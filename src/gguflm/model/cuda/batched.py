@@ -46,8 +46,13 @@ row the same as in a step without decode rows. The layout of such a step (Wd + W
 
     rows [0, Wd)        decode rows (padding: slot -1)      DecodeRows, float32
     rows [Wd, Wd + Wp)  prompt rows (padding: slot -1)      Rows, float16 into the GEMM
-    logits float32 [Wd, n_vocab] and [Wp, n_vocab]          the heads (a GEMV, the GEMM);
+    logits float32 [Wd, n_vocab] and [Hp, n_vocab]          the heads (a GEMV, the GEMM);
                                                             select_rows gathers a step's selection
+
+The output head of the prompt rows runs on Hp <= Wp of them (the GEMM's rows do not depend
+on how many share it): the model gives Hp = min(Wp, the slots' power of two), as a step
+samples at most one prompt row per sequence (the last of a prompt), the rows chosen per
+step (:meth:`BatchedDecode.head_rows`); more selected prompt rows take a step with Hp = Wp.
 """
 
 from __future__ import annotations
@@ -89,7 +94,8 @@ class BatchedDecode:
     module docstring), the other ``width - Wd`` prompt rows."""
 
     def __init__(self, cfg: ModelConfig, w: CudaWeights, rope: Rope, cache: KVCache, width: int,
-                 use_graphs: bool = True, shared_slots: bool = False, decode_width: int = 0):
+                 use_graphs: bool = True, shared_slots: bool = False, decode_width: int = 0,
+                 head_rows: int | None = None):
         device = cache.k.device
         H, D = cfg.n_head, cfg.head_dim
         if not 0 <= decode_width <= width:
@@ -97,6 +103,11 @@ class BatchedDecode:
         self.cfg, self.w, self.rope, self.cache, self.width = cfg, w, rope, cache, width
         self.use_graphs, self.shared_slots = use_graphs, shared_slots
         self.dw, self.pw = decode_width, width - decode_width
+        # prompt rows whose logits the step computes (the output head over those only)
+        self.hp = self.pw if head_rows is None or decode_width == 0 else min(head_rows, self.pw)
+        if self.pw and not 2 <= self.hp <= self.pw:
+            raise ValueError(f"{self.hp} head rows of {self.pw} prompt rows (at least 2: the GEMM)")
+        self.head_idx = torch.zeros(self.hp, dtype=torch.long, device=device)
         self.tok = torch.zeros(width, dtype=torch.long, device=device)
         self.pos = torch.zeros(width, dtype=torch.int32, device=device)
         self.slot = torch.full((width,), -1, dtype=torch.int32, device=device)
@@ -144,7 +155,10 @@ class BatchedDecode:
         self.dec.embed(self.tok[:self.dw])
         rows = Rows(self.cfg, self.w, self.tok[self.dw:]) if self.pw else None
         decoder(self.w.layers, KindRows(self.dec, rows), self._kinds_attention)
-        return self.dec.logits(self.out), rows.logits() if rows is not None else None
+        if rows is None:
+            return self.dec.logits(self.out), None
+        x = rows.flush()
+        return self.dec.logits(self.out), rows.logits(x if self.hp == self.pw else x.index_select(0, self.head_idx))
 
     def _capture(self, side: torch.cuda.Stream, pool: Any) -> None:
         """Warm up on the side stream (compiling every kernel; the inputs are the coming
@@ -175,15 +189,36 @@ class BatchedDecode:
             self.pos[dst].copy_(positions[src])
             self.slot[dst].copy_(slots[src])
 
-    def select_rows(self, index: torch.Tensor, n_decode: int) -> torch.Tensor:
+    def head_rows(self, index: list[int], n_decode: int) -> torch.Tensor | None:
+        """Before :meth:`step` of a step computing ``hp < pw`` prompt rows' logits: put the
+        selected prompt rows of ``index`` (host list of input rows, at most ``hp`` of them
+        prompt rows) into its head rows -> the rows of ``cat(decode logits, head logits)``
+        that hold input rows ``index``, for :meth:`select_rows`."""
+        prompt = [i - n_decode for i in index if i >= n_decode]
+        if len(prompt) > self.hp:
+            raise ValueError(f"{len(prompt)} selected prompt rows exceed the step's {self.hp} head rows")
+        self.head_idx.copy_(torch.tensor(prompt + [0] * (self.hp - len(prompt))))
+        at, j = [], 0
+        for i in index:
+            if i < n_decode:
+                at.append(i)
+            else:
+                at.append(self.dw + j)
+                j += 1
+        return torch.tensor(at, dtype=torch.long).to(self.head_idx.device, non_blocking=True)
+
+    def select_rows(self, index: torch.Tensor, n_decode: int, at: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [len(index), n_vocab]: the logits of input rows ``index`` (Long, on the
         device) of the last :meth:`step` (``n_decode`` decode rows): with a decode width
-        gathered from the decode rows' and the prompt rows' buffers, no host sync."""
+        gathered from the decode rows' and the prompt rows' buffers, no host sync; with
+        fewer head rows than prompt rows, ``at`` from :meth:`head_rows`."""
         if self.dec is None:
             return self._last.index_select(0, index)
         dec, rows = self._last
         if rows is None:
             return dec.index_select(0, index)
+        if self.hp < self.pw:                 # the head rows (see head_rows)
+            return torch.cat([dec, rows]).index_select(0, at)
         first = index < n_decode
         d = dec.index_select(0, index.clamp(max=self.dw - 1))
         r = rows.index_select(0, (index - n_decode).clamp(min=0, max=self.pw - 1))

@@ -194,11 +194,15 @@ class CudaModel(Model):
                 n_dec = n_decode or 0
                 if not 0 <= n_dec <= n:
                     raise ValueError(f"{n_dec} decode rows in a step of {n}")
-                dw = decode_width(n_dec)
-                step = self.batched(cache, n, width=dw + (batch_width(n - n_dec) if n > n_dec else 0),
-                                    decode_width=dw)
+                dw, pw = decode_width(n_dec), (batch_width(n - n_dec) if n > n_dec else 0)
+                index = select.tolist()     # a few ids (the inputs were just copied in: no wait)
+                hp = min(pw, batch_width(cache.n_slots))
+                if sum(i >= n_dec for i in index) > hp:
+                    hp = pw
+                step = self.batched(cache, n, width=dw + pw, decode_width=dw, head_rows=hp)
+                at = step.head_rows(index, n_dec) if step.hp < step.pw else None
                 step.step(tokens, positions, slots, *self._stream_and_pool(), n_decode=n_dec)
-                return step.select_rows(select, n_dec)
+                return step.select_rows(select, n_dec, at)
             step = self.batched(cache, n, width=batch_width(n))
             return step.step(tokens, positions, slots, *self._stream_and_pool()).index_select(0, select)
         on_gpu = self.use_graphs and cache.k.dtype == HALF and cache.k.device.type == "cuda"
@@ -259,17 +263,20 @@ class CudaModel(Model):
         of all its slots (see the class docstring)."""
         self._pinned[cache.k.data_ptr()] = batch_width(cache.n_slots)
 
-    def batched(self, cache: KVCache, n_rows: int, width: int | None = None, decode_width: int = 0) -> BatchedDecode:
+    def batched(self, cache: KVCache, n_rows: int, width: int | None = None, decode_width: int = 0,
+                head_rows: int | None = None) -> BatchedDecode:
         """The batched decode step for ``n_rows`` rows of ``cache`` (built on first use), at
         ``width`` or the smallest power of two that holds them; its first ``decode_width``
-        rows decode rows through the GEMV (:attr:`row_kinds`). One captured step per
-        (cache, width, decode width), at most :data:`MAX_BATCHED` kept: with row kinds the
-        keys are (decode rows, prompt rows) pairs of powers of two."""
+        rows decode rows through the GEMV (:attr:`row_kinds`), the output head over
+        ``head_rows`` of its prompt rows (default: all). One captured step per (cache,
+        width, decode width, head rows), at most :data:`MAX_BATCHED` kept: with row kinds
+        the keys are (decode rows, prompt rows) pairs of powers of two."""
         width = width or min(batch_width(n_rows), batch_width(cache.n_slots))
-        return _lru(self._batched, (cache.k.data_ptr(), width, decode_width), MAX_BATCHED, lambda: BatchedDecode(
-            self.config, self.weights, self.rope, cache, width,
-            use_graphs=self.use_graphs and cache.k.device.type == "cuda", shared_slots=self.mixed_steps,
-            decode_width=decode_width))
+        head = head_rows if decode_width and head_rows is not None and head_rows < width - decode_width else None
+        return _lru(self._batched, (cache.k.data_ptr(), width, decode_width, head), MAX_BATCHED,
+                    lambda: BatchedDecode(self.config, self.weights, self.rope, cache, width,
+                                          use_graphs=self.use_graphs and cache.k.device.type == "cuda",
+                                          shared_slots=self.mixed_steps, decode_width=decode_width, head_rows=head))
 
     def _stream_and_pool(self) -> tuple[Any, Any]:
         """The side stream and memory pool of every capture (CUDA only; else None, None)."""
