@@ -304,7 +304,7 @@ def step_us(m, position: int = 64, steps: int = 200) -> tuple[float, torch.Tenso
     g.tok[0], g.pos[0] = 1, position
     g.step(0)
     torch.cuda.synchronize()
-    logits = g.buf.logits.clone()
+    logits = g.buf.logits_buf.clone()
     times = []
     for _ in range(5):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -314,7 +314,7 @@ def step_us(m, position: int = 64, steps: int = 200) -> tuple[float, torch.Tenso
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b) * 1e3 / steps)
-    if not torch.equal(logits, g.buf.logits):   # the same inputs each replay: bit-identical
+    if not torch.equal(logits, g.buf.logits_buf):   # the same inputs each replay: bit-identical
         print("  NOT DETERMINISTIC: logits differ between replays", flush=True)
         RESULTS.setdefault("nondeterministic", []).append(str(m.config.n_layer))
     return statistics.median(times), logits

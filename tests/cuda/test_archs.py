@@ -65,7 +65,7 @@ def test_every_runner_of_the_fused_path_matches_reference(name, shared_dir, llam
     for p in range(CUT, N):
         g.tok[0], g.pos[0] = ids[p], p
         g.step(0)
-        steps.append(g.buf.logits.clone())
+        steps.append(g.buf.logits_buf.clone())
     _check(name, "decode steps", ref[CUT:], torch.stack(steps))
 
     # slot 0: a padded two-row forward (row 1 in slot 1 is shorter), then a batched step of slots 0 and 1

@@ -30,6 +30,31 @@ def _llm(m):
     return LLM(m, gguflm.Tokenizer.from_gguf(m.file))
 
 
+def _served(m, jobs: list, replay: bool = False, **kw) -> tuple[list, dict]:
+    """Run ``jobs`` through a Scheduler of ``m`` built with ``kw`` (paged keywords: the cache
+    must be paged and the steps mixed; ``replay``: generated tokens fed again as decode rows
+    after a preemption) -> (each job's events, the metrics snapshot)."""
+    from gguflm.engine.scheduler import Scheduler, run_jobs
+
+    sched = Scheduler(_llm(m), **kw)
+    try:
+        if "block_size" in kw:
+            assert sched.cache.paged and sched._mixed
+        if replay:
+            assert sched._kind_replay
+        return run_jobs(sched, jobs), sched.metrics.snapshot()
+    finally:
+        sched.close()
+
+
+def _result(events) -> tuple:
+    """A request's (tokens, [(id, logprob)] per piece, kept logits) from its events."""
+    from gguflm.engine.scheduler import Piece
+
+    lps = [(lp.id, lp.logprob) for e in events if isinstance(e, Piece) for lp in e.logprobs]
+    return events[-1].tokens, lps, events[-1].logits
+
+
 def _agree(logits: torch.Tensor, ref: np.ndarray, tol: float) -> None:
     """Same top-1 everywhere, and every logit within ``tol`` of the reference, in units
     of the reference's standard deviation per row."""
@@ -325,7 +350,7 @@ def test_scheduler_output_alone_equals_among_others(model_and_ref, matmul, monke
     cuBLAS (rounding by shape) all at the width of all slots. Without mixed steps
     (``GGUFLM_CUDA_MIXED=0``; with them: test_mixed_scheduler_alone_equals_among_others)."""
     from gguflm.engine.sampling import SamplingParams
-    from gguflm.engine.scheduler import Job, Piece, Scheduler, run_jobs
+    from gguflm.engine.scheduler import Job, Piece
 
     m, _ = model_and_ref
     monkeypatch.setenv("GGUFLM_MATMUL", matmul)
@@ -338,11 +363,7 @@ def test_scheduler_output_alone_equals_among_others(model_and_ref, matmul, monke
               Job(tuple(IDS[2:5]), greedy, 6)]
 
     def served(jobs: list[Job]) -> list:
-        sched = Scheduler(_llm(m), n_slots=4, n_ctx=32, prefill_chunk=4)
-        try:
-            return run_jobs(sched, jobs)
-        finally:
-            sched.close()
+        return _served(m, jobs, n_slots=4, n_ctx=32, prefill_chunk=4)[0]
 
     m._batched.clear()
     alone = served([target])[0]
@@ -472,7 +493,7 @@ def test_mixed_scheduler_alone_equals_among_others(mixed_model, monkeypatch, dec
     log-probabilities and logits the same to the bit, and each chosen token the float64
     reference's (or within a near-tie of it), with a small KL divergence to it."""
     from gguflm.engine.sampling import SamplingParams
-    from gguflm.engine.scheduler import Job, Piece, Scheduler, run_jobs
+    from gguflm.engine.scheduler import Job
 
     m, path = mixed_model
     monkeypatch.setenv("GGUFLM_MATMUL", "gemm")
@@ -485,22 +506,13 @@ def test_mixed_scheduler_alone_equals_among_others(mixed_model, monkeypatch, dec
             Job(tuple(IDS[:6]), greedy, 7, top_logprobs=0, keep_logits=True)]
 
     def served(jobs: list[Job], chunk: int, budget: int) -> list:
-        sched = Scheduler(_llm(m), n_slots=3, n_ctx=32, block_size=4, prefill_chunk=chunk, prefill_budget=budget)
-        try:
-            assert sched.cache.paged and sched._mixed
-            return run_jobs(sched, jobs)
-        finally:
-            sched.close()
-
-    def result(events) -> tuple:
-        lps = [(lp.id, lp.logprob) for e in events if isinstance(e, Piece) for lp in e.logprobs]
-        return events[-1].tokens, lps, events[-1].logits
+        return _served(m, jobs, n_slots=3, n_ctx=32, block_size=4, prefill_chunk=chunk, prefill_budget=budget)[0]
 
     m.use_paged_cache(True)
     try:
         events = served(jobs, 2, 5)
-        together = [result(ev) for ev in events]
-        alone = [result(served([job], 16, 512)[0]) for job in jobs]
+        together = [_result(ev) for ev in events]
+        alone = [_result(served([job], 16, 512)[0]) for job in jobs]
     finally:
         m.use_paged_cache(False)
     assert events[-1][-1].n_cached == 4                  # its first block: the others' keys/values
@@ -628,7 +640,7 @@ def test_a_lone_decode_row_is_the_one_row_decode_step(rows_model, device):
     g = m.graphs(cache, slot)
     g.tok[0], g.pos[0] = int(t[0]), int(p[0])
     g.step(0)
-    assert torch.equal(rows[0], g.buf.logits)
+    assert torch.equal(rows[0], g.buf.logits_buf)
 
 
 def test_mixed_scheduler_with_decode_rows_preempts_bit_identically(mixed_model, monkeypatch):
@@ -638,7 +650,7 @@ def test_mixed_scheduler_with_decode_rows_preempts_bit_identically(mixed_model, 
     Every request's tokens, log-probabilities and logits are the same to the bit as alone
     on a large pool, and each chosen token is the float64 reference's (or a near-tie)."""
     from gguflm.engine.sampling import SamplingParams
-    from gguflm.engine.scheduler import Job, Piece, Scheduler, run_jobs
+    from gguflm.engine.scheduler import Job
 
     m, path = mixed_model
     monkeypatch.setenv("GGUFLM_MATMUL", "gemm")
@@ -648,26 +660,17 @@ def test_mixed_scheduler_with_decode_rows_preempts_bit_identically(mixed_model, 
     jobs = [Job(tuple(p), greedy, 8, ignore_eos=True, top_logprobs=0, keep_logits=True) for p in prompts]
 
     def served(jobs: list[Job], blocks: int) -> tuple[list, dict]:
-        sched = Scheduler(_llm(m), n_slots=3, n_ctx=32, block_size=4, kv_blocks=blocks, prefill_chunk=4)
-        try:
-            assert sched.cache.paged and sched._mixed and sched._kind_replay
-            return run_jobs(sched, jobs), sched.metrics.snapshot()
-        finally:
-            sched.close()
-
-    def result(events) -> tuple:
-        lps = [(lp.id, lp.logprob) for e in events if isinstance(e, Piece) for lp in e.logprobs]
-        return events[-1].tokens, lps, events[-1].logits
+        return _served(m, jobs, replay=True, n_slots=3, n_ctx=32, block_size=4, kv_blocks=blocks, prefill_chunk=4)
 
     m.use_paged_cache(True)
     try:
         events, snap = served(jobs, 6)
-        alone = [result(served([job], 24)[0][0]) for job in jobs]
+        alone = [_result(served([job], 24)[0][0]) for job in jobs]
     finally:
         m.use_paged_cache(False)
     assert snap["preemptions"] > 0, "the pool never ran out: the test proves nothing"
     for prompt, ev, (toks1, lps1, logits1) in zip(prompts, events, alone):
-        toks, lps, logits = result(ev)
+        toks, lps, logits = _result(ev)
         assert len(toks) == 8 and toks == toks1 and lps == lps1
         assert all(torch.equal(x, y) for x, y in zip(logits, logits1))
         ref = reference_logits(path, list(prompt) + list(toks[:-1]))[len(prompt) - 1:]

@@ -33,28 +33,32 @@ def attention_splits(n_ctx: int) -> int:
     return n
 
 
-class Token(HeadNorm):
-    """The ops of :mod:`gguflm.model.decoder` over one row: static float32 buffers, fused
-    GEMVs (the RMSNorm in the prologue, the residual add in the epilogue)."""
+class DecodeRows(HeadNorm):
+    """The ops of :mod:`gguflm.model.decoder` for one token of each of R sequences: static
+    float32 buffers [R, ...] (``n_rows=None``: one row, buffers without the row axis, as
+    :class:`Token` keeps them), fused GEMVs (the RMSNorm in the prologue, the residual add in
+    the epilogue, SwiGLU and QKV in one launch each). The GEMVs take x [R, K] with row r
+    bit-identical to the one-row call on x[r] (:func:`gguflm.quant.cuda.gemv.gemv` and
+    kin), so a row computes the same bits at any R, beside any other rows, and as the batch-1
+    decode step: the decode rows of the server's batched step (:mod:`.batched` with
+    ``GGUFLM_CUDA_DECODE_ROWS=gemv``). ``x`` is the residual stream; ``embed`` fills it."""
 
-    def __init__(self, cfg: ModelConfig, w: CudaWeights, n_ctx: int, device: torch.device):
+    def __init__(self, cfg: ModelConfig, w: CudaWeights, n_rows: int | None, device: torch.device):
         H, Hkv, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim
+        lead = () if n_rows is None else (n_rows,)
         f32 = dict(dtype=torch.float32, device=device)
-        self.cfg, self.w, self.eps = cfg, w, cfg.rms_eps
+        self.cfg, self.w, self.eps, self.n_rows = cfg, w, cfg.rms_eps, n_rows
         self.gelu = cfg.spec.activation is Activation.GELU_TANH
-        self.x = torch.empty(cfg.n_embd, **f32)
-        self.tmp = torch.empty(cfg.n_embd, **f32)              # a block output before its post norm
-        self.qkv = torch.empty((H + 2 * Hkv) * D, **f32)
-        self.attn = torch.empty(H, D, **f32)
-        self.gate = torch.empty(cfg.n_ff, **f32)
-        self.up = torch.empty(cfg.n_ff, **f32)
-        self.ff = torch.empty(cfg.n_ff, **f32)
-        self.logits = torch.empty(cfg.n_vocab, **f32)
-        self.attn_ws = AttentionWorkspace(H, D, attention_splits(n_ctx), device)
-        self.argmax_ws = ArgmaxWorkspace(device)
+        self.x = torch.empty(*lead, cfg.n_embd, **f32)
+        self.tmp = torch.empty(*lead, cfg.n_embd, **f32)       # a block output before its post norm
+        self.qkv = torch.empty(*lead, (H + 2 * Hkv) * D, **f32)
+        self.attn = torch.empty(*lead, H, D, **f32)
+        self.gate = torch.empty(*lead, cfg.n_ff, **f32)
+        self.up = torch.empty(*lead, cfg.n_ff, **f32)
+        self.ff = torch.empty(*lead, cfg.n_ff, **f32)
 
     def embed(self, tok: torch.Tensor) -> None:
-        self.w.token_embd.rows(tok, out=self.x.view(1, -1))
+        self.w.token_embd.rows(tok, out=self.x.view(-1, self.cfg.n_embd))
         if (scale := embd_scale(self.cfg)) is not None:
             self.x.mul_(scale)
 
@@ -62,80 +66,7 @@ class Token(HeadNorm):
         """The QKV projection of RMSNorm(x) * weight into ``qkv``: one launch for the
         stacked [Wq; Wk; Wv] or the three of different types as segments."""
         x = self.x
-        if all(lin.packed is not None and lin.bias is None for lin in lins):
-            gemv_multi([lin.packed for lin in lins], x, self.qkv.split([lin.n_out for lin in lins]),
-                       norm_weight=weight, eps=self.eps)
-        else:
-            start = 0
-            for lin in lins:
-                lin.gemv(x, self.qkv[start:start + lin.n_out], norm_weight=weight, eps=self.eps)
-                start += lin.n_out
-        return self.qkv
-
-    def linear_add(self, a: torch.Tensor, lin: CudaLinear, post: torch.Tensor | None) -> None:
-        """x += W a (the residual in the GEMV's epilogue), or x += RMSNorm(W a) * post."""
-        if post is None:
-            lin.gemv(a.view(-1), self.x, residual=self.x)
-        else:
-            lin.gemv(a.view(-1), self.tmp)
-            add_rms_norm_half(self.x.view(1, -1), self.tmp.view(1, -1), None, self.eps, post=post)
-
-    def norm_gated(self, layer: CudaLayer) -> torch.Tensor:
-        """ff = act(Wg h) * (Wu h), h = RMSNorm(x) * ffn_norm."""
-        x, g, u, nw = self.x, layer.w_gate, layer.w_up, layer.ffn_norm
-        if layer.gate_up_packed and not self.gelu:
-            gemv_swiglu(g.packed, u.packed, x, self.ff, norm_weight=nw, eps=self.eps)
-            return self.ff
-        if layer.gate_up_packed:
-            gemv_multi([g.packed, u.packed], x, [self.gate, self.up], norm_weight=nw, eps=self.eps)
-        else:
-            g.gemv(x, self.gate, norm_weight=nw, eps=self.eps)
-            u.gemv(x, self.up, norm_weight=nw, eps=self.eps)
-        return gated_act(self.gate, self.up, self.gelu, out=self.ff)
-
-    def logits_argmax(self, next_tok: torch.Tensor) -> None:
-        """logits = softcap(Wout RMSNorm(x)); next_tok = argmax (in the GEMV's epilogue
-        where the kernel has one and there is no soft-cap)."""
-        out, cfg = self.w.output, self.cfg
-        if (out.packed is not None and out.bias is None and not cfg.final_softcap
-                and gemv_argmax(out.packed, self.x, self.logits, next_tok, self.argmax_ws,
-                                norm_weight=self.w.output_norm, eps=self.eps)):
-            return
-        out.gemv(self.x, self.logits, norm_weight=self.w.output_norm, eps=self.eps)
-        softcap_(cfg, self.logits)
-        torch.argmax(self.logits, dim=0, keepdim=True, out=next_tok)
-
-
-class DecodeRows(HeadNorm):
-    """The ops of :class:`Token` over R rows (one token of each of R sequences: the decode
-    rows of the server's batched step, :mod:`.batched` with ``GGUFLM_CUDA_DECODE_ROWS=gemv``):
-    float32 buffers [R, ...], the same fused GEMVs over R activation rows
-    (:func:`gguflm.quant.cuda.gemv.gemv` and kin with x [R, K]: row r bit-identical to the
-    one-row call on x[r]), so a row computes the same bits at any R and beside any other
-    rows. The output head is a GEMV over the rows too (no argmax: rows are sampled).
-    ``x`` is the residual stream [R, E]; ``embed`` fills it."""
-
-    def __init__(self, cfg: ModelConfig, w: CudaWeights, n_rows: int, device: torch.device):
-        H, Hkv, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim
-        f32 = dict(dtype=torch.float32, device=device)
-        self.cfg, self.w, self.eps, self.n_rows = cfg, w, cfg.rms_eps, n_rows
-        self.gelu = cfg.spec.activation is Activation.GELU_TANH
-        self.x = torch.empty(n_rows, cfg.n_embd, **f32)
-        self.tmp = torch.empty(n_rows, cfg.n_embd, **f32)
-        self.qkv = torch.empty(n_rows, (H + 2 * Hkv) * D, **f32)
-        self.attn = torch.empty(n_rows, H, D, **f32)
-        self.gate = torch.empty(n_rows, cfg.n_ff, **f32)
-        self.up = torch.empty(n_rows, cfg.n_ff, **f32)
-        self.ff = torch.empty(n_rows, cfg.n_ff, **f32)
-
-    def embed(self, tok: torch.Tensor) -> None:
-        self.w.token_embd.rows(tok, out=self.x)
-        if (scale := embd_scale(self.cfg)) is not None:
-            self.x.mul_(scale)
-
-    def norm_linear(self, weight: torch.Tensor, lins: tuple[CudaLinear, ...]) -> torch.Tensor:
-        x = self.x
-        outs = self.qkv.split([lin.n_out for lin in lins], dim=1)
+        outs = self.qkv.split([lin.n_out for lin in lins], dim=-1)
         if all(lin.packed is not None and lin.bias is None for lin in lins):
             gemv_multi([lin.packed for lin in lins], x, outs, norm_weight=weight, eps=self.eps)
         else:
@@ -144,14 +75,17 @@ class DecodeRows(HeadNorm):
         return self.qkv
 
     def linear_add(self, a: torch.Tensor, lin: CudaLinear, post: torch.Tensor | None) -> None:
-        a = a.view(self.n_rows, -1)
+        """x += W a (the residual in the GEMV's epilogue), or x += RMSNorm(W a) * post."""
+        a = a.reshape(*self.x.shape[:-1], -1)
         if post is None:
             lin.gemv(a, self.x, residual=self.x)
         else:
             lin.gemv(a, self.tmp)
-            add_rms_norm_half(self.x, self.tmp, None, self.eps, post=post)
+            E = self.cfg.n_embd
+            add_rms_norm_half(self.x.view(-1, E), self.tmp.view(-1, E), None, self.eps, post=post)
 
     def norm_gated(self, layer: CudaLayer) -> torch.Tensor:
+        """ff = act(Wg h) * (Wu h), h = RMSNorm(x) * ffn_norm."""
         x, g, u, nw = self.x, layer.w_gate, layer.w_up, layer.ffn_norm
         if layer.gate_up_packed and not self.gelu:
             gemv_swiglu(g.packed, u.packed, x, self.ff, norm_weight=nw, eps=self.eps)
@@ -169,10 +103,33 @@ class DecodeRows(HeadNorm):
         return softcap_(self.cfg, out)
 
 
+class Token(DecodeRows):
+    """The ops of :class:`DecodeRows` for the batch-1 decode step (one row, buffers without
+    the row axis), with the logits buffer and the greedy argmax in the output GEMV's epilogue."""
+
+    def __init__(self, cfg: ModelConfig, w: CudaWeights, n_ctx: int, device: torch.device):
+        super().__init__(cfg, w, None, device)
+        self.logits_buf = torch.empty(cfg.n_vocab, dtype=torch.float32, device=device)   # the step's logits
+        self.attn_ws = AttentionWorkspace(cfg.n_head, cfg.head_dim, attention_splits(n_ctx), device)
+        self.argmax_ws = ArgmaxWorkspace(device)
+
+    def logits_argmax(self, next_tok: torch.Tensor) -> None:
+        """logits = softcap(Wout RMSNorm(x)); next_tok = argmax (in the GEMV's epilogue
+        where the kernel has one and there is no soft-cap)."""
+        out, cfg = self.w.output, self.cfg
+        if (out.packed is not None and out.bias is None and not cfg.final_softcap
+                and gemv_argmax(out.packed, self.x, self.logits_buf, next_tok, self.argmax_ws,
+                                norm_weight=self.w.output_norm, eps=self.eps)):
+            return
+        out.gemv(self.x, self.logits_buf, norm_weight=self.w.output_norm, eps=self.eps)
+        softcap_(cfg, self.logits_buf)
+        torch.argmax(self.logits_buf, dim=0, keepdim=True, out=next_tok)
+
+
 def decode_step(cfg: ModelConfig, w: CudaWeights, rope: Rope, ops: Token,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 tok: torch.Tensor, pos: torch.Tensor, next_tok: torch.Tensor, next_pos: torch.Tensor) -> None:
-    """One token: tok int64 [1], pos int32 [1] -> ops.logits, next_tok = argmax,
+    """One token: tok int64 [1], pos int32 [1] -> ops.logits_buf, next_tok = argmax,
     next_pos = pos + 1. k_cache/v_cache: [n_layer, Hkv, n_ctx, D] of one sequence."""
     neox = cfg.rope_style is RopeStyle.NEOX
 

@@ -241,7 +241,7 @@ class CudaModel(Model):
             g.tok[0:1].copy_(token)
             g.pos[0:1].copy_(position)
             g.step(0)
-            return g.buf.logits.view(1, -1)
+            return g.buf.logits_buf.view(1, -1)
         return super().decode_one(token, position, cache, slot)
 
     def forget_shapes(self) -> None:
