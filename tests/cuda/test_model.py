@@ -610,7 +610,10 @@ def test_mixed_step_leaves_decode_rows_unchanged(rows_model, device):
     slots = torch.cat([s, torch.full((5,), 8, device=device)])
     select = torch.tensor([0, 1, 2, 7], device=device)
     out = m.forward(tokens[:, None], positions[:, None], cache, slots, select=select, n_decode=3).cpu()
-    assert any(k[1:3] == (4 + 8, 4) for k in m._batched)      # decode width 4, prompt width 8
+    from gguflm.model.cuda.batched import MIXED_DECODE_WIDTH, MIXED_PROMPT_WIDTH
+
+    # decode width 4 and prompt width 8, padded to a mixed step's buckets (batched.step_shape)
+    assert any(k[1:3] == (MIXED_DECODE_WIDTH + MIXED_PROMPT_WIDTH, MIXED_DECODE_WIDTH) for k in m._batched)
     for i in range(3):
         assert torch.equal(out[i], alone[i][0].cpu())
     _agree(out[3:], reference_logits(path, chunk)[-1:], tol=2e-2)
@@ -622,6 +625,19 @@ def test_mixed_step_leaves_decode_rows_unchanged(rows_model, device):
     head = step.select_rows(select, 3, at).cpu()
     assert torch.equal(head[:3], out[:3])
     assert torch.allclose(head[3:], out[3:], rtol=0, atol=1e-5 * float(out[3:].abs().max()))  # torch matmul here
+    # a step of prompt rows only (no decode rows), the head over 2 of its 8 rows: the same rows
+    rows = (tokens[3:], positions[3:], slots[3:])
+    whole = m.batched(cache, 5, width=8)
+    assert whole.hp == whole.pw == 8
+    whole.step(*rows)
+    full = whole.select_rows(select[3:] - 3, 0).cpu()
+    step = m.batched(cache, 5, width=8, head_rows=2)
+    assert (step.hp, step.pw, step.dw) == (2, 8, 0)
+    at = step.head_rows([4], 0)
+    step.step(*rows)
+    head = step.select_rows(select[3:] - 3, 0, at).cpu()
+    assert torch.allclose(head, full, rtol=0, atol=1e-5 * float(full.abs().max()))  # torch matmul here
+    assert torch.allclose(head, out[3:], rtol=0, atol=1e-5 * float(full.abs().max()))
     # the same step without n_decode: every row a prompt row (today's arithmetic), decode rows not bitwise the GEMV's
     again = m.forward(tokens[:, None], positions[:, None], cache, slots, select=select).cpu()
     _agree(again[3:], reference_logits(path, chunk)[-1:], tol=2e-2)

@@ -57,7 +57,7 @@ step (:meth:`BatchedDecode.head_rows`); more selected prompt rows take a step wi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -72,6 +72,12 @@ from gguflm.model.layers import Rope
 from gguflm.kernels.triton.attention import AttentionWorkspace, decode_attention
 
 MIN_WIDTH = 2
+# A mixed step (decode rows beside prompt rows, GGUFLM_CUDA_DECODE_ROWS=gemv) pads its decode
+# rows to at least MIXED_DECODE_WIDTH and its prompt rows to at least MIXED_PROMPT_WIDTH, so
+# that arrivals beside 1, 2, 4, 8 running requests share one captured graph (a row's bits do
+# not depend on the width: padding rows are free of consequences, slot -1)
+MIXED_DECODE_WIDTH = 8
+MIXED_PROMPT_WIDTH = 64
 
 
 def decode_width(n_rows: int) -> int:
@@ -86,6 +92,30 @@ def batch_width(n_rows: int) -> int:
     while w < n_rows:
         w *= 2
     return w
+
+
+def step_shape(n_rows: int, n_decode: int, selected: Sequence[int], n_slots: int,
+               decode_rows: bool) -> tuple[int, int, int | None]:
+    """The shape of the batched step that runs a mixed step (``CudaModel.forward`` with
+    ``select``) of ``n_rows`` one-token rows, the first ``n_decode`` of them decode rows,
+    whose logits are wanted at input rows ``selected`` (read only with ``decode_rows``),
+    over a cache of ``n_slots`` slots -> (width, decode width, head rows): the key of its
+    captured graph beside the cache (``head rows`` None: the head over every prompt row).
+    Without ``decode_rows`` (``GGUFLM_CUDA_DECODE_ROWS``) every row goes through the GEMM
+    at the width :func:`batch_width`; with it the decode rows are padded to
+    :func:`decode_width`, the prompt rows to :func:`batch_width`, and the prompt rows' head
+    runs on min(prompt width, the slots' power of two) rows unless more are selected."""
+    if not decode_rows:
+        return batch_width(n_rows), 0, None
+    if not 0 <= n_decode <= n_rows:
+        raise ValueError(f"{n_decode} decode rows in a step of {n_rows}")
+    dw, pw = decode_width(n_decode), (batch_width(n_rows - n_decode) if n_rows > n_decode else 0)
+    if dw and pw:                     # a mixed step: coarser buckets (see MIXED_DECODE_WIDTH)
+        dw, pw = max(dw, MIXED_DECODE_WIDTH), max(pw, MIXED_PROMPT_WIDTH)
+    hp = min(pw, batch_width(n_slots))
+    if sum(i >= n_decode for i in selected) > hp:
+        hp = pw
+    return dw + pw, dw, (hp if hp < pw else None)
 
 
 class BatchedDecode:
@@ -104,7 +134,7 @@ class BatchedDecode:
         self.use_graphs, self.shared_slots = use_graphs, shared_slots
         self.dw, self.pw = decode_width, width - decode_width
         # prompt rows whose logits the step computes (the output head over those only)
-        self.hp = self.pw if head_rows is None or decode_width == 0 else min(head_rows, self.pw)
+        self.hp = self.pw if head_rows is None else min(head_rows, self.pw)
         if self.pw and not 2 <= self.hp <= self.pw:
             raise ValueError(f"{self.hp} head rows of {self.pw} prompt rows (at least 2: the GEMM)")
         self.head_idx = torch.zeros(self.hp, dtype=torch.long, device=device)
@@ -151,6 +181,8 @@ class BatchedDecode:
         if self.dec is None:
             ops = Rows(self.cfg, self.w, self.tok)                                  # float32 [W, E]
             decoder(self.w.layers, ops, self._attention)
+            if self.hp < self.pw:                                                   # the head rows only
+                return ops.logits(ops.flush().index_select(0, self.head_idx))       # float32 [Hp, n_vocab]
             return ops.logits()                                                     # float32 [W, n_vocab]
         self.dec.embed(self.tok[:self.dw])
         rows = Rows(self.cfg, self.w, self.tok[self.dw:]) if self.pw else None
@@ -213,7 +245,7 @@ class BatchedDecode:
         gathered from the decode rows' and the prompt rows' buffers, no host sync; with
         fewer head rows than prompt rows, ``at`` from :meth:`head_rows`."""
         if self.dec is None:
-            return self._last.index_select(0, index)
+            return self._last.index_select(0, index if self.hp == self.pw else at)
         dec, rows = self._last
         if rows is None:
             return dec.index_select(0, index)

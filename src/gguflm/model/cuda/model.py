@@ -61,7 +61,7 @@ import torch
 from gguflm.model.kv_cache import KVCache
 from gguflm.gguf.reader import GGUFFile
 from gguflm.model.config import ModelConfig
-from gguflm.model.cuda.batched import BatchedDecode, batch_width, decode_width
+from gguflm.model.cuda.batched import BatchedDecode, batch_width, decode_width, step_shape
 from gguflm.model.cuda.decode import DecodeGraphs
 from gguflm.model.cuda.forward import forward_plain, forward_tokens, plain_start
 from gguflm.model.cuda.weights import HALF, CudaWeights, fused_gemm
@@ -189,22 +189,15 @@ class CudaModel(Model):
         if select is not None:
             if tokens.shape[1] != 1 or cache.k.dtype != HALF:
                 raise ValueError("a step with select is one token per row over a float16 cache")
-            n = tokens.shape[0]
-            if self.decode_rows:
-                n_dec = n_decode or 0
-                if not 0 <= n_dec <= n:
-                    raise ValueError(f"{n_dec} decode rows in a step of {n}")
-                dw, pw = decode_width(n_dec), (batch_width(n - n_dec) if n > n_dec else 0)
-                index = select.tolist()     # a few ids (the inputs were just copied in: no wait)
-                hp = min(pw, batch_width(cache.n_slots))
-                if sum(i >= n_dec for i in index) > hp:
-                    hp = pw
-                step = self.batched(cache, n, width=dw + pw, decode_width=dw, head_rows=hp)
-                at = step.head_rows(index, n_dec) if step.hp < step.pw else None
-                step.step(tokens, positions, slots, *self._stream_and_pool(), n_decode=n_dec)
-                return step.select_rows(select, n_dec, at)
-            step = self.batched(cache, n, width=batch_width(n))
-            return step.step(tokens, positions, slots, *self._stream_and_pool()).index_select(0, select)
+            n, n_dec = tokens.shape[0], (n_decode or 0) if self.decode_rows else 0
+            index = select.tolist() if self.decode_rows else []  # a few ids (the inputs were just copied in: no wait)
+            width, dw, hp = step_shape(n, n_dec, index, cache.n_slots, self.decode_rows)
+            step = self.batched(cache, n, width=width, decode_width=dw, head_rows=hp)
+            if not self.decode_rows:
+                return step.step(tokens, positions, slots, *self._stream_and_pool()).index_select(0, select)
+            at = step.head_rows(index, n_dec) if step.hp < step.pw else None
+            step.step(tokens, positions, slots, *self._stream_and_pool(), n_decode=n_dec)
+            return step.select_rows(select, n_dec, at)
         on_gpu = self.use_graphs and cache.k.dtype == HALF and cache.k.device.type == "cuda"
         pinned = self._pinned.get(cache.k.data_ptr())
         if tokens.shape[1] == 1 and (tokens.shape[0] > 1 or pinned or cache.paged) and cache.k.dtype == HALF:
@@ -272,7 +265,7 @@ class CudaModel(Model):
         width, decode width, head rows), at most :data:`MAX_BATCHED` kept: with row kinds
         the keys are (decode rows, prompt rows) pairs of powers of two."""
         width = width or min(batch_width(n_rows), batch_width(cache.n_slots))
-        head = head_rows if decode_width and head_rows is not None and head_rows < width - decode_width else None
+        head = head_rows if head_rows is not None and head_rows < width - decode_width else None
         return _lru(self._batched, (cache.k.data_ptr(), width, decode_width, head), MAX_BATCHED,
                     lambda: BatchedDecode(self.config, self.weights, self.rope, cache, width,
                                           use_graphs=self.use_graphs and cache.k.device.type == "cuda",
