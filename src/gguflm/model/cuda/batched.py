@@ -53,6 +53,15 @@ The output head of the prompt rows runs on Hp <= Wp of them (the GEMM's rows do 
 on how many share it): the model gives Hp = min(Wp, the slots' power of two), as a step
 samples at most one prompt row per sequence (the last of a prompt), the rows chosen per
 step (:meth:`BatchedDecode.head_rows`); more selected prompt rows take a step with Hp = Wp.
+A step of prompt rows only (Wd = 0) does the same.
+
+Shapes (:func:`step_shape`, the key of a model's captured step): without decode rows the
+live rows' power of two; with them (Wd, Wp, Hp), and a mixed step pads its decode rows to
+at least :data:`MIXED_DECODE_WIDTH` and its prompt rows to at least
+:data:`MIXED_PROMPT_WIDTH`, so that arrivals beside a varying count of running requests do not
+each capture a graph: the server benchmark's loads (32 requests together, trickling or
+staggered, a lone one) then use at most 10 shapes, each captured once in the model's LRU of 12
+(counted on the CPU by tests/cuda/test_step_shapes.py; not timed on a GPU).
 """
 
 from __future__ import annotations
@@ -73,9 +82,10 @@ from gguflm.kernels.triton.attention import AttentionWorkspace, decode_attention
 
 MIN_WIDTH = 2
 # A mixed step (decode rows beside prompt rows, GGUFLM_CUDA_DECODE_ROWS=gemv) pads its decode
-# rows to at least MIXED_DECODE_WIDTH and its prompt rows to at least MIXED_PROMPT_WIDTH, so
-# that arrivals beside 1, 2, 4, 8 running requests share one captured graph (a row's bits do
-# not depend on the width: padding rows are free of consequences, slot -1)
+# rows to at least MIXED_DECODE_WIDTH (one 8-row tile of the rows GEMV for most weights) and
+# its prompt rows to at least MIXED_PROMPT_WIDTH (one BLOCK_M of the GEMM), so that arrivals
+# beside 1 .. 8 running requests share one captured graph (a row's bits depend on neither the
+# width nor the other rows: padding rows, slot -1, change nothing). Guesses until timed.
 MIXED_DECODE_WIDTH = 8
 MIXED_PROMPT_WIDTH = 64
 
@@ -103,7 +113,8 @@ def step_shape(n_rows: int, n_decode: int, selected: Sequence[int], n_slots: int
     captured graph beside the cache (``head rows`` None: the head over every prompt row).
     Without ``decode_rows`` (``GGUFLM_CUDA_DECODE_ROWS``) every row goes through the GEMM
     at the width :func:`batch_width`; with it the decode rows are padded to
-    :func:`decode_width`, the prompt rows to :func:`batch_width`, and the prompt rows' head
+    :func:`decode_width`, the prompt rows to :func:`batch_width` (in a mixed step at least
+    :data:`MIXED_DECODE_WIDTH` and :data:`MIXED_PROMPT_WIDTH`), and the prompt rows' head
     runs on min(prompt width, the slots' power of two) rows unless more are selected."""
     if not decode_rows:
         return batch_width(n_rows), 0, None
@@ -264,7 +275,8 @@ class BatchedDecode:
         float32 [B, n_vocab], a view of the graph's buffer (valid until the next step).
         With a decode width: the first ``n_decode`` rows (default: all) are decode rows
         (distinct slots), the others prompt rows; -> the decode rows' logits [Wd, n_vocab]
-        (the prompt rows' through :meth:`select_rows`)."""
+        (the prompt rows' through :meth:`select_rows`). With fewer head rows than prompt rows
+        (:meth:`head_rows`) and no decode width: the head rows' logits [Hp, n_vocab]."""
         n = tokens.numel()
         if n > self.width:
             raise ValueError(f"{n} rows exceed the step's width {self.width}")

@@ -70,7 +70,7 @@ from gguflm.model.model import Model
 
 MAX_GRAPHS = 4  # captured decode graphs kept (one per cache slot in use), least recent dropped
 MAX_PREFILL_GRAPHS = 2  # captured prefills kept, least recent dropped
-MAX_BATCHED = 12  # batched steps kept (one per cache, width and decode width), least recent dropped
+MAX_BATCHED = 12  # batched steps kept (one per cache, width, decode width, head rows), least recent dropped
 
 
 def _lru(table: OrderedDict, key: tuple, limit: int, make: Any) -> Any:
@@ -262,8 +262,10 @@ class CudaModel(Model):
         ``width`` or the smallest power of two that holds them; its first ``decode_width``
         rows decode rows through the GEMV (:attr:`row_kinds`), the output head over
         ``head_rows`` of its prompt rows (default: all). One captured step per (cache,
-        width, decode width, head rows), at most :data:`MAX_BATCHED` kept: with row kinds
-        the keys are (decode rows, prompt rows) pairs of powers of two."""
+        width, decode width, head rows), at most :data:`MAX_BATCHED` kept: the server's
+        steps take their shapes from :func:`~gguflm.model.cuda.batched.step_shape` (with row
+        kinds bucketed pairs (decode rows, prompt rows) of powers of two: at most 10 for
+        the server benchmark's loads, counted by tests/cuda/test_step_shapes.py)."""
         width = width or min(batch_width(n_rows), batch_width(cache.n_slots))
         head = head_rows if head_rows is not None and head_rows < width - decode_width else None
         return _lru(self._batched, (cache.k.data_ptr(), width, decode_width, head), MAX_BATCHED,
