@@ -53,21 +53,26 @@ def _calls(log: Path) -> list[list[str]]:
     return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def test_nvcc_build_in_parts_says_so_once_and_is_cached(fake_nvcc, capsys, monkeypatch):
-    build.library("sm_90")
+@pytest.mark.parametrize("kind", ["gemv", "rows"])
+def test_nvcc_build_in_parts_says_so_once_and_is_cached(fake_nvcc, capsys, monkeypatch, kind):
+    """Each library (generate()'s 1-row kernels; the server's rows kernels) builds its own
+    parts of gemv.cu, one nvcc each, then one link; a new process loads it from the cache."""
+    build.library("sm_90", kind=kind)
     err = capsys.readouterr().err
-    assert "compiling the CUDA GEMV kernels for sm_90 (first run; cached in" in err
-    assert "compiled the CUDA GEMV kernels for sm_90 in" in err
+    name = "CUDA GEMV kernels" + (" (rows)" if kind == "rows" else "")
+    assert f"compiling the {name} for sm_90 (first run; cached in" in err
+    assert f"compiled the {name} for sm_90 in" in err
     calls = _calls(fake_nvcc)
-    parts = sorted(a for c in calls for a in c if a.startswith("-DGGUFLM_PART="))
-    assert parts == [f"-DGGUFLM_PART={k}" for k in range(build.PARTS)]       # one nvcc per part ...
+    parts = sorted(int(a.split("=")[1]) for c in calls for a in c if a.startswith("-DGGUFLM_PART="))
+    assert parts == list(build.PARTS[kind])                                   # one nvcc per part ...
     assert all("-c" in c and "-shared" not in c for c in calls[:-1])
     link = calls[-1]                                                          # ... then one link of them all
-    assert "-shared" in link and sum(a.endswith(".o") for a in link) == build.PARTS
+    assert "-shared" in link and sum(a.endswith(".o") for a in link) == len(build.PARTS[kind])
     monkeypatch.setattr(build, "_built", {})  # a new process: the library comes from the cache, silently
-    build.library("sm_90")
+    build.library("sm_90", kind=kind)
     assert capsys.readouterr().err == ""
-    assert len(_calls(fake_nvcc)) == build.PARTS + 1
+    assert len(_calls(fake_nvcc)) == len(build.PARTS[kind]) + 1
+    assert not set(build.PARTS["gemv"]) & set(build.PARTS["rows"])          # generate()'s build never compiles rows parts
 
 
 def test_a_failed_part_falls_back_to_one_translation_unit(fake_nvcc, monkeypatch):
@@ -82,7 +87,7 @@ def test_background_build_then_wait(fake_nvcc):
     build.start("sm_90")
     build.start("sm_90")                        # a second load meanwhile: no second build, no wait
     assert build.library("sm_90") is build.library("sm_90")
-    assert len(_calls(fake_nvcc)) == build.PARTS + 1
+    assert len(_calls(fake_nvcc)) == len(build.PARTS["gemv"]) + 1
 
 
 def test_timing_lines_only_when_asked(capsys, monkeypatch):
