@@ -56,6 +56,23 @@
 #define GT_Q4_K 12
 #define GT_Q6_K 14
 
+// The C entry points of both libraries pick one function per type or pair of types:
+// GGUFLM_FNS(X) names them (suffixes), GGUFLM_PICK(ta, tb, SEL) runs SEL(suffix) for (ta, tb).
+#define GGUFLM_FNS(X) X(q4_0) X(q8_0) X(q4_k) X(q6_k) X(q4_k_q6_k) X(q4_0_q8_0)
+#define GGUFLM_PICK(ta, tb, SEL)                                   \
+    if ((ta) == (tb)) {                                             \
+        switch (ta) {                                               \
+            case GT_Q4_0: SEL(q4_0); break;                         \
+            case GT_Q8_0: SEL(q8_0); break;                         \
+            case GT_Q4_K: SEL(q4_k); break;                         \
+            case GT_Q6_K: SEL(q6_k); break;                         \
+        }                                                           \
+    } else if ((ta) == GT_Q4_K && (tb) == GT_Q6_K) {                \
+        SEL(q4_k_q6_k);                                             \
+    } else if ((ta) == GT_Q4_0 && (tb) == GT_Q8_0) {                \
+        SEL(q4_0_q8_0);                                             \
+    }
+
 #define MAX_SEGS 4
 
 struct Seg {
@@ -91,6 +108,8 @@ struct Params {
     int n_x, x_ld, tile, pad2_;
     int out_ld[MAX_SEGS], res_ld[MAX_SEGS];
 };
+// an entry of one type or pair (GGUFLM_PICK): (params, warps, R or 0, U or rows per warp, swiglu, pdl, stream)
+typedef int (*GgufFn)(const Params&, int, int, int, int, int, cudaStream_t);
 
 // where activation row j of x, of segment i's output and residual start (shared by the
 // rows kernel and the emulation)
@@ -1021,12 +1040,9 @@ GGUFLM_ROWS(gguflm_rows2_q4_0_q8_0, Q4_0, Q8_0, 2)
 
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 0
 #ifdef GGUFLM_PART
-int gguflm_dispatch_q4_0(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_dispatch_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_dispatch_q4_k(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_dispatch_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_dispatch_q4_k_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_dispatch_q4_0_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
+#define GGUFLM_DECL(N) int gguflm_dispatch_##N(const Params&, int, int, int, int, int, cudaStream_t);
+GGUFLM_FNS(GGUFLM_DECL)
+#undef GGUFLM_DECL
 #endif
 
 extern "C" {
@@ -1034,19 +1050,11 @@ extern "C" {
 // 0 on success, a cudaError_t code otherwise; -1: no such (R, U) instance
 // ta, tb: the GGML types of the segments (tb = ta for one type); pdl: programmatic launch
 int gguflm_gemv(const Params* p, int ta, int tb, int warps, int R, int U, int swiglu, int pdl, void* stream) {
-    cudaStream_t st = (cudaStream_t)stream;
-    if (ta == tb) {
-        switch (ta) {
-            case GT_Q4_0: return gguflm_dispatch_q4_0(*p, warps, R, U, swiglu, pdl, st);
-            case GT_Q8_0: return gguflm_dispatch_q8_0(*p, warps, R, U, swiglu, pdl, st);
-            case GT_Q4_K: return gguflm_dispatch_q4_k(*p, warps, R, U, swiglu, pdl, st);
-            case GT_Q6_K: return gguflm_dispatch_q6_k(*p, warps, R, U, swiglu, pdl, st);
-        }
-        return -1;
-    }
-    if (ta == GT_Q4_K && tb == GT_Q6_K) return gguflm_dispatch_q4_k_q6_k(*p, warps, R, U, swiglu, pdl, st);
-    if (ta == GT_Q4_0 && tb == GT_Q8_0) return gguflm_dispatch_q4_0_q8_0(*p, warps, R, U, swiglu, pdl, st);
-    return -1;
+    GgufFn fn = nullptr;
+#define SEL(N) fn = gguflm_dispatch_##N
+    GGUFLM_PICK(ta, tb, SEL)
+#undef SEL
+    return fn ? fn(*p, warps, R, U, swiglu, pdl, (cudaStream_t)stream) : -1;
 }
 
 // The same per-type code on the CPU in the kernel's order (host pointers; x of p.n_x rows):
@@ -1076,18 +1084,10 @@ const char* gguflm_error_string(int code) { return cudaGetErrorString((cudaError
 // kernels so that generate()'s cold start never compiles them).
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 19
 #ifdef GGUFLM_PART
-int gguflm_rows_q4_0(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows_q4_k(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows_q4_k_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows_q4_0_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows2_q4_0(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows2_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows2_q4_k(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows2_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows2_q4_k_q6_k(const Params&, int, int, int, int, int, cudaStream_t);
-int gguflm_rows2_q4_0_q8_0(const Params&, int, int, int, int, int, cudaStream_t);
+#define GGUFLM_DECL(N) int gguflm_rows_##N(const Params&, int, int, int, int, int, cudaStream_t); \
+                       int gguflm_rows2_##N(const Params&, int, int, int, int, int, cudaStream_t);
+GGUFLM_FNS(GGUFLM_DECL)
+#undef GGUFLM_DECL
 #endif
 
 extern "C" {
@@ -1095,25 +1095,12 @@ extern "C" {
 // 0 on success, a cudaError_t code otherwise; -1: no such instance. x of p->n_x rows; rw: 1
 // or 2 weight rows per warp; ta, tb, warps, swiglu, pdl as gguflm_gemv
 int gguflm_gemv_rows(const Params* p, int ta, int tb, int warps, int rw, int swiglu, int pdl, void* stream) {
-    typedef int (*Fn)(const Params&, int, int, int, int, int, cudaStream_t);
-    cudaStream_t st = (cudaStream_t)stream;
     if (rw != 1 && rw != 2) return -1;
-    Fn fn = nullptr;
-#define PICK(N) fn = rw == 1 ? gguflm_rows_##N : gguflm_rows2_##N
-    if (ta == tb) {
-        switch (ta) {
-            case GT_Q4_0: PICK(q4_0); break;
-            case GT_Q8_0: PICK(q8_0); break;
-            case GT_Q4_K: PICK(q4_k); break;
-            case GT_Q6_K: PICK(q6_k); break;
-        }
-    } else if (ta == GT_Q4_K && tb == GT_Q6_K) {
-        PICK(q4_k_q6_k);
-    } else if (ta == GT_Q4_0 && tb == GT_Q8_0) {
-        PICK(q4_0_q8_0);
-    }
-#undef PICK
-    return fn ? fn(*p, warps, 0, rw, swiglu, pdl, st) : -1;
+    GgufFn fn = nullptr;
+#define SEL(N) fn = rw == 1 ? gguflm_rows_##N : gguflm_rows2_##N
+    GGUFLM_PICK(ta, tb, SEL)
+#undef SEL
+    return fn ? fn(*p, warps, 0, rw, swiglu, pdl, (cudaStream_t)stream) : -1;
 }
 
 int gguflm_rows_params_size(void) { return (int)sizeof(Params); }
