@@ -22,8 +22,8 @@ def test_bench_json(tiny_model, capsys, device):
     assert result["path"] == "generate"
     assert any("pp8" in line for line in out) and any("| tg4 |" in line for line in out)
     assert any("tg4 @ d6" in line for line in out)
-    if device == "cuda":  # a shape cache: cold and warm prompt rows apart
-        assert result["pp_warm_tps"] > 0 and any("cold:" in line for line in out)
+    if device == "cuda":  # graphs per prompt length: fresh prompts and a length's first prompt apart
+        assert result["pp_first_tps"] > 0 and any("first prompt of its length" in line for line in out)
 
 
 def test_bench_counts_generated_tokens_through_the_loop(tiny_model, monkeypatch):

@@ -174,14 +174,47 @@ def test_graph_replay_equals_eager_steps(tiny_model):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_captured_prefill_equals_eager(tiny_model):
+    """A run of tokens from p0 > 0: eager, then captured, then replayed."""
     m = _load(tiny_model("Q4_0"), torch.device("cuda"))
     cache = m.new_cache(1)
     slots = torch.zeros(1, dtype=torch.long, device="cuda")
-    tokens = torch.tensor([IDS], device="cuda")
-    positions = torch.arange(len(IDS), device="cuda")[None]
+    m.forward(torch.tensor([IDS[:2]], device="cuda"), torch.arange(2, device="cuda")[None], cache, slots)
+    tokens = torch.tensor([IDS[2:]], device="cuda")
+    positions = torch.arange(2, len(IDS), device="cuda")[None]
     outs = [m.forward(tokens, positions, cache, slots).clone() for _ in range(3)]  # eager, capture, replay
     assert len(m._prefills) == 1 and m._prefills[next(iter(m._prefills))] is not None
     assert torch.allclose(outs[0], outs[1], atol=1e-4) and torch.equal(outs[1], outs[2])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_new_prompts_replay_their_bucket_graph(tiny_model):
+    """Prompts read from position 0 run their length bucket's graph, captured on the first
+    one: prompts of other lengths in the bucket replay it, their logits (padding rows past
+    the prompt) follow the float64 reference, and greedy decoding after a padded prompt
+    follows it too."""
+    from gguflm.model.cuda.model import prefill_bucket
+
+    path = tiny_model("Q4_K_M")
+    m = _load(path, torch.device("cuda"))
+    cache = m.new_cache(1)
+    slots = torch.zeros(1, dtype=torch.long, device="cuda")
+    for n in (len(IDS), 4, 9):
+        ids = (IDS * 2)[:n]
+        assert prefill_bucket(n, 32) == 16
+        out = m.forward(torch.tensor([ids], device="cuda"), torch.arange(n, device="cuda")[None], cache, slots,
+                        last_only=True)
+        _agree(out, reference_logits(path, ids)[-1:], tol=2e-2)
+        assert len(m._buckets) == 1 and not m._prefills
+    full = m.forward(torch.tensor([IDS], device="cuda"), torch.arange(len(IDS), device="cuda")[None], cache, slots)
+    assert full.shape == (1, len(IDS), m.config.n_vocab) and len(m._buckets) == 2
+    _agree(full[0], reference_logits(path, IDS), tol=2e-2)
+    m.forward(torch.tensor([IDS[:-1]], device="cuda"), torch.arange(len(IDS) - 1, device="cuda")[None], cache, slots,
+              last_only=True)                          # padded: garbage keys/values past position 4
+    got = m.decode_greedy(IDS[-1], len(IDS) - 1, 2, cache).tolist()
+    first = int(np.argmax(reference_logits(path, IDS)[-1]))
+    assert got[0] == first
+    assert got[1] == int(np.argmax(reference_logits(path, IDS + [first])[-1]))
 
 
 def test_batched_decode_rows_follow_their_own_sequences(model_and_ref):

@@ -105,8 +105,8 @@ def run(args) -> int:
         for r in rows:  # the figures the benchmark scripts read
             key = {f"pp{args.n_prompt}": "pp", f"tg{args.n_gen}": "tg",
                    f"tg{args.n_gen} @ d{args.n_depth}": "tg_depth"}.get(r.test)
-            if r.note.startswith("warm"):
-                key = "pp_warm"
+            if r.note.startswith("first"):
+                key = "pp_first"
             elif r.note.startswith("ceiling"):
                 key = "tg_ceiling"
             elif r.unit == "s":

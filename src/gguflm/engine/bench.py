@@ -5,9 +5,11 @@ columns name them.
 * ``tg N``: N tokens generated greedily from a one-token prompt (end of generation
   ignored): N forwards through the loop, the first at position 0.
 * ``pp N``: a fresh random N-token prompt each repetition, from admission to its first
-  token. Where the model keeps captured graphs per prompt shape (CUDA), two rows: ``cold``
-  (the shape forgotten before each repetition: what a new prompt costs) and ``warm`` (the
-  same shape seen twice before: a graph replay).
+  token. Where the model keeps captured graphs per prompt length (CUDA: a new prompt is
+  padded to its length bucket's graph, captured on the bucket's first prompt), two rows:
+  ``fresh`` (new tokens; shapes seen twice forgotten, the bucket's graph replayed: what
+  every prompt but the first of its length costs) and ``first`` (every graph forgotten
+  before each repetition: the bucket's capture included).
 * ``tg N @ dD``: N decode steps after a D-token prompt (the decode time only).
 * ``cold start``: a fresh process: interpreter start -> import -> load -> first token.
 
@@ -100,16 +102,16 @@ class Bench:
         if forget is None:                                             # no per-shape state: one row
             once()                                                     # warm-up
             return [Row(f"pp{n}", [once() for _ in range(self.reps)])]
-        cold = Row(f"pp{n}", note="cold: a prompt shape never seen (no graph)")
+        first = Row(f"pp{n}", note="first prompt of its length (the length's graph captured, or eager)")
         once()                                                         # kernels compiled
         for _ in range(self.reps):
-            forget()
-            cold.values.append(once())
-        warm = Row(f"pp{n}", note="warm: the shape seen twice before (graph replay)")
-        forget()
-        once(), once()
-        warm.values = [once() for _ in range(self.reps)]
-        return [cold, warm]
+            forget(buckets=True)
+            first.values.append(once())
+        fresh = Row(f"pp{n}", note="fresh prompt: new tokens, its length's graph replayed (eager past 512)")
+        for _ in range(self.reps):
+            forget()                                                   # shapes seen twice: dropped
+            fresh.values.append(once())
+        return [fresh, first]
 
     def ceiling(self, n: int) -> Row | None:
         """CUDA only: n greedy steps as graph replays back to back, with no sampling and no

@@ -219,16 +219,20 @@ def plain_start(positions: torch.Tensor) -> int | None:
 
 @torch.inference_mode()
 def forward_plain(cfg: ModelConfig, w: CudaWeights, rope: Rope, tokens: torch.Tensor, p0: int,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, last_only: bool) -> torch.Tensor:
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, last_only: bool,
+                  last: torch.Tensor | None = None) -> torch.Tensor:
     """One sequence: ``tokens`` [T] at positions p0 .. p0+T-1 into the cache layers
     ``k_cache``/``v_cache`` [n_layer, Hkv, n_ctx, D] of its slot. No host sync (it can be
-    captured in a CUDA graph). -> float32 [1, n_vocab] (last_only) or [1, T, n_vocab]."""
+    captured in a CUDA graph). -> float32 [1, n_vocab] (last_only: of the last row, or of
+    row ``last`` (Long [1], on the device) of a padded run) or [1, T, n_vocab]."""
     T = tokens.shape[0]
     with one_sequence():                                   # the unsplit fused GEMM (see weights.one_sequence)
         ops = Rows(cfg, w, tokens)
         decoder(w.layers, ops, attention_plain(cfg, rope, p0, k_cache, v_cache, plain_masks(cfg, p0, T, tokens.device)))
         x = ops.flush()
-        return ops.logits(x[-1:]) if last_only else ops.logits(x).view(1, T, cfg.n_vocab)
+        if last_only:
+            return ops.logits(x[-1:] if last is None else x.index_select(0, last))
+        return ops.logits(x).view(1, T, cfg.n_vocab)
 
 
 @torch.inference_mode()

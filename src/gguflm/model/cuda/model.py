@@ -69,8 +69,18 @@ from gguflm.model.layers import Rope
 from gguflm.model.model import Model
 
 MAX_GRAPHS = 4  # captured decode graphs kept (one per cache slot in use), least recent dropped
-MAX_PREFILL_GRAPHS = 2  # captured prefills kept, least recent dropped
+MAX_PREFILL_GRAPHS = 2  # captured prefills of other shapes kept, least recent dropped
+# a prompt read from position 0 is padded to the first of these lengths that holds it and
+# runs that length's captured graph (captured on the length's first prompt)
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
+MAX_BUCKET_GRAPHS = 2 * len(PREFILL_BUCKETS)  # those graphs kept (per cache slot and output), least recent dropped
 MAX_BATCHED = 12  # batched steps kept (one per cache, width, decode width, head rows), least recent dropped
+
+
+def prefill_bucket(T: int, room: int) -> int | None:
+    """The padded length of a T-token prompt read from position 0 into a slot of ``room``
+    positions (the first of :data:`PREFILL_BUCKETS` that holds it), or None (run as is)."""
+    return next((b for b in PREFILL_BUCKETS if T <= b <= room), None)
 
 
 def _lru(table: OrderedDict, key: tuple, limit: int, make: Any) -> Any:
@@ -115,6 +125,7 @@ class CudaModel(Model):
         self._batched: OrderedDict[tuple[int, int], BatchedDecode] = OrderedDict()
         self._pinned: dict[int, int] = {}   # cache data_ptr -> the width of all its one-token steps
         self._prefills: OrderedDict[tuple, Any] = OrderedDict()   # key -> seen once (None) or (graph, tokens, out)
+        self._buckets: OrderedDict[tuple, tuple] = OrderedDict()   # (bucket, cache, slot, last_only) -> graph...
         self._pool: Any = None
         self._side: torch.cuda.Stream | None = None    # warm-ups and captures of prefills
         self._session: KVCache | None = None
@@ -237,10 +248,14 @@ class CudaModel(Model):
             return g.buf.logits_buf.view(1, -1)
         return super().decode_one(token, position, cache, slot)
 
-    def forget_shapes(self) -> None:
-        """Drop the captured prefill graphs: the next prompt of any shape runs as a new
-        one does (eagerly). For measuring what a never-seen prompt costs."""
+    def forget_shapes(self, buckets: bool = False) -> None:
+        """Drop the prefill graphs captured for shapes seen twice (runs that do not start at
+        position 0): the next such run of any shape runs as a new one does (eagerly); with
+        ``buckets``, the prompt lengths' graphs too (the next prompt of each length captures
+        its graph again). For measuring what a never-seen prompt costs."""
         self._prefills.clear()
+        if buckets:
+            self._buckets.clear()
 
     @property
     def decode_width_free(self) -> bool:
@@ -283,8 +298,19 @@ class CudaModel(Model):
         return self._side, self._pool
 
     def _prefill(self, tokens: torch.Tensor, p0: int, cache: KVCache, slot: int, last_only: bool) -> torch.Tensor:
-        key = (tokens.numel(), p0, cache.k.data_ptr(), slot, last_only)
+        """A run of one sequence's tokens from ``p0``. From position 0 (a new prompt) the
+        tokens are padded to their :func:`prefill_bucket` and run that length's captured graph,
+        captured on its first prompt: a fresh prompt of any length up to the largest bucket
+        replays a graph (the host launches one graph instead of ~10 kernels per layer). The
+        padding rows come after the prompt's: causal attention keeps them out of its rows, and
+        the keys/values they leave past the prompt are overwritten before any step reads them.
+        Other runs: eager the first time their shape is seen, captured the second time."""
+        T = tokens.numel()
         k_cache, v_cache = cache.k[:, slot], cache.v[:, slot]
+        bucket = prefill_bucket(T, k_cache.shape[2]) if p0 == 0 else None
+        if bucket is not None:
+            return self._bucket_prefill(tokens, bucket, cache.k.data_ptr(), slot, k_cache, v_cache, last_only)
+        key = (T, p0, cache.k.data_ptr(), slot, last_only)
 
         def run(toks: torch.Tensor) -> torch.Tensor:
             return forward_plain(self.config, self.weights, self.rope, toks, p0, k_cache, v_cache, last_only)
@@ -301,6 +327,28 @@ class CudaModel(Model):
         buf.copy_(tokens)
         graph.replay()
         return out
+
+    def _bucket_prefill(self, tokens: torch.Tensor, bucket: int, cache_id: int, slot: int,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, last_only: bool) -> torch.Tensor:
+        T = tokens.numel()
+        key = (bucket, cache_id, slot, last_only)
+
+        def make() -> tuple:
+            last = torch.zeros(1, dtype=torch.long, device=tokens.device)            # the prompt's last row
+
+            def run(toks: torch.Tensor) -> torch.Tensor:
+                return forward_plain(self.config, self.weights, self.rope, toks, 0, k_cache, v_cache, last_only,
+                                     last=last if last_only else None)
+
+            padded = torch.zeros(bucket, dtype=tokens.dtype, device=tokens.device)
+            return *self._capture(run, padded), last
+
+        graph, buf, out, last = _lru(self._buckets, key, MAX_BUCKET_GRAPHS, make)
+        buf[:T].copy_(tokens)
+        buf[T:].zero_()
+        last.fill_(T - 1)
+        graph.replay()
+        return out if last_only else out[:, :T]
 
     def _capture(self, run, buf: torch.Tensor) -> tuple:
         """Warm up ``run(buf)`` on the side stream, then capture it there. The cached blocks

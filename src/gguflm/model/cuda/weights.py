@@ -54,6 +54,16 @@ def fused_gemm() -> bool:
 _one_sequence: ContextVar[bool] = ContextVar("gguflm_one_sequence", default=False)
 
 
+def _fused_for(rows: int) -> bool:
+    """:func:`fused_gemm`, except for a run of one sequence's tokens of at least
+    ``GGUFLM_SEQ_CUBLAS_ROWS`` rows (default 0: never), which dequantizes into the workspace
+    for cuBLAS (no other rows share those launches: batch invariance is not at stake)."""
+    if not fused_gemm():
+        return False
+    limit = int(os.environ.get("GGUFLM_SEQ_CUBLAS_ROWS", "0"))
+    return not (limit and rows >= limit and _one_sequence.get())
+
+
 @contextmanager
 def one_sequence():
     """Many-token matmuls of one sequence's run of tokens (``forward_plain``: a prompt
@@ -135,7 +145,7 @@ class CudaLinear:
         any row stride, e.g. a column slice) on the tensor cores, float32 accumulation.
         Packed weights: the fused GEMM, or (``GGUFLM_MATMUL=cublas``) W dequantized into
         ``ws`` ``row_chunk`` rows at a time for cuBLAS."""
-        if self.packed is not None and fused_gemm():
+        if self.packed is not None and _fused_for(x.shape[0]):
             try:
                 return gemm(self.packed, x, out, bias=self.bias, config=_config(self.packed))
             except (RuntimeError, TritonError) as e:  # a failed compilation, too little shared memory
@@ -193,7 +203,7 @@ def gated_matmul(gate: CudaLinear, up: CudaLinear, h: torch.Tensor, packed: bool
     """act(h Wg^T) * (h Wu^T), float16 [N, n_ff] (act SiLU, or GELU-tanh with ``gelu``), from
     one GEMM over both weights when ``packed`` (gate and up packed in one type, no bias)
     and the fused GEMM is on; else None (the caller multiplies two matmuls)."""
-    if packed and fused_gemm():
+    if packed and _fused_for(h.shape[0]):
         try:
             return gemm_gated(gate.packed, up.packed, h, gelu=gelu, config=_config(gate.packed))
         except (RuntimeError, TritonError) as e:
