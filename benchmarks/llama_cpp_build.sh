@@ -37,7 +37,7 @@ trim)
 build)
     tarball=$2 dir=$3
     mkdir -p "$dir"
-    tar -C "$dir" -xJf "$tarball"
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$tarball" "$dir"  # no xz binary needed
     cd "$dir/llama.cpp"
     cmake -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF \

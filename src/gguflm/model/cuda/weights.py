@@ -56,11 +56,13 @@ _one_sequence: ContextVar[bool] = ContextVar("gguflm_one_sequence", default=Fals
 
 def _fused_for(rows: int) -> bool:
     """:func:`fused_gemm`, except for a run of one sequence's tokens of at least
-    ``GGUFLM_SEQ_CUBLAS_ROWS`` rows (default 0: never), which dequantizes into the workspace
-    for cuBLAS (no other rows share those launches: batch invariance is not at stake)."""
+    ``GGUFLM_SEQ_CUBLAS_ROWS`` rows (default 64; 0: never), which dequantizes each weight into
+    the workspace for cuBLAS: no other rows share those launches (batch invariance is not at
+    stake), and a prompt's GEMMs are then 2.7x faster (H200, TinyLlama-1.1B shape Q4_K_M,
+    fresh pp512 from its bucket's graph: 96k tok/s vs 36k through the fused GEMM)."""
     if not fused_gemm():
         return False
-    limit = int(os.environ.get("GGUFLM_SEQ_CUBLAS_ROWS", "0"))
+    limit = int(os.environ.get("GGUFLM_SEQ_CUBLAS_ROWS", "64"))
     return not (limit and rows >= limit and _one_sequence.get())
 
 
