@@ -43,6 +43,16 @@ from gguflm.model.layers import Rope
 
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
+# a prompt read from position 0 is padded to the first of these lengths that holds it and
+# runs that length's captured graph (CudaModel: captured on the length's first prompt)
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
+
+
+def prefill_bucket(T: int, room: int) -> int | None:
+    """The padded length of a T-token prompt read from position 0 into a slot of ``room``
+    positions (the first of :data:`PREFILL_BUCKETS` that holds it), or None (run as is)."""
+    return next((b for b in PREFILL_BUCKETS if T <= b <= room), None)
+
 def cuda_unsupported(cfg: ModelConfig) -> str | None:
     """Why the fused CUDA kernels cannot compute this model, or None: the attention and
     RoPE kernels need a power-of-two head size."""

@@ -63,24 +63,15 @@ from gguflm.gguf.reader import GGUFFile
 from gguflm.model.config import ModelConfig
 from gguflm.model.cuda.batched import BatchedDecode, batch_width, decode_width, step_shape
 from gguflm.model.cuda.decode import DecodeGraphs
-from gguflm.model.cuda.forward import forward_plain, forward_tokens, plain_start
+from gguflm.model.cuda.forward import PREFILL_BUCKETS, forward_plain, forward_tokens, plain_start, prefill_bucket
 from gguflm.model.cuda.weights import HALF, CudaWeights, fused_gemm
 from gguflm.model.layers import Rope
 from gguflm.model.model import Model
 
 MAX_GRAPHS = 4  # captured decode graphs kept (one per cache slot in use), least recent dropped
 MAX_PREFILL_GRAPHS = 2  # captured prefills of other shapes kept, least recent dropped
-# a prompt read from position 0 is padded to the first of these lengths that holds it and
-# runs that length's captured graph (captured on the length's first prompt)
-PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
 MAX_BUCKET_GRAPHS = 2 * len(PREFILL_BUCKETS)  # those graphs kept (per cache slot and output), least recent dropped
 MAX_BATCHED = 12  # batched steps kept (one per cache, width, decode width, head rows), least recent dropped
-
-
-def prefill_bucket(T: int, room: int) -> int | None:
-    """The padded length of a T-token prompt read from position 0 into a slot of ``room``
-    positions (the first of :data:`PREFILL_BUCKETS` that holds it), or None (run as is)."""
-    return next((b for b in PREFILL_BUCKETS if T <= b <= room), None)
 
 
 def _lru(table: OrderedDict, key: tuple, limit: int, make: Any) -> Any:

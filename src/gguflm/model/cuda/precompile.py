@@ -6,8 +6,8 @@ H200 (TinyLlama-1.1B shape Q4_K_M, benchmarks/results/2026-12-05-h200-generate-s
 with an empty one.
 
 Without it each kernel compiles when first launched, one after the other (about a
-second each on an H200: most of a cold start with an empty cache). Here a dry run of a
-3-token prefill and of the decode step (both of its graphs' inputs; with ``GGUFLM_CUDA_DECODE_ROWS=gemv``
+second each on an H200: most of a cold start with an empty cache). Here a dry run of
+prefills of 3 and 64 tokens (padded to their length buckets, as a new prompt is) and of the decode step (both of its graphs' inputs; with ``GGUFLM_CUDA_DECODE_ROWS=gemv``
 also the batched step of one decode row), on a scratch cache, runs the same Python code as
 the real steps, but every Triton launch only asks for its kernel (``warmup``: nothing is
 launched) and each compilation that would follow (``JITFunction._do_compile``, with the
@@ -33,7 +33,8 @@ import torch
 
 from gguflm.quant.cuda import timing
 
-PROMPT = 3  # tokens of the traced prefill: a length that is neither 1 nor a multiple of 16, as most prompts
+PROMPTS = (3, 64)  # tokens of the traced prefills, run as a new prompt is (padded to its length bucket):
+# a short one (the fused GEMM at BLOCK_M 16) and one of 64 (from there on, cuBLAS over dequantized weights)
 
 _tracing = threading.local()
 
@@ -48,7 +49,7 @@ def trace(model: Any) -> list[tuple[Any, tuple, dict]]:
     from triton.runtime.jit import JITFunction
 
     from gguflm.model.cuda.decode import DecodeGraphs
-    from gguflm.model.cuda.forward import forward_plain
+    from gguflm.model.cuda.forward import forward_plain, prefill_bucket
     from gguflm.quant.cuda.gemv import dry_run
 
     orig_compile, orig_run = JITFunction._do_compile, JITFunction.run
@@ -71,7 +72,10 @@ def trace(model: Any) -> list[tuple[Any, tuple, dict]]:
         with dry_run(), torch.inference_mode():
             cache = model.new_cache(1)
             k, v = cache.k[:, 0], cache.v[:, 0]
-            forward_plain(cfg, w, model.rope, torch.zeros(PROMPT, dtype=torch.long, device=dev), 0, k, v, True)
+            last = torch.zeros(1, dtype=torch.long, device=dev)
+            for n in {prefill_bucket(p, k.shape[2]) or p for p in PROMPTS if p <= k.shape[2]}:
+                forward_plain(cfg, w, model.rope, torch.zeros(n, dtype=torch.long, device=dev), 0, k, v, True,
+                              last=last)
             step = DecodeGraphs(cfg, w, model.rope, k, v, use_graphs=False)
             step._run(0)
             if k.shape[2] >= 2:  # graph 1 reads its token/position at another alignment: its own specializations
