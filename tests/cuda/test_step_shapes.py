@@ -132,3 +132,13 @@ def test_step_shape_holds_the_rows(decode_rows):
                 assert (n_dec > 0) == (dw > 0) if decode_rows else dw == 0
                 if hp is not None:
                     assert 2 <= hp < pw and hp >= sum(i >= n_dec for i in sel)
+
+
+def test_prompt_length_buckets():
+    """A new prompt of T tokens runs the graph of the first bucket that holds it and fits
+    the slot; past the largest bucket (or the slot) it runs unpadded."""
+    from gguflm.model.cuda.forward import PREFILL_BUCKETS, prefill_bucket
+
+    assert [prefill_bucket(t, 1024) for t in (1, 16, 17, 33, 64, 65, 300, 512)] == [16, 16, 32, 64, 64, 128, 512, 512]
+    assert prefill_bucket(513, 4096) is None and prefill_bucket(20, 24) is None and prefill_bucket(20, 32) == 32
+    assert list(PREFILL_BUCKETS) == sorted(PREFILL_BUCKETS) and all(b % 16 == 0 for b in PREFILL_BUCKETS)
