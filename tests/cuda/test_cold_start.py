@@ -1,7 +1,9 @@
 """Cold start (issue 14): the nvcc build in parts, its progress line and cache (a stand-in
 ``nvcc`` that builds an empty shared library with the C compiler; the real build of the
-parts gave the same SASS for all 52 kernels as one translation unit, checked by hand with
-CUDA 13.0's nvcc and cuobjdump), the GGUFLM_TIMING lines and
+parts gave the same SASS and resources for all 52 1-row kernels and the 20 rows kernels as
+one translation unit and as the earlier split (one part per type), checked by hand with
+CUDA 13.0's nvcc and cuobjdump; with nvcc: the 1-row parts hold at most 6 kernels each, every
+kernel once), the GGUFLM_TIMING lines and
 bench's summary of them, and the Triton precompilation: traced without a GPU (a stand-in
 driver that reports an sm_90 target; Triton's real compiler and ptxas build the kernels),
 checked against Triton itself — after it, tracing the same steps asks for no compilation,
@@ -88,6 +90,32 @@ def test_background_build_then_wait(fake_nvcc):
     build.start("sm_90")                        # a second load meanwhile: no second build, no wait
     assert build.library("sm_90") is build.library("sm_90")
     assert len(_calls(fake_nvcc)) == len(build.PARTS["gemv"]) + 1
+
+
+@pytest.mark.slow
+def test_the_1row_parts_hold_at_most_6_kernels_each(tmp_path):
+    """The real 1-row parts (nvcc -c for sm_90, as the build runs them): no part holds more
+    than 6 of the 52 kernels (the build's wall time is its longest part), each kernel is in
+    exactly one part, and only part 0 defines the C entry points."""
+    compiler, nm = build.nvcc(), shutil.which("nm")
+    if compiler is None or nm is None:
+        pytest.skip("needs nvcc and nm")
+    flags = [f for f in build.FLAGS if f != "-shared"]
+    procs = {k: subprocess.Popen([compiler, *flags, "-gencode=arch=compute_90,code=sm_90", f"-DGGUFLM_PART={k}",
+                                  "-c", "-o", str(tmp_path / f"p{k}.o"), str(build.SOURCE)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for k in build.PARTS["gemv"]}
+    kernels, entries = {}, {}
+    for k, proc in procs.items():
+        assert proc.wait(timeout=900) == 0, proc.stderr.read()[-2000:]
+        syms = subprocess.run([nm, "-C", "--defined-only", str(tmp_path / f"p{k}.o")], capture_output=True,
+                              text=True, check=True).stdout.splitlines()
+        kernels[k] = {line.split(" ", 2)[2] for line in syms if " gemv_kernel<" in line and "[clone" not in line}
+        entries[k] = {line.split()[-1] for line in syms if line.split()[-1].startswith("gguflm_gemv")}
+    sizes = {k: len(v) for k, v in kernels.items()}
+    assert max(sizes.values()) <= 6 and sum(sizes.values()) == len(set().union(*kernels.values())) == 52, sizes
+    assert sizes[0] == 0 and entries[0] == {"gguflm_gemv", "gguflm_gemv_emulate"}
+    assert not any(entries[k] for k in build.PARTS["gemv"] if k)
 
 
 def test_timing_lines_only_when_asked(capsys, monkeypatch):

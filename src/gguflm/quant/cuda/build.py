@@ -7,14 +7,19 @@ never loads a stale build and a cache shared between GPUs keeps one build per
 architecture. The library has plain C entry points (no torch headers: it builds in seconds
 per kernel and loads without ``torch.utils.cpp_extension``); the kernels are launched on
 the caller's stream, so CUDA graphs capture them. The build runs one nvcc per part of the
-file at once (``-DGGUFLM_PART=k``: the C entry points, then the 1-row kernels of one type or
-pair each), then links the objects (the same SASS as one translation unit; one nvcc over
-the whole file if that fails, or with ``GGUFLM_NVCC_SPLIT=0``); model loads start it in a
-background thread (:func:`start`). The kernels over several activation rows (the server's
-batched decode rows) are a second library (``kind="rows"``, :data:`PARTS`) built the same
-way on their first use or :func:`start`, so that generate()'s cold build never waits for
-them. A failed build raises :class:`KernelsUnavailable` with
-the compiler's message; callers fall back to Triton.
+file at once (``-DGGUFLM_PART=k``: the C entry points; the 1-row kernels of one type with or
+without the SwiGLU epilogue, 6 instances each; those of the two pairs of types), then links
+the objects (the same SASS as one translation unit; one nvcc over the whole file if that
+fails, or with ``GGUFLM_NVCC_SPLIT=0``); model loads start it in a background thread
+(:func:`start`). The parts are balanced so that the build's wall time is about its longest
+part plus the link: one part per type had Q6_K's 12 kernels take 3.3-4.5 s against 1.7 s
+for a pair's 2 (each part pays ~1.4 s of fixed work: host preprocessing twice, cudafe++,
+the host compile); split by epilogue, the longest part (Q6_K SwiGLU) takes 0.63x as long
+(nvcc 13.0, one process at a time on a 2-core host; benchmarks/cuda_notes.md). The kernels
+over several activation rows (the server's batched decode rows) are a second library
+(``kind="rows"``, :data:`PARTS`) built the same way on their first use or :func:`start`, so
+that generate()'s cold build never waits for them. A failed build raises
+:class:`KernelsUnavailable` with the compiler's message; callers fall back to Triton.
 """
 
 from __future__ import annotations
@@ -35,10 +40,14 @@ from gguflm.quant.cuda import timing
 SOURCE = Path(__file__).with_name("gemv.cu")
 FLAGS = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-ffp-contract=off", "--split-compile=0", "-lineinfo"]
 # gemv.cu's GGUFLM_PART values of each library, compiled concurrently (see _split_build):
-# "gemv" the 1-row kernels (what generate() needs, built at model load), "rows" the kernels
-# over several activation rows (the server's batched decode rows), built apart so that the
-# 1-row library's cold build stays as it was
-PARTS = {"gemv": tuple(range(0, 7)), "rows": tuple(range(7, 20))}
+# "gemv" the 1-row kernels (what generate() needs, built at model load: part 0 the C entry
+# points and the CPU emulation, 1-4 the plain kernels of Q4_0, Q8_0, Q4_K, Q6_K, 5-8 their
+# SwiGLU kernels, 9 the two pairs'), "rows" the kernels over several activation rows (the
+# server's batched decode rows: 10-15 one weight row per warp, 16-21 two, 22 the C entry
+# points), built apart so that the 1-row library's cold build never compiles them. Fewer,
+# larger parts make the longest part the build's wall time; more parts cost ~1.4 s of fixed
+# CPU each (against the Triton compilations that run meanwhile at load)
+PARTS = {"gemv": tuple(range(0, 10)), "rows": tuple(range(10, 23))}
 
 
 class KernelsUnavailable(RuntimeError):
@@ -131,7 +140,8 @@ def _compile(compiler: str, arch: str, out: str, kind: str = "gemv") -> None:
 
 def _split_build(compiler: str, gencode: str, out: str, parts: tuple[int, ...] = PARTS["gemv"]) -> None:
     """One nvcc per part of gemv.cu in ``parts`` (``-DGGUFLM_PART=k``: C entry points, or
-    the kernels of one type or pair of types each), all at once, then one link into ``out``."""
+    at most 6 kernels of one type or pair of types each: see :data:`PARTS`), all at once,
+    then one link into ``out``."""
     flags = [f for f in FLAGS if f != "-shared"]
     with tempfile.TemporaryDirectory(dir=Path(out).parent) as tmp:
         objs = {k: os.path.join(tmp, f"part{k}.o") for k in parts}

@@ -872,17 +872,16 @@ static int dispatch_rows(const Params& p, int warps, int swiglu, int pdl, cudaSt
     return -1;
 }
 
-template <typename TA, typename TB>
-static int dispatch_ru(const Params& p, int warps, int R, int U, int swiglu, int pdl, cudaStream_t st) {
-#define CASE(R_, U_)                                                                          \
-    if (R == R_ && U == U_)                                                                   \
-        return swiglu ? launch<TA, TB, R_, U_, true>(p, warps, pdl, st)                       \
-                      : launch<TA, TB, R_, U_, false>(p, warps, pdl, st);
+// the 1-row kernels of one type (or pair) and one epilogue (SWIGLU): one function of its own
+// part each (the (R, U) instances of a pair: no SWIGLU)
+template <typename TA, typename TB, bool SWIGLU>
+static int dispatch_ru(const Params& p, int warps, int R, int U, int pdl, cudaStream_t st) {
+#define CASE(R_, U_) \
+    if (R == R_ && U == U_) return launch<TA, TB, R_, U_, SWIGLU>(p, warps, pdl, st);
     if constexpr (std::is_same<TA, TB>::value) {
         CASE(1, 1) CASE(1, 2) CASE(2, 1) CASE(2, 2) CASE(1, 3) CASE(1, 6)
-    } else {
-        if (!swiglu && R == 1 && U == 2) return launch<TA, TB, 1, 2, false>(p, warps, pdl, st);
-        if (!swiglu && R == 2 && U == 1) return launch<TA, TB, 2, 1, false>(p, warps, pdl, st);
+    } else if constexpr (!SWIGLU) {
+        CASE(1, 2) CASE(2, 1)
     }
 #undef CASE
     return -1;
@@ -970,77 +969,94 @@ static int emulate_any(const Params& p, int si, int swiglu, int warps) {
 }
 
 // The kernels of one type (or pair), behind one function each. build.py compiles the file
-// once per part (-DGGUFLM_PART=k, in parallel): part k in 1..6 instantiates only the 1-row
-// kernels of its function, parts k + 6 and k + 12 its rows kernels of one and two weight
-// rows per warp, part 0 holds the C entry points of the 1-row kernels and part 19 those of
-// the rows kernels: build.py links parts 0-6 into one library and 7-19 into another.
-// Without GGUFLM_PART the file is the whole of both in one translation unit.
-#define GGUFLM_DISPATCH(NAME, TA, TB)                                                          \
-    int NAME(const Params& p, int warps, int R, int U, int swiglu, int pdl, cudaStream_t st) { \
-        return dispatch_ru<TA, TB>(p, warps, R, U, swiglu, pdl, st);                            \
+// once per part (-DGGUFLM_PART=k, in parallel) and links the parts of each library: the
+// 1-row library is parts 0-9: part 0 the C entry points (and the CPU emulation), parts 1-4
+// the 1-row kernels of one type without SWIGLU (6 (R, U) instances each), parts 5-8 the same
+// with SWIGLU, part 9 those of the two pairs (2 instances each): parts of 6 kernels or fewer,
+// so that the concurrent build takes about as long as its longest part (one part per type
+// took 3.3 s for Q6_K's 12 kernels against 1.7 s for a pair's 2, nvcc 13.0 on one core's
+// worth of a 2-core host). The rows library is parts 10-22: parts 10-15 the rows kernels of
+// one weight row per warp of one type or pair, 16-21 those of two, part 22 their C entry
+// points. Without GGUFLM_PART the file is the whole of both in one translation unit.
+#define GGUFLM_DISPATCH(NAME, TA, TB, SWIGLU)                                                  \
+    int NAME(const Params& p, int warps, int R, int U, int, int pdl, cudaStream_t st) {        \
+        return dispatch_ru<TA, TB, SWIGLU>(p, warps, R, U, pdl, st);                            \
     }
 #define GGUFLM_ROWS(NAME, TA, TB, RW)                                                          \
     int NAME(const Params& p, int warps, int, int, int swiglu, int pdl, cudaStream_t st) {     \
         return dispatch_rows<TA, TB, RW>(p, warps, swiglu, pdl, st);                            \
     }
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 1
-GGUFLM_DISPATCH(gguflm_dispatch_q4_0, Q4_0, Q4_0)
+GGUFLM_DISPATCH(gguflm_dispatch_q4_0, Q4_0, Q4_0, false)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 2
-GGUFLM_DISPATCH(gguflm_dispatch_q8_0, Q8_0, Q8_0)
+GGUFLM_DISPATCH(gguflm_dispatch_q8_0, Q8_0, Q8_0, false)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 3
-GGUFLM_DISPATCH(gguflm_dispatch_q4_k, Q4_K, Q4_K)
+GGUFLM_DISPATCH(gguflm_dispatch_q4_k, Q4_K, Q4_K, false)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 4
-GGUFLM_DISPATCH(gguflm_dispatch_q6_k, Q6_K, Q6_K)
+GGUFLM_DISPATCH(gguflm_dispatch_q6_k, Q6_K, Q6_K, false)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 5
-GGUFLM_DISPATCH(gguflm_dispatch_q4_k_q6_k, Q4_K, Q6_K)
+GGUFLM_DISPATCH(gguflm_glu_q4_0, Q4_0, Q4_0, true)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 6
-GGUFLM_DISPATCH(gguflm_dispatch_q4_0_q8_0, Q4_0, Q8_0)
+GGUFLM_DISPATCH(gguflm_glu_q8_0, Q8_0, Q8_0, true)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 7
-GGUFLM_ROWS(gguflm_rows_q4_0, Q4_0, Q4_0, 1)
+GGUFLM_DISPATCH(gguflm_glu_q4_k, Q4_K, Q4_K, true)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 8
-GGUFLM_ROWS(gguflm_rows_q8_0, Q8_0, Q8_0, 1)
+GGUFLM_DISPATCH(gguflm_glu_q6_k, Q6_K, Q6_K, true)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 9
-GGUFLM_ROWS(gguflm_rows_q4_k, Q4_K, Q4_K, 1)
+GGUFLM_DISPATCH(gguflm_dispatch_q4_k_q6_k, Q4_K, Q6_K, false)
+GGUFLM_DISPATCH(gguflm_glu_q4_k_q6_k, Q4_K, Q6_K, true)          // no instances: -1
+GGUFLM_DISPATCH(gguflm_dispatch_q4_0_q8_0, Q4_0, Q8_0, false)
+GGUFLM_DISPATCH(gguflm_glu_q4_0_q8_0, Q4_0, Q8_0, true)          // no instances: -1
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 10
-GGUFLM_ROWS(gguflm_rows_q6_k, Q6_K, Q6_K, 1)
+GGUFLM_ROWS(gguflm_rows_q4_0, Q4_0, Q4_0, 1)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 11
-GGUFLM_ROWS(gguflm_rows_q4_k_q6_k, Q4_K, Q6_K, 1)
+GGUFLM_ROWS(gguflm_rows_q8_0, Q8_0, Q8_0, 1)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 12
-GGUFLM_ROWS(gguflm_rows_q4_0_q8_0, Q4_0, Q8_0, 1)
+GGUFLM_ROWS(gguflm_rows_q4_k, Q4_K, Q4_K, 1)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 13
-GGUFLM_ROWS(gguflm_rows2_q4_0, Q4_0, Q4_0, 2)
+GGUFLM_ROWS(gguflm_rows_q6_k, Q6_K, Q6_K, 1)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 14
-GGUFLM_ROWS(gguflm_rows2_q8_0, Q8_0, Q8_0, 2)
+GGUFLM_ROWS(gguflm_rows_q4_k_q6_k, Q4_K, Q6_K, 1)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 15
-GGUFLM_ROWS(gguflm_rows2_q4_k, Q4_K, Q4_K, 2)
+GGUFLM_ROWS(gguflm_rows_q4_0_q8_0, Q4_0, Q8_0, 1)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 16
-GGUFLM_ROWS(gguflm_rows2_q6_k, Q6_K, Q6_K, 2)
+GGUFLM_ROWS(gguflm_rows2_q4_0, Q4_0, Q4_0, 2)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 17
-GGUFLM_ROWS(gguflm_rows2_q4_k_q6_k, Q4_K, Q6_K, 2)
+GGUFLM_ROWS(gguflm_rows2_q8_0, Q8_0, Q8_0, 2)
 #endif
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 18
+GGUFLM_ROWS(gguflm_rows2_q4_k, Q4_K, Q4_K, 2)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 19
+GGUFLM_ROWS(gguflm_rows2_q6_k, Q6_K, Q6_K, 2)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 20
+GGUFLM_ROWS(gguflm_rows2_q4_k_q6_k, Q4_K, Q6_K, 2)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 21
 GGUFLM_ROWS(gguflm_rows2_q4_0_q8_0, Q4_0, Q8_0, 2)
 #endif
 
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 0
 #ifdef GGUFLM_PART
-#define GGUFLM_DECL(N) int gguflm_dispatch_##N(const Params&, int, int, int, int, int, cudaStream_t);
+#define GGUFLM_DECL(N) int gguflm_dispatch_##N(const Params&, int, int, int, int, int, cudaStream_t); \
+                       int gguflm_glu_##N(const Params&, int, int, int, int, int, cudaStream_t);
 GGUFLM_FNS(GGUFLM_DECL)
 #undef GGUFLM_DECL
 #endif
@@ -1051,7 +1067,7 @@ extern "C" {
 // ta, tb: the GGML types of the segments (tb = ta for one type); pdl: programmatic launch
 int gguflm_gemv(const Params* p, int ta, int tb, int warps, int R, int U, int swiglu, int pdl, void* stream) {
     GgufFn fn = nullptr;
-#define SEL(N) fn = gguflm_dispatch_##N
+#define SEL(N) fn = swiglu ? gguflm_glu_##N : gguflm_dispatch_##N
     GGUFLM_PICK(ta, tb, SEL)
 #undef SEL
     return fn ? fn(*p, warps, R, U, swiglu, pdl, (cudaStream_t)stream) : -1;
@@ -1080,9 +1096,9 @@ const char* gguflm_error_string(int code) { return cudaGetErrorString((cudaError
 }
 #endif  // part 0
 
-// The rows kernels' library (build.py's "rows" kind: parts 7-19, built apart from the 1-row
+// The rows kernels' library (build.py's "rows" kind: parts 10-22, built apart from the 1-row
 // kernels so that generate()'s cold start never compiles them).
-#if !defined(GGUFLM_PART) || GGUFLM_PART == 19
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 22
 #ifdef GGUFLM_PART
 #define GGUFLM_DECL(N) int gguflm_rows_##N(const Params&, int, int, int, int, int, cudaStream_t); \
                        int gguflm_rows2_##N(const Params&, int, int, int, int, int, cudaStream_t);
@@ -1105,4 +1121,4 @@ int gguflm_gemv_rows(const Params* p, int ta, int tb, int warps, int rw, int swi
 
 int gguflm_rows_params_size(void) { return (int)sizeof(Params); }
 }
-#endif  // part 19
+#endif  // part 22
