@@ -12,10 +12,10 @@ without the SwiGLU epilogue, 6 instances each; those of the two pairs of types),
 the objects (the same SASS as one translation unit; one nvcc over the whole file if that
 fails, or with ``GGUFLM_NVCC_SPLIT=0``); model loads start it in a background thread
 (:func:`start`). The parts are balanced so that the build's wall time is about its longest
-part plus the link: one part per type had Q6_K's 12 kernels take 3.3-4.5 s against 1.7 s
-for a pair's 2 (each part pays ~1.4 s of fixed work: host preprocessing twice, cudafe++,
-the host compile); split by epilogue, the longest part (Q6_K SwiGLU) takes 0.63x as long
-(nvcc 13.0, one process at a time on a 2-core host; benchmarks/cuda_notes.md). The kernels
+part plus the link: one part per type had Q6_K's 12 kernels take 3.3 s against 1.6 s for a
+pair's 2 (each part pays ~1.0 s of fixed work: host preprocessing twice, cudafe++, the host
+compile); split by epilogue, the longest part (Q6_K SwiGLU) takes 2.3 s (nvcc 13.0, one
+process at a time on a 2-core host; benchmarks/cuda_notes.md). The kernels
 over several activation rows (the server's batched decode rows) are a second library
 (``kind="rows"``, :data:`PARTS`) built the same way on their first use or :func:`start`, so
 that generate()'s cold build never waits for them. A failed build raises
@@ -38,6 +38,9 @@ from pathlib import Path
 from gguflm.quant.cuda import timing
 
 SOURCE = Path(__file__).with_name("gemv.cu")
+# the SASS depends on --split-compile (off or =1 differs from =0, =2, =16 for 3 Q6_K kernels,
+# nvcc 13.0), not on -lineinfo (source lines for the profilers; ~1 % of a part's time) nor
+# on the host's -O level (which only the launch code and the CPU emulation see)
 FLAGS = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-ffp-contract=off", "--split-compile=0", "-lineinfo"]
 # gemv.cu's GGUFLM_PART values of each library, compiled concurrently (see _split_build):
 # "gemv" the 1-row kernels (what generate() needs, built at model load: part 0 the C entry
@@ -45,7 +48,7 @@ FLAGS = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-ffp-contract=o
 # SwiGLU kernels, 9 the two pairs'), "rows" the kernels over several activation rows (the
 # server's batched decode rows: 10-15 one weight row per warp, 16-21 two, 22 the C entry
 # points), built apart so that the 1-row library's cold build never compiles them. Fewer,
-# larger parts make the longest part the build's wall time; more parts cost ~1.4 s of fixed
+# larger parts make the longest part the build's wall time; more parts cost ~1.0 s of fixed
 # CPU each (against the Triton compilations that run meanwhile at load)
 PARTS = {"gemv": tuple(range(0, 10)), "rows": tuple(range(10, 23))}
 

@@ -974,8 +974,8 @@ static int emulate_any(const Params& p, int si, int swiglu, int warps) {
 // the 1-row kernels of one type without SWIGLU (6 (R, U) instances each), parts 5-8 the same
 // with SWIGLU, part 9 those of the two pairs (2 instances each): parts of 6 kernels or fewer,
 // so that the concurrent build takes about as long as its longest part (one part per type
-// took 3.3 s for Q6_K's 12 kernels against 1.7 s for a pair's 2, nvcc 13.0 on one core's
-// worth of a 2-core host). The rows library is parts 10-22: parts 10-15 the rows kernels of
+// took 3.3 s for Q6_K's 12 kernels against 1.6 s for a pair's 2; now 1.5-2.3 s: nvcc 13.0,
+// one process at a time on a 2-core host). The rows library is parts 10-22: parts 10-15 the rows kernels of
 // one weight row per warp of one type or pair, 16-21 those of two, part 22 their C entry
 // points. Without GGUFLM_PART the file is the whole of both in one translation unit.
 #define GGUFLM_DISPATCH(NAME, TA, TB, SWIGLU)                                                  \
