@@ -92,7 +92,7 @@ import torch
 from gguflm.engine.generate import ContextLengthError, GenerationError, TextAssembler, check_request
 from gguflm.engine.metrics import Metrics
 from gguflm.engine.sampling import SamplingError, SamplingParams, choose, new_generator
-from gguflm.model.kv_cache import DEFAULT_BLOCK_SIZE, KVCache
+from gguflm.model.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, host_to_device
 
 if TYPE_CHECKING:
     from gguflm.engine.llm import LLM
@@ -191,9 +191,9 @@ class Ticket:
         self._scheduler.cancel(self)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Seq:
-    """A running request: the slot it owns and where it stands."""
+    """A running request: the slot it owns and where it stands (compared and hashed by identity)."""
 
     ticket: Ticket
     slot: int
@@ -211,8 +211,6 @@ class _Seq:
     t_start: float = field(default_factory=time.perf_counter)
     t_first: float | None = None    # when the first token was chosen
     t_last: float | None = None     # when the last token was chosen
-    ahead: tuple | None = None      # running ahead: (ids, host copy, event) chosen, not yet read
-    pos_dev: torch.Tensor | None = None  # running ahead: the next position, on the device
 
     def done(self, reason: str) -> Done:
         n_prompt, now = len(self.ticket.job.prompt), time.perf_counter()
@@ -221,12 +219,43 @@ class _Seq:
                     first - self.t_start, now - first, tuple(self.kept))
 
 
+class _Flight:
+    """One launched forward's chosen ids (Long, on the device): ``seqs[i]`` (row order)
+    chose ``ids[at[i]]`` from ``logits[i]`` (kept only when read at once). Running ahead
+    (``ahead``), the ids are copied to pinned host memory behind an event at once and read
+    one step later."""
+
+    def __init__(self, seqs: list[_Seq], logits: torch.Tensor | None, order: list[int], ids: torch.Tensor,
+                 ahead: bool):
+        self.seqs, self.logits, self.ids = seqs, logits, ids
+        self.at = [0] * len(seqs)
+        for k, row in enumerate(order):
+            self.at[row] = k
+        self.host: torch.Tensor | None = None
+        self.ready = None
+        if ahead:
+            self.host = ids.to("cpu", non_blocking=True)
+            if ids.is_cuda:
+                self.ready = torch.cuda.Event()
+                self.ready.record()
+
+    def read(self) -> list[int]:
+        """The ids in row order (the step's one copy to the host, or the wait for it)."""
+        if self.host is None:
+            ids = _read(self.ids)
+        else:
+            if self.ready is not None:
+                self.ready.synchronize()   # releases the GIL while the step that chose them finishes
+            ids = self.host.tolist()
+        return [ids[k] for k in self.at]
+
+
 class Scheduler:
     """The worker loop (see the module docstring) over a cache of ``n_slots`` slots of
     ``n_ctx`` positions (default: the model's context). ``max_batch_rows`` caps the rows of
     one decode forward (None: all running requests in one); a larger batch runs as several
-    forwards, for kernels whose cost per row jumps past some width. ``pipeline`` (one slot
-    only; default: on a CUDA device): run ahead (see the module docstring). The loop runs on a
+    forwards, for kernels whose cost per row jumps past some width. ``pipeline`` (default: on
+    a CUDA device, for one slot or mixed steps): run ahead (see the module docstring). The loop runs on a
     thread of its own, or, with ``start=False``, on whichever thread calls :meth:`run`
     (the one that loaded the model: on the CPU, a second thread running the kernels
     brings a second OpenMP team, and with more threads than cores both stop spinning and
@@ -242,8 +271,6 @@ class Scheduler:
             raise ValueError("prefill_chunk and prefill_budget must be >= 1, max_waiting >= 0")
         if max_batch_rows is not None and max_batch_rows < 1:
             raise ValueError("max_batch_rows must be >= 1")
-        if pipeline and n_slots != 1:
-            raise ValueError("only a scheduler of one slot runs ahead")
         self.max_batch_rows = max_batch_rows
         self.llm, self.model = llm, llm.model
         model = llm.model
@@ -264,9 +291,16 @@ class Scheduler:
         self._eog_index = sorted(self._eog)
         device = self.cache.k.device
         self._eog_dev = torch.tensor(self._eog_index, device=device) if self._eog_index else None
-        self._pipeline = (n_slots == 1 and device.type == "cuda") if pipeline is None else pipeline
-        # prompt chunks ride in the decode step's forward as one-token rows (see _mixed_step)
-        self._mixed = model.flat_steps_over(self.cache) and self._shared_steps and not self._pipeline
+        flat = model.flat_steps_over(self.cache) and self._shared_steps
+        if pipeline is None:
+            pipeline = device.type == "cuda" and (n_slots == 1 or flat)
+        if pipeline and n_slots > 1 and not flat:
+            raise ValueError("running ahead over several slots needs mixed steps (a batch-invariant model)")
+        self._pipeline = pipeline
+        # prompt chunks ride in the decode step's forward as one-token rows (see _mixed_step);
+        # one slot that runs ahead decodes through the model's one-sequence step (decode_one)
+        self._mixed = flat and not (pipeline and n_slots == 1)
+        self._flight: list[_Flight] = []   # the step launched and not yet read (running ahead)
         # a preempted request's generated tokens fed again as decode rows (see _Seq.replay)
         self._kind_replay = self._row_kinds and self._mixed
         self._cond = threading.Condition()
@@ -378,6 +412,7 @@ class Scheduler:
                 self._step()
             except Exception as e:  # a model failure must not kill the server: fail who was running
                 traceback.print_exc()
+                self._flight = []
                 for seq in list(self._active):
                     self._finish(seq, Failed(f"generation failed: {type(e).__name__}: {e}"))
         with self._cond:
@@ -471,11 +506,12 @@ class Scheduler:
         return min(seq.n_past, len(seq.ticket.job.prompt)) if self._row_kinds else seq.n_past
 
     def _step(self) -> None:
-        if self._mixed:
-            self._mixed_step()
-            return
-        self._prefill()
-        self._decode()
+        if not self._mixed:
+            self._prefill()
+            if not self._pipeline:
+                self._decode()
+                return
+        self._mixed_step()
 
     def _mixed_step(self) -> None:
         """Chunked prefill mixed with decode in ONE forward of one-token rows: every request
@@ -484,45 +520,112 @@ class Scheduler:
         first served, each at most ``prefill_chunk`` tokens) fill the step up to
         ``prefill_budget`` tokens (always at least 16). A row per token, none padded: the
         step's width is what is live. Logits are computed only for the decode rows and the
-        last token of each prompt that completes."""
-        ready = self._grow([(s, s.n_past + 1) for s in self._active
-                            if not s.ticket.cancelled and s.last is not None])
-        live = [s for s in self._active if not s.ticket.cancelled]
+        last token of each prompt that completes.
+
+        Running ahead (:meth:`_ahead`), the step is launched before the step in flight is
+        read: the requests that step chose for feed its ids from the device, then those ids
+        are read and accepted (:meth:`_land`) while this one runs. Otherwise the step in
+        flight is read first (drained) and this one is read at once. Without mixed steps
+        (one slot that runs ahead) it is the decode half of the step, through the model's
+        one-sequence step."""
+        ahead = self._ahead()
+        if not ahead:
+            self._land(self._flight)       # drain: the requests' host view, before any preemption
+            self._flight = []
+        where = self._where()
+        ready = self._grow([(s, s.n_past + 1) for s in self._feeding(where)])   # reserved already when ahead
         width = self.max_batch_rows or max(len(ready), 1)
         groups = [ready[i:i + width] for i in range(0, len(ready), width)] or [[]]
-        left = max(self.prefill_budget - len(groups[0]), 16)
+        left = max(self.prefill_budget - len(groups[0]), 16) if self._mixed else 0
         chunks: list[tuple[_Seq, list[int]]] = []
-        for s in live:
-            if s.todo and left > 0:
+        for s in self._active:
+            if s.todo and left > 0 and not s.ticket.cancelled:
                 chunk = s.todo[:min(self.prefill_chunk, left)]
                 chunks.append((s, chunk))
                 left -= len(chunk)
+        feed = torch.cat([f.ids for f in self._flight]).clamp(min=0) if where else None  # an id of -1 fails when read
+        flights = []
         for i, group in enumerate(groups):
-            self._flat_forward(group, chunks if i == 0 else [])
+            flight = self._launch(group, chunks if i == 0 else [], feed, where, ahead)
+            if flight is not None and ahead:
+                flights.append(flight)
+            elif flight is not None:
+                self._land([flight])
+        if ahead:
+            previous, self._flight = self._flight, flights
+            self._land(previous, relaunched={s for s in ready if s in where})
 
-    def _flat_forward(self, decode: list[_Seq], chunks: list[tuple[_Seq, list[int]]]) -> None:
+    def _ahead(self) -> bool:
+        """Whether this step runs ahead: ``pipeline`` on, every running request can
+        (:meth:`_runs_ahead`: none needs the host's view of a step before the next), and
+        the pool holds the positions of the step's decode rows (reserved here; where it
+        does not, the step in flight is read first, so that preemption sees every request
+        as the host knows it). A cancelled request is dropped with its id unread."""
+        if not self._pipeline or not all(self._runs_ahead(s) for s in self._active if not s.ticket.cancelled):
+            return False
+        return all(self.cache.reserve(s.slot, s.n_past + 1) for s in self._feeding(self._where()))
+
+    def _where(self) -> dict[_Seq, int]:
+        """The requests whose next token the step in flight chose -> the index of its id in
+        the flight's ids (concatenated over its forwards)."""
+        where, offset = {}, 0
+        for f in self._flight:
+            for s, k in zip(f.seqs, f.at):
+                where[s] = offset + k
+            offset += len(f.seqs)
+        return where
+
+    def _feeding(self, where: dict[_Seq, int]) -> list[_Seq]:
+        """The running requests that feed a token this step (in admission order): a sampled
+        token the host holds, or one the step in flight chose, unless that token is known
+        to end the request (max_tokens, a full context): no row is launched for it."""
+        out = []
+        for s in self._active:
+            job = s.ticket.job
+            goes_on = s in where and (job.max_tokens is None or s.n_gen + 1 < job.max_tokens) and s.n_past < self.n_ctx
+            if not s.ticket.cancelled and (s.last is not None or goes_on):
+                out.append(s)
+        return out
+
+    def _launch(self, decode: list[_Seq], chunks: list[tuple[_Seq, list[int]]], feed: torch.Tensor | None,
+                where: dict[_Seq, int], ahead: bool) -> _Flight | None:
+        """Launch one forward: the decode rows ``decode`` (each feeds its sampled token:
+        ``last`` from the host, or the id the step in flight chose, ``feed[where[s]]`` on the
+        device), then the prompt ``chunks``; choose the next tokens on the device. Nothing
+        is read here. The host's view moves on by what it knows: prompt chunks and decode
+        rows it fed are counted now, a row fed from the device when its id is read."""
         if not decode and not chunks:
-            return
-        tokens = [s.last for s in decode]
+            return None
+        n = len(decode) + sum(len(c) for _, c in chunks)
+        tokens = [0 if s.last is None else s.last for s in decode]
+        gather = [i if s.last is not None else n + where[s] for i, s in enumerate(decode)] + list(range(len(decode), n))
         positions = [s.n_past for s in decode]
         slots = [s.slot for s in decode]
-        fed = [s for s in decode if not s.replay]          # replayed tokens (not the last) choose nothing
-        select = [i for i, s in enumerate(decode) if not s.replay]
-        finishing = []
+        select = [i for i, s in enumerate(decode) if not s.replay]   # replayed tokens (not the last) choose nothing
+        seqs = [s for s in decode if not s.replay]
         for s, chunk in chunks:
             tokens += chunk
             positions += range(s.n_past, s.n_past + len(chunk))
             slots += [s.slot] * len(chunk)
             if len(chunk) == len(s.todo) and not s.replay:  # the prompt is read after this chunk: its last logits
                 select.append(len(tokens) - 1)
-                finishing.append(s)
-        device = self.cache.k.device
-        inputs = torch.tensor([tokens, positions, slots], device=device)                      # [3, N]: one copy
-        kinds = {"n_decode": len(decode)} if self._row_kinds else {}  # decode rows lead (Model.row_kinds)
-        logits = self.model.forward(inputs[0, :, None], inputs[1, :, None], self.cache, inputs[2],
-                                    select=torch.tensor(select, dtype=torch.long, device=device), **kinds)
-        seqs = fed + finishing
-        chosen = self._choose(seqs, logits, range(len(seqs)))
+                seqs.append(s)
+        fed = feed is not None and any(s.last is None for s in decode)
+        inputs = host_to_device(tokens + positions + slots + select + (gather if fed else []), self.cache.k.device)
+        tok, pos, slot = inputs[:n], inputs[n:2 * n], inputs[2 * n:3 * n]                    # [N] each: one copy
+        if fed:
+            tok = torch.cat([tok, feed]).index_select(0, inputs[3 * n + len(select):])
+        if not self._mixed:   # one slot running ahead, no prompt rows: the model's one-sequence step
+            logits = self.model.decode_one(tok, pos, self.cache, decode[0].slot)                # [1, V]
+        else:
+            kinds = {"n_decode": len(decode)} if self._row_kinds else {}  # decode rows lead (Model.row_kinds)
+            logits = self.model.forward(tok[:, None], pos[:, None], self.cache, slot,
+                                        select=inputs[3 * n:3 * n + len(select)], **kinds)    # [len(select), V]
+        order, ids = self._pick(seqs, logits, range(len(seqs)))
+        for s in decode:
+            if s.last is not None:
+                s.n_past += 1
+                s.last = s.replay.pop(0) if s.replay else None   # a preempted request's generated tokens, in turn
         for s, chunk in chunks:
             s.n_past += len(chunk)
             del s.todo[:len(chunk)]
@@ -530,15 +633,22 @@ class Scheduler:
                 self.cache.publish(s.slot, s.history[:s.n_past])
             if not s.todo and s.replay:       # a preempted request's generated tokens come next
                 s.last = s.replay.pop(0)
-        for s in decode:
-            if s.replay:
-                s.n_past += 1
-                s.last = s.replay.pop(0)
-        for i, s in enumerate(seqs):
-            if i < len(fed):
-                s.n_past += 1
-                s.last = None
-            self._accept_or_fail(s, logits[i], chosen[i])
+        return _Flight(seqs, None if ahead else logits, order, ids, ahead)
+
+    def _land(self, flights: list[_Flight], relaunched: set[_Seq] = frozenset()) -> None:
+        """Read the ids ``flights`` chose and accept each (in row order); a request in
+        ``relaunched`` was fed its id by the step just launched: if it goes on, that
+        position is counted now, else (an end seen one step late) the step's row for it is
+        discarded (the key/value it wrote lies past the request's positions, never read).
+        Requests gone since (cancelled) are skipped."""
+        for f in flights:
+            for i, (s, tok) in enumerate(zip(f.seqs, f.read())):
+                if s not in self._active:
+                    continue
+                self._accept_or_fail(s, None if f.logits is None else f.logits[i], tok)
+                if s in relaunched and s.last is not None:
+                    s.n_past += 1
+                    s.last = None
 
     def _prefill(self) -> None:
         """One batched forward over the next prompt chunk of as many reading requests (first
@@ -575,15 +685,7 @@ class Scheduler:
     def _decode(self) -> None:
         """Feed every request's last sampled token at its own position: one batched forward,
         or several of at most ``max_batch_rows`` rows."""
-        ready = []
-        # positions written by this step (and by the one ahead)
-        feeding = self._grow([(s, s.n_past + (2 if s.ahead is not None else 1)) for s in self._active
-                              if not s.ticket.cancelled and (s.ahead is not None or s.last is not None)])
-        for s in feeding:
-            if s.ahead is not None or (s.last is not None and self._runs_ahead(s)):
-                self._decode_ahead(s)
-            elif s.last is not None:
-                ready.append(s)
+        ready = self._grow([(s, s.n_past + 1) for s in self._active if not s.ticket.cancelled and s.last is not None])
         width = self.max_batch_rows or max(len(ready), 1)
         for i in range(0, len(ready), width):
             self._decode_rows(ready[i:i + width])
@@ -623,7 +725,7 @@ class Scheduler:
 
     def _preempt(self, seq: _Seq) -> None:
         """Take ``seq``'s slot and blocks back and queue it first (see the module docstring)."""
-        assert seq.ahead is None, "a request that runs ahead is alone: it is never preempted"
+        assert not self._flight, "a step in flight is read before anyone is preempted"
         with self._cond:
             self._release(seq)
             self._preempted.appendleft(seq)
@@ -635,48 +737,11 @@ class Scheduler:
         return seq.done("length")
 
     def _runs_ahead(self, seq: _Seq) -> bool:
+        """Whether ``seq`` lets the steps run ahead: nothing of it needs the host's view of a
+        step before the next (its logits kept, log-probabilities, penalties over its history)."""
         job = seq.ticket.job
         return (self._pipeline and not job.keep_logits and job.top_logprobs is None
                 and not job.params.penalties_enabled)
-
-    def _decode_ahead(self, seq: _Seq) -> None:
-        """One step of a request that runs ahead (see the module docstring): feed the id
-        the previous step chose (still on the device) and launch the step, then read that
-        id and accept it. The first step feeds the prefill's token (read already)."""
-        if seq.ahead is None:
-            device = self.cache.k.device
-            seq.pos_dev = torch.tensor([seq.n_past], device=device)
-            self._launch(seq, torch.tensor([seq.last], device=device))
-            seq.n_past += 1
-            seq.last = None
-            return
-        ids, host, ready = seq.ahead
-        seq.ahead = None
-        job = seq.ticket.job
-        if (job.max_tokens is None or seq.n_gen + 1 < job.max_tokens) and seq.n_past < self.n_ctx:
-            self._launch(seq, ids.clamp(min=0))   # an id of -1 (not finite) fails below; feed 0 meanwhile
-        if ready is not None:
-            ready.synchronize()   # releases the GIL while the step that chose it finishes
-        tok = host.tolist()[0]
-        self._accept_or_fail(seq, None, tok)
-        if seq.last is None:      # ended: the step launched for it is discarded
-            seq.ahead = None
-            return
-        seq.n_past += 1           # fed already, by the step just launched
-        seq.last = None
-
-    def _launch(self, seq: _Seq, feed: torch.Tensor) -> None:
-        """Launch the step that feeds ``feed`` (Long[1] on the device) at ``seq.pos_dev``
-        and choose its id on the device: ``seq.ahead`` (copied to the host behind an event)."""
-        logits = self.model.decode_one(feed, seq.pos_dev, self.cache, seq.slot)   # [1, V]
-        seq.pos_dev.add_(1)
-        ids = self._pick([seq], logits, (0,))[1]
-        host = ids.to("cpu", non_blocking=True)
-        ready = None
-        if ids.is_cuda:
-            ready = torch.cuda.Event()
-            ready.record()
-        seq.ahead = (ids, host, ready)
 
     def _accept_or_fail(self, seq: _Seq, logits: torch.Tensor, tok: int) -> None:
         """:meth:`_accept`; a failure there (sampling, detokenizing, stop strings) is this
@@ -722,11 +787,9 @@ class Scheduler:
 
     def _allowed(self, logits: torch.Tensor, job: Job) -> torch.Tensor:
         """``logits`` [..., V], with the end-of-generation tokens at -inf when ``job`` ignores them."""
-        if not job.ignore_eos or not self._eog_index:
+        if not job.ignore_eos or self._eog_dev is None:
             return logits
-        logits = logits.float().clone()
-        logits[..., self._eog_index] = float("-inf")
-        return logits
+        return logits.float().index_fill(-1, self._eog_dev, float("-inf"))
 
     def _choose(self, seqs: Sequence[_Seq], logits: torch.Tensor, rows: Sequence[int]) -> dict[int, int]:
         """{row: token} for the rows of ``logits`` [B, V] (``rows[i]`` is ``seqs[i]``'s): each
@@ -749,14 +812,14 @@ class Scheduler:
         if plain:
             index = [r for r, _ in plain]                    # increasing
             masked = [i for i, (_, job) in enumerate(plain) if job.ignore_eos] if self._eog_index else []
-            sel = logits if len(index) == logits.shape[0] else logits.index_select(0, torch.tensor(index, device=device))
+            sel = logits if len(index) == logits.shape[0] else logits.index_select(0, host_to_device(index, device))
             if masked:  # few operations: each is a round trip through the GIL in a busy server
                 eog = self._eog_dev
                 if len(masked) == len(index):
                     sel = sel.index_fill(1, eog, float("-inf"))
                 else:
                     sel = sel.clone()
-                    sel[torch.tensor(masked, device=device)[:, None], eog[None, :]] = float("-inf")
+                    sel[host_to_device(masked, device)[:, None], eog[None, :]] = float("-inf")
             picked.append(torch.where(torch.isfinite(sel.amax(dim=-1)), torch.argmax(sel, dim=-1), -1))
         order = [r for r, _ in plain]
         for seq, r in zip(seqs, rows):

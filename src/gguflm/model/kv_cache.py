@@ -35,6 +35,15 @@ import torch
 DEFAULT_BLOCK_SIZE = 16  # positions per block of a paged cache (vLLM's default)
 
 
+def host_to_device(values: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """Long tensor of ``values`` on ``device``, copied without waiting for the device: on
+    CUDA from pinned memory, since a copy from pageable memory waits for whatever the
+    stream runs (a scheduler that runs ahead has a step in flight)."""
+    if torch.device(device).type != "cuda":
+        return torch.tensor(values, dtype=torch.long, device=device)
+    return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
+
+
 class KVCache:
     """Buffers ``k``, ``v``: ``[n_layer, n_blocks, n_kv_head, block_size, head_dim]``;
     ``table``: Long ``[n_slots, ceil(n_ctx / block_size)]`` on the cache's device.
@@ -117,7 +126,7 @@ class KVCache:
         new = [self._take() for _ in range(need)]
         first = len(owned)
         owned.extend(new)
-        self.table[slot, first:first + need] = torch.tensor(new, dtype=torch.long).to(self.table.device)
+        self.table[slot, first:first + need] = host_to_device(new, self.table.device)
         return True
 
     def _take(self) -> int:
@@ -179,7 +188,7 @@ class KVCache:
             self._refs[b] += 1
         self._table[slot] = list(blocks)
         if blocks:
-            self.table[slot, :len(blocks)] = torch.tensor(list(blocks), dtype=torch.long).to(self.table.device)
+            self.table[slot, :len(blocks)] = host_to_device(blocks, self.table.device)
 
     def publish(self, slot: int, tokens: Sequence[int]) -> None:
         """``tokens`` are at positions ``0..`` of ``slot`` (their keys/values written):
