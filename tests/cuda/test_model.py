@@ -729,6 +729,48 @@ def test_mixed_scheduler_with_decode_rows_preempts_bit_identically(mixed_model, 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("decode_rows", ["gemm", "gemv"])
+def test_pipelined_scheduler_equals_step_by_step_on_the_gpu(mixed_model, monkeypatch, decode_rows):
+    """On the device, the scheduler's mixed steps running ahead (each step launched on the
+    ids the step before chose, still on the device; read one step late) against the same
+    scheduler reading every step first (``pipeline=False``): 6 requests on 4 slots, greedy
+    and seeded, max_tokens 1 to 12, one asking for log-probabilities (steps read at once
+    while it runs), over the contiguous cache and over a paged pool of 10 blocks of 4
+    small enough to preempt (generated tokens replayed as decode rows with ``gemv``).
+    Every request's tokens and log-probabilities the same to the bit, and it did run ahead."""
+    from gguflm.engine.sampling import SamplingParams
+    from gguflm.engine.scheduler import Job, Scheduler
+
+    m, _ = mixed_model
+    monkeypatch.setenv("GGUFLM_MATMUL", "gemm")
+    monkeypatch.setattr(m, "decode_rows", decode_rows == "gemv")
+    ahead_steps = []
+    real = Scheduler._ahead
+    monkeypatch.setattr(Scheduler, "_ahead", lambda self: ahead_steps.append(real(self)) or ahead_steps[-1])
+    greedy = SamplingParams(temperature=0)
+    prompts = [IDS[:4], IDS[1:6], IDS[2:6], IDS, IDS[:3], IDS[3:]]
+    jobs = [Job(tuple(p), greedy if i % 2 == 0 else SamplingParams(temperature=0.9, seed=i), n, ignore_eos=True)
+            for i, (p, n) in enumerate(zip(prompts, [12, 10, 1, 12, 7, 11]))]
+    jobs.append(Job(tuple(IDS[:5]), greedy, 4, ignore_eos=True, top_logprobs=2))
+    for paged in (False, True):
+        kw = {"block_size": 4, "kv_blocks": 10} if paged else {}
+        m.use_paged_cache(paged)
+        try:
+            runs = {pipe: _served(m, jobs, replay=paged and decode_rows == "gemv", n_slots=4, n_ctx=32,
+                                  prefill_chunk=4, pipeline=pipe, **kw) for pipe in (False, True)}
+        finally:
+            m.use_paged_cache(False)
+        (base, snap), (ahead, snap1) = runs[False], runs[True]
+        assert [_result(ev)[:2] for ev in ahead] == [_result(ev)[:2] for ev in base], paged
+        assert [len(_result(ev)[0]) for ev in base] == [j.max_tokens for j in jobs]
+        assert snap1["generation_tokens"] == snap["generation_tokens"]
+        if paged:
+            assert snap["preemptions"] > 0 and snap1["preemptions"] > 0, "the pool never ran out"
+    assert sum(ahead_steps) > 10, "never ran ahead: the test proves nothing"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_decode_rows_graphs_equal_eager_on_the_gpu(tiny_model, monkeypatch):
     """On the device (the CUDA rows GEMV, captured graphs) with ``GGUFLM_CUDA_DECODE_ROWS=gemv``:
     decode steps of 1, 2, 3 and 8 rows and a mixed step (3 decode rows + a 5-token prompt

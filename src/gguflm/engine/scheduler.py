@@ -25,7 +25,8 @@ loop repeats one *step*:
    them together in ONE batched forward (``tokens [B, 1]`` at their own positions in
    their own slots; or in forwards of ``max_batch_rows``); each row is sampled with its
    request's own parameters, history and random generator, on the device that holds the
-   logits, and the step's chosen ids are read back at once (the only copy to the host),
+   logits, and the step's chosen ids are read back at once (the only copy to the host;
+   one step later where the scheduler runs ahead, below),
    so a request's tokens do not depend on who else is in the batch (up to float rounding
    of a batched matmul).
 
@@ -50,17 +51,29 @@ step is as wide as what is live and a prompt never waits for the decodes (chunke
 prefill mixed with decode). On CUDA the same (unless ``GGUFLM_CUDA_MIXED=0``) over
 batch-invariant kernels (the batched step, captured per power-of-two width).
 
-A scheduler of one slot on an asynchronous device (CUDA: ``generate()``, ``run``,
-``bench``) *runs ahead* (``pipeline``): the id a decode step chooses stays on the device
-and is fed to the next step (:meth:`Model.decode_one`, the position counted there too),
-which is launched before the host reads that id (copied into pinned memory behind an
-event, read one step late). Detokenization, stop strings and the caller's own work then
-overlap the next step. The host sees an end (end of generation, stop string) one step
-late: that step's id is discarded and the key/value it wrote lies past the positions
-the slot holds (never read). Where the end does not depend on the token (max_tokens, a
-full context) no extra step is launched. The tokens are the same as without running
-ahead (the chain draws in the same order; a request that keeps logits, asks for
-log-probabilities or uses penalties, which need the host's history, does not run ahead).
+On an asynchronous device (CUDA) the scheduler *runs ahead* (``pipeline``; the
+default for one slot — ``generate()``, ``run``, ``bench`` — and for mixed steps): the ids a
+step chooses stay on the device and are fed to the next step, which is launched before
+the host reads them (copied into pinned memory behind an event, read one step late).
+Accepting them (detokenization, stop strings, emitting, the HTTP streams, block
+bookkeeping, building the next step's inputs) then overlaps the next step on the device.
+A step's decode rows take their tokens from the device (gathered from the ids of the
+step in flight) or from the host (a token read already; a preempted request's generated
+tokens fed again), its prompt chunks from the host; positions are known on the host
+(a running request advances by one a step). One slot decodes through the model's
+one-sequence step (:meth:`Model.decode_one`: the decode graph), several through the
+mixed step. The host sees an end (end of generation, stop string) one step late: the
+row launched for that request is discarded, and the key/value it wrote lies past the
+positions the request holds (never read; with a paged cache in a block the request held
+at launch, given back only later, after that write in the stream's order). Where the end
+does not depend on the token (max_tokens, a full context) no row is launched. Whatever
+needs the host's view of a step before the next is built *drains* instead: the step in
+flight is read first and the step is read at once (unpipelined), while a request that
+keeps logits, asks for log-probabilities or uses penalties (which need its history) is
+running, and when the block pool cannot hold the step's positions (preemption takes a
+request with everything the host knows of it). A request cancelled meanwhile is dropped
+with its id unread. The tokens are those of the scheduler that reads every step first
+(each request's sampling chain draws in the same order).
 
 For a model that is not ``batch_invariant`` (CUDA: one row and many rows, a prompt alone
 and padded beside others, run different kernels), the scheduler keeps what a request
@@ -593,7 +606,8 @@ class Scheduler:
         ``last`` from the host, or the id the step in flight chose, ``feed[where[s]]`` on the
         device), then the prompt ``chunks``; choose the next tokens on the device. Nothing
         is read here. The host's view moves on by what it knows: prompt chunks and decode
-        rows it fed are counted now, a row fed from the device when its id is read."""
+        rows it fed are counted now, a row fed from the device when its id is read.
+        Returns the ids it chose (None if no row chooses)."""
         if not decode and not chunks:
             return None
         n = len(decode) + sum(len(c) for _, c in chunks)
@@ -621,7 +635,7 @@ class Scheduler:
             kinds = {"n_decode": len(decode)} if self._row_kinds else {}  # decode rows lead (Model.row_kinds)
             logits = self.model.forward(tok[:, None], pos[:, None], self.cache, slot,
                                         select=inputs[3 * n:3 * n + len(select)], **kinds)    # [len(select), V]
-        order, ids = self._pick(seqs, logits, range(len(seqs)))
+        flight = _Flight(seqs, None if ahead else logits, *self._pick(seqs, logits, range(len(seqs))), ahead) if seqs else None
         for s in decode:
             if s.last is not None:
                 s.n_past += 1
@@ -633,7 +647,7 @@ class Scheduler:
                 self.cache.publish(s.slot, s.history[:s.n_past])
             if not s.todo and s.replay:       # a preempted request's generated tokens come next
                 s.last = s.replay.pop(0)
-        return _Flight(seqs, None if ahead else logits, order, ids, ahead)
+        return flight
 
     def _land(self, flights: list[_Flight], relaunched: set[_Seq] = frozenset()) -> None:
         """Read the ids ``flights`` chose and accept each (in row order); a request in
