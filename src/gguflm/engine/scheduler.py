@@ -635,7 +635,9 @@ class Scheduler:
             kinds = {"n_decode": len(decode)} if self._row_kinds else {}  # decode rows lead (Model.row_kinds)
             logits = self.model.forward(tok[:, None], pos[:, None], self.cache, slot,
                                         select=inputs[3 * n:3 * n + len(select)], **kinds)    # [len(select), V]
-        flight = _Flight(seqs, None if ahead else logits, *self._pick(seqs, logits, range(len(seqs))), ahead) if seqs else None
+        flight = None
+        if seqs:   # the logits are kept only for a step read at once (running ahead, nobody needs them)
+            flight = _Flight(seqs, None if ahead else logits, *self._pick(seqs, logits, range(len(seqs))), ahead)
         for s in decode:
             if s.last is not None:
                 s.n_past += 1
