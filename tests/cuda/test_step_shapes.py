@@ -49,8 +49,10 @@ class ShapeModel:
     def pin_decode_width(self, cache: KVCache) -> None:
         raise AssertionError("a batch-invariant model is never pinned")
 
-    def forward(self, tokens, positions, cache, slots, last_only=False, select=None, n_decode=None):
+    def forward(self, tokens, positions, cache, slots, last_only=False, select=None, n_decode=None, selected=None):
         assert select is not None and tokens.shape[1] == 1, "every server step is a mixed step"
+        if selected is not None:
+            assert list(selected) == select.tolist()
         self.keys.append(step_shape(tokens.shape[0], n_decode or 0, select.tolist(), cache.n_slots,
                                     self.row_kinds))
         return torch.zeros(len(select), N_VOCAB)

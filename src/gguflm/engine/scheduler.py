@@ -632,7 +632,7 @@ class Scheduler:
         if not self._mixed:   # one slot running ahead, no prompt rows: the model's one-sequence step
             logits = self.model.decode_one(tok, pos, self.cache, decode[0].slot)                # [1, V]
         else:
-            kinds = {"n_decode": len(decode)} if self._row_kinds else {}  # decode rows lead (Model.row_kinds)
+            kinds = {"n_decode": len(decode), "selected": select} if self._row_kinds else {}  # decode rows lead
             logits = self.model.forward(tok[:, None], pos[:, None], self.cache, slot,
                                         select=inputs[3 * n:3 * n + len(select)], **kinds)    # [len(select), V]
         flight = None

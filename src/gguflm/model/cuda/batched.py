@@ -75,7 +75,7 @@ from gguflm.model.config import ModelConfig
 from gguflm.model.cuda.decode import DecodeRows, attention_splits
 from gguflm.model.cuda.forward import Rows, rope_tables
 from gguflm.model.cuda.weights import HALF, CudaLayer, CudaWeights
-from gguflm.model.kv_cache import KVCache
+from gguflm.model.kv_cache import KVCache, host_to_device
 from gguflm.model.decoder import decoder
 from gguflm.model.layers import Rope
 from gguflm.kernels.triton.attention import AttentionWorkspace, decode_attention
@@ -240,7 +240,7 @@ class BatchedDecode:
         prompt = [i - n_decode for i in index if i >= n_decode]
         if len(prompt) > self.hp:
             raise ValueError(f"{len(prompt)} selected prompt rows exceed the step's {self.hp} head rows")
-        self.head_idx.copy_(torch.tensor(prompt + [0] * (self.hp - len(prompt))))
+        self.head_idx.copy_(host_to_device(prompt + [0] * (self.hp - len(prompt)), self.head_idx.device))
         at, j = [], 0
         for i in index:
             if i < n_decode:
@@ -248,7 +248,7 @@ class BatchedDecode:
             else:
                 at.append(self.dw + j)
                 j += 1
-        return torch.tensor(at, dtype=torch.long).to(self.head_idx.device, non_blocking=True)
+        return host_to_device(at, self.head_idx.device)   # pinned: no wait for a step in flight
 
     def select_rows(self, index: torch.Tensor, n_decode: int, at: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [len(index), n_vocab]: the logits of input rows ``index`` (Long, on the

@@ -175,7 +175,7 @@ class CudaModel(Model):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 slots: torch.Tensor, last_only: bool = False, select: torch.Tensor | None = None,
-                n_decode: int | None = None) -> torch.Tensor:
+                n_decode: int | None = None, selected: Sequence[int] | None = None) -> torch.Tensor:
         """Batched step (see :meth:`Transformer.forward`). One token of one sequence runs
         the decode graph; one token of each of several sequences the batched step (rows
         of a T = 1 step must have positions >= 0 and distinct slots); a run of tokens of
@@ -187,12 +187,13 @@ class CudaModel(Model):
         other steps the padded-rows path. ``select`` (Long, flat row indices): a mixed step of
         one-token rows that may share slots (see the module docstring) -> float32
         [len(select), n_vocab], the logits of those rows. ``n_decode`` (with :attr:`row_kinds`):
-        the first ``n_decode`` rows of such a step are decode rows (default: none)."""
+        the first ``n_decode`` rows of such a step are decode rows (default: none); ``selected``:
+        ``select``'s values on the host (else read from the device: a wait for a step in flight)."""
         if select is not None:
             if tokens.shape[1] != 1 or cache.k.dtype != HALF:
                 raise ValueError("a step with select is one token per row over a float16 cache")
             n, n_dec = tokens.shape[0], (n_decode or 0) if self.decode_rows else 0
-            index = select.tolist() if self.decode_rows else []  # a few ids (the inputs were just copied in: no wait)
+            index = (list(selected) if selected is not None else select.tolist()) if self.decode_rows else []
             width, dw, hp = step_shape(n, n_dec, index, cache.n_slots, self.decode_rows)
             step = self.batched(cache, n, width=width, decode_width=dw, head_rows=hp)
             if not self.decode_rows:
