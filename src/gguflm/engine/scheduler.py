@@ -93,6 +93,7 @@ callback, called on the worker thread, as :class:`Piece`, then one :class:`Done`
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 import traceback
@@ -305,8 +306,8 @@ class Scheduler:
         device = self.cache.k.device
         self._eog_dev = torch.tensor(self._eog_index, device=device) if self._eog_index else None
         flat = model.flat_steps_over(self.cache) and self._shared_steps
-        if pipeline is None:
-            pipeline = device.type == "cuda" and (n_slots == 1 or flat)
+        if pipeline is None:   # GGUFLM_PIPELINE=0: several slots step one at a time (for measuring)
+            pipeline = device.type == "cuda" and (n_slots == 1 or (flat and os.environ.get("GGUFLM_PIPELINE") != "0"))
         if pipeline and n_slots > 1 and not flat:
             raise ValueError("running ahead over several slots needs mixed steps (a batch-invariant model)")
         self._pipeline = pipeline
