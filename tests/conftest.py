@@ -262,3 +262,34 @@ def pytest_sessionfinish(session, exitstatus):
         else:
             print(line, file=sys.stderr)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+INVARIANT_N_CTX = 256
+
+
+@pytest.fixture(scope="module")
+def invariant_model(smollm2_path):
+    """SmolLM2 in the CPU's batch-invariant mode (a module's tests, in tests/server and
+    tests/engine), n_ctx INVARIANT_N_CTX: outputs that must be bit-identical alone and among
+    others (paged cache, preemption, running ahead)."""
+    import gguflm
+    from gguflm.quant import cpu
+
+    if not (cpu.available() and cpu.simd_available()):
+        pytest.skip("batch invariance is the AVX-512 path's (the portable path switches to sgemm)")
+    old = cpu.set_batch_invariant(True)
+    try:
+        yield gguflm.load(smollm2_path, n_ctx=INVARIANT_N_CTX)
+    finally:
+        cpu.set_batch_invariant(old)
+
+
+# prompts of the scheduler tests that run several requests at once (tests/server, tests/engine)
+SCHEDULER_PROMPTS = ("The history of the printing press begins", "Once upon a time, in a village by the sea,",
+                     "The three laws of thermodynamics state that", "A recipe for bread: first, take",
+                     "def fibonacci(n):\n", "In 1969, the first humans")
+
+
+@pytest.fixture(scope="session")
+def scheduler_prompts() -> list[str]:
+    return list(SCHEDULER_PROMPTS)

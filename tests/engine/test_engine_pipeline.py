@@ -22,26 +22,14 @@ import pytest
 from gguflm.engine.sampling import SamplingParams
 from gguflm.engine.scheduler import Done, Job, Piece, Scheduler, run_jobs
 
-N_CTX = 256
+N_CTX = 256  # the invariant_model fixture's context (tests/conftest.py INVARIANT_N_CTX)
 GREEDY = SamplingParams(temperature=0)
-PROMPTS = ["The history of the printing press begins", "Once upon a time, in a village by the sea,",
-           "The three laws of thermodynamics state that", "A recipe for bread: first, take",
-           "def fibonacci(n):\n", "In 1969, the first humans"]
 
 
 @pytest.fixture(scope="module")
-def model(smollm2_path):
-    """SmolLM2 in the CPU's batch-invariant mode (this module's tests)."""
-    import gguflm
-    from gguflm.quant import cpu
-
-    if not (cpu.available() and cpu.simd_available()):
-        pytest.skip("batch invariance is the AVX-512 path's (the portable path switches to sgemm)")
-    old = cpu.set_batch_invariant(True)
-    try:
-        yield gguflm.load(smollm2_path, n_ctx=N_CTX)
-    finally:
-        cpu.set_batch_invariant(old)
+def model(invariant_model):
+    """SmolLM2 in the CPU's batch-invariant mode (tests/conftest.py), n_ctx N_CTX."""
+    return invariant_model
 
 
 def seeded(i: int) -> SamplingParams:
@@ -99,21 +87,22 @@ def counts(snap: dict) -> dict:
     return {k: snap[k] for k in ("prompt_tokens", "generation_tokens", "finished")}
 
 
-def test_running_ahead_gives_every_request_the_same_tokens(model):
+def test_running_ahead_gives_every_request_the_same_tokens(scheduler_prompts, model):
     """9 requests on 4 slots of 192 positions: greedy and seeded, stop strings met
     mid-stream, end of generation, max_tokens of 1 to 40, a full context, prompts sharing
     their head (prefix caching); also with the decode rows over several forwards a step
     (max_batch_rows)."""
+    prompts = scheduler_prompts
     chat = ids(model, model.chat_prompt([{"role": "user", "content": "Name three colours."}]))
-    jobs = [Job(ids(model, PROMPTS[0]), GREEDY, 40, stop=("printing",)),
-            Job(ids(model, PROMPTS[1]), seeded(1), 30, ignore_eos=True),
+    jobs = [Job(ids(model, prompts[0]), GREEDY, 40, stop=("printing",)),
+            Job(ids(model, prompts[1]), seeded(1), 30, ignore_eos=True),
             Job(chat, GREEDY, None),                                   # ends at end of generation
-            Job(ids(model, PROMPTS[3]), seeded(3), 1),
-            Job(ids(model, PROMPTS[4]), GREEDY, 30, stop=("if",)),
+            Job(ids(model, prompts[3]), seeded(3), 1),
+            Job(ids(model, prompts[4]), GREEDY, 30, stop=("if",)),
             Job(chat, seeded(5), 25, stop=("\n",)),
-            Job(ids(model, PROMPTS[5]), GREEDY, 5),
-            Job(ids(model, PROMPTS[2]), seeded(7), 40, stop=("energy",)),
-            Job(ids(model, PROMPTS[5]), GREEDY, None, ignore_eos=True)]      # to a full context
+            Job(ids(model, prompts[5]), GREEDY, 5),
+            Job(ids(model, prompts[2]), seeded(7), 40, stop=("energy",)),
+            Job(ids(model, prompts[5]), GREEDY, None, ignore_eos=True)]      # to a full context
     base, snap, _ = served(model, jobs, False, n_ctx=192)
     assert [r[3] for r in base[:5]] == ["stop", "length", "stop", "length", "stop"]
     assert len(jobs[-1].prompt) + len(base[-1][1]) == 192 + 1 and base[-1][3] == "length"
@@ -126,15 +115,16 @@ def test_running_ahead_gives_every_request_the_same_tokens(model):
         assert counts(snap1) == counts(snap)
 
 
-def test_requests_that_need_the_host_view_drain(model):
+def test_requests_that_need_the_host_view_drain(scheduler_prompts, model):
     """Requests asking for log-probabilities or using penalties beside others that run
     ahead: while they run, every step is read at once; before and after, the steps run
     ahead. Same tokens, text and log-probabilities."""
-    jobs = [Job(ids(model, PROMPTS[0]), GREEDY, 40, ignore_eos=True),
-            Job(ids(model, PROMPTS[1]), seeded(1), 40, ignore_eos=True),
-            Job(ids(model, PROMPTS[2]), GREEDY, 6, top_logprobs=2, ignore_eos=True),
-            Job(ids(model, PROMPTS[3]), SamplingParams(temperature=0.8, repeat_penalty=1.3, seed=3), 8),
-            Job(ids(model, PROMPTS[4]), seeded(4), 40, stop=("return",))]
+    prompts = scheduler_prompts
+    jobs = [Job(ids(model, prompts[0]), GREEDY, 40, ignore_eos=True),
+            Job(ids(model, prompts[1]), seeded(1), 40, ignore_eos=True),
+            Job(ids(model, prompts[2]), GREEDY, 6, top_logprobs=2, ignore_eos=True),
+            Job(ids(model, prompts[3]), SamplingParams(temperature=0.8, repeat_penalty=1.3, seed=3), 8),
+            Job(ids(model, prompts[4]), seeded(4), 40, stop=("return",))]
     base, snap, _ = served(model, jobs, False)
     ahead, snap1, sched = served(model, jobs, True)
     assert sched.n_ahead > 10 and sched.n_drained > 3
@@ -143,13 +133,14 @@ def test_requests_that_need_the_host_view_drain(model):
 
 
 @pytest.mark.parametrize("replay", [False, True], ids=["prefilled-again", "replayed"])
-def test_running_ahead_through_preemption(model, replay):
+def test_running_ahead_through_preemption(scheduler_prompts, model, replay):
     """6 requests of ~10 prompt + 40 generated tokens on 6 slots and a pool of 8 blocks of
     16 (2-3 requests at a time): when the pool runs out, the step in flight is read first
     and the youngest request preempted; it comes back (its generated tokens prefilled, or
     replayed as decode rows) and ends as without running ahead."""
+    prompts = scheduler_prompts
     jobs = [Job(ids(model, p), GREEDY if i % 2 == 0 else seeded(i), 40, ignore_eos=True)
-            for i, p in enumerate(PROMPTS)]
+            for i, p in enumerate(prompts)]
     base, snap, _ = served(model, jobs, False, replay, n_slots=6, kv_blocks=8)
     ahead, snap1, sched = served(model, jobs, True, replay, n_slots=6, kv_blocks=8)
     assert snap["preemptions"] > 0 and snap1["preemptions"] > 0, "the pool never ran out: the test proves nothing"
@@ -158,12 +149,13 @@ def test_running_ahead_through_preemption(model, replay):
     assert counts(snap1) == counts(snap)
 
 
-def test_a_request_cancelled_while_running_ahead(model):
+def test_a_request_cancelled_while_running_ahead(scheduler_prompts, model):
     """One request cancelled after its third piece (the loop stepped by hand): it gets no
     further event, its id in flight is dropped unread; the others end as without running
     ahead, and the pool is whole again."""
+    prompts = scheduler_prompts
     jobs = [Job(ids(model, p), GREEDY if i % 2 == 0 else seeded(i), 20, ignore_eos=True)
-            for i, p in enumerate(PROMPTS[:4])]
+            for i, p in enumerate(prompts[:4])]
 
     def run(pipeline: bool) -> tuple[list, int]:
         sched = Counted(model, 4, block_size=16, prefill_chunk=8, prefill_budget=24, start=False, pipeline=pipeline)

@@ -151,22 +151,3 @@ def client(server: Server):
 @pytest.fixture(scope="session")
 def questions() -> list[str]:
     return list(QUESTIONS)
-
-
-INVARIANT_N_CTX = 256
-
-
-@pytest.fixture(scope="module")
-def invariant_model(smollm2_path):
-    """SmolLM2 in the CPU's batch-invariant mode (a module's tests), n_ctx INVARIANT_N_CTX:
-    outputs that must be bit-identical alone and among others (paged cache, preemption)."""
-    import gguflm
-    from gguflm.quant import cpu
-
-    if not (cpu.available() and cpu.simd_available()):
-        pytest.skip("batch invariance is the AVX-512 path's (the portable path switches to sgemm)")
-    old = cpu.set_batch_invariant(True)
-    try:
-        yield gguflm.load(smollm2_path, n_ctx=INVARIANT_N_CTX)
-    finally:
-        cpu.set_batch_invariant(old)

@@ -25,9 +25,6 @@ from gguflm.engine.scheduler import Done, Job, KVPoolError, Scheduler, run_jobs
 N_CTX = 256  # the invariant_model fixture's context (conftest.INVARIANT_N_CTX)
 
 GREEDY = SamplingParams(temperature=0)
-PROMPTS = ["The history of the printing press begins", "Once upon a time, in a village by the sea,",
-           "The three laws of thermodynamics state that", "A recipe for bread: first, take",
-           "def fibonacci(n):\n", "In 1969, the first humans"]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +51,10 @@ def same(a: Done, b: Done) -> bool:
         torch.equal(x, y) for x, y in zip(a.logits, b.logits))
 
 
-def jobs_for(model, n_gen: int) -> list[Job]:
+def jobs_for(model, prompts: list[str], n_gen: int) -> list[Job]:
     return [Job(tuple(model.encode_prompt(p)),
                 GREEDY if i % 2 == 0 else SamplingParams(temperature=0.9, top_p=0.95, seed=7 + i),
-                n_gen, ignore_eos=True, keep_logits=True) for i, p in enumerate(PROMPTS)]
+                n_gen, ignore_eos=True, keep_logits=True) for i, p in enumerate(prompts)]
 
 
 def check_pool_whole(sched: Scheduler) -> None:
@@ -68,10 +65,10 @@ def check_pool_whole(sched: Scheduler) -> None:
 
 
 @pytest.mark.parametrize("mixed", [True, False], ids=["mixed-step", "prefill-then-decode"])
-def test_preempted_requests_equal_alone(model, mixed) -> None:
+def test_preempted_requests_equal_alone(scheduler_prompts, model, mixed) -> None:
     """6 requests of ~10 prompt + 40 generated tokens on 6 slots and a pool of 8 blocks of
     16 (128 positions: 2-3 requests at a time): every one finishes, ids and logits as alone."""
-    jobs = jobs_for(model, 40)
+    jobs = jobs_for(model, scheduler_prompts, 40)
     sched = Scheduler(model, n_slots=len(jobs), block_size=16, kv_blocks=8, prefill_chunk=8, prefill_budget=24)
     sched._mixed = sched._mixed and mixed   # the path of models without flat steps (CUDA, the torch block)
     try:
@@ -88,10 +85,11 @@ def test_preempted_requests_equal_alone(model, mixed) -> None:
     assert all(d.n_completion == 40 for d in together)
 
 
-def test_too_large_for_the_pool(model) -> None:
+def test_too_large_for_the_pool(scheduler_prompts, model) -> None:
+    prompts = scheduler_prompts
     sched = Scheduler(model, n_slots=2, block_size=16, kv_blocks=4)   # 64 positions
     try:
-        prompt = tuple(model.encode_prompt(PROMPTS[0]))
+        prompt = tuple(model.encode_prompt(prompts[0]))
         with pytest.raises(KVPoolError, match="--kv-size"):
             sched.submit(Job(prompt, GREEDY, 64 - len(prompt) + 2), lambda ev: None)
         # without max_tokens: the pool is its context; it ends with "length", nothing fails
@@ -103,10 +101,11 @@ def test_too_large_for_the_pool(model) -> None:
         sched.close()
 
 
-def test_cancel_while_preempted(model) -> None:
+def test_cancel_while_preempted(scheduler_prompts, model) -> None:
     """A request cancelled while it waits preempted leaves the queue with no further event;
     the others finish; the pool is whole again (the loop stepped by hand)."""
-    jobs = [Job(tuple(model.encode_prompt(p)), GREEDY, 40, ignore_eos=True) for p in PROMPTS[:3]]
+    prompts = scheduler_prompts
+    jobs = [Job(tuple(model.encode_prompt(p)), GREEDY, 40, ignore_eos=True) for p in prompts[:3]]
     sched = Scheduler(model, n_slots=3, block_size=16, kv_blocks=4, start=False)   # 64 positions
     events: list[list] = [[] for _ in jobs]
     tickets = [sched.submit(job, events[i].append) for i, job in enumerate(jobs)]
@@ -133,13 +132,13 @@ def test_cancel_while_preempted(model) -> None:
         sched.close()
 
 
-def test_server_preempts_and_counts(model, smollm2_path, start_server, tmp_path) -> None:
+def test_server_preempts_and_counts(scheduler_prompts, model, smollm2_path, start_server, tmp_path) -> None:
     """The real server, 4 slots and --kv-size 96 (6 blocks): 4 concurrent completions of 40
     tokens each (greedy and seeded) equal, token texts and logprobs, the same requests sent
     alone afterwards; /metrics counts the preemptions; a request the pool cannot hold alone
     is a 400 context_length_exceeded."""
     httpx = pytest.importorskip("httpx")
-    jobs = jobs_for(model, 40)[:4]
+    jobs = jobs_for(model, scheduler_prompts, 40)[:4]
     with start_server(smollm2_path, tmp_path / "serve.log", "--kv-size", "96", "--batch-invariant",
                       parallel=4, n_ctx=N_CTX) as srv:
         def complete(job: Job) -> tuple[list, list]:
