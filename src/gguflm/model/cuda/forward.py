@@ -53,6 +53,7 @@ def prefill_bucket(T: int, room: int) -> int | None:
     positions (the first of :data:`PREFILL_BUCKETS` that holds it), or None (run as is)."""
     return next((b for b in PREFILL_BUCKETS if T <= b <= room), None)
 
+
 def cuda_unsupported(cfg: ModelConfig) -> str | None:
     """Why the fused CUDA kernels cannot compute this model, or None: the attention and
     RoPE kernels need a power-of-two head size."""
@@ -236,7 +237,7 @@ def forward_plain(cfg: ModelConfig, w: CudaWeights, rope: Rope, tokens: torch.Te
     captured in a CUDA graph). -> float32 [1, n_vocab] (last_only: of the last row, or of
     row ``last`` (Long [1], on the device) of a padded run) or [1, T, n_vocab]."""
     T = tokens.shape[0]
-    with one_sequence():                                   # the unsplit fused GEMM (see weights.one_sequence)
+    with one_sequence():          # the unsplit fused GEMM, cuBLAS from 64 rows (see weights.one_sequence)
         ops = Rows(cfg, w, tokens)
         decoder(w.layers, ops, attention_plain(cfg, rope, p0, k_cache, v_cache, plain_masks(cfg, p0, T, tokens.device)))
         x = ops.flush()

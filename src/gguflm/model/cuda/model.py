@@ -70,7 +70,7 @@ from gguflm.model.model import Model
 
 MAX_GRAPHS = 4  # captured decode graphs kept (one per cache slot in use), least recent dropped
 MAX_PREFILL_GRAPHS = 2  # captured prefills of other shapes kept, least recent dropped
-MAX_BUCKET_GRAPHS = 2 * len(PREFILL_BUCKETS)  # those graphs kept (per cache slot and output), least recent dropped
+MAX_BUCKET_GRAPHS = 2 * len(PREFILL_BUCKETS)  # prompt-length graphs kept (all cache slots), least recent dropped
 MAX_BATCHED = 12  # batched steps kept (one per cache, width, decode width, head rows), least recent dropped
 
 

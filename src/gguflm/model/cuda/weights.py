@@ -73,6 +73,7 @@ def one_sequence():
     batch invariance across a step's rows is not at stake, and the unsplit kernel is the
     faster one for a prompt (H200, TinyLlama-1.1B shape Q4_K_M, fresh pp512: 27.2k tok/s
     unsplit, 18.8k with the splits; benchmarks/results/2026-12-05-h200-generate*.json).
+    Runs of at least ``GGUFLM_SEQ_CUBLAS_ROWS`` tokens take cuBLAS instead (:func:`_fused_for`).
     The batched step's rows (the server) keep the splits, fixed by the weight alone."""
     token = _one_sequence.set(True)
     try:
