@@ -6,13 +6,16 @@ Two formats share one interface (:class:`ChatFormat` for ``/v1/chat/completions`
 
 * ``chunk(piece)`` / ``opening()`` / ``closing(done)`` / ``usage_chunk(done)``: the
   objects of a stream, each sent as one server-sent event ``data: {json}\\n\\n``,
-  the stream ending with ``data: [DONE]``;
+  the stream ending with ``data: [DONE]``; ``text_event(text)``: the event of a
+  ``chunk`` without logprobs, the same bytes as ``sse(chunk(Piece(text)))``, from a
+  template (only the text is encoded per token);
 * ``response(pieces, done)``: the one object of a non-streamed answer.
 """
 
 from __future__ import annotations
 
 import json
+import json.encoder
 import time
 import uuid
 from collections.abc import Sequence
@@ -21,6 +24,8 @@ from typing import Any, Protocol
 from gguflm.engine.scheduler import Done, Piece, TokenLogprob
 
 SSE_DONE = b"data: [DONE]\n\n"
+_MARK = "\x00gguflm-text\x00"   # stands for the text in a chunk's template (no model id holds a NUL)
+_encode_str = json.encoder.encode_basestring   # json.dumps of a str (ensure_ascii=False), without the checks
 
 
 def sse(obj: dict[str, Any]) -> bytes:
@@ -46,6 +51,16 @@ class _Format:
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model_id, self.tokenizer, self.include_usage = model_id, tokenizer, include_usage
+        head, mark, tail = sse(self.chunk(Piece(_MARK), False)).partition(_encode_str(_MARK).encode())
+        assert mark and _encode_str(_MARK).encode() not in tail
+        self._head, self._tail = head, tail
+
+    def text_event(self, text: str) -> bytes:
+        """``sse(self.chunk(Piece(text), False))``, from the template."""
+        return self._head + _encode_str(text).encode() + self._tail
+
+    def chunk(self, piece: Piece, with_logprobs: bool) -> dict[str, Any]:
+        raise NotImplementedError
 
     def _envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model_id,

@@ -68,6 +68,8 @@ class TextAssembler:
         self._checked = 0   # characters of _held already known to end no stop string
 
     def push(self, piece: bytes) -> tuple[str, bool]:
+        if not self.stop:   # nothing to hold back but a character's missing bytes (the decoder's)
+            return self._decoder.decode(piece), False
         self._held += self._decoder.decode(piece)
         return self._release()
 
@@ -80,12 +82,15 @@ class TextAssembler:
         return text
 
     def _release(self) -> tuple[str, bool]:
-        held = self._held
-        for end in range(self._checked + 1, len(held) + 1):
-            done = [len(s) for s in self.stop if held.endswith(s, 0, end)]
-            if done:
-                self._held, self._checked = "", 0
-                return held[:end - max(done)], True
+        held, checked = self._held, self._checked
+        end, longest = 0, 0   # the first end of a stop string past ``checked``, the longest ending there
+        for s in self.stop:
+            i = held.find(s, max(checked + 1 - len(s), 0))
+            if i >= 0 and (not end or i + len(s) < end or (i + len(s) == end and len(s) > longest)):
+                end, longest = i + len(s), len(s)
+        if end:
+            self._held, self._checked = "", 0
+            return held[:end - longest], True
         keep = max((_overlap(held, s) for s in self.stop), default=0)
         self._held = held[len(held) - keep:]
         self._checked = len(self._held)

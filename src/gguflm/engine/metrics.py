@@ -77,14 +77,17 @@ class Metrics:
             self.prefix_hits += n_cached > 0
             self.queue_time.observe(waited)
 
-    def token(self, first: bool, latency: float, generated: bool = True) -> None:
-        """A chosen token; ``latency``: since submission (the first) or since the previous
-        token; ``generated``: it counts as generated (an end-of-generation token does not)."""
-        now = time.perf_counter()
+    def tokens(self, now: float, first: list[float], later: list[float], generated: int) -> None:
+        """A step's chosen tokens at ``now`` (``time.perf_counter()``): the latencies of
+        first tokens (since submission) and of later ones (since the request's previous
+        token), and how many count as generated (end-of-generation tokens do not)."""
         with self._lock:
             self.generation_tokens += generated
-            (self.ttft if first else self.itl).observe(latency)
-            self._recent.append((now, int(generated)))
+            for latency in first:
+                self.ttft.observe(latency)
+            for latency in later:
+                self.itl.observe(latency)
+            self._recent.append((now, generated))
             while self._recent and self._recent[0][0] < now - RATE_WINDOW:
                 self._recent.popleft()
 

@@ -302,6 +302,7 @@ class Scheduler:
         if not self._shared_steps:
             model.pin_decode_width(self.cache)
         self._eog = frozenset(llm.tokenizer.eog_ids)
+        self._piece = llm.tokenizer.token_to_piece
         self._eog_index = sorted(self._eog)
         device = self.cache.k.device
         self._eog_dev = torch.tensor(self._eog_index, device=device) if self._eog_index else None
@@ -322,6 +323,11 @@ class Scheduler:
         self._preempted: collections.deque[_Seq] = collections.deque()  # admitted before _waiting
         self._free = list(range(n_slots))
         self.metrics = Metrics()
+        # a step's events and token latencies, sent once it ends (_deliver: the metrics first)
+        self._outbox: list[tuple[Ticket, Event]] = []
+        self._ttfts: list[float] = []
+        self._itls: list[float] = []
+        self._generated = 0
         self._active: list[_Seq] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -403,9 +409,12 @@ class Scheduler:
         """One step of the loop on the calling thread (``start=False``): admit, prefill,
         decode. A model failure raises here (the loop of :meth:`run` fails the requests
         instead)."""
-        with self._cond:
-            self._reap_and_admit()
-        self._step()
+        try:
+            with self._cond:
+                self._reap_and_admit()
+            self._step()
+        finally:
+            self._deliver()
 
     def run(self) -> None:
         """Run the loop on the calling thread until :meth:`close` (``start=False`` only)."""
@@ -429,6 +438,7 @@ class Scheduler:
                 self._flight = []
                 for seq in list(self._active):
                     self._finish(seq, Failed(f"generation failed: {type(e).__name__}: {e}"))
+            self._deliver()
         with self._cond:
             left = [s.ticket for s in self._active + list(self._preempted)] + list(self._waiting)
             self._active.clear()
@@ -436,6 +446,7 @@ class Scheduler:
             self._waiting.clear()
         for ticket in left:
             self._send(ticket, Failed("the server is shutting down"))
+        self._deliver()
 
     def _reap_and_admit(self) -> None:
         """(Lock held.) Free the slots of cancelled requests; move waiting ones into free
@@ -593,10 +604,10 @@ class Scheduler:
         """The running requests that feed a token this step (in admission order): a sampled
         token the host holds, or one the step in flight chose, unless that token is known
         to end the request (max_tokens, a full context): no row is launched for it."""
-        out = []
+        out, n_ctx = [], self.n_ctx
         for s in self._active:
             job = s.ticket.job
-            goes_on = s in where and (job.max_tokens is None or s.n_gen + 1 < job.max_tokens) and s.n_past < self.n_ctx
+            goes_on = s in where and (job.max_tokens is None or s.n_gen + 1 < job.max_tokens) and s.n_past < n_ctx
             if not s.ticket.cancelled and (s.last is not None or goes_on):
                 out.append(s)
         return out
@@ -777,20 +788,23 @@ class Scheduler:
         if tok < 0:
             raise SamplingError("cannot sample: the logits are not finite")
         now = time.perf_counter()
-        if seq.t_first is None:
+        if seq.t_last is None:
             seq.t_first = now
-        self.metrics.token(seq.t_last is None, now - (seq.t_last or seq.ticket.t_submit), tok not in self._eog)
+            self._ttfts.append(now - seq.ticket.t_submit)
+        else:
+            self._itls.append(now - seq.t_last)
         seq.t_last = now
         if job.keep_logits:
             seq.kept.append(logits.float().cpu())
         if tok in self._eog:
             self._finish(seq, seq.done("stop"))
             return
+        self._generated += 1
         seq.history.append(tok)
         seq.n_gen += 1
         if job.top_logprobs is not None:
             seq.logprobs.append(_logprob(logits, tok, job.top_logprobs))
-        text, stopped = seq.text.push(self.llm.tokenizer.token_to_piece(tok))
+        text, stopped = seq.text.push(self._piece(tok))
         if stopped:
             self._emit_piece(seq, text)
             self._finish(seq, seq.done("stop"))
@@ -823,8 +837,9 @@ class Scheduler:
         """:meth:`_choose` without the read: the rows in the order of the ids, and the ids
         (Long[len(rows)], on the logits' device)."""
         device = logits.device
-        plain = [(r, s.ticket.job) for s, r in zip(seqs, rows)
-                 if s.ticket.job.params.greedy and not s.ticket.job.params.penalties_enabled]
+        jobs = [s.ticket.job for s in seqs]
+        argmax = [job.params.greedy and not job.params.penalties_enabled for job in jobs]
+        plain = [(r, job) for r, job, a in zip(rows, jobs, argmax) if a]
         picked: list[torch.Tensor] = []
         if plain:
             index = [r for r, _ in plain]                    # increasing
@@ -837,11 +852,11 @@ class Scheduler:
                 else:
                     sel = sel.clone()
                     sel[host_to_device(masked, device)[:, None], eog[None, :]] = float("-inf")
-            picked.append(torch.where(torch.isfinite(sel.amax(dim=-1)), torch.argmax(sel, dim=-1), -1))
+            best, at = sel.max(dim=-1)   # the first index of the maximum, as argmax
+            picked.append(torch.where(torch.isfinite(best), at, -1))
         order = [r for r, _ in plain]
-        for seq, r in zip(seqs, rows):
-            job = seq.ticket.job
-            if job.params.greedy and not job.params.penalties_enabled:
+        for seq, r, job, a in zip(seqs, rows, jobs, argmax):
+            if a:
                 continue
             picked.append(choose(self._allowed(logits[r], job), job.params, seq.history, seq.generator).view(1))
             order.append(r)
@@ -868,15 +883,26 @@ class Scheduler:
             self._active.remove(seq)
             self._free_slot(seq)
 
-    @staticmethod
-    def _send(ticket: Ticket, event: Event) -> None:
-        if ticket.cancelled:
-            return
-        try:
-            ticket.emit(event)
-        except Exception:  # the receiver is gone (closed event loop...): treat as cancelled
-            traceback.print_exc()
-            ticket.cancelled = True
+    def _send(self, ticket: Ticket, event: Event) -> None:
+        """(Worker thread.) Queue ``event`` for ``ticket``; it goes out when the step ends."""
+        self._outbox.append((ticket, event))
+
+    def _deliver(self) -> None:
+        """(Worker thread.) The step's tokens into the metrics, then its events out, in
+        order (whoever hears of a token finds it counted; a receiver's wake-ups come
+        together: one per step, not one per token)."""
+        if self._ttfts or self._itls or self._generated:
+            self.metrics.tokens(time.perf_counter(), self._ttfts, self._itls, self._generated)
+            self._ttfts, self._itls, self._generated = [], [], 0
+        out, self._outbox = self._outbox, []
+        for ticket, event in out:
+            if ticket.cancelled:
+                continue
+            try:
+                ticket.emit(event)
+            except Exception:  # the receiver is gone (closed event loop...): treat as cancelled
+                traceback.print_exc()
+                ticket.cancelled = True
 
 
 def _read(t: torch.Tensor) -> list:

@@ -232,12 +232,9 @@ async def _stream(gen: Generation, fmt: ChatFormat | CompletionFormat, with_logp
             yield sse(opening)
         async for ev in gen.events():
             if isinstance(ev, Piece):
-                yield sse(fmt.chunk(ev, with_logprobs))
-            elif isinstance(ev, Done):
-                yield sse(fmt.closing(ev))
-                if fmt.include_usage:
-                    yield sse(fmt.usage_chunk(ev))
-                yield SSE_DONE
+                yield sse(fmt.chunk(ev, True)) if with_logprobs else fmt.text_event(ev.text)
+            elif isinstance(ev, Done):   # the last events in one write
+                yield sse(fmt.closing(ev)) + (sse(fmt.usage_chunk(ev)) if fmt.include_usage else b"") + SSE_DONE
             elif isinstance(ev, Failed):
                 yield sse(APIError(500, ev.message, "server_error").body())
     finally:

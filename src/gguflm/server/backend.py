@@ -1,15 +1,16 @@
 """The glue between the HTTP side (asyncio) and the scheduler (one worker thread).
 
 A request becomes a prompt (chat template + tokenizer), is checked against the context,
-and is submitted as a :class:`Job`; its events come back through an ``asyncio.Queue``
-filled from the worker thread through the loop's :class:`Mailbox` (one wake-up of the
-loop per burst of events). Cancelling a
+and is submitted as a :class:`Job`; its events come back to its :class:`Generation`
+from the worker thread through the loop's :class:`Mailbox` (one wake-up of the loop per
+burst of events: the scheduler sends a step's events together). Cancelling a
 :class:`Generation` frees its KV-cache slot at the scheduler's next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 import weakref
@@ -35,12 +36,12 @@ class Mailbox:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
         self._lock = threading.Lock()
-        self._items: list[tuple[asyncio.Queue, Event]] = []
+        self._items: list[tuple[Generation, Event]] = []
 
-    def post(self, queue: asyncio.Queue, ev: Event) -> None:
-        """(Any thread.) Queue ``ev`` for ``queue``; wake the loop if nothing is pending."""
+    def post(self, gen: Generation, ev: Event) -> None:
+        """(Any thread.) Queue ``ev`` for ``gen``; wake the loop if nothing is pending."""
         with self._lock:
-            self._items.append((queue, ev))
+            self._items.append((gen, ev))
             if len(self._items) > 1:
                 return
         self._loop.call_soon_threadsafe(self._drain)
@@ -48,8 +49,8 @@ class Mailbox:
     def _drain(self) -> None:
         with self._lock:
             items, self._items = self._items, []
-        for queue, ev in items:
-            queue.put_nowait(ev)
+        for gen, ev in items:
+            gen.put(ev)
 
 
 _MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
@@ -70,22 +71,36 @@ class Generation:
 
     def __init__(self, scheduler: Scheduler, job: Job):
         box = mailbox()
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._ticket = scheduler.submit(job, lambda ev: box.post(self._queue, ev))
+        self._loop = asyncio.get_running_loop()
+        self._pending: collections.deque[Event] = collections.deque()
+        self._waiter: asyncio.Future | None = None   # set while events() waits
+        self._ticket = scheduler.submit(job, lambda ev: box.post(self, ev))
+
+    def put(self, ev: Event) -> None:
+        """(On the event loop.) ``ev`` arrived."""
+        self._pending.append(ev)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def events(self) -> AsyncIterator[Event]:
         """The job's events; pieces that are already waiting when one is taken come as one
         (their texts and logprobs joined), so a loop that falls behind catches up."""
-        pending: Event | None = None
+        pending = self._pending
         while True:
-            ev = pending if pending is not None else await self._queue.get()
-            pending = None
-            while isinstance(ev, Piece) and not self._queue.empty():
-                nxt = self._queue.get_nowait()
-                if not isinstance(nxt, Piece):
-                    pending = nxt
-                    break
-                ev = Piece(ev.text + nxt.text, ev.logprobs + nxt.logprobs)
+            if not pending:
+                self._waiter = self._loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            ev = pending.popleft()
+            if isinstance(ev, Piece) and pending and isinstance(pending[0], Piece):
+                texts, logprobs = [ev.text], list(ev.logprobs)
+                while pending and isinstance(pending[0], Piece):
+                    nxt = pending.popleft()
+                    texts.append(nxt.text)
+                    logprobs += nxt.logprobs
+                ev = Piece("".join(texts), tuple(logprobs))
             yield ev
             if isinstance(ev, (Done, Failed)):
                 return
@@ -94,7 +109,7 @@ class Generation:
         """(On the event loop.) Stop the job; a waiting ``events()`` ends with ``Failed``."""
         if not self._ticket.cancelled:
             self._ticket.cancel()
-            self._queue.put_nowait(Failed("cancelled"))
+            self.put(Failed("cancelled"))
 
 
 class Backend:
