@@ -6,6 +6,7 @@ import json
 import sys
 from collections import defaultdict
 
+from gguflm.cli.options import size_text
 from gguflm.models import resolve
 from gguflm.gguf.reader import GGUFFile, MetadataArray, ValueType
 
@@ -112,21 +113,13 @@ def _template_format(template: str) -> str | None:
         return None
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
-
-
 def _print_text(s: dict, show_tensors: bool, out=sys.stdout) -> None:
     w = out.write
     w(f"file:          {s['file']}\n")
-    w(f"size:          {_human(s['file_size'])} ({s['file_size']} bytes), GGUF v{s['gguf_version']}, "
+    w(f"size:          {size_text(s['file_size'])} ({s['file_size']} bytes), GGUF v{s['gguf_version']}, "
       f"alignment {s['alignment']}\n")
     w(f"architecture:  {s['architecture']}\n")
-    w(f"parameters:    {s['parameters']:,} in {s['tensor_count']} tensors ({_human(s['tensor_bytes'])})\n")
+    w(f"parameters:    {s['parameters']:,} in {s['tensor_count']} tensors ({size_text(s['tensor_bytes'])})\n")
     if s["tokenizer"]:
         t = s["tokenizer"]
         sp = ", ".join(f"{k}={v['id']} {v['text']!r}" for k, v in t["special"].items())
@@ -148,7 +141,7 @@ def _print_text(s: dict, show_tensors: bool, out=sys.stdout) -> None:
         w(f"  {k:<{width}}  {text}\n")
     w("\nby type:\n")
     for name, row in sorted(s["by_type"].items(), key=lambda kv: -kv[1]["bytes"]):
-        w(f"  {name:<8} {row['tensors']:>5} tensors {row['elements']:>14,} elements {_human(row['bytes']):>11}\n")
+        w(f"  {name:<8} {row['tensors']:>5} tensors {row['elements']:>14,} elements {size_text(row['bytes']):>11}\n")
     if show_tensors:
         w("\ntensors:\n")
         nw = max((len(t["name"]) for t in s["tensors"]), default=4)

@@ -179,8 +179,8 @@ def check_context(f, n_ctx: int | None, dev: str, n_slots: int = 1, flag: str = 
     avail = available_memory(dev)
     if avail is not None and need > avail:
         slots = f"{n_slots} x " if n_slots > 1 else ""
-        raise UserError(f"{flag} {n}: the KV cache needs {_gib(need)} ({slots}{n} positions x {per_position} bytes), "
-                        f"more than the {_gib(avail)} of {'GPU ' if cuda else ''}memory available; use a smaller {flag}")
+        raise UserError(f"{flag} {n}: the KV cache needs {size_text(need)} ({slots}{n} positions x {per_position} bytes), "
+                        f"more than the {size_text(avail)} of {'GPU ' if cuda else ''}memory available; use a smaller {flag}")
     return n
 
 
@@ -212,8 +212,13 @@ def available_memory(dev: str) -> int | None:
     return avail
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+def size_text(n: float) -> str:
+    """A byte count in B, KiB, MiB or GiB."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def read_text_file(path: str, flag: str) -> str:

@@ -105,7 +105,6 @@ class ArchSpec:
     # (llama.cpp's Gemma 3 27B rule, from gemma_pytorch's query_pre_attn_scalar)
     attn_scale_by_embd: frozenset[int] = frozenset()
     tensors: dict[str, str] = field(default_factory=lambda: dict(_TEMPLATES))
-    tied_output_fallback: bool = True
 
     def tensor_name(self, role: str, bid: int | None = None) -> str:
         """The GGUF tensor name of ``role`` (in block ``bid`` for block roles)."""

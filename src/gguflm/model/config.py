@@ -157,8 +157,6 @@ class ModelConfig:
         if not 1 <= n_vocab <= MAX_VOCAB:
             raise GGUFError(f"vocabulary size {n_vocab} out of range")
         tied = spec.tensor_name("output") not in f.tensors
-        if tied and not spec.tied_output_fallback:
-            raise GGUFError(f"missing tensor {spec.tensor_name('output')!r}")
         n_layer = raw["n_layer"]
         # Gemma 3: 1/sqrt(head_dim), except its 27B (llama.cpp: type == LLM_TYPE_27B)
         attn_scale = (n_embd // n_head) ** -0.5 if n_layer in spec.attn_scale_by_embd else 0.0

@@ -72,8 +72,6 @@ class Model:
                 slots: torch.Tensor, last_only: bool = False, select: torch.Tensor | None = None) -> torch.Tensor:
         """Batched step: tokens/positions Long[B, T], slots Long[B] -> logits (see Transformer;
         ``select``: the flat indices of the tokens whose logits are wanted)."""
-        if select is None:
-            return self.transformer(tokens, positions, cache, slots, last_only)
         return self.transformer(tokens, positions, cache, slots, last_only, select)
 
     @torch.inference_mode()
