@@ -298,7 +298,7 @@ class ParallelModel(Model):
         # reuses no cached prefix, as on CUDA.
         self.batch_invariant = False
         self.shard, self.table, self.comm_device = shard, table, comm_device
-        self._processes, self._own_group = list(processes), own_group
+        self._processes = list(processes)
         self._lock = threading.RLock()
         self._next_id, self._dead = 0, []
         self._closed = False

@@ -54,7 +54,6 @@ import numpy as np
 import torch
 
 from gguflm.gguf.reader import GGUFFile
-from gguflm.gguf.types import GGMLType
 from gguflm.model.arch import Activation, ArchSpec, RopeStyle, WeightTable
 from gguflm.model.config import ModelConfig
 from gguflm.verify import ggml_oracle
@@ -109,10 +108,7 @@ def weight_loader(f: GGUFFile, use_libggml: bool) -> WeightFn:
             from gguflm.quant import dequantize
 
             return dequantize(raw, info.ggml_type, info.shape)
-        if info.ggml_type == GGMLType.F32:
-            flat = np.frombuffer(raw, dtype=np.float32).copy()
-        else:
-            flat = ggml_oracle.ggml_to_float(raw, info.ggml_type, info.n_elements)
+        flat = ggml_oracle.ggml_to_float(raw, info.ggml_type, info.n_elements)
         return torch.from_numpy(flat).reshape(tuple(reversed(info.shape)))
 
     return load

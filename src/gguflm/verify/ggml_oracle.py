@@ -111,8 +111,8 @@ def _to_float_fn(ggml_type: GGMLType):
 
 
 def has_to_float(ggml_type: int) -> bool:
-    """Whether libggml can turn ``ggml_type`` into float32."""
-    return _to_float_fn(GGMLType(ggml_type)) is not None
+    """Whether libggml can turn ``ggml_type`` into float32 (F32: its bytes are the floats)."""
+    return ggml_type == GGMLType.F32 or _to_float_fn(GGMLType(ggml_type)) is not None
 
 
 def ggml_to_float(raw: np.ndarray, ggml_type: int, n_elements: int) -> np.ndarray:
@@ -120,11 +120,11 @@ def ggml_to_float(raw: np.ndarray, ggml_type: int, n_elements: int) -> np.ndarra
 
     ``raw`` must hold exactly ``n_elements / blck_size * type_size`` bytes (ggml's own
     traits, so a wrong layout table cannot hide here). Returns a float32 array of
-    ``n_elements`` values.
+    ``n_elements`` values (F32, which has no to_float: a copy of the bytes).
     """
     gt = GGMLType(ggml_type)
     fn = _to_float_fn(gt)
-    if fn is None:
+    if fn is None and gt != GGMLType.F32:
         raise ValueError(f"libggml has no to_float for {gt.name}")
     _, blck, tsize = type_traits(gt)
     if n_elements < 0 or n_elements % blck:
@@ -133,6 +133,8 @@ def ggml_to_float(raw: np.ndarray, ggml_type: int, n_elements: int) -> np.ndarra
     need = n_elements // blck * tsize
     if src.nbytes != need:
         raise ValueError(f"{gt.name}: {n_elements} elements need {need} bytes, got {src.nbytes}")
+    if fn is None:
+        return src.view(np.float32).copy()
     out = np.empty(n_elements, dtype=np.float32)
     if n_elements:
         fn(src.ctypes.data, out.ctypes.data, n_elements)

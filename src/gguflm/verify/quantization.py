@@ -12,7 +12,6 @@ import numpy as np
 
 from gguflm.errors import GGUFError
 from gguflm.gguf.reader import GGUFFile
-from gguflm.gguf.types import GGMLType
 from gguflm.model.arch import WeightTable
 from gguflm.model.config import ModelConfig
 from gguflm.verify import ggml_oracle
@@ -40,14 +39,6 @@ class TypeSummary:
                 "bit_exact": self.bit_exact, "max_abs_diff": self.max_abs_diff, "mismatched": self.mismatched}
 
 
-def _libggml_floats(raw: np.ndarray, ggml_type: GGMLType, n: int) -> np.ndarray | None:
-    if ggml_type == GGMLType.F32:  # no to_float: the bytes are the floats
-        return np.frombuffer(raw, dtype=np.float32)
-    if not ggml_oracle.has_to_float(ggml_type):
-        return None
-    return ggml_oracle.ggml_to_float(raw, ggml_type, n)
-
-
 def compare_dequantization(f: GGUFFile, use_libggml: bool) -> dict[str, TypeSummary]:
     """Per GGML type: tensor counts and sizes; when ``use_libggml``, every tensor libggml can
     dequantize is dequantized by :func:`gguflm.dequantize` and by libggml's ``to_float`` and
@@ -60,7 +51,8 @@ def compare_dequantization(f: GGUFFile, use_libggml: bool) -> dict[str, TypeSumm
         n = info.n_elements
         s.tensors, s.elements, s.nbytes = s.tensors + 1, s.elements + n, s.nbytes + info.nbytes
         raw = f.tensor_data(name)
-        theirs = _libggml_floats(raw, info.ggml_type, n) if use_libggml else None
+        theirs = ggml_oracle.ggml_to_float(raw, info.ggml_type, n) \
+            if use_libggml and ggml_oracle.has_to_float(info.ggml_type) else None
         if theirs is not None:
             ours = dequantize(raw, info.ggml_type, info.shape).numpy().reshape(-1)
             s.compared += 1
