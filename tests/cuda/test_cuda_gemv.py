@@ -149,6 +149,93 @@ def test_emulation_rows_of_mixed_segments(random_blocks, oracle):
                     assert _rel(o[r], ref @ xn) < 1e-5
 
 
+TILE_ROWS = [1, 2, 3, 8, 17, 32]
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_emulation_tile_each_row_as_alone(random_blocks, oracle, t):
+    """The tile kernel's order (x [R, K] staged per tile of up to 4 or 8 rows, a short tile
+    padded with its last row, the chunk sums once per row, each chunk's codes decoded per 4
+    positions and the tail from the weight row's scales): each row bit-identical to the 1-row
+    emulation of x[r] alone at every R, place and tile instance (4 and 8 rows), for the
+    NORM, residual and SWIGLU epilogues; rows of 5 and 6 blocks: lanes past the last chunk."""
+    _cuda_lib()
+    from gguflm.quant.cuda.gemv import emulate
+
+    bpr = 5 if LAYOUTS[t].block_size == 256 else 40            # 40 chunks: 8 lanes take two
+    w, ref = _weight(random_blocks, oracle, t, 6, bpr, seed=int(t) + 17)
+    wu, u_ref = _weight(random_blocks, oracle, t, 6, bpr, seed=int(t) + 18)
+    K, N = w.n_cols, w.n_rows
+    gen = torch.Generator().manual_seed(int(t) + 1)
+    nw = torch.randn(K, generator=gen)
+    x_all = torch.randn(max(TILE_ROWS), K + 4, generator=gen)[:, :K]      # row stride K + 4
+    res_all = torch.randn(max(TILE_ROWS), N + 3, generator=gen)[:, 1:N + 1]
+    alone = {}
+    for kind in ("norm", "residual", "swiglu"):
+        kw = {"norm": dict(norm_weight=nw, eps=1e-5), "residual": dict(residuals=[res_all]),
+              "swiglu": dict(norm_weight=nw, eps=1e-5, ups=[wu])}[kind]
+        for r in range(max(TILE_ROWS)):
+            one = torch.full((N,), float("nan"))
+            kw1 = dict(kw, residuals=[res_all[r].clone()]) if kind == "residual" else kw
+            emulate([w], x_all[r].contiguous(), [one], **kw1)
+            alone[kind, r] = one
+        for R in TILE_ROWS:
+            x, res = x_all[:R], res_all[:R]
+            for nx in (4, 8, None):
+                buf = torch.full((R, N + 5), float("nan"))
+                out = buf[:, 2:N + 2]
+                kwr = dict(kw, residuals=[res]) if kind == "residual" else kw
+                emulate([w], x, [out], kernel="tile", tile_nx=nx, **kwr)
+                assert torch.isnan(buf[:, :2]).all() and torch.isnan(buf[:, N + 2:]).all(), (R, kind)
+                for r in range(R):
+                    assert torch.equal(out[r], alone[kind, r]), (t.name, R, nx, kind, r)
+        r = max(TILE_ROWS) - 1
+        xd = x_all[r].double()
+        xn = xd / torch.sqrt((xd * xd).mean() + 1e-5) * nw.double()
+        want = {"norm": ref @ xn, "residual": res_all[r].double() + ref @ xd,
+                "swiglu": torch.nn.functional.silu(ref @ xn) * (u_ref @ xn)}[kind]
+        assert _rel(alone[kind, r], want) < 1e-5, kind
+
+
+def test_emulation_tile_of_mixed_segments(random_blocks, oracle):
+    """The tile kernel's order over Q4_K + Q6_K and Q4_0 + Q8_0 segments in one call (a QKV
+    buffer split along dim 1): every row of every segment as alone."""
+    _cuda_lib()
+    from gguflm.quant.cuda.gemv import emulate
+
+    for (ta, tb), bpr in (((GGMLType.Q4_K, GGMLType.Q6_K), 2), ((GGMLType.Q4_0, GGMLType.Q8_0), 16)):
+        wq, _ = _weight(random_blocks, oracle, ta, 8, bpr, seed=21)
+        wk, _ = _weight(random_blocks, oracle, ta, 4, bpr, seed=22)
+        wv, _ = _weight(random_blocks, oracle, tb, 4, bpr, seed=23)
+        gen = torch.Generator().manual_seed(24)
+        nw = torch.randn(wq.n_cols, generator=gen)
+        for R in (3, 17):
+            x = torch.randn(R, wq.n_cols, generator=gen)
+            qkv = torch.full((R, 16), float("nan"))
+            outs = list(qkv.split([8, 4, 4], dim=1))
+            emulate([wq, wk, wv], x, outs, norm_weight=nw, eps=1e-6, kernel="tile")
+            for r in range(R):
+                ones = [torch.full((n,), float("nan")) for n in (8, 4, 4)]
+                emulate([wq, wk, wv], x[r], ones, norm_weight=nw, eps=1e-6)
+                for o, one in zip(outs, ones):
+                    assert torch.equal(o[r], one), (ta.name, R, r)
+
+
+def test_tile_plan():
+    """The tile kernel's launch plan: balanced tiles within an instance, the smaller
+    instance for few rows, none where no instance fits the shared memory."""
+    from gguflm.quant.cuda.gemv import TILE_SMEM_LIMIT, tile_plan, tile_smem
+
+    assert tile_plan(2048, 2) == (4, 2) and tile_plan(2048, 3) == (4, 3) and tile_plan(2048, 4) == (4, 4)
+    assert tile_plan(2048, 8) == (8, 8) and tile_plan(2048, 32) == (8, 8) and tile_plan(5632, 17)[1] <= 8
+    for n_x in range(1, 70):
+        nx, tile = tile_plan(2048, n_x)
+        tiles = -(-n_x // tile)
+        assert 1 <= tile <= nx and tiles == -(-n_x // nx)                   # as few tiles as the instance allows
+        assert tiles * tile - n_x < tiles                                    # balanced: < 1 padded row per tile
+    assert tile_smem(5632, 8) <= TILE_SMEM_LIMIT and tile_plan(5632, 32) == (8, 8) and tile_plan(20000, 5) is None
+
+
 def test_rows_library_builds_for_sm_90():
     """The rows kernels' library (build.py kind "rows", parts of gemv.cu of its own) compiles
     for sm_90 offline and agrees with the ctypes mirror of Params; the 1-row library keeps
@@ -162,7 +249,8 @@ def test_rows_library_builds_for_sm_90():
     assert build._name("sm_90", "rows") != build._name("sm_90")
     lib = build.library("sm_90", "rows")
     assert lib.gguflm_rows_params_size() == ctypes.sizeof(_Params)
-    assert hasattr(lib, "gguflm_gemv_rows") and not hasattr(lib, "gguflm_gemv_emulate")
+    assert hasattr(lib, "gguflm_gemv_rows") and hasattr(lib, "gguflm_gemv_tile")
+    assert not hasattr(lib, "gguflm_gemv_emulate")
 
 
 # --- on the GPU: the kernels themselves against the torch twins ---------------------------
@@ -288,12 +376,13 @@ GPU_ROWS = [1, 2, 3, 8, 17, 32, 64]
 @gpu
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("bpr", [8, 22])
-@pytest.mark.parametrize("rw", [1, 2])
+@pytest.mark.parametrize("rw", [1, 2, "tile"])
 def test_rows_kernel_each_row_as_alone(random_blocks, t, bpr, rw):
-    """The rows kernel (x [R, K], strided outputs/residuals; 1 and 2 weight rows per warp)
-    against R launches of the 1-row kernel on x[r]: bit-identical at every R and place, run
-    to run, for the plain, NORM, residual (in place) and SWIGLU epilogues, with the launch
-    shapes the model uses (K = 2048: 4 warps, K = 5632: 8 warps); and near the float64 twin."""
+    """The rows kernels (x [R, K], strided outputs/residuals; the warp kernel with 1 and 2
+    weight rows per warp, the tile kernel) against R launches of the 1-row kernel on x[r]:
+    bit-identical at every R and place, run to run, for the plain, NORM, residual (in place)
+    and SWIGLU epilogues, with the launch shapes the model uses (K = 2048: 4 warps, K = 5632:
+    8 warps); and near the float64 twin."""
     _cuda_lib()
     from gguflm.quant.cuda.gemv import launch
 
@@ -305,6 +394,8 @@ def test_rows_kernel_each_row_as_alone(random_blocks, t, bpr, rw):
     K = w.n_cols
     gen = torch.Generator().manual_seed(bpr)
     nw = torch.randn(K, generator=gen).cuda()
+    variant = dict(kernel="tile") if rw == "tile" else dict(kernel="warp", rows_rw=rw)
+    other = dict(kernel="tile", tile_nx=4, tile_groups_=2) if rw == "tile" else dict(variant, rows_tile_=3)
     for R in GPU_ROWS:
         x = torch.randn(R, K + 8, generator=gen).cuda()[:, 4:K + 4]          # row stride K + 8
         res0 = torch.randn(R, n + 7, generator=gen).cuda()
@@ -317,15 +408,15 @@ def test_rows_kernel_each_row_as_alone(random_blocks, t, bpr, rw):
                 out = buf[:, 3:n + 3]
                 if kind != "residual":
                     buf.fill_(float("nan"))
-                launch([w], x, [out], residuals=[out] if kind == "residual" else None, rows_rw=rw, **kw)
+                launch([w], x, [out], residuals=[out] if kind == "residual" else None, **variant, **kw)
                 got.append(buf)
             assert torch.equal(got[0].nan_to_num(7.0), got[1].nan_to_num(7.0)), (R, kind)   # run to run (NaN: untouched)
-            if R == 17:                                                      # another tile of x rows
+            if R == 17:                                          # another tile of x rows (groups per CTA)
                 buf = res0.clone()
                 out = buf[:, 3:n + 3]
                 if kind != "residual":
                     buf.fill_(float("nan"))
-                launch([w], x, [out], residuals=[out] if kind == "residual" else None, rows_rw=rw, rows_tile_=3, **kw)
+                launch([w], x, [out], residuals=[out] if kind == "residual" else None, **other, **kw)
                 assert torch.equal(buf.nan_to_num(7.0), got[0].nan_to_num(7.0)), kind
             if kind != "residual":
                 assert torch.isnan(got[0][:, :3]).all() and torch.isnan(got[0][:, n + 3:]).all()

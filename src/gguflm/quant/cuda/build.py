@@ -47,10 +47,11 @@ FLAGS = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-ffp-contract=o
 # points and the CPU emulation, 1-4 the plain kernels of Q4_0, Q8_0, Q4_K, Q6_K, 5-8 their
 # SwiGLU kernels, 9 the two pairs'), "rows" the kernels over several activation rows (the
 # server's batched decode rows: 10-15 one weight row per warp, 16-21 two, 22 the C entry
-# points), built apart so that the 1-row library's cold build never compiles them. Fewer,
+# points, 23-28 the tile kernels of one type or pair), built apart so that the 1-row
+# library's cold build never compiles them. Fewer,
 # larger parts make the longest part the build's wall time; more parts cost ~1.0 s of fixed
 # CPU each (against the Triton compilations that run meanwhile at load)
-PARTS = {"gemv": tuple(range(0, 10)), "rows": tuple(range(10, 23))}
+PARTS = {"gemv": tuple(range(0, 10)), "rows": tuple(range(10, 29))}
 
 
 class KernelsUnavailable(RuntimeError):

@@ -38,7 +38,10 @@
 // kernel's float operations in its order, so that row r of the output is bit-identical to the
 // 1-row kernel on x[r] alone whatever R, the row's place, the tile and the weight rows per warp
 // (the roundings are spelled out below so that nvcc cannot contract differently in the two
-// kernels).
+// kernels). gemv_tile_kernel (the default for x [R, K]) keeps that contract with the per-row
+// work cut to about an FMA per weight and row: each weight code decoded once per tile of up to
+// 8 rows of x, each shared-memory read of x serving 4 weight rows, the sums of x's runs once
+// per CTA (see its section below).
 //
 // Built by gguflm/quant/cuda/build.py with nvcc into two shared libraries (the 1-row kernels;
 // the rows kernels) called through ctypes.
@@ -104,8 +107,10 @@ struct Params {
     // Several activation rows (gemv_rows_kernel; appended, so the 1-row kernels' parameter
     // offsets are unchanged): x is [n_x, K] with row stride x_ld (floats); CTA column
     // blockIdx.y takes rows [tile * blockIdx.y, + tile); segment i writes row j of its output
-    // at out + j * out_ld[i] and reads its residual at residual + j * res_ld[i]
-    int n_x, x_ld, tile, pad2_;
+    // at out + j * out_ld[i] and reads its residual at residual + j * res_ld[i]; the tile
+    // kernel (gemv_tile_kernel): grid (tiles, CTAs), CTA blockIdx.y taking `groups` groups of
+    // its warps' weight rows one after the other
+    int n_x, x_ld, tile, groups;
     int out_ld[MAX_SEGS], res_ld[MAX_SEGS];
 };
 // an entry of one type or pair (GGUFLM_PICK): (params, warps, R or 0, U or rows per warp, swiglu, pdl, stream)
@@ -221,6 +226,26 @@ HD float epilogue(float g, float u, float rstd, const float* residual, int row) 
     return residual ? add_rn(y, residual[row]) : y;
 }
 
+// word I of a 16-byte load
+template <int I>
+HD uint32_t word(const uint4& v) {
+    return I == 0 ? v.x : I == 1 ? v.y : I == 2 ? v.z : v.w;
+}
+// The float with byte E of u as bits 16-23, 0x3F as bits 24-31, zeros below: for a byte
+// 0x80 | m << (7 - b) (a code m of b bits) the exponent is 127 and the float 1 + m / 2^b, the
+// value as_f(field<...>) gives; one PRMT per code (the field and as_f: a shift and two LOP3)
+template <int E>
+HD float byte_f(uint32_t u) {
+#ifdef __CUDA_ARCH__
+    return __uint_as_float(__byte_perm(u, 0x3F000000u, 0x7044 | (E << 8)));
+#else
+    const uint32_t v = ((u >> (8 * E)) & 0xFFu) << 16 | 0x3F000000u;
+    float f;
+    memcpy(&f, &v, 4);
+    return f;
+#endif
+}
+
 // ---------------------------------------------------------------------------------------
 // Per-type traits: chunks per block (CPB), values per block (QK), the shared-memory swizzle,
 // the chunk's raw data, its two activation runs, and acc plus its contribution given those
@@ -257,6 +282,23 @@ struct Q4_0 {
         const float X = add_rn(xa, xb);
         return fmaf(r.d, fmaf(16.f, add_rn(sub_rn(s, xa), sub_rn(t, xb)), mul_rn(-8.f, X)), acc);
     }
+    // the tile kernel's pieces of dot(): the 4 codes at positions 4 I .. 4 I + 3 of run H (0: a,
+    // 1: b) as floats, and the tail given the runs' sums s, t (the same operations as dot())
+    template <int H, int I>
+    HD static void dec4(const Raw& r, int, float* f) {
+        const uint32_t w = word<I>(r.q);       // nibble H of each byte -> 0x80 | q << 3
+        const uint32_t u = ((H ? w >> 1 : w << 3) & 0x78787878u) | 0x80808080u;
+        f[0] = byte_f<0>(u);
+        f[1] = byte_f<1>(u);
+        f[2] = byte_f<2>(u);
+        f[3] = byte_f<3>(u);
+    }
+    struct Pre { float d; };
+    HD static Pre pre(const Raw& r, int) { return {r.d}; }
+    HD static float tail(const Pre& q, float s, float t, float xa, float xb, float acc) {
+        const float X = add_rn(xa, xb);
+        return fmaf(q.d, fmaf(16.f, add_rn(sub_rn(s, xa), sub_rn(t, xb)), mul_rn(-8.f, X)), acc);
+    }
 };
 
 struct Q8_0 {
@@ -289,6 +331,21 @@ struct Q8_0 {
         const float s = run(r.q0, a), t = run(r.q1, b);
         const float X = add_rn(xa, xb);
         return fmaf(r.d, fmaf(256.f, add_rn(sub_rn(s, xa), sub_rn(t, xb)), mul_rn(-128.f, X)), acc);
+    }
+    // the tile kernel's pieces of dot() (see Q4_0)
+    template <int H, int I>
+    HD static void dec4(const Raw& r, int, float* f) {
+        const uint32_t w = word<I>(H ? r.q1 : r.q0) ^ 0x80808080u;
+        f[0] = as_f(field<0, 15, 0x7F8000u>(w));
+        f[1] = as_f(field<8, 15, 0x7F8000u>(w));
+        f[2] = as_f(field<16, 15, 0x7F8000u>(w));
+        f[3] = as_f(field<24, 15, 0x7F8000u>(w));
+    }
+    struct Pre { float d; };
+    HD static Pre pre(const Raw& r, int) { return {r.d}; }
+    HD static float tail(const Pre& q, float s, float t, float xa, float xb, float acc) {
+        const float X = add_rn(xa, xb);
+        return fmaf(q.d, fmaf(256.f, add_rn(sub_rn(s, xa), sub_rn(t, xb)), mul_rn(-128.f, X)), acc);
     }
 };
 
@@ -349,6 +406,30 @@ struct Q4_K {
                              -mul_rn(r.dmin, fmaf(m0, xa, mul_rn(m1, xb))));
         return add_rn(acc, y);
     }
+    // the tile kernel's pieces of dot() (see Q4_0)
+    template <int H, int I>
+    HD static void dec4(const Raw& r, int, float* f) {
+        const uint32_t w = word<I>(r.q);       // nibble H of each byte -> 0x80 | q << 3
+        const uint32_t u = ((H ? w >> 1 : w << 3) & 0x78787878u) | 0x80808080u;
+        f[0] = byte_f<0>(u);
+        f[1] = byte_f<1>(u);
+        f[2] = byte_f<2>(u);
+        f[3] = byte_f<3>(u);
+    }
+    struct Pre { float d16, dmin, sc0, m0, sc1, m1; };
+    HD static Pre pre(const Raw& r, int c) {
+        Pre q;
+        scale_min(r, 2 * (c >> 1), q.sc0, q.m0);
+        scale_min(r, 2 * (c >> 1) + 1, q.sc1, q.m1);
+        q.d16 = mul_rn(r.d, 16.f);
+        q.dmin = r.dmin;
+        return q;
+    }
+    HD static float tail(const Pre& q, float s, float t, float xa, float xb, float acc) {
+        const float y = fmaf(q.d16, fmaf(q.sc0, sub_rn(s, xa), mul_rn(q.sc1, sub_rn(t, xb))),
+                             -mul_rn(q.dmin, fmaf(q.m0, xa, mul_rn(q.m1, xb))));
+        return add_rn(acc, y);
+    }
 };
 
 struct Q6_K {
@@ -393,6 +474,25 @@ struct Q6_K {
         const float da = mul_rn(r.d, (float)r.sc0), db = mul_rn(r.d, (float)r.sc1);
         const float y = fmaf(da, fmaf(64.f, sub_rn(s, xa), mul_rn(-32.f, xa)),
                              mul_rn(db, fmaf(64.f, sub_rn(t, xb), mul_rn(-32.f, xb))));
+        return add_rn(acc, y);
+    }
+    // the tile kernel's pieces of dot() (see Q4_0)
+    template <int H, int I>
+    HD static void dec4(const Raw& r, int c, float* f) {
+        // nibble H of each ql byte and bits 4 H, 4 H + 1 of the qh byte (shifted) -> 0x80 | q << 1
+        const uint32_t lo = word<I>(r.ql), qa = word<I>(r.qh) >> (2 * ((c >> 1) & 1));
+        const uint32_t u = ((H ? lo >> 3 : lo << 1) & 0x1E1E1E1Eu) | ((H ? qa << 1 : qa << 5) & 0x60606060u) |
+                           0x80808080u;
+        f[0] = byte_f<0>(u);
+        f[1] = byte_f<1>(u);
+        f[2] = byte_f<2>(u);
+        f[3] = byte_f<3>(u);
+    }
+    struct Pre { float da, db; };
+    HD static Pre pre(const Raw& r, int) { return {mul_rn(r.d, (float)r.sc0), mul_rn(r.d, (float)r.sc1)}; }
+    HD static float tail(const Pre& q, float s, float t, float xa, float xb, float acc) {
+        const float y = fmaf(q.da, fmaf(64.f, sub_rn(s, xa), mul_rn(-32.f, xa)),
+                             mul_rn(q.db, fmaf(64.f, sub_rn(t, xb), mul_rn(-32.f, xb))));
         return add_rn(acc, y);
     }
 };
@@ -651,14 +751,17 @@ __global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ Param
 // x rows [x0, x0 + nh) into shared memory (row j at sx + j K, swizzled) and the warps' sums
 // of squares of row j into red[32 j + warp]: the per-row code of stage(), row after row; one
 // barrier. rstd_rows() then reduces a row's sums as stage() does.
-template <typename T>
-static __device__ void stage_rows(const Params& p, float* sx, float* red, int x0, int nh, uint32_t dep) {
+// With n_stage > nh, rows nh .. n_stage - 1 repeat row nh - 1 (the tile kernel's padding);
+// S > 0: the tile kernel's layout, 16-byte group g of row j at float4 slot T::swz(g) S + j.
+template <typename T, int S = 0>
+static __device__ void stage_rows(const Params& p, float* sx, float* red, int x0, int nh, uint32_t dep,
+                                  int n_stage) {
     const int n4 = p.K >> 2;
     const float4* w4 = reinterpret_cast<const float4*>(p.norm);
     pdl_wait(dep);
     constexpr int UNR = 4;
-    for (int j = 0; j < nh; ++j) {
-        const float4* x4 = reinterpret_cast<const float4*>(x_row(p, x0 + j));
+    for (int j = 0; j < n_stage; ++j) {
+        const float4* x4 = reinterpret_cast<const float4*>(x_row(p, x0 + min(j, nh - 1)));
         float* sxj = sx + j * p.K;
         float ss = 0.f;
         for (int g0 = threadIdx.x; g0 < n4; g0 += UNR * blockDim.x) {
@@ -680,7 +783,7 @@ static __device__ void stage_rows(const Params& p, float* sx, float* red, int x0
                         v[u].x = mul_rn(v[u].x, w[u].x); v[u].y = mul_rn(v[u].y, w[u].y);
                         v[u].z = mul_rn(v[u].z, w[u].z); v[u].w = mul_rn(v[u].w, w[u].w);
                     }
-                    *reinterpret_cast<float4*>(sxj + 4 * T::swz(g)) = v[u];
+                    *reinterpret_cast<float4*>(S ? sx + 4 * (T::swz(g) * S + j) : sxj + 4 * T::swz(g)) = v[u];
                 }
             }
         }
@@ -732,7 +835,7 @@ __device__ void run_rows(const Params& p, int si, int cta, float* sx, float* red
             for (int r = 0; r < RW; ++r)
                 T::load(raw[u][w][r], P[w], s.n_blocks, rowblk[r] + ch / T::CPB, ch % T::CPB);
     }
-    stage_rows<T>(p, sx, red, x0, nh, T::dep(raw[0][0][0]));
+    stage_rows<T>(p, sx, red, x0, nh, T::dep(raw[0][0][0]), nh);
     pdl_trigger();
 
     for (int base = 0; base < nch; base += 32 * U) {
@@ -812,6 +915,235 @@ __global__ void __launch_bounds__(256) gemv_rows_kernel(const __grid_constant__ 
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// The tile kernel (gemv_tile_kernel): gemv_rows_kernel's contract (row j of the output
+// bit-identical to the 1-row kernel on x[j] alone) with each weight code decoded once per
+// tile of x rows and each shared-memory read of x shared by several weight rows. A CTA stages
+// a tile of NX rows of x' (a short tile repeats its last row; the repeats' outputs are dropped)
+// and, per row and chunk, the sums of the chunk's two runs of 16 activations (the 1-row
+// kernel's sum16 on the same values: once per CTA instead of once per chunk, row and warp).
+// Then each warp takes RW output rows (W = 2 weights each for SWIGLU: W RW = TILE_WR weight
+// rows) per group, p.groups groups per CTA (a staged tile serves several groups). Per chunk
+// and lane: for each 4 positions of each run, the 4 codes of each weight row are decoded once
+// (T::dec4), then for each row j of the tile one 128-bit read of x feeds 4 FMAs into each
+// weight row's run sum (s, t: the 1-row kernel's chains, in position order), and the chunk's
+// tail (T::tail: T::dot's operations after the chains, given the weight row's scales T::pre
+// decoded once per chunk) adds it to acc[j][w][r] in chunk order. The lane butterfly, rstd
+// and the epilogue are the 1-row kernel's.
+// Shared memory: 16-byte group g of x row j at float4 slot swz(g) S + j (S = NX + 1: the
+// rows of a group side by side, so that the rows' reads of one group differ by immediate
+// offsets; the odd stride keeps the type's swizzle conflict-free: the 8 lanes of a phase hit
+// 8 different bank groups); a chunk's 4 groups g + I of a run at swz(g + I) = g + o_I, o_I
+// the same for all of a lane's chunks (the swizzles read chunk bits that a stride of 32
+// chunks keeps), taken from the lane's first chunk; chunk ch's sums at float2 slot ch S + j.
+// ---------------------------------------------------------------------------------------
+
+constexpr int TILE_WR = 4;                 // weight rows per warp (W RW)
+
+// the sums of the two runs of each chunk of rows 0 .. NX - 1 (tile layout) into xs
+template <typename T, int NX>
+static __device__ void chunk_sums(const Params& p, const float* sx, float2* xs) {
+    constexpr int S = NX + 1;
+    const int nch = p.K / T::QK * T::CPB;
+    for (int i = threadIdx.x; i < NX * nch; i += blockDim.x) {
+        const int ch = i / NX, j = i - ch * NX, b = ch / T::CPB, c = ch % T::CPB;
+        float v[2][16];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int g = (b * T::QK + (h ? T::off1(c) : T::off0(c))) >> 2;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float4 q = *reinterpret_cast<const float4*>(sx + 4 * (T::swz(g + k) * S + j));
+                v[h][4 * k] = q.x; v[h][4 * k + 1] = q.y; v[h][4 * k + 2] = q.z; v[h][4 * k + 3] = q.w;
+            }
+        }
+        xs[ch * S + j] = make_float2(sum16(v[0]), sum16(v[1]));
+    }
+    __syncthreads();
+}
+
+// positions 4 I .. 4 I + 3 of a run (x of row 0 at float `at`, row j 4 j further) for every
+// weight row and row of the tile: decode once, one LDS.128 per row of x
+template <typename T, int H, int I, int NX, int W, int RW>
+__device__ __forceinline__ void tile_step(const typename T::Raw (&raw)[W][RW], int c, const float* sx, int at,
+                                          float (&s)[NX][W][RW]) {
+    float f[W][RW][4];
+#pragma unroll
+    for (int w = 0; w < W; ++w)
+#pragma unroll
+        for (int r = 0; r < RW; ++r) T::template dec4<H, I>(raw[w][r], c, f[w][r]);
+#pragma unroll
+    for (int j = 0; j < NX; ++j) {
+        const float4 q = *reinterpret_cast<const float4*>(sx + at + 4 * j);
+#pragma unroll
+        for (int w = 0; w < W; ++w)
+#pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                float a = s[j][w][r];
+                a = fmaf(f[w][r][0], q.x, a);
+                a = fmaf(f[w][r][1], q.y, a);
+                a = fmaf(f[w][r][2], q.z, a);
+                s[j][w][r] = fmaf(f[w][r][3], q.w, a);
+            }
+    }
+}
+
+// a lane's offsets o_I of the tile layout (floats): swz(g + I) - g for the group g of run H
+// of its first chunk, the same for all its chunks
+template <typename T, int S>
+__device__ __forceinline__ void tile_offsets(int lane, int (&o)[2][4]) {
+    const int b = lane / T::CPB, c = lane % T::CPB;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int g = (b * T::QK + (h ? T::off1(c) : T::off0(c))) >> 2;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) o[h][i] = 4 * S * (T::swz(g + i) - g);
+    }
+}
+
+template <typename T, bool SWIGLU, int NX>
+__device__ void run_tile(const Params& p, int si, int cta, float* sx, float2* xs, float* red) {
+    constexpr int W = SWIGLU ? 2 : 1, RW = TILE_WR / W;
+    const Seg& s = p.seg[si];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int x0 = blockIdx.x * p.tile, nh = min(p.tile, p.n_x - x0);
+    const int nbpr = p.K / T::QK, nch = nbpr * T::CPB;
+    const uint8_t* P[2] = {s.planes, s.planes2};
+    int row0 = (cta * p.groups * warps + warp) * RW;
+    typename T::Raw raw[W][RW];
+    long long rowblk[RW];
+    // the first group's first chunks fly while x is staged
+#pragma unroll
+    for (int r = 0; r < RW; ++r) rowblk[r] = (long long)min(row0 + r, s.n_rows - 1) * nbpr;
+    {
+        const int ch = min(lane, nch - 1);
+#pragma unroll
+        for (int w = 0; w < W; ++w)
+#pragma unroll
+            for (int r = 0; r < RW; ++r) T::load(raw[w][r], P[w], s.n_blocks, rowblk[r] + ch / T::CPB, ch % T::CPB);
+    }
+    constexpr int S = NX + 1;
+    stage_rows<T, S>(p, sx, red, x0, nh, T::dep(raw[0][0]), NX);
+    chunk_sums<T, NX>(p, sx, xs);
+    pdl_trigger();
+    int o[2][4];
+    tile_offsets<T, S>(lane, o);
+    const float rs = rstd_rows(p, red, lane < NX ? lane : 0);     // lane j: row j's
+
+    for (int g = 0; g < p.groups && row0 < s.n_rows; ++g, row0 += warps * RW) {
+        if (g > 0) {
+#pragma unroll
+            for (int r = 0; r < RW; ++r) rowblk[r] = (long long)min(row0 + r, s.n_rows - 1) * nbpr;
+            const int ch = min(lane, nch - 1);
+#pragma unroll
+            for (int w = 0; w < W; ++w)
+#pragma unroll
+                for (int r = 0; r < RW; ++r)
+                    T::load(raw[w][r], P[w], s.n_blocks, rowblk[r] + ch / T::CPB, ch % T::CPB);
+        }
+        float acc[NX][W][RW];
+#pragma unroll
+        for (int j = 0; j < NX; ++j)
+#pragma unroll
+            for (int w = 0; w < W; ++w)
+#pragma unroll
+                for (int r = 0; r < RW; ++r) acc[j][w][r] = 0.f;
+        for (int base = 0; base < nch; base += 32) {
+            const int ch = base + lane;
+            typename T::Raw nxt[W][RW];
+            if (base + 32 < nch) {        // the lane's next chunk (the last one again past the end)
+                const int cn = min(ch + 32, nch - 1);
+#pragma unroll
+                for (int w = 0; w < W; ++w)
+#pragma unroll
+                    for (int r = 0; r < RW; ++r)
+                        T::load(nxt[w][r], P[w], s.n_blocks, rowblk[r] + cn / T::CPB, cn % T::CPB);
+            }
+            if (ch < nch) {
+                const int b = ch / T::CPB, c = ch % T::CPB;
+                const int a0 = 4 * S * ((b * T::QK + T::off0(c)) >> 2), a1 = 4 * S * ((b * T::QK + T::off1(c)) >> 2);
+                float sa[NX][W][RW], sb[NX][W][RW];
+#pragma unroll
+                for (int j = 0; j < NX; ++j)
+#pragma unroll
+                    for (int w = 0; w < W; ++w)
+#pragma unroll
+                        for (int r = 0; r < RW; ++r) sa[j][w][r] = sb[j][w][r] = 0.f;
+                tile_step<T, 0, 0>(raw, c, sx, a0 + o[0][0], sa);
+                tile_step<T, 0, 1>(raw, c, sx, a0 + o[0][1], sa);
+                tile_step<T, 0, 2>(raw, c, sx, a0 + o[0][2], sa);
+                tile_step<T, 0, 3>(raw, c, sx, a0 + o[0][3], sa);
+                tile_step<T, 1, 0>(raw, c, sx, a1 + o[1][0], sb);
+                tile_step<T, 1, 1>(raw, c, sx, a1 + o[1][1], sb);
+                tile_step<T, 1, 2>(raw, c, sx, a1 + o[1][2], sb);
+                tile_step<T, 1, 3>(raw, c, sx, a1 + o[1][3], sb);
+                typename T::Pre q[W][RW];
+#pragma unroll
+                for (int w = 0; w < W; ++w)
+#pragma unroll
+                    for (int r = 0; r < RW; ++r) q[w][r] = T::pre(raw[w][r], c);
+#pragma unroll
+                for (int j = 0; j < NX; ++j) {
+                    const float2 xab = xs[ch * S + j];
+#pragma unroll
+                    for (int w = 0; w < W; ++w)
+#pragma unroll
+                        for (int r = 0; r < RW; ++r)
+                            acc[j][w][r] = T::tail(q[w][r], sa[j][w][r], sb[j][w][r], xab.x, xab.y, acc[j][w][r]);
+                }
+            }
+#pragma unroll
+            for (int w = 0; w < W; ++w)
+#pragma unroll
+                for (int r = 0; r < RW; ++r) raw[w][r] = nxt[w][r];
+        }
+#pragma unroll
+        for (int j = 0; j < NX; ++j)
+#pragma unroll
+            for (int w = 0; w < W; ++w)
+#pragma unroll
+                for (int r = 0; r < RW; ++r)
+#pragma unroll
+                    for (int o = 16; o > 0; o >>= 1)
+                        acc[j][w][r] = add_rn(acc[j][w][r], __shfl_xor_sync(0xffffffffu, acc[j][w][r], o));
+        if (lane < nh) {
+            // lane j stores row j of the tile (unrolled select keeps acc in registers)
+            float* out = out_row(p, si, x0 + lane);
+            const float* res = res_row(p, si, x0 + lane);
+#pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                float g = acc[0][0][r], u = acc[0][W - 1][r];
+#pragma unroll
+                for (int j = 1; j < NX; ++j)
+                    if (lane == j) { g = acc[j][0][r]; u = acc[j][W - 1][r]; }
+                const int row = row0 + r;
+                if (row < s.n_rows) out[row] = epilogue<SWIGLU>(g, u, rs, res, row);
+            }
+        }
+    }
+}
+
+// grid (tiles of x rows, CTAs of weight rows): the tiles of one CTA's weight rows run side by
+// side (their weights read from L2 rather than again from memory)
+template <typename TA, typename TB, bool SWIGLU, int NX>
+__global__ void __launch_bounds__(256) gemv_tile_kernel(const __grid_constant__ Params p) {
+    extern __shared__ float4 smem4[];
+    float* sx = reinterpret_cast<float*>(smem4);
+    float2* xs = reinterpret_cast<float2*>(sx + (NX + 1) * p.K);
+    __shared__ float red[32 * NX];
+    int i = 0;
+#pragma unroll
+    for (int k = 1; k < MAX_SEGS; ++k)
+        if (k < p.n_seg && (int)blockIdx.y >= p.seg[k].cta_begin) i = k;
+    const int cta = blockIdx.y - p.seg[i].cta_begin;
+    if constexpr (std::is_same<TA, TB>::value) {
+        run_tile<TA, SWIGLU, NX>(p, i, cta, sx, xs, red);
+    } else {
+        if (p.seg[i].type == TA::ID) run_tile<TA, SWIGLU, NX>(p, i, cta, sx, xs, red);
+        else run_tile<TB, SWIGLU, NX>(p, i, cta, sx, xs, red);
+    }
+}
+
 // the rows kernel's instances: up to NX rows of x per tile; one weight row per warp with 2
 // chunks per lane in flight, or two with one (RW = 2: half the shared-memory reads of x per
 // product, for many rows of x)
@@ -862,6 +1194,43 @@ static int launch_rows(const Params& p, int warps, int pdl, cudaStream_t stream)
     cudaError_t e = cudaLaunchKernelEx(&cfg, fn, p);
     if (e != cudaSuccess) return (int)e;
     return (int)cudaGetLastError();
+}
+
+template <typename TA, typename TB, bool SWIGLU, int NX>
+static int launch_tile(const Params& p, int warps, int pdl, cudaStream_t stream) {
+    const size_t smem = (size_t)(NX + 1) * p.K * sizeof(float) + (size_t)(NX + 1) * (p.K / 32) * sizeof(float2);
+    auto fn = gemv_tile_kernel<TA, TB, SWIGLU, NX>;
+    if (p.tile < 1 || p.tile > NX || p.n_x < 1 || p.groups < 1) return -1;
+    if (smem > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return (int)e;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((p.n_x + p.tile - 1) / p.tile, p.n_cta);
+    cfg.blockDim = dim3(32 * warps);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    cudaError_t e = cudaLaunchKernelEx(&cfg, fn, p);
+    if (e != cudaSuccess) return (int)e;
+    return (int)cudaGetLastError();
+}
+
+// the tile kernel: NX (TILE_NX) rows of x per tile
+template <typename TA, typename TB>
+static int dispatch_tile(const Params& p, int warps, int nx, int swiglu, int pdl, cudaStream_t st) {
+#define CASE(NX_)                                                                              \
+    if (nx == NX_) {                                                                           \
+        if (!swiglu) return launch_tile<TA, TB, false, NX_>(p, warps, pdl, st);                \
+        if constexpr (std::is_same<TA, TB>::value) return launch_tile<TA, TB, true, NX_>(p, warps, pdl, st); \
+    }
+    CASE(4) CASE(8)
+#undef CASE
+    return -1;
 }
 
 // several activation rows (p.n_x), RW weight rows per warp
@@ -968,6 +1337,104 @@ static int emulate_any(const Params& p, int si, int swiglu, int warps) {
     return swiglu ? emulate_seg<T, true>(p, si, warps) : emulate_seg<T, false>(p, si, warps);
 }
 
+// The tile kernel's arithmetic on the CPU: per tile of p.tile rows of x (staged as the
+// kernel does, nx rows in its layout, the short tile's last row repeated), the chunk sums
+// once per row, then per weight row, row of x and lane: the chunks' runs through T::dec4 in
+// position order, read at the lane's offsets o_I (taken from its first chunk, as
+// tile_offsets), T::pre and T::tail, the lane butterfly, the epilogue.
+template <typename T>
+static void emulate_chains(const typename T::Raw& raw, int c, const float* xj, const int* at, float& s, float& t) {
+    float f[8][4];
+    T::template dec4<0, 0>(raw, c, f[0]); T::template dec4<0, 1>(raw, c, f[1]);
+    T::template dec4<0, 2>(raw, c, f[2]); T::template dec4<0, 3>(raw, c, f[3]);
+    T::template dec4<1, 0>(raw, c, f[4]); T::template dec4<1, 1>(raw, c, f[5]);
+    T::template dec4<1, 2>(raw, c, f[6]); T::template dec4<1, 3>(raw, c, f[7]);
+    s = t = 0.f;
+    for (int i = 0; i < 4; ++i)
+        for (int e = 0; e < 4; ++e) {
+            s = fmaf(f[i][e], xj[at[i] + e], s);
+            t = fmaf(f[4 + i][e], xj[at[4 + i] + e], t);
+        }
+}
+
+template <typename T>
+static float emulate_tile_dot(const Params& p, const uint8_t* P, long long n_blocks, int row, const float* xj,
+                              const float* xsj, int S) {
+    const int nbpr = p.K / T::QK, nch = nbpr * T::CPB;
+    float lanes[32] = {0.f};
+    for (int ch = 0; ch < nch; ++ch) {
+        const int b = ch / T::CPB, c = ch % T::CPB, lane = ch & 31;
+        const int lb = lane / T::CPB, lc = lane % T::CPB;          // the lane's first chunk
+        typename T::Raw raw;
+        T::load(raw, P, n_blocks, (long long)row * nbpr + b, c);
+        int at[8];
+        for (int h = 0; h < 2; ++h) {
+            const int g1st = (lb * T::QK + (h ? T::off1(lc) : T::off0(lc))) >> 2;
+            const int g = (b * T::QK + (h ? T::off1(c) : T::off0(c))) >> 2;
+            for (int i = 0; i < 4; ++i) at[4 * h + i] = 4 * S * g + 4 * S * (T::swz(g1st + i) - g1st);
+        }
+        float s, t;
+        emulate_chains<T>(raw, c, xj, at, s, t);
+        lanes[lane] = T::tail(T::pre(raw, c), s, t, xsj[2 * S * ch], xsj[2 * S * ch + 1], lanes[lane]);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float t[32];
+        for (int l = 0; l < 32; ++l) t[l] = add_rn(lanes[l], lanes[l ^ o]);
+        memcpy(lanes, t, sizeof(t));
+    }
+    return lanes[0];
+}
+
+template <typename T, bool SWIGLU>
+static int emulate_tile_seg(const Params& p, int si, int warps, int nx) {
+    const Seg& s = p.seg[si];
+    const int nch = p.K / T::QK * T::CPB, S = nx + 1, n4 = p.K / 4;
+    float* row = (float*)malloc(sizeof(float) * (size_t)p.K);
+    float* xt = (float*)malloc(sizeof(float) * (size_t)S * p.K);          // the tile layout
+    float* xs = (float*)malloc(sizeof(float) * 2 * (size_t)S * nch);
+    float rstd[8];
+    if (!row || !xt || !xs) {
+        free(row);
+        free(xt);
+        free(xs);
+        return 2;
+    }
+    for (int x0 = 0; x0 < p.n_x; x0 += p.tile) {
+        const int nh = p.n_x - x0 < p.tile ? p.n_x - x0 : p.tile;
+        for (int j = 0; j < nx; ++j) {
+            rstd[j] = emulate_stage<T>(p, x_row(p, x0 + (j < nh ? j : nh - 1)), row, warps);   // swizzled
+            for (int g = 0; g < n4; ++g)            // the row's slot g -> slot g S + j
+                memcpy(xt + 4 * ((size_t)g * S + j), row + 4 * g, 16);
+            for (int ch = 0; ch < nch; ++ch) {
+                const int b = ch / T::CPB, c = ch % T::CPB;
+                float v[16];
+                for (int half = 0; half < 2; ++half) {
+                    const int k = b * T::QK + (half ? T::off1(c) : T::off0(c));
+                    for (int i = 0; i < 16; ++i) v[i] = row[4 * T::swz((k + i) >> 2) + ((k + i) & 3)];
+                    xs[2 * ((size_t)ch * S + j) + half] = sum16(v);
+                }
+            }
+        }
+        for (int j = 0; j < nh; ++j) {
+            for (int r = 0; r < s.n_rows; ++r) {
+                const float g = emulate_tile_dot<T>(p, s.planes, s.n_blocks, r, xt + 4 * j, xs + 2 * j, S);
+                const float u = SWIGLU ? emulate_tile_dot<T>(p, s.planes2, s.n_blocks, r, xt + 4 * j, xs + 2 * j, S)
+                                       : 0.f;
+                out_row(p, si, x0 + j)[r] = epilogue<SWIGLU>(g, u, rstd[j], res_row(p, si, x0 + j), r);
+            }
+        }
+    }
+    free(row);
+    free(xt);
+    free(xs);
+    return 0;
+}
+
+template <typename T>
+static int emulate_tile_any(const Params& p, int si, int swiglu, int warps, int nx) {
+    return swiglu ? emulate_tile_seg<T, true>(p, si, warps, nx) : emulate_tile_seg<T, false>(p, si, warps, nx);
+}
+
 // The kernels of one type (or pair), behind one function each. build.py compiles the file
 // once per part (-DGGUFLM_PART=k, in parallel) and links the parts of each library: the
 // 1-row library is parts 0-9: part 0 the C entry points (and the CPU emulation), parts 1-4
@@ -975,9 +1442,10 @@ static int emulate_any(const Params& p, int si, int swiglu, int warps) {
 // with SWIGLU, part 9 those of the two pairs (2 instances each): parts of 6 kernels or fewer,
 // so that the concurrent build takes about as long as its longest part (one part per type
 // took 3.3 s for Q6_K's 12 kernels against 1.6 s for a pair's 2; now 1.5-2.3 s: nvcc 13.0,
-// one process at a time on a 2-core host). The rows library is parts 10-22: parts 10-15 the rows kernels of
+// one process at a time on a 2-core host). The rows library is parts 10-28: parts 10-15 the rows kernels of
 // one weight row per warp of one type or pair, 16-21 those of two, part 22 their C entry
-// points. Without GGUFLM_PART the file is the whole of both in one translation unit.
+// points, 23-28 the tile kernels of one type or pair (4 and 8 rows of x per tile; 3.0-4.5 s
+// each here). Without GGUFLM_PART the file is the whole of both in one translation unit.
 #define GGUFLM_DISPATCH(NAME, TA, TB, SWIGLU)                                                  \
     int NAME(const Params& p, int warps, int R, int U, int, int pdl, cudaStream_t st) {        \
         return dispatch_ru<TA, TB, SWIGLU>(p, warps, R, U, pdl, st);                            \
@@ -985,6 +1453,10 @@ static int emulate_any(const Params& p, int si, int swiglu, int warps) {
 #define GGUFLM_ROWS(NAME, TA, TB, RW)                                                          \
     int NAME(const Params& p, int warps, int, int, int swiglu, int pdl, cudaStream_t st) {     \
         return dispatch_rows<TA, TB, RW>(p, warps, swiglu, pdl, st);                            \
+    }
+#define GGUFLM_TILE(NAME, TA, TB)                                                              \
+    int NAME(const Params& p, int warps, int nx, int, int swiglu, int pdl, cudaStream_t st) {  \
+        return dispatch_tile<TA, TB>(p, warps, nx, swiglu, pdl, st);                            \
     }
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 1
 GGUFLM_DISPATCH(gguflm_dispatch_q4_0, Q4_0, Q4_0, false)
@@ -1053,6 +1525,25 @@ GGUFLM_ROWS(gguflm_rows2_q4_k_q6_k, Q4_K, Q6_K, 2)
 GGUFLM_ROWS(gguflm_rows2_q4_0_q8_0, Q4_0, Q8_0, 2)
 #endif
 
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 23
+GGUFLM_TILE(gguflm_tile_q4_0, Q4_0, Q4_0)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 24
+GGUFLM_TILE(gguflm_tile_q8_0, Q8_0, Q8_0)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 25
+GGUFLM_TILE(gguflm_tile_q4_k, Q4_K, Q4_K)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 26
+GGUFLM_TILE(gguflm_tile_q6_k, Q6_K, Q6_K)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 27
+GGUFLM_TILE(gguflm_tile_q4_k_q6_k, Q4_K, Q6_K)
+#endif
+#if !defined(GGUFLM_PART) || GGUFLM_PART == 28
+GGUFLM_TILE(gguflm_tile_q4_0_q8_0, Q4_0, Q8_0)
+#endif
+
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 0
 #ifdef GGUFLM_PART
 #define GGUFLM_DECL(N) int gguflm_dispatch_##N(const Params&, int, int, int, int, int, cudaStream_t); \
@@ -1090,6 +1581,23 @@ int gguflm_gemv_emulate(const Params* p, int swiglu, int warps) {
     return 0;
 }
 
+// The tile kernel's arithmetic on the CPU (gemv_tile_kernel with nx rows of x per tile
+// at most, p->tile per CTA column): for the tests, as gguflm_gemv_emulate.
+int gguflm_gemv_emulate_tile(const Params* p, int swiglu, int warps, int nx) {
+    if (warps < 1 || warps > 8 || nx < 1 || nx > 8 || p->tile < 1 || p->tile > nx || p->n_x < 1) return -1;
+    for (int i = 0; i < p->n_seg; ++i) {
+        int rc = -1;
+        switch (p->seg[i].type) {
+            case GT_Q4_0: rc = emulate_tile_any<Q4_0>(*p, i, swiglu, warps, nx); break;
+            case GT_Q8_0: rc = emulate_tile_any<Q8_0>(*p, i, swiglu, warps, nx); break;
+            case GT_Q4_K: rc = emulate_tile_any<Q4_K>(*p, i, swiglu, warps, nx); break;
+            case GT_Q6_K: rc = emulate_tile_any<Q6_K>(*p, i, swiglu, warps, nx); break;
+        }
+        if (rc) return rc;
+    }
+    return 0;
+}
+
 int gguflm_params_size(void) { return (int)sizeof(Params); }
 
 const char* gguflm_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
@@ -1101,7 +1609,8 @@ const char* gguflm_error_string(int code) { return cudaGetErrorString((cudaError
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 22
 #ifdef GGUFLM_PART
 #define GGUFLM_DECL(N) int gguflm_rows_##N(const Params&, int, int, int, int, int, cudaStream_t); \
-                       int gguflm_rows2_##N(const Params&, int, int, int, int, int, cudaStream_t);
+                       int gguflm_rows2_##N(const Params&, int, int, int, int, int, cudaStream_t); \
+                       int gguflm_tile_##N(const Params&, int, int, int, int, int, cudaStream_t);
 GGUFLM_FNS(GGUFLM_DECL)
 #undef GGUFLM_DECL
 #endif
@@ -1117,6 +1626,16 @@ int gguflm_gemv_rows(const Params* p, int ta, int tb, int warps, int rw, int swi
     GGUFLM_PICK(ta, tb, SEL)
 #undef SEL
     return fn ? fn(*p, warps, 0, rw, swiglu, pdl, (cudaStream_t)stream) : -1;
+}
+
+// the tile kernel: nx (4 or 8) rows of x per tile at most (p->tile of them per CTA column),
+// p->groups groups of weight rows per CTA; otherwise as gguflm_gemv_rows
+int gguflm_gemv_tile(const Params* p, int ta, int tb, int warps, int nx, int swiglu, int pdl, void* stream) {
+    GgufFn fn = nullptr;
+#define SEL(N) fn = gguflm_tile_##N
+    GGUFLM_PICK(ta, tb, SEL)
+#undef SEL
+    return fn ? fn(*p, warps, nx, 0, swiglu, pdl, (cudaStream_t)stream) : -1;
 }
 
 int gguflm_rows_params_size(void) { return (int)sizeof(Params); }

@@ -13,9 +13,11 @@ the CUDA ones only where they won launch by launch without PDL; ``GGUFLM_PDL=0``
 programmatic dependent launch off. A failed build says so once on stderr and falls back.
 
 With x [R, K] (the server's batched decode rows) :func:`gemv`, :func:`gemv_multi` and
-:func:`gemv_swiglu` run the rows kernel (a second library, :func:`rows_library`, built on
+:func:`gemv_swiglu` run a rows kernel (a second library, :func:`rows_library`, built on
 first use or by :func:`start_rows`): one launch, row r bit-identical to the 1-row call on
-x[r] whatever R (see gemv.cu); the Triton rows kernel where no row would take the CUDA one.
+x[r] whatever R (see gemv.cu); the tile kernel by default, the warp kernel with
+``GGUFLM_CUDA_ROWS_KERNEL=warp`` (:func:`rows_kernel`); the Triton rows kernel where no row
+would take the CUDA one.
 Measured on an H200 (benchmarks/cuda_notes.md, 2026-12-04): the decode step of TinyLlama
 Q4_K_M 967 -> 815 us, Q4_0 841 -> 763 us against the Triton kernels.
 """
@@ -44,6 +46,54 @@ PAIR_INSTANCES = {(1, 2), (2, 1)}
 ROWS_NX = 8  # gemv.cu's ROWS_NX: activation rows per CTA of the rows kernel
 ROWS_RW = (1, 2)  # weight rows per warp of its instances
 ROWS_SMEM = 100 * 1024  # bytes of staged rows of x per CTA of the rows kernel (see rows_tile)
+TILE_NX = (4, 8)  # gemv.cu's tile kernel instances: rows of x per tile
+TILE_WR = 4  # gemv.cu's TILE_WR: weight rows per warp of the tile kernel (2 output rows with SWIGLU)
+
+
+def rows_kernel() -> str:
+    """``GGUFLM_CUDA_ROWS_KERNEL``: which CUDA kernel runs x [R, K] (R >= 2): ``tile`` (the
+    default: gemv_tile_kernel, each weight decoded once per tile of up to 8 rows of x, 4
+    weight rows per warp sharing each read of x) or ``warp`` (gemv_rows_kernel, one or two
+    weight rows per warp). Both give each row the 1-row kernel's bits."""
+    k = os.environ.get("GGUFLM_CUDA_ROWS_KERNEL", "").lower()
+    return k if k in ("tile", "warp") else "tile"
+
+
+TILE_SMEM_LIMIT = 216 * 1024  # bytes of dynamic shared memory of a tile kernel CTA (sm_90: 227 KB in all)
+
+
+def tile_smem(n_cols: int, nx: int) -> int:
+    """Dynamic shared memory of a tile kernel CTA: nx rows of x' and their chunk sums, in a
+    layout of nx + 1 slots per group (gemv.cu)."""
+    return (nx + 1) * (4 * n_cols + 8 * (n_cols // 32))
+
+
+def tile_plan(n_cols: int, n_x: int, nx: int | None = None) -> tuple[int, int] | None:
+    """(nx, tile) of the tile kernel for ``n_x`` rows of x: the instance (TILE_NX) and the
+    rows per CTA column (balanced: ceil(n_x / tiles)) that minimize a rough per-weight cost,
+    tiles x (1.3 nx + 3) (an FMA and a share of the chunk's tail per row of the tile, the
+    decode once per tile; padded rows cost as real ones); None: no instance fits the shared
+    memory (then the warp kernel). ``nx``: that instance only. The bits of a row never
+    depend on it."""
+    best = None
+    for n in TILE_NX if nx is None else (nx,):
+        if n not in TILE_NX or tile_smem(n_cols, n) > TILE_SMEM_LIMIT:
+            continue
+        tiles = -(-n_x // n)
+        cost = tiles * (1.3 * n + 3)
+        if best is None or cost < best[0]:
+            best = (cost, n, -(-n_x // tiles))
+    return None if best is None else best[1:]
+
+
+def tile_groups(ws: Sequence[PackedWeight], rows_per_group: int, tiles: int, n_sm: int) -> int:
+    """Groups of weight rows per CTA of the tile kernel (each CTA stages its tile of x once
+    for all of them): the most of 1, 2, 4, 8 that still leaves >= 2 CTAs per SM."""
+    best = 1
+    for g in (2, 4, 8):
+        if sum(-(-w.n_rows // (rows_per_group * g)) for w in ws) * tiles >= 2 * n_sm:
+            best = g
+    return best
 
 
 def rows_per_warp(n_x: int) -> int:
@@ -66,7 +116,7 @@ class _Params(ctypes.Structure):
                 ("eps", ctypes.c_float), ("K", ctypes.c_int), ("n_seg", ctypes.c_int), ("n_cta", ctypes.c_int),
                 ("argmax_out", ctypes.c_void_p), ("part_val", ctypes.c_void_p), ("part_idx", ctypes.c_void_p),
                 ("counter", ctypes.c_void_p), ("n_x", ctypes.c_int), ("x_ld", ctypes.c_int), ("tile", ctypes.c_int),
-                ("pad2_", ctypes.c_int), ("out_ld", ctypes.c_int * MAX_SEGS), ("res_ld", ctypes.c_int * MAX_SEGS)]
+                ("groups", ctypes.c_int), ("out_ld", ctypes.c_int * MAX_SEGS), ("res_ld", ctypes.c_int * MAX_SEGS)]
 
 
 class ArgmaxWorkspace:
@@ -141,6 +191,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gguflm_gemv.restype = ctypes.c_int
     lib.gguflm_gemv_emulate.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int]
     lib.gguflm_gemv_emulate.restype = ctypes.c_int
+    lib.gguflm_gemv_emulate_tile.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.gguflm_gemv_emulate_tile.restype = ctypes.c_int
     lib.gguflm_error_string.restype = ctypes.c_char_p
     if lib.gguflm_params_size() != ctypes.sizeof(_Params):
         raise RuntimeError("gemv.cu's Params and the ctypes mirror disagree")
@@ -185,6 +237,8 @@ def rows_library(device: torch.device, quiet: bool = True) -> ctypes.CDLL | None
         lib.gguflm_gemv_rows.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                          ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
         lib.gguflm_gemv_rows.restype = ctypes.c_int
+        lib.gguflm_gemv_tile.argtypes = lib.gguflm_gemv_rows.argtypes
+        lib.gguflm_gemv_tile.restype = ctypes.c_int
         if lib.gguflm_rows_params_size() != ctypes.sizeof(_Params):
             raise RuntimeError("gemv.cu's Params and the ctypes mirror disagree")
     except (KernelsUnavailable, RuntimeError, OSError, AttributeError) as e:
@@ -293,6 +347,19 @@ def _params(ws: Sequence[PackedWeight], outs: Sequence[torch.Tensor], x: torch.T
     return p
 
 
+_sms: dict[int, int] = {}
+
+
+def _n_sm(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (132 for anything else: an H100/H200)."""
+    if device.type != "cuda":
+        return 132
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _sms:
+        _sms[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _sms[key]
+
+
 def rows_tile(n_cols: int, n_x: int) -> int:
     """Activation rows per CTA of the rows kernel (x' of each staged in shared memory): up to
     ROWS_NX, as many as fit ROWS_SMEM (two CTAs per SM: 8 rows of 2048 values, 4 of 5632),
@@ -321,16 +388,19 @@ def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Ten
            norm_weight: torch.Tensor | None = None, eps: float = 0.0,
            residuals: Sequence[torch.Tensor | None] | None = None, ups: Sequence[PackedWeight] | None = None,
            config: CudaGemvConfig | None = None, argmax: tuple[torch.Tensor, ArgmaxWorkspace] | None = None,
-           rows_rw: int | None = None, rows_tile_: int | None = None) -> None:
+           rows_rw: int | None = None, rows_tile_: int | None = None, kernel: str | None = None,
+           tile_nx: int | None = None, tile_groups_: int | None = None) -> None:
     """One launch of the CUDA kernel over the weights ``ws`` (segments of one grid) that all
     read ``x``; the caller has checked :func:`supported`. ``ups``: SWIGLU (one segment).
     ``argmax``: (int64 [1] out, workspace): also the first index of the largest output (one
     segment, no SWIGLU, x [K]). x [R, K] with outs (and residuals) [R, n_i]: the rows kernel,
     one weight row per warp and up to ROWS_NX activation rows per CTA, with the warps of the
     1-row launch shape, ``rows_rw`` weight rows per warp (default :func:`rows_per_warp`) and
-    ``rows_tile_`` rows of x per CTA (default :func:`rows_tile`; both for timing sweeps); row
-    r of each output is bit-identical to the 1-row kernel on x[r] (R = 1 runs the 1-row
-    kernel itself)."""
+    ``rows_tile_`` rows of x per CTA (default :func:`rows_tile`; both for timing sweeps); or
+    with ``kernel`` "tile" (default: :func:`rows_kernel`) the tile kernel, ``tile_nx`` rows of
+    x per tile at most and ``tile_groups_`` groups of weight rows per CTA (defaults
+    :func:`tile_plan`, :func:`tile_groups`); row r of each output is bit-identical to the 1-row
+    kernel on x[r] (R = 1 runs the 1-row kernel itself)."""
     if not 1 <= len(ws) <= MAX_SEGS or any(w.n_cols != ws[0].n_cols for w in ws):
         raise ValueError(f"1..{MAX_SEGS} weights of one row length")
     residuals = residuals or [None] * len(ws)
@@ -355,9 +425,22 @@ def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Ten
     if rows is not None and (argmax is not None or rows_tile(ws[0].n_cols, rows) < 1 or rw not in ROWS_RW):
         raise ValueError("x [R, K]: no argmax epilogue, a row of x must fit the shared memory, "
                          f"{ROWS_RW} weight rows per warp")
-    p = _params(ws, outs, x, norm_weight, eps, residuals, cfg.rows * cfg.warps if rows is None else cfg.warps * rw,
-                ups)
-    if rows is not None and rows_tile_ is not None:
+    kernel = (kernel or rows_kernel()) if rows is not None else None
+    plan = tile_plan(ws[0].n_cols, rows, tile_nx) if kernel == "tile" else None
+    if kernel == "tile" and plan is None:
+        if tile_nx is not None:
+            raise ValueError(f"no tile kernel instance of {tile_nx} rows fits the shared memory")
+        kernel = "warp"
+    if kernel == "tile":
+        per_group = cfg.warps * (TILE_WR // (2 if ups is not None else 1))
+        tiles = -(-rows // plan[1])
+        groups = tile_groups_ or tile_groups(ws, per_group, tiles, _n_sm(x.device))
+        p = _params(ws, outs, x, norm_weight, eps, residuals, per_group * groups, ups)
+        p.tile, p.groups = plan[1], groups
+    else:
+        p = _params(ws, outs, x, norm_weight, eps, residuals,
+                    cfg.rows * cfg.warps if rows is None else cfg.warps * rw, ups)
+    if kernel == "warp" and rows_tile_ is not None:
         if not 1 <= rows_tile_ <= ROWS_NX or 4 * rows_tile_ * p.K > SMEM_LIMIT:
             raise ValueError(f"rows_tile_ must be 1..{ROWS_NX} rows fitting {SMEM_LIMIT} bytes")
         p.tile = rows_tile_
@@ -378,6 +461,9 @@ def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Ten
     if rows is None:
         rc = lib.gguflm_gemv(ctypes.byref(p), types[0], types[-1], cfg.warps, cfg.rows, cfg.unroll,
                              int(ups is not None), int(pdl(x.device)), ctypes.c_void_p(stream))
+    elif kernel == "tile":
+        rc = rlib.gguflm_gemv_tile(ctypes.byref(p), types[0], types[-1], cfg.warps, plan[0], int(ups is not None),
+                                   int(pdl(x.device)), ctypes.c_void_p(stream))
     else:
         rc = rlib.gguflm_gemv_rows(ctypes.byref(p), types[0], types[-1], cfg.warps, rw, int(ups is not None),
                                    int(pdl(x.device)), ctypes.c_void_p(stream))
@@ -389,10 +475,12 @@ def launch(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Ten
 def emulate(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Tensor], *,
             norm_weight: torch.Tensor | None = None, eps: float = 0.0,
             residuals: Sequence[torch.Tensor | None] | None = None,
-            ups: Sequence[PackedWeight] | None = None, warps: int | None = None) -> None:
+            ups: Sequence[PackedWeight] | None = None, warps: int | None = None, kernel: str = "warp",
+            tile_nx: int | None = None) -> None:
     """The kernel's arithmetic run on the CPU (CPU tensors), in the order of a CTA of
     ``warps`` warps (default: the launch shape's): for the tests, without a GPU. Bit for bit
-    the kernel's but for rsqrtf and expf (the host's). x [K] or [R, K] as :func:`launch`."""
+    the kernel's but for rsqrtf and expf (the host's). x [K] or [R, K] as :func:`launch`;
+    ``kernel`` "tile": the tile kernel's order (x [R, K], ``tile_nx`` as :func:`launch`)."""
     lib = library(None, quiet=True)
     if lib is None:
         raise RuntimeError("the CUDA kernels cannot be built here (no nvcc)")
@@ -406,7 +494,14 @@ def emulate(ws: Sequence[PackedWeight], x: torch.Tensor, outs: Sequence[torch.Te
     if p.tile < 1:
         raise ValueError("a row of x must fit the shared memory")
     warps = warps or _config(ws, ups is not None, None).warps
-    rc = lib.gguflm_gemv_emulate(ctypes.byref(p), int(ups is not None), warps)
+    if kernel == "tile":
+        plan = tile_plan(p.K, p.n_x, tile_nx)
+        if plan is None:
+            raise ValueError("no tile kernel instance fits the shared memory")
+        p.tile = plan[1]
+        rc = lib.gguflm_gemv_emulate_tile(ctypes.byref(p), int(ups is not None), warps, plan[0])
+    else:
+        rc = lib.gguflm_gemv_emulate(ctypes.byref(p), int(ups is not None), warps)
     if rc != 0:
         raise RuntimeError(f"emulation failed ({rc})")
 
