@@ -138,7 +138,7 @@ def run(rows: list[int], rng, kernels: list[str]) -> list[dict]:
             makers = [(f"rows_{k}", lambda i, k=k: rows_call(i, KERNELS[k])) for k in kernels if k in KERNELS]
             makers += [("gemm", gemm_call)] if "gemm" in kernels else []
             makers += [("loop", loop_call)] if "loop" in kernels and R <= 8 else []
-            if R >= 8 and "rw2" in kernels:   # the default tile (rows_tile: 8 rows of 2048, 4 of 5632) against the other
+            if R >= 8 and "rw2" in kernels:   # rw2's default tile (rows_tile: 8 rows of 2048, 4 of 5632), the other
                 alt = 4 if cg.rows_tile(cols, R) == 8 else 8
                 if 4 * alt * cols <= cg.SMEM_LIMIT:
                     how = dict(KERNELS["rw2"], rows_tile_=alt)
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run(rows, rng, a.kernels.split(","))
     steps = step_sums(results)
     for k, by_r in steps.items():
-        print(f"step (Q4_K_M, 22 layers + output) {k:16s} " + "  ".join(f"R={R} {v / 1e3:.2f} ms" for R, v in by_r.items()),
-              flush=True)
+        line = "  ".join(f"R={R} {v / 1e3:.2f} ms" for R, v in by_r.items())
+        print(f"step (Q4_K_M, 22 layers + output) {k:16s} {line}", flush=True)
     (out / "cuda_gemv_rows_bench.json").write_text(json.dumps({"meta": meta, "results": results, "step_us": steps},
                                                                indent=1))
     return 0 if meta["check_ok"] is not False else 1
