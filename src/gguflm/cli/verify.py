@@ -41,8 +41,7 @@ examples:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("-m", "--model", metavar="FILE_OR_NAME",
-                   help="GGUF file, or a name from `gguflm models` (default: smollm2-135m)")
+    options.add_model(p)
     p.add_argument("-o", "--output", default="verify-report", help="report folder (default: %(default)s)")
     p.add_argument("-p", "--prompt", default=DEFAULT_PROMPT, help="user message (default: %(default)r)")
     p.add_argument("--reference", choices=["llama.cpp", "none"], default=None,
