@@ -37,12 +37,6 @@ from gguflm.gguf.types import LAYOUTS, GGMLType, Layout, type_name
 if sys.byteorder != "little":  # pragma: no cover - GGUF blocks are viewed in native order
     raise ImportError("gguflm.quant needs a little-endian machine")
 
-# Tensor bytes are zero-copy views of a read-only mmap; torch warns that it cannot guard
-# such memory against writes. Nothing here writes to it (results are fresh tensors), so
-# that warning is silenced for calls from this module only.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
-                        module=__name__)
-
 _REGISTRY: dict[GGMLType, type[QuantType]] = {}
 
 
@@ -287,15 +281,21 @@ def supported_types() -> tuple[GGMLType, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def _as_byte_tensor(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+def byte_tensor(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes (uint8 numpy array or tensor) as a flat contiguous uint8 tensor,
+    without a copy where it can. The bytes are often a zero-copy view of a read-only mmap,
+    which torch warns it cannot guard against writes: nothing of ours writes to them
+    (results are fresh tensors), so that warning is silenced here."""
     if isinstance(raw, torch.Tensor):
         if raw.dtype != torch.uint8:
-            raise TypeError(f"raw must be uint8, got {raw.dtype}")
-        return raw.reshape(-1)
+            raise TypeError(f"raw bytes must be uint8, got {raw.dtype}")
+        return raw.reshape(-1).contiguous()
     arr = np.asarray(raw)
     if arr.dtype != np.uint8:
-        raise TypeError(f"raw must be uint8, got {arr.dtype}")
-    return torch.from_numpy(arr.reshape(-1))
+        raise TypeError(f"raw bytes must be uint8, got {arr.dtype}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(arr).reshape(-1))
 
 
 def dequantize(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: Sequence[int],
@@ -318,7 +318,7 @@ def dequantize(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: Sequence[i
         raise GGUFError(f"{name} tensor row length ne0={dims[0]} is not a multiple of its block size {lay.block_size}")
     n_elements = math.prod(dims)
     n_blocks = n_elements // lay.block_size
-    data = _as_byte_tensor(raw)
+    data = byte_tensor(raw)
     if data.numel() != n_blocks * lay.type_size:
         raise GGUFError(f"{name} tensor of shape {dims} needs {n_blocks * lay.type_size} bytes "
                         f"({n_blocks} blocks of {lay.type_size}), got {data.numel()}")

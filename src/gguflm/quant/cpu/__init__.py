@@ -27,7 +27,6 @@ take the model's explicit float fallback).
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from gguflm.gguf.types import LAYOUTS, GGMLType
+from gguflm.quant.base import byte_tensor
 from gguflm.quant.cpu.build import KernelsUnavailable, ops
 
 __all__ = ["QuantWeight", "QuantLinear", "QuantEmbedding", "KernelsUnavailable", "available", "supports",
@@ -123,7 +123,9 @@ class QuantWeight:
         if self.in_features % lay.block_size:
             raise ValueError(f"{self.ggml_type.name} row length {self.in_features} is not a multiple of "
                              f"{lay.block_size}")
-        self.raw = _byte_tensor(raw)
+        self.raw = byte_tensor(raw)
+        if self.raw.device.type != "cpu":
+            raise TypeError(f"raw weight bytes must be on the CPU, not {self.raw.device}")
         want = self.out_features * self.in_features // lay.block_size * lay.type_size
         if self.raw.numel() != want:
             raise ValueError(f"{self.ggml_type.name} weight of shape {tuple(shape)} needs {want} bytes, "
@@ -133,19 +135,6 @@ class QuantWeight:
     def shape(self) -> tuple[int, int]:
         """Torch order: (out_features, in_features)."""
         return self.out_features, self.in_features
-
-
-def _byte_tensor(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
-    if isinstance(raw, torch.Tensor):
-        if raw.dtype != torch.uint8 or raw.device.type != "cpu":
-            raise TypeError(f"raw weight bytes must be a CPU uint8 tensor, got {raw.dtype} on {raw.device}")
-        return raw.reshape(-1).contiguous()
-    arr = np.ascontiguousarray(np.asarray(raw)).reshape(-1)
-    if arr.dtype != np.uint8:
-        raise TypeError(f"raw weight bytes must be uint8, got {arr.dtype}")
-    with warnings.catch_warnings():  # read-only mapping: the kernels never write to it
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(arr)
 
 
 def qmatmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:

@@ -16,7 +16,6 @@ float copy. Block ``i`` is block ``b`` of row ``r`` with ``i = r * blocks_per_ro
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import torch
 
 from gguflm.errors import GGUFError
 from gguflm.gguf.types import LAYOUTS, GGMLType, Layout
+from gguflm.quant.base import byte_tensor
 
 
 def pack_planes(blocks: torch.Tensor, lay: Layout) -> torch.Tensor:
@@ -92,15 +92,10 @@ class PackedWeight:
         if n_cols % lay.block_size:
             raise GGUFError(f"{gt.name} row length {n_cols} is not a multiple of its block size {lay.block_size}")
         n_blocks = n_rows * (n_cols // lay.block_size)
-        if isinstance(raw, torch.Tensor):
-            data = raw.reshape(-1)
-        else:
-            with warnings.catch_warnings():  # a read-only mmap view: only read (and copied by the packing)
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                data = torch.from_numpy(np.asarray(raw)).reshape(-1)
-        if data.dtype != torch.uint8 or data.numel() != n_blocks * lay.type_size:
+        data = byte_tensor(raw)
+        if data.numel() != n_blocks * lay.type_size:
             raise GGUFError(f"{gt.name} weight of shape {list(dims)} needs {n_blocks * lay.type_size} bytes, "
-                            f"got {data.numel()} of {data.dtype}")
+                            f"got {data.numel()}")
         planes = pack_planes(data.to(device).view(n_blocks, lay.type_size), lay)
         return cls(gt, n_rows, n_cols, planes)
 
