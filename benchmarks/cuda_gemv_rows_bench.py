@@ -10,7 +10,8 @@ x[r] (the contract; tests/cuda/test_cuda_gemv.py has the full one). Then, per sh
 --rows: one launch's time (a CUDA graph of launches over enough weight copies to spill the
 L2 cache, replayed; median of 5; cuda_gemv_bench.graph_us), for the --kernels of:
 ``tile`` (gemv_tile_kernel, its default plan: gemv.tile_plan, tile_groups), ``tile4`` /
-``tile8`` (its instance of 4 / 8 rows of x per tile), ``rw1`` / ``rw2`` (gemv_rows_kernel, one
+``tile8`` (its instance of 4 / 8 rows of x per tile), ``tile_g1`` / ``tile_g4`` (1 / 4 groups
+of weight rows per CTA), ``rw1`` / ``rw2`` (gemv_rows_kernel, one
 or two weight rows per warp; from 8 rows also ``rw2_tile4/8``, the other tile of x rows per
 CTA); R = 1 runs the 1-row kernel for all of them; ``gemm`` (x float16 [R, K], split-K GEMM
 + reduction, the gated GEMM for gate/up) and, for R <= 8, ``loop`` (R 1-row launches). At
@@ -81,6 +82,7 @@ def check(rng, rows: list[int]) -> bool:
 
 KERNELS = {  # --kernels name: launch() arguments of the rows kernels
     "tile": dict(kernel="tile"), "tile4": dict(kernel="tile", tile_nx=4), "tile8": dict(kernel="tile", tile_nx=8),
+    "tile_g1": dict(kernel="tile", tile_groups_=1), "tile_g4": dict(kernel="tile", tile_groups_=4),
     "rw1": dict(kernel="warp", rows_rw=1), "rw2": dict(kernel="warp", rows_rw=2),
 }
 

@@ -262,6 +262,13 @@ struct Q4_0 {
         r.q = ld16(P + n * 2 + blk * 16);
         r.d = ldh(P + blk * 2);
     }
+    // the tile kernel's load in two: the codes (loaded a chunk ahead) and the scales (at the
+    // chunk's start: used after its FMAs)
+    HD static void load_q(Raw& r, const uint8_t* P, long long n, long long blk, int) {
+        r.q = ld16(P + n * 2 + blk * 16);
+    }
+    HD static void load_s(Raw& r, const uint8_t* P, long long, long long blk, int) { r.d = ldh(P + blk * 2); }
+    HD static void move_q(Raw& d, const Raw& r) { d.q = r.q; }
     HD static int off0(int) { return 0; }
     HD static int off1(int) { return 16; }
     // y = d (q - 8); lo nibble of byte l -> a[l], hi -> b[l]
@@ -311,6 +318,17 @@ struct Q8_0 {
         r.q0 = ld16(P + n * 2 + blk * 32);
         r.q1 = ld16(P + n * 2 + blk * 32 + 16);
         r.d = ldh(P + blk * 2);
+    }
+    // the tile kernel's load in two: the codes (loaded a chunk ahead) and the scales (at the
+    // chunk's start: used after its FMAs)
+    HD static void load_q(Raw& r, const uint8_t* P, long long n, long long blk, int) {
+        r.q0 = ld16(P + n * 2 + blk * 32);
+        r.q1 = ld16(P + n * 2 + blk * 32 + 16);
+    }
+    HD static void load_s(Raw& r, const uint8_t* P, long long, long long blk, int) { r.d = ldh(P + blk * 2); }
+    HD static void move_q(Raw& d, const Raw& r) {
+        d.q0 = r.q0;
+        d.q1 = r.q1;
     }
     HD static int off0(int) { return 0; }
     HD static int off1(int) { return 16; }
@@ -366,6 +384,20 @@ struct Q4_K {
         r.d = ldh(P + blk * 2);
         r.dmin = ldh(P + n * 2 + blk * 2);
     }
+    // the tile kernel's load in two: the codes (loaded a chunk ahead) and the scales (at the
+    // chunk's start: used after its FMAs)
+    HD static void load_q(Raw& r, const uint8_t* P, long long n, long long blk, int c) {
+        r.q = ld16(P + n * 16 + blk * 128 + c * 16);
+    }
+    HD static void load_s(Raw& r, const uint8_t* P, long long n, long long blk, int) {
+        const uint8_t* sc = P + n * 4 + blk * 12;
+        r.s0 = ld4(sc);
+        r.s1 = ld4(sc + 4);
+        r.s2 = ld4(sc + 8);
+        r.d = ldh(P + blk * 2);
+        r.dmin = ldh(P + n * 2 + blk * 2);
+    }
+    HD static void move_q(Raw& d, const Raw& r) { d.q = r.q; }
     HD static int off0(int c) { return 64 * (c >> 1) + 16 * (c & 1); }
     HD static int off1(int c) { return 64 * (c >> 1) + 16 * (c & 1) + 32; }
     // 6-bit scale and min of sub-block s (get_scale_min_k4)
@@ -451,6 +483,23 @@ struct Q6_K {
         r.sc0 = ld_i8(sc + s);
         r.sc1 = ld_i8(sc + s + 4);
         r.d = ldh(P + n * 208 + blk * 2);
+    }
+    // the tile kernel's load in two: the codes (loaded a chunk ahead) and the scales (at the
+    // chunk's start: used after its FMAs)
+    HD static void load_q(Raw& r, const uint8_t* P, long long n, long long blk, int c) {
+        r.ql = ld16(P + blk * 128 + c * 16);
+        r.qh = ld16(P + n * 128 + blk * 64 + 32 * (c >> 2) + 16 * (c & 1));
+    }
+    HD static void load_s(Raw& r, const uint8_t* P, long long n, long long blk, int c) {
+        const uint8_t* sc = P + n * 192 + blk * 16;
+        const int s = 8 * (c >> 2) + 2 * ((c >> 1) & 1) + (c & 1);
+        r.sc0 = ld_i8(sc + s);
+        r.sc1 = ld_i8(sc + s + 4);
+        r.d = ldh(P + n * 208 + blk * 2);
+    }
+    HD static void move_q(Raw& d, const Raw& r) {
+        d.ql = r.ql;
+        d.qh = r.qh;
     }
     HD static int off0(int c) { return 128 * (c >> 2) + 32 * ((c >> 1) & 1) + 16 * (c & 1); }
     HD static int off1(int c) { return off0(c) + 64; }
@@ -1050,14 +1099,22 @@ __device__ void run_tile(const Params& p, int si, int cta, float* sx, float2* xs
                 for (int r = 0; r < RW; ++r) acc[j][w][r] = 0.f;
         for (int base = 0; base < nch; base += 32) {
             const int ch = base + lane;
+            if (base > 0) {               // the chunk's scales (its codes came with the last chunk)
+                const int cs = min(ch, nch - 1);
+#pragma unroll
+                for (int w = 0; w < W; ++w)
+#pragma unroll
+                    for (int r = 0; r < RW; ++r)
+                        T::load_s(raw[w][r], P[w], s.n_blocks, rowblk[r] + cs / T::CPB, cs % T::CPB);
+            }
             typename T::Raw nxt[W][RW];
-            if (base + 32 < nch) {        // the lane's next chunk (the last one again past the end)
+            if (base + 32 < nch) {        // the codes of the lane's next chunk (the last one past the end)
                 const int cn = min(ch + 32, nch - 1);
 #pragma unroll
                 for (int w = 0; w < W; ++w)
 #pragma unroll
                     for (int r = 0; r < RW; ++r)
-                        T::load(nxt[w][r], P[w], s.n_blocks, rowblk[r] + cn / T::CPB, cn % T::CPB);
+                        T::load_q(nxt[w][r], P[w], s.n_blocks, rowblk[r] + cn / T::CPB, cn % T::CPB);
             }
             if (ch < nch) {
                 const int b = ch / T::CPB, c = ch % T::CPB;
@@ -1095,7 +1152,7 @@ __device__ void run_tile(const Params& p, int si, int cta, float* sx, float2* xs
 #pragma unroll
             for (int w = 0; w < W; ++w)
 #pragma unroll
-                for (int r = 0; r < RW; ++r) raw[w][r] = nxt[w][r];
+                for (int r = 0; r < RW; ++r) T::move_q(raw[w][r], nxt[w][r]);
         }
 #pragma unroll
         for (int j = 0; j < NX; ++j)
@@ -1365,8 +1422,10 @@ static float emulate_tile_dot(const Params& p, const uint8_t* P, long long n_blo
     for (int ch = 0; ch < nch; ++ch) {
         const int b = ch / T::CPB, c = ch % T::CPB, lane = ch & 31;
         const int lb = lane / T::CPB, lc = lane % T::CPB;          // the lane's first chunk
-        typename T::Raw raw;
-        T::load(raw, P, n_blocks, (long long)row * nbpr + b, c);
+        typename T::Raw raw, codes;                              // the kernel's two loads
+        T::load_q(codes, P, n_blocks, (long long)row * nbpr + b, c);
+        T::load_s(raw, P, n_blocks, (long long)row * nbpr + b, c);
+        T::move_q(raw, codes);
         int at[8];
         for (int h = 0; h < 2; ++h) {
             const int g1st = (lb * T::QK + (h ? T::off1(lc) : T::off0(lc))) >> 2;

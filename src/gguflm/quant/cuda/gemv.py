@@ -88,10 +88,13 @@ def tile_plan(n_cols: int, n_x: int, nx: int | None = None) -> tuple[int, int] |
 
 def tile_groups(ws: Sequence[PackedWeight], rows_per_group: int, tiles: int, n_sm: int) -> int:
     """Groups of weight rows per CTA of the tile kernel (each CTA stages its tile of x once
-    for all of them): the most of 1, 2, 4, 8 that still leaves >= 2 CTAs per SM."""
+    for all of them): the most of 1, 2, 4, 8 that still leaves >= 4 CTAs per SM (about two
+    waves at 2 CTAs per SM: a short last wave idles less). A guess until timed on the GPU
+    (benchmarks/cuda_gemv_rows_bench.py --kernels tile,tile_g1,tile_g4); the bits of a row
+    never depend on it."""
     best = 1
     for g in (2, 4, 8):
-        if sum(-(-w.n_rows // (rows_per_group * g)) for w in ws) * tiles >= 2 * n_sm:
+        if sum(-(-w.n_rows // (rows_per_group * g)) for w in ws) * tiles >= 4 * n_sm:
             best = g
     return best
 
