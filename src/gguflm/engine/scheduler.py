@@ -303,6 +303,7 @@ class Scheduler:
             model.pin_decode_width(self.cache)
         self._eog = frozenset(llm.tokenizer.eog_ids)
         self._piece = llm.tokenizer.token_to_piece
+        self._pieces: dict[int, bytes] = {}   # token -> its bytes, as met
         self._eog_index = sorted(self._eog)
         device = self.cache.k.device
         self._eog_dev = torch.tensor(self._eog_index, device=device) if self._eog_index else None
@@ -804,7 +805,10 @@ class Scheduler:
         seq.n_gen += 1
         if job.top_logprobs is not None:
             seq.logprobs.append(_logprob(logits, tok, job.top_logprobs))
-        text, stopped = seq.text.push(self._piece(tok))
+        piece = self._pieces.get(tok)
+        if piece is None:
+            piece = self._pieces[tok] = self._piece(tok)
+        text, stopped = seq.text.push(piece)
         if stopped:
             self._emit_piece(seq, text)
             self._finish(seq, seq.done("stop"))
