@@ -17,7 +17,7 @@ forward costs per step.
 
 The client: every stream's request at once, from one process of its own running asyncio
 over raw sockets (a parser of chunked HTTP and SSE, ~10 us a chunk; ``--client httpx``:
-bench_server_cuda's ``stream_one``, one process per stream, heavier), the same body as
+bench_server_cuda's ``stream_one`` with httpx, one process per stream, heavier), the same body as
 bench_server_cuda (chat, greedy, ``ignore_eos``, ``include_usage``). Each stream's text
 is checked against the stand-in's (prompt length from its usage chunk), and its token
 count. Reported per round: end-to-end tok/s (completion tokens / first request sent to
@@ -299,10 +299,33 @@ def round_raw(port: int, streams: int, n_tokens: int, tag: str) -> list[dict]:
         return asyncio.run(all_streams())
 
 
-def round_httpx(url: str, streams: int, n_tokens: int, tag: str, pool) -> list[dict]:
-    from bench_server_cuda import stream_one
+def stream_httpx(args: tuple[str, str, int]) -> dict:
+    """bench_server_cuda's ``stream_one`` (httpx, bench_server's SSE parser), keeping the usage."""
+    import httpx
 
-    return list(pool.map(stream_one, [(url, f"{SUBJECTS[i % 16]} ({tag}{i})", n_tokens) for i in range(streams)]))
+    from bench_server import sse_chunks
+
+    url, subject, n_tokens = args
+    t0 = time.time()
+    first = last = usage = None
+    text, times = [], []
+    with httpx.Client(timeout=600) as http, http.stream("POST", url + "/v1/chat/completions",
+                                                        json=request_body(subject, n_tokens)) as r:
+        r.raise_for_status()
+        for chunk in sse_chunks(r):
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                last = time.time()
+                first = first or last
+                text.append(chunk["choices"][0]["delta"]["content"])
+                times.append(last)
+    return {"start": t0, "first": first, "last": last, "tokens": usage["completion_tokens"] if usage else len(times),
+            "text": "".join(text), "times": times, "usage": usage}
+
+
+def round_httpx(url: str, streams: int, n_tokens: int, tag: str, pool) -> list[dict]:
+    return list(pool.map(stream_httpx, [(url, f"{SUBJECTS[i % 16]} ({tag}{i})", n_tokens) for i in range(streams)]))
 
 
 def check(runs: list[dict], tokenizer, seq: list[int], n_tokens: int) -> int:
