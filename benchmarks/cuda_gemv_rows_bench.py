@@ -19,6 +19,7 @@ the end, per kernel and R, the sum over one TinyLlama Q4_K_M decode step's matmu
 layers x (qkv + o + gate_up + down) + output), the figure of benchmarks/cuda_notes.md.
 
     python benchmarks/cuda_gemv_rows_bench.py --out DIR [--rows 1,2,4,8,16,32,64] [--kernels tile,rw2,gemm]
+        [--only-q4km] [--no-check]
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ CASES = [  # name, kind, segments [(type, rows)], cols
 ]
 
 
-def check(rng, rows: list[int]) -> bool:
+def check(rng, rows: list[int], cases: list) -> bool:
     ok = True
-    for name, kind, segs, cols in CASES:
+    for name, kind, segs, cols in cases:
         ws = [weight(t, n, cols, rng) for t, n in segs]
         ups = [weight(segs[0][0], segs[0][1], cols, rng)] if kind == "swiglu" else None
         nw = torch.randn(cols, device="cuda")
@@ -101,9 +102,9 @@ def step_sums(results: list[dict]) -> dict:
     return {k: {R: round(sum(v), 1) for R, v in by_r.items() if len(v) == 5} for k, by_r in per.items()}
 
 
-def run(rows: list[int], rng, kernels: list[str]) -> list[dict]:
+def run(rows: list[int], rng, kernels: list[str], cases: list) -> list[dict]:
     results = []
-    for name, kind, segs, cols in CASES:
+    for name, kind, segs, cols in cases:
         per_copy = sum(n * cols // LAYOUTS[t].block_size * LAYOUTS[t].type_size for t, n in segs)
         per_copy *= 2 if kind == "swiglu" else 1
         n_copies = min(64, max(20, int(240e6 // per_copy) + 1))
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", default="tile,rw2,gemm",
                    help=f"comma list of {', '.join(KERNELS)}, gemm, loop")
     p.add_argument("--no-check", action="store_true", help="skip the bitwise check")
+    p.add_argument("--only-q4km", action="store_true", help="only the Q4_K_M shapes (the step sums)")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     meta["build_s"] = time.time() - t0
     rng = np.random.default_rng(int(time.time()))
-    meta["check_ok"] = None if a.no_check else check(rng, [1, 2, 3, 8, 17, 64])
-    results = run(rows, rng, a.kernels.split(","))
+    cases = [c for c in CASES if not a.only_q4km or all(t != Q4_0 for t, _ in c[2])]
+    meta["check_ok"] = None if a.no_check else check(rng, [1, 2, 3, 8, 17, 64], cases)
+    results = run(rows, rng, a.kernels.split(","), cases)
     steps = step_sums(results)
     for k, by_r in steps.items():
         line = "  ".join(f"R={R} {v / 1e3:.2f} ms" for R, v in by_r.items())
