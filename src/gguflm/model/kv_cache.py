@@ -107,10 +107,6 @@ class KVCache:
         return {"blocks_total": self.n_blocks, "blocks_used": used, "blocks_cached": len(self._idle),
                 "blocks_free": len(self._free), "block_size": self.block_size}
 
-    def held(self, slot: int) -> int:
-        """Positions ``slot`` has blocks for."""
-        return min(len(self._table[slot]) * self.block_size, self.n_ctx)
-
     def reserve(self, slot: int, n: int) -> bool:
         """Give ``slot`` blocks for its positions ``0 .. min(n, n_ctx)-1``; False (and
         nothing taken) when the pool cannot (every block in use). A contiguous cache always can."""
