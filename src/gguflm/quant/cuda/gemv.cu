@@ -231,6 +231,18 @@ template <int I>
 HD uint32_t word(const uint4& v) {
     return I == 0 ? v.x : I == 1 ? v.y : I == 2 ? v.z : v.w;
 }
+// (x & M) | C in one LOP3: C from a register (nvcc emits two LOP3 for two immediates)
+template <uint32_t M, uint32_t C>
+HD uint32_t and_or(uint32_t x) {
+#ifdef __CUDA_ARCH__
+    uint32_t c, u;
+    asm("mov.b32 %0, %1;" : "=r"(c) : "n"(C));
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(u) : "r"(x), "n"(M), "r"(c));
+    return u;
+#else
+    return (x & M) | C;
+#endif
+}
 // The float with byte E of u as bits 16-23, 0x3F as bits 24-31, zeros below: for a byte
 // 0x80 | m << (7 - b) (a code m of b bits) the exponent is 127 and the float 1 + m / 2^b, the
 // value as_f(field<...>) gives; one PRMT per code (the field and as_f: a shift and two LOP3)
@@ -294,7 +306,7 @@ struct Q4_0 {
     template <int H, int I>
     HD static void dec4(const Raw& r, int, float* f) {
         const uint32_t w = word<I>(r.q);       // nibble H of each byte -> 0x80 | q << 3
-        const uint32_t u = ((H ? w >> 1 : w << 3) & 0x78787878u) | 0x80808080u;
+        const uint32_t u = and_or<0x78787878u, 0x80808080u>(H ? w >> 1 : w << 3);
         f[0] = byte_f<0>(u);
         f[1] = byte_f<1>(u);
         f[2] = byte_f<2>(u);
@@ -353,7 +365,7 @@ struct Q8_0 {
     // the tile kernel's pieces of dot() (see Q4_0)
     template <int H, int I>
     HD static void dec4(const Raw& r, int, float* f) {
-        const uint32_t w = word<I>(H ? r.q1 : r.q0) ^ 0x80808080u;
+        const uint32_t w = word<I>(H ? r.q1 : r.q0) ^ 0x80808080u;   // (and_or here: spills at 8 rows)
         f[0] = as_f(field<0, 15, 0x7F8000u>(w));
         f[1] = as_f(field<8, 15, 0x7F8000u>(w));
         f[2] = as_f(field<16, 15, 0x7F8000u>(w));
@@ -442,7 +454,7 @@ struct Q4_K {
     template <int H, int I>
     HD static void dec4(const Raw& r, int, float* f) {
         const uint32_t w = word<I>(r.q);       // nibble H of each byte -> 0x80 | q << 3
-        const uint32_t u = ((H ? w >> 1 : w << 3) & 0x78787878u) | 0x80808080u;
+        const uint32_t u = and_or<0x78787878u, 0x80808080u>(H ? w >> 1 : w << 3);
         f[0] = byte_f<0>(u);
         f[1] = byte_f<1>(u);
         f[2] = byte_f<2>(u);
@@ -530,8 +542,8 @@ struct Q6_K {
     HD static void dec4(const Raw& r, int c, float* f) {
         // nibble H of each ql byte and bits 4 H, 4 H + 1 of the qh byte (shifted) -> 0x80 | q << 1
         const uint32_t lo = word<I>(r.ql), qa = word<I>(r.qh) >> (2 * ((c >> 1) & 1));
-        const uint32_t u = ((H ? lo >> 3 : lo << 1) & 0x1E1E1E1Eu) | ((H ? qa << 1 : qa << 5) & 0x60606060u) |
-                           0x80808080u;
+        const uint32_t u =
+            and_or<0x1E1E1E1Eu, 0x80808080u>(H ? lo >> 3 : lo << 1) | ((H ? qa << 1 : qa << 5) & 0x60606060u);
         f[0] = byte_f<0>(u);
         f[1] = byte_f<1>(u);
         f[2] = byte_f<2>(u);
@@ -1061,34 +1073,34 @@ __device__ void run_tile(const Params& p, int si, int cta, float* sx, float2* xs
     int row0 = (cta * p.groups * warps + warp) * RW;
     typename T::Raw raw[W][RW];
     long long rowblk[RW];
+    // a lane's chunks base + lane (base: multiples of 32) are chunk c of blocks base / CPB + lb:
+    // c, and what depends on it, is the same for all of them; a lane past the end loads block
+    // nbpr - 1 (valid, unused)
+    const int c = lane % T::CPB, lb = lane / T::CPB;
     // the first group's first chunks fly while x is staged
 #pragma unroll
     for (int r = 0; r < RW; ++r) rowblk[r] = (long long)min(row0 + r, s.n_rows - 1) * nbpr;
-    {
-        const int ch = min(lane, nch - 1);
 #pragma unroll
-        for (int w = 0; w < W; ++w)
+    for (int w = 0; w < W; ++w)
 #pragma unroll
-            for (int r = 0; r < RW; ++r) T::load(raw[w][r], P[w], s.n_blocks, rowblk[r] + ch / T::CPB, ch % T::CPB);
-    }
+        for (int r = 0; r < RW; ++r) T::load(raw[w][r], P[w], s.n_blocks, rowblk[r] + min(lb, nbpr - 1), c);
     constexpr int S = NX + 1;
     stage_rows<T, S>(p, sx, red, x0, nh, T::dep(raw[0][0]), NX);
     chunk_sums<T, NX>(p, sx, xs);
     pdl_trigger();
     int o[2][4];
     tile_offsets<T, S>(lane, o);
+    const int o0 = 4 * S * (T::off0(c) >> 2), o1 = 4 * S * (T::off1(c) >> 2);
     const float rs = rstd_rows(p, red, lane < NX ? lane : 0);     // lane j: row j's
 
     for (int g = 0; g < p.groups && row0 < s.n_rows; ++g, row0 += warps * RW) {
         if (g > 0) {
 #pragma unroll
             for (int r = 0; r < RW; ++r) rowblk[r] = (long long)min(row0 + r, s.n_rows - 1) * nbpr;
-            const int ch = min(lane, nch - 1);
 #pragma unroll
             for (int w = 0; w < W; ++w)
 #pragma unroll
-                for (int r = 0; r < RW; ++r)
-                    T::load(raw[w][r], P[w], s.n_blocks, rowblk[r] + ch / T::CPB, ch % T::CPB);
+                for (int r = 0; r < RW; ++r) T::load(raw[w][r], P[w], s.n_blocks, rowblk[r] + min(lb, nbpr - 1), c);
         }
         float acc[NX][W][RW];
 #pragma unroll
@@ -1098,27 +1110,24 @@ __device__ void run_tile(const Params& p, int si, int cta, float* sx, float2* xs
 #pragma unroll
                 for (int r = 0; r < RW; ++r) acc[j][w][r] = 0.f;
         for (int base = 0; base < nch; base += 32) {
-            const int ch = base + lane;
+            const int b = base / T::CPB + lb;     // the lane's chunk: c of block b
             if (base > 0) {               // the chunk's scales (its codes came with the last chunk)
-                const int cs = min(ch, nch - 1);
+                const int bs = min(b, nbpr - 1);
 #pragma unroll
                 for (int w = 0; w < W; ++w)
 #pragma unroll
-                    for (int r = 0; r < RW; ++r)
-                        T::load_s(raw[w][r], P[w], s.n_blocks, rowblk[r] + cs / T::CPB, cs % T::CPB);
+                    for (int r = 0; r < RW; ++r) T::load_s(raw[w][r], P[w], s.n_blocks, rowblk[r] + bs, c);
             }
             typename T::Raw nxt[W][RW];
-            if (base + 32 < nch) {        // the codes of the lane's next chunk (the last one past the end)
-                const int cn = min(ch + 32, nch - 1);
+            if (base + 32 < nch) {        // the codes of the lane's next chunk
+                const int bn = min(b + 32 / T::CPB, nbpr - 1);
 #pragma unroll
                 for (int w = 0; w < W; ++w)
 #pragma unroll
-                    for (int r = 0; r < RW; ++r)
-                        T::load_q(nxt[w][r], P[w], s.n_blocks, rowblk[r] + cn / T::CPB, cn % T::CPB);
+                    for (int r = 0; r < RW; ++r) T::load_q(nxt[w][r], P[w], s.n_blocks, rowblk[r] + bn, c);
             }
-            if (ch < nch) {
-                const int b = ch / T::CPB, c = ch % T::CPB;
-                const int a0 = 4 * S * ((b * T::QK + T::off0(c)) >> 2), a1 = 4 * S * ((b * T::QK + T::off1(c)) >> 2);
+            if (b < nbpr) {
+                const int a0 = 4 * S * (b * (T::QK / 4)) + o0, a1 = 4 * S * (b * (T::QK / 4)) + o1;
                 float sa[NX][W][RW], sb[NX][W][RW];
 #pragma unroll
                 for (int j = 0; j < NX; ++j)
@@ -1141,7 +1150,7 @@ __device__ void run_tile(const Params& p, int si, int cta, float* sx, float2* xs
                     for (int r = 0; r < RW; ++r) q[w][r] = T::pre(raw[w][r], c);
 #pragma unroll
                 for (int j = 0; j < NX; ++j) {
-                    const float2 xab = xs[ch * S + j];
+                    const float2 xab = xs[(b * T::CPB + c) * S + j];
 #pragma unroll
                     for (int w = 0; w < W; ++w)
 #pragma unroll
