@@ -167,10 +167,3 @@ def layout(ggml_type: int) -> Layout:
         return LAYOUTS[GGMLType(ggml_type)]
     except ValueError:
         raise GGUFError(f"unknown ggml type id {ggml_type}") from None
-
-
-def type_name(ggml_type: int) -> str:
-    try:
-        return GGMLType(ggml_type).name
-    except ValueError:
-        return f"type{ggml_type}"

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from gguflm.errors import GGUFError
-from gguflm.gguf.types import LAYOUTS, GGMLType, Layout, type_name
+from gguflm.gguf.types import LAYOUTS, GGMLType, Layout
 
 if sys.byteorder != "little":  # pragma: no cover - GGUF blocks are viewed in native order
     raise ImportError("gguflm.quant needs a little-endian machine")
@@ -252,7 +252,7 @@ class QuantType(ABC):
     def __init_subclass__(cls, ggml_type: GGMLType, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if ggml_type in _REGISTRY:
-            raise TypeError(f"{type_name(ggml_type)} registered twice ({_REGISTRY[ggml_type].__name__}, {cls.__name__})")
+            raise TypeError(f"{GGMLType(ggml_type).name} registered twice ({_REGISTRY[ggml_type].__name__}, {cls.__name__})")
         cls.ggml_type = GGMLType(ggml_type)
         cls.layout = LAYOUTS[cls.ggml_type]
         _REGISTRY[cls.ggml_type] = cls
