@@ -33,10 +33,12 @@ rows. Measured on an H200 (TinyLlama-1.1B shape, Q4_K_M) with the former default
 any width 1..64 (2.99 ms at 1 row, 3.07 at 32, 3.34 at 64), a lone request on ``--parallel
 32`` 301 tok/s vs 1141 through ``generate()``; the split-K GEMM path is not yet measured.
 
-Decode rows through the GEMV (opt-in, ``GGUFLM_CUDA_DECODE_ROWS=gemv``, read at load; NOT yet
-measured on a GPU): a step of ``decode_width`` Wd > 0 runs its first Wd rows, the decode rows
-(one sampled token of each of up to Wd sequences), through the ops of
-:class:`~gguflm.model.cuda.decode.DecodeRows` — the fused GEMVs of the one-row step over Wd
+Decode rows through the GEMV (opt-in, ``GGUFLM_CUDA_DECODE_ROWS=gemv``, read at load; on an H200
+the former rows kernel cost ~R times the one-row step, 14.5 ms of matmuls at 32 rows; the tile
+kernel that replaced it as the default, ~1.5-2 instructions per weight and row instead of 5-10
+(benchmarks/cuda_notes.md), is NOT yet timed): a step of ``decode_width`` Wd > 0 runs its
+first Wd rows, the decode rows (one sampled token of each of up to Wd sequences), through
+the ops of :class:`~gguflm.model.cuda.decode.DecodeRows` — the fused GEMVs of the one-row step over Wd
 activation rows (RMSNorm in the prologue, residual in the epilogue, SwiGLU and QKV in one
 launch each), float32 activations, the decode attention without shared slots — and the
 rest, the prompt rows of a mixed step, through :class:`Rows` (the fused GEMM) as before. A
