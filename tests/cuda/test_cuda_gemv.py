@@ -153,16 +153,18 @@ TILE_ROWS = [1, 2, 3, 8, 17, 32]
 
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
-def test_emulation_tile_each_row_as_alone(random_blocks, oracle, t):
+@pytest.mark.parametrize("short", [False, True], ids=["40chunks", "8chunks"])
+def test_emulation_tile_each_row_as_alone(random_blocks, oracle, t, short):
     """The tile kernel's order (x [R, K] staged per tile of up to 4 or 8 rows, a short tile
     padded with its last row, the chunk sums once per row, each chunk's codes decoded per 4
     positions and the tail from the weight row's scales): each row bit-identical to the 1-row
     emulation of x[r] alone at every R, place and tile instance (4 and 8 rows), for the
-    NORM, residual and SWIGLU epilogues; rows of 5 and 6 blocks: lanes past the last chunk."""
+    NORM, residual and SWIGLU epilogues; rows of 40 chunks (8 lanes take two) and of 8 (24
+    lanes take none: a small model's rows of 256 values)."""
     _cuda_lib()
     from gguflm.quant.cuda.gemv import emulate
 
-    bpr = 5 if LAYOUTS[t].block_size == 256 else 40            # 40 chunks: 8 lanes take two
+    bpr = (1 if short else 5) if LAYOUTS[t].block_size == 256 else (8 if short else 40)
     w, ref = _weight(random_blocks, oracle, t, 6, bpr, seed=int(t) + 17)
     wu, u_ref = _weight(random_blocks, oracle, t, 6, bpr, seed=int(t) + 18)
     K, N = w.n_cols, w.n_rows
@@ -375,7 +377,7 @@ GPU_ROWS = [1, 2, 3, 8, 17, 32, 64]
 
 @gpu
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("bpr", [8, 22])
+@pytest.mark.parametrize("bpr", [2, 8, 22])
 @pytest.mark.parametrize("rw", [1, 2, "tile"])
 def test_rows_kernel_each_row_as_alone(random_blocks, t, bpr, rw):
     """The rows kernels (x [R, K], strided outputs/residuals; the warp kernel with 1 and 2
