@@ -1,7 +1,8 @@
 """Component checks: every step of the engine's forward pass recomputed by hand.
 
-Each step is recomputed in float64 by the small functions below — code separate from
-gguflm.model, written from the formulas, not from the engine — from weights that libggml
+Each step is recomputed in float64 by the small functions below and those of the float64
+reference (:mod:`.reference`: RMSNorm, attention, the gated activations) — code separate
+from gguflm.model, written from the formulas, not from the engine — from weights that libggml
 dequantized (``to_float``; gguflm's own dequantizers only when libggml is unavailable). The
 input of each step is the engine's own float32 input for that step, captured on the real
 prompt (:mod:`.capture`), so an error cannot hide behind an earlier one: each row of the
@@ -59,6 +60,7 @@ from gguflm.model.config import ModelConfig
 from gguflm.verify import ggml_oracle
 from gguflm.verify.capture import Trace
 from gguflm.verify.metrics import error_stats
+from gguflm.verify.reference import attention64, geglu64, rms_norm64, swiglu64
 
 # Relative-error thresholds per step (see the module docstring).
 THRESHOLDS: dict[str, float] = {
@@ -116,11 +118,6 @@ def weight_loader(f: GGUFFile, use_libggml: bool) -> WeightFn:
 
 # --- the manual calculation, float64 throughout -------------------------------------------
 
-def rms_norm64(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """[T, E] -> [T, E]: ``x / sqrt(mean(x^2) + eps) * w``."""
-    return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * w
-
-
 def linear64(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """[T, in] x [out, in] -> [T, out]: ``x W^T + b``."""
     y = x @ w.T
@@ -149,35 +146,6 @@ def rope64(x: torch.Tensor, positions: torch.Tensor, cfg: ModelConfig,
     out[..., first] = a * c - b * s
     out[..., second] = a * s + b * c
     return out
-
-
-def attention64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                scale: float | None = None, window: int = 0) -> torch.Tensor:
-    """q [H, T, D], k/v [Hkv, T, D] -> [T, H*D]: head j attends with KV head ``j // (H/Hkv)``
-    to the keys at positions <= its own (and, with a ``window``, p_q - p_k < window),
-    ``softmax(q k^T * scale) v``, scale 1/sqrt(D) by default."""
-    n_head, T, D = q.shape
-    group = n_head // k.shape[0]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    visible = positions[None, :] <= positions[:, None]                              # [T, T]
-    if window:
-        visible = visible & (positions[:, None] - positions[None, :] < window)
-    heads = []
-    for j in range(n_head):
-        scores = (q[j] @ k[j // group].T) * scale                                   # [T, T]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        heads.append(torch.softmax(scores, dim=-1) @ v[j // group])                 # [T, D]
-    return torch.cat(heads, dim=-1)
-
-
-def swiglu64(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``silu(g) * u`` with ``silu(g) = g / (1 + exp(-g))``."""
-    return g / (1.0 + torch.exp(-g)) * u
-
-
-def geglu64(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``gelu_tanh(g) * u``, ``gelu_tanh(g) = g/2 (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))``."""
-    return 0.5 * g * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g ** 3))) * u
 
 
 # --- the comparison ---------------------------------------------------------------------

@@ -68,8 +68,40 @@ def _linear(f: GGUFFile, x: torch.Tensor, name: str, weights: WeightFn | None = 
     return y
 
 
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+# --- the float64 steps (verify.components checks the engine's steps against them too) --------
+
+def rms_norm64(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """[T, E] -> [T, E]: ``x / sqrt(mean(x^2) + eps) * w``."""
     return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * w
+
+
+def attention64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                scale: float | None = None, window: int = 0) -> torch.Tensor:
+    """q [H, T, D], k/v [Hkv, T, D] -> [T, H*D]: head j attends with KV head ``j // (H/Hkv)``
+    to the keys at positions <= its own (and, with a ``window``, p_q - p_k < window),
+    ``softmax(q k^T * scale) v``, scale 1/sqrt(D) by default."""
+    n_head, T, D = q.shape
+    group = n_head // k.shape[0]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    visible = positions[None, :] <= positions[:, None]                              # [T, T]
+    if window:
+        visible = visible & (positions[:, None] - positions[None, :] < window)
+    heads = []
+    for j in range(n_head):
+        scores = (q[j] @ k[j // group].T) * scale                                   # [T, T]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        heads.append(torch.softmax(scores, dim=-1) @ v[j // group])                 # [T, D]
+    return torch.cat(heads, dim=-1)
+
+
+def swiglu64(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u`` with ``silu(g) = g / (1 + exp(-g))``."""
+    return g / (1.0 + torch.exp(-g)) * u
+
+
+def geglu64(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(g) * u``, ``gelu_tanh(g) = g/2 (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))``."""
+    return 0.5 * g * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g ** 3))) * u
 
 
 # What each architecture's llama.cpp graph does beyond Llama's (see the module docstring).
@@ -80,10 +112,6 @@ _ARCHS: dict[str, dict[str, object]] = {
     "phi3": {"neox": True, "fused": True},
     "gemma3": {"neox": True, "qk_norm": True, "gemma": True},
 }
-
-
-def _gelu_tanh(g: torch.Tensor) -> torch.Tensor:
-    return 0.5 * g * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g ** 3)))
 
 
 def reference_logits(model: str | os.PathLike | GGUFFile, ids: Sequence[int],
@@ -135,8 +163,6 @@ def reference_logits(model: str | os.PathLike | GGUFFile, ids: Sequence[int],
         scale = 1.0 / math.sqrt(n_embd // n_head if gemma and n_layer == 62 else head_dim)
         half = head_dim // 2
         pos = torch.arange(T, dtype=torch.float64)
-        causal = pos[None, :] <= pos[:, None]                                    # [T, T]
-        window = causal & (pos[:, None] - pos[None, :] < n_swa)
 
         def angles(b: float, fs: float) -> tuple[torch.Tensor, torch.Tensor]:
             inv_freq = torch.tensor([b ** (-2.0 * i / head_dim) for i in range(half)], dtype=torch.float64)
@@ -162,7 +188,7 @@ def reference_logits(model: str | os.PathLike | GGUFFile, ids: Sequence[int],
 
         for layer in range(n_layer):
             p = f"blk.{layer}."
-            h = _rms(x, _weight(f, p + "attn_norm.weight", weights), eps)
+            h = rms_norm64(x, _weight(f, p + "attn_norm.weight", weights), eps)
             if facts.get("fused"):
                 qkv = _linear(f, h, p + "attn_qkv", weights)
                 nq, nkv = n_head * head_dim, n_head_kv * head_dim
@@ -172,29 +198,23 @@ def reference_logits(model: str | os.PathLike | GGUFFile, ids: Sequence[int],
             q, k = q.reshape(T, n_head, head_dim), k.reshape(T, n_head_kv, head_dim)
             v = v.reshape(T, n_head_kv, head_dim)
             if facts.get("qk_norm"):
-                q = _rms(q, _weight(f, p + "attn_q_norm.weight", weights), eps)
-                k = _rms(k, _weight(f, p + "attn_k_norm.weight", weights), eps)
+                q = rms_norm64(q, _weight(f, p + "attn_q_norm.weight", weights), eps)
+                k = rms_norm64(k, _weight(f, p + "attn_k_norm.weight", weights), eps)
             q, k = rope(q, local[layer]), rope(k, local[layer])
-            visible = window if local[layer] else causal
-            heads = []
-            for j in range(n_head):
-                kv = j // (n_head // n_head_kv)
-                scores = (q[:, j] @ k[:, kv].T) * scale                           # [T, T]
-                scores = scores.masked_fill(~visible, float("-inf"))
-                heads.append(torch.softmax(scores, dim=-1) @ v[:, kv])          # [T, d]
-            o = _linear(f, torch.cat(heads, dim=1), p + "attn_output", weights)
-            x = x + (_rms(o, _weight(f, p + "post_attention_norm.weight", weights), eps) if gemma else o)
-            h = _rms(x, _weight(f, p + "ffn_norm.weight", weights), eps)
+            a = attention64(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), pos, scale,
+                            n_swa if local[layer] else 0)                       # [T, H d]
+            o = _linear(f, a, p + "attn_output", weights)
+            x = x + (rms_norm64(o, _weight(f, p + "post_attention_norm.weight", weights), eps) if gemma else o)
+            h = rms_norm64(x, _weight(f, p + "ffn_norm.weight", weights), eps)
             if facts.get("fused"):
                 gu = _linear(f, h, p + "ffn_up", weights)
                 g, u = gu[:, :gu.shape[1] // 2], gu[:, gu.shape[1] // 2:]
             else:
                 g, u = _linear(f, h, p + "ffn_gate", weights), _linear(f, h, p + "ffn_up", weights)
-            act = _gelu_tanh(g) if gemma else g / (1.0 + torch.exp(-g))
-            y = _linear(f, act * u, p + "ffn_down", weights)
-            x = x + (_rms(y, _weight(f, p + "post_ffw_norm.weight", weights), eps) if gemma else y)
+            y = _linear(f, (geglu64 if gemma else swiglu64)(g, u), p + "ffn_down", weights)
+            x = x + (rms_norm64(y, _weight(f, p + "post_ffw_norm.weight", weights), eps) if gemma else y)
 
-        x = _rms(x, _weight(f, "output_norm.weight", weights), eps)
+        x = rms_norm64(x, _weight(f, "output_norm.weight", weights), eps)
         out_name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
         logits = x @ _weight(f, out_name, weights).T
         if softcap:
