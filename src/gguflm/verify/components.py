@@ -60,7 +60,7 @@ from gguflm.model.config import ModelConfig
 from gguflm.verify import ggml_oracle
 from gguflm.verify.capture import Trace
 from gguflm.verify.metrics import error_stats
-from gguflm.verify.reference import attention64, geglu64, rms_norm64, swiglu64
+from gguflm.verify.reference import attention64, geglu64, rms_norm64, rotate64, swiglu64
 
 # Relative-error thresholds per step (see the module docstring).
 THRESHOLDS: dict[str, float] = {
@@ -137,15 +137,7 @@ def rope64(x: torch.Tensor, positions: torch.Tensor, cfg: ModelConfig,
         inv = inv / freq_factors
     theta = fscale * positions.to(torch.float64)[:, None] * inv[None, :]   # [T, half]
     c, s = torch.cos(theta) * cfg.rope_attn_factor, torch.sin(theta) * cfg.rope_attn_factor
-    if cfg.rope_style is RopeStyle.NORM:
-        first, second = slice(0, 2 * half, 2), slice(1, 2 * half, 2)
-    else:
-        first, second = slice(0, half), slice(half, 2 * half)
-    a, b = x[..., first], x[..., second]
-    out = x.clone()
-    out[..., first] = a * c - b * s
-    out[..., second] = a * s + b * c
-    return out
+    return rotate64(x, c, s, cfg.rope_style is RopeStyle.NEOX)
 
 
 # --- the comparison ---------------------------------------------------------------------

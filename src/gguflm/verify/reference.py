@@ -75,6 +75,19 @@ def rms_norm64(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * w
 
 
+def rotate64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    """RoPE's rotation of the pairs of x's last dim, ``(i, i + h)`` (NEOX) or ``(2i, 2i+1)``,
+    i < h = ``cos.shape[-1]``: ``(a, b) -> (a cos - b sin, a sin + b cos)``, cos and sin
+    broadcast against ``x[..., :h]``."""
+    h = cos.shape[-1]
+    first, second = (slice(0, h), slice(h, 2 * h)) if neox else (slice(0, 2 * h, 2), slice(1, 2 * h, 2))
+    a, b = x[..., first], x[..., second]
+    out = x.clone()
+    out[..., first] = a * cos - b * sin
+    out[..., second] = a * sin + b * cos
+    return out
+
+
 def attention64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 scale: float | None = None, window: int = 0) -> torch.Tensor:
     """q [H, T, D], k/v [Hkv, T, D] -> [T, H*D]: head j attends with KV head ``j // (H/Hkv)``
@@ -177,14 +190,7 @@ def reference_logits(model: str | os.PathLike | GGUFFile, ids: Sequence[int],
 
         def rope(z: torch.Tensor, is_local: bool) -> torch.Tensor:  # [T, heads, d]
             cos, sin = tables[is_local]
-            first, second = (slice(0, half), slice(half, 2 * half)) if facts["neox"] else \
-                (slice(0, 2 * half, 2), slice(1, 2 * half, 2))
-            a, b = z[..., first], z[..., second]
-            c, s = cos[:, None, :], sin[:, None, :]
-            out = z.clone()
-            out[..., first] = a * c - b * s
-            out[..., second] = a * s + b * c
-            return out
+            return rotate64(z, cos[:, None, :], sin[:, None, :], bool(facts["neox"]))
 
         for layer in range(n_layer):
             p = f"blk.{layer}."
