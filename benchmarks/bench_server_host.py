@@ -208,6 +208,8 @@ def serve(args) -> None:
 
     def make_scheduler(model, parallel, batch_rows, kv_size, batch_invariant):
         sched = Scheduler(model, parallel, start=False, pipeline=not args.no_pipeline)
+        if hasattr(sched, "events_after_launch"):
+            sched.events_after_launch = args.step_ms > 0   # a simulated device runs steps on its own
         inner = sched._step
 
         def timed_step() -> None:

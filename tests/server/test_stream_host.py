@@ -126,12 +126,16 @@ class _Model:
         return torch.tensor([[0.0, 1.0, 0.0, 0.0]]).expand(rows, 4)
 
 
+@pytest.mark.parametrize("after_launch", [False, True], ids=["at-step-end", "after-next-launch"])
 @pytest.mark.parametrize("pipeline", [False, True], ids=["read-at-once", "running-ahead"])
-def test_tokens_are_counted_before_anyone_hears_of_them(pipeline) -> None:
+def test_tokens_are_counted_before_anyone_hears_of_them(pipeline, after_launch) -> None:
     """Every event goes out after the metrics count the tokens it carries (the scheduler
-    sends a step's events at its end, its tokens counted first)."""
+    sends a step's events together, its tokens counted first), and every request's events
+    all go out, also where they wait for the next step's launch (CUDA's order) and the
+    last request ends."""
     tok = SimpleNamespace(eog_ids=frozenset(), token_to_piece=lambda t, special=False: b"a")
     sched = Scheduler(SimpleNamespace(model=_Model(), tokenizer=tok), 4, start=False, pipeline=pipeline)
+    sched.events_after_launch = after_launch
     heard = [0]
 
     def emit(ev) -> None:

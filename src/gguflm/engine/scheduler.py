@@ -313,6 +313,10 @@ class Scheduler:
         if pipeline and n_slots > 1 and not flat:
             raise ValueError("running ahead over several slots needs mixed steps (a batch-invariant model)")
         self._pipeline = pipeline
+        # a device that runs a launched step on its own (CUDA): a step's events go out once
+        # the next step is launched, so that the event loop's work on them (the HTTP
+        # streams) never delays a launch; elsewhere (the CPU computes in the launch) at once
+        self.events_after_launch = device.type == "cuda"
         # prompt chunks ride in the decode step's forward as one-token rows (see _mixed_step);
         # one slot that runs ahead decodes through the model's one-sequence step (decode_one)
         self._mixed = flat and not (pipeline and n_slots == 1)
@@ -439,7 +443,8 @@ class Scheduler:
                 self._flight = []
                 for seq in list(self._active):
                     self._finish(seq, Failed(f"generation failed: {type(e).__name__}: {e}"))
-            self._deliver()
+            if not (self.events_after_launch and self._active and (self._mixed or self._pipeline)):
+                self._deliver()   # (else after the next step's launch: _mixed_step)
         with self._cond:
             left = [s.ticket for s in self._active + list(self._preempted)] + list(self._waiting)
             self._active.clear()
@@ -573,6 +578,8 @@ class Scheduler:
         flights = []
         for i, group in enumerate(groups):
             flight = self._launch(group, chunks if i == 0 else [], feed, where, ahead)
+            if i == 0 and self.events_after_launch:
+                self._deliver()   # the events of the step before, now that the device has this one
             if flight is not None and ahead:
                 flights.append(flight)
             elif flight is not None:
