@@ -461,10 +461,27 @@ struct Q4_K {
         f[3] = byte_f<3>(u);
     }
     struct Pre { float d16, dmin, sc0, m0, sc1, m1; };
+    // scale_min of sub-blocks 2j, 2j + 1 (j = c >> 1): bytes 2j & 3 and the next of each word
     HD static Pre pre(const Raw& r, int c) {
+        const int j = c >> 1, sh = 16 * (j & 1);
+        const uint32_t A = r.s0 >> sh, B = r.s1 >> sh, C = r.s2 >> sh;
+        uint32_t sc0, m0, sc1, m1;
+        if (j < 2) {
+            sc0 = A & 63;
+            m0 = B & 63;
+            sc1 = (A >> 8) & 63;
+            m1 = (B >> 8) & 63;
+        } else {
+            sc0 = (C & 15) | ((A >> 2) & 0x30);
+            m0 = ((C >> 4) & 15) | ((B >> 2) & 0x30);
+            sc1 = ((C >> 8) & 15) | ((A >> 10) & 0x30);
+            m1 = ((C >> 12) & 15) | ((B >> 10) & 0x30);
+        }
         Pre q;
-        scale_min(r, 2 * (c >> 1), q.sc0, q.m0);
-        scale_min(r, 2 * (c >> 1) + 1, q.sc1, q.m1);
+        q.sc0 = (float)sc0;
+        q.m0 = (float)m0;
+        q.sc1 = (float)sc1;
+        q.m1 = (float)m1;
         q.d16 = mul_rn(r.d, 16.f);
         q.dmin = r.dmin;
         return q;
@@ -1672,7 +1689,7 @@ const char* gguflm_error_string(int code) { return cudaGetErrorString((cudaError
 }
 #endif  // part 0
 
-// The rows kernels' library (build.py's "rows" kind: parts 10-22, built apart from the 1-row
+// The rows kernels' library (build.py's "rows" kind: parts 10-28, built apart from the 1-row
 // kernels so that generate()'s cold start never compiles them).
 #if !defined(GGUFLM_PART) || GGUFLM_PART == 22
 #ifdef GGUFLM_PART
