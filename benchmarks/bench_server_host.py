@@ -233,6 +233,11 @@ def serve(args) -> None:
 
         return app
 
+    if args.loop != "auto":   # uvicorn's event loop (auto: uvloop where installed)
+        import uvicorn
+
+        config = uvicorn.Config
+        uvicorn.Config = lambda *a, **kw: config(*a, **kw, loop=args.loop)
     real_create_app = server.create_app
     server.make_scheduler, server.create_app = make_scheduler, create_app
     from gguflm.server.security import Security
@@ -376,6 +381,7 @@ def main() -> None:
     ap.add_argument("--step-ms", type=float, default=0.0,
                     help="simulate a device: each forward takes this long, reading its ids waits for it "
                          "without the GIL (2.95: the H200's 32-row step; 0.88: its 1-row step)")
+    ap.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"], help="uvicorn's event loop")
     ap.add_argument("--no-pipeline", action="store_true", help="the scheduler reads every step at once")
     ap.add_argument("--profile", type=int, default=0, metavar="ROUNDS",
                     help="py-spy ROUNDS more rounds, print the top functions")
@@ -408,7 +414,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "serve.log"
         cmd = [sys.executable, __file__, "--serve", str(port), "-m", args.model, "--parallel", str(args.parallel),
-               "--ctx", str(args.ctx), "--step-ms", str(args.step_ms), *(["--no-pipeline"] if args.no_pipeline else [])]
+               "--ctx", str(args.ctx), "--step-ms", str(args.step_ms), "--loop", args.loop, *(["--no-pipeline"] if args.no_pipeline else [])]
         proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             for _ in range(600):
