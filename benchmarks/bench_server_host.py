@@ -6,32 +6,41 @@ the scheduler runs ahead, to stay under ~3 ms: < ~100 us per token, HTTP include
 
 The stand-in (:class:`StandIn`) answers the scheduler's calls as the CUDA model does
 (contiguous cache, batch invariant, mixed steps; the scheduler runs ahead as on CUDA,
-``--no-pipeline``: read every step at once) with logits that choose, at position ``p``,
-token ``SEQ[p % len(SEQ)]``: the real SmolLM2 tokenizer's ids of a varied English text
-with accents, CJK and an emoji (tokens of id >= ``WIDTH`` are fed as their single-byte
-tokens, so some characters arrive split over several tokens), so detokenizing, UTF-8
-assembly and the SSE chunks do real work. The logits are ``WIDTH`` (4096) wide, not the
-vocabulary's 49152: the greedy pick over a row (argmax, on the GPU a device op) then
-costs ~4 us a row on the CPU instead of ~45; ``stand_in_ms`` reports what the stand-in's
-forward costs per step.
+``--no-pipeline``: reads every step at once, as when a request asks for logprobs or
+penalties) with logits that choose, at position ``p``, token ``SEQ[p % len(SEQ)]``: the
+model file's own tokenizer's ids (default SmolLM2; any GGUF with a tokenizer, e.g. the
+TinyLlama-shape file) of a varied English text with accents, CJK and an emoji (tokens of
+id >= ``WIDTH`` are fed as their single-byte tokens, so some characters arrive split over
+several tokens), so detokenizing, UTF-8 assembly and the SSE chunks do real work. The
+logits are ``WIDTH`` (4096) wide, not the vocabulary's: the greedy pick over a row (a
+device op on the GPU) then costs ~4 us a row on the CPU instead of ~45 (SmolLM2's 49152);
+``stand_in_ms`` reports what the stand-in's forward costs per step.
+
+Two regimes: ``--step-ms 0`` (default), the host ceiling: steps follow each other as fast
+as the host goes; ``--step-ms T``, a simulated device: every forward joins a queue of
+steps of ``T`` ms, and reading a step's ids waits for it without the GIL (as a CUDA
+event's ``synchronize``): does the host's work fit inside the device's steps (step wall
+time == T), and what e2e does that give (2.95: the H200's 32-row step; 0.88: its one-row
+step)?
 
 The client: every stream's request at once, from one process of its own running asyncio
 over raw sockets (a parser of chunked HTTP and SSE, ~10 us a chunk; ``--client httpx``:
-bench_server_cuda's ``stream_one`` with httpx, one process per stream, heavier), the same body as
-bench_server_cuda (chat, greedy, ``ignore_eos``, ``include_usage``). Each stream's text
-is checked against the stand-in's (prompt length from its usage chunk), and its token
-count. Reported per round: end-to-end tok/s (completion tokens / first request sent to
-last chunk received), TTFT p50, and from the server: scheduler steps, the step's wall time
-(``Scheduler._step``: accept, detokenize, emit, launch, the stand-in), the CPU seconds
-of the scheduler's thread and of the HTTP thread (event loop: SSE chunks, JSON, sockets),
-per step and per token. ``--profile N``: py-spy samples the server during N more rounds
-(``--gil``: only the thread holding the GIL) and the functions taking most of the samples
-are printed (self and inclusive).
+bench_server_cuda's ``stream_one`` with httpx, one process per stream, heavier), the same
+body as bench_server_cuda (chat, greedy, ``ignore_eos``, ``include_usage``). Each stream's
+text is checked against the stand-in's (prompt length from its usage chunk), and its
+token count. Reported per round: end-to-end tok/s (completion tokens / first request
+sent to last chunk received), TTFT p50, content chunks per stream (fewer than tokens
+where the event loop fell behind and joined pieces), and from the server: scheduler
+steps, the step's wall time (``Scheduler._step``: accept, detokenize, emit, launch, the
+stand-in, the simulated device's wait), the CPU seconds of the scheduler's thread and of
+the HTTP thread (event loop: SSE chunks, JSON, sockets), per step and per token.
+``--profile N``: py-spy samples the server during N more rounds (``--gil``: only the
+thread holding the GIL) and the functions and lines taking most samples are printed.
 
-    flock /tmp/bench.lock python benchmarks/bench_server_host.py [--streams 32] [--tokens 256]
-        [--rounds 3] [--profile ROUNDS [--gil]] [--json OUT]
+    flock /tmp/bench.lock python benchmarks/bench_server_host.py [-m GGUF] [--streams 32] [--tokens 256]
+        [--rounds 3] [--step-ms T] [--no-pipeline] [--profile ROUNDS [--gil]] [--json OUT]
 
-Runs in ~30-60 s (16 cores: less). Traffic goes to 127.0.0.1 only.
+One run takes 5-10 s. Traffic goes to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -49,7 +58,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 HOST = "127.0.0.1"
 WIDTH = 4096   # columns of the stand-in's logits (every token it chooses is below)
@@ -414,7 +422,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "serve.log"
         cmd = [sys.executable, __file__, "--serve", str(port), "-m", args.model, "--parallel", str(args.parallel),
-               "--ctx", str(args.ctx), "--step-ms", str(args.step_ms), "--loop", args.loop, *(["--no-pipeline"] if args.no_pipeline else [])]
+               "--ctx", str(args.ctx), "--step-ms", str(args.step_ms), "--loop", args.loop,
+               *(["--no-pipeline"] if args.no_pipeline else [])]
         proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             for _ in range(600):
@@ -448,7 +457,8 @@ def main() -> None:
                 good = check(runs, tokenizer, seq, args.tokens)
                 steps = max(st["steps"], 1)
                 row = {"completion_tokens": total, "wall_s": wall, "e2e_tok_s": total / wall, "ttft_p50_ms": 1e3 * ttft,
-                       "streams_ok": good, "content_chunks": sum(len(x["times"]) for x in runs), "steps": st["steps"], "step_ms": 1e3 * st["step_seconds"] / steps,
+                       "streams_ok": good, "content_chunks": sum(len(x["times"]) for x in runs),
+                       "steps": st["steps"], "step_ms": 1e3 * st["step_seconds"] / steps,
                        "stand_in_ms": 1e3 * st["stand_in_seconds"] / steps,
                        "scheduler_cpu_ms_per_step": 1e3 * st["scheduler_cpu_s"] / steps,
                        "http_cpu_ms_per_step": 1e3 * st["http_cpu_s"] / steps,
@@ -460,8 +470,8 @@ def main() -> None:
                       f"{1e3 * ttft:5.0f} ms, {good}/{len(runs)} streams exact, "
                       f"{row['content_chunks'] / len(runs):.0f} chunks a stream; {st['steps']} steps, "
                       f"step {row['step_ms']:.3f} ms (stand-in {row['stand_in_ms']:.3f}); CPU per step: scheduler "
-                      f"{row['scheduler_cpu_ms_per_step']:.3f} ms, HTTP {row['http_cpu_ms_per_step']:.3f} ms; per token: "
-                      f"server {row['server_cpu_us_per_token']:.0f} us (scheduler "
+                      f"{row['scheduler_cpu_ms_per_step']:.3f} ms, HTTP {row['http_cpu_ms_per_step']:.3f} ms; "
+                      f"per token: server {row['server_cpu_us_per_token']:.0f} us (scheduler "
                       f"{row['scheduler_cpu_us_per_token']:.0f}, HTTP {row['http_cpu_us_per_token']:.0f})", flush=True)
                 if good != len(runs):
                     sys.exit("a stream's text or token count is not the stand-in's")
@@ -494,12 +504,13 @@ def main() -> None:
             proc.wait(30)
     best = max(r["e2e_tok_s"] for r in rounds)
     med = statistics.median(r["e2e_tok_s"] for r in rounds)
-    print(f"host ceiling: {args.streams} streams x {args.tokens} tokens: best {best:.0f} tok/s, median {med:.0f} "
+    what = f"simulated {args.step_ms} ms device steps" if args.step_ms else "host ceiling"
+    print(f"{what}: {args.streams} streams x {args.tokens} tokens: best {best:.0f} tok/s, median {med:.0f} "
           f"(load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs)")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "streams": args.streams, "tokens": args.tokens, "parallel": args.parallel, "client": args.client,
-            "pipeline": not args.no_pipeline, "step_ms": args.step_ms, "cpus": os.cpu_count(),
+            "pipeline": not args.no_pipeline, "step_ms": args.step_ms, "loop": args.loop, "cpus": os.cpu_count(),
             "load_average_before_after": [load_before[0], os.getloadavg()[0]],
             "best_e2e_tok_s": best, "median_e2e_tok_s": med, "rounds": rounds, "profile": prof}, indent=2) + "\n")
 
