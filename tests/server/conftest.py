@@ -151,3 +151,25 @@ def client(server: Server):
 @pytest.fixture(scope="session")
 def questions() -> list[str]:
     return list(QUESTIONS)
+
+
+class _Ticket:
+    cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Scheduler:
+    """Stands in for the scheduler: keeps the emit callback of the one submitted job."""
+
+    def submit(self, job, emit):
+        self.emit = emit
+        return _Ticket()
+
+
+@pytest.fixture
+def fake_scheduler() -> _Scheduler:
+    """A scheduler stand-in for ``Generation`` (server/backend.py): its ``emit`` sends events
+    as the scheduler's thread would."""
+    return _Scheduler()

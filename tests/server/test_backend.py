@@ -10,24 +10,9 @@ from gguflm.engine.scheduler import Done, Piece, TokenLogprob
 from gguflm.server.backend import Generation
 
 
-class _Ticket:
-    cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class _Scheduler:
-    """Stands in for the scheduler: keeps the emit callback of the one submitted job."""
-
-    def submit(self, job, emit):
-        self.emit = emit
-        return _Ticket()
-
-
-def test_waiting_pieces_come_as_one_in_order() -> None:
+def test_waiting_pieces_come_as_one_in_order(fake_scheduler) -> None:
     async def main() -> list:
-        sched = _Scheduler()
+        sched = fake_scheduler
         gen = Generation(sched, job=None)
         lp = [TokenLogprob(i, -0.5 * i) for i in range(4)]
         worker = threading.Thread(target=lambda: [sched.emit(Piece(t, (l,))) for t, l in zip("abc", lp)]
@@ -41,9 +26,9 @@ def test_waiting_pieces_come_as_one_in_order() -> None:
     assert events[1:] == [Done("length", 3, 3)]
 
 
-def test_pieces_taken_one_by_one_stay_apart() -> None:
+def test_pieces_taken_one_by_one_stay_apart(fake_scheduler) -> None:
     async def main() -> list:
-        sched = _Scheduler()
+        sched = fake_scheduler
         gen = Generation(sched, job=None)
         out = []
         events = gen.events()

@@ -40,23 +40,9 @@ def test_text_event_is_the_chunk_as_json(text, model_id, chat, include_usage) ->
     assert fmt.text_event(text) == json_event(fmt.chunk(Piece(text), False))
 
 
-class _Ticket:
-    cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class _Scheduler:
-    def submit(self, job, emit):
-        self.emit = emit
-        return _Ticket()
-
-
-def burst_stream(fmt, events) -> bytes:
+def burst_stream(sched, fmt, events) -> bytes:
     """The bytes ``app._stream`` writes when ``events`` all wait before the loop looks."""
     async def main() -> bytes:
-        sched = _Scheduler()
         gen = Generation(sched, job=None)
         worker = threading.Thread(target=lambda: [sched.emit(ev) for ev in events])
         worker.start()
@@ -79,9 +65,9 @@ TEXT = "".join(p.text for p in PIECES)
 
 
 @pytest.mark.parametrize("include_usage", [True, False])
-def test_coalesced_chat_chunks_reach_openai_as_one(include_usage) -> None:
+def test_coalesced_chat_chunks_reach_openai_as_one(include_usage, fake_scheduler) -> None:
     fmt = ChatFormat("m", TOKENIZER, include_usage)
-    body = burst_stream(fmt, [*PIECES, Done("length", 7, 9)])
+    body = burst_stream(fake_scheduler, fmt, [*PIECES, Done("length", 7, 9)])
     chunks = list(openai_client(body).chat.completions.create(model="m", messages=[], stream=True))
     contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert contents == [TEXT]                              # one chunk: the four pieces joined
@@ -94,9 +80,9 @@ def test_coalesced_chat_chunks_reach_openai_as_one(include_usage) -> None:
     assert body.endswith(b"data: [DONE]\n\n")
 
 
-def test_coalesced_text_chunks_reach_openai_as_one() -> None:
+def test_coalesced_text_chunks_reach_openai_as_one(fake_scheduler) -> None:
     fmt = CompletionFormat("m", TOKENIZER, True)
-    body = burst_stream(fmt, [*PIECES, Done("stop", 3, 4)])
+    body = burst_stream(fake_scheduler, fmt, [*PIECES, Done("stop", 3, 4)])
     chunks = list(openai_client(body).completions.create(model="m", prompt="p", stream=True))
     assert [c.choices[0].text for c in chunks if c.choices and c.choices[0].text] == [TEXT]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"

@@ -36,7 +36,8 @@ any width 1..64 (2.99 ms at 1 row, 3.07 at 32, 3.34 at 64), a lone request on ``
 Decode rows through the GEMV (opt-in, ``GGUFLM_CUDA_DECODE_ROWS=gemv``, read at load; on an H200
 the former rows kernel cost ~R times the one-row step, 14.5 ms of matmuls at 32 rows; the tile
 kernel that replaced it as the default, ~1.5-2 instructions per weight and row instead of 5-10
-(benchmarks/cuda_notes.md), is NOT yet timed): a step of ``decode_width`` Wd > 0 runs its
+(benchmarks/cuda_notes.md), on an H100 0.73 / 1.31 / 2.17 / 5.23 ms at 1 / 2 / 8 / 32 rows
+against the split-K GEMM's 2.5-2.8 ms: faster up to 8 rows, hence still opt-in): a step of ``decode_width`` Wd > 0 runs its
 first Wd rows, the decode rows (one sampled token of each of up to Wd sequences), through
 the ops of :class:`~gguflm.model.cuda.decode.DecodeRows` — the fused GEMVs of the one-row step over Wd
 activation rows (RMSNorm in the prologue, residual in the epilogue, SwiGLU and QKV in one

@@ -34,8 +34,8 @@ concurrent streaming chats of 256 tokens, benchmarks/results/2026-12-05-h200-ser
 5020 tok/s end to end and TTFT p50 74 ms, vs 3143 tok/s and 643 ms without them (prompts
 prefilled one request at a time), every stream bit-identical to the request alone.
 
-Decode rows through the GEMV (opt-in: ``GGUFLM_CUDA_DECODE_ROWS=gemv``, read at load; NOT yet
-measured on a GPU): :attr:`CudaModel.row_kinds`. The batched step then runs its decode rows
+Decode rows through the GEMV (opt-in: ``GGUFLM_CUDA_DECODE_ROWS=gemv``, read at load; its
+matmuls beat the GEMM up to 8 rows on an H100, not at 32: benchmarks/cuda_notes.md): :attr:`CudaModel.row_kinds`. The batched step then runs its decode rows
 (a sampled token of each sequence) through the fused GEMVs of the one-row step over many
 rows and its prompt rows through the fused GEMM (:mod:`.batched`), a row's kernels chosen by
 its kind, never by the step; ``forward`` with ``select`` takes ``n_decode`` (the leading
